@@ -1,0 +1,1 @@
+"""Released-checkpoint key mapping (fine-grained and coarse-grained layouts)."""

@@ -1,0 +1,161 @@
+"""``add_fiber_config``: the one home of fiber_d2's config defaults.
+
+Defaults reproduce FIBER-B (Swin-B + RoBERTa-base, fine-grained v2 fusion) as described in the
+FIBER fine-grained spec. Derived yaml files under ``configs/`` change only a few keys.
+"""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_fiber_config"]
+
+
+def add_fiber_config(cfg: CN) -> CN:
+    """Add every fiber_d2 key (with its default) to a detectron2 config, in place.
+
+    Args:
+        cfg: a detectron2 config, usually ``detectron2.config.get_cfg()``.
+
+    Returns:
+        the same ``cfg``, for chaining.
+    """
+    _C = cfg
+    # ------------------------------------------------------------------ model: overall
+    _C.MODEL.META_ARCHITECTURE = "FIBER"
+    _C.MODEL.BACKBONE.NAME = "build_fiber_swin_roberta_fpn_backbone"
+    _C.MODEL.BACKBONE.FREEZE_AT = 0  # unused by FIBER; see MODEL.SWIN.FREEZE_AT
+    # BGR 0-255 normalisation used by the fine-grained model (spec 6.3).
+    _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
+    _C.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
+
+    # ------------------------------------------------------------------ fusion
+    _C.MODEL.FIBER = CN()
+    # Number of fused (image block, text layer) pairs, counted from the top of both towers.
+    _C.MODEL.FIBER.NUM_FUSION_LAYERS = 6
+    # LayerNorm on the image-side cross-attention query (fine v3 and coarse stage: True; v2: False).
+    _C.MODEL.FIBER.I2T_QUERY_NORM = False
+    # Apply the last text layer's output LayerNorm on the fused path (coarse stage skips it: False).
+    _C.MODEL.FIBER.FUSED_LAST_TEXT_NORM = True
+    # Fuse in the forward pass by default (False gives exactly the un-fused towers).
+    _C.MODEL.FIBER.FUSION_ENABLED = True
+
+    # ------------------------------------------------------------------ image tower (timm Swin)
+    _C.MODEL.SWIN = CN()
+    _C.MODEL.SWIN.PATCH_SIZE = 4  # patch-embedding stride
+    _C.MODEL.SWIN.EMBED_DIM = 128  # stage-1 width (Swin-B)
+    _C.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]  # blocks per stage
+    _C.MODEL.SWIN.NUM_HEADS = [4, 8, 16, 32]  # attention heads per stage
+    _C.MODEL.SWIN.WINDOW_SIZE = 12  # attention window (pad-then-shift semantics)
+    _C.MODEL.SWIN.MLP_RATIO = 4.0  # MLP hidden width / block width
+    _C.MODEL.SWIN.DROP_PATH_RATE = 0.4  # stochastic depth, linear over all blocks
+    _C.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stage outputs (strides 4-32)
+    # Per-output LayerNorm ("norm0" is Identity in FIBER's RETINANET variant).
+    _C.MODEL.SWIN.OUT_NORM = [False, True, True, True]
+    # Freeze patch-embed (0) and the first N stages; -1 freezes nothing (fine-tuning), 2 = pretrain.
+    _C.MODEL.SWIN.FREEZE_AT = -1
+    _C.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of stages 1-3 blocks
+    _C.MODEL.SWIN.WEIGHTS = ""  # optional ImageNet Swin checkpoint (local path)
+
+    # ------------------------------------------------------------------ text tower (HF RoBERTa)
+    _C.MODEL.LANGUAGE_BACKBONE = CN()
+    # Hub name or local dir of pretrained weights; "" builds from the values below, offline.
+    _C.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
+    # Hub name or local dir of the tokenizer (a RobertaTokenizer directory).
+    _C.MODEL.LANGUAGE_BACKBONE.TOKENIZER = "roberta-base"
+    _C.MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE = 768  # width
+    _C.MODEL.LANGUAGE_BACKBONE.NUM_LAYERS = 12  # encoder layers
+    _C.MODEL.LANGUAGE_BACKBONE.NUM_HEADS = 12  # attention heads
+    _C.MODEL.LANGUAGE_BACKBONE.INTERMEDIATE_SIZE = 3072  # FFN width
+    _C.MODEL.LANGUAGE_BACKBONE.VOCAB_SIZE = 50265  # RoBERTa BPE vocabulary
+    _C.MODEL.LANGUAGE_BACKBONE.MAX_POSITION_EMBEDDINGS = 514  # positions (pads use id 1)
+    _C.MODEL.LANGUAGE_BACKBONE.TYPE_VOCAB_SIZE = 1  # token types
+    _C.MODEL.LANGUAGE_BACKBONE.PAD_TOKEN_ID = 1  # RoBERTa pad id
+    _C.MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT = 0.1  # hidden dropout
+    _C.MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT = 0.1  # attention-probability dropout
+    _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
+    _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"
+    _C.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # activation checkpointing of text layers
+    _C.MODEL.LANGUAGE_BACKBONE.FREEZE = False  # freeze the whole text tower
+
+    # ------------------------------------------------------------------ FPN additions
+    _C.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    _C.MODEL.FPN.OUT_CHANNELS = 256
+    _C.MODEL.FPN.DROP_BLOCK = True  # DropBlock on merged P3/P4 in training (FIBER default)
+    _C.MODEL.FPN.DROP_BLOCK_PROB = 0.3  # drop probability
+    _C.MODEL.FPN.DROP_BLOCK_SIZE = 3  # block side
+
+    # ------------------------------------------------------------------ head (DyHead + grounding)
+    _C.MODEL.DYHEAD = CN()
+    _C.MODEL.DYHEAD.NUM_CONVS = 6  # DyConv blocks in the tower
+    _C.MODEL.DYHEAD.CHANNELS = 256  # tower width
+    _C.MODEL.DYHEAD.NUM_GROUPS = 16  # GroupNorm groups
+    _C.MODEL.DYHEAD.USE_DYRELU = True  # task-aware DyReLU activation
+    _C.MODEL.DYHEAD.USE_DFCONV = True  # modulated deformable convs (else plain 3x3)
+    _C.MODEL.DYHEAD.USE_CHECKPOINT = False  # activation checkpointing of the tower
+    _C.MODEL.DYHEAD.NUM_CLASSES = 81  # sizes the frozen, unused cls_logits conv (80 outputs)
+    _C.MODEL.DYHEAD.PRIOR_PROB = 0.01  # prior for cls_logits / bias0 init
+    _C.MODEL.DYHEAD.LOG_SCALE = 0.0  # initial dot-product log temperature
+    _C.MODEL.DYHEAD.CLAMP_DOT_PRODUCT = 50000.0  # clamp of token logits
+    _C.MODEL.DYHEAD.TOKEN_ALPHA = 0.25  # token focal-loss alpha
+    _C.MODEL.DYHEAD.TOKEN_GAMMA = 2.0  # token focal-loss gamma
+    _C.MODEL.DYHEAD.TOKEN_LOSS_WEIGHT = 1.0  # weight of loss_dot_product_token
+    _C.MODEL.DYHEAD.SCORE_AGG = "MEAN"  # token -> label score aggregation: MEAN or MAX
+
+    # ------------------------------------------------------------------ anchors / ATSS / inference
+    _C.MODEL.ATSS = CN()
+    _C.MODEL.ATSS.ANCHOR_SIZES = [64, 128, 256, 512, 1024]  # one square anchor per location
+    _C.MODEL.ATSS.ANCHOR_STRIDES = [8, 16, 32, 64, 128]  # P3-P7 strides
+    _C.MODEL.ATSS.TOPK = 9  # candidates per level and GT
+    _C.MODEL.ATSS.BBOX_REG_WEIGHTS = [10.0, 10.0, 5.0, 5.0]  # box coder weights
+    _C.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0  # GIoU loss weight
+    _C.MODEL.ATSS.CENTERNESS_LOSS_WEIGHT = 1.0  # centerness BCE weight
+    _C.MODEL.ATSS.INFERENCE_TH = 0.05  # score threshold before the centerness product
+    _C.MODEL.ATSS.PRE_NMS_TOP_N = 1000  # candidates per level and image
+    _C.MODEL.ATSS.NMS_TH = 0.6  # class-aware NMS IoU
+    _C.MODEL.ATSS.DETECTIONS_PER_IMG = 100  # final detections per image (per prompt chunk)
+
+    # ------------------------------------------------------------------ coarse-grained stage
+    _C.MODEL.COARSE = CN()
+    _C.MODEL.COARSE.EMBED_DIM = 768  # ITC embedding width
+    _C.MODEL.COARSE.TEMPERATURE = 0.07  # initial learnable ITC temperature
+    _C.MODEL.COARSE.QUEUE_SIZE = 4096  # ITC feature queue length
+    _C.MODEL.COARSE.MLM_PROBABILITY = 0.15  # MLM token selection probability
+    _C.MODEL.COARSE.LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # ITC, ITM, MLM
+    _C.MODEL.COARSE.LOSSES = ["itc", "itm", "mlm"]  # objectives switched on
+
+    # ------------------------------------------------------------------ input
+    _C.INPUT.FORMAT = "BGR"
+    _C.INPUT.MIN_SIZE_TRAIN = (480, 560, 640, 720, 800)
+    _C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    _C.INPUT.MAX_SIZE_TRAIN = 1333
+    _C.INPUT.MIN_SIZE_TEST = 800
+    _C.INPUT.MAX_SIZE_TEST = 1333
+    _C.INPUT.SIZE_DIVISIBILITY = 32  # batch padding multiple
+    _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
+    _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
+
+    # ------------------------------------------------------------------ datasets / prompts
+    _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt
+    _C.DATASETS.RANDOM_SAMPLE_NEG = 85  # negative categories sampled per detection sample
+    _C.DATASETS.CONTROL_PROB = (0.0, 0.0, 1.0, 0.0)  # prompt-negative control probabilities
+    _C.DATASETS.DISABLE_SHUFFLE = False  # keep category order in training prompts
+    _C.DATASETS.FULL_PROMPT_TRAIN = False  # all categories every time (COCO fine-tuning)
+    _C.DATASETS.TEST_PROMPT = []  # optional per-category prompt override for evaluation
+
+    # ------------------------------------------------------------------ solver additions
+    _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
+    _C.SOLVER.LANG_LR = 1e-5  # learning rate of the whole text tower (incl. text-side fusion)
+    _C.SOLVER.BACKBONE_BODY_LR_FACTOR = 1.0  # multiplier of BASE_LR for the image tower
+    _C.SOLVER.WEIGHT_DECAY_SCHEDULE = False  # x0.1 weight decay before each LR step
+    _C.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO = 0.667  # ... at this fraction of each milestone
+    _C.SOLVER.EMA = CN()
+    _C.SOLVER.EMA.ENABLED = False  # keep an exponential moving average of the weights
+    _C.SOLVER.EMA.DECAY = 0.999  # EMA decay per iteration
+    _C.SOLVER.MAX_NEG_PER_BATCH = 0.1  # skip batches whose share of box-less images exceeds this
+
+    # ------------------------------------------------------------------ test additions
+    _C.TEST.EVAL_TASK = "detection"  # detection | grounding | refexp | retrieval
+    _C.TEST.CHUNKED_EVALUATION = -1  # categories per prompt chunk (LVIS: 40), -1 = one prompt
+    _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1  # score columns for phrase labels, -1 = dataset
+    _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
+    _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP
+    return cfg

@@ -1,0 +1,1 @@
+"""Datasets, mappers and the built-in shapes world."""

@@ -1,0 +1,1 @@
+"""Trainer pieces: optimizer groups, EMA, weight-decay schedule, CPU DDP."""

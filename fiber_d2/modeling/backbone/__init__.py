@@ -1,0 +1,1 @@
+"""The fused Swin-RoBERTa backbone (fusion in the backbone) and its FPN."""

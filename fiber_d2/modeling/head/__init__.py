@@ -1,0 +1,1 @@
+"""The grounding head: DyHead tower, token-alignment outputs, ATSS losses, post-processing."""

@@ -1,0 +1,25 @@
+"""Install fiber_d2. Dependency pins live in requirements.txt (with their reasons)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.split("#")[0].strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip() and not line.startswith(("pytest", "ruff", "black"))
+]
+
+setup(
+    name="fiber_d2",
+    version="0.1.0",
+    description="FIBER (fusion-in-the-backbone vision-language model) as a detectron2 plugin",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fiber_d2", "fiber_d2.*"]),
+    # detectron2 is not on PyPI: scripts/setup_env.sh installs it (see README).
+    install_requires=requirements,
+    license="MIT",
+)
