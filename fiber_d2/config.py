@@ -143,6 +143,14 @@ def add_fiber_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
+    _C.SOLVER.PARAM_GROUP_RULE = "fine"  # "fine" (per-tower LRs) or "coarse" (cross-modal/head mults)
+    _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas
+    _C.SOLVER.EPS = 1e-8  # AdamW epsilon
+    _C.SOLVER.BIAS_LR_FACTOR = 2.0  # LR multiplier of every parameter whose name contains "bias"
+    _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0  # weight decay of those parameters
+    _C.SOLVER.WEIGHT_DECAY_NORM_FACTOR = 1.0  # norm weights decay at WEIGHT_DECAY x this (FIBER: 1)
+    _C.SOLVER.LR_MULT_CROSS_MODAL = 5.0  # coarse rule: LR multiplier of cross-modal parameters
+    _C.SOLVER.LR_MULT_HEAD = 5.0  # coarse rule: LR multiplier of the MLM/ITM heads
     _C.SOLVER.LANG_LR = 1e-5  # learning rate of the whole text tower (incl. text-side fusion)
     _C.SOLVER.BACKBONE_BODY_LR_FACTOR = 1.0  # multiplier of BASE_LR for the image tower
     _C.SOLVER.WEIGHT_DECAY_SCHEDULE = False  # x0.1 weight decay before each LR step
@@ -158,4 +166,5 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1  # score columns for phrase labels, -1 = dataset
     _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
     _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP
+    _C.TEST.FLICKR_GT_TYPE = "separate"  # Flickr30k GT boxes: "separate" (ANY-box) or "merged"
     return cfg

@@ -1,0 +1,98 @@
+"""Training hooks FIBER needs beyond detectron2's: model EMA and the weight-decay schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from detectron2.engine import HookBase
+
+__all__ = ["ModelEMA", "EMAHook", "WeightDecayScheduleHook", "weight_decay_multiplier"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class ModelEMA:
+    """Exponential moving average over the whole state dict (parameters and floating buffers).
+
+    ``ema = decay * ema + (1 - decay) * current`` after every optimizer step (FIBER: decay 0.999).
+    Checkpointable: detectron2's checkpointer saves it as ``model_ema`` and ``--resume`` restores it.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"SOLVER.EMA.DECAY must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Blend the current weights of ``model`` into the average."""
+        for k, v in _unwrap(model).state_dict().items():
+            avg = self.state[k]
+            if avg.dtype.is_floating_point:
+                avg.mul_(self.decay).add_(v.detach().to(avg.dtype), alpha=1.0 - self.decay)
+            else:
+                avg.copy_(v)
+
+    @contextlib.contextmanager
+    def apply_to(self, model: torch.nn.Module) -> Iterator[None]:
+        """Temporarily load the averaged weights into ``model`` (e.g. for evaluation)."""
+        target = _unwrap(model)
+        backup = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        target.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            target.load_state_dict(backup)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "state": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.state) - set(state["state"])
+        if missing:
+            raise KeyError(f"model_ema checkpoint lacks {len(missing)} keys, e.g. {sorted(missing)[0]}")
+        for k, v in state["state"].items():
+            if k in self.state:
+                self.state[k].copy_(v)
+
+
+class EMAHook(HookBase):
+    """Update a :class:`ModelEMA` after every training step."""
+
+    def __init__(self, ema: ModelEMA, model: torch.nn.Module):
+        self.ema = ema
+        self.model = model
+
+    def after_step(self):
+        self.ema.update(self.model)
+
+
+def weight_decay_multiplier(iteration: int, milestones: Sequence[int], ratio: float) -> float:
+    """FIBER's weight-decay schedule: x0.1 each time ``iteration`` passes ``ratio * milestone``.
+
+    Stateless (a function of the iteration), so resuming from a checkpoint gives the same decay.
+    """
+    passed = sum(1 for m in milestones if iteration >= ratio * m)
+    return 0.1**passed
+
+
+class WeightDecayScheduleHook(HookBase):
+    """Set every param group's weight decay to its initial value times :func:`weight_decay_multiplier`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, milestones: Sequence[int], ratio: float):
+        self.optimizer = optimizer
+        self.milestones = tuple(milestones)
+        self.ratio = ratio
+
+    def before_step(self):
+        mult = weight_decay_multiplier(self.trainer.iter, self.milestones, self.ratio)
+        for g in self.optimizer.param_groups:
+            g["weight_decay"] = g["initial_weight_decay"] * mult

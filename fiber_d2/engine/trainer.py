@@ -1,0 +1,138 @@
+"""``FIBERTrainer``: detectron2's DefaultTrainer with FIBER's builders, EMA and CPU-friendly DDP.
+
+It overrides only the builders that differ (model wrapping, optimizer, data loaders, evaluator) and adds
+the EMA / weight-decay-schedule hooks. Both stages (``FIBER`` fine-grained detector and ``FIBERCoarse``
+pre-training) run through it; the stage is chosen by ``MODEL.META_ARCHITECTURE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import detectron2.engine.defaults as d2_defaults
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.utils import comm
+
+from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
+from .optimizer import build_fiber_optimizer
+
+__all__ = ["FIBERTrainer", "cpu_aware_ddp", "is_coarse_stage"]
+
+logger = logging.getLogger(__name__)
+
+COARSE_META_ARCHS = ("FIBERCoarse",)
+
+
+def is_coarse_stage(cfg: CfgNode) -> bool:
+    """True when the config trains/evaluates the coarse-grained (image-text) model."""
+    return cfg.MODEL.META_ARCHITECTURE in COARSE_META_ARCHS
+
+
+@contextlib.contextmanager
+def cpu_aware_ddp() -> Iterator[None]:
+    """Within the block, detectron2's ``create_ddp_model`` passes ``device_ids=None`` for CPU models.
+
+    detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects for a
+    model on the CPU (gloo multi-process runs).
+    """
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
+class FIBERTrainer(DefaultTrainer):
+    """DefaultTrainer for both FIBER stages (see module docstring)."""
+
+    def __init__(self, cfg: CfgNode):
+        with cpu_aware_ddp():
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = super().build_hooks()
+        model = self._trainer.model
+        extra = []
+        self.ema = None
+        if cfg.SOLVER.EMA.ENABLED:
+            self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY)
+            self.checkpointer.add_checkpointable("model_ema", self.ema)
+            extra.append(EMAHook(self.ema, model))
+            for h in ret:  # evaluate the averaged weights, as FIBER does
+                if isinstance(h, hooks.EvalHook):
+                    h._func = self._wrap_with_ema(h._func)
+        if cfg.SOLVER.WEIGHT_DECAY_SCHEDULE:
+            extra.append(
+                WeightDecayScheduleHook(
+                    self._trainer.optimizer, cfg.SOLVER.STEPS, cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO
+                )
+            )
+        # EMA must be updated before the checkpointer saves it in after_step.
+        return extra + ret
+
+    def _wrap_with_ema(self, func):
+        def run():
+            with self.ema.apply_to(self._trainer.model):
+                return func()
+
+        return run
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        """detectron2's schedulers plus ``WarmupLinearDecayLR`` (coarse stage: warmup, then linear to 0)."""
+        if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupLinearDecayLR":
+            return super().build_lr_scheduler(cfg, optimizer)
+        from detectron2.solver import LRMultiplier, WarmupParamScheduler
+        from fvcore.common.param_scheduler import LinearParamScheduler
+
+        s = cfg.SOLVER
+        sched = WarmupParamScheduler(
+            LinearParamScheduler(1.0, 0.0),
+            s.WARMUP_FACTOR,
+            min(s.WARMUP_ITERS / max(s.MAX_ITER, 1), 1.0),
+            s.WARMUP_METHOD,
+            rescale_interval=True,
+        )
+        return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_fiber_optimizer(cfg, model)
+
+    @classmethod
+    def build_mapper(cls, cfg: CfgNode, is_train: bool):
+        """The dataset mapper of the configured stage."""
+        from ..data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
+
+        mapper_cls = CaptionDatasetMapper if is_coarse_stage(cfg) else GroundingDatasetMapper
+        return mapper_cls(cfg, is_train)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=cls.build_mapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name, mapper=cls.build_mapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        from ..evaluation import build_evaluator
+
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)

@@ -1,0 +1,108 @@
+"""Parameter groups follow FIBER's rule: every trainable parameter in exactly one group."""
+
+import pytest
+import torch
+from torch import nn
+
+from fiber_d2.engine.optimizer import build_fiber_optimizer, coarse_param_groups, fiber_param_groups
+from fiber_d2.engine.setup import load_config
+
+
+def _named(**shapes):
+    m = nn.Module()
+    for name, shape in shapes.items():
+        parent = m
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.register_parameter(leaf, nn.Parameter(torch.zeros(shape)))
+    return m
+
+
+NAMES = {
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.attn.qkv.weight": (6, 2),
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.attn.qkv.bias": (6,),
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.attn.relative_position_bias_table": (9, 1),
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.norm1.weight": (2,),
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.attn.qkv_i2t.weight": (2, 2),
+    "backbone.bottom_up.image_tower.layers.0.blocks.0.attn.alpha_i2t": (1,),
+    "backbone.bottom_up.text_tower.encoder.layer.0.attention.output.LayerNorm.weight": (2,),
+    "backbone.bottom_up.text_tower.encoder.layer.0.crossattention_t2i.self.query.weight": (2, 2),
+    "backbone.bottom_up.text_tower.encoder.layer.0.alpha_t2i": (1,),
+    "backbone.fpn_lateral3.weight": (2, 2),
+    "head.bias_lang": (4,),
+    "head.bias0": (1,),
+    "head.log_scale": (1,),
+    "head.dyhead_tower.0.DyConv.0.bn.weight": (4,),
+}
+
+
+def _lr_wd(groups):
+    out = {}
+    for g in groups:
+        for n in g["names"]:
+            assert n not in out, f"{n} is in two groups"
+            out[n] = (g["lr"], g["weight_decay"])
+    return out
+
+
+def test_fine_rule():
+    m = _named(**NAMES)
+    frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
+    m.register_parameter("cls_logits_weight", frozen)
+    groups = fiber_param_groups(
+        m, base_lr=1e-4, lang_lr=1e-5, backbone_body_lr_factor=0.5, weight_decay=0.01,
+        bias_lr_factor=2.0, weight_decay_bias=0.0, weight_decay_norm_factor=1.0,
+    )
+    got = _lr_wd(groups)
+    assert set(got) == set(NAMES)  # frozen parameter excluded, all others exactly once
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len(NAMES)
+    img, txt = "backbone.bottom_up.image_tower.", "backbone.bottom_up.text_tower."
+    assert got[img + "layers.0.blocks.0.attn.qkv.weight"] == (5e-5, 0.01)
+    assert got[img + "layers.0.blocks.0.attn.qkv.bias"] == (1e-4, 0.0)
+    assert got[img + "layers.0.blocks.0.attn.relative_position_bias_table"] == (1e-4, 0.0)
+    assert got[img + "layers.0.blocks.0.norm1.weight"] == (5e-5, 0.01)  # norms are decayed
+    assert got[img + "layers.0.blocks.0.attn.qkv_i2t.weight"] == (5e-5, 0.01)  # image fusion
+    assert got[img + "layers.0.blocks.0.attn.alpha_i2t"] == (5e-5, 0.01)  # gates decayed
+    assert got[txt + "encoder.layer.0.crossattention_t2i.self.query.weight"] == (1e-5, 0.01)
+    assert got[txt + "encoder.layer.0.alpha_t2i"] == (1e-5, 0.01)
+    assert got["backbone.fpn_lateral3.weight"] == (1e-4, 0.01)
+    assert got["head.bias_lang"] == (2e-4, 0.0)
+    assert got["head.bias0"] == (2e-4, 0.0)
+    assert got["head.log_scale"] == (1e-4, 0.01)
+
+
+def test_coarse_rule():
+    m = _named(**NAMES, **{"cross_modal_text_pooler.dense.weight": (2, 2), "mlm_score.bias": (3,),
+                           "temp": (1,), "itm_score.fc.weight": (2, 2)})
+    got = _lr_wd(coarse_param_groups(m, base_lr=1e-5, weight_decay=0.01))
+    img = "backbone.bottom_up.image_tower.layers.0.blocks.0."
+    assert got[img + "attn.qkv.weight"] == (1e-5, 0.01)
+    assert got[img + "attn.relative_position_bias_table"] == (1e-5, 0.0)
+    assert got[img + "norm1.weight"] == (1e-5, 0.0)
+    assert got[img + "attn.qkv_i2t.weight"] == pytest.approx((5e-5, 0.01))
+    assert got[img + "attn.alpha_i2t"] == pytest.approx((5e-5, 0.01))
+    assert got["cross_modal_text_pooler.dense.weight"] == pytest.approx((5e-5, 0.01))
+    assert got["mlm_score.bias"] == pytest.approx((5e-5, 0.0))
+    assert got["itm_score.fc.weight"] == pytest.approx((5e-5, 0.01))
+    assert got["temp"] == (1e-5, 0.01)
+
+
+def test_full_model_clipping_clips_joint_norm():
+    cfg = load_config(None, ["SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+                             "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+                             "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+                             "SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.0",
+                             "SOLVER.BASE_LR", "1.0", "SOLVER.WEIGHT_DECAY", "0.0"])
+    m = nn.Module()
+    m.a = nn.Parameter(torch.zeros(1))
+    m.b = nn.Parameter(torch.zeros(1))
+    opt = build_fiber_optimizer(cfg, m)
+    m.a.grad = torch.tensor([3.0])
+    m.b.grad = torch.tensor([4.0])
+    opt.step()
+    # joint norm 5 -> scaled to 1: steps of 0.6 and 0.8 (per-parameter clipping would give 1 and 1)
+    assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor([-0.6, -0.8]), atol=1e-5)

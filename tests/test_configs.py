@@ -1,0 +1,69 @@
+"""Every yaml under configs/ loads and merges onto fiber_d2's defaults with no unknown key."""
+
+from pathlib import Path
+
+import pytest
+
+from fiber_d2.engine.setup import ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "projects"
+ALL_YAMLS = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in ALL_YAMLS}
+    expected = {"Base-FIBER.yaml"} | {
+        f"FIBER-B/{n}.yaml"
+        for n in (
+            "coarse_pretrain",
+            "fine_pretrain",
+            "coco",
+            "lvis_minival",
+            "flickr30k",
+            "refcoco",
+            "refcocoplus",
+            "refcocog",
+        )
+    }
+    assert expected <= names
+    assert any(n.startswith("Demo/") for n in names)
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_config_merges(path):
+    cfg = load_config(str(path))
+    assert cfg.MODEL.META_ARCHITECTURE in ("FIBER", "FIBERCoarse")
+    # Milestones must lie inside the schedule.
+    assert all(0 < s < cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS) or not cfg.SOLVER.STEPS
+
+
+def test_recipes_follow_the_spec():
+    pre = load_config(str(CONFIG_DIR / "FIBER-B/fine_pretrain.yaml"))
+    assert pre.SOLVER.BASE_LR == 1e-4 and pre.SOLVER.LANG_LR == 1e-5
+    assert pre.SOLVER.IMS_PER_BATCH == 64 and pre.SOLVER.MAX_ITER == 800000
+    assert tuple(pre.SOLVER.STEPS) == (536000, 712000)
+    assert pre.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and pre.SOLVER.EMA.ENABLED
+    coco = load_config(str(CONFIG_DIR / "FIBER-B/coco.yaml"))
+    assert coco.SOLVER.BASE_LR == 1e-5 and coco.SOLVER.WEIGHT_DECAY == 1e-4
+    assert not coco.SOLVER.CLIP_GRADIENTS.ENABLED and coco.SOLVER.AMP.ENABLED
+    ref = load_config(str(CONFIG_DIR / "FIBER-B/refcoco.yaml"))
+    assert ref.MODEL.FIBER.I2T_QUERY_NORM and ref.INPUT.FLIP_PROB == 0.0
+    assert ref.MODEL.ATSS.INFERENCE_TH == 0.0 and ref.MODEL.ATSS.PRE_NMS_TOP_N == 3000
+    lvis = load_config(str(CONFIG_DIR / "FIBER-B/lvis_minival.yaml"))
+    assert lvis.TEST.CHUNKED_EVALUATION == 40 and lvis.TEST.FIXED_AP
+
+
+def test_unknown_key_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  SWIN:\n    EMBED_DIMS: 3\n")
+    with pytest.raises(ConfigError, match="EMBED_DIMS") as e:
+        load_config(str(bad))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="MODEL.NOPE"):
+        load_config(None, ["MODEL.NOPE", "1"])
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="does/not/exist.yaml"):
+        load_config("does/not/exist.yaml")
