@@ -1,1 +1,18 @@
 """Evaluators: LVIS chunked / Fixed AP, Flickr30k recall, RefCOCO accuracy, retrieval recall."""
+
+from .build import EVALUATOR_BUILDERS, build_evaluator
+from .flickr import FlickrRecallEvaluator
+from .lvis import FixedAPLVISEvaluator, keep_topk_per_category
+from .refexp import RefExpEvaluator
+from .retrieval import RetrievalEvaluator, retrieval_recall
+
+__all__ = [
+    "EVALUATOR_BUILDERS",
+    "FixedAPLVISEvaluator",
+    "FlickrRecallEvaluator",
+    "RefExpEvaluator",
+    "RetrievalEvaluator",
+    "build_evaluator",
+    "keep_topk_per_category",
+    "retrieval_recall",
+]

@@ -1,0 +1,167 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg precision@k (FIBER fine-grained spec 5.2).
+
+One record per referring expression, with exactly one ground-truth box. All predictions of the
+record are sorted by score (their phrase label is not used, as in MDETR's evaluator); an
+expression is correct at k when the largest generalized IoU (GIoU, not IoU) between one of the
+first k boxes and the GT box is >= 0.5. Accuracy is Precision@1.
+"""
+
+import copy
+import json
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+from detectron2.config import configurable
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.testing import print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+from torchvision.ops import generalized_box_iou
+
+from .flickr import records_by_image_id
+
+__all__ = ["RefExpEvaluator", "refexp_gt_box", "topk_giou_hits"]
+
+logger = logging.getLogger(__name__)
+
+
+def refexp_gt_box(record: dict) -> torch.Tensor:
+    """The single GT box of a referring-expression record.
+
+    Args:
+        record: dataset record with "phrases" whose "boxes" are absolute xyxy.
+
+    Returns:
+        (1, 4) float32 xyxy.
+    """
+    boxes = [box for phrase in record.get("phrases", []) for box in phrase.get("boxes", [])]
+    if len(boxes) != 1:
+        raise ValueError(
+            f"refexp record {record.get('image_id')} must have exactly 1 GT box, has {len(boxes)}"
+        )
+    return torch.as_tensor(boxes, dtype=torch.float32).reshape(1, 4)
+
+
+def topk_giou_hits(
+    pred_boxes: torch.Tensor,
+    scores: torch.Tensor,
+    gt_box: torch.Tensor,
+    topk: tuple[int, ...],
+    threshold: float = 0.5,
+) -> tuple[bool, ...]:
+    """Whether any of the k best-scored boxes reaches the GIoU threshold, for each k.
+
+    Equal scores keep their input order (stable sort).
+
+    Args:
+        pred_boxes: (N, 4) absolute xyxy.
+        scores: (N,).
+        gt_box: (1, 4) absolute xyxy.
+        topk: the k values.
+        threshold: minimum generalized IoU.
+
+    Returns:
+        one bool per k.
+    """
+    if len(pred_boxes) == 0:
+        return tuple(False for _ in topk)
+    # Tie order is UNDETERMINED in the spec; equal scores keep their input order.
+    order = torch.sort(scores, descending=True, stable=True).indices[: max(topk)]
+    giou = generalized_box_iou(pred_boxes[order].float(), gt_box.float()).flatten()
+    return tuple(bool((giou[:k] >= threshold).any()) for k in topk)
+
+
+class RefExpEvaluator(DatasetEvaluator):
+    """Precision@k (percent) of referring-expression comprehension.
+
+    ``evaluate()`` returns ``{"refexp": {"P@1", "P@5", "P@10"}}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        dataset_name: str,
+        *,
+        topk: tuple[int, ...] = (1, 5, 10),
+        threshold: float = 0.5,
+        distributed: bool = True,
+        output_dir: str | None = None,
+    ):
+        """
+        Args:
+            dataset_name: registered dataset whose records hold the GT box ("phrases").
+            topk: the k of Precision@k.
+            threshold: GIoU needed for a correct expression.
+            distributed: gather the per-record results of all ranks before reducing.
+            output_dir: optional folder; the metrics are written to ``refexp_results.json``.
+        """
+        if not topk or min(topk) <= 0:
+            raise ValueError(f"topk must be positive integers, got {topk}")
+        self._dataset_name = dataset_name
+        self._topk = tuple(int(k) for k in topk)
+        self._threshold = threshold
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._gt = None
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg, dataset_name: str, output_dir: str | None = None) -> dict:
+        return {"dataset_name": dataset_name, "output_dir": output_dir}
+
+    def reset(self):
+        self._results = {}  # image_id -> tuple of bools, one per k
+
+    def process(self, inputs: list[dict], outputs: list[dict]):
+        """
+        Args:
+            inputs: dicts with "image_id".
+            outputs: dicts with "instances": ``pred_boxes`` (N, 4) absolute xyxy at the original
+                image size and ``scores`` (N,).
+        """
+        if self._gt is None:
+            self._gt = records_by_image_id(self._dataset_name)
+        for inp, out in zip(inputs, outputs):
+            image_id = inp["image_id"]
+            if image_id not in self._gt:
+                raise KeyError(f"image_id {image_id} is not in dataset '{self._dataset_name}'")
+            gt_box = refexp_gt_box(self._gt[image_id])
+            instances = out["instances"].to("cpu")
+            self._results[image_id] = topk_giou_hits(
+                instances.pred_boxes.tensor, instances.scores, gt_box, self._topk, self._threshold
+            )
+
+    def evaluate(self) -> OrderedDict:
+        """
+        Returns:
+            ``OrderedDict(refexp={"P@k": percent})`` on the main process, ``{}`` elsewhere.
+        """
+        if self._distributed:
+            comm.synchronize()
+            gathered = comm.gather(self._results, dst=0)
+            if not comm.is_main_process():
+                return OrderedDict()
+            results = {}
+            for part in gathered:
+                results.update(part)
+        else:
+            results = self._results
+
+        n = len(results)
+        if n == 0:
+            logger.warning("[RefExpEvaluator] no prediction was processed")
+        metrics = {}
+        for i, k in enumerate(self._topk):
+            hits = sum(1 for flags in results.values() if flags[i])
+            metrics[f"P@{k}"] = 100.0 * hits / n if n else float("nan")
+        logger.info("Referring expressions (%d):\n%s", n, create_small_table(metrics))
+        output = OrderedDict(refexp=metrics)
+        if self._output_dir:
+            PathManager.mkdirs(self._output_dir)
+            with PathManager.open(os.path.join(self._output_dir, "refexp_results.json"), "w") as f:
+                json.dump(output, f)
+        print_csv_format(output)
+        return copy.deepcopy(output)

@@ -1,0 +1,103 @@
+"""RefCOCO precision@k with generalized IoU, on hand-built expressions."""
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, Instances
+
+from fiber_d2.evaluation.refexp import RefExpEvaluator, topk_giou_hits
+
+NAME = "fiber_test_refexp_eval"
+GT = [0.0, 0.0, 10.0, 10.0]
+MISS = [50.0, 50.0, 60.0, 60.0]
+# IoU with GT just above 0.5, GIoU just below: the two criteria disagree.
+SHIFTED = [1.7, 1.7, 11.7, 11.7]
+
+
+def _iou_giou(a, b):
+    """Independent scalar IoU / GIoU of two xyxy boxes (no +1)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union, inter / union - (hull - union) / hull
+
+
+def _record(image_id, boxes=(GT,)):
+    phrase = {"text": "the dog", "tokens_positive": [[0, 7]], "boxes": [list(b) for b in boxes]}
+    return {"image_id": image_id, "caption": "the dog", "task": "refexp", "phrases": [phrase]}
+
+
+RECORDS = [_record(i) for i in range(1, 6)] + [_record(9, boxes=(GT, MISS))]
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    DatasetCatalog.register(NAME, lambda: RECORDS)
+    MetadataCatalog.get(NAME).set(evaluator_type="refexp")
+    yield
+    DatasetCatalog.remove(NAME)
+    MetadataCatalog.remove(NAME)
+
+
+def _instances(dets):
+    """dets: list of (score, xyxy); classes are arbitrary (not used by the metric)."""
+    inst = Instances((100, 100))
+    inst.scores = torch.tensor([d[0] for d in dets], dtype=torch.float32)
+    inst.pred_classes = torch.arange(len(dets)) % 3
+    inst.pred_boxes = Boxes(torch.tensor([d[1] for d in dets], dtype=torch.float32).reshape(-1, 4))
+    return inst
+
+
+def test_giou_and_iou_disagree_on_the_shifted_box():
+    iou, giou = _iou_giou(SHIFTED, GT)
+    assert iou > 0.5 > giou  # the case is meaningful
+    hits = topk_giou_hits(
+        torch.tensor([SHIFTED]), torch.tensor([1.0]), torch.tensor([GT]), topk=(1,)
+    )
+    assert hits == (False,)
+
+
+def test_precision_hand_computed():
+    outputs = [
+        [(0.9, GT), (0.1, MISS)],  # 1: top-1 right
+        [(0.9, MISS), (0.8, MISS), (0.7, GT)],  # 2: right at k = 3
+        [(0.9, SHIFTED)],  # 3: IoU would accept, GIoU rejects
+        [],  # 4: nothing predicted
+        [(0.9 - 0.01 * i, MISS) for i in range(6)] + [(0.05, GT)],  # 5: right at k = 7
+    ]
+    ev = RefExpEvaluator(NAME, distributed=False)
+    ev.reset()
+    ev.process(
+        [{"image_id": i} for i in range(1, 6)],
+        [{"instances": _instances(d[::-1])} for d in outputs],  # reversed: the metric sorts
+    )
+    res = ev.evaluate()["refexp"]
+    assert res == pytest.approx({"P@1": 20.0, "P@5": 40.0, "P@10": 60.0})
+
+
+def test_perfect_and_empty():
+    ev = RefExpEvaluator(NAME, distributed=False)
+    ev.process([{"image_id": i} for i in range(1, 6)], [{"instances": _instances([(0.3, GT)])}] * 5)
+    assert ev.evaluate()["refexp"] == {"P@1": 100.0, "P@5": 100.0, "P@10": 100.0}
+    ev.reset()
+    ev.process([{"image_id": 1}], [{"instances": _instances([])}])
+    assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@5": 0.0, "P@10": 0.0}
+
+
+def test_ties_keep_input_order():
+    ev = RefExpEvaluator(NAME, distributed=False, topk=(1, 2))
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, MISS), (0.5, GT)])}])
+    assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@2": 100.0}
+    ev.reset()
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, GT), (0.5, MISS)])}])
+    assert ev.evaluate()["refexp"]["P@1"] == 100.0
+
+
+def test_errors():
+    ev = RefExpEvaluator(NAME, distributed=False)
+    with pytest.raises(ValueError, match="record 9 must have exactly 1 GT box, has 2"):
+        ev.process([{"image_id": 9}], [{"instances": _instances([])}])
+    with pytest.raises(KeyError, match="image_id 77"):
+        ev.process([{"image_id": 77}], [{"instances": _instances([])}])
