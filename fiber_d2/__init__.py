@@ -4,8 +4,8 @@
 evaluators) in detectron2's registries.
 """
 
+from . import data, evaluation, modeling  # noqa: F401  (registers datasets and models)
 from .config import add_fiber_config
-from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
 
 __all__ = ["add_fiber_config"]
 __version__ = "0.1.0"

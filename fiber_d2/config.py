@@ -35,6 +35,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.FIBER.I2T_QUERY_NORM = False
     # Apply the last text layer's output LayerNorm on the fused path (coarse stage skips it: False).
     _C.MODEL.FIBER.FUSED_LAST_TEXT_NORM = True
+    # Apply the last image output's norm on the fused path (coarse stage skips vit_model.norm: False).
+    _C.MODEL.FIBER.FUSED_LAST_IMAGE_NORM = True
     # Fuse in the forward pass by default (False gives exactly the un-fused towers).
     _C.MODEL.FIBER.FUSION_ENABLED = True
 
@@ -45,6 +47,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.SWIN.DEPTHS = [2, 2, 18, 2]  # blocks per stage
     _C.MODEL.SWIN.NUM_HEADS = [4, 8, 16, 32]  # attention heads per stage
     _C.MODEL.SWIN.WINDOW_SIZE = 12  # attention window (pad-then-shift semantics)
+    # Shift odd blocks even when a map fits in one window (detection Swin); coarse stage: False.
+    _C.MODEL.SWIN.SHIFT_SINGLE_WINDOW = True
     _C.MODEL.SWIN.MLP_RATIO = 4.0  # MLP hidden width / block width
     _C.MODEL.SWIN.DROP_PATH_RATE = 0.4  # stochastic depth, linear over all blocks
     _C.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stage outputs (strides 4-32)
@@ -71,6 +75,7 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.LANGUAGE_BACKBONE.PAD_TOKEN_ID = 1  # RoBERTa pad id
     _C.MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT = 0.1  # hidden dropout
     _C.MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT = 0.1  # attention-probability dropout
+    _C.MODEL.LANGUAGE_BACKBONE.LAYER_NORM_EPS = 1e-5  # LayerNorm eps (roberta-base; HF default 1e-12)
     _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
     _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"
     _C.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # activation checkpointing of text layers
@@ -132,6 +137,7 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.SIZE_DIVISIBILITY = 32  # batch padding multiple
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
+    _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt

@@ -1,1 +1,16 @@
-"""Datasets, mappers and the built-in shapes world."""
+"""Datasets, mappers and the built-in shapes world.
+
+Importing this package registers the standard datasets (see ``datasets/builtin.py``).
+"""
+
+from . import datasets  # noqa: F401  (registers datasets on import)
+from .mapper import CaptionDatasetMapper, GroundingDatasetMapper
+from .shapes import ensure_shapes_tokenizer, ensure_shapes_world, generate_shapes
+
+__all__ = [
+    "CaptionDatasetMapper",
+    "GroundingDatasetMapper",
+    "ensure_shapes_tokenizer",
+    "ensure_shapes_world",
+    "generate_shapes",
+]

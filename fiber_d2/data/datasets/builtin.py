@@ -1,0 +1,167 @@
+"""Registration of the standard FIBER datasets at ``$DETECTRON2_DATASETS``-relative paths.
+
+Nothing is read at import: only names, paths and metadata are registered.
+
+==============================  ==========================================  ===============
+name                            annotation file (under the datasets root)   evaluator_type
+==============================  ==========================================  ===============
+flickr30k_separateGT_{train,    mdetr_annotations/final_flickr_separateGT_  flickr
+val,test}                       {split}.json
+refcoco_{train,val,testA,       mdetr_annotations/finetune_refcoco_         refexp
+testB}, refcoco+_{...},         {split}.json (refcoco+ / refcocog alike)
+refcocog_{train,val,test}
+mixed_train_no_coco (GoldG)     mdetr_annotations/final_mixed_train_        flickr
+                                no_coco.json
+objects365_{train,val}          objects365/annotations/objects365_{split}   coco
+                                .json
+lvis_v1_minival, lvis_v1_       coco/annotations/lvis_v1_minival_inserted_  lvis
+od_val (MDETR's LVIS subsets)   image_name.json, .../lvis_od_val.json
+coco_caption_karpathy_{train,   coco/annotations/dataset_coco.json          retrieval
+val,test}                       (Karpathy; train = train + val splits)
+shapes_{train,val}_{det,        the generated shapes world                  coco, flickr,
+grounding,refexp,captions}                                                  refexp,
+                                                                            retrieval
+==============================  ==========================================  ===============
+
+detectron2's own COCO and LVIS registrations (``coco_2017_train``, ``lvis_v1_val``, ...) are
+reused and marked as grounding data (:func:`mark_detection_dataset`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+from ..shapes import CATEGORY_NAMES, SPLITS, ensure_shapes_world, shapes_files, shapes_root
+from .captions import register_captions
+from .detection import mark_detection_dataset, register_grounding_coco
+from .mdetr import register_mdetr_grounding
+
+__all__ = ["register_shapes", "register_all_builtin"]
+
+logger = logging.getLogger(__name__)
+
+_MARKED_D2 = (
+    "coco_2014_train",
+    "coco_2014_val",
+    "coco_2014_minival",
+    "coco_2017_train",
+    "coco_2017_val",
+    "coco_2017_val_100",
+    "lvis_v1_train",
+    "lvis_v1_val",
+)
+_REFEXP_SPLITS = {
+    "refcoco": ("train", "val", "testA", "testB"),
+    "refcoco+": ("train", "val", "testA", "testB"),
+    "refcocog": ("train", "val", "test"),
+}
+
+
+def register_shapes(root: Optional[str] = None, prefix: str = "shapes") -> None:
+    """Register the shapes world's datasets; the world is generated on first load.
+
+    Names: ``{prefix}_{split}_det`` (COCO detection, evaluator "coco"),
+    ``{prefix}_{split}_grounding`` (MDETR grounding, "flickr"), ``{prefix}_{split}_refexp``
+    ("refexp"), ``{prefix}_{split}_captions`` ("retrieval"; train: one record per caption,
+    val: one per image), for split in train/val.
+
+    Args:
+        root: world directory (default ``$DETECTRON2_DATASETS/shapes``, resolved now).
+        prefix: name prefix.
+    """
+    root = str(shapes_root(root))
+    prepare = functools.partial(ensure_shapes_world, root)
+    thing_meta = {
+        "thing_classes": list(CATEGORY_NAMES),
+        "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CATEGORY_NAMES))},
+    }
+    for split in SPLITS:
+        files = shapes_files(root, split)
+        image_root = files["image_root"]
+        register_grounding_coco(
+            f"{prefix}_{split}_det", files["det"], image_root, prepare=prepare, metadata=thing_meta
+        )
+        register_mdetr_grounding(
+            f"{prefix}_{split}_grounding",
+            files["grounding"],
+            image_root,
+            "grounding",
+            prepare=prepare,
+        )
+        register_mdetr_grounding(
+            f"{prefix}_{split}_refexp", files["refexp"], image_root, "refexp", prepare=prepare
+        )
+        register_captions(
+            f"{prefix}_{split}_captions",
+            files["captions"],
+            image_root,
+            one_per_caption=split == "train",
+            prepare=prepare,
+        )
+
+
+def register_all_builtin(root: Optional[str] = None) -> None:
+    """Register every standard dataset (see the module table) under ``root``.
+
+    Args:
+        root: datasets root (default ``$DETECTRON2_DATASETS`` or ``datasets``).
+    """
+    root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
+
+    def p(*parts: str) -> str:
+        return os.path.join(root, *parts)
+
+    ann = p("mdetr_annotations")
+    for split in ("train", "val", "test"):
+        register_mdetr_grounding(
+            f"flickr30k_separateGT_{split}",
+            os.path.join(ann, f"final_flickr_separateGT_{split}.json"),
+            p("flickr30k", "flickr30k_images", split),
+            "grounding",
+        )
+    for dataset, splits in _REFEXP_SPLITS.items():
+        for split in splits:
+            register_mdetr_grounding(
+                f"{dataset}_{split}",
+                os.path.join(ann, f"finetune_{dataset}_{split}.json"),
+                p("coco", "train2014"),
+                "refexp",
+            )
+    register_mdetr_grounding(
+        "mixed_train_no_coco",
+        os.path.join(ann, "final_mixed_train_no_coco.json"),
+        {"coco": p("coco", "train2014"), "*": p("gqa", "images")},
+        "grounding",
+    )
+    for split in ("train", "val"):
+        register_grounding_coco(
+            f"objects365_{split}",
+            p("objects365", "annotations", f"objects365_{split}.json"),
+            p("objects365", split),
+        )
+
+    from detectron2.data.datasets.lvis import get_lvis_instances_meta, register_lvis_instances
+
+    for name, file_name in (
+        ("lvis_v1_minival", "lvis_v1_minival_inserted_image_name.json"),
+        ("lvis_v1_od_val", "lvis_od_val.json"),
+    ):
+        register_lvis_instances(
+            name, get_lvis_instances_meta(name), p("coco", "annotations", file_name), p("coco")
+        )
+    for name in _MARKED_D2 + ("lvis_v1_minival", "lvis_v1_od_val"):
+        if not mark_detection_dataset(name):
+            logger.debug("detectron2 dataset %s is not registered; not marked", name)
+
+    karpathy = p("coco", "annotations", "dataset_coco.json")
+    for name, splits, per_caption in (
+        ("coco_caption_karpathy_train", ("train", "val"), True),
+        ("coco_caption_karpathy_val", ("val",), False),
+        ("coco_caption_karpathy_test", ("test",), False),
+    ):
+        register_captions(name, karpathy, p("coco"), splits=splits, one_per_caption=per_caption)
+
+    register_shapes(os.path.join(root, "shapes"))

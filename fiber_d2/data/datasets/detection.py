@@ -1,0 +1,150 @@
+"""Object-detection datasets (COCO format, Objects365, ODinW, LVIS) used as grounding data.
+
+Records are detectron2's COCO dicts (contiguous ``category_id``, ``bbox_mode``) plus
+``"task": "detection"`` and ``"dataset_name"``; the mapper turns the category names into a
+prompt. Metadata gains ``fiber_task = "detection"`` and ``category_prompts``, an optional
+``{category_name: prompt text}`` override (default: the cleaned category name).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Mapping, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from .common import RecordFilter, box_problem
+
+__all__ = [
+    "load_grounding_coco_json",
+    "finish_detection_records",
+    "register_grounding_coco",
+    "mark_detection_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def finish_detection_records(
+    records: List[dict], dataset_name: str, source: str = ""
+) -> List[dict]:
+    """Tag detectron2 detection dicts for fiber_d2 and drop bad records.
+
+    A record is bad when it has no file name or size, or a box outside its image
+    (:func:`box_problem`); each is skipped with a warning.
+
+    Args:
+        records: detectron2 dataset dicts (``annotations`` with ``bbox``/``bbox_mode``).
+        dataset_name: registered name, stored as ``record["dataset_name"]``.
+        source: annotation file, for messages.
+
+    Returns:
+        the valid records with ``"task": "detection"`` and ``"dataset_name"`` added.
+    """
+    bad = RecordFilter(dataset_name, source)
+    kept = []
+    for r in records:
+        what = f"image {r.get('image_id')} ({r.get('file_name')})"
+        if not r.get("file_name") or not r.get("width") or not r.get("height"):
+            bad.skip(what, "missing file_name, width or height")
+            continue
+        problem = None
+        for a in r.get("annotations", []):
+            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+            problem = box_problem(box, r["width"], r["height"])
+            if problem:
+                break
+        if problem:
+            bad.skip(what, problem)
+            continue
+        r["task"] = "detection"
+        r["dataset_name"] = dataset_name
+        kept.append(r)
+    return bad.finish(kept)
+
+
+def load_grounding_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[dict]:
+    """Load a COCO-format detection json with detectron2's loader, tagged for grounding.
+
+    Args:
+        json_file: COCO instances json.
+        image_root: directory of the images.
+        dataset_name: registered name (its metadata gets ``thing_classes`` and
+            ``thing_dataset_id_to_contiguous_id`` from the json).
+
+    Returns:
+        list of detection records (see :func:`finish_detection_records`).
+    """
+    from detectron2.data.datasets import load_coco_json
+
+    records = load_coco_json(json_file, image_root, dataset_name)
+    return finish_detection_records(records, dataset_name, json_file)
+
+
+def register_grounding_coco(
+    name: str,
+    json_file: str,
+    image_root: str,
+    prompt: Optional[Mapping[str, str]] = None,
+    *,
+    prepare: Optional[Callable[[], object]] = None,
+    metadata: Optional[Dict] = None,
+) -> None:
+    """Register a COCO-format detection set (COCO, Objects365, ODinW, ...) as grounding data.
+
+    Args:
+        name: dataset name.
+        json_file: COCO instances json (read when the dataset is first loaded).
+        image_root: image directory.
+        prompt: optional ``{category_name: prompt text}`` replacing cleaned names in prompts.
+        prepare: optional callable run before loading (e.g. generating the data).
+        metadata: extra metadata fields (e.g. ``thing_classes`` known in advance).
+    """
+
+    def load() -> List[dict]:
+        if prepare is not None:
+            prepare()
+        return load_grounding_coco_json(json_file, image_root, name)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        fiber_task="detection",
+        category_prompts=dict(prompt or {}),
+        **(metadata or {}),
+    )
+
+
+def mark_detection_dataset(name: str, prompt: Optional[Mapping[str, str]] = None) -> bool:
+    """Reuse an already registered detectron2 detection set (e.g. ``coco_2017_train``).
+
+    Its loader is wrapped (not duplicated) so records carry ``task``/``dataset_name`` and bad
+    records are skipped; its metadata gains ``fiber_task = "detection"``.
+
+    Args:
+        name: a registered dataset name.
+        prompt: optional ``{category_name: prompt text}`` override.
+
+    Returns:
+        True if the dataset exists (and is now marked), False if it is not registered.
+    """
+    if name not in DatasetCatalog:
+        return False
+    loader = DatasetCatalog[name]  # the registered function itself (UserDict access)
+    if getattr(loader, "_fiber_marked", False):
+        if prompt is not None:
+            MetadataCatalog.get(name).set(category_prompts=dict(prompt))
+        return True
+
+    def load() -> List[dict]:
+        meta = MetadataCatalog.get(name)
+        return finish_detection_records(loader(), name, meta.get("json_file", ""))
+
+    load._fiber_marked = True
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(fiber_task="detection", category_prompts=dict(prompt or {}))
+    return True

@@ -1,0 +1,516 @@
+"""Dataset mappers: dataset records -> model inputs (image, tokens, positive maps, instances).
+
+``GroundingDatasetMapper`` (fine-grained stage; detection, grounding and refexp records) and
+``CaptionDatasetMapper`` (coarse stage; caption records). Both read the image, augment it,
+tokenize the text once per sample (padded to ``MAX_QUERY_LEN``) and never crash on a bad record:
+they log a warning naming it and return None, and detectron2's loader moves on.
+
+Output of ``GroundingDatasetMapper`` (the contract with the model and the evaluators):
+
+* ``image``: uint8 Tensor (3, H, W) in ``INPUT.FORMAT``; ``height``/``width`` of the original
+  image; ``image_id``, ``file_name``, ``task``, ``caption`` and the record's other fields
+  (``phrases`` for grounding evaluation), ``annotations`` excepted;
+* ``input_ids``, ``attention_mask``: LongTensor (T,), T = ``MAX_QUERY_LEN``;
+* ``label_token_map``: BoolTensor (L, T), row l = tokens of label l (detection: L = number of
+  classes, rows of classes absent from the prompt all False; grounding/refexp: L = phrases);
+* chunked detection evaluation: ``input_ids``/``attention_mask`` (K, T), ``label_token_map``
+  (K, L, T) and ``caption`` a list of K prompts;
+* training: ``instances`` with ``gt_boxes`` (detectron2 xyxy, resized image), ``gt_classes``
+  (contiguous category id, or phrase index) and ``gt_positive_map`` BoolTensor (G, T).
+
+Test-time detection prompts depend only on the dataset, so they are tokenized once per dataset
+and the same tensors are shared by every sample (treat them as read-only).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
+from PIL import Image
+
+from ..text import (
+    build_detection_prompt,
+    build_prompt,
+    build_tokenizer,
+    char_spans_to_positive_map,
+    chunk_names,
+    clean_name,
+    mask_tokens_for_mlm,
+    prompt_token_lengths,
+    tokenize,
+)
+
+__all__ = ["GroundingDatasetMapper", "CaptionDatasetMapper"]
+
+logger = logging.getLogger(__name__)
+
+_GROUNDING_TASKS = ("grounding", "refexp")
+
+
+def _record_name(record: dict) -> str:
+    return f"record {record.get('image_id')} ({record.get('file_name')})"
+
+
+class _SkipRecord(Exception):
+    """Raised inside a mapper when a record cannot be used."""
+
+
+def _read_image(record: dict, image_format: str) -> np.ndarray:
+    try:
+        image = utils.read_image(record["file_name"], format=image_format)
+    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt file
+        raise _SkipRecord(f"cannot read image: {e}") from e
+    h, w = image.shape[:2]
+    expected = (record.get("height") or h, record.get("width") or w)
+    if (h, w) != tuple(expected):
+        raise _SkipRecord(f"image is {h}x{w}, the record says {expected[0]}x{expected[1]}")
+    return image
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class _BadRecordCounter:
+    """Counts skipped records / dropped boxes of one mapper (per worker process)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.dropped_boxes = 0
+
+    def skip(self, record: dict, reason: str) -> None:
+        self.skipped += 1
+        logger.warning(
+            "skipping %s: %s (%d records skipped so far)",
+            _record_name(record),
+            reason,
+            self.skipped,
+        )
+
+    def drop_boxes(self, record: dict, count: int) -> None:
+        self.dropped_boxes += count
+        logger.warning(
+            "%s: dropped %d empty box(es) (%d so far)",
+            _record_name(record),
+            count,
+            self.dropped_boxes,
+        )
+
+
+class GroundingDatasetMapper:
+    """Map detection / grounding / refexp records to FIBER's fine-grained inputs.
+
+    Training detection records get the spec's OD -> grounding prompt (positive-overflow guard,
+    sampled negatives, shuffling) or, with ``full_prompt_train``, all class names in a shuffled
+    order; grounding/refexp records use their caption. Test detection prompts list all
+    classes in contiguous-id order, or in chunks of ``chunk_size``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        augmentations: Sequence[Union[T.Augmentation, T.Transform]],
+        tokenizer,
+        image_format: str = "BGR",
+        max_query_len: int = 256,
+        separator: str = ". ",
+        random_sample_neg: int = 85,
+        control_prob: Sequence[float] = (0.0, 0.0, 1.0, 0.0),
+        shuffle_prompt: bool = True,
+        full_prompt_train: bool = False,
+        chunk_size: int = -1,
+        category_names: Optional[Mapping[str, Sequence[str]]] = None,
+        default_dataset: Optional[str] = None,
+        test_prompt: Sequence[str] = (),
+        no_flip_tasks: Sequence[str] = ("refexp",),
+    ):
+        """
+        Args:
+            is_train: training (sampled prompts, instances) or inference behaviour.
+            augmentations: detectron2 augmentations (resize, flip) applied to image and boxes.
+            tokenizer: a fast tokenizer, or a name for :func:`fiber_d2.text.build_tokenizer`.
+            image_format: ``INPUT.FORMAT`` of the output image ("BGR" or "RGB").
+            max_query_len: padded token length T.
+            separator: joins category names in prompts.
+            random_sample_neg: negatives of the "full" control option (85).
+            control_prob: ``DATASETS.CONTROL_PROB`` (p1, p2, p3, p4).
+            shuffle_prompt: shuffle training prompts (not ``DATASETS.DISABLE_SHUFFLE``).
+            full_prompt_train: all class names in every training prompt (COCO fine-tuning).
+            chunk_size: test prompt chunk size (``TEST.CHUNKED_EVALUATION``); <= 0: one prompt.
+            category_names: dataset name -> prompt text per contiguous category id; datasets
+                not listed are read from MetadataCatalog (``thing_classes`` cleaned, or
+                ``category_prompts`` overrides).
+            default_dataset: dataset used for records without a ``dataset_name`` field.
+            test_prompt: optional prompt text per category replacing the names at test time.
+            no_flip_tasks: tasks whose records are never flipped (captions with left/right).
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(list(augmentations))
+        self.augmentations_no_flip = T.AugmentationList(
+            [a for a in augmentations if not isinstance(a, (T.RandomFlip, T.HFlipTransform))]
+        )
+        self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.image_format = image_format
+        self.max_query_len = max_query_len
+        self.separator = separator
+        self.random_sample_neg = random_sample_neg
+        self.control_prob = tuple(control_prob)
+        self.shuffle_prompt = shuffle_prompt
+        self.full_prompt_train = full_prompt_train
+        self.chunk_size = chunk_size
+        self.default_dataset = default_dataset
+        self.test_prompt = list(test_prompt)
+        self.no_flip_tasks = tuple(no_flip_tasks)
+        # None: the `random` module, which detectron2 seeds per data-loader worker (a module
+        # attribute would make the mapper unpicklable); tests may set a random.Random.
+        self.rng: Optional[random.Random] = None
+        self._names: Dict[str, List[str]] = {k: list(v) for k, v in (category_names or {}).items()}
+        self._lengths: Dict[str, List[int]] = {}
+        self._test_inputs: Dict[str, dict] = {}
+        self.bad = _BadRecordCounter()
+        mode = "training" if is_train else "inference"
+        logger.info("GroundingDatasetMapper (%s): %s", mode, self.augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True, dataset_names: Optional[Sequence[str]] = None):
+        if dataset_names is None:
+            dataset_names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
+        if is_train:
+            augs = [
+                T.ResizeShortestEdge(
+                    cfg.INPUT.MIN_SIZE_TRAIN,
+                    cfg.INPUT.MAX_SIZE_TRAIN,
+                    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+                )
+            ]
+            if cfg.INPUT.FLIP_PROB > 0:
+                augs.append(T.RandomFlip(prob=cfg.INPUT.FLIP_PROB, horizontal=True))
+        else:
+            augs = [
+                T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+            ]
+        return {
+            "is_train": is_train,
+            "augmentations": augs,
+            "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
+            "image_format": cfg.INPUT.FORMAT,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "separator": cfg.DATASETS.SEPARATION_TOKENS,
+            "random_sample_neg": cfg.DATASETS.RANDOM_SAMPLE_NEG,
+            "control_prob": tuple(cfg.DATASETS.CONTROL_PROB),
+            "shuffle_prompt": not cfg.DATASETS.DISABLE_SHUFFLE,
+            "full_prompt_train": cfg.DATASETS.FULL_PROMPT_TRAIN,
+            "chunk_size": cfg.TEST.CHUNKED_EVALUATION,
+            "default_dataset": dataset_names[0] if len(dataset_names) == 1 else None,
+            "test_prompt": [] if is_train else list(cfg.DATASETS.TEST_PROMPT),
+        }
+
+    # ------------------------------------------------------------------ category names
+    def category_names(self, dataset_name: Optional[str]) -> List[str]:
+        """Prompt text per contiguous category id of a detection dataset.
+
+        Args:
+            dataset_name: registered dataset name (None: ``default_dataset``).
+
+        Returns:
+            list of L names (``test_prompt`` when given at test time).
+        """
+        name = dataset_name or self.default_dataset
+        if name is None:
+            raise KeyError("detection record without 'dataset_name' and no default dataset")
+        if name not in self._names:
+            meta = MetadataCatalog.get(name)
+            classes = meta.get("thing_classes", None)
+            if not classes:
+                raise KeyError(f"dataset {name!r} has no thing_classes in MetadataCatalog")
+            prompts = meta.get("category_prompts", None) or {}
+            self._names[name] = [prompts.get(c, clean_name(c)) for c in classes]
+        names = self._names[name]
+        if not self.is_train and self.test_prompt:
+            if len(self.test_prompt) != len(names):
+                raise ValueError(
+                    f"DATASETS.TEST_PROMPT has {len(self.test_prompt)} entries, dataset {name!r} "
+                    f"has {len(names)} categories"
+                )
+            return self.test_prompt
+        return names
+
+    def _name_lengths(self, name: Optional[str]) -> List[int]:
+        key = name or self.default_dataset
+        if key not in self._lengths:
+            names = self.category_names(name)
+            self._lengths[key] = prompt_token_lengths(self.tokenizer, names, self.separator)
+        return self._lengths[key]
+
+    # ------------------------------------------------------------------ boxes
+    def _boxes(self, record: dict, annos: List[dict], image_hw, transforms) -> tuple:
+        """Absolute xyxy boxes after clipping, empty-box removal and the transforms.
+
+        Returns:
+            (boxes float32 array (N', 4) in the augmented image, kept indices into annos).
+        """
+        h, w = record["height"], record["width"]
+        boxes = np.array(
+            [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos],
+            dtype=np.float32,
+        ).reshape(-1, 4)
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        # Spec 6.3: boxes empty in the legacy convention (x2 = x + w - 1 <= x1, i.e. at most one
+        # pixel wide or tall after clipping) are removed, as the original loader did.
+        keep = np.nonzero((boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1))[0]
+        if len(keep) < len(annos):
+            self.bad.drop_boxes(record, len(annos) - len(keep))
+        boxes = transforms.apply_box(boxes[keep]).astype(np.float32)
+        return boxes.reshape(-1, 4), keep.tolist()
+
+    # ------------------------------------------------------------------ tasks
+    def _detection_test(self, record: dict, out: dict) -> None:
+        key = record.get("dataset_name") or self.default_dataset
+        if key not in self._test_inputs:
+            names = self.category_names(key)
+            chunks = chunk_names(
+                names, self.chunk_size, self.tokenizer, self.max_query_len, self.separator
+            )
+            prompts = [build_prompt([names[i] for i in c], self.separator) for c in chunks]
+            enc = tokenize(self.tokenizer, [p[0] for p in prompts], self.max_query_len)
+            label_map = torch.zeros(len(chunks), len(names), self.max_query_len, dtype=torch.bool)
+            for k, (chunk, (_, spans)) in enumerate(zip(chunks, prompts)):
+                rows = char_spans_to_positive_map(
+                    enc, [[s] for s in spans], self.max_query_len, batch_index=k
+                )
+                label_map[k, chunk] = rows
+            chunked = self.chunk_size > 0
+            self._test_inputs[key] = {
+                "caption": [p[0] for p in prompts] if chunked else prompts[0][0],
+                "input_ids": enc["input_ids"] if chunked else enc["input_ids"][0],
+                "attention_mask": enc["attention_mask"] if chunked else enc["attention_mask"][0],
+                "label_token_map": label_map if chunked else label_map[0],
+            }
+        out.update(self._test_inputs[key])
+
+    def _detection_train(self, record: dict, out: dict, image_hw, transforms) -> None:
+        names = self.category_names(record.get("dataset_name"))
+        annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        for a in annos:
+            if not 0 <= a["category_id"] < len(names):
+                raise _SkipRecord(f"category_id {a['category_id']} outside [0, {len(names)})")
+        boxes, keep = self._boxes(record, annos, image_hw, transforms)
+        classes = [annos[i]["category_id"] for i in keep]
+        if self.full_prompt_train:
+            order = list(range(len(names)))
+            if self.shuffle_prompt:
+                (self.rng or random).shuffle(order)
+            caption, spans = build_prompt([names[c] for c in order], self.separator)
+            spans_by_id = dict(zip(order, spans))
+        else:
+            caption, spans_by_id, _ = build_detection_prompt(
+                classes,
+                names,
+                self.rng or random,
+                random_sample_neg=self.random_sample_neg,
+                control_prob=self.control_prob,
+                max_tokens=self.max_query_len - 2,
+                shuffle=self.shuffle_prompt,
+                name_token_lengths=self._name_lengths(record.get("dataset_name")),
+                separator=self.separator,
+            )
+        enc = tokenize(self.tokenizer, caption, self.max_query_len)
+        label_map = torch.zeros(len(names), self.max_query_len, dtype=torch.bool)
+        ids = list(spans_by_id)
+        if ids:
+            rows = char_spans_to_positive_map(
+                enc, [[spans_by_id[c]] for c in ids], self.max_query_len
+            )
+            label_map[ids] = rows
+        present = [i for i, c in enumerate(classes) if c in spans_by_id]  # overflow guard drops
+        gt_classes = torch.tensor([classes[i] for i in present], dtype=torch.long)
+        instances = Instances(image_hw)
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes[present]).reshape(-1, 4))
+        instances.gt_classes = gt_classes
+        instances.gt_positive_map = label_map[gt_classes]
+        out.update(
+            caption=caption,
+            input_ids=enc["input_ids"][0],
+            attention_mask=enc["attention_mask"][0],
+            label_token_map=label_map,
+            instances=instances,
+        )
+
+    def _grounding(self, record: dict, out: dict, image_hw, transforms) -> None:
+        caption = record.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise _SkipRecord("empty caption")
+        phrases = record.get("phrases") or []
+        enc = tokenize(self.tokenizer, caption, self.max_query_len)
+        label_map = char_spans_to_positive_map(
+            enc, [p["tokens_positive"] for p in phrases], self.max_query_len
+        )
+        out.update(
+            caption=caption,
+            input_ids=enc["input_ids"][0],
+            attention_mask=enc["attention_mask"][0],
+            label_token_map=label_map,
+        )
+        if not self.is_train:
+            return
+        annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+        for a in annos:
+            if not 0 <= a["phrase_index"] < len(phrases):
+                raise _SkipRecord(f"phrase_index {a['phrase_index']} outside [0, {len(phrases)})")
+        positive = char_spans_to_positive_map(
+            enc, [a["tokens_positive"] for a in annos], self.max_query_len
+        )
+        boxes, keep = self._boxes(record, annos, image_hw, transforms)
+        instances = Instances(image_hw)
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes).reshape(-1, 4))
+        instances.gt_classes = torch.tensor(
+            [annos[i]["phrase_index"] for i in keep], dtype=torch.long
+        )
+        instances.gt_positive_map = positive[keep]
+        out["instances"] = instances
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        """Map one record (see the module docstring); None for a bad record.
+
+        Args:
+            dataset_dict: a detection, grounding or refexp record.
+
+        Returns:
+            the model input dict, or None (the record is skipped with a warning).
+        """
+        record = copy.copy(dataset_dict)
+        task = record.get("task", "detection")
+        try:
+            if task != "detection" and task not in _GROUNDING_TASKS:
+                raise _SkipRecord(f"task {task!r} is not handled by GroundingDatasetMapper")
+            image = _read_image(record, self.image_format)
+            record.setdefault("height", image.shape[0])
+            record.setdefault("width", image.shape[1])
+            augs = self.augmentations_no_flip if task in self.no_flip_tasks else self.augmentations
+            aug_input = T.AugInput(image)
+            transforms = augs(aug_input)
+            image_hw = aug_input.image.shape[:2]
+            out = {k: v for k, v in record.items() if k != "annotations"}
+            out.update(image=_to_chw(aug_input.image), task=task)
+            if task == "detection":
+                if self.is_train:
+                    self._detection_train(record, out, image_hw, transforms)
+                else:
+                    self._detection_test(record, out)
+            else:
+                self._grounding(record, out, image_hw, transforms)
+        except (_SkipRecord, ValueError, KeyError, IndexError) as e:
+            self.bad.skip(record, str(e))
+            return None
+        return out
+
+
+class CaptionDatasetMapper:
+    """Map caption records to the coarse stage's inputs.
+
+    Output: ``image`` uint8 (3, S, S) in ``INPUT.FORMAT`` (square bicubic resize, optional
+    flip), ``height``/``width`` of the original, ``image_id``, ``file_name``, ``task``;
+    a training record (``caption``) gives ``input_ids``/``attention_mask`` (T,) plus
+    ``mlm_input_ids``/``mlm_labels`` (T,) (labels -100 where not masked); an evaluation record
+    (``captions``, K of them) gives ``input_ids``/``attention_mask`` (K, T).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        image_size: int,
+        tokenizer,
+        image_format: str = "RGB",
+        max_query_len: int = 40,
+        flip_prob: float = 0.0,
+        mlm_probability: float = 0.15,
+    ):
+        """
+        Args:
+            is_train: training (flip, MLM inputs) or evaluation behaviour.
+            image_size: side S of the square resize (``INPUT.IMAGE_SIZE``).
+            tokenizer: a fast tokenizer, or a name for :func:`fiber_d2.text.build_tokenizer`.
+            image_format: ``INPUT.FORMAT`` of the output image.
+            max_query_len: padded token length T.
+            flip_prob: horizontal flip probability in training.
+            mlm_probability: MLM selection probability (0 disables the MLM fields).
+        """
+        self.is_train = is_train
+        augs: List[T.Augmentation] = [T.Resize((image_size, image_size), interp=Image.BICUBIC)]
+        if is_train and flip_prob > 0:
+            augs.append(T.RandomFlip(prob=flip_prob, horizontal=True))
+        self.augmentations = T.AugmentationList(augs)
+        self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.image_format = image_format
+        self.max_query_len = max_query_len
+        self.mlm_probability = mlm_probability
+        self.generator: Optional[torch.Generator] = None  # torch's global RNG by default
+        self.bad = _BadRecordCounter()
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
+            "image_format": cfg.INPUT.FORMAT,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "flip_prob": cfg.INPUT.CAPTION_FLIP_PROB,
+            "mlm_probability": (
+                cfg.MODEL.COARSE.MLM_PROBABILITY if "mlm" in cfg.MODEL.COARSE.LOSSES else 0.0
+            ),
+        }
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        """Map one caption record; None for a bad record.
+
+        Args:
+            dataset_dict: a caption record (``caption`` or ``captions``).
+
+        Returns:
+            the model input dict, or None (the record is skipped with a warning).
+        """
+        record = copy.copy(dataset_dict)
+        try:
+            texts = record.get("captions", record.get("caption"))
+            single = isinstance(texts, str)
+            texts = [texts] if single else list(texts or [])
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise _SkipRecord("empty caption")
+            image = _read_image(record, self.image_format)
+            aug_input = T.AugInput(image)
+            self.augmentations(aug_input)
+            enc = tokenize(self.tokenizer, texts, self.max_query_len)
+        except (_SkipRecord, ValueError, KeyError) as e:
+            self.bad.skip(record, str(e))
+            return None
+        out = dict(record)
+        out.update(
+            image=_to_chw(aug_input.image),
+            height=image.shape[0],
+            width=image.shape[1],
+            task="caption",
+            input_ids=enc["input_ids"][0] if single else enc["input_ids"],
+            attention_mask=enc["attention_mask"][0] if single else enc["attention_mask"],
+        )
+        if self.is_train and single and self.mlm_probability > 0:
+            masked, labels = mask_tokens_for_mlm(
+                out["input_ids"], self.tokenizer, self.mlm_probability, self.generator
+            )
+            out.update(mlm_input_ids=masked, mlm_labels=labels)
+        return out

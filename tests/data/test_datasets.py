@@ -1,0 +1,323 @@
+"""Tests of dataset loading and registration on tiny files in the real on-disk formats."""
+
+import itertools
+import json
+import logging
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from PIL import Image
+
+import fiber_d2.data  # noqa: F401  (registers the builtin datasets)
+from fiber_d2.data.datasets import (
+    load_captions,
+    load_mdetr_json,
+    mark_detection_dataset,
+    register_captions,
+    register_grounding_coco,
+    register_mdetr_grounding,
+)
+from fiber_d2.data.mapper import GroundingDatasetMapper
+
+_ids = itertools.count()
+
+
+def unique(name):
+    return f"test_{name}_{next(_ids)}"
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def coco_json(tmp_path):
+    return {
+        "info": {"description": "tiny"},
+        "images": [
+            {"id": 10, "file_name": "a.jpg", "height": 100, "width": 120},
+            {"id": 11, "file_name": "missing.jpg", "height": 50, "width": 60},
+            {"id": 12, "file_name": "bad_box.jpg", "height": 50, "width": 60},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 10, "bbox": [10, 20, 30, 40], "area": 1200, "category_id": 5,
+             "iscrowd": 0},
+            {"id": 2, "image_id": 10, "bbox": [0, 0, 50, 50], "area": 2500, "category_id": 9,
+             "iscrowd": 1, "segmentation": {"counts": [2500], "size": [100, 120]}},
+            {"id": 3, "image_id": 11, "bbox": [1, 1, 5, 5], "area": 25, "category_id": 1,
+             "iscrowd": 0},
+            {"id": 4, "image_id": 12, "bbox": [100, 80, 10, 10], "area": 100, "category_id": 1,
+             "iscrowd": 0},
+        ],
+        "categories": [
+            {"id": 1, "name": "café_table", "supercategory": "x"},
+            {"id": 5, "name": "Äpfel (grün)", "supercategory": "x"},
+            {"id": 9, "name": "人", "supercategory": "x"},
+        ],
+    }  # fmt: skip
+
+
+def test_grounding_coco_loader(tmp_path, caplog, shapes_tokenizer):
+    name = unique("coco")
+    json_file = write(tmp_path / "instances.json", coco_json(tmp_path))
+    Image.new("RGB", (120, 100)).save(tmp_path / "a.jpg")
+    register_grounding_coco(name, json_file, str(tmp_path), prompt={"人": "person"})
+    meta = MetadataCatalog.get(name)
+    assert meta.evaluator_type == "coco" and meta.fiber_task == "detection"
+    with caplog.at_level(logging.WARNING):
+        records = DatasetCatalog.get(name)
+    # the far-outside box skips its record with a warning naming it; the missing image is
+    # only noticed by the mapper
+    assert [r["image_id"] for r in records] == [10, 11]
+    assert "bad_box.jpg" in caplog.text and "skipped 1 of 3" in caplog.text
+    assert meta.thing_classes == ["café_table", "Äpfel (grün)", "人"]
+    assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 5: 1, 9: 2}
+    assert meta.category_prompts == {"人": "person"}
+    first = records[0]
+    assert first["task"] == "detection" and first["dataset_name"] == name
+    assert [a["category_id"] for a in first["annotations"]] == [1, 2]
+    assert [a["iscrowd"] for a in first["annotations"]] == [0, 1]
+    assert first["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
+    # the mapper reads names from the metadata (prompt override applied), drops the crowd box
+    # and skips the record whose image is missing
+    mapper = GroundingDatasetMapper(
+        is_train=True, augmentations=[], tokenizer=shapes_tokenizer, max_query_len=32,
+        control_prob=(0, 0, 1, 0), shuffle_prompt=False,
+    )  # fmt: skip
+    out = mapper(records[0])
+    assert out["caption"] == "café table. Äpfel . person"  # "Äpfel (grün)" -> "Äpfel "
+    assert out["instances"].gt_classes.tolist() == [1]
+    assert mapper(records[1]) is None and mapper.bad.skipped == 1
+
+
+def test_grounding_coco_all_bad_raises(tmp_path):
+    data = coco_json(tmp_path)
+    data["images"] = data["images"][2:]
+    data["annotations"] = data["annotations"][3:]
+    name = unique("coco_bad")
+    register_grounding_coco(name, write(tmp_path / "bad.json", data), str(tmp_path))
+    with pytest.raises(ValueError, match="no valid record"):
+        DatasetCatalog.get(name)
+
+
+FLICKR_CAPTION = "A man in a red shirt hugs his dog while the man smiles ."
+
+
+def span_of(phrase, start=0):
+    begin = FLICKR_CAPTION.index(phrase, start)
+    return [begin, begin + len(phrase)]
+
+
+MAN, SHIRT, DOG, THE_MAN = (
+    span_of("A man"),
+    span_of("a red shirt"),
+    span_of("his dog"),
+    span_of("the man"),
+)
+
+
+def flickr_json():
+    caption = FLICKR_CAPTION
+    return {
+        "info": [],
+        "licenses": [],
+        "images": [
+            {"file_name": "1000092795.jpg", "height": "333", "width": "500", "id": 0,
+             "caption": caption, "dataset_name": "flickr", "tokens_negative": [[0, len(caption)]],
+             "sentence_id": 0, "original_img_id": 1000092795,
+             "tokens_positive_eval": [[MAN], [SHIRT], [DOG], [THE_MAN]]},
+            {"file_name": "1000092795.jpg", "height": "333", "width": "500", "id": 1,
+             "caption": "Two dogs", "dataset_name": "flickr", "tokens_negative": [[0, 8]],
+             "sentence_id": 1, "original_img_id": 1000092795,
+             "tokens_positive_eval": [[[0, 30]]]},
+            {"file_name": "1000092795.jpg", "height": "333", "width": "500", "id": 2,
+             "caption": " ", "dataset_name": "flickr", "tokens_negative": [[0, 1]],
+             "sentence_id": 2, "original_img_id": 1000092795, "tokens_positive_eval": []},
+        ],
+        "annotations": [
+            # one box shared by the coreferent phrases "A man" and "the man"
+            {"area": 4000.0, "iscrowd": 0, "image_id": 0, "category_id": 1, "id": 0,
+             "bbox": [10.0, 20.0, 40.0, 100.0], "tokens_positive": [MAN, THE_MAN]},
+            {"area": 800.0, "iscrowd": 0, "image_id": 0, "category_id": 1, "id": 1,
+             "bbox": [15.0, 40.0, 20.0, 40.0], "tokens_positive": [SHIRT]},
+            {"area": 600.0, "iscrowd": 0, "image_id": 0, "category_id": 1, "id": 2,
+             "bbox": [300.0, 200.0, 30.0, 20.0], "tokens_positive": [DOG]},
+            {"area": 900.0, "iscrowd": 0, "image_id": 0, "category_id": 1, "id": 3,
+             "bbox": [340.0, 210.0, 30.0, 30.0], "tokens_positive": [DOG]},
+            {"area": 10.0, "iscrowd": 0, "image_id": 1, "category_id": 1, "id": 4,
+             "bbox": [1.0, 1.0, 2.0, 5.0], "tokens_positive": [[0, 8]]},
+        ],
+        "categories": [{"supercategory": "object", "id": 1, "name": "object"}],
+    }  # fmt: skip
+
+
+def test_flickr_separate_gt_loader(tmp_path, caplog):
+    name = unique("flickr")
+    json_file = write(tmp_path / "final_flickr_separateGT_val.json", flickr_json())
+    register_mdetr_grounding(name, json_file, str(tmp_path / "images"), "grounding")
+    assert MetadataCatalog.get(name).evaluator_type == "flickr"
+    with caplog.at_level(logging.WARNING):
+        records = DatasetCatalog.get(name)
+    assert len(records) == 1  # entry 1: eval span outside the caption; entry 2: empty caption
+    assert "entry 1" in caplog.text and "entry 2" in caplog.text and "outside" in caplog.text
+    r = records[0]
+    assert r["file_name"] == str(tmp_path / "images" / "1000092795.jpg")
+    assert (r["height"], r["width"], r["image_id"], r["original_image_id"]) == (
+        333,
+        500,
+        0,
+        1000092795,
+    )
+    assert r["task"] == "grounding" and r["sentence_id"] == 0
+    assert [p["text"] for p in r["phrases"]] == ["A man", "a red shirt", "his dog", "the man"]
+    assert [a["phrase_index"] for a in r["annotations"]] == [0, 1, 2, 2]
+    assert all(a["category_id"] == 0 for a in r["annotations"])
+    assert r["annotations"][0]["tokens_positive"] == [MAN, THE_MAN]
+    # the shared box is GT of both coreferent phrases; xywh -> xyxy without -1
+    assert r["phrases"][0]["boxes"] == [[10.0, 20.0, 50.0, 120.0]]
+    assert r["phrases"][3]["boxes"] == [[10.0, 20.0, 50.0, 120.0]]
+    assert r["phrases"][2]["boxes"] == [[300.0, 200.0, 330.0, 220.0], [340.0, 210.0, 370.0, 240.0]]
+
+
+def refcoco_json():
+    return {
+        "images": [
+            {"file_name": "COCO_train2014_000000581857.jpg", "height": 640, "width": 427,
+             "id": 0, "original_id": 581857, "caption": "the lady with the blue shirt",
+             "dataset_name": "refcoco", "tokens_negative": [[0, 8]]},
+            {"file_name": "COCO_train2014_000000581857.jpg", "height": 640, "width": 427,
+             "id": 1, "original_id": 581857, "caption": "lady in back",
+             "dataset_name": "refcoco", "tokens_negative": [[0, 4]]},
+        ],
+        "annotations": [
+            {"area": 9000.0, "iscrowd": 0, "image_id": 0, "category_id": 1, "id": 0,
+             "bbox": [103.9, 300.0, 130.5, 260.0], "tokens_positive": [[0, 8]],
+             "original_id": 1},
+            {"area": 9000.0, "iscrowd": 0, "image_id": 1, "category_id": 1, "id": 1,
+             "bbox": [1.0, 2.0, 30.0, 40.0], "tokens_positive": [[0, 4]], "original_id": 2},
+        ],
+        "categories": [{"supercategory": "person", "id": 1, "name": "person"}],
+    }  # fmt: skip
+
+
+def test_refcoco_loader(tmp_path):
+    records = load_mdetr_json(write(tmp_path / "r.json", refcoco_json()), "/img", "rc", "refexp")
+    assert [r["caption"] for r in records] == ["the lady with the blue shirt", "lady in back"]
+    r = records[0]
+    assert r["task"] == "refexp" and r["original_image_id"] == 581857 and r["image_id"] == 0
+    assert r["phrases"] == [
+        {"text": "the lady", "tokens_positive": [[0, 8]],
+         "boxes": [[103.9, 300.0, 234.4, 560.0]], "phrase_type": "unknown"}
+    ]  # fmt: skip
+    assert r["annotations"][0]["category_id"] == 0 and r["annotations"][0]["phrase_index"] == 0
+    assert records[1]["image_id"] == 1
+
+
+def test_goldg_image_roots_and_new_phrases(tmp_path):
+    data = refcoco_json()
+    data["images"][0]["dataset_name"] = "gqa"
+    data["images"][1]["dataset_name"] = "coco"
+    data["annotations"].append(dict(data["annotations"][0], id=7, tokens_positive=[[18, 28]]))
+    records = load_mdetr_json(
+        write(tmp_path / "m.json", data), {"coco": "/coco", "*": "/gqa"}, "mixed", "grounding"
+    )
+    assert records[0]["file_name"].startswith("/gqa/") and records[1]["file_name"].startswith(
+        "/coco/"
+    )
+    assert [p["text"] for p in records[0]["phrases"]] == ["the lady", "blue shirt"]
+    assert [a["phrase_index"] for a in records[0]["annotations"]] == [0, 1]
+    with pytest.raises(ValueError, match="task"):
+        load_mdetr_json(str(tmp_path / "m.json"), "/x", "mixed", "detection")
+
+
+def test_captions_jsonl(tmp_path, caplog):
+    lines = [
+        {"file_name": "a.jpg", "captions": ["a dog", " a dog ", "a brown dog", ""], "image_id": 7},
+        {"file_name": "b.jpg", "caption": "a cat", "height": 20, "width": 30},
+        {"file_name": "c.jpg", "captions": ["  "]},
+    ]
+    path = tmp_path / "caps.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    with caplog.at_level(logging.WARNING):
+        train = load_captions(str(path), "/root", "caps")
+    assert [(r["image_id"], r["caption"]) for r in train] == [
+        (7, "a dog"),
+        (7, "a brown dog"),
+        (1, "a cat"),
+    ]
+    assert train[2]["file_name"] == "/root/b.jpg" and train[2]["height"] == 20
+    assert "height" not in train[0] and train[0]["task"] == "caption"
+    assert "c.jpg" in caplog.text
+    evaluation = load_captions(str(path), "/root", "caps", one_per_caption=False)
+    assert [r["captions"] for r in evaluation] == [["a dog", "a brown dog"], ["a cat"]]
+
+
+def test_captions_karpathy_and_coco(tmp_path):
+    karpathy = {
+        "dataset": "coco",
+        "images": [
+            {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
+             "split": "test", "cocoid": 391895, "sentids": [0, 1],
+             "sentences": [{"tokens": ["a", "man"], "raw": "A man riding a bike.", "imgid": 0,
+                            "sentid": 0},
+                           {"tokens": ["a", "man"], "raw": "A man riding a bike.", "imgid": 0,
+                            "sentid": 1}]},
+            {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "imgid": 1,
+             "split": "restval", "cocoid": 9, "sentids": [2],
+             "sentences": [{"tokens": ["food"], "raw": "Food on a plate", "imgid": 1,
+                            "sentid": 2}]},
+        ],
+    }  # fmt: skip
+    name = unique("karpathy")
+    register_captions(
+        name, write(tmp_path / "dataset_coco.json", karpathy), "/coco", splits=["test"],
+        one_per_caption=False,
+    )  # fmt: skip
+    assert MetadataCatalog.get(name).evaluator_type == "retrieval"
+    (rec,) = DatasetCatalog.get(name)
+    assert rec["file_name"] == "/coco/val2014/COCO_val2014_000000391895.jpg"
+    assert rec["captions"] == ["A man riding a bike."] and rec["image_id"] == 391895
+    coco = {
+        "images": [{"id": 9, "file_name": "x.jpg", "height": 4, "width": 5}],
+        "annotations": [{"image_id": 9, "id": 1, "caption": "A plate. "}],
+    }
+    (rec,) = load_captions(write(tmp_path / "captions_val2017.json", coco), "/v", "c")
+    assert (rec["caption"], rec["image_id"], rec["width"]) == ("A plate.", 9, 5)
+
+
+def test_builtin_registrations():
+    expected = {
+        "flickr30k_separateGT_val": ("flickr", "final_flickr_separateGT_val.json"),
+        "refcocog_test": ("refexp", "finetune_refcocog_test.json"),
+        "refcoco+_testB": ("refexp", "finetune_refcoco+_testB.json"),
+        "mixed_train_no_coco": ("flickr", "final_mixed_train_no_coco.json"),
+        "objects365_train": ("coco", "objects365_train.json"),
+        "lvis_v1_minival": ("lvis", "lvis_v1_minival_inserted_image_name.json"),
+        "coco_caption_karpathy_test": ("retrieval", "dataset_coco.json"),
+        "shapes_train_det": ("coco", "det_train.json"),
+        "shapes_val_grounding": ("flickr", "grounding_val.json"),
+        "shapes_val_refexp": ("refexp", "refexp_val.json"),
+        "shapes_val_captions": ("retrieval", "captions_val.jsonl"),
+    }
+    for name, (evaluator, file_name) in expected.items():
+        meta = MetadataCatalog.get(name)
+        assert meta.evaluator_type == evaluator, name
+        assert meta.json_file.endswith(file_name), name
+    for name in ("coco_2017_train", "coco_2017_val", "lvis_v1_val", "lvis_v1_minival"):
+        assert MetadataCatalog.get(name).fiber_task == "detection"
+        assert getattr(DatasetCatalog[name], "_fiber_marked", False)
+    assert len(MetadataCatalog.get("shapes_val_det").thing_classes) == 12
+
+
+def test_mark_detection_dataset_wraps_the_loader():
+    name = unique("plain")
+    record = {"file_name": "x.jpg", "height": 10, "width": 10, "image_id": 1,
+              "annotations": [{"bbox": [1, 1, 3, 3], "bbox_mode": BoxMode.XYWH_ABS,
+                               "category_id": 0}]}  # fmt: skip
+    DatasetCatalog.register(name, lambda: [dict(record)])
+    assert mark_detection_dataset(name, prompt={"a": "b"})
+    assert mark_detection_dataset(name)  # idempotent: not wrapped twice
+    (out,) = DatasetCatalog.get(name)
+    assert out["task"] == "detection" and out["dataset_name"] == name
+    assert not mark_detection_dataset(unique("absent"))

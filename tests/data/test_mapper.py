@@ -1,0 +1,265 @@
+"""Tests of GroundingDatasetMapper and CaptionDatasetMapper: output contract, box alignment
+after resize and flip, prompts, positive maps and bad-record handling."""
+
+import logging
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from fiber_d2.config import add_fiber_config
+from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
+from fiber_d2.text import prompt_token_lengths
+
+T_LEN = 32
+NAMES = ["red box", "blue box", "green box", "yellow box", "pink box"]
+RGB = {"red": (255, 0, 0), "blue": (0, 0, 255), "gray": (128, 128, 128)}
+
+
+def make_image(path, width=60, height=40, boxes=()):
+    """Gray image with filled rectangles; boxes are (colour, x, y, w, h) in pixels."""
+    pixels = np.full((height, width, 3), RGB["gray"], dtype=np.uint8)
+    for colour, x, y, w, h in boxes:
+        pixels[y : y + h, x : x + w] = RGB[colour]
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def det_record(path, dataset_name="toy"):
+    return {
+        "file_name": path,
+        "height": 40,
+        "width": 60,
+        "image_id": 3,
+        "task": "detection",
+        "dataset_name": dataset_name,
+        "annotations": [
+            {"bbox": [10, 5, 20, 15], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0},
+            {"bbox": [0, 0, 60, 40], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 2,
+             "iscrowd": 1},
+            {"bbox": [35, 20, 15, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1},
+            {"bbox": [5, 5, 0.5, 8], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3},
+        ],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def det_image(tmp_path):
+    return make_image(
+        tmp_path / "det.png", boxes=[("red", 10, 5, 20, 15), ("blue", 35, 20, 15, 10)]
+    )
+
+
+def mapper(tok, is_train=True, flip=1.0, **kwargs):
+    augs = [T.ResizeShortestEdge((80,), 1000, "choice")]
+    if flip:
+        augs.append(T.RandomFlip(prob=flip))
+    kwargs.setdefault("category_names", {"toy": NAMES})
+    kwargs.setdefault("control_prob", (0.0, 1.0, 0.0, 0.0))  # no negatives
+    kwargs.setdefault("max_query_len", T_LEN)
+    return GroundingDatasetMapper(is_train=is_train, augmentations=augs, tokenizer=tok, **kwargs)
+
+
+def decode_row(tok, input_ids, row):
+    return tok.decode(input_ids[row].tolist()).strip()
+
+
+def test_detection_train_contract_and_alignment(shapes_tokenizer, det_image, caplog):
+    tok = shapes_tokenizer
+    m = mapper(tok)
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        out = m(det_record(det_image))
+    assert "dropped 1 empty box" in caplog.text
+    image = out["image"]
+    assert image.dtype == torch.uint8 and image.shape == (3, 80, 120)
+    assert (out["height"], out["width"], out["image_id"], out["task"]) == (40, 60, 3, "detection")
+    assert out["input_ids"].shape == (T_LEN,) and out["input_ids"].dtype == torch.long
+    assert out["attention_mask"].shape == (T_LEN,) and out["attention_mask"].dtype == torch.long
+    assert "annotations" not in out
+    inst = out["instances"]
+    assert inst.image_size == (80, 120)
+    assert inst.gt_classes.tolist() == [0, 1]  # crowd and degenerate boxes removed
+    # x2 = x + w, scaled by 2, then flipped in the 120-px wide image: x -> 120 - x
+    expected = torch.tensor([[120 - 60, 10, 120 - 20, 40], [120 - 100, 40, 120 - 70, 60]])
+    assert torch.allclose(inst.gt_boxes.tensor, expected.float())
+    hwc = image.permute(1, 2, 0).numpy()  # BGR
+    for (x1, y1, x2, y2), colour in zip(expected.tolist(), ("red", "blue")):
+        inner = hwc[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].reshape(-1, 3)
+        assert (inner == RGB[colour][::-1]).all()
+    # prompt: exactly the two positives; label rows decode to the names
+    assert sorted(out["caption"].split(". ")) == ["blue box", "red box"]
+    label_map = out["label_token_map"]
+    assert label_map.dtype == torch.bool and label_map.shape == (len(NAMES), T_LEN)
+    assert decode_row(tok, out["input_ids"], label_map[0]) == "red box"
+    assert decode_row(tok, out["input_ids"], label_map[1]) == "blue box"
+    assert not label_map[2:].any()
+    assert inst.gt_positive_map.dtype == torch.bool
+    assert torch.equal(inst.gt_positive_map, label_map[inst.gt_classes])
+    assert not (label_map & (out["attention_mask"] == 0)).any()
+
+
+def test_detection_train_negatives_and_full_prompt(shapes_tokenizer, det_image):
+    m = mapper(shapes_tokenizer, control_prob=(0, 0, 1, 0), random_sample_neg=85, max_query_len=64)
+    m.rng = random.Random(0)
+    out = m(det_record(det_image))
+    assert sorted(out["caption"].split(". ")) == sorted(NAMES)  # all classes fit
+    assert out["label_token_map"].any(-1).all()
+    m = mapper(shapes_tokenizer, full_prompt_train=True, shuffle_prompt=False)
+    out = m(det_record(det_image))
+    assert out["caption"] == ". ".join(NAMES)
+    # a budget too small for both positives keeps one; the other's box is dropped
+    lengths = prompt_token_lengths(shapes_tokenizer, NAMES[:2])
+    assert max(lengths) < sum(lengths)
+    m = mapper(shapes_tokenizer, max_query_len=max(lengths) + 2)
+    out = m(det_record(det_image))
+    assert len(out["instances"]) == 1 and out["caption"] in ("red box", "blue box")
+
+
+def test_detection_test_prompts(shapes_tokenizer, det_image):
+    tok = shapes_tokenizer
+    out = mapper(tok, is_train=False, flip=0)(det_record(det_image))
+    assert "instances" not in out and out["image"].shape == (3, 80, 120)
+    assert out["caption"] == ". ".join(NAMES)
+    for label, name in enumerate(NAMES):
+        assert decode_row(tok, out["input_ids"], out["label_token_map"][label]) == name
+    out = mapper(tok, is_train=False, flip=0, chunk_size=2)(det_record(det_image))
+    assert out["input_ids"].shape == (3, T_LEN) and out["attention_mask"].shape == (3, T_LEN)
+    assert out["label_token_map"].shape == (3, len(NAMES), T_LEN)
+    assert out["caption"] == ["red box. blue box", "green box. yellow box", "pink box"]
+    present = out["label_token_map"].any(-1)  # (K, L)
+    assert present.sum(0).tolist() == [1] * len(NAMES)
+    for label, name in enumerate(NAMES):
+        k = int(present[:, label].nonzero())
+        assert decode_row(tok, out["input_ids"][k], out["label_token_map"][k, label]) == name
+    over = mapper(tok, is_train=False, flip=0, test_prompt=["a", "b", "c", "d", "e"])
+    assert over(det_record(det_image))["caption"] == "a. b. c. d. e"
+
+
+def grounding_record(path, task="grounding"):
+    caption = "a red box left of a blue box"
+    red, blue = [0, 9], [18, 28]
+    return {
+        "file_name": path,
+        "height": 40,
+        "width": 60,
+        "image_id": 5,
+        "original_image_id": 1,
+        "caption": caption,
+        "task": task,
+        "annotations": [
+            {"bbox": [10, 5, 20, 15], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+             "phrase_index": 1, "tokens_positive": [blue], "iscrowd": 0},
+            {"bbox": [35, 20, 15, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+             "phrase_index": 0, "tokens_positive": [red], "iscrowd": 0},
+        ],
+        "phrases": [
+            {"text": "a red box", "tokens_positive": [red], "boxes": [[35, 20, 50, 30]],
+             "phrase_type": "unknown"},
+            {"text": "a blue box", "tokens_positive": [blue], "boxes": [[10, 5, 30, 20]],
+             "phrase_type": "unknown"},
+        ],
+    }  # fmt: skip
+
+
+def test_grounding_train_and_test(shapes_tokenizer, det_image):
+    tok = shapes_tokenizer
+    out = mapper(tok, flip=0)(grounding_record(det_image))
+    assert out["caption"] == "a red box left of a blue box" and out["task"] == "grounding"
+    label_map = out["label_token_map"]
+    assert label_map.shape == (2, T_LEN)
+    assert [decode_row(tok, out["input_ids"], r) for r in label_map] == ["a red box", "a blue box"]
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [1, 0]
+    assert torch.equal(inst.gt_positive_map, label_map[[1, 0]])
+    assert torch.allclose(
+        inst.gt_boxes.tensor, torch.tensor([[20.0, 10, 60, 40], [70, 40, 100, 60]])
+    )
+    out = mapper(tok, is_train=False, flip=0)(grounding_record(det_image))
+    assert "instances" not in out and out["phrases"][1]["boxes"] == [[10, 5, 30, 20]]
+    assert out["label_token_map"].shape == (2, T_LEN)
+
+
+def test_refexp_is_never_flipped(shapes_tokenizer, det_image):
+    out = mapper(shapes_tokenizer, flip=1.0)(grounding_record(det_image, task="refexp"))
+    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([20.0, 10, 60, 40]))
+    out = mapper(shapes_tokenizer, flip=1.0)(grounding_record(det_image))
+    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([60.0, 10, 100, 40]))
+
+
+def test_bad_records_are_skipped(shapes_tokenizer, det_image, tmp_path, caplog):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    bad_span = grounding_record(det_image)
+    bad_span["phrases"][0]["tokens_positive"] = [[20, 99]]
+    wrong_size = dict(det_record(det_image), width=61)
+    bad_records = [
+        det_record(str(tmp_path / "missing.jpg")),
+        det_record(str(corrupt)),
+        wrong_size,
+        bad_span,
+        dict(det_record(det_image), task="vqa"),
+        dict(det_record(det_image), dataset_name="unregistered_dataset_xyz"),
+    ]
+    m = mapper(shapes_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        results = [m(r) for r in bad_records]
+    assert results == [None] * len(bad_records)
+    assert m.bad.skipped == len(bad_records)
+    for needle in ("missing.jpg", "corrupt.jpg", "61", "outside the caption", "vqa", "xyz"):
+        assert needle in caplog.text
+    assert m(det_record(det_image)) is not None  # the mapper keeps working
+
+
+def test_from_config_pickle_and_loader(shapes_tokenizer_dir, det_image, tmp_path):
+    cfg = add_fiber_config(get_cfg())
+    cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = str(shapes_tokenizer_dir)
+    cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = T_LEN
+    cfg.INPUT.MIN_SIZE_TRAIN = (48,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 100
+    cfg.DATASETS.TRAIN = ("toy_det",)
+    m = GroundingDatasetMapper(cfg, is_train=True, dataset_names=["toy_det"])
+    m = pickle.loads(pickle.dumps(m))  # data-loader workers receive a pickled mapper
+    m._names["toy_det"] = NAMES
+    good = det_record(det_image, "toy_det")
+    records = [good, det_record(str(tmp_path / "gone.png"), "toy_det")]
+    loader = build_detection_train_loader(
+        dataset=records, mapper=m, total_batch_size=2, num_workers=0, aspect_ratio_grouping=False
+    )
+    batch = next(iter(loader))
+    assert len(batch) == 2 and all(x["file_name"] == det_image for x in batch)
+    assert batch[0]["image"].shape[1] == 48 and batch[0]["input_ids"].shape == (T_LEN,)
+
+
+def test_caption_mapper(shapes_tokenizer, det_image, tmp_path):
+    tok = shapes_tokenizer
+    m = CaptionDatasetMapper(is_train=True, image_size=24, tokenizer=tok, max_query_len=16)
+    m.generator = torch.Generator().manual_seed(0)
+    record = {"file_name": det_image, "image_id": 1, "caption": "a red box", "task": "caption"}
+    out = m(record)
+    assert out["image"].shape == (3, 24, 24) and out["image"].dtype == torch.uint8
+    assert (out["height"], out["width"]) == (40, 60)
+    assert out["input_ids"].shape == (16,) and out["mlm_input_ids"].shape == (16,)
+    labels = out["mlm_labels"]
+    selected = labels != -100
+    assert torch.equal(labels[selected], out["input_ids"][selected])
+    specials = torch.isin(out["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not (selected & specials).any()
+    assert torch.equal(out["mlm_input_ids"][~selected], out["input_ids"][~selected])
+    evaluation = CaptionDatasetMapper(
+        is_train=False, image_size=24, tokenizer=tok, max_query_len=16
+    )
+    out = evaluation(
+        {"file_name": det_image, "image_id": 1, "captions": ["a red box", "two boxes"]}
+    )
+    assert out["input_ids"].shape == (2, 16) and "mlm_input_ids" not in out
+    assert tok.decode(out["input_ids"][1], skip_special_tokens=True) == "two boxes"
+    assert evaluation({"file_name": det_image, "caption": " "}) is None
+    assert evaluation({"file_name": str(tmp_path / "nope.png"), "caption": "x"}) is None
+    assert evaluation.bad.skipped == 2

@@ -1,0 +1,62 @@
+"""Tests of tools/prepare_odinw.py (ODinW background-category removal)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "tools" / "prepare_odinw.py"
+_spec = importlib.util.spec_from_file_location("prepare_odinw", _PATH)
+prepare_odinw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(prepare_odinw)
+
+
+def roboflow_json():
+    return {
+        "info": {"description": "Exported from roboflow.ai"},
+        "images": [{"id": 0, "file_name": "a.jpg", "height": 416, "width": 416}],
+        "annotations": [
+            {"id": 0, "image_id": 0, "category_id": 1, "bbox": [1, 2, 3, 4], "area": 12,
+             "iscrowd": 0},
+            {"id": 1, "image_id": 0, "category_id": 2, "bbox": [5, 6, 7, 8], "area": 56,
+             "iscrowd": 0},
+        ],
+        "categories": [
+            {"id": 0, "name": "aquarium", "supercategory": "none"},
+            {"id": 1, "name": "fish", "supercategory": "aquarium"},
+            {"id": 2, "name": "jellyfish", "supercategory": "aquarium"},
+            {"id": 3, "name": "penguin", "supercategory": "aquarium"},
+        ],
+    }  # fmt: skip
+
+
+def test_remove_background_categories():
+    out, removed = prepare_odinw.remove_background_categories(roboflow_json())
+    assert [c["name"] for c in removed] == ["aquarium"]
+    assert [c["id"] for c in out["categories"]] == [1, 2, 3]  # unused real class kept
+    assert len(out["annotations"]) == 2 and out["images"] == roboflow_json()["images"]
+    data = roboflow_json()
+    data["categories"].append({"id": 9, "name": "Background", "supercategory": "x"})
+    data["annotations"].append(dict(data["annotations"][0], id=5, category_id=9))
+    out, removed = prepare_odinw.remove_background_categories(data)
+    assert {c["id"] for c in removed} == {0, 9} and len(out["annotations"]) == 2
+    with pytest.raises(KeyError, match="categories"):
+        prepare_odinw.remove_background_categories({"images": [], "annotations": []})
+
+
+def test_main_converts_a_tree(tmp_path):
+    for variant in ("train", "valid"):
+        d = tmp_path / "Aquarium" / "raw" / variant
+        d.mkdir(parents=True)
+        (d / "_annotations.coco.json").write_text(json.dumps(roboflow_json()))
+    assert prepare_odinw.main([str(tmp_path)]) == 0
+    outs = sorted(tmp_path.rglob("annotations_without_background.json"))
+    assert len(outs) == 2
+    assert [c["name"] for c in json.loads(outs[0].read_text())["categories"]] == [
+        "fish",
+        "jellyfish",
+        "penguin",
+    ]
+    with pytest.raises(FileNotFoundError):
+        prepare_odinw.main([str(tmp_path / "missing")])
