@@ -12,13 +12,13 @@ import logging
 import sys
 
 try:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.engine import default_argument_parser, default_setup, launch
     from detectron2.evaluation import verify_results
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
+from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
 from fiber_d2.engine.setup import ConfigError, load_config, validate_config
 from fiber_d2.engine.trainer import FIBERTrainer
 
@@ -37,7 +37,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = FIBERTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        FIBERCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = FIBERTrainer.test(cfg, model)

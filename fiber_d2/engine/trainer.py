@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 
 import detectron2.engine.defaults as d2_defaults
@@ -19,6 +20,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
+from ..checkpoint.checkpointer import FIBERCheckpointer
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
 
@@ -64,6 +66,10 @@ class FIBERTrainer(DefaultTrainer):
 
     def build_hooks(self):
         cfg = self.cfg
+        # Safe loading (weights_only) and the coarse-to-fine hand-off; same role as detectron2's.
+        self.checkpointer = FIBERCheckpointer(
+            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         ret = super().build_hooks()
         model = self._trainer.model
         extra = []
