@@ -54,7 +54,7 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stage outputs (strides 4-32)
     # Per-output LayerNorm ("norm0" is Identity in FIBER's RETINANET variant).
     _C.MODEL.SWIN.OUT_NORM = [False, True, True, True]
-    # Freeze patch-embed (0) and the first N stages; -1 freezes nothing (fine-tuning), 2 = pretrain.
+    # Freeze patch-embed (0) and also the first N stages (N>=1); -1 nothing (fine-tuning), 1 = pretrain.
     _C.MODEL.SWIN.FREEZE_AT = -1
     _C.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of stages 1-3 blocks
     _C.MODEL.SWIN.WEIGHTS = ""  # optional ImageNet Swin checkpoint (local path)

@@ -1,0 +1,598 @@
+"""FIBER's image tower: timm's Swin Transformer with the original pad-then-shift windows and
+FIBER's image-to-text cross-attention in the top blocks (fine-grained spec §1.1-1.3, coarse §1.4).
+
+Three things differ from a stock timm ``SwinTransformer``:
+
+* window attention pads the (normalised) map to a window multiple *before* the cyclic shift and
+  builds the -100 region mask on the padded grid, as the original Swin / detectron2's ``swin.py``
+  do (timm rolls first, which changes the numbers whenever a stage is not a window multiple);
+* the top ``num_fusion_blocks`` blocks carry FIBER's image-side cross-attention to the text
+  (``qkv_text_i2t``, ``qkv_i2t``, ``proj_i2t``, ``alpha_i2t``, optional ``norm_i2t_i``) on their
+  ``attn`` module, added as ``SA + alpha * CA`` inside the residual branch;
+* per-stage NCHW outputs ``res2..res5`` with per-output norms ``norm0..norm3`` replace timm's
+  final norm and classifier head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    checkpoint_filter_fn,
+    window_partition,
+    window_reverse,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "FusedWindowAttention",
+    "FIBERSwinBlock",
+    "SwinImageTower",
+    "fused_block_dims",
+    "text_padding_bias",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def fused_block_dims(embed_dim: int, depths: Sequence[int], num_fusion_blocks: int) -> list[int]:
+    """Channel width of each fused image block, in forward order.
+
+    The fused blocks are the last ``num_fusion_blocks`` blocks of the tower; a block of stage ``s``
+    works at ``embed_dim * 2**s`` channels (FIBER-B: ``[512] * 4 + [1024] * 2``).
+
+    Args:
+        embed_dim: stage-1 width.
+        depths: blocks per stage.
+        num_fusion_blocks: number of fused blocks counted from the top.
+
+    Returns:
+        one width per fused block.
+    """
+    dims = [embed_dim * 2**s for s, depth in enumerate(depths) for _ in range(depth)]
+    if not 0 <= num_fusion_blocks <= len(dims):
+        raise ValueError(
+            f"num_fusion_blocks={num_fusion_blocks} must lie in [0, {len(dims)}] "
+            f"(the tower has {len(dims)} blocks)"
+        )
+    return dims[len(dims) - num_fusion_blocks :]
+
+
+def text_padding_bias(text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias that masks out padded text tokens.
+
+    The original builds it with HF's ``get_extended_attention_mask``; whether the released models
+    used -10000 or the dtype minimum is UNDETERMINED (spec §1.3). We choose the dtype minimum (what
+    transformers 5 uses): both mask pads out completely, and the minimum keeps the bias finite in
+    fp16 too.
+
+    Args:
+        text_mask: (B, T) 1/True for real tokens, 0/False for padding.
+        dtype: dtype of the attention scores.
+
+    Returns:
+        (B, 1, 1, T) bias: 0 for real tokens, ``finfo(dtype).min`` for padding.
+    """
+    keep = text_mask.to(torch.bool)[:, None, None, :]
+    bias = torch.zeros(keep.shape, dtype=dtype, device=text_mask.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class FusedWindowAttention(WindowAttention):
+    """timm window attention plus FIBER's image-to-text cross-attention parameters.
+
+    Self-attention is timm's, unchanged. :meth:`cross_attend` is FIBER's image-side
+    cross-attention: queries from the self-attention output (after ``proj``), keys/values from the
+    text hidden states through one joint ``qkv_text_i2t`` projection, all text tokens visible
+    except padding. It is independent per image token, so it runs on the whole (un-windowed) token
+    sequence; this equals the original per-window computation (coarse spec §1.4).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        window_size: int,
+        text_dim: int,
+        query_norm: bool = False,
+        qkv_bias: bool = True,
+    ):
+        """
+        Args:
+            dim: image channel width C.
+            num_heads: attention heads (self- and cross-attention).
+            window_size: attention window side.
+            text_dim: width of the text hidden states (768 for RoBERTa-base).
+            query_norm: add ``norm_i2t_i`` (LayerNorm over C) on the query input (fine v3, coarse).
+            qkv_bias: bias of the self-attention ``qkv`` projection.
+        """
+        super().__init__(dim, num_heads, window_size=window_size, qkv_bias=qkv_bias)
+        self.qkv_text_i2t = nn.Linear(text_dim, 2 * dim)  # text -> [K; V]
+        self.qkv_i2t = nn.Linear(dim, dim)  # query (the original name, although it makes only q)
+        self.proj_i2t = nn.Linear(dim, dim)
+        self.alpha_i2t = nn.Parameter(torch.zeros(1))  # gate, initialised to exactly 0
+        self.norm_i2t_i = nn.LayerNorm(dim) if query_norm else None
+
+    def cross_attend(
+        self, a: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Image-to-text cross-attention (without the gate).
+
+        Args:
+            a: (B, N, C) self-attention output after ``proj``.
+            text: (B, T, D) text hidden states (the paired text layer's input).
+            text_mask: (B, T) 1 for real tokens, 0 for padding.
+
+        Returns:
+            (B, N, C) cross-attention output after ``proj_i2t``.
+        """
+        batch, num_tokens, dim = a.shape
+        heads = self.num_heads
+        query_in = self.norm_i2t_i(a) if self.norm_i2t_i is not None else a
+        q = self.qkv_i2t(query_in).view(batch, num_tokens, heads, dim // heads).transpose(1, 2)
+        kv = self.qkv_text_i2t(text).view(batch, text.shape[1], 2, heads, dim // heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        bias = text_padding_bias(text_mask, q.dtype)
+        # default scale = head_dim ** -0.5, as in the original; attention dropout is 0 there.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj_i2t(out.transpose(1, 2).reshape(batch, num_tokens, dim))
+
+
+class FIBERSwinBlock(SwinTransformerBlock):
+    """timm Swin block with the original pad-then-shift window attention and optional fusion.
+
+    Attention step: pad the normalised map to a window multiple, roll, mask cross-region pairs
+    with -100 on the padded grid, partition, attend, reverse, roll back, crop. Fused blocks add
+    ``alpha_i2t * CA(SA_out)`` to the self-attention output inside the residual branch, so one
+    DropPath sample covers both terms.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift_size: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        text_dim: int | None = None,
+        query_norm: bool = False,
+        shift_single_window: bool = True,
+    ):
+        """
+        Args:
+            dim: channel width C.
+            num_heads: attention heads.
+            window_size: window side.
+            shift_size: cyclic shift (0 for even blocks, window // 2 for odd ones).
+            mlp_ratio: MLP hidden width / C.
+            drop_path: stochastic-depth rate of this block.
+            text_dim: text width if this block cross-attends to the text, else None.
+            query_norm: LayerNorm on the cross-attention query input (``norm_i2t_i``).
+            shift_single_window: shift even when the map fits in one window (detection Swin).
+                False reproduces the classification Swin of the coarse stage, which does not
+                shift a map that is no larger than the window.
+        """
+        super().__init__(
+            dim=dim,
+            input_resolution=(window_size, window_size),  # unused: masks are built per forward
+            num_heads=num_heads,
+            window_size=window_size,
+            shift_size=shift_size,
+            always_partition=True,
+            dynamic_mask=True,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            drop_path=drop_path,
+        )
+        self.shift_single_window = shift_single_window
+        self.is_fused = text_dim is not None
+        if self.is_fused:
+            self.attn = FusedWindowAttention(
+                dim, num_heads, window_size=window_size, text_dim=text_dim, query_norm=query_norm
+            )
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad-then-shift window self-attention.
+
+        Args:
+            x: (B, H, W, C) normalised input.
+
+        Returns:
+            (B, H, W, C) self-attention output (after ``proj``).
+        """
+        _, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        x = F.pad(x, (0, 0, 0, (-width) % win_w, 0, (-height) % win_h))
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        shift = self.shift_size
+        if not self.shift_single_window and height <= win_h and width <= win_w:
+            shift = (0, 0)
+        has_shift = any(shift)
+        if has_shift:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+            # timm's region mask, built on the padded and rolled grid as in the original.
+            mask = self.get_attn_mask(x)
+        else:
+            mask = None
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
+        windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
+        x = window_reverse(windows, self.window_size, padded_h, padded_w)
+        if has_shift:
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
+        return x[:, :height, :width, :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: (B, H, W, C) block input.
+            text: (B, T, D) text hidden states, or None for the unimodal block.
+            text_mask: (B, T) text attention mask (1 = real token); needed with ``text``.
+
+        Returns:
+            (B, H, W, C) block output.
+        """
+        batch, height, width, channels = x.shape
+        a = self._attn(self.norm1(x))
+        if text is not None and self.is_fused:
+            if text_mask is None:
+                raise ValueError("FIBERSwinBlock: text given without its attention mask")
+            flat = a.reshape(batch, height * width, channels)
+            cross = self.attn.cross_attend(flat, text, text_mask)
+            a = a + (self.attn.alpha_i2t * cross).view(batch, height, width, channels)
+        x = x + self.drop_path1(a)
+        x = x.reshape(batch, -1, channels)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, channels)
+
+
+class SwinImageTower(SwinTransformer):
+    """FIBER's Swin image tower on timm's ``SwinTransformer``.
+
+    Blocks are numbered globally in forward order (FIBER-B: 0..23); the last
+    ``num_fusion_blocks`` carry cross-attention. Stage ``s`` produces ``res{s+2}`` (stride
+    ``4 * 2**s``) through ``norm{s}``. Parameter names follow timm (patch merging at the start of
+    the next stage: ``layers.{s+1}.downsample``).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.4,
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        out_norm: Sequence[bool] = (False, True, True, True),
+        freeze_at: int = -1,
+        use_checkpoint: bool = False,
+        num_fusion_blocks: int = 0,
+        text_dim: int = 768,
+        i2t_query_norm: bool = False,
+        shift_single_window: bool = True,
+    ):
+        """
+        Args:
+            patch_size: patch-embedding stride.
+            embed_dim: stage-1 width.
+            depths: blocks per stage.
+            num_heads: heads per stage.
+            window_size: attention window side.
+            mlp_ratio: MLP hidden width / block width.
+            drop_path_rate: stochastic depth of the last block, linear from 0 over all blocks.
+            out_features: which of ``res2..res{n+1}`` to return.
+            out_norm: per stage, LayerNorm on its output (else Identity).
+            freeze_at: -1 freezes nothing; 0 the patch embedding; k >= 1 the patch embedding and
+                the first k stages, each with the patch merging that ends it in the original.
+            use_checkpoint: activation checkpointing of the blocks of every stage but the last.
+            num_fusion_blocks: number of top blocks with image-to-text cross-attention.
+            text_dim: text hidden width seen by the cross-attention.
+            i2t_query_norm: ``norm_i2t_i`` on the cross-attention query (fine v3, coarse).
+            shift_single_window: see :class:`FIBERSwinBlock`.
+        """
+        num_stages = len(depths)
+        if len(num_heads) != num_stages or len(out_norm) != num_stages:
+            raise ValueError(
+                f"depths {tuple(depths)}, num_heads {tuple(num_heads)} and out_norm "
+                f"{tuple(out_norm)} must have one entry per stage"
+            )
+        names = [f"res{s + 2}" for s in range(num_stages)]
+        for name in out_features:
+            if name not in names:
+                raise KeyError(f"unknown Swin output {name!r}; expected one of {names}")
+        super().__init__(
+            patch_size=patch_size,
+            in_chans=3,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            window_size=window_size,
+            always_partition=True,
+            strict_img_size=False,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            weight_init="skip",  # initialised once below, after the blocks are replaced
+        )
+        self.head = nn.Identity()
+        self.norm = nn.Identity()  # timm's final norm; FIBER uses per-output norms instead
+        self.patch_size = patch_size
+        self.depths = tuple(depths)
+        self.use_checkpoint = use_checkpoint
+        self.freeze_at = freeze_at
+        self._out_features = list(out_features)
+
+        total = sum(depths)
+        first_fused = total - num_fusion_blocks
+        fused_block_dims(embed_dim, depths, num_fusion_blocks)  # validates the count
+        rates = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
+        self._block_index: list[tuple[int, int]] = []
+        for s, depth in enumerate(depths):
+            blocks = []
+            for b in range(depth):
+                g = len(self._block_index)
+                self._block_index.append((s, b))
+                blocks.append(
+                    FIBERSwinBlock(
+                        dim=embed_dim * 2**s,
+                        num_heads=num_heads[s],
+                        window_size=window_size,
+                        shift_size=0 if b % 2 == 0 else window_size // 2,
+                        mlp_ratio=mlp_ratio,
+                        drop_path=rates[g],
+                        text_dim=text_dim if g >= first_fused else None,
+                        query_norm=i2t_query_norm,
+                        shift_single_window=shift_single_window,
+                    )
+                )
+            self.layers[s].blocks = nn.Sequential(*blocks)
+        for s in range(num_stages):
+            use_norm = out_norm[s] and names[s] in out_features
+            self.add_module(
+                f"norm{s}", nn.LayerNorm(embed_dim * 2**s) if use_norm else nn.Identity()
+            )
+        self.fused_block_ids = list(range(first_fused, total))
+        self.fused_block_dims = fused_block_dims(embed_dim, depths, num_fusion_blocks)
+        self._out_channels = {names[s]: embed_dim * 2**s for s in range(num_stages)}
+        self._out_strides = {names[s]: patch_size * 2**s for s in range(num_stages)}
+
+        # timm's default Swin init (trunc-normal 0.02 Linear weights, zero biases), fusion included.
+        self.weight_init_mode = ""
+        self.init_weights(needs_reset=False)
+        self._freeze()
+        self.train(self.training)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        swin = cfg.MODEL.SWIN
+        return {
+            "patch_size": swin.PATCH_SIZE,
+            "embed_dim": swin.EMBED_DIM,
+            "depths": tuple(swin.DEPTHS),
+            "num_heads": tuple(swin.NUM_HEADS),
+            "window_size": swin.WINDOW_SIZE,
+            "mlp_ratio": swin.MLP_RATIO,
+            "drop_path_rate": swin.DROP_PATH_RATE,
+            "out_features": tuple(swin.OUT_FEATURES),
+            "out_norm": tuple(swin.OUT_NORM),
+            "freeze_at": swin.FREEZE_AT,
+            "use_checkpoint": swin.USE_CHECKPOINT,
+            "num_fusion_blocks": cfg.MODEL.FIBER.NUM_FUSION_LAYERS,
+            "text_dim": cfg.MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE,
+            "i2t_query_norm": cfg.MODEL.FIBER.I2T_QUERY_NORM,
+            "shift_single_window": swin.SHIFT_SINGLE_WINDOW,
+        }
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_blocks(self) -> int:
+        """Total number of blocks."""
+        return len(self._block_index)
+
+    @property
+    def size_divisibility(self) -> int:
+        """Input sides must be multiples of this (patch size x 2 per patch merging)."""
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """Channels and stride of every returned output."""
+        return {
+            name: ShapeSpec(channels=self._out_channels[name], stride=self._out_strides[name])
+            for name in self._out_features
+        }
+
+    def block_position(self, g: int) -> tuple[int, int]:
+        """(stage, block within the stage) of the block with global index ``g``."""
+        return self._block_index[g]
+
+    def block(self, g: int) -> FIBERSwinBlock:
+        """The block with global index ``g``."""
+        s, b = self._block_index[g]
+        return self.layers[s].blocks[b]
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.freeze_at < 0:
+            return []
+        modules: list[nn.Module] = [self.patch_embed]
+        for s in range(min(self.freeze_at, len(self.layers))):
+            modules.append(self.layers[s])
+            if s + 1 < len(self.layers):
+                # the original ends stage s with the patch merging timm puts at the start of s+1
+                modules.append(self.layers[s + 1].downsample)
+        return modules
+
+    def _freeze(self) -> None:
+        for module in self._frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+        if self.freeze_at >= 0:
+            logger.info("Swin tower: froze patch embedding and %d stage(s)", max(self.freeze_at, 0))
+
+    def train(self, mode: bool = True) -> SwinImageTower:
+        """Set the mode; frozen stages stay in eval mode (no stochastic depth), as in the original."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding (+ LayerNorm).
+
+        Args:
+            images: (B, 3, H, W) with H, W multiples of :attr:`size_divisibility`.
+
+        Returns:
+            (B, H/p, W/p, C0) tokens, channels last.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        div = self.size_divisibility
+        if height < self.patch_size or width < self.patch_size or height % div or width % div:
+            raise ValueError(
+                f"image size {height}x{width} is not supported: both sides must be positive multiples "
+                f"of {div} (patch {self.patch_size}, then an even map for every patch merging); pad the "
+                f"batch to SIZE_DIVISIBILITY {div}"
+            )
+        return self.patch_embed(images)
+
+    def enter_block(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """Map (B, H, W, C) tokens to the (B, H', W', C') input of block ``g``: applies the patch
+        merging in front of the first block of stages >= 2, else returns ``x``."""
+        s, b = self._block_index[g]
+        if b == 0 and s > 0:
+            x = self.layers[s].downsample(x)
+        return x
+
+    def run_block(
+        self,
+        x: torch.Tensor,
+        g: int,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run block ``g`` (with activation checkpointing when enabled for its stage).
+
+        Args:
+            x: (B, H, W, C) block input.
+            g: global block index.
+            text: (B, T, D) text states for a fused block, else None.
+            text_mask: (B, T) text attention mask.
+
+        Returns:
+            (B, H, W, C) block output.
+        """
+        s, _ = self._block_index[g]
+        blk = self.block(g)
+        if self.use_checkpoint and s < len(self.depths) - 1 and torch.is_grad_enabled():
+            # the text goes in as an explicit input so the recomputation sees the same tensors
+            return checkpoint(blk, x, text, text_mask, use_reentrant=False)
+        return blk(x, text, text_mask)
+
+    def exit_block(
+        self, x: torch.Tensor, g: int, outputs: dict[str, torch.Tensor], apply_norm: bool = True
+    ) -> None:
+        """Store the stage output if block ``g`` ends a stage.
+
+        Args:
+            x: (B, H, W, C) output of block ``g``.
+            g: global block index.
+            outputs: dict receiving ``res{s+2}``: (B, C, H, W) after ``norm{s}``.
+            apply_norm: False skips the output norm (used for the last output of a fused pass
+                when FUSED_LAST_IMAGE_NORM is off).
+        """
+        s, b = self._block_index[g]
+        name = f"res{s + 2}"
+        if b == self.depths[s] - 1 and name in self._out_features:
+            y = getattr(self, f"norm{s}")(x) if apply_norm else x
+            outputs[name] = y.permute(0, 3, 1, 2).contiguous()
+
+    def run_blocks(
+        self, x: torch.Tensor, start: int, stop: int, outputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Run the unimodal blocks ``start <= g < stop`` (patch merging and outputs included).
+
+        Args:
+            x: (B, H, W, C) input of block ``start`` before its patch merging.
+            start: first global block index.
+            stop: one past the last global block index.
+            outputs: dict receiving the stage outputs produced on the way.
+
+        Returns:
+            (B, H', W', C') output of block ``stop - 1``.
+        """
+        for g in range(start, stop):
+            x = self.enter_block(x, g)
+            x = self.run_block(x, g)
+            self.exit_block(x, g, outputs)
+        return x
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unimodal forward (no fusion, every output norm).
+
+        Args:
+            images: (B, 3, H, W).
+
+        Returns:
+            {"res2".."res5"}: (B, C_s, H / 2**(s+2), W / 2**(s+2)) per requested output.
+        """
+        outputs: dict[str, torch.Tensor] = {}
+        self.run_blocks(self.embed(images), 0, self.num_blocks, outputs)
+        return outputs
+
+    # ------------------------------------------------------------------ weights
+    def load_imagenet_checkpoint(self, path: str) -> tuple[list[str], list[str]]:
+        """Load an original (Microsoft) or timm Swin ImageNet checkpoint from a local file.
+
+        timm's ``checkpoint_filter_fn`` moves the patch merging to timm's place and resizes the
+        relative-position tables when the window differs. The classifier head is dropped; the
+        final ``norm`` (the norm of the last stage's output) goes to the last output norm when that
+        is a LayerNorm. Fusion modules are absent from such checkpoints and keep their init.
+
+        Args:
+            path: local ``.pth`` file (``{"model": state_dict}`` or a plain state dict).
+
+        Returns:
+            (missing_keys, unexpected_keys) of the non-strict load.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint_filter_fn(state, self)
+        last = len(self.depths) - 1
+        last_norm = getattr(self, f"norm{last}")
+        converted = {}
+        for key, value in state.items():
+            if key.startswith("head."):
+                continue
+            if key.startswith("norm."):
+                if not isinstance(last_norm, nn.LayerNorm):
+                    continue
+                key = f"norm{last}." + key[len("norm.") :]
+            converted[key] = value
+        missing, unexpected = self.load_state_dict(converted, strict=False)
+        # missing fusion modules / output norms are expected
+        logger.info(
+            "Swin weights %s: %d missing, %d unexpected", path, len(missing), len(unexpected)
+        )
+        return list(missing), list(unexpected)
