@@ -274,3 +274,28 @@ def test_parameter_count_fiber_b():
     head = DyHead(channels=256, num_convs=6, num_groups=16)
     n = sum(p.numel() for p in head.parameters())
     assert abs(n - 11.50e6) / 11.50e6 < 0.005
+
+
+@pytest.mark.parametrize("stride,size", [(1, (7, 9)), (2, (8, 11)), (2, (9, 9)), (1, (1, 3))])
+def test_sampling_deform_conv_equals_torchvision(stride, size):
+    """The CPU sampling path gives torchvision's deform_conv2d outputs and gradients."""
+    from torchvision.ops import deform_conv2d
+
+    from fiber_d2.modeling.head.dyhead import deform_conv3x3_by_sampling
+
+    g = torch.Generator().manual_seed(stride * 10 + size[0])
+    h_in, w_in = size
+    h, w = (h_in - 1) // stride + 1, (w_in - 1) // stride + 1
+    dt = torch.float64
+    x = torch.randn(2, 5, h_in, w_in, generator=g, dtype=dt, requires_grad=True)
+    off = (2 * torch.randn(2, 18, h, w, generator=g, dtype=dt)).requires_grad_()
+    m = torch.rand(2, 9, h, w, generator=g, dtype=dt).requires_grad_()
+    wt = torch.randn(4, 5, 3, 3, generator=g, dtype=dt, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=dt, requires_grad=True)
+    ref = deform_conv2d(x, off, wt, b, stride=stride, padding=1, mask=m)
+    got = deform_conv3x3_by_sampling(x, off, m, wt, b, stride)
+    torch.testing.assert_close(got, ref)
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, off, m, wt, b])
+    g_got = torch.autograd.grad(got.square().sum(), [x, off, m, wt, b])
+    for a, c in zip(g_got, g_ref):
+        torch.testing.assert_close(a, c)

@@ -21,6 +21,7 @@ from torchvision.ops import deform_conv2d
 
 __all__ = [
     "modulated_deform_conv3x3",
+    "deform_conv3x3_by_sampling",
     "ModulatedDeformConv3x3",
     "Conv3x3Norm",
     "DyReLU",
@@ -96,15 +97,55 @@ def modulated_deform_conv3x3(
         mask = mask.reshape(batch, -1)[:, : _KERNEL_TAPS * n_out]
         mask = mask.reshape(batch, _KERNEL_TAPS, out_h, out_w)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        args = (x.float(), offset.float(), mask.float(), weight.float())
+        bias = None if bias is None else bias.float()
+        if x.device.type == "cpu":
+            return deform_conv3x3_by_sampling(*args, bias, stride=stride)
         return deform_conv2d(
-            x.float(),
-            offset.float(),
-            weight.float(),
-            None if bias is None else bias.float(),
-            stride=stride,
-            padding=1,
-            mask=mask.float(),
+            args[0], args[1], args[3], bias, stride=stride, padding=1, mask=args[2]
         )
+
+
+def deform_conv3x3_by_sampling(
+    x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, stride: int = 1
+) -> Tensor:
+    """The same modulated deformable 3x3 convolution (padding 1) as bilinear sampling + a matmul.
+
+    Numerically equal to ``torchvision.ops.deform_conv2d`` (zero outside the map, (dy, dx) per tap),
+    but its backward is an order of magnitude faster on the CPU, where torchvision's deformable
+    backward is the bottleneck of a training step. All 9 taps are sampled in one ``grid_sample``.
+
+    Args:
+        x: (B, C_in, H, W); offset: (B, 18, h, w); mask: (B, 9, h, w) with (h, w) the output size;
+        weight: (C_out, C_in, 3, 3); bias: (C_out,) or None.
+
+    Returns:
+        (B, C_out, h, w).
+    """
+    b, c, height, width = x.shape
+    h, w = offset.shape[-2:]
+    taps = torch.arange(_KERNEL_TAPS, device=x.device)
+    ky, kx = (taps // 3 - 1).to(x.dtype), (taps % 3 - 1).to(x.dtype)  # padding 1
+    ys = torch.arange(h, device=x.device, dtype=x.dtype) * stride
+    xs = torch.arange(w, device=x.device, dtype=x.dtype) * stride
+    off = offset.view(b, _KERNEL_TAPS, 2, h, w)
+    sample_y = ys.view(1, 1, h, 1) + ky.view(1, -1, 1, 1) + off[:, :, 0]  # (B, 9, h, w)
+    sample_x = xs.view(1, 1, 1, w) + kx.view(1, -1, 1, 1) + off[:, :, 1]
+    grid = torch.stack(
+        [(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1
+    )  # pixel centres under align_corners=False
+    sampled = F.grid_sample(
+        x,
+        grid.view(b, _KERNEL_TAPS * h, w, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    ).view(b, c, _KERNEL_TAPS, h, w)
+    sampled = sampled * mask.unsqueeze(1)
+    out = torch.einsum("bckhw,ock->bohw", sampled, weight.reshape(weight.shape[0], c, _KERNEL_TAPS))
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
 
 
 class ModulatedDeformConv3x3(nn.Module):

@@ -1,0 +1,212 @@
+"""``FIBER``: the fine-grained grounding detector (fused backbone -> FPN -> DyHead -> token alignment).
+
+Batched inputs are detectron2's (``image``, ``instances``, ``height``, ``width``) plus the text side that the
+dataset mapper tokenised once:
+
+* ``input_ids``, ``attention_mask``: LongTensor (T,), or (K, T) for K prompt chunks (LVIS evaluation);
+* ``instances.gt_positive_map``: BoolTensor (G, T), the tokens of each box's phrase (training);
+* ``label_token_map``: BoolTensor (L, T) (or (K, L, T)), the tokens of each output label (inference).
+
+Training returns a dict of losses; inference returns ``[{"instances": Instances}]`` with ``pred_boxes``,
+``scores``, ``pred_classes`` (the label index) at the original image size, so detectron2's evaluators and
+Visualizer work unchanged.
+
+Box conventions: FIBER's anchors, box coder, ATSS IoUs and NMS use the legacy "+1" convention (a box's
+width is ``x2 - x1 + 1``). The conversion happens here only: ground truth gets ``x2 - 1, y2 - 1``, and
+predictions get ``+1`` back before rescaling.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from ..head import ATSSLossComputation, GroundingHead, generate_anchors, ground_inference
+
+__all__ = ["FIBER"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class FIBER(nn.Module):
+    """The FIBER fine-grained model (phrase grounding / open-vocabulary detection)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: GroundingHead,
+        loss: ATSSLossComputation,
+        in_features: list[str],
+        anchor_sizes: list[int],
+        anchor_strides: list[int],
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        score_threshold: float = 0.05,
+        pre_nms_top_n: int = 1000,
+        nms_threshold: float = 0.6,
+        detections_per_img: int = 100,
+        score_agg: str = "MEAN",
+        max_neg_per_batch: float = 0.1,
+    ):
+        """
+        Args:
+            backbone: the fused backbone with FPN; called as ``backbone(images, input_ids, mask)`` and
+                returning ``(features, text)``.
+            head: the grounding head (DyHead tower + box / centerness / token-alignment outputs).
+            loss: ATSS assignment and losses.
+            in_features: FPN levels fed to the head, finest first (p3..p7).
+            anchor_sizes, anchor_strides: one square anchor per location and level.
+            pixel_mean, pixel_std: input normalisation (in ``INPUT.FORMAT`` channel order).
+            score_threshold, pre_nms_top_n, nms_threshold, detections_per_img, score_agg: inference.
+            max_neg_per_batch: batches whose share of images without boxes exceeds this contribute no
+                gradient (FIBER skips them).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.loss = loss
+        self.in_features = list(in_features)
+        self.anchor_sizes = list(anchor_sizes)
+        self.anchor_strides = list(anchor_strides)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.score_threshold = score_threshold
+        self.pre_nms_top_n = pre_nms_top_n
+        self.nms_threshold = nms_threshold
+        self.detections_per_img = detections_per_img
+        self.score_agg = score_agg
+        self.max_neg_per_batch = max_neg_per_batch
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        return {
+            "backbone": backbone,
+            "head": GroundingHead(cfg),
+            "loss": ATSSLossComputation(cfg),
+            "in_features": ["p3", "p4", "p5", "p6", "p7"],
+            "anchor_sizes": cfg.MODEL.ATSS.ANCHOR_SIZES,
+            "anchor_strides": cfg.MODEL.ATSS.ANCHOR_STRIDES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "score_threshold": cfg.MODEL.ATSS.INFERENCE_TH,
+            "pre_nms_top_n": cfg.MODEL.ATSS.PRE_NMS_TOP_N,
+            "nms_threshold": cfg.MODEL.ATSS.NMS_TH,
+            "detections_per_img": cfg.MODEL.ATSS.DETECTIONS_PER_IMG,
+            "score_agg": cfg.MODEL.DYHEAD.SCORE_AGG,
+            "max_neg_per_batch": cfg.SOLVER.MAX_NEG_PER_BATCH,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ shared steps
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Normalise and zero-pad images (bottom/right) to the backbone's size divisibility."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def _stack_text(self, batched_inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = {tuple(x["input_ids"].shape) for x in batched_inputs}
+        if len(lengths) != 1:
+            raise ValueError(f"all samples of a batch need the same text length, got {sorted(lengths)}")
+        ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
+        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        return ids, mask
+
+    def _run(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        """Backbone + head. Returns (head outputs dict, anchors per level, text mask)."""
+        features, text = self.backbone(images, ids, mask)
+        feats = [features[f] for f in self.in_features]
+        outputs = self.head(feats, text["embedded"])
+        anchors = generate_anchors(
+            [tuple(f.shape[-2:]) for f in feats], self.anchor_strides, self.anchor_sizes, self.device
+        )
+        return outputs, anchors
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict]):
+        """
+        Args:
+            batched_inputs: a list (one per image) of mapper outputs (see the module docstring).
+
+        Returns:
+            training: dict of scalar losses (``loss_dot_product_token``, ``loss_reg``,
+            ``loss_centerness``, ``loss_cls``); inference: ``[{"instances": Instances}]``.
+        """
+        if not self.training:
+            return self.inference(batched_inputs)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("training inputs need 'instances' (gt_boxes, gt_positive_map)")
+        images = self.preprocess_image(batched_inputs)
+        ids, mask = self._stack_text(batched_inputs)
+        outputs, anchors = self._run(images.tensor, ids, mask)
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            boxes = inst.gt_boxes.tensor.clone()
+            boxes[:, 2:] -= 1.0  # detectron2 (x2 = x + w) -> legacy (x2 = x + w - 1)
+            targets.append({"gt_boxes": boxes, "positive_map": inst.gt_positive_map})
+        losses = self.loss(anchors, outputs, targets, mask)
+        num_empty = sum(int(t["gt_boxes"].shape[0] == 0) for t in targets)
+        if num_empty == len(targets) or num_empty > self.max_neg_per_batch * len(targets):
+            # FIBER skips such batches: keep the graph, drop the gradient signal.
+            losses = {k: v * 0.0 for k, v in losses.items()}
+        return losses
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict]) -> list[dict]:
+        """Detect; inputs with (K, T) text run one pass per prompt chunk and pool the detections."""
+        if any(x["input_ids"].dim() == 2 for x in batched_inputs):
+            return [self._inference_chunked(x) for x in batched_inputs]
+        images = self.preprocess_image(batched_inputs)
+        ids, mask = self._stack_text(batched_inputs)
+        label_maps = [x["label_token_map"].to(self.device) for x in batched_inputs]
+        results = self._detect(images, ids, mask, label_maps)
+        return [self._postprocess(r, x, s) for r, x, s in zip(results, batched_inputs, images.image_sizes)]
+
+    def _detect(self, images: ImageList, ids, mask, label_maps) -> list[Instances]:
+        outputs, anchors = self._run(images.tensor, ids, mask)
+        return ground_inference(
+            anchors,
+            outputs,
+            label_maps,
+            images.image_sizes,
+            mask,
+            score_threshold=self.score_threshold,
+            pre_nms_top_n=self.pre_nms_top_n,
+            nms_threshold=self.nms_threshold,
+            detections_per_img=self.detections_per_img,
+            score_agg=self.score_agg,
+        )
+
+    def _inference_chunked(self, x: dict) -> dict:
+        images = self.preprocess_image([x])
+        ids_k, mask_k = x["input_ids"].to(self.device), x["attention_mask"].to(self.device)
+        maps_k = x["label_token_map"].to(self.device)
+        if ids_k.dim() == 1:
+            ids_k, mask_k, maps_k = ids_k[None], mask_k[None], maps_k[None]
+        parts = [
+            self._detect(images, ids_k[k : k + 1], mask_k[k : k + 1], [maps_k[k]])[0]
+            for k in range(ids_k.shape[0])
+        ]
+        return self._postprocess(Instances.cat(parts), x, images.image_sizes[0])
+
+    def _postprocess(self, result: Instances, x: dict, image_size) -> dict:
+        boxes = result.pred_boxes.tensor.clone()
+        boxes[:, 2:] += 1.0  # legacy -> detectron2 convention
+        result.pred_boxes = Boxes(boxes)
+        height = x.get("height", image_size[0])
+        width = x.get("width", image_size[1])
+        return {"instances": detector_postprocess(result, height, width)}

@@ -1,0 +1,274 @@
+"""``FIBERCoarse``: coarse-grained pre-training (ITC + ITM with hard negatives + MLM) on image-text pairs.
+
+It shares the fused backbone with the detector (``backbone`` here is the bottom-up ``FusedSwinRoberta``,
+so a coarse checkpoint's ``backbone.*`` tensors land in the detector's ``backbone.bottom_up.*``).
+Spec: coarse_grained.md §1.6-1.7 (unimodal and fused paths), §2 (poolers and heads), §3 (objectives).
+
+Batched inputs (from ``CaptionDatasetMapper``): ``image`` uint8 (3, S, S); ``input_ids``/``attention_mask``
+(T,) for training (one caption) or (k, T) at evaluation (all captions of the image); ``mlm_input_ids`` and
+``mlm_labels`` (T,) for MLM.
+
+Hard negatives for ITM: the original samples them from a queue of raw past inputs (a 7 GB image buffer
+at 384 px). fiber_d2 samples them, with the same ITC-softmax weights, from the current batch gathered over
+all ranks: the same "global" mining over fewer candidates, without the raw-input queue. The ITC feature
+queue is kept as specified.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
+from torch import nn
+
+from ..backbone.fused import FusedSwinRoberta
+from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
+
+__all__ = ["FIBERCoarse"]
+
+logger = logging.getLogger(__name__)
+
+
+class Pooler(nn.Module):
+    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``)."""
+
+    def __init__(self, dim: int, pool: str):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, D) -> (B, D)."""
+        pooled = x[:, 0] if self.pool == "first" else x.mean(dim=1)
+        return torch.tanh(self.dense(pooled))
+
+
+class MLMHead(nn.Module):
+    """``transform`` (dense, GELU, LayerNorm eps 1e-12) then an untied ``decoder`` plus ``bias``."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(dim, dim)
+        self.transform.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) -> logits (B, T, V)."""
+        h = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return self.decoder(h) + self.bias
+
+
+class _ITMHead(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """All-gather (no gradient) along dim 0 across ranks; identity in a single process."""
+    if comm.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(comm.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@META_ARCH_REGISTRY.register()
+class FIBERCoarse(nn.Module):
+    """Coarse-grained FIBER (see module docstring)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: FusedSwinRoberta,
+        image_dim: int,
+        text_dim: int,
+        vocab_size: int,
+        queue_size: int,
+        temperature: float,
+        losses: list[str],
+        loss_weights: dict[str, float],
+        pixel_mean: list[float],
+        pixel_std: list[float],
+    ):
+        """
+        Args:
+            backbone: the fused image/text towers.
+            image_dim: width of the last image stage (Swin-B: 1024); text_dim: text width (768).
+            vocab_size: MLM output vocabulary.
+            queue_size: ITC feature-queue length Q.
+            temperature: initial learnable ITC temperature (clamped to [0.001, 1]).
+            losses: enabled objectives among "itc", "itm", "mlm".
+            loss_weights: weight per objective.
+            pixel_mean, pixel_std: input normalisation.
+        """
+        super().__init__()
+        unknown = set(losses) - {"itc", "itm", "mlm"}
+        if unknown:
+            raise ValueError(f"MODEL.COARSE.LOSSES has unknown objectives: {sorted(unknown)}")
+        self.backbone = backbone
+        self.losses = list(losses)
+        self.loss_weights = dict(loss_weights)
+        self.image_norm = nn.LayerNorm(image_dim)  # the original vit_model.norm (unimodal path only)
+        self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
+        self.cross_modal_image_transform = nn.Linear(image_dim, text_dim)
+        self.cross_modal_text_pooler = Pooler(text_dim, "first")
+        self.cross_modal_image_pooler = Pooler(text_dim, "mean")
+        self.cross_modal_text_transform_itc = nn.Linear(text_dim, text_dim)
+        self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
+        self.cross_modal_text_pooler_itc = Pooler(text_dim, "first")
+        self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
+        self.itm_score = _ITMHead(2 * text_dim)
+        self.mlm_score = MLMHead(text_dim, vocab_size)
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.queue = FeatureQueue(text_dim, queue_size)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self._init_new_modules()
+
+    def _init_new_modules(self):
+        for name, m in self.named_modules():
+            if name.startswith("backbone"):
+                continue
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.COARSE
+        weights = dict(zip(c.LOSSES, c.LOSS_WEIGHTS)) if len(c.LOSS_WEIGHTS) == len(c.LOSSES) else {}
+        if not weights:
+            raise ValueError(
+                f"MODEL.COARSE.LOSS_WEIGHTS {list(c.LOSS_WEIGHTS)} must give one weight per "
+                f"MODEL.COARSE.LOSSES entry {list(c.LOSSES)}"
+            )
+        return {
+            "backbone": FusedSwinRoberta(cfg),
+            "image_dim": cfg.MODEL.SWIN.EMBED_DIM * 2 ** (len(cfg.MODEL.SWIN.DEPTHS) - 1),
+            "text_dim": cfg.MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE,
+            "vocab_size": cfg.MODEL.LANGUAGE_BACKBONE.VOCAB_SIZE,
+            "queue_size": c.QUEUE_SIZE,
+            "temperature": c.TEMPERATURE,
+            "losses": list(c.LOSSES),
+            "loss_weights": weights,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ encoders
+    def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
+        sizes = {tuple(x["image"].shape) for x in batched_inputs}
+        if len(sizes) != 1:
+            raise ValueError(f"coarse-stage images must share one size (INPUT.IMAGE_SIZE), got {sizes}")
+        images = torch.stack([x["image"] for x in batched_inputs]).to(self.device).float()
+        return (images - self.pixel_mean) / self.pixel_std
+
+    @staticmethod
+    def _tokens(image_features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last image stage (B, C, h, w) -> tokens (B, h*w, C)."""
+        last = image_features[sorted(image_features)[-1]]
+        return last.flatten(2).transpose(1, 2)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-fused image embedding: (B, 3, S, S) -> L2-normalised (B, D)."""
+        tokens = self.image_norm(self._tokens(self.backbone.forward_image(images)))
+        pooled = self.cross_modal_image_pooler_itc(self.cross_modal_image_transform_itc(tokens))
+        return F.normalize(pooled, dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Un-fused text embedding: (B, T) ids and mask -> L2-normalised (B, D)."""
+        hidden = self.backbone.forward_text(input_ids, attention_mask)["hidden"]
+        pooled = self.cross_modal_text_pooler_itc(self.cross_modal_text_transform_itc(hidden))
+        return F.normalize(pooled, dim=-1)
+
+    def fused(self, images, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """Fused forward. Returns ``text_feats`` (B, T, D), ``image_feats`` (B, N, D), ``cls_feats``
+        (B, 2D) = [text pooled ; image pooled]."""
+        image_features, text = self.backbone(images, input_ids, attention_mask, fuse=True)
+        text_feats = self.cross_modal_text_transform(text["hidden"])
+        image_feats = self.cross_modal_image_transform(self._tokens(image_features))
+        cls_feats = torch.cat(
+            [self.cross_modal_text_pooler(text_feats), self.cross_modal_image_pooler(image_feats)], dim=-1
+        )
+        return {"text_feats": text_feats, "image_feats": image_feats, "cls_feats": cls_feats}
+
+    def itm_logits(self, images, input_ids, attention_mask) -> torch.Tensor:
+        """(B, 2) match logits of image-text pairs; column 1 is "match" (the retrieval score)."""
+        return self.itm_score(self.fused(images, input_ids, attention_mask)["cls_feats"])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict]):
+        """Training: dict of weighted losses ``loss_itc``, ``loss_itm``, ``loss_mlm``.
+        Inference: per record ``{"image_embedding": (D,), "text_embeddings": (k, D)}``."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self._images(batched_inputs)
+        ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
+        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        losses = {}
+        if "mlm" in self.losses:
+            mlm_ids = torch.stack([x["mlm_input_ids"] for x in batched_inputs]).to(self.device)
+            labels = torch.stack([x["mlm_labels"] for x in batched_inputs]).to(self.device)
+            logits = self.mlm_score(self.fused(images, mlm_ids, mask)["text_feats"])
+            losses["loss_mlm"] = mlm_loss(logits, labels) * self.loss_weights["mlm"]
+        if "itc" in self.losses or "itm" in self.losses:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 1.0)
+            f_i, f_t = self.encode_image(images), self.encode_text(ids, mask)
+            q = self.queue
+            sim_i2t, sim_t2i = itc_logits(f_i, f_t, q.image_queue, q.text_queue, self.temp)
+            if "itc" in self.losses:
+                losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
+            if "itm" in self.losses:
+                losses["loss_itm"] = self._itm_loss(images, ids, mask, f_i, f_t)
+                losses["loss_itm"] = losses["loss_itm"] * self.loss_weights["itm"]
+            with torch.no_grad():
+                q.enqueue(_gather_cat(f_i.detach()), _gather_cat(f_t.detach()))
+        return losses
+
+    def _itm_loss(self, images, ids, mask, f_i, f_t) -> torch.Tensor:
+        """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs."""
+        b = images.shape[0]
+        with torch.no_grad():
+            all_images, all_ids, all_mask = _gather_cat(images), _gather_cat(ids), _gather_cat(mask)
+            all_f_i, all_f_t = _gather_cat(f_i.detach()), _gather_cat(f_t.detach())
+            positive = torch.arange(b, device=self.device) + comm.get_rank() * b
+            temp = self.temp.detach()
+            neg_text = sample_hard_negatives(f_i.detach() @ all_f_t.t() / temp, positive)
+            neg_image = sample_hard_negatives(f_t.detach() @ all_f_i.t() / temp, positive)
+        pair_images = torch.cat([images, images, all_images[neg_image]])
+        pair_ids = torch.cat([ids, all_ids[neg_text], ids])
+        pair_mask = torch.cat([mask, all_mask[neg_text], mask])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(self.device)
+        return F.cross_entropy(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict]) -> list[dict]:
+        images = self._images(batched_inputs)
+        f_i = self.encode_image(images)
+        results = []
+        for k, x in enumerate(batched_inputs):
+            ids, mask = x["input_ids"].to(self.device), x["attention_mask"].to(self.device)
+            if ids.dim() == 1:
+                ids, mask = ids[None], mask[None]
+            results.append({"image_embedding": f_i[k], "text_embeddings": self.encode_text(ids, mask)})
+        return results
