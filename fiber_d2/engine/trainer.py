@@ -106,13 +106,17 @@ class FIBERTrainer(DefaultTrainer):
         from fvcore.common.param_scheduler import LinearParamScheduler
 
         s = cfg.SOLVER
-        sched = WarmupParamScheduler(
-            LinearParamScheduler(1.0, 0.0),
-            s.WARMUP_FACTOR,
-            min(s.WARMUP_ITERS / max(s.MAX_ITER, 1), 1.0),
-            s.WARMUP_METHOD,
-            rescale_interval=True,
-        )
+        warmup = s.WARMUP_ITERS / max(s.MAX_ITER, 1)
+        if warmup >= 1.0:  # the whole (short) run is warmup
+            sched = LinearParamScheduler(s.WARMUP_FACTOR, 1.0)
+        else:
+            sched = WarmupParamScheduler(
+                LinearParamScheduler(1.0, 0.0),
+                s.WARMUP_FACTOR,
+                warmup,
+                s.WARMUP_METHOD,
+                rescale_interval=True,
+            )
         return LRMultiplier(optimizer, multiplier=sched, max_iter=s.MAX_ITER)
 
     @classmethod
