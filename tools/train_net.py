@@ -8,11 +8,14 @@ Multi-GPU / multi-node runs go through detectron2's ``launch`` (torch.distribute
 machine ``--num-gpus 2 MODEL.DEVICE cpu`` runs two gloo processes.
 """
 
+import json
 import logging
+import os
 import sys
 
 try:
     from detectron2.engine import default_argument_parser, default_setup, launch
+    from detectron2.utils import comm
     from detectron2.evaluation import verify_results
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
@@ -33,6 +36,13 @@ def setup(args):
     return cfg
 
 
+def save_results(cfg, results) -> None:
+    """Write the final evaluation results to OUTPUT_DIR/results.json (main process)."""
+    if comm.is_main_process() and results:
+        with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -42,10 +52,12 @@ def main(args):
         )
         res = FIBERTrainer.test(cfg, model)
         verify_results(cfg, res)
-        return res
-    trainer = FIBERTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    else:
+        trainer = FIBERTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        res = trainer.train()
+    save_results(cfg, res)
+    return res
 
 
 def invoke_main() -> None:
