@@ -246,20 +246,32 @@ class FIBERCoarse(nn.Module):
         return losses
 
     def _itm_loss(self, images, ids, mask, f_i, f_t) -> torch.Tensor:
-        """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs."""
+        """ITM cross-entropy over the pairs of :meth:`itm_pairs`."""
+        pair_images, pair_ids, pair_mask, labels = self.itm_pairs(images, ids, mask, f_i, f_t)
+        return F.cross_entropy(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
+
+    @torch.no_grad()
+    def itm_pairs(self, images, ids, mask, f_i, f_t):
+        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs.
+
+        Negatives are drawn from the batch gathered over all ranks with softmax(ITC similarity)
+        weights; a sample's own pair is never drawn.
+
+        Returns:
+            images (3B, 3, S, S), ids (3B, T), mask (3B, T), labels (3B,) with 1 for the positives.
+        """
         b = images.shape[0]
-        with torch.no_grad():
-            all_images, all_ids, all_mask = _gather_cat(images), _gather_cat(ids), _gather_cat(mask)
-            all_f_i, all_f_t = _gather_cat(f_i.detach()), _gather_cat(f_t.detach())
-            positive = torch.arange(b, device=self.device) + comm.get_rank() * b
-            temp = self.temp.detach()
-            neg_text = sample_hard_negatives(f_i.detach() @ all_f_t.t() / temp, positive)
-            neg_image = sample_hard_negatives(f_t.detach() @ all_f_i.t() / temp, positive)
+        all_images, all_ids, all_mask = _gather_cat(images), _gather_cat(ids), _gather_cat(mask)
+        all_f_i, all_f_t = _gather_cat(f_i.detach()), _gather_cat(f_t.detach())
+        positive = torch.arange(b, device=images.device) + comm.get_rank() * b
+        temp = self.temp.detach()
+        neg_text = sample_hard_negatives(f_i.detach() @ all_f_t.t() / temp, positive)
+        neg_image = sample_hard_negatives(f_t.detach() @ all_f_i.t() / temp, positive)
         pair_images = torch.cat([images, images, all_images[neg_image]])
         pair_ids = torch.cat([ids, all_ids[neg_text], ids])
         pair_mask = torch.cat([mask, all_mask[neg_text], mask])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(self.device)
-        return F.cross_entropy(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
+        return pair_images, pair_ids, pair_mask, labels
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict]:
