@@ -55,7 +55,8 @@ def main(args):
     else:
         trainer = FIBERTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        res = trainer.train()
+        trainer.train()
+        res = getattr(trainer, "_last_eval_results", None)  # set by the final evaluation
     save_results(cfg, res)
     return res
 
