@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Convert a released FIBER checkpoint (fine-grained .pth or coarse-grained Lightning .ckpt) to fiber_d2.
+
+    python tools/convert_fiber_checkpoint.py --input fiber_coarse_then_fine.pth --output fiber_d2.pth \\
+        --config-file configs/FIBER-B/coco.yaml
+    python tools/convert_fiber_checkpoint.py --input fiber_pretrain.ckpt --output coarse_d2.pth \\
+        --stage coarse --target coarse --config-file configs/FIBER-B/coarse_pretrain.yaml
+
+``--stage`` (default: detected from the key names) names the original layout; ``--target`` (coarse stage
+only) picks ``FIBERCoarse`` ("coarse") or the detector's fused backbone ("fine"); with a config it
+defaults to the config's meta-architecture. With ``--config-file`` the fiber_d2 model is built on the meta
+device (no memory for weights) to check shapes, resize relative-position tables and report missing keys.
+The input is read with ``torch.load(weights_only=True)``. The output is
+``{"model": state_dict, "__fiber_d2__": provenance}``, ready for ``MODEL.WEIGHTS``.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+try:
+    from detectron2.modeling import build_model
+    from detectron2.utils.logger import setup_logger
+except ImportError as e:  # pragma: no cover
+    sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+
+import fiber_d2  # noqa: F401  (registers FIBER's components)
+from fiber_d2.checkpoint.convert import (
+    convert_coarse_state_dict,
+    convert_fine_state_dict,
+    unwrap_state_dict,
+)
+from fiber_d2.engine.setup import ConfigError, load_config
+
+logger = logging.getLogger("fiber_d2.convert_fiber_checkpoint")
+
+_META_ARCH_TARGET = {"FIBER": "fine", "FIBERCoarse": "coarse"}
+
+
+def load_original(path: str):
+    """Read the original file with ``weights_only=True`` (memory-mapped when the format allows).
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (
+        Exception
+    ):  # noqa: BLE001 - legacy (non-zip) files cannot be memory-mapped; retry plainly
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised as one line with the file name
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"cannot load {path} with torch.load(weights_only=True): {first}"
+        ) from None
+
+
+def detect_stage(original, use_ema: bool) -> str:
+    """ "fine" or "coarse" from the key names of the state dict inside ``original``."""
+    state, _ = unwrap_state_dict(original, use_ema=use_ema)
+    keys = [k[len("module.") :] if k.startswith("module.") else k for k in map(str, state)]
+    if any(k.startswith(("fusion_backbone.", "rpn.")) for k in keys):
+        return "fine"
+    if any(k.startswith(("vit_model.", "text_transformer.")) for k in keys):
+        return "coarse"
+    raise ValueError(
+        "cannot tell the checkpoint layout (no fusion_backbone./rpn. or vit_model./text_transformer. "
+        "keys); pass --stage"
+    )
+
+
+def build_model_state(config_file: str, opts: list[str]) -> tuple[dict, str]:
+    """The target model's state dict (meta tensors; CPU if a module cannot be built on meta) and its
+    meta-architecture. Pretrained-weight paths are cleared: only the shapes are needed."""
+    cfg = load_config(config_file, opts)
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.SWIN.WEIGHTS = ""
+    cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
+    try:
+        cfg.MODEL.DEVICE = "meta"
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except (NotImplementedError, RuntimeError) as e:
+        logger.info("building on the meta device failed (%s); building on the CPU", e)
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+    return model.state_dict(), cfg.MODEL.META_ARCHITECTURE
+
+
+def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that view a larger storage, so torch.save writes only their own elements."""
+    out = {}
+    for k, v in state.items():
+        own = v.numel() * v.element_size()
+        out[k] = v.clone() if v.untyped_storage().nbytes() != own else v
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, metavar="ORIGINAL", help="original .pth / .ckpt")
+    parser.add_argument("--output", required=True, metavar="OUT.pth", help="converted checkpoint")
+    parser.add_argument("--stage", choices=["auto", "fine", "coarse"], default="auto")
+    parser.add_argument("--target", choices=["coarse", "fine"], default=None)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="target model config")
+    parser.add_argument("--use-ema", action="store_true", help="convert the model_ema weights")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    setup_logger(name="fiber_d2")
+    logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.INFO)  # summary is printed
+    try:
+        report = convert(args)
+    except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"error: {msg}")
+    print(report.summary())
+    print(f"wrote {args.output}")
+
+
+def convert(args):
+    """Run one conversion from parsed arguments; returns the ConversionReport."""
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise ValueError(f"--output must differ from --input ({args.input})")
+    if args.opts and not args.config_file:
+        raise ValueError(f"config overrides {args.opts} given without --config-file")
+    if args.stage == "fine" and args.target == "coarse":
+        raise ValueError("--target coarse applies to a coarse-stage checkpoint, not --stage fine")
+    model_state, meta_arch = None, None
+    if args.config_file:
+        model_state, meta_arch = build_model_state(args.config_file, args.opts)
+        if meta_arch not in _META_ARCH_TARGET:
+            raise ValueError(
+                f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse)"
+            )
+    original = load_original(args.input)
+    stage = detect_stage(original, args.use_ema) if args.stage == "auto" else args.stage
+    target = args.target or _META_ARCH_TARGET.get(meta_arch) or stage
+    if stage == "fine" and target != "fine":
+        raise ValueError(
+            f"{args.input} is a fine-grained checkpoint; it converts to the FIBER detector only"
+        )
+    if meta_arch is not None and _META_ARCH_TARGET[meta_arch] != target:
+        raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
+    if stage == "fine":
+        converted, report = convert_fine_state_dict(
+            original, model_state=model_state, use_ema=args.use_ema
+        )
+    else:
+        converted, report = convert_coarse_state_dict(
+            original, target=target, model_state=model_state, use_ema=args.use_ema
+        )
+    provenance = {
+        "converter": "tools/convert_fiber_checkpoint.py",
+        "fiber_d2_version": fiber_d2.__version__,
+        "input": os.path.abspath(args.input),
+        "input_bytes": os.path.getsize(args.input),
+        "stage": stage,
+        "target": target,
+        "entry": report.source,
+        "use_ema": bool(args.use_ema),
+        "config_file": args.config_file,
+        "opts": list(args.opts),
+        "counts": report.counts(),
+        "skipped": {reason: len(keys) for reason, keys in report.skipped_by_reason().items()},
+        "missing_in_checkpoint": list(report.missing_in_checkpoint),
+    }
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = args.output + ".tmp"
+    torch.save({"model": _compact(converted), "__fiber_d2__": provenance}, tmp)
+    os.replace(tmp, args.output)
+    logger.info("wrote %d tensors to %s", len(converted), args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
