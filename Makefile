@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.fiber_d2_installed
 
-.PHONY: env test demo lint format
+.PHONY: env test demo demo-ablation lint format
 
 env:
 	@bash scripts/setup_env.sh
@@ -10,8 +10,14 @@ env:
 test: env
 	$(PY) -m pytest -q tests
 
+# The main job: shapes world + tokenizer, coarse pre-training, fine-grained training initialised from
+# it, evaluation (bbox AP, phrase-grounding and retrieval recall), prediction images in output/demo/.
 demo: env
-	$(PY) tools/run_demo.py
+	$(PY) tools/pretrain_pipeline.py --output-dir output/demo --visualize 6 $(DEMO_ARGS)
+
+# The same fine-grained budget without the coarse stage (the paper's claim in miniature).
+demo-ablation: env
+	$(PY) tools/pretrain_pipeline.py --skip-coarse --output-dir output/demo_ablation $(DEMO_ARGS)
 
 lint: env
 	$(PY) -m ruff check fiber_d2 tools tests projects

@@ -14,8 +14,11 @@ CFG = str(ROOT / "configs" / "Demo" / "fine_tiny.yaml")
 
 
 def _run(args, timeout=600):
+    # one intra-op thread per process: two processes share the machine's cores without thrashing
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, env=env,
     )
 
 
