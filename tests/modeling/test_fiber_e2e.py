@@ -1,0 +1,106 @@
+"""The FIBER detector end to end on hand-built inputs: odd sizes, empty images, unmatched prompts."""
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from fiber_d2.engine.setup import load_config
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(
+        "configs/Demo/fine_tiny.yaml",
+        ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+         "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", str(T)],
+    )
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def _sample(h, w, boxes, token_rows, num_labels=3):
+    ids = torch.ones(T, dtype=torch.long)  # pad id 1
+    ids[:6] = torch.tensor([0, 10, 11, 12, 13, 2])
+    mask = (ids != 1).long()
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.zeros(len(boxes), dtype=torch.long)
+    pmap = torch.zeros(len(boxes), T, dtype=torch.bool)
+    for i, row in enumerate(token_rows):
+        pmap[i, row] = True
+    inst.gt_positive_map = pmap
+    label_map = torch.zeros(num_labels, T, dtype=torch.bool)
+    label_map[0, 1:3] = True
+    label_map[1, 3] = True
+    label_map[2, 4] = True
+    return {
+        "image": torch.randint(0, 255, (3, h, w), dtype=torch.uint8),
+        "height": h * 2, "width": w * 2,  # original size: twice the network input
+        "input_ids": ids, "attention_mask": mask, "instances": inst, "label_token_map": label_map,
+    }
+
+
+def test_train_with_odd_sizes_and_an_empty_image(model):
+    model.train()
+    batch = [
+        _sample(97, 131, [[10, 12, 40, 50], [60, 20, 90, 70]], [[1, 2], [4]]),
+        _sample(75, 61, [], []),  # no boxes
+    ]
+    losses = model(batch)
+    assert set(losses) == {"loss_dot_product_token", "loss_reg", "loss_centerness", "loss_cls"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    # one image of two is empty (> MAX_NEG_PER_BATCH): the batch is kept but contributes nothing
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    model.zero_grad()
+    losses = model([batch[0], _sample(64, 64, [[5, 5, 30, 30]], [[3]])])
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_inference_returns_instances_at_the_original_size(model):
+    model.eval()
+    batch = [_sample(97, 131, [], []), _sample(75, 61, [], [])]
+    outputs = model(batch)
+    assert len(outputs) == 2
+    for out, x in zip(outputs, batch):
+        inst = out["instances"]
+        assert inst.image_size == (x["height"], x["width"])
+        b = inst.pred_boxes.tensor
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= x["width"]).all() and (b[:, 3] <= x["height"]).all()
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < 3)).all()
+        assert (inst.scores >= 0).all() and (inst.scores <= 1).all()
+
+
+def test_label_without_tokens_is_never_predicted(model):
+    model.eval()
+    x = _sample(64, 96, [], [])
+    x["label_token_map"][1] = False  # label 1 matches no token of the prompt
+    model.score_threshold = 0.0
+    try:
+        inst = model([x])[0]["instances"]
+    finally:
+        model.score_threshold = 0.05
+    assert len(inst) > 0 and not (inst.pred_classes == 1).any()
+
+
+def test_chunked_prompts_pool_detections(model):
+    model.eval()
+    x = _sample(64, 96, [], [])
+    x["input_ids"] = torch.stack([x["input_ids"], x["input_ids"]])
+    x["attention_mask"] = torch.stack([x["attention_mask"], x["attention_mask"]])
+    maps = torch.zeros(2, 3, T, dtype=torch.bool)
+    maps[0, 0, 1:3] = True  # chunk 0 holds label 0
+    maps[1, 2, 4] = True  # chunk 1 holds label 2
+    x["label_token_map"] = maps
+    model.score_threshold = 0.0
+    try:
+        inst = model([x])[0]["instances"]
+    finally:
+        model.score_threshold = 0.05
+    assert set(inst.pred_classes.tolist()) == {0, 2}
