@@ -50,11 +50,51 @@ from ..text import (
     tokenize,
 )
 
-__all__ = ["GroundingDatasetMapper", "CaptionDatasetMapper"]
+__all__ = ["GroundingDatasetMapper", "CaptionDatasetMapper", "encode_category_prompts"]
 
 logger = logging.getLogger(__name__)
 
 _GROUNDING_TASKS = ("grounding", "refexp")
+
+
+def encode_category_prompts(
+    tokenizer,
+    names: Sequence[str],
+    *,
+    max_query_len: int,
+    separator: str = ". ",
+    chunk_size: int = -1,
+) -> dict:
+    """Tokenize a category list as K prompt chunks with each label's token map (spec 4.3).
+
+    Shared by the test-time detection mapper and :class:`fiber_d2.predictor.FIBERPredictor`.
+
+    Args:
+        tokenizer: a fast tokenizer.
+        names: prompt text per label (L names, label order).
+        max_query_len: padded token length T.
+        separator: joins the names of one prompt.
+        chunk_size: names per prompt (:func:`fiber_d2.text.chunk_names`); <= 0: one prompt.
+
+    Returns:
+        dict with ``caption`` (list of K str), ``chunks`` (list of K lists of label indices),
+        ``input_ids``/``attention_mask`` LongTensor (K, T) and ``label_token_map`` BoolTensor
+        (K, L, T) (row l of chunk k is empty unless label l is in chunk k).
+    """
+    chunks = chunk_names(names, chunk_size, tokenizer, max_query_len, separator)
+    prompts = [build_prompt([names[i] for i in c], separator) for c in chunks]
+    enc = tokenize(tokenizer, [p[0] for p in prompts], max_query_len)
+    label_map = torch.zeros(len(chunks), len(names), max_query_len, dtype=torch.bool)
+    for k, (chunk, (_, spans)) in enumerate(zip(chunks, prompts)):
+        rows = char_spans_to_positive_map(enc, [[s] for s in spans], max_query_len, batch_index=k)
+        label_map[k, chunk] = rows
+    return {
+        "caption": [p[0] for p in prompts],
+        "chunks": chunks,
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "label_token_map": label_map,
+    }
 
 
 def _record_name(record: dict) -> str:
@@ -280,24 +320,19 @@ class GroundingDatasetMapper:
     def _detection_test(self, record: dict, out: dict) -> None:
         key = record.get("dataset_name") or self.default_dataset
         if key not in self._test_inputs:
-            names = self.category_names(key)
-            chunks = chunk_names(
-                names, self.chunk_size, self.tokenizer, self.max_query_len, self.separator
+            enc = encode_category_prompts(
+                self.tokenizer,
+                self.category_names(key),
+                max_query_len=self.max_query_len,
+                separator=self.separator,
+                chunk_size=self.chunk_size,
             )
-            prompts = [build_prompt([names[i] for i in c], self.separator) for c in chunks]
-            enc = tokenize(self.tokenizer, [p[0] for p in prompts], self.max_query_len)
-            label_map = torch.zeros(len(chunks), len(names), self.max_query_len, dtype=torch.bool)
-            for k, (chunk, (_, spans)) in enumerate(zip(chunks, prompts)):
-                rows = char_spans_to_positive_map(
-                    enc, [[s] for s in spans], self.max_query_len, batch_index=k
-                )
-                label_map[k, chunk] = rows
             chunked = self.chunk_size > 0
             self._test_inputs[key] = {
-                "caption": [p[0] for p in prompts] if chunked else prompts[0][0],
+                "caption": enc["caption"] if chunked else enc["caption"][0],
                 "input_ids": enc["input_ids"] if chunked else enc["input_ids"][0],
                 "attention_mask": enc["attention_mask"] if chunked else enc["attention_mask"][0],
-                "label_token_map": label_map if chunked else label_map[0],
+                "label_token_map": enc["label_token_map"] if chunked else enc["label_token_map"][0],
             }
         out.update(self._test_inputs[key])
 
