@@ -15,8 +15,8 @@ import sys
 
 try:
     from detectron2.engine import default_argument_parser, default_setup, launch
-    from detectron2.utils import comm
     from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
 

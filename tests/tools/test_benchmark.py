@@ -1,0 +1,248 @@
+"""tools/benchmark.py: one JSON line per task (train / inference / backbone, detector and coarse),
+synthetic inputs that follow the mappers' output contract, peak-memory measurement, one-line errors.
+
+No speed is asserted here (targets live in benchmark.SPEED_TARGETS_MS)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
+from fiber_d2.data.shapes import build_shapes_tokenizer
+from fiber_d2.engine.setup import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FINE = str(ROOT / "configs" / "Demo" / "fine_tiny.yaml")
+COARSE = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
+COMMON_KEYS = {
+    "task", "config", "meta_architecture", "device", "device_name", "threads", "dtype", "height",
+    "width", "batch", "iters", "warmup", "ms_median", "images_per_s", "peak_mem_mb", "params",
+}  # fmt: skip
+# Small overrides keep each run well under a second; the architecture stays the configured one.
+SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "fiber_benchmark", ROOT / "tools" / "benchmark.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_tool()
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(capsys, argv):
+    record = bench.main(argv)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    parsed = []
+    for ln in lines:
+        try:
+            parsed.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    assert len(parsed) == 1, lines  # exactly one JSON line
+    assert parsed[0] == record
+    return record
+
+
+@pytest.mark.parametrize(
+    "config,task,batch,size,extra_keys",
+    [
+        (FINE, "train", 2, (70, 100), {"fwd_ms_median", "bwd_ms_median", "step_ms_median", "loss"}),
+        (FINE, "inference", 1, (70, 100), {"outputs"}),
+        (FINE, "backbone", 1, (70, 100), {"fwd_bwd_ms_median", "tokens_per_s"}),
+        (COARSE, "train", 2, (64, 64), {"fwd_ms_median", "loss", "trainable_params", "ema"}),
+        (COARSE, "inference", 2, (64, 64), {"outputs"}),
+    ],
+)
+def test_one_json_line_per_task(capsys, config, task, batch, size, extra_keys):
+    h, w = size
+    argv = ["--config-file", config, "--task", task, "--device", "cpu", "--iters", "2"]
+    argv += ["--warmup", "0", "--batch", str(batch), "--height", str(h), "--width", str(w)]
+    argv += ["--threads", "1", "--boxes", "3", *SMALL]
+    rec = _run(capsys, argv)
+    assert COMMON_KEYS | extra_keys <= set(rec)
+    assert (rec["task"], rec["device"], rec["dtype"], rec["batch"]) == (
+        task,
+        "cpu",
+        "float32",
+        batch,
+    )
+    assert rec["meta_architecture"] == ("FIBERCoarse" if config == COARSE else "FIBER")
+    for key in ("ms_median", "images_per_s", "peak_mem_mb", "params"):
+        assert rec[key] > 0, key
+    assert math.isclose(rec["images_per_s"], batch * 1000.0 / rec["ms_median"], rel_tol=0.01)
+    if config == FINE:  # padded up to SIZE_DIVISIBILITY 32
+        assert (rec["height"], rec["width"]) == (96, 128)
+    else:  # the coarse model sees the S x S input as it is
+        assert (rec["height"], rec["width"]) == (64, 64)
+    if task == "train":
+        assert math.isfinite(rec["loss"])
+        assert 0 < rec["trainable_params"] <= rec["params"]
+        assert rec["fwd_ms_median"] + rec["bwd_ms_median"] <= rec["ms_median"] * 1.01
+    if task == "inference" and config == COARSE:
+        assert rec["outputs"] == batch * (1 + 5)  # one image and five caption embeddings each
+
+
+def test_params_match_the_model_and_amp_dtype(capsys):
+    from detectron2.modeling import build_model
+
+    cfg = load_config(FINE, SMALL)
+    expected = sum(p.numel() for p in build_model(cfg).parameters())
+    argv = ["--config-file", FINE, "--task", "train", "--device", "cpu", "--iters", "1"]
+    argv += ["--warmup", "0", "--height", "64", "--width", "64", "--threads", "1", "--amp", *SMALL]
+    rec = _run(capsys, argv)
+    assert rec["params"] == expected
+    assert rec["dtype"] == "bfloat16"  # a bare --amp on the CPU
+    assert math.isfinite(rec["loss"])
+    assert "target_ms" not in rec  # targets apply only to reference runs
+
+
+def test_default_size_is_the_configured_test_size():
+    cfg = load_config(FINE, [])
+    args = bench._parser().parse_args(["--config-file", FINE])
+    assert bench._input_size(cfg, args) == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    args = bench._parser().parse_args(["--config-file", FINE, "--height", "50"])
+    assert bench._input_size(cfg, args) == (50, cfg.INPUT.MAX_SIZE_TEST)
+    coarse = load_config(COARSE, [])
+    args = bench._parser().parse_args(["--config-file", COARSE])
+    assert bench._input_size(coarse, args) == (coarse.INPUT.IMAGE_SIZE,) * 2
+
+
+def test_detector_batch_matches_the_mapper_contract(tmp_path):
+    cfg = load_config(FINE, [])
+    t_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    batch = bench.detector_batch(cfg, 2, 40, 60, num_boxes=5, seed=1)
+    # the real mapper on a real image, for the reference contract
+    tok_dir = tmp_path / "tok"
+    build_shapes_tokenizer(tok_dir)
+    image = tmp_path / "im.png"
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
+    mapper = GroundingDatasetMapper(
+        is_train=True,
+        augmentations=[T.ResizeShortestEdge((40,), 1000, "choice")],
+        tokenizer=str(tok_dir),
+        category_names={"toy": ["red box", "blue box"]},
+        control_prob=(0.0, 1.0, 0.0, 0.0),
+        max_query_len=t_len,
+    )
+    annos = [{"bbox": [5, 5, 20, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1}]
+    real = mapper(
+        {"file_name": str(image), "height": 40, "width": 60, "image_id": 1, "task": "detection",
+         "dataset_name": "toy", "annotations": annos}
+    )  # fmt: skip
+    for rec in batch:
+        for key in ("image", "input_ids", "attention_mask", "label_token_map"):
+            assert rec[key].dtype == real[key].dtype and rec[key].dim() == real[key].dim(), key
+        assert rec["image"].shape == (3, 40, 60) and rec["input_ids"].shape == (t_len,)
+        inst, ref = rec["instances"], real["instances"]
+        assert set(inst.get_fields()) == set(ref.get_fields())
+        for field in ("gt_classes", "gt_positive_map"):
+            assert getattr(inst, field).dtype == getattr(ref, field).dtype, field
+        assert inst.image_size == (40, 60) and len(inst) == 5
+        boxes = inst.gt_boxes.tensor
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes >= 0).all() and (boxes[:, 2] <= 60).all() and (boxes[:, 3] <= 40).all()
+        # 12 labels x (2 words + separator) + <s> + </s> = 38 real tokens of 64
+        assert rec["label_token_map"].shape == (12, t_len)
+        assert int(rec["attention_mask"].sum()) == 38
+        assert (rec["label_token_map"].sum(1) == 2).all()
+        assert not (rec["label_token_map"] & (rec["attention_mask"] == 0)[None]).any()
+        assert torch.equal(inst.gt_positive_map, rec["label_token_map"][inst.gt_classes])
+
+
+def test_prompt_shrinks_to_fit_coco_sized_class_lists():
+    cfg = load_config(
+        FINE, ["MODEL.DYHEAD.NUM_CLASSES", "81", "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "256"]
+    )
+    rec = bench.detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
+    assert rec["label_token_map"].shape[0] == 80  # all 80 COCO names fit: 1 + 80 * 3 + 1 = 242
+    assert int(rec["attention_mask"].sum()) == 242
+    cfg = load_config(FINE, ["MODEL.DYHEAD.NUM_CLASSES", "81"])  # T = 64: one word each, 31 fit
+    rec = bench.detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
+    assert rec["label_token_map"].shape[0] == (64 - 2) // 2
+    assert (rec["label_token_map"].sum(1) == 1).all()
+
+
+def test_coarse_batch_matches_the_caption_mapper_contract(tmp_path):
+    cfg = load_config(COARSE, [])
+    t_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    tok_dir = tmp_path / "tok"
+    build_shapes_tokenizer(tok_dir)
+    image = tmp_path / "im.png"
+    Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(image)
+    real = CaptionDatasetMapper(
+        is_train=True, image_size=32, tokenizer=str(tok_dir), max_query_len=t_len
+    )({"file_name": str(image), "image_id": 1, "caption": "a red box"})
+    train = bench.coarse_batch(cfg, 3, 32, 32, train=True, seed=2)
+    for rec in train:
+        for key in ("image", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
+            assert rec[key].dtype == real[key].dtype and rec[key].shape == real[key].shape, key
+        labels, ids = rec["mlm_labels"], rec["input_ids"]
+        selected = labels != -100
+        assert torch.equal(labels[selected], ids[selected])
+        assert not (selected & (rec["attention_mask"] == 0)).any()  # padding is never masked
+        assert torch.equal(rec["mlm_input_ids"][~selected], ids[~selected])
+    assert sum(int((r["mlm_labels"] != -100).sum()) for r in train) > 0
+    evaluation = bench.coarse_batch(cfg, 2, 32, 32, train=False)
+    assert evaluation[0]["input_ids"].shape == (5, t_len) and "mlm_labels" not in evaluation[0]
+
+
+def test_peak_memory_sees_a_large_allocation():
+    meter = bench.PeakMemory(torch.device("cpu"))
+    meter.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
+    assert block.sum() > 0
+    peak = meter.peak_mb()
+    del block
+    assert 60.0 <= peak < 1024.0
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--config-file", FINE, "MODEL.SWIN.NOT_A_KEY", "1"], "MODEL.SWIN.NOT_A_KEY"),
+        (["--config-file", "configs/nope.yaml"], "configs/nope.yaml"),
+        (["--config-file", COARSE, "--task", "train", "--batch", "1"], "--batch >= 2"),
+        (["--config-file", FINE, "--device", "cpu", "--amp-dtype", "fp16"], "fp16"),
+        (["--config-file", FINE, "--iters", "0"], "--iters"),
+        (["--config-file", FINE, "MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", *argv])
+    message = exc.value.code
+    assert isinstance(message, str) and message.startswith("error:") and needle in message
+    assert "\n" not in message
+    assert capsys.readouterr().out == ""  # no JSON line
+
+
+def test_speed_targets_apply_only_to_reference_runs():
+    def target(*extra, threads=1):
+        torch.set_num_threads(threads)
+        args = bench._parser().parse_args(["--config-file", FINE, "--device", "cpu", *extra])
+        return bench._target(args)
+
+    assert target("--task", "train") == bench.SPEED_TARGETS_MS[("fine_tiny.yaml", "train", 1)]
+    for extra in (["--height", "64"], ["--amp"], ["--batch", "2"], ["MODEL.SEED", "1"]):
+        assert target("--task", "train", *extra) is None, extra
+    assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
