@@ -17,8 +17,12 @@ def _run(args, timeout=600):
     # one intra-op thread per process: two processes share the machine's cores without thrashing
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, TRAIN_NET, *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=timeout, env=env,
+        [sys.executable, TRAIN_NET, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -45,11 +49,28 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     out = tmp_path / "ddp"
     proc = _run(
         [
-            "--config-file", CFG, "--num-gpus", "2",
-            "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2",
-            "SOLVER.WARMUP_ITERS", "1", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-            "MODEL.FIBER.NUM_FUSION_LAYERS", "2", "DATASETS.TEST", "('shapes_val_det',)",
-            "INPUT.MIN_SIZE_TEST", "128", "OUTPUT_DIR", str(out),
+            "--config-file",
+            CFG,
+            "--num-gpus",
+            "2",
+            "MODEL.DEVICE",
+            "cpu",
+            "SOLVER.MAX_ITER",
+            "3",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.WARMUP_ITERS",
+            "1",
+            "MODEL.SWIN.DEPTHS",
+            "[2, 2, 2, 2]",
+            "MODEL.FIBER.NUM_FUSION_LAYERS",
+            "2",
+            "DATASETS.TEST",
+            "('shapes_val_det',)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "OUTPUT_DIR",
+            str(out),
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
