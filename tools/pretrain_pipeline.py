@@ -39,7 +39,9 @@ SUMMARY_ROWS = [
 ]
 
 
-def run_stage(config: str, output_dir: str, opts: list[str], *, resume: bool, num_gpus: int) -> dict:
+def run_stage(
+    config: str, output_dir: str, opts: list[str], *, resume: bool, num_gpus: int
+) -> dict:
     """Run one ``train_net.py`` stage in a subprocess; returns its ``results.json``."""
     final = os.path.join(output_dir, "model_final.pth")
     results_file = os.path.join(output_dir, "results.json")
@@ -75,7 +77,9 @@ def flatten_results(results: dict) -> dict:
     return flat
 
 
-def visualize(fine_config: str, weights: str, out_dir: str, opts: list[str], count: int) -> list[str]:
+def visualize(
+    fine_config: str, weights: str, out_dir: str, opts: list[str], count: int
+) -> list[str]:
     """Draw the fine model's phrase-grounding predictions on ``count`` held-out records."""
     import cv2
     from detectron2.data import DatasetCatalog
@@ -123,8 +127,13 @@ def main(argv=None) -> dict:
     if not args.skip_coarse:
         coarse_dir = os.path.join(args.output_dir, "coarse")
         results["coarse"] = flatten_results(
-            run_stage(args.coarse_config, coarse_dir, args.opts, resume=args.resume,
-                      num_gpus=args.num_gpus)
+            run_stage(
+                args.coarse_config,
+                coarse_dir,
+                args.opts,
+                resume=args.resume,
+                num_gpus=args.num_gpus,
+            )
         )
         fine_opts += ["MODEL.WEIGHTS", os.path.join(coarse_dir, "model_final.pth")]
     fine_dir = os.path.join(args.output_dir, "fine")

@@ -102,4 +102,6 @@ class FIBERCheckpointer(DetectionCheckpointer):
                 summarize_keys(incompatible.unexpected_keys),
             )
         for key, shape_ckpt, shape_model in incompatible.incorrect_shapes:
-            logger.warning("Skipped %s: checkpoint shape %s, model shape %s", key, shape_ckpt, shape_model)
+            logger.warning(
+                "Skipped %s: checkpoint shape %s, model shape %s", key, shape_ckpt, shape_model
+            )

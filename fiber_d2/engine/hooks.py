@@ -58,7 +58,9 @@ class ModelEMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.state) - set(state["state"])
         if missing:
-            raise KeyError(f"model_ema checkpoint lacks {len(missing)} keys, e.g. {sorted(missing)[0]}")
+            raise KeyError(
+                f"model_ema checkpoint lacks {len(missing)} keys, e.g. {sorted(missing)[0]}"
+            )
         for k, v in state["state"].items():
             if k in self.state:
                 self.state[k].copy_(v)

@@ -167,7 +167,9 @@ def build_fiber_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.O
             lr_mult_head=s.LR_MULT_HEAD,
         )
     else:
-        raise ValueError(f"SOLVER.PARAM_GROUP_RULE must be 'fine' or 'coarse', got {s.PARAM_GROUP_RULE!r}")
+        raise ValueError(
+            f"SOLVER.PARAM_GROUP_RULE must be 'fine' or 'coarse', got {s.PARAM_GROUP_RULE!r}"
+        )
     if not groups:
         raise ValueError("The model has no trainable parameters.")
 

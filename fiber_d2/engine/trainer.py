@@ -84,7 +84,9 @@ class FIBERTrainer(DefaultTrainer):
         if cfg.SOLVER.WEIGHT_DECAY_SCHEDULE:
             extra.append(
                 WeightDecayScheduleHook(
-                    self._trainer.optimizer, cfg.SOLVER.STEPS, cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO
+                    self._trainer.optimizer,
+                    cfg.SOLVER.STEPS,
+                    cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO,
                 )
             )
         # EMA must be updated before the checkpointer saves it in after_step.

@@ -53,8 +53,14 @@ def test_fine_rule():
     frozen = nn.Parameter(torch.zeros(3), requires_grad=False)
     m.register_parameter("cls_logits_weight", frozen)
     groups = fiber_param_groups(
-        m, base_lr=1e-4, lang_lr=1e-5, backbone_body_lr_factor=0.5, weight_decay=0.01,
-        bias_lr_factor=2.0, weight_decay_bias=0.0, weight_decay_norm_factor=1.0,
+        m,
+        base_lr=1e-4,
+        lang_lr=1e-5,
+        backbone_body_lr_factor=0.5,
+        weight_decay=0.01,
+        bias_lr_factor=2.0,
+        weight_decay_bias=0.0,
+        weight_decay_norm_factor=1.0,
     )
     got = _lr_wd(groups)
     assert set(got) == set(NAMES)  # frozen parameter excluded, all others exactly once
@@ -76,8 +82,15 @@ def test_fine_rule():
 
 
 def test_coarse_rule():
-    m = _named(**NAMES, **{"cross_modal_text_pooler.dense.weight": (2, 2), "mlm_score.bias": (3,),
-                           "temp": (1,), "itm_score.fc.weight": (2, 2)})
+    m = _named(
+        **NAMES,
+        **{
+            "cross_modal_text_pooler.dense.weight": (2, 2),
+            "mlm_score.bias": (3,),
+            "temp": (1,),
+            "itm_score.fc.weight": (2, 2),
+        },
+    )
     got = _lr_wd(coarse_param_groups(m, base_lr=1e-5, weight_decay=0.01))
     img = "backbone.bottom_up.image_tower.layers.0.blocks.0."
     assert got[img + "attn.qkv.weight"] == (1e-5, 0.01)
@@ -92,11 +105,25 @@ def test_coarse_rule():
 
 
 def test_full_model_clipping_clips_joint_norm():
-    cfg = load_config(None, ["SOLVER.CLIP_GRADIENTS.ENABLED", "True",
-                             "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
-                             "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
-                             "SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.0",
-                             "SOLVER.BASE_LR", "1.0", "SOLVER.WEIGHT_DECAY", "0.0"])
+    cfg = load_config(
+        None,
+        [
+            "SOLVER.CLIP_GRADIENTS.ENABLED",
+            "True",
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+            "full_model",
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+            "1.0",
+            "SOLVER.OPTIMIZER",
+            "SGD",
+            "SOLVER.MOMENTUM",
+            "0.0",
+            "SOLVER.BASE_LR",
+            "1.0",
+            "SOLVER.WEIGHT_DECAY",
+            "0.0",
+        ],
+    )
     m = nn.Module()
     m.a = nn.Parameter(torch.zeros(1))
     m.b = nn.Parameter(torch.zeros(1))

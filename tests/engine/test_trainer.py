@@ -1,7 +1,5 @@
 """FIBERTrainer end to end on the tiny config: resume after an interruption, coarse-to-fine hand-off."""
 
-import os
-
 import pytest
 import torch
 from detectron2.engine import HookBase
@@ -11,12 +9,18 @@ from fiber_d2.engine.setup import load_config
 from fiber_d2.engine.trainer import FIBERTrainer
 
 TINY = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "1",
-    "TEST.EVAL_PERIOD", "0",
-    "DATASETS.TEST", "()",
-    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "DATASETS.TEST",
+    "()",
+    "MODEL.SWIN.DEPTHS",
+    "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS",
+    "2",
 ]
 
 
@@ -43,9 +47,16 @@ def _cfg(path, out, *extra):
 
 def test_resume_continues_from_last_checkpoint(tmp_path):
     cfg = _cfg(
-        "configs/Demo/fine_tiny.yaml", tmp_path,
-        "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.STEPS", "(4,)",
-        "SOLVER.EMA.ENABLED", "True",
+        "configs/Demo/fine_tiny.yaml",
+        tmp_path,
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "3",
+        "SOLVER.STEPS",
+        "(4,)",
+        "SOLVER.EMA.ENABLED",
+        "True",
     )
     trainer = FIBERTrainer(cfg)
     trainer.register_hooks([_KillAt(4)])
@@ -85,10 +96,12 @@ def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
     fine = FIBERTrainer.build_model(fine_cfg)
     FIBERCheckpointer(fine, str(fine_dir)).load(str(coarse_dir / "model_final.pth"))
     fine_state = fine.state_dict()
-    tower_keys = [k for k in coarse_state if k.startswith(("backbone.image_tower.", "backbone.text_tower."))]
+    tower_keys = [
+        k for k in coarse_state if k.startswith(("backbone.image_tower.", "backbone.text_tower."))
+    ]
     loaded = 0
     for k in tower_keys:
-        target = "backbone.bottom_up." + k[len("backbone."):]
+        target = "backbone.bottom_up." + k[len("backbone.") :]
         if target in fine_state and fine_state[target].shape == coarse_state[k].shape:
             assert torch.equal(fine_state[target], coarse_state[k]), target
             loaded += 1

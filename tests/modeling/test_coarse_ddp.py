@@ -38,7 +38,9 @@ def _worker(rank, init_file, out_dir):
             pool = set(range(B)) | set(range(10, 10 + B))
             assert set(txt_uid.tolist()) <= pool and set(img_uid.tolist()) <= pool
             other = 10 * (1 - rank)
-            seen_other_rank |= bool(((img_uid[2 * B :] >= other) & (img_uid[2 * B :] < other + B)).any())
+            seen_other_rank |= bool(
+                ((img_uid[2 * B :] >= other) & (img_uid[2 * B :] < other + B)).any()
+            )
             assert labels.tolist() == [1] * B + [0] * (2 * B)
         torch.save({"seen_other_rank": seen_other_rank}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -32,7 +32,8 @@ def test_itc_matches_hand_computation():
     rows_i2t = sim_i2t.tolist()
     rows_t2i = sim_t2i.tolist()
     expected = 0.5 * (
-        (ce(rows_i2t[0], 0) + ce(rows_i2t[1], 1)) / 2 + (ce(rows_t2i[0], 0) + ce(rows_t2i[1], 1)) / 2
+        (ce(rows_i2t[0], 0) + ce(rows_i2t[1], 1)) / 2
+        + (ce(rows_t2i[0], 0) + ce(rows_t2i[1], 1)) / 2
     )
     assert itc_loss(sim_i2t, sim_t2i).item() == pytest.approx(expected, rel=1e-6)
 
@@ -58,7 +59,9 @@ def test_hard_negatives_never_pick_the_positive():
 def test_hard_negatives_follow_similarity():
     g = torch.Generator().manual_seed(0)
     sim = torch.tensor([[0.0, 10.0, 0.0, 0.0]])  # column 1 is the hardest negative
-    picks = torch.stack([sample_hard_negatives(sim, torch.tensor([0]), generator=g) for _ in range(100)])
+    picks = torch.stack(
+        [sample_hard_negatives(sim, torch.tensor([0]), generator=g) for _ in range(100)]
+    )
     assert (picks == 1).float().mean() > 0.9
 
 

@@ -14,8 +14,14 @@ T = 16
 def model():
     cfg = load_config(
         "configs/Demo/fine_tiny.yaml",
-        ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
-         "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", str(T)],
+        [
+            "MODEL.SWIN.DEPTHS",
+            "[2, 2, 2, 2]",
+            "MODEL.FIBER.NUM_FUSION_LAYERS",
+            "2",
+            "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN",
+            str(T),
+        ],
     )
     torch.manual_seed(0)
     return build_model(cfg)
@@ -38,8 +44,12 @@ def _sample(h, w, boxes, token_rows, num_labels=3):
     label_map[2, 4] = True
     return {
         "image": torch.randint(0, 255, (3, h, w), dtype=torch.uint8),
-        "height": h * 2, "width": w * 2,  # original size: twice the network input
-        "input_ids": ids, "attention_mask": mask, "instances": inst, "label_token_map": label_map,
+        "height": h * 2,
+        "width": w * 2,  # original size: twice the network input
+        "input_ids": ids,
+        "attention_mask": mask,
+        "instances": inst,
+        "label_token_map": label_map,
     }
 
 
@@ -72,7 +82,11 @@ def test_inference_returns_instances_at_the_original_size(model):
         inst = out["instances"]
         assert inst.image_size == (x["height"], x["width"])
         b = inst.pred_boxes.tensor
-        assert (b[:, 0] >= 0).all() and (b[:, 2] <= x["width"]).all() and (b[:, 3] <= x["height"]).all()
+        assert (
+            (b[:, 0] >= 0).all()
+            and (b[:, 2] <= x["width"]).all()
+            and (b[:, 3] <= x["height"]).all()
+        )
         assert ((inst.pred_classes >= 0) & (inst.pred_classes < 3)).all()
         assert (inst.scores >= 0).all() and (inst.scores <= 1).all()
 

@@ -114,13 +114,17 @@ class FIBER(nn.Module):
     # ------------------------------------------------------------------ shared steps
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalise and zero-pad images (bottom/right) to the backbone's size divisibility."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def _stack_text(self, batched_inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = {tuple(x["input_ids"].shape) for x in batched_inputs}
         if len(lengths) != 1:
-            raise ValueError(f"all samples of a batch need the same text length, got {sorted(lengths)}")
+            raise ValueError(
+                f"all samples of a batch need the same text length, got {sorted(lengths)}"
+            )
         ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
         mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
         return ids, mask
@@ -131,7 +135,10 @@ class FIBER(nn.Module):
         feats = [features[f] for f in self.in_features]
         outputs = self.head(feats, text["embedded"])
         anchors = generate_anchors(
-            [tuple(f.shape[-2:]) for f in feats], self.anchor_strides, self.anchor_sizes, self.device
+            [tuple(f.shape[-2:]) for f in feats],
+            self.anchor_strides,
+            self.anchor_sizes,
+            self.device,
         )
         return outputs, anchors
 
@@ -174,7 +181,10 @@ class FIBER(nn.Module):
         ids, mask = self._stack_text(batched_inputs)
         label_maps = [x["label_token_map"].to(self.device) for x in batched_inputs]
         results = self._detect(images, ids, mask, label_maps)
-        return [self._postprocess(r, x, s) for r, x, s in zip(results, batched_inputs, images.image_sizes)]
+        return [
+            self._postprocess(r, x, s)
+            for r, x, s in zip(results, batched_inputs, images.image_sizes)
+        ]
 
     def _detect(self, images: ImageList, ids, mask, label_maps) -> list[Instances]:
         outputs, anchors = self._run(images.tensor, ids, mask)

@@ -119,7 +119,9 @@ class FIBERCoarse(nn.Module):
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
-        self.image_norm = nn.LayerNorm(image_dim)  # the original vit_model.norm (unimodal path only)
+        self.image_norm = nn.LayerNorm(
+            image_dim
+        )  # the original vit_model.norm (unimodal path only)
         self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
         self.cross_modal_image_transform = nn.Linear(image_dim, text_dim)
         self.cross_modal_text_pooler = Pooler(text_dim, "first")
@@ -151,7 +153,9 @@ class FIBERCoarse(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.COARSE
-        weights = dict(zip(c.LOSSES, c.LOSS_WEIGHTS)) if len(c.LOSS_WEIGHTS) == len(c.LOSSES) else {}
+        weights = (
+            dict(zip(c.LOSSES, c.LOSS_WEIGHTS)) if len(c.LOSS_WEIGHTS) == len(c.LOSSES) else {}
+        )
         if not weights:
             raise ValueError(
                 f"MODEL.COARSE.LOSS_WEIGHTS {list(c.LOSS_WEIGHTS)} must give one weight per "
@@ -178,7 +182,9 @@ class FIBERCoarse(nn.Module):
     def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
         sizes = {tuple(x["image"].shape) for x in batched_inputs}
         if len(sizes) != 1:
-            raise ValueError(f"coarse-stage images must share one size (INPUT.IMAGE_SIZE), got {sizes}")
+            raise ValueError(
+                f"coarse-stage images must share one size (INPUT.IMAGE_SIZE), got {sizes}"
+            )
         images = torch.stack([x["image"] for x in batched_inputs]).to(self.device).float()
         return (images - self.pixel_mean) / self.pixel_std
 
@@ -207,7 +213,8 @@ class FIBERCoarse(nn.Module):
         text_feats = self.cross_modal_text_transform(text["hidden"])
         image_feats = self.cross_modal_image_transform(self._tokens(image_features))
         cls_feats = torch.cat(
-            [self.cross_modal_text_pooler(text_feats), self.cross_modal_image_pooler(image_feats)], dim=-1
+            [self.cross_modal_text_pooler(text_feats), self.cross_modal_image_pooler(image_feats)],
+            dim=-1,
         )
         return {"text_feats": text_feats, "image_feats": image_feats, "cls_feats": cls_feats}
 
@@ -282,5 +289,7 @@ class FIBERCoarse(nn.Module):
             ids, mask = x["input_ids"].to(self.device), x["attention_mask"].to(self.device)
             if ids.dim() == 1:
                 ids, mask = ids[None], mask[None]
-            results.append({"image_embedding": f_i[k], "text_embeddings": self.encode_text(ids, mask)})
+            results.append(
+                {"image_embedding": f_i[k], "text_embeddings": self.encode_text(ids, mask)}
+            )
         return results
