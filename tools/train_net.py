@@ -17,6 +17,7 @@ try:
     from detectron2.engine import default_argument_parser, default_setup, launch
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
 
@@ -33,6 +34,7 @@ def setup(args):
     validate_config(cfg, training=not args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fiber_d2")
     return cfg
 
 
