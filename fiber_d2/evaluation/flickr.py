@@ -19,10 +19,11 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.testing import print_csv_format
-from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import box_iou
+
+from .gather import gather_records
 
 __all__ = ["FlickrRecallEvaluator", "phrase_hit_rank", "records_by_image_id"]
 
@@ -172,16 +173,9 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         Returns:
             ``OrderedDict(grounding={metric: percent})`` on the main process, ``{}`` elsewhere.
         """
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._results, dst=0)
-            if not comm.is_main_process():
-                return OrderedDict()
-            results = {}
-            for part in gathered:
-                results.update(part)
-        else:
-            results = self._results
+        results = gather_records(self._results, self._distributed)
+        if results is None:  # not the main process
+            return OrderedDict()
 
         ranks = [rank for per_phrase in results.values() for _, rank in per_phrase]
         by_type = defaultdict(list)

@@ -16,12 +16,12 @@ import torch
 from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.testing import print_csv_format
-from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import generalized_box_iou
 
 from .flickr import records_by_image_id
+from .gather import gather_records
 
 __all__ = ["RefExpEvaluator", "refexp_gt_box", "topk_giou_hits"]
 
@@ -139,16 +139,9 @@ class RefExpEvaluator(DatasetEvaluator):
         Returns:
             ``OrderedDict(refexp={"P@k": percent})`` on the main process, ``{}`` elsewhere.
         """
-        if self._distributed:
-            comm.synchronize()
-            gathered = comm.gather(self._results, dst=0)
-            if not comm.is_main_process():
-                return OrderedDict()
-            results = {}
-            for part in gathered:
-                results.update(part)
-        else:
-            results = self._results
+        results = gather_records(self._results, self._distributed)
+        if results is None:  # not the main process
+            return OrderedDict()
 
         n = len(results)
         if n == 0:
