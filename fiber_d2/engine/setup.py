@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog
@@ -24,12 +25,19 @@ class ConfigError(ValueError):
     """A one-line, user-facing configuration error."""
 
 
-def load_config(config_file: str | None, opts: list[str] | None = None) -> CfgNode:
+def load_config(
+    config_file: str | None,
+    opts: list[str] | None = None,
+    *,
+    extra_defaults: Sequence[Callable[[CfgNode], CfgNode]] = (),
+) -> CfgNode:
     """Build a detectron2 config with fiber_d2's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Args:
         config_file: path of a yaml (``_BASE_`` inheritance allowed), or None/"" for the defaults.
         opts: flat list ``[KEY, VALUE, KEY, VALUE, ...]``.
+        extra_defaults: functions adding a project's keys (e.g. ``add_retrieval_config``), applied
+            after :func:`add_fiber_config`.
 
     Returns:
         the merged (not yet frozen) config.
@@ -38,6 +46,8 @@ def load_config(config_file: str | None, opts: list[str] | None = None) -> CfgNo
         ConfigError: missing file, unknown key, malformed overrides.
     """
     cfg = add_fiber_config(get_cfg())
+    for add_defaults in extra_defaults:
+        cfg = add_defaults(cfg)
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
