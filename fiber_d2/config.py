@@ -75,9 +75,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.LANGUAGE_BACKBONE.PAD_TOKEN_ID = 1  # RoBERTa pad id
     _C.MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT = 0.1  # hidden dropout
     _C.MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT = 0.1  # attention-probability dropout
-    _C.MODEL.LANGUAGE_BACKBONE.LAYER_NORM_EPS = (
-        1e-5  # LayerNorm eps (roberta-base; HF default 1e-12)
-    )
+    # LayerNorm eps (roberta-base; HF's default is 1e-12)
+    _C.MODEL.LANGUAGE_BACKBONE.LAYER_NORM_EPS = 1e-5
     _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
     _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"
     _C.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # activation checkpointing of text layers
@@ -151,9 +150,8 @@ def add_fiber_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
-    _C.SOLVER.PARAM_GROUP_RULE = (
-        "fine"  # "fine" (per-tower LRs) or "coarse" (cross-modal/head mults)
-    )
+    # "fine" (per-tower LRs) or "coarse" (cross-modal / head LR multipliers)
+    _C.SOLVER.PARAM_GROUP_RULE = "fine"
     _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas
     _C.SOLVER.EPS = 1e-8  # AdamW epsilon
     _C.SOLVER.BIAS_LR_FACTOR = 2.0  # LR multiplier of every parameter whose name contains "bias"

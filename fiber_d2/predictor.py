@@ -200,17 +200,12 @@ class FIBERPredictor:
             max_query_len=self.max_query_len,
             separator=self.separator,
             chunk_size=chunk_size,
+            squeeze=True,
         )
-        single = len(enc["chunks"]) == 1
-        if not single:
-            logger.info("%d names split into %d prompt chunks", len(names), len(enc["chunks"]))
-        return {
-            "caption": enc["caption"][0] if single else enc["caption"],
-            "label_names": list(names),
-            "input_ids": enc["input_ids"][0] if single else enc["input_ids"],
-            "attention_mask": enc["attention_mask"][0] if single else enc["attention_mask"],
-            "label_token_map": enc["label_token_map"][0] if single else enc["label_token_map"],
-        }
+        chunks = enc.pop("chunks")
+        if len(chunks) > 1:
+            logger.info("%d names split into %d prompt chunks", len(names), len(chunks))
+        return {**enc, "label_names": list(names)}
 
     def _phrase_spans(self, caption: str, phrases: Optional[Sequence[Phrase]]) -> List[List[int]]:
         if phrases is None:

@@ -10,3 +10,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the thread settings above)
+
+# Also when OMP_NUM_THREADS was set otherwise: on a shared 2-core machine two intra-op threads
+# spin-wait and some tests ran ~40x slower.
+torch.set_num_threads(1)

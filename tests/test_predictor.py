@@ -34,17 +34,8 @@ CAPTION = "a red circle left of a blue square"
 NAMES = ["red circle", "blue square", "green triangle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait and run ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def predictor(one_thread):
+def predictor():
     torch.manual_seed(0)
     return FIBERPredictor(load_config(FINE_CFG, TINY))
 

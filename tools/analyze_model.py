@@ -46,7 +46,7 @@ from fvcore.nn import FlopCountAnalysis, flop_count_table, parameter_count_table
 from fvcore.nn.jit_handles import get_shape
 
 import fiber_d2  # noqa: F401  (registers the meta-architectures)
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
 
 __all__ = ["build_analysis_model", "flop_report", "main", "parameter_report"]
@@ -150,13 +150,7 @@ def flop_report(model: torch.nn.Module, cfg, height: int, width: int) -> str:
 
 
 def _flop_size(cfg, args: argparse.Namespace) -> tuple[int, int]:
-    if is_coarse_stage(cfg):
-        default = (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
-    else:
-        default = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    h, w = args.height or default[0], args.width or default[1]
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got --height {h} --width {w}")
+    h, w = tool_image_size(cfg, args.height, args.width)
     div = max(cfg.INPUT.SIZE_DIVISIBILITY, 1)
     return -(-h // div) * div, -(-w // div) * div
 

@@ -68,7 +68,7 @@ from detectron2.structures import Boxes, Instances
 import fiber_d2  # noqa: F401  (registers the meta-architectures)
 from fiber_d2.engine.hooks import ModelEMA
 from fiber_d2.engine.optimizer import build_fiber_optimizer
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
 from fiber_d2.text import mask_tokens_for_mlm
 
@@ -339,14 +339,7 @@ def coarse_batch(
 
 def _input_size(cfg: CfgNode, args: argparse.Namespace) -> tuple[int, int]:
     """(H, W) of the synthetic images: --height/--width, else the configured test size."""
-    if is_coarse_stage(cfg):
-        default = (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
-    else:
-        default = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    height, width = args.height or default[0], args.width or default[1]
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got --height {height} --width {width}")
-    return height, width
+    return tool_image_size(cfg, args.height, args.width)
 
 
 def _model_inputs(cfg: CfgNode, args: argparse.Namespace, train: bool) -> tuple[list, int, int]:

@@ -64,6 +64,7 @@ def encode_category_prompts(
     max_query_len: int,
     separator: str = ". ",
     chunk_size: int = -1,
+    squeeze: bool = False,
 ) -> dict:
     """Tokenize a category list as K prompt chunks with each label's token map (spec 4.3).
 
@@ -75,6 +76,8 @@ def encode_category_prompts(
         max_query_len: padded token length T.
         separator: joins the names of one prompt.
         chunk_size: names per prompt (:func:`fiber_d2.text.chunk_names`); <= 0: one prompt.
+        squeeze: when everything fits one prompt (K = 1), drop the chunk axis: ``caption`` str,
+            ``input_ids``/``attention_mask`` (T,), ``label_token_map`` (L, T).
 
     Returns:
         dict with ``caption`` (list of K str), ``chunks`` (list of K lists of label indices),
@@ -88,13 +91,15 @@ def encode_category_prompts(
     for k, (chunk, (_, spans)) in enumerate(zip(chunks, prompts)):
         rows = char_spans_to_positive_map(enc, [[s] for s in spans], max_query_len, batch_index=k)
         label_map[k, chunk] = rows
-    return {
+    out = {
         "caption": [p[0] for p in prompts],
-        "chunks": chunks,
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "label_token_map": label_map,
     }
+    if squeeze and len(chunks) == 1:
+        out = {k: v[0] for k, v in out.items()}
+    return {**out, "chunks": chunks}
 
 
 def _record_name(record: dict) -> str:
@@ -326,14 +331,10 @@ class GroundingDatasetMapper:
                 max_query_len=self.max_query_len,
                 separator=self.separator,
                 chunk_size=self.chunk_size,
+                squeeze=self.chunk_size <= 0,  # chunked evaluation keeps (K, T) even for K = 1
             )
-            chunked = self.chunk_size > 0
-            self._test_inputs[key] = {
-                "caption": enc["caption"] if chunked else enc["caption"][0],
-                "input_ids": enc["input_ids"] if chunked else enc["input_ids"][0],
-                "attention_mask": enc["attention_mask"] if chunked else enc["attention_mask"][0],
-                "label_token_map": enc["label_token_map"] if chunked else enc["label_token_map"][0],
-            }
+            enc.pop("chunks")
+            self._test_inputs[key] = enc
         out.update(self._test_inputs[key])
 
     def _detection_train(self, record: dict, out: dict, image_hw, transforms) -> None:

@@ -15,8 +15,9 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog
 
 from ..config import add_fiber_config
+from .trainer import is_coarse_stage
 
-__all__ = ["ConfigError", "load_config", "validate_config"]
+__all__ = ["ConfigError", "load_config", "validate_config", "tool_image_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +102,24 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         cfg.SOLVER.AMP.ENABLED = False
         if was_frozen:
             cfg.freeze()
+
+
+def tool_image_size(cfg: CfgNode, height: int = 0, width: int = 0) -> tuple[int, int]:
+    """(H, W) of the synthetic images of the benchmark and analysis tools.
+
+    Args:
+        cfg: the config; its stage gives the default (coarse: ``INPUT.IMAGE_SIZE`` square,
+            fine: ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MAX_SIZE_TEST``).
+        height, width: explicit sizes (``--height`` / ``--width``); 0 takes the default.
+
+    Raises:
+        ValueError: a non-positive size.
+    """
+    if is_coarse_stage(cfg):
+        default = (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
+    else:
+        default = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    height, width = height or default[0], width or default[1]
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got --height {height} --width {width}")
+    return height, width

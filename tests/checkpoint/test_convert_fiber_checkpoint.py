@@ -1,18 +1,14 @@
 """Tests of tools/convert_fiber_checkpoint.py, end to end on temporary files."""
 
-import importlib.util
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location(
-    "convert_fiber_checkpoint", ROOT / "tools" / "convert_fiber_checkpoint.py"
-)
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_tool("convert_fiber_checkpoint")
 
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")

@@ -1,15 +1,11 @@
 """Tests of tools/prepare_odinw.py (ODinW background-category removal)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tool_scripts import load_tool
 
-_PATH = Path(__file__).resolve().parents[2] / "tools" / "prepare_odinw.py"
-_spec = importlib.util.spec_from_file_location("prepare_odinw", _PATH)
-prepare_odinw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_odinw)
+prepare_odinw = load_tool("prepare_odinw")
 
 
 def roboflow_json():

@@ -1,13 +1,13 @@
 """tools/analyze_model.py: FIBER-B parameter total (meta device), FLOPs of the tiny model, the
 matmul / attention flop counters, one-line errors."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
+from tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 FIBER_B = str(ROOT / "configs" / "FIBER-B" / "coco.yaml")
@@ -16,25 +16,7 @@ COARSE = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
 SPEC_TOTAL = 252_055_304  # fine_grained.md §7.2, FIBER-B v2
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "fiber_analyze", ROOT / "tools" / "analyze_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine's cores are shared, and tracing gains nothing from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+tool = load_tool("analyze_model")
 
 
 def _last_line(text: str) -> str:

@@ -3,7 +3,6 @@ synthetic inputs that follow the mappers' output contract, peak-memory measureme
 
 No speed is asserted here (targets live in benchmark.SPEED_TARGETS_MS)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
+from tool_scripts import load_tool
 
 from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
 from fiber_d2.data.shapes import build_shapes_tokenizer
@@ -30,16 +30,7 @@ COMMON_KEYS = {
 SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "fiber_benchmark", ROOT / "tools" / "benchmark.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_tool()
+bench = load_tool("benchmark")
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,12 @@
 """tools/demo.py run in-process: one drawn image per input, thresholds, prompts, one-line errors."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tool_scripts import load_tool
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
 from fiber_d2.engine.setup import load_config
@@ -14,9 +14,7 @@ from fiber_d2.engine.setup import load_config
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
-_spec = importlib.util.spec_from_file_location("fiber_demo", ROOT / "tools" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+demo = load_tool("demo")
 
 OPTS = [
     "MODEL.DEVICE", "cpu",
@@ -28,15 +26,6 @@ OPTS = [
     "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
     "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin-wait and run ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

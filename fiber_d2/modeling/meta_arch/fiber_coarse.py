@@ -119,9 +119,8 @@ class FIBERCoarse(nn.Module):
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
-        self.image_norm = nn.LayerNorm(
-            image_dim
-        )  # the original vit_model.norm (unimodal path only)
+        # the original vit_model.norm (unimodal path only)
+        self.image_norm = nn.LayerNorm(image_dim)
         self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
         self.cross_modal_image_transform = nn.Linear(image_dim, text_dim)
         self.cross_modal_text_pooler = Pooler(text_dim, "first")
