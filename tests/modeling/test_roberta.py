@@ -172,3 +172,19 @@ def test_freeze_and_bad_attention_implementation():
     assert not any(p.requires_grad for p in _tower(freeze=True).parameters())
     with pytest.raises(ValueError, match="flash"):
         _tower(attn="flash")
+
+
+def test_position_init_scale_scales_only_the_random_position_table():
+    stock, zero, half = _tower(), _tower(position_init_scale=0.0), _tower(position_init_scale=0.5)
+    pos = [t.model.embeddings.position_embeddings.weight for t in (stock, zero, half)]
+    assert pos[0].abs().sum() > 0
+    assert torch.count_nonzero(pos[1]) == 0
+    torch.testing.assert_close(pos[2], 0.5 * pos[0])
+    # everything else is the same random init
+    words = [t.model.embeddings.word_embeddings.weight for t in (stock, zero)]
+    torch.testing.assert_close(words[0], words[1])
+    # the zero table still learns: positions receive gradients
+    ids, mask = _text()
+    zero.train()
+    zero(ids, mask)[0].square().mean().backward()
+    assert zero.model.embeddings.position_embeddings.weight.grad.abs().sum() > 0

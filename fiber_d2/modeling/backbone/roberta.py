@@ -118,6 +118,7 @@ class RobertaTextTower(nn.Module):
         max_query_len: int = 256,
         attn_implementation: str = "sdpa",
         weights: str = "",
+        position_init_scale: float = 1.0,
         image_dims: Sequence[int] = (),
         use_checkpoint: bool = False,
         freeze: bool = False,
@@ -140,6 +141,11 @@ class RobertaTextTower(nn.Module):
             attn_implementation: "sdpa" or "eager".
             weights: HF hub name or local directory of pretrained RoBERTa weights; "" keeps the
                 random init. Loaded only when given.
+            position_init_scale: random init only: the position table is HF's N(0, 0.02) init
+                times this. 0 starts the tower without position information, which it then
+                learns only as far as the task needs it; a from-scratch tower trained on FIBER's
+                shuffled category prompts, where positions carry no class information, learns
+                the categories much faster so (README, "Demo status").
             image_dims: width of the image tokens seen by each fused layer, bottom to top; its
                 length is the number of fused (top) layers.
             use_checkpoint: activation checkpointing of every layer.
@@ -182,6 +188,8 @@ class RobertaTextTower(nn.Module):
                 **overrides,
             )
             model = RobertaModel(config, add_pooling_layer=False)
+            with torch.no_grad():
+                model.embeddings.position_embeddings.weight.mul_(position_init_scale)
         self.model = model
         config = model.config
         first_fused = config.num_hidden_layers - len(image_dims)
@@ -223,6 +231,7 @@ class RobertaTextTower(nn.Module):
             "max_query_len": lang.MAX_QUERY_LEN,
             "attn_implementation": lang.ATTN_IMPLEMENTATION,
             "weights": lang.WEIGHTS,
+            "position_init_scale": lang.POSITION_INIT_SCALE,
             # the text layers paired with the top Swin blocks read tokens of those blocks' widths
             "image_dims": fused_block_dims(
                 swin.EMBED_DIM, swin.DEPTHS, cfg.MODEL.FIBER.NUM_FUSION_LAYERS
