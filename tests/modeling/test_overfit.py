@@ -5,6 +5,7 @@ the run measures fitting rather than generalisation over prompt orders.
 """
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.env import seed_all_rng
 
 from fiber_d2.engine.setup import load_config
 from fiber_d2.engine.trainer import FIBERTrainer
@@ -63,6 +64,7 @@ def test_tiny_fiber_overfits(tmp_path):
         ],
     )
     cfg.freeze()
+    seed_all_rng(cfg.SEED)  # model init and data order independent of the tests run before
     trainer = FIBERTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
