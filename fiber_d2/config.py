@@ -77,8 +77,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT = 0.1  # attention-probability dropout
     # LayerNorm eps (roberta-base; HF's default is 1e-12)
     _C.MODEL.LANGUAGE_BACKBONE.LAYER_NORM_EPS = 1e-5
-    # random init only (WEIGHTS ""): scale of the position table's init (0: no position information
-    # at the start; see RobertaTextTower)
+    # random init only (an error with WEIGHTS): scale of the position table's init (0: no position
+    # information at the start; see RobertaTextTower)
     _C.MODEL.LANGUAGE_BACKBONE.POSITION_INIT_SCALE = 1.0
     _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
     _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"

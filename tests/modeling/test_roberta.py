@@ -188,3 +188,8 @@ def test_position_init_scale_scales_only_the_random_position_table():
     zero.train()
     zero(ids, mask)[0].square().mean().backward()
     assert zero.model.embeddings.position_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_position_init_scale_with_pretrained_weights_is_an_error():
+    with pytest.raises(ValueError, match="random init only"):
+        _tower(weights="some/roberta", position_init_scale=0.0)

@@ -141,8 +141,8 @@ class RobertaTextTower(nn.Module):
             attn_implementation: "sdpa" or "eager".
             weights: HF hub name or local directory of pretrained RoBERTa weights; "" keeps the
                 random init. Loaded only when given.
-            position_init_scale: random init only: the position table is HF's N(0, 0.02) init
-                times this. 0 starts the tower without position information, which it then
+            position_init_scale: random init only (an error with ``weights``): the position
+                table is HF's N(0, 0.02) init times this. 0 starts the tower without position information, which it then
                 learns only as far as the task needs it; a from-scratch tower trained on FIBER's
                 shuffled category prompts, where positions carry no class information, learns
                 the categories much faster so (README, "Demo status").
@@ -165,6 +165,11 @@ class RobertaTextTower(nn.Module):
             "attention_probs_dropout_prob": attention_dropout,
             "attn_implementation": attn_implementation,
         }
+        if weights and position_init_scale != 1.0:
+            raise ValueError(
+                f"position_init_scale {position_init_scale} applies to a random init only; "
+                f"pretrained text weights {weights!r} are loaded as they are"
+            )
         if weights:
             model = RobertaModel.from_pretrained(weights, add_pooling_layer=False, **overrides)
             got = (model.config.hidden_size, model.config.num_hidden_layers)
