@@ -141,11 +141,11 @@ class RobertaTextTower(nn.Module):
             attn_implementation: "sdpa" or "eager".
             weights: HF hub name or local directory of pretrained RoBERTa weights; "" keeps the
                 random init. Loaded only when given.
-            position_init_scale: random init only (an error with ``weights``): the position
-                table is HF's N(0, 0.02) init times this. 0 starts the tower without position information, which it then
-                learns only as far as the task needs it; a from-scratch tower trained on FIBER's
-                shuffled category prompts, where positions carry no class information, learns
-                the categories much faster so (README, "Demo status").
+            position_init_scale: random init only (an error with ``weights``): the position table is
+                HF's N(0, 0.02) init times this. 0 starts the tower without position information,
+                which it then learns only as far as the task needs it; a from-scratch tower trained
+                on FIBER's shuffled category prompts, where positions carry no class information,
+                learns the categories much faster so (README, "Demo status").
             image_dims: width of the image tokens seen by each fused layer, bottom to top; its
                 length is the number of fused (top) layers.
             use_checkpoint: activation checkpointing of every layer.
