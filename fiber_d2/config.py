@@ -26,6 +26,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # BGR 0-255 normalisation used by the fine-grained model (spec 6.3).
     _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
     _C.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
+    # Load a MODEL.WEIGHTS file that leaves more than 1% of the model's parameters unfilled (by
+    # default that is a one-line error listing the missing groups: another architecture?).
+    _C.MODEL.WEIGHTS_PARTIAL_OK = False
 
     # ------------------------------------------------------------------ fusion
     _C.MODEL.FIBER = CN()
@@ -178,4 +181,7 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
     _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP
     _C.TEST.FLICKR_GT_TYPE = "separate"  # Flickr30k GT boxes: "separate" (ANY-box) or "merged"
+    # An unreadable test image: False stops the evaluation with one line naming the file; True
+    # evaluates it as an image without predictions (it still counts in every denominator).
+    _C.TEST.UNREADABLE_IMAGE_AS_EMPTY = False
     return cfg

@@ -36,7 +36,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch import nn
 
-from .checkpoint.checkpointer import FIBERCheckpointer
+from .checkpoint.checkpointer import load_model_weights
 from .data.mapper import encode_category_prompts
 from .modeling.meta_arch.fiber import FIBER
 from .text import build_tokenizer, char_spans_to_positive_map, tokenize
@@ -135,10 +135,7 @@ class FIBERPredictor:
         if weights and "://" not in weights and not os.path.isfile(weights):
             raise FileNotFoundError(f"MODEL.WEIGHTS file not found: {weights}")
         model = build_model(cfg.clone())
-        if weights:
-            FIBERCheckpointer(model).load(weights)
-        else:
-            logger.warning("MODEL.WEIGHTS is empty: predicting with a randomly initialised model")
+        load_model_weights(model, cfg)  # safe formats, strict unless MODEL.WEIGHTS_PARTIAL_OK
         return {
             "model": model,
             "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),

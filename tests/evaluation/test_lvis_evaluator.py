@@ -48,7 +48,7 @@ def _lvis_json(path):
 @pytest.fixture()
 def registered(tmp_path):
     json_file = _lvis_json(tmp_path / "lvis_tiny.json")
-    DatasetCatalog.register(NAME, lambda: [])
+    DatasetCatalog.register(NAME, lambda: [{"image_id": i} for i in (1, 2, 3)])
     MetadataCatalog.get(NAME).set(json_file=json_file, evaluator_type="lvis")
     yield NAME
     DatasetCatalog.remove(NAME)

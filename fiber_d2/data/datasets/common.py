@@ -6,7 +6,7 @@ import logging
 import math
 from typing import List, Optional, Sequence
 
-__all__ = ["RecordFilter", "box_problem", "span_problem"]
+__all__ = ["BadRecordError", "RecordFilter", "box_problem", "span_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +110,7 @@ def span_problem(spans, text: str) -> Optional[str]:
         if not (isinstance(s, int) and isinstance(e, int)) or not 0 <= s < e <= len(text):
             return f"span {list(span)} is outside the caption (length {len(text)})"
     return None
+
+
+class BadRecordError(ValueError):
+    """A one-line, user-facing error about a dataset or one of its records (naming it)."""
