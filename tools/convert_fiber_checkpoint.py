@@ -10,8 +10,14 @@
 only) picks ``FIBERCoarse`` ("coarse") or the detector's fused backbone ("fine"); with a config it
 defaults to the config's meta-architecture. With ``--config-file`` the fiber_d2 model is built on the meta
 device (no memory for weights) to check shapes, resize relative-position tables and report missing keys.
-The input is read with ``torch.load(weights_only=True)``. The output is
-``{"model": state_dict, "__fiber_d2__": provenance}``, ready for ``MODEL.WEIGHTS``.
+The input is read with ``torch.load(weights_only=True)`` (or safetensors / the numpy-only ``.pkl``
+reader). The output is ``{"model": state_dict, "__fiber_d2__": provenance}`` (``.safetensors``
+output: the state dict, provenance in the metadata), ready for ``MODEL.WEIGHTS``.
+``FIBERCheckpointer`` runs the same conversion (:func:`fiber_d2.checkpoint.layout.convert_original`)
+when an original file is given as ``MODEL.WEIGHTS`` directly.
+
+The tool exits non-zero, writing nothing, when no tensor is mapped, when a tensor's shape differs
+from the target model's (with ``--config-file``), or when the input is already a fiber_d2 file.
 """
 
 import argparse
@@ -28,16 +34,24 @@ except ImportError as e:  # pragma: no cover
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
-from fiber_d2.checkpoint.convert import (
-    convert_coarse_state_dict,
-    convert_fine_state_dict,
-    unwrap_state_dict,
+from fiber_d2.checkpoint.convert import unwrap_state_dict
+from fiber_d2.checkpoint.layout import (
+    META_ARCH_TARGET,
+    convert_original,
+    fiber_d2_layout,
+    original_layout,
+)
+from fiber_d2.checkpoint.safe_io import (
+    CheckpointError,
+    load_checkpoint_file,
+    save_checkpoint_file,
+    torch_load_error,
 )
 from fiber_d2.engine.setup import ConfigError, load_config
 
 logger = logging.getLogger("fiber_d2.convert_fiber_checkpoint")
 
-_META_ARCH_TARGET = {"FIBER": "fine", "FIBERCoarse": "coarse"}
+_META_ARCH_TARGET = META_ARCH_TARGET
 
 
 def load_original(path: str):
@@ -48,6 +62,8 @@ def load_original(path: str):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input checkpoint not found: {path}")
+    if path.endswith((".pkl", ".safetensors")):
+        return load_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (
@@ -57,20 +73,19 @@ def load_original(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the file name
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"cannot load {path} with torch.load(weights_only=True): {first}"
-        ) from None
+        raise CheckpointError(torch_load_error(path, e)) from None
 
 
 def detect_stage(original, use_ema: bool) -> str:
     """ "fine" or "coarse" from the key names of the state dict inside ``original``."""
-    state, _ = unwrap_state_dict(original, use_ema=use_ema)
-    keys = [k[len("module.") :] if k.startswith("module.") else k for k in map(str, state)]
-    if any(k.startswith(("fusion_backbone.", "rpn.")) for k in keys):
-        return "fine"
-    if any(k.startswith(("vit_model.", "text_transformer.")) for k in keys):
-        return "coarse"
+    unwrap_state_dict(original, use_ema=use_ema)  # TypeError / KeyError for a bad container
+    stage = original_layout(original, use_ema=use_ema)
+    if stage is not None:
+        return stage
+    if fiber_d2_layout(original):
+        raise ValueError(
+            "it is already in fiber_d2's layout (converted before); give it to MODEL.WEIGHTS as is"
+        )
     raise ValueError(
         "cannot tell the checkpoint layout (no fusion_backbone./rpn. or vit_model./text_transformer. "
         "keys); pass --stage"
@@ -120,9 +135,31 @@ def main(argv=None) -> None:
         report = convert(args)
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"error: {msg}")
+        sys.exit(f"error: {args.input}: {msg}" if args.input not in str(msg) else f"error: {msg}")
     print(report.summary())
     print(f"wrote {args.output}")
+
+
+def check_report(report, path: str) -> None:
+    """Refuse a conversion that mapped nothing or met shape mismatches (nothing is written).
+
+    Raises:
+        ValueError: one line; the report's summary is printed first.
+    """
+    counts = report.counts()
+    if counts["mapped"] and not counts["shape_mismatches"]:
+        return
+    print(report.summary(), file=sys.stderr)
+    if not counts["mapped"]:
+        raise ValueError(
+            f"{path}: no tensor was mapped ({counts['skipped']} skipped); nothing written"
+        )
+    first = report.shape_mismatches[0]
+    raise ValueError(
+        f"{path}: {counts['shape_mismatches']} shape mismatch(es) with the target model (first: "
+        f"{first[0]} -> {first[1]}: checkpoint {first[2]}, model {first[3]}); check --config-file; "
+        "nothing written"
+    )
 
 
 def convert(args):
@@ -149,14 +186,10 @@ def convert(args):
         )
     if meta_arch is not None and _META_ARCH_TARGET[meta_arch] != target:
         raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
-    if stage == "fine":
-        converted, report = convert_fine_state_dict(
-            original, model_state=model_state, use_ema=args.use_ema
-        )
-    else:
-        converted, report = convert_coarse_state_dict(
-            original, target=target, model_state=model_state, use_ema=args.use_ema
-        )
+    converted, report = convert_original(
+        original, stage=stage, target=target, model_state=model_state, use_ema=args.use_ema
+    )
+    check_report(report, args.input)
     provenance = {
         "converter": "tools/convert_fiber_checkpoint.py",
         "fiber_d2_version": fiber_d2.__version__,
@@ -174,9 +207,7 @@ def convert(args):
     }
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = args.output + ".tmp"
-    torch.save({"model": _compact(converted), "__fiber_d2__": provenance}, tmp)
-    os.replace(tmp, args.output)
+    save_checkpoint_file(args.output, _compact(converted), provenance)
     logger.info("wrote %d tensors to %s", len(converted), args.output)
     return report
 

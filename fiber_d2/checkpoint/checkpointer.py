@@ -32,7 +32,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .layout import COARSE, FINE, convert_original, original_layout
-from .safe_io import CheckpointError, load_checkpoint_file
+from .safe_io import CheckpointError, load_checkpoint_file, one_line
 
 __all__ = [
     "FIBERCheckpointer",
@@ -41,6 +41,8 @@ __all__ = [
     "load_state_dict_file",
     "load_model_weights",
     "summarize_keys",
+    "weights_to_load",
+    "check_weights_before_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -302,3 +304,52 @@ def load_model_weights(model: torch.nn.Module, cfg) -> None:
     if "://" not in weights and not os.path.isfile(weights):
         raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights}")
     FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK).load(weights)
+
+
+def weights_to_load(cfg, *, resume: bool) -> str:
+    """The file a run will load: the last checkpoint of ``OUTPUT_DIR`` when resuming and one
+    exists (as detectron2's ``resume_or_load``), else ``MODEL.WEIGHTS`` ("" for none)."""
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        if name:
+            return os.path.join(cfg.OUTPUT_DIR, name)
+    return cfg.MODEL.WEIGHTS
+
+
+def check_weights_before_run(cfg, *, resume: bool) -> None:
+    """Read and check the weights a run will load before it writes anything to ``OUTPUT_DIR``.
+
+    The file is read safely and loaded into the model built on the meta device (no memory for
+    weights), so an unsafe, unreadable or unfit file (strict weights) is a one-line error before
+    any file is touched. The file read here is handed to the run's own load of it (not read twice).
+
+    Raises:
+        CheckpointError: one line naming the file.
+    """
+    path = weights_to_load(cfg, resume=resume)
+    if not path:
+        return
+    if "://" not in path and not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    from detectron2.modeling import build_model
+
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "meta"
+    meta_cfg.MODEL.SWIN.WEIGHTS = ""
+    meta_cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
+    try:
+        with torch.device("meta"):
+            model = build_model(meta_cfg)
+    except Exception as e:  # noqa: BLE001 - the run's own load still checks everything
+        logger.info("pre-flight: cannot build the model on the meta device (%s)", one_line(e))
+        _PRELOADED.clear()
+        local = os.path.abspath(path)
+        if os.path.isfile(local):
+            _PRELOADED[local] = (_signature(local), load_checkpoint_file(local))
+        return
+    checkpointer = FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK)
+    checkpointer.keep_loaded = True
+    checkpointer.load(path, checkpointables=[])

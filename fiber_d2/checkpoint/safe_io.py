@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_checkpoint_file",
     "save_checkpoint_file",
     "one_line",
+    "torch_load_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,10 +151,24 @@ def load_checkpoint_file(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - weights_only refusals and corrupt files alike
-        raise CheckpointError(
-            f"cannot load {path} with torch.load(weights_only=True): {one_line(e)} "
-            f"(safe formats: {SAFE_FORMATS})"
-        ) from None
+        raise CheckpointError(torch_load_error(path, e)) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def torch_load_error(path: str, error: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``: the refused global when that is
+    the cause (torch's own message spans many lines and suggests unsafe loading)."""
+    text = _ANSI.sub("", str(error))
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (
+            f"refusing to load {path}: it holds {refused.group(1)}, not only tensors and plain "
+            f"containers (torch.load weights_only=True; safe formats: {SAFE_FORMATS})"
+        )
+    reason = (text.strip().splitlines() or [type(error).__name__])[0]
+    return f"cannot load {path} with torch.load(weights_only=True): {reason}"
 
 
 def save_checkpoint_file(path: str, state_dict: dict, provenance: dict | None = None) -> None:

@@ -67,10 +67,11 @@ def test_grounding_coco_loader(tmp_path, caplog, shapes_tokenizer):
     assert meta.evaluator_type == "coco" and meta.fiber_task == "detection"
     with caplog.at_level(logging.WARNING):
         records = DatasetCatalog.get(name)
-    # the far-outside box skips its record with a warning naming it; the missing image is
-    # only noticed by the mapper
-    assert [r["image_id"] for r in records] == [10, 11]
-    assert "bad_box.jpg" in caplog.text and "skipped 1 of 3" in caplog.text
+    # the far-outside box is dropped with a counted warning naming the file, its image kept;
+    # the missing image is only noticed by the mapper
+    assert [r["image_id"] for r in records] == [10, 11, 12]
+    assert records[2]["annotations"] == []
+    assert "bad_box.jpg" in caplog.text and "dropped 1 bad annotation(s)" in caplog.text
     assert meta.thing_classes == ["café_table", "Äpfel (grün)", "人"]
     assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 5: 1, 9: 2}
     assert meta.category_prompts == {"人": "person"}
@@ -93,7 +94,7 @@ def test_grounding_coco_loader(tmp_path, caplog, shapes_tokenizer):
 
 def test_grounding_coco_all_bad_raises(tmp_path):
     data = coco_json(tmp_path)
-    data["images"] = data["images"][2:]
+    data["images"] = [{"id": 12, "file_name": "no_size.jpg", "height": 0, "width": 0}]
     data["annotations"] = data["annotations"][3:]
     name = unique("coco_bad")
     register_grounding_coco(name, write(tmp_path / "bad.json", data), str(tmp_path))
