@@ -167,6 +167,7 @@ class _BadRecordCounter:
     def __init__(self) -> None:
         self.skipped = 0
         self.dropped_boxes = 0
+        self.cut_phrases = 0
 
     def skip(self, record: dict, reason: str) -> None:
         self.skipped += 1
@@ -175,6 +176,17 @@ class _BadRecordCounter:
             _record_name(record),
             reason,
             self.skipped,
+        )
+
+    def cut_off(self, record: dict, count: int, max_len: int) -> None:
+        self.cut_phrases += count
+        logger.warning(
+            "%s: %d phrase(s) lie beyond the %d-token prompt (MAX_QUERY_LEN) and have no token; "
+            "they cannot be predicted (%d so far)",
+            _record_name(record),
+            count,
+            max_len,
+            self.cut_phrases,
         )
 
     def drop_boxes(self, record: dict, count: int) -> None:
@@ -434,6 +446,9 @@ class GroundingDatasetMapper:
         label_map = char_spans_to_positive_map(
             enc, [p["tokens_positive"] for p in phrases], self.max_query_len
         )
+        cut = int((~label_map.any(dim=1)).sum()) if len(phrases) else 0
+        if cut:  # spans inside the caption but past the truncated prompt (spec 3.4 skips them)
+            self.bad.cut_off(record, cut, self.max_query_len)
         out.update(
             caption=caption,
             input_ids=enc["input_ids"][0],

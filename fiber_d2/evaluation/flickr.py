@@ -138,12 +138,11 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         self._results = {}
         self._seen.reset()
 
-    def _record(self, image_id) -> dict:
+    def _record(self, image_id) -> dict | None:
+        """The dataset record, or None for an id not in the dataset (reported by evaluate())."""
         if self._gt is None:
             self._gt = records_by_image_id(self._dataset_name)
-        if image_id not in self._gt:
-            raise KeyError(f"image_id {image_id} is not in dataset '{self._dataset_name}'")
-        return self._gt[image_id]
+        return self._gt.get(image_id)
 
     def process(self, inputs: list[dict], outputs: list[dict]):
         """Score every phrase of every sentence of the batch.
@@ -155,8 +154,11 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         """
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
-            phrases = self._record(image_id).get("phrases", [])
             self._seen.add(image_id)
+            record = self._record(image_id)
+            if record is None:
+                continue
+            phrases = record.get("phrases", [])
             instances = without_predictions(inp, out)["instances"].to("cpu")
             # Tie order is UNDETERMINED in the spec; equal scores keep their input order.
             order = torch.sort(instances.scores, descending=True, stable=True).indices

@@ -134,10 +134,10 @@ class RefExpEvaluator(DatasetEvaluator):
             self._gt = records_by_image_id(self._dataset_name)
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
-            if image_id not in self._gt:
-                raise KeyError(f"image_id {image_id} is not in dataset '{self._dataset_name}'")
-            gt_box = refexp_gt_box(self._gt[image_id])
             self._seen.add(image_id)
+            if image_id not in self._gt:
+                continue  # reported by evaluate() (every rank raises there, none hangs)
+            gt_box = refexp_gt_box(self._gt[image_id])
             instances = without_predictions(inp, out)["instances"].to("cpu")
             self._results[image_id] = topk_giou_hits(
                 instances.pred_boxes.tensor, instances.scores, gt_box, self._topk, self._threshold

@@ -7,6 +7,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.flickr import FlickrRecallEvaluator, phrase_hit_rank
 
 NAME = "fiber_test_flickr_eval"
@@ -165,8 +166,10 @@ def test_errors():
     with pytest.raises(ValueError, match="gt_type"):
         FlickrRecallEvaluator(NAME, gt_type="any")
     ev = FlickrRecallEvaluator(NAME, distributed=False)
-    with pytest.raises(KeyError, match="image_id 99"):
-        ev.process([{"image_id": 99}], [{"instances": _instances([])}])
+    ev.reset()
+    ev.process([{"image_id": 99}], [{"instances": _instances([])}])
+    with pytest.raises(EvaluationCoverageError, match="not in the dataset .image_id 99"):
+        ev.evaluate()
     with pytest.raises(KeyError, match="not registered"):
         FlickrRecallEvaluator("fiber_no_such_dataset", distributed=False).process(
             [{"image_id": 1}], [{"instances": _instances([])}]

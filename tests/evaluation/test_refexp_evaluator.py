@@ -5,6 +5,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.refexp import RefExpEvaluator, topk_giou_hits
 
 NAME = "fiber_test_refexp_eval"
@@ -104,14 +105,16 @@ def test_ties_go_to_the_larger_box_as_in_the_original():
     ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, low), (0.5, GT)])}])
     assert ev.evaluate()["refexp"]["P@1"] == 100.0
     hits = topk_giou_hits(
-        torch.tensor([GT, MISS]), torch.tensor([0.5, 0.6]), torch.tensor([GT]), topk=(1,)
+        torch.tensor([GT, MISS]), torch.tensor([0.6, 0.5]), torch.tensor([GT]), topk=(1,)
     )
-    assert hits == (False,)  # a higher score still wins over a larger box
+    assert hits == (True,)  # a higher score wins over larger coordinates
 
 
 def test_errors():
     ev = RefExpEvaluator(BAD, distributed=False)
     with pytest.raises(ValueError, match="record 9 must have exactly 1 GT box, has 2"):
         ev.process([{"image_id": 9}], [{"instances": _instances([])}])
-    with pytest.raises(KeyError, match="image_id 77"):
-        ev.process([{"image_id": 77}], [{"instances": _instances([])}])
+    ev.reset()
+    ev.process([{"image_id": 77}], [{"instances": _instances([])}])
+    with pytest.raises(EvaluationCoverageError, match="not in the dataset .image_id 77"):
+        ev.evaluate()
