@@ -5,8 +5,9 @@ import json
 import logging
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BoxMode
+from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
 import fiber_d2.data  # noqa: F401  (registers the builtin datasets)
@@ -19,6 +20,7 @@ from fiber_d2.data.datasets import (
     register_mdetr_grounding,
 )
 from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.evaluation import FlickrRecallEvaluator
 
 _ids = itertools.count()
 
@@ -322,3 +324,27 @@ def test_mark_detection_dataset_wraps_the_loader():
     (out,) = DatasetCatalog.get(name)
     assert out["task"] == "detection" and out["dataset_name"] == name
     assert not mark_detection_dataset(unique("absent"))
+
+
+def test_flickr_phrase_types_are_names_and_keys(tmp_path):
+    """MDETR's per-phrase type lists become names, so the evaluator's keys read R@1-clothing."""
+    data = flickr_json()
+    data["images"][0]["phrase_types"] = [["people"], ["clothing"], ["animals"], ["people"]]
+    name = unique("flickr_types")
+    register_mdetr_grounding(name, write(tmp_path / "f.json", data), str(tmp_path), "grounding")
+    record = DatasetCatalog.get(name)[0]
+    assert [p["phrase_type"] for p in record["phrases"]] == [
+        "people",
+        "clothing",
+        "animals",
+        "people",
+    ]
+    ev = FlickrRecallEvaluator(name, distributed=False)
+    inst = Instances((333, 500))
+    inst.pred_boxes = Boxes(torch.zeros(0, 4))
+    inst.scores = torch.zeros(0)
+    inst.pred_classes = torch.zeros(0, dtype=torch.long)
+    ev.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    keys = set(ev.evaluate()["grounding"])
+    assert {"R@1-clothing", "R@1-people", "R@1-animals"} <= keys
+    assert not any("[" in k or "'" in k for k in keys)
