@@ -1,7 +1,7 @@
 """Bad input through training, evaluation and prediction: each case ends in a named one-line error
 or a counted warning, and no earlier file of an existing OUTPUT_DIR changes.
 
-The table in README "Safety" (and the issue note) is this file: run
+Each test is one row of the bad-input table (input x path -> behaviour); run
 ``.venv/bin/python -m pytest -q tests/test_bad_input.py -v`` to reproduce it. Paths: "train" and
 "eval" are ``tools/train_net.py`` (``--eval-only``), in a subprocess where the exact stderr matters
 (pickle payload) and in-process otherwise; "predict" is ``FIBERPredictor`` / ``tools/demo.py``;
