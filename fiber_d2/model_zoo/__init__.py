@@ -14,9 +14,10 @@ themselves as safetensors (see :mod:`fiber_d2.model_zoo.weights`). The table is
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -58,13 +59,15 @@ def config_path(name: str) -> Path:
 
 
 def _extra_defaults(e: ZooEntry):
+    """Import the entry's project (registering its models) and return its config function."""
     if not e.extra_defaults:
         return ()
-    file_name, func = e.extra_defaults.split(":")
-    spec = importlib.util.spec_from_file_location("fiber_d2_zoo_" + func, repo_root() / file_name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return (getattr(module, func),)
+    project_dir, target = e.extra_defaults.split(":")
+    package, func = target.rsplit(".", 1)
+    path = str(repo_root() / project_dir)
+    if path not in sys.path:  # the project's own package, as its train_net.py does
+        sys.path.insert(0, path)
+    return (getattr(importlib.import_module(package), func),)
 
 
 def get_config(name: str, opts: Optional[list] = None):

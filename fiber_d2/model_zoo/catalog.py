@@ -35,7 +35,8 @@ class ZooEntry:
         task: what the model does, in a few words.
         reported: metric -> number as the original reports it (the README's wording).
         url: where the original publishes the file ("" when not released or built locally).
-        extra_defaults: ``path.py:function`` adding a project's config keys, or "".
+        extra_defaults: ``project_dir:package.function``: a project (imported, which registers
+            its models) and its function adding config keys, or "".
         local_copies: repository-relative paths where the file may already be (e.g. written by
             ``make demo``), searched after ``FIBER_D2_HOME``.
         how_to_get: a hint for files that are not downloaded (e.g. "run `make demo`").
@@ -63,7 +64,7 @@ class ZooEntry:
         return self.name.replace("/", "_")
 
 
-_RETRIEVAL = "projects/Retrieval/retrieval/config.py:add_retrieval_config"
+_RETRIEVAL = "projects/Retrieval:retrieval.add_retrieval_config"
 
 ENTRIES: Tuple[ZooEntry, ...] = (
     # ------------------------------------------------------------------ built here
