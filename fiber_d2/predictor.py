@@ -250,7 +250,7 @@ class FIBERPredictor:
                 cfg = model_zoo.get_config(config, opts)
             else:
                 cfg = load_config(config, opts)
-        elif "/" in name or os.sep in name or name.endswith((".pth", ".pt", ".safetensors")):
+        elif name.endswith((".pth", ".pt", ".ckpt", ".safetensors")):
             raise FileNotFoundError(f"weights file not found: {name}")
         else:
             model_zoo.entry(name)  # raises KeyError listing the known names

@@ -132,10 +132,17 @@ def _convert(path: Path, state: Dict[str, torch.Tensor], layout: str, model: nn.
             raise ValueError(
                 f"{path} is a fine-grained (detector) checkpoint; the model is not FIBER"
             )
-        converted, _ = convert_fine_state_dict(state, model_state=model_state)
+        converted, report = convert_fine_state_dict(state, model_state=model_state)
     else:
         target = "fine" if is_detector else "coarse"
-        converted, _ = convert_coarse_state_dict(state, target=target, model_state=model_state)
+        converted, report = convert_coarse_state_dict(state, target=target, model_state=model_state)
+    wrong = [m for m in report.shape_mismatches if not m[1].startswith(_TOLERATED_MISMATCH)]
+    if wrong:
+        _, key, got, want = wrong[0]
+        raise ValueError(
+            f"{path} does not fit this model ({len(wrong)} tensors of another shape, e.g. {key}: "
+            f"file {tuple(got)}, model {tuple(want)}); is it the checkpoint of another config?"
+        )
     return converted
 
 
