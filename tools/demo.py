@@ -28,15 +28,15 @@ import os
 import sys
 
 try:
-    import numpy as np
-    import torch
-    from detectron2.utils.logger import setup_logger
-    from PIL import Image
-    from tqdm import tqdm
-
-    import fiber_d2  # noqa: F401  (registers FIBER's components; quiets fvcore's import warning)
+    # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
+    import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the environment
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+import numpy as np
+import torch
+from detectron2.utils.logger import setup_logger
+from PIL import Image
+from tqdm import tqdm
 
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, resolve_dtype, split_prompt, to_coco_json

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 __all__ = ["remove_background_categories", "convert_file", "find_inputs", "main"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fiber_d2.prepare_odinw")
 
 INPUT_NAME = "_annotations.coco.json"
 OUTPUT_NAME = "annotations_without_background.json"

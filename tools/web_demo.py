@@ -22,13 +22,13 @@ from typing import List, Optional
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
 
 try:
-    import numpy as np
-    import torch
-    from detectron2.utils.logger import setup_logger
-
-    import fiber_d2  # noqa: F401  (registers FIBER's components)
+    # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
+    import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the environment
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+import numpy as np
+import torch
+from detectron2.utils.logger import setup_logger
 
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, split_prompt
