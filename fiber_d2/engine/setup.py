@@ -118,12 +118,14 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
     cfg.merge_from_file(config_file)
 
 
-def register_config_datasets(cfg: CfgNode) -> list[str]:
+def register_config_datasets(cfg: CfgNode, *, check_files: bool = False) -> list[str]:
     """Register the COCO-format sets listed in ``DATASETS.REGISTER`` (see fiber_d2/config.py).
 
     Each entry is ``[name, json_file, image_root]`` or ``[name, json_file, image_root, prompts]``
     with ``prompts`` a ``{category name: prompt text}`` override. Registering the same entry twice
-    is a no-op.
+    is a no-op; a name registered by an earlier config is replaced, any other registered name is
+    an error. Files are read only when a dataset is first used; ``check_files`` (done by
+    :func:`validate_config` before a run) checks that they exist.
 
     Returns:
         the names registered or already present.
@@ -148,25 +150,28 @@ def register_config_datasets(cfg: CfgNode) -> list[str]:
         ):
             raise ConfigError(f"{where} ({name}): the prompt override must map names to text")
         json_file, image_root = os.path.expanduser(json_file), os.path.expanduser(image_root)
-        if not os.path.isfile(json_file):
+        if check_files and not os.path.isfile(json_file):
             raise ConfigError(f"{where} ({name}): annotation file not found: {json_file}")
-        if not os.path.isdir(image_root):
+        if check_files and not os.path.isdir(image_root):
             raise ConfigError(f"{where} ({name}): image folder not found: {image_root}")
         json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            same = meta.get("json_file", None) == json_file
-            if same and dict(meta.get("category_prompts", {}) or {}) == dict(prompts or {}):
+            if meta.get("json_file", None) == json_file and dict(
+                meta.get("category_prompts", {}) or {}
+            ) == dict(prompts or {}):
                 names.append(name)
                 continue
-            if not same:
+            if not meta.get("registered_by_config", False):
                 raise ConfigError(
                     f"{where}: dataset name {name!r} is already registered (with "
                     f"{meta.get('json_file', 'another loader')}); choose another name"
                 )
+            # a name from an earlier config (another working directory, other files): replace it
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         register_grounding_coco(name, json_file, image_root, prompt=prompts)
+        MetadataCatalog.get(name).set(registered_by_config=True)
         names.append(name)
         logger.debug("registered %s from %s", name, json_file)
     return names
@@ -186,6 +191,7 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
     names = list(cfg.DATASETS.TEST)
     if training:
         names += list(cfg.DATASETS.TRAIN)
+    register_config_datasets(cfg, check_files=True)
     registered = set(DatasetCatalog.list())
     for name in names:
         if name not in registered:

@@ -96,11 +96,14 @@ def test_register_from_config_names_prompts_and_errors(tmp_path):
 
     cfg.defrost()
     cfg.DATASETS.REGISTER = [["cones_train", str(folder / "val.json"), str(folder / "images")]]
-    with pytest.raises(ConfigError, match="'cones_train' is already registered"):
+    register_config_datasets(cfg)  # a config's own name: replaced by the new files
+    assert len(DatasetCatalog.get("cones_train")) == 1
+    cfg.DATASETS.REGISTER = [["shapes_val_det", str(folder / "val.json"), str(folder / "images")]]
+    with pytest.raises(ConfigError, match="'shapes_val_det' is already registered"):
         register_config_datasets(cfg)
     cfg.DATASETS.REGISTER = [["x", str(folder / "missing.json"), str(folder / "images")]]
     with pytest.raises(ConfigError, match=r"REGISTER\[0\] \(x\): annotation file not found"):
-        register_config_datasets(cfg)
+        register_config_datasets(cfg, check_files=True)
     cfg.DATASETS.REGISTER = [["x", str(folder / "val.json")]]
     with pytest.raises(ConfigError, match=r"REGISTER\[0\] must be"):
         register_config_datasets(cfg)
