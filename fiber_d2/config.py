@@ -153,6 +153,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.DATASETS.DISABLE_SHUFFLE = False  # keep category order in training prompts
     _C.DATASETS.FULL_PROMPT_TRAIN = False  # all categories every time (COCO fine-tuning)
     _C.DATASETS.TEST_PROMPT = []  # optional per-category prompt override for evaluation
+    # COCO-format sets registered when the config is loaded, usable in TRAIN / TEST:
+    # [[name, json_file, image_root], ...]; a 4th element {category name: prompt text} overrides
+    # that dataset's prompt words (README "Your own dataset").
+    _C.DATASETS.REGISTER = []
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD

@@ -28,12 +28,13 @@ import sys
 import torch
 
 try:
-    from detectron2.modeling import build_model
-    from detectron2.utils.logger import setup_logger
+    # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
+    import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.checkpoint.convert import unwrap_state_dict
 from fiber_d2.checkpoint.layout import (
     META_ARCH_TARGET,
@@ -130,7 +131,8 @@ def main(argv=None) -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     setup_logger(name="fiber_d2")
-    logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.INFO)  # summary is printed
+    # the tool prints the full summary once; the converter's own log line would repeat its first line
+    logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.WARNING)
     try:
         report = convert(args)
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:

@@ -109,6 +109,7 @@ def register_all_builtin(root: Optional[str] = None) -> None:
     Args:
         root: datasets root (default ``$DETECTRON2_DATASETS`` or ``datasets``).
     """
+    explicit_root = root is not None
     root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
 
     def p(*parts: str) -> str:
@@ -164,4 +165,5 @@ def register_all_builtin(root: Optional[str] = None) -> None:
     ):
         register_captions(name, karpathy, p("coco"), splits=splits, one_per_caption=per_caption)
 
-    register_shapes(os.path.join(root, "shapes"))
+    # generated data: $FIBER_D2_HOME/shapes unless a datasets root is given or set
+    register_shapes(os.path.join(root, "shapes") if explicit_root else str(shapes_root()))

@@ -150,8 +150,15 @@ class FIBER(nn.Module):
 
         Returns:
             training: dict of scalar losses (``loss_dot_product_token``, ``loss_reg``,
-            ``loss_centerness``, ``loss_cls``); inference: ``[{"instances": Instances}]``.
+            ``loss_centerness``); inference: ``[{"instances": Instances}]``.
         """
+        if any("input_ids" not in x for x in batched_inputs):
+            # e.g. detectron2's DefaultPredictor, which passes images only
+            raise ValueError(
+                "FIBER needs a text prompt with every image ('input_ids', 'attention_mask'"
+                + ("" if self.training else ", 'label_token_map'")
+                + "); for inference use fiber_d2.FIBERPredictor, not detectron2's DefaultPredictor"
+            )
         if not self.training:
             return self.inference(batched_inputs)
         if any("instances" not in x for x in batched_inputs):
@@ -166,6 +173,11 @@ class FIBER(nn.Module):
             boxes[:, 2:] -= 1.0  # detectron2 (x2 = x + w) -> legacy (x2 = x + w - 1)
             targets.append({"gt_boxes": boxes, "positive_map": inst.gt_positive_map})
         losses = self.loss(anchors, outputs, targets, mask)
+        # loss_cls is always zero (the unused cls_logits conv stays in the graph for DDP): fold it
+        # into another term instead of logging a constant 0 every iteration.
+        zero = losses.pop("loss_cls", None)
+        if zero is not None:
+            losses["loss_centerness"] = losses["loss_centerness"] + zero
         num_empty = sum(int(t["gt_boxes"].shape[0] == 0) for t in targets)
         if num_empty == len(targets) or num_empty > self.max_neg_per_batch * len(targets):
             # FIBER skips such batches: keep the graph, drop the gradient signal.
