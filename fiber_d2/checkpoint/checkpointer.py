@@ -224,6 +224,25 @@ class FIBERCheckpointer(DetectionCheckpointer):
         return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
 
     # ------------------------------------------------------------------ loading
+    def load_weights_file(self, path: str):
+        """Load only the model weights of ``path`` (no other checkpointables).
+
+        Returns:
+            detectron2's incompatible-keys record (``missing_keys``, ``unexpected_keys``, ...).
+
+        Raises:
+            CheckpointError: unsafe, unreadable or unfit file (strict weights).
+        """
+        return self.load_weights_state(self._load_file(path), path)
+
+    def load_weights_state(self, checkpoint: dict, name: str):
+        """As :meth:`load_weights_file` for an already loaded ``{"model": state_dict}``; ``name``
+        is the file it came from, used in messages."""
+        self._path = name
+        incompatible = self._load_model(checkpoint)
+        self._log_incompatible_keys(incompatible)
+        return incompatible
+
     def _load_model(self, checkpoint: dict):
         model_keys = set(self.model.state_dict().keys())
         state = checkpoint["model"]

@@ -9,7 +9,10 @@
 * A checkpoint of a different architecture (shape mismatches, most tensors missing) or a file that
   cannot be read is one ``ValueError`` line naming the file.
 
-Everything is read with ``torch.load(weights_only=True)`` or safetensors; nothing is downloaded.
+Reading, strict weights and the coarse-to-fine hand-off are :class:`FIBERCheckpointer`'s and the
+conversion is :func:`fiber_d2.checkpoint.layout.convert_original` (the converter tool's): files are
+read with ``torch.load(weights_only=True)``, safetensors or the numpy-only ``.pkl`` reader; nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Dict, Tuple
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..checkpoint.checkpointer import load_state_dict_file, summarize_keys
+from ..checkpoint.checkpointer import FIBERCheckpointer, load_state_dict_file
+from ..checkpoint.layout import COARSE, FINE, convert_original, fiber_d2_layout, original_layout
+from ..checkpoint.safe_io import save_checkpoint_file
 from .catalog import ZooEntry
 
 __all__ = [
@@ -39,8 +44,6 @@ logger = logging.getLogger(__name__)
 # Shape mismatches tolerated when loading: the frozen, unused cls_logits conv is sized by
 # DYHEAD.NUM_CLASSES, which differs between the released configs (spec §5.1 loader skips it too).
 _TOLERATED_MISMATCH = ("head.cls_logits.",)
-# A checkpoint that fills fewer than this share of the model's tensors belongs to another model.
-_MIN_FILLED = 0.5
 
 
 def fiber_d2_home() -> Path:
@@ -81,19 +84,18 @@ def weights_path(e: ZooEntry) -> Path:
     )
 
 
-def checkpoint_layout(state: Dict[str, torch.Tensor]) -> str:
+def checkpoint_layout(state: Mapping) -> str:
     """ "fiber_d2", "original-fine" or "original-coarse" from the key names.
 
     Raises:
         ValueError: keys of neither layout.
     """
-    keys = [k[len("module.") :] if k.startswith("module.") else k for k in map(str, state)]
-    if any(k.startswith(("fusion_backbone.", "rpn.")) for k in keys):
-        return "original-fine"
-    if any(k.startswith(("vit_model.", "text_transformer.")) for k in keys):
-        return "original-coarse"
-    if any(k.startswith(("backbone.", "head.")) for k in keys):
+    stage = original_layout(state)
+    if stage is not None:
+        return f"original-{stage}"
+    if fiber_d2_layout(state):
         return "fiber_d2"
+    keys = [str(k) for k in (state.get("model", state) if "model" in state else state)]
     raise ValueError(f"keys of neither fiber_d2 nor the original FIBER, e.g. {keys[:3]}")
 
 
@@ -105,37 +107,16 @@ def _cache_path(path: Path) -> Path:
     return fiber_d2_home() / "converted" / f"{path.name}.{digest}.fiber_d2.safetensors"
 
 
-def _read(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        loaded = load_state_dict_file(str(path))
-    except (ValueError, RuntimeError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"cannot read weights file {path} (truncated or not a checkpoint): {first}"
-        ) from None
-    from ..checkpoint.convert import unwrap_state_dict
-
-    try:
-        state, _ = unwrap_state_dict(loaded)
-    except TypeError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _convert(path: Path, state: Dict[str, torch.Tensor], layout: str, model: nn.Module) -> dict:
-    from ..checkpoint.convert import convert_coarse_state_dict, convert_fine_state_dict
-
+def _convert(path: Path, checkpoint: Mapping, stage: str, model: nn.Module) -> Dict[str, Tensor]:
+    """The one conversion of original files (:func:`fiber_d2.checkpoint.layout.convert_original`);
+    a file whose tensors do not fit the model is one line."""
     model_state = model.state_dict()
     is_detector = any(k.startswith("backbone.bottom_up.") for k in model_state)
-    if layout == "original-fine":
-        if not is_detector:
-            raise ValueError(
-                f"{path} is a fine-grained (detector) checkpoint; the model is not FIBER"
-            )
-        converted, report = convert_fine_state_dict(state, model_state=model_state)
-    else:
-        target = "fine" if is_detector else "coarse"
-        converted, report = convert_coarse_state_dict(state, target=target, model_state=model_state)
+    if stage == FINE and not is_detector:
+        raise ValueError(f"{path} is a fine-grained (detector) checkpoint; the model is not FIBER")
+    converted, report = convert_original(
+        checkpoint, stage=stage, target=FINE if is_detector else COARSE, model_state=model_state
+    )
     wrong = [m for m in report.shape_mismatches if not m[1].startswith(_TOLERATED_MISMATCH)]
     if wrong:
         _, key, got, want = wrong[0]
@@ -143,56 +124,27 @@ def _convert(path: Path, state: Dict[str, torch.Tensor], layout: str, model: nn.
             f"{path} does not fit this model ({len(wrong)} tensors of another shape, e.g. {key}: "
             f"file {tuple(got)}, model {tuple(want)}); is it the checkpoint of another config?"
         )
-    return converted
+    return converted  # mismatched tensors are reported, never written
 
 
-def _cache(path: Path, converted: Dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
+def _cache(path: Path, converted: Dict[str, Tensor]) -> Path | None:
+    """Write the converted weights next to ``path`` (or under FIBER_D2_HOME); None on failure."""
     cache = _cache_path(path)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        save_file({k: v.detach().clone().contiguous() for k, v in converted.items()}, str(tmp))
-        os.replace(tmp, cache)
-        logger.info("converted %s once; cached as %s", path, cache)
+        save_checkpoint_file(str(cache), converted, {"converted_from": str(path)})
     except OSError as e:
         logger.warning("could not cache the converted weights at %s: %s", cache, e)
-
-
-def _check_fit(
-    path: Path, state: Dict[str, torch.Tensor], model: nn.Module
-) -> Dict[str, torch.Tensor]:
-    """Drop tolerated mismatches; raise for another architecture."""
-    model_state = model.state_dict()
-    wrong = [
-        (k, tuple(v.shape), tuple(model_state[k].shape))
-        for k, v in state.items()
-        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
-    ]
-    bad = [w for w in wrong if not w[0].startswith(_TOLERATED_MISMATCH)]
-    if bad:
-        k, got, want = bad[0]
-        raise ValueError(
-            f"{path} does not fit this model ({len(bad)} tensors of another shape, e.g. {k}: "
-            f"file {got}, model {want}); is it the checkpoint of another config?"
-        )
-    filled = sum(k in state for k in model_state)
-    if filled < _MIN_FILLED * len(model_state):
-        missing = [k for k in model_state if k not in state]
-        raise ValueError(
-            f"{path} fills only {filled} of the model's {len(model_state)} tensors (missing: "
-            f"{summarize_keys(missing, 1)}); is it the checkpoint of another model?"
-        )
-    for k, got, want in wrong:
-        logger.info("skipped %s: file shape %s, model shape %s", k, got, want)
-    return {
-        k: v for k, v in state.items() if (k, tuple(v.shape)) not in {(w[0], w[1]) for w in wrong}
-    }
+        return None
+    logger.info("converted %s once; cached as %s", path, cache)
+    return cache
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]:
     """Load a local weights file of either layout into ``model`` (see the module docstring).
+
+    Reading, strict-weights checks and the coarse-to-fine hand-off are
+    :class:`~fiber_d2.checkpoint.FIBERCheckpointer`'s; this adds the conversion cache.
 
     Args:
         model: a built ``FIBER`` or ``FIBERCoarse`` model.
@@ -203,37 +155,30 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable / truncated file, unknown layout, another architecture.
+        ValueError: unreadable / truncated / unsafe file, unknown layout, another architecture.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
+    checkpointer = FIBERCheckpointer(model, partial_ok=False)
     cache = _cache_path(path)
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
         logger.info("loading %s (converted from %s)", cache, path)
-        state = _read(cache)
+        incompatible = checkpointer.load_weights_file(str(cache))
     else:
-        state = _read(path)
+        checkpoint = load_state_dict_file(str(path))
         try:
-            layout = checkpoint_layout(state)
+            layout = checkpoint_layout(checkpoint)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        if layout != "fiber_d2":
-            state = _convert(path, state, layout, model)
-            _check_fit(path, state, model)
-            _cache(path, state)
-        elif any(k.startswith(("backbone.image_tower.", "backbone.text_tower.")) for k in state):
-            # a fiber_d2 coarse-stage file loaded into the detector: the checkpointer's hand-off
-            from ..checkpoint.checkpointer import _reroot_coarse
-
-            state = _reroot_coarse(state, set(model.state_dict()))
-    state = _check_fit(path, state, model)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        logger.info(
-            "%d model tensors not in %s (kept as initialised): %s",
-            len(result.missing_keys),
-            path.name,
-            summarize_keys(result.missing_keys),
-        )
-    return list(result.missing_keys), list(result.unexpected_keys)
+        if layout == "fiber_d2":
+            incompatible = checkpointer.load_weights_file(str(path))
+        else:
+            converted = _convert(path, checkpoint, layout[len("original-") :], model)
+            cached = _cache(path, converted)
+            incompatible = (
+                checkpointer.load_weights_file(str(cached))
+                if cached is not None
+                else checkpointer.load_weights_state({"model": converted}, str(path))
+            )
+    return list(incompatible.missing_keys), list(incompatible.unexpected_keys)
