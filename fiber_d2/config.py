@@ -100,6 +100,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.DYHEAD.USE_DYRELU = True  # task-aware DyReLU activation
     _C.MODEL.DYHEAD.USE_DFCONV = True  # modulated deformable convs (else plain 3x3)
     _C.MODEL.DYHEAD.USE_CHECKPOINT = False  # activation checkpointing of the tower
+    # CPU deformable convs sample again in the backward pass instead of keeping 9 copies of the
+    # input (same gradients; False: keep them, the older and hungrier path)
+    _C.MODEL.DYHEAD.DFCONV_RECOMPUTE = True
     _C.MODEL.DYHEAD.NUM_CLASSES = 81  # sizes the frozen, unused cls_logits conv (80 outputs)
     _C.MODEL.DYHEAD.PRIOR_PROB = 0.01  # prior for cls_logits / bias0 init
     _C.MODEL.DYHEAD.LOG_SCALE = 0.0  # initial dot-product log temperature
