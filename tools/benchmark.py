@@ -12,7 +12,9 @@ Tasks (``TASKS``):
 * ``train``: one full training iteration of the configured meta-architecture (``FIBER`` or
   ``FIBERCoarse``): forward, sum of the losses, backward, optimizer step (``build_fiber_optimizer``:
   FIBER's parameter groups and clipping), EMA update with ``SOLVER.EMA.ENABLED``; fp16 adds a
-  ``GradScaler`` as detectron2's AMPTrainer does. Extra keys ``{fwd,bwd,step}_ms_median``, ``loss``.
+  ``GradScaler`` as detectron2's AMPTrainer does. Extra keys ``{fwd,bwd,step}_ms_median``, ``loss``,
+  ``fwd_bwd_peak_mem_mb`` (the peak up to the end of the backward passes: with --iters 1 --warmup 0
+  the model, its gradients and the activations, before the optimizer and EMA states exist).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
 * ``backbone``: the fused backbone with its FPN; ``ms_median`` is the eval forward; extra keys
@@ -468,6 +470,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
     ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     last_loss = [float("nan")]
+    fwd_bwd_peak = [0.0]
 
     def step() -> dict:
         t0 = time.perf_counter()
@@ -480,6 +483,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
         (scaler.scale(loss) if scaler else loss).backward()
         _sync(device)
         t2 = time.perf_counter()
+        fwd_bwd_peak[0] = max(fwd_bwd_peak[0], memory.peak_mb())
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -497,6 +501,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
     return {
         **_record((height, width), dtype, times["total"], memory, model),
         **{f"{k}_ms_median": _median(times[k]) for k in ("fwd", "bwd", "step")},
+        "fwd_bwd_peak_mem_mb": round(fwd_bwd_peak[0], 1),
         "trainable_params": _params(model, trainable=True),
         "ema": ema is not None,
         "loss": round(last_loss[0], 6),
