@@ -103,6 +103,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.DYHEAD.USE_DYRELU = True  # task-aware DyReLU activation
     _C.MODEL.DYHEAD.USE_DFCONV = True  # modulated deformable convs (else plain 3x3)
     _C.MODEL.DYHEAD.USE_CHECKPOINT = False  # activation checkpointing of the tower
+    # CPU deformable convs sample again in the backward pass instead of keeping 9 copies of the
+    # input (same gradients; False: keep them, the older and hungrier path)
+    _C.MODEL.DYHEAD.DFCONV_RECOMPUTE = True
     _C.MODEL.DYHEAD.NUM_CLASSES = 81  # sizes the frozen, unused cls_logits conv (80 outputs)
     _C.MODEL.DYHEAD.PRIOR_PROB = 0.01  # prior for cls_logits / bias0 init
     _C.MODEL.DYHEAD.LOG_SCALE = 0.0  # initial dot-product log temperature
@@ -145,6 +148,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
     _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
+    # keep text padded to MAX_QUERY_LEN (the original); False: each batch runs at its longest
+    # prompt rounded up to a multiple of 8 (same outputs on the real tokens, less compute)
+    _C.INPUT.PAD_TO_MAX_QUERY_LEN = False
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt
@@ -181,6 +187,14 @@ def add_fiber_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ test additions
     _C.TEST.EVAL_TASK = "detection"  # detection | grounding | refexp | retrieval
     _C.TEST.CHUNKED_EVALUATION = -1  # categories per prompt chunk (LVIS: 40), -1 = one prompt
+    # chunked prompts: image prefix once per image, text prefix once per chunk (cached until the
+    # model next changes mode), fused top + FPN + head per chunk; False: whole model per chunk
+    _C.TEST.PREFIX_REUSE = True
+    _C.TEST.CHUNK_BATCH_SIZE = 4  # prompt chunks run as one batch with PREFIX_REUSE
+    _C.TEST.AMP = False  # run inference under autocast (FIBER meta-architectures)
+    _C.TEST.AMP_DTYPE = (
+        "bfloat16"  # autocast dtype of TEST.AMP: bfloat16 (CPU/GPU) or float16 (GPU)
+    )
     _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1  # score columns for phrase labels, -1 = dataset
     _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
     _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP

@@ -25,6 +25,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch import nn
 
+from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusedSwinRoberta
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
@@ -100,6 +101,7 @@ class FIBERCoarse(nn.Module):
         loss_weights: dict[str, float],
         pixel_mean: list[float],
         pixel_std: list[float],
+        pad_to_max_query_len: bool = False,
     ):
         """
         Args:
@@ -111,6 +113,8 @@ class FIBERCoarse(nn.Module):
             losses: enabled objectives among "itc", "itm", "mlm".
             loss_weights: weight per objective.
             pixel_mean, pixel_std: input normalisation.
+            pad_to_max_query_len: run text at its tokenized length T; False cuts each batch to
+                :func:`fiber_d2.text.padded_text_length` (the longest over all ranks in training).
         """
         super().__init__()
         unknown = set(losses) - {"itc", "itm", "mlm"}
@@ -119,6 +123,7 @@ class FIBERCoarse(nn.Module):
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
+        self.pad_to_max_query_len = pad_to_max_query_len
         # the original vit_model.norm (unimodal path only)
         self.image_norm = nn.LayerNorm(image_dim)
         self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
@@ -171,7 +176,17 @@ class FIBERCoarse(nn.Module):
             "loss_weights": weights,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "pad_to_max_query_len": cfg.INPUT.PAD_TO_MAX_QUERY_LEN,
         }
+
+    def _text_length(self, mask: torch.Tensor, all_ranks: bool = False) -> int:
+        """Token length a batch runs at; ``all_ranks``: the longest over ranks (ITM gathers)."""
+        length = padded_text_length(mask, self.pad_to_max_query_len)
+        if all_ranks and comm.get_world_size() > 1:
+            t = torch.tensor([length], device=mask.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            length = int(t.item())
+        return length
 
     @property
     def device(self) -> torch.device:
@@ -230,10 +245,13 @@ class FIBERCoarse(nn.Module):
         images = self._images(batched_inputs)
         ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
         mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        length = self._text_length(mask, all_ranks=True)
+        ids, mask = trim_text(length, ids, mask)
         losses = {}
         if "mlm" in self.losses:
             mlm_ids = torch.stack([x["mlm_input_ids"] for x in batched_inputs]).to(self.device)
             labels = torch.stack([x["mlm_labels"] for x in batched_inputs]).to(self.device)
+            mlm_ids, labels = trim_text(length, mlm_ids, labels)
             logits = self.mlm_score(self.fused(images, mlm_ids, mask)["text_feats"])
             losses["loss_mlm"] = mlm_loss(logits, labels) * self.loss_weights["mlm"]
         if "itc" in self.losses or "itm" in self.losses:
@@ -288,6 +306,7 @@ class FIBERCoarse(nn.Module):
             ids, mask = x["input_ids"].to(self.device), x["attention_mask"].to(self.device)
             if ids.dim() == 1:
                 ids, mask = ids[None], mask[None]
+            ids, mask = trim_text(self._text_length(mask), ids, mask)
             results.append(
                 {"image_embedding": f_i[k], "text_embeddings": self.encode_text(ids, mask)}
             )
