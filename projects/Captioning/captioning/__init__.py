@@ -16,9 +16,11 @@ from .losses import (
     sequence_logprob,
 )
 from .model import FIBERCaption
+from .trainer import CaptionTrainer, load_captioning_config
 
 __all__ = [
     "CaptionEvaluator",
+    "CaptionTrainer",
     "CiderD",
     "FIBERCaption",
     "add_captioning_config",
@@ -33,6 +35,7 @@ __all__ = [
     "greedy_search",
     "metric_availability",
     "mle_loss",
+    "load_captioning_config",
     "next_token_labels",
     "normalise_caption",
     "references_by_image",
