@@ -16,7 +16,9 @@ from fiber_d2.engine.cli import launch_cli, run
 
 
 def main(args):
-    return run(args, CaptionTrainer, load=load_captioning_config, loggers=("fiber_d2", "captioning"))
+    return run(
+        args, CaptionTrainer, load=load_captioning_config, loggers=("fiber_d2", "captioning")
+    )
 
 
 if __name__ == "__main__":

@@ -172,7 +172,11 @@ def register_all_builtin(root: Optional[str] = None) -> None:
         ("f30k_caption_karpathy_test", ("test",), False),
     ):
         register_captions(
-            name, f30k, p("flickr30k", "flickr30k-images"), splits=splits, one_per_caption=per_caption
+            name,
+            f30k,
+            p("flickr30k", "flickr30k-images"),
+            splits=splits,
+            one_per_caption=per_caption,
         )
 
     register_shapes(os.path.join(root, "shapes"))

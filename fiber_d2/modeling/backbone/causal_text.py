@@ -55,7 +55,9 @@ class TextKVCache:
         """
 
         def pick(kv):
-            return None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+            return (
+                None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+            )
 
         return TextKVCache(
             self_kv=[pick(kv) for kv in self.self_kv],
@@ -104,7 +106,9 @@ def _layer_step(
     v = _heads(sa.value(hidden), num_heads)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    a = layer.attention.output.dropout(layer.attention.output.dense(_merge(_attend(q, k, v, bias, dropout))))
+    a = layer.attention.output.dropout(
+        layer.attention.output.dense(_merge(_attend(q, k, v, bias, dropout)))
+    )
     u = a + hidden
     if cross_kv is not None:
         cross = layer.crossattention_t2i

@@ -53,7 +53,9 @@ def metric_availability(metrics: Sequence[str]) -> tuple[list[str], dict[str, st
         if m in ("METEOR", "SPICE") and not java:
             skipped[m] = "no Java runtime"
         elif m == "SPICE" and not _spice_models_present():
-            skipped[m] = "Stanford CoreNLP jars missing (pycocoevalcap/spice/get_stanford_models.py)"
+            skipped[m] = (
+                "Stanford CoreNLP jars missing (pycocoevalcap/spice/get_stanford_models.py)"
+            )
         else:
             run.append(m)
     return run, skipped

@@ -325,7 +325,9 @@ class FIBERCaption(nn.Module):
         mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
         labels = next_token_labels(input_ids, self.pad)
         if self.stage == "mle":
-            return {"loss_caption_mle": mle_loss(self.forward_caption(images, input_ids, mask), labels)}
+            return {
+                "loss_caption_mle": mle_loss(self.forward_caption(images, input_ids, mask), labels)
+            }
         if self.stage == "gold":
             return {"loss_caption_gold": self._gold(images, input_ids, mask, labels)}
         return self._cider(batched_inputs, images, input_ids, mask, labels)
@@ -388,4 +390,3 @@ class FIBERCaption(nn.Module):
             "loss_caption_mle": self.cider_alpha * mle,
             "loss_caption_rl": (1.0 - self.cider_alpha) * rl,
         }
-

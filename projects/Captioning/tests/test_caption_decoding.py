@@ -88,9 +88,10 @@ def test_generation_never_exceeds_max_length_and_finished_rows_only_pad():
             model.step, model.select, bias, 3, beam_size=5, max_length=max_length, **args
         )
         assert ids.shape[1] == max_length
-        assert greedy_search(model.step, model.select, bias, 3, max_length=max_length, **args).shape[
-            1
-        ] == max_length
+        assert (
+            greedy_search(model.step, model.select, bias, 3, max_length=max_length, **args).shape[1]
+            == max_length
+        )
     # mixed: a batch whose rows end early keeps padding them
     bias = torch.zeros(2, VOCAB)
     bias[0, EOS] = 50.0  # ends at once

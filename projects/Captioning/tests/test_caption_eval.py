@@ -76,7 +76,9 @@ def test_caption_metrics_and_skips():
 
 
 def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path):
-    ev = CaptionEvaluator("shapes_val_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False)
+    ev = CaptionEvaluator(
+        "shapes_val_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False
+    )
     ev.reset()
     ev.process(
         [{"image_id": 7, "captions": ["a red circle"]}, {"image_id": 8, "captions": ["a cat"]}],
@@ -85,6 +87,9 @@ def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_p
     res = ev.evaluate()["caption"]
     assert set(res) == {"BLEU-4", "CIDEr"} and np.isfinite(list(res.values())).all()
     written = json.loads((tmp_path / "caption.json").read_text())
-    assert written == [{"image_id": 7, "caption": "a red circle"}, {"image_id": 8, "caption": "a dog"}]
+    assert written == [
+        {"image_id": 7, "caption": "a red circle"},
+        {"image_id": 8, "caption": "a dog"},
+    ]
     with pytest.raises(ValueError, match=r"image 9 \(x.png\) has no reference caption"):
         ev.process([{"image_id": 9, "file_name": "x.png", "captions": ["  "]}], [{"caption": "a"}])

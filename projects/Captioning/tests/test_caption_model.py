@@ -17,7 +17,9 @@ SHAPES_CFG = str(PROJECT / "configs" / "shapes_mle.yaml")
 
 
 def caption_cfg(*opts):
-    return load_config(SHAPES_CFG, ["MODEL.DEVICE", "cpu", *opts], extra_defaults=(add_captioning_config,))
+    return load_config(
+        SHAPES_CFG, ["MODEL.DEVICE", "cpu", *opts], extra_defaults=(add_captioning_config,)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,9 @@ def test_cached_steps_equal_reencoding(caption_model):
     cache, steps = None, []
     for t in range(ids.shape[1]):
         new = ids[:, : t + 1] if cache is None else ids[:, t : t + 1]
-        logits, cache = caption_model.text_logits(new, None, tokens if cache is None else None, cache)
+        logits, cache = caption_model.text_logits(
+            new, None, tokens if cache is None else None, cache
+        )
         steps.append(logits[:, -1])
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
 
@@ -115,7 +119,9 @@ def test_released_caption_layout_converts_and_loads(caption_model, tmp_path):
         torch.ones(64)
     )
     adapters = [k for k in original if k.startswith("cross_modal_att_layers.")]
-    assert sorted(adapters) == [f"cross_modal_att_layers.{i}.{p}" for i in (0, 1) for p in ("bias", "weight")]
+    assert sorted(adapters) == [
+        f"cross_modal_att_layers.{i}.{p}" for i in (0, 1) for p in ("bias", "weight")
+    ]
     converted, report = convert_caption_state_dict(
         {"state_dict": original, "epoch": 9}, model_state=state
     )

@@ -47,7 +47,14 @@ def _run(tmp_path, *extra, flags=()):
 
 @pytest.mark.parametrize("stage", ["mle", "gold", "cider"])
 def test_train_then_evaluate(tmp_path, stage):
-    extra = ["CAPTION.STAGE", stage, "CAPTION.GOLD_UPDATE_PERIOD", "1", "CAPTION.CIDER_SAMPLES", "2"]
+    extra = [
+        "CAPTION.STAGE",
+        stage,
+        "CAPTION.GOLD_UPDATE_PERIOD",
+        "1",
+        "CAPTION.CIDER_SAMPLES",
+        "2",
+    ]
     res = _run(tmp_path, *extra)["caption"]
     assert set(res) == {"BLEU-4", "CIDEr"}
     assert all(0.0 <= v for v in res.values())
