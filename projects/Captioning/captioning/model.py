@@ -1,7 +1,8 @@
 """``FIBERCaption``: FIBER's fused text tower used as a causal caption decoder (coarse spec §1.8,
 §5.6).
 
-* Image: every Swin stage without fusion and without the final norm (raw last-stage tokens I).
+* Image: every Swin stage without fusion and without the final norm (raw last-stage tokens I; the
+  coarse configs this project builds on set ``MODEL.SWIN.OUT_NORM`` off, so ``forward_image`` gives them).
 * Text: the RoBERTa tower with a causal + padding mask, every layer's output norm on; fused text
   layers cross-attend (one way) to ``cross_modal_att_layers[j](I)`` (1024 -> 512 adapters) for all but
   the last two text layers, to I itself for the last two.
