@@ -17,6 +17,9 @@ Tasks (``TASKS``):
   the model, its gradients and the activations, before the optimizer and EMA states exist).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
+* ``caption``: caption decoding of ``projects/Captioning``'s ``FIBERCaption`` with a key/value
+  cache vs re-encoding the prefix every step (:func:`bench_caption`); extra keys
+  ``reencode_ms_median``, ``speedup``, ``image_ms_median``.
 * ``backbone``: the fused backbone with its FPN; ``ms_median`` is the eval forward; extra keys
   ``fwd_bwd_ms_median`` (train mode, backward of a scalar of every output) and ``tokens_per_s``.
 * ``lvis-eval``: detector inference of one image with a vocabulary of --names category names (LVIS:
@@ -622,9 +625,90 @@ def bench_lvis_eval(cfg: CfgNode, args: argparse.Namespace) -> dict:
     return {**result, "names": args.names, "chunks": int(ids.shape[0]), "outputs": count[0]}
 
 
+# ------------------------------------------------------------------------------------ caption
+_CAPTION_PROJECT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "Captioning"
+)
+_CAPTION_LENGTH = 20  # decoded tokens per caption
+_CAPTION_BEAM = 5  # rows per image, as beam search with beam 5
+
+
+def bench_caption(cfg: CfgNode, args: argparse.Namespace) -> dict:
+    """Caption decoding with cached keys/values vs re-encoding the prefix (projects/Captioning).
+
+    The config is a coarse one (e.g. ``configs/FIBER-B/coarse_pretrain.yaml`` with
+    ``INPUT.IMAGE_SIZE 576 MODEL.SWIN.WINDOW_SIZE 18`` for the caption recipe); the model is the
+    project's ``FIBERCaption`` with its default ``CAPTION`` keys. Each image is encoded once, then
+    ``_CAPTION_LENGTH`` decoding steps run on ``_CAPTION_BEAM`` rows per image (a beam of 5; rows are
+    re-selected every step as beam search does), through the model's own step functions: cached
+    (one new token per step) or re-encoding (the whole prefix, as the original). ``ms_median`` is the
+    cached decoding; extra keys ``reencode_ms_median``, ``speedup`` (re-encoding / cached),
+    ``image_ms_median`` (the image encoding, the same for both), ``caption_tokens``, ``rows``.
+    """
+    if _CAPTION_PROJECT not in sys.path:
+        sys.path.insert(0, _CAPTION_PROJECT)
+    from captioning import add_captioning_config  # noqa: F401  (registers FIBERCaption)
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    if "CAPTION" not in cfg:
+        add_captioning_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "FIBERCaption"
+    # offline: only the special-token ids are read (RoBERTa's <s>/<pad>/</s> layout); the vocabulary
+    # size stays the config's
+    cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = "builtin:shapes"
+    cfg.CAPTION.MAX_LENGTH = min(cfg.CAPTION.MAX_LENGTH, _CAPTION_LENGTH + 1)
+    cfg.freeze()
+    device = torch.device(args.device)
+    autocast, dtype = _autocast(device, args)
+    side = cfg.INPUT.IMAGE_SIZE
+    memory = PeakMemory(device)
+    memory.start()
+    model = _build(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, side, side, generator=g).to(device)
+    rows = args.batch * _CAPTION_BEAM
+    lb = cfg.MODEL.LANGUAGE_BACKBONE
+    tokens = torch.randint(_FIRST_WORD_ID, lb.VOCAB_SIZE, (rows, _CAPTION_LENGTH), generator=g)
+    expand = torch.arange(args.batch).repeat_interleave(_CAPTION_BEAM).to(device)
+    perms = [torch.randperm(rows, generator=g).to(device) for _ in range(_CAPTION_LENGTH)]
+    image_tokens: dict = {}
+
+    def encode() -> None:
+        with torch.no_grad(), autocast:
+            image_tokens.update(model.encode_image(images))
+
+    def decode(use_cache: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), autocast:
+                step, select, state = model.decoder(image_tokens, use_cache)
+                state = select(state, expand)
+                prefix = torch.full((rows, 1), _BOS_ID, dtype=torch.long, device=device)
+                for t in range(_CAPTION_LENGTH):
+                    _, state = step(state, prefix)
+                    state = select(state, perms[t])  # beam reordering
+                    prefix = torch.cat([prefix[perms[t]], tokens[:, t : t + 1].to(device)], 1)
+
+        return run
+
+    image_ms = _timed(encode, device, args.iters, args.warmup)["total"]
+    cached = _timed(decode(True), device, args.iters, args.warmup)["total"]
+    reencode = _timed(decode(False), device, args.iters, args.warmup)["total"]
+    record = _record((side, side), dtype, cached, memory, model)
+    return {
+        **record,
+        "reencode_ms_median": _median(reencode),
+        "speedup": round(_median(reencode) / max(record["ms_median"], 1e-9), 2),
+        "image_ms_median": _median(image_ms),
+        "caption_tokens": _CAPTION_LENGTH,
+        "rows": rows,
+    }
+
+
 TASKS = {
     "backbone": bench_backbone,
     "inference": bench_inference,
+    "caption": bench_caption,
     "lvis-eval": bench_lvis_eval,
     "train": bench_train,
 }

@@ -5,10 +5,15 @@
         --config-file configs/FIBER-B/coco.yaml
     python tools/convert_fiber_checkpoint.py --input fiber_pretrain.ckpt --output coarse_d2.pth \\
         --stage coarse --target coarse --config-file configs/FIBER-B/coarse_pretrain.yaml
+    python tools/convert_fiber_checkpoint.py --input fiber_coco_caption.ckpt --output caption_d2.pth \
+        --target caption
 
 ``--stage`` (default: detected from the key names) names the original layout; ``--target`` (coarse stage
 only) picks ``FIBERCoarse`` ("coarse") or the detector's fused backbone ("fine"); with a config it
-defaults to the config's meta-architecture. With ``--config-file`` the fiber_d2 model is built on the meta
+defaults to the config's meta-architecture. ``--target caption`` converts a caption checkpoint
+(``fiber_coco_caption.ckpt``) for ``projects/Captioning``'s ``FIBERCaption`` (adapters
+``cross_modal_att_layers.*`` kept); it takes no config (the checkpoint is already at the caption
+resolution, 576). With ``--config-file`` the fiber_d2 model is built on the meta
 device (no memory for weights) to check shapes, resize relative-position tables and report missing keys.
 The input is read with ``torch.load(weights_only=True)`` (or safetensors / the numpy-only ``.pkl``
 reader). The output is ``{"model": state_dict, "__fiber_d2__": provenance}`` (``.safetensors``
@@ -35,7 +40,7 @@ except ImportError as e:  # pragma: no cover
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from fiber_d2.checkpoint.convert import unwrap_state_dict
+from fiber_d2.checkpoint.convert import convert_caption_state_dict, unwrap_state_dict
 from fiber_d2.checkpoint.layout import (
     META_ARCH_TARGET,
     convert_original,
@@ -125,7 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--input", required=True, metavar="ORIGINAL", help="original .pth / .ckpt")
     parser.add_argument("--output", required=True, metavar="OUT.pth", help="converted checkpoint")
     parser.add_argument("--stage", choices=["auto", "fine", "coarse"], default="auto")
-    parser.add_argument("--target", choices=["coarse", "fine"], default=None)
+    parser.add_argument("--target", choices=["coarse", "fine", "caption"], default=None)
     parser.add_argument("--config-file", default="", metavar="FILE", help="target model config")
     parser.add_argument("--use-ema", action="store_true", help="convert the model_ema weights")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -170,8 +175,14 @@ def convert(args):
         raise ValueError(f"--output must differ from --input ({args.input})")
     if args.opts and not args.config_file:
         raise ValueError(f"config overrides {args.opts} given without --config-file")
-    if args.stage == "fine" and args.target == "coarse":
-        raise ValueError("--target coarse applies to a coarse-stage checkpoint, not --stage fine")
+    if args.stage == "fine" and args.target in ("coarse", "caption"):
+        raise ValueError(
+            f"--target {args.target} applies to a coarse-stage checkpoint, not --stage fine"
+        )
+    if args.target == "caption" and args.config_file:
+        raise ValueError(
+            "--target caption takes no --config-file (FIBERCaption is a project model)"
+        )
     model_state, meta_arch = None, None
     if args.config_file:
         model_state, meta_arch = build_model_state(args.config_file, args.opts)
@@ -188,9 +199,12 @@ def convert(args):
         )
     if meta_arch is not None and _META_ARCH_TARGET[meta_arch] != target:
         raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
-    converted, report = convert_original(
-        original, stage=stage, target=target, model_state=model_state, use_ema=args.use_ema
-    )
+    if target == "caption":
+        converted, report = convert_caption_state_dict(original, use_ema=args.use_ema)
+    else:
+        converted, report = convert_original(
+            original, stage=stage, target=target, model_state=model_state, use_ema=args.use_ema
+        )
     check_report(report, args.input)
     provenance = {
         "converter": "tools/convert_fiber_checkpoint.py",

@@ -58,6 +58,7 @@ __all__ = [
     "ConversionReport",
     "convert_fine_state_dict",
     "convert_coarse_state_dict",
+    "convert_caption_state_dict",
     "unwrap_state_dict",
     "resize_relative_position_table",
     "NOT_A_TENSOR",
@@ -452,22 +453,9 @@ def convert_coarse_state_dict(
     """
     if target not in ("coarse", "fine"):
         raise ValueError(f"target must be 'coarse' or 'fine', got {target!r}")
-    naming = (
-        {"backbone_prefix": "backbone.", "final_norm": "image_norm"} if target == "coarse" else {}
-    )
 
     def map_key(key: str, arch: dict[str, int]) -> tuple[str | None, str | None]:
-        if key in _QUEUES:
-            return None, ITC_QUEUE
-        if key.startswith("rank_output."):
-            return None, RANK_OUTPUT_ALIAS
-        if key.startswith(_TASK_HEADS):
-            return None, TASK_HEAD
-        if key == "temp" or key.startswith(_COARSE_HEADS):
-            return (key, None) if target == "coarse" else (None, COARSE_ONLY)
-        if key.startswith(_BACKBONE_PREFIXES):
-            return _backbone_key(key, arch, **naming)
-        return None, UNRECOGNISED
+        return _coarse_key(key, arch, target)
 
     converted, report = _convert(original, map_key, model_state=model_state, use_ema=use_ema)
     state, _ = unwrap_state_dict(original, use_ema=use_ema)
@@ -476,6 +464,68 @@ def convert_coarse_state_dict(
         report.notes.append(
             "VQA / NLVR2 / captioning heads dropped: fiber_d2 builds only the pre-training heads"
         )
+    _log(report)
+    return converted, report
+
+
+def _coarse_key(key: str, arch: dict[str, int], target: str) -> tuple[str | None, str | None]:
+    """(fiber_d2 key, None) or (None, skip reason) for a coarse checkpoint key (``target`` as in
+    :func:`convert_coarse_state_dict`)."""
+    naming = (
+        {"backbone_prefix": "backbone.", "final_norm": "image_norm"} if target == "coarse" else {}
+    )
+    if key in _QUEUES:
+        return None, ITC_QUEUE
+    if key.startswith("rank_output."):
+        return None, RANK_OUTPUT_ALIAS
+    if key.startswith(_TASK_HEADS):
+        return None, TASK_HEAD
+    if key == "temp" or key.startswith(_COARSE_HEADS):
+        return (key, None) if target == "coarse" else (None, COARSE_ONLY)
+    if key.startswith(_BACKBONE_PREFIXES):
+        return _backbone_key(key, arch, **naming)
+    return None, UNRECOGNISED
+
+
+# Caption checkpoints (``fiber_coco_caption.ckpt``, coarse spec §1.8, §6.2) -> the Captioning
+# project's ``FIBERCaption``: the coarse table (target "coarse") plus the caption head below.
+#
+# =====================================================  ==============================================
+# original key                                              fiber_d2 key (``FIBERCaption``)
+# =====================================================  ==============================================
+# ``cross_modal_att_layers.{0..L-3}.{weight,bias}``        same name (1024 -> 512 image adapters)
+# =====================================================  ==============================================
+_CAPTION_HEADS = ("cross_modal_att_layers.",)
+
+
+def convert_caption_state_dict(
+    original: Mapping,
+    *,
+    model_state: Mapping | None = None,
+    use_ema: bool = False,
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Convert a FIBER caption checkpoint (Lightning ``.ckpt``) to ``FIBERCaption``.
+
+    Every key is mapped as by :func:`convert_coarse_state_dict` with ``target="coarse"`` (towers under
+    ``backbone.``, ``vit_model.norm`` as ``image_norm``, transforms / poolers / ``mlm_score`` by name),
+    except the caption adapters ``cross_modal_att_layers.*``, which keep their names instead of being
+    dropped as a task head.
+
+    Args:
+        original: the loaded file (``{"state_dict": ...}`` or a bare state dict).
+        model_state: the target model's state dict (see :func:`convert_fine_state_dict`).
+        use_ema: convert the ``model_ema`` entry.
+
+    Returns:
+        (converted state dict with fiber_d2 keys, :class:`ConversionReport`).
+    """
+
+    def map_key(key: str, arch: dict[str, int]) -> tuple[str | None, str | None]:
+        if key.startswith(_CAPTION_HEADS):
+            return key, None
+        return _coarse_key(key, arch, "coarse")
+
+    converted, report = _convert(original, map_key, model_state=model_state, use_ema=use_ema)
     _log(report)
     return converted, report
 

@@ -118,3 +118,24 @@ def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path
     with pytest.raises(SystemExit, match="must differ"):
         tool.main(["--input", str(src), "--output", str(src)])
     assert not Path(out).exists()
+
+
+def test_caption_checkpoint_end_to_end(coarse_model, originals, tmp_path):
+    original, expected, _ = originals.make_coarse(coarse_model.state_dict(), seed=17)
+    original["cross_modal_att_layers.0.weight"] = torch.randn(128, 256)
+    original["cross_modal_att_layers.0.bias"] = torch.randn(128)
+    src, out = tmp_path / "fiber_coco_caption.ckpt", tmp_path / "caption_d2.pth"
+    torch.save({"state_dict": original, "epoch": 9}, src)
+    tool.main(["--input", str(src), "--output", str(out), "--target", "caption"])
+    saved = torch.load(out, weights_only=True)
+    assert saved["__fiber_d2__"]["target"] == "caption"
+    model = saved["model"]
+    assert torch.equal(
+        model["cross_modal_att_layers.0.weight"], original["cross_modal_att_layers.0.weight"]
+    )
+    assert torch.equal(model["image_norm.weight"], expected["image_norm.weight"])
+    with pytest.raises(SystemExit, match="no --config-file"):
+        tool.main(
+            ["--input", str(src), "--output", str(out), "--target", "caption"]
+            + ["--config-file", COARSE_CFG]
+        )
