@@ -142,6 +142,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
     _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
+    # training transform of the fused-cls_feats tasks (VQA, NLVR2; coarse spec §5.2): "resize"
+    # (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip, RandAugment N2 M7)
+    _C.INPUT.VL_TRAIN_TRANSFORM = "resize"
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt

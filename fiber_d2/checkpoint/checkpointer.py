@@ -6,6 +6,9 @@
   (towers under ``backbone.bottom_up.``) is re-rooted automatically, so ``MODEL.WEIGHTS`` can point at the
   coarse run's ``model_final.pth``. Keys the detector does not have (poolers, ITM/MLM heads, queues) are
   dropped; keys the coarse stage never had (FPN, head) keep their initialisation.
+* Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another resolution,
+  coarse spec §5.1) are resized bicubically to the model's window; the index buffers are recomputed by
+  the model.
 * Missing / unexpected keys are summarised per module in one log line each, not one line per tensor.
 """
 
@@ -72,6 +75,23 @@ def _reroot_coarse(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict
     return out
 
 
+def _resize_position_tables(state: dict, model_state: dict) -> dict:
+    """Resize ``*relative_position_bias_table`` tensors whose window differs from the model's."""
+    from .convert import resize_relative_position_table
+
+    resized = 0
+    for key, value in state.items():
+        target = model_state.get(key)
+        if not key.endswith("relative_position_bias_table") or target is None:
+            continue
+        if value.shape != target.shape and value.dim() == 2 and value.shape[1] == target.shape[1]:
+            state[key] = resize_relative_position_table(value, target.shape[0])
+            resized += 1
+    if resized:
+        logger.info("Resized %d relative-position tables to the model's window", resized)
+    return state
+
+
 class FIBERCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with weights_only loading and the coarse-to-fine hand-off."""
 
@@ -84,8 +104,9 @@ class FIBERCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _load_model(self, checkpoint: dict):
-        model_keys = set(self.model.state_dict().keys())
-        checkpoint["model"] = _reroot_coarse(checkpoint["model"], model_keys)
+        model_state = self.model.state_dict()
+        checkpoint["model"] = _reroot_coarse(checkpoint["model"], set(model_state))
+        checkpoint["model"] = _resize_position_tables(checkpoint["model"], model_state)
         return super()._load_model(checkpoint)
 
     def _log_incompatible_keys(self, incompatible) -> None:
