@@ -4,8 +4,11 @@ in the original key layout, convert and load into projects/VQA's ``FIBERVQA`` an
 another window loads into a task model with its relative-position tables resized (coarse spec §5.1).
 """
 
+import functools
 import importlib.util
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,15 +52,11 @@ def _task_model(project, *opts):
     return build_model(cfg).eval()
 
 
-def _vocab_file(_cache={}):
-    if "path" not in _cache:
-        import json
-        import tempfile
-
-        path = Path(tempfile.mkdtemp()) / "answers.json"
-        path.write_text(json.dumps(["yes", "no", "2", "red", "circle", "0", "blue"]))
-        _cache["path"] = path
-    return _cache["path"]
+@functools.lru_cache(maxsize=1)
+def _vocab_file():
+    path = Path(tempfile.mkdtemp()) / "answers.json"
+    path.write_text(json.dumps(["yes", "no", "2", "red", "circle", "0", "blue"]))
+    return path
 
 
 def _released_layout(model_state, seed):

@@ -5,11 +5,13 @@ from .datasets import load_nlvr2_arrow, load_nlvr2_json, load_shapes_nlvr2, regi
 from .evaluator import NLVR2Evaluator
 from .mapper import NLVR2DatasetMapper
 from .modeling import FIBERNLVR2, nlvr2_loss
+from .trainer import NLVR2Trainer
 
 __all__ = [
     "FIBERNLVR2",
     "NLVR2DatasetMapper",
     "NLVR2Evaluator",
+    "NLVR2Trainer",
     "load_nlvr2_arrow",
     "load_nlvr2_json",
     "load_shapes_nlvr2",

@@ -8,12 +8,14 @@ from .datasets import load_shapes_vqa, load_vqa_arrow, load_vqa_json, register_a
 from .evaluator import VQAEvaluator
 from .mapper import VQADatasetMapper, soft_target
 from .modeling import FIBERVQA, vqa_loss
+from .trainer import VQATrainer, load_vqa_config
 from .vocab import answer_vocab, drop_unanswerable
 
 __all__ = [
     "FIBERVQA",
     "VQADatasetMapper",
     "VQAEvaluator",
+    "VQATrainer",
     "add_vqa_config",
     "answer_score",
     "answer_scores",
@@ -22,6 +24,7 @@ __all__ = [
     "drop_unanswerable",
     "load_shapes_vqa",
     "load_vqa_arrow",
+    "load_vqa_config",
     "load_vqa_json",
     "normalize_answer",
     "register_all_vqa",
