@@ -81,14 +81,16 @@ def load_runner(project: str, module: str):
 def summary_table(rows: list[dict], ablation: bool) -> str:
     """A markdown table: task, metric, with coarse, [from scratch], baseline, minutes."""
     head = ["task", "metric", "coarse -> task"] + (["scratch -> task"] if ablation else [])
-    head += ["trivial baseline", "minutes"]
+    head += ["trivial baselines", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["task"], r["metric"], f"{r['value']:.2f}"]
         if ablation:
             scratch = r.get("scratch")
             cells.append(f"{scratch['value']:.2f}" if scratch else "n/a")
-        cells += [f"{r['baseline']:.2f} ({r.get('baseline_name', '')})", f"{r['seconds'] / 60:.1f}"]
+        baselines = [f"{r['baseline']:.2f} ({r.get('baseline_name', '')})"]
+        baselines += [f"{v:.2f} ({k})" for k, v in r.get("other_baselines", {}).items()]
+        cells += ["; ".join(baselines), f"{r['seconds'] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -41,7 +41,8 @@ def task_result(
     task: str, metric: str, value: float, baseline: float, seconds: float, pictures: list, **extra
 ) -> dict:
     """The dict a runner returns (``task``, ``metric``, ``value``, ``baseline``, ``seconds``,
-    ``pictures`` as strings, plus ``extra``)."""
+    ``pictures`` as strings, plus ``extra``, e.g. ``baseline_name``, ``other_baselines`` ({name: value}),
+    ``metrics``)."""
     return {
         "task": task,
         "metric": metric,

@@ -20,7 +20,7 @@ from .mapper import VQADatasetMapper
 from .trainer import VQATrainer, load_vqa_config
 from .vocab import answer_vocab
 
-__all__ = ["run", "majority_baseline", "SHAPES_CONFIG"]
+__all__ = ["run", "majority_baseline", "question_type_baseline", "SHAPES_CONFIG"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,21 @@ def majority_baseline(train: list[dict], test: list[dict]) -> tuple[str, float]:
     answer = Counter(r["multiple_choice_answer"] for r in train).most_common(1)[0][0]
     accuracy = 100.0 * np.mean([vqa_accuracy(answer, r["answers"]) for r in test])
     return answer, float(accuracy)
+
+
+def question_type_baseline(train: list[dict], test: list[dict]) -> float:
+    """Accuracy (percent) on ``test`` of the most frequent training answer of each question type: a
+    text-only prior, stronger than :func:`majority_baseline`."""
+    by_type: dict[str, Counter] = {}
+    for r in train:
+        by_type.setdefault(r["question_type"], Counter())[r["multiple_choice_answer"]] += 1
+    fallback = majority_baseline(train, test[:1])[0]
+    accs = []
+    for r in test:
+        counts = by_type.get(r.get("question_type"))
+        answer = counts.most_common(1)[0][0] if counts else fallback
+        accs.append(vqa_accuracy(answer, r["answers"]))
+    return 100.0 * float(np.mean(accs))
 
 
 def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures: int = 4) -> dict:
@@ -46,7 +61,8 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures
     metrics = results["vqa"]
     test_name = cfg.DATASETS.TEST[0]
     test = DatasetCatalog.get(test_name)
-    top, baseline = majority_baseline(DatasetCatalog.get(cfg.DATASETS.TRAIN[0]), test)
+    train = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    top, baseline = majority_baseline(train, test)
     vocab = answer_vocab(cfg)
     mapper = VQADatasetMapper(cfg, False, answers=vocab)
     drawn = []
@@ -64,5 +80,6 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures
         seconds,
         drawn,
         baseline_name=f"majority answer '{top}'",
+        other_baselines={"answer prior per question type": question_type_baseline(train, test)},
         metrics=metrics,
     )
