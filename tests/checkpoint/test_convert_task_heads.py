@@ -138,3 +138,25 @@ def test_coarse_checkpoint_of_another_window_loads_with_resized_tables(tmp_path)
     assert source[key].shape[0] == 49 and table.shape[0] == 9  # (2w-1)^2: 7x7 -> 3x3
     assert torch.allclose(table, C.resize_relative_position_table(source[key], 9))
     assert not torch.allclose(table, source[key][:9])
+
+
+def test_tool_converts_a_released_vqa_checkpoint_with_project_config(tmp_path, capsys):
+    from tool_scripts import load_tool
+
+    tool = load_tool("convert_fiber_checkpoint")
+    state = _task_model("VQA").state_dict()
+    original, names = _released_layout(state, seed=7)
+    src, out = tmp_path / "fiber_vqa.ckpt", tmp_path / "vqa_d2.pth"
+    torch.save({"state_dict": original, "epoch": 9}, src)
+    opts = [*TINY, "VQA.ANSWER_VOCAB", str(_vocab_file())]
+    config = str(ROOT / "projects/VQA/configs/shapes.yaml")
+    tool.main(["--input", str(src), "--output", str(out), "--project", "VQA",
+               "--config-file", config, *opts])  # fmt: skip
+    saved = torch.load(out, weights_only=True)
+    assert saved["__fiber_d2__"]["target"] == "coarse"
+    assert saved["__fiber_d2__"]["missing_in_checkpoint"] == []
+    assert torch.equal(
+        saved["model"]["vqa_classifier.3.weight"], original["vqa_classifier.3.weight"]
+    )
+    with pytest.raises(SystemExit, match="config key: VQA"):  # the project adds its keys
+        tool.main(["--input", str(src), "--output", str(out), "--config-file", config, *opts])
