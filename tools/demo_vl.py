@@ -12,13 +12,15 @@ scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply
 ``<output-dir>/<task>/pictures/*.png``.
 
 A task is one line of :data:`RUNNERS`: (name, project folder, module); the module's
-``run(coarse_weights, output_dir, opts=()) -> dict`` (see fiber_d2.engine.shapes_demo) does the work.
+``run(coarse_weights, output_dir) -> dict`` (see fiber_d2.engine.shapes_demo; an optional ``opts``
+keyword receives the trailing overrides) does the work.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -124,9 +126,11 @@ def main(argv=None) -> dict:
         if name not in args.tasks:
             continue
         run = load_runner(project, module)
-        row = run(weights, output_dir / name, opts=tuple(args.opts))
+        # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
+        kwargs = {"opts": tuple(args.opts)} if "opts" in inspect.signature(run).parameters else {}
+        row = run(weights, output_dir / name, **kwargs)
         if args.ablation:
-            row["scratch"] = run(None, output_dir / f"{name}_scratch", opts=tuple(args.opts))
+            row["scratch"] = run(None, output_dir / f"{name}_scratch", **kwargs)
         rows.append(row)
     total = time.perf_counter() - start
     table = summary_table(rows, args.ablation)

@@ -54,3 +54,27 @@ def test_runner_list_and_bad_arguments(tmp_path):
         demo_vl.main(["--output-dir", str(tmp_path), "--tasks", "captions"])
     with pytest.raises(SystemExit, match="not found"):
         demo_vl.main(["--output-dir", str(tmp_path), "--coarse-weights", str(tmp_path / "no.pth")])
+
+
+def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):
+    """A runner with the bare signature run(coarse_weights, output_dir) (e.g. captioning)."""
+    from fiber_d2.engine.shapes_demo import task_result
+
+    seen = []
+
+    def run(coarse_weights, output_dir):
+        seen.append((coarse_weights, output_dir))
+        return task_result("toy", "score", 70.0, 10.0, 1.0, [])
+
+    weights = tmp_path / "coarse.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(demo_vl, "RUNNERS", [*demo_vl.RUNNERS, ("toy", "Toy", "toy.shapes_demo")])
+    monkeypatch.setattr(demo_vl, "load_runner", lambda project, module: run)
+    out = tmp_path / "out"
+    summary = demo_vl.main(
+        ["--output-dir", str(out), "--coarse-weights", str(weights), "--tasks", "toy", "--ablation",
+         "SOLVER.MAX_ITER", "1"]
+    )  # fmt: skip
+    assert seen == [(str(weights), out / "toy"), (None, out / "toy_scratch")]
+    assert summary["tasks"][0]["scratch"]["value"] == 70.0
+    assert "| toy | score | 70.00 | 70.00 | 10.00 () | 0.0 |" in (out / "summary.md").read_text()
