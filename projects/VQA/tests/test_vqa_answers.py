@@ -124,3 +124,23 @@ def test_evaluator_accuracy_per_type_and_submission_file(tmp_path):
         {"question_id": 9, "answer": "no"},
         {"question_id": 10, "answer": "no"},
     ]
+
+
+def test_official_json_release_records(tmp_path):
+    import json
+
+    from vqa import load_vqa_json
+
+    q = {"questions": [{"image_id": 42, "question_id": 420, "question": "How many dogs?"}]}
+    answers = ["2"] * 3 + ["two"] * 2 + ["3"] * 5
+    a = {"annotations": [{"question_id": 420, "multiple_choice_answer": "2", "answer_type": "number",
+                          "answers": [{"answer": x} for x in answers]}]}  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (r,) = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
+    assert r["file_name"] == "/coco/COCO_val2014_000000000042.jpg"
+    assert r["answer_scores"] == {"2": 1.0, "3": 1.0} and r["answers"] == answers
+    (t,) = load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "test2015")
+    assert "answers" not in t and t["question_id"] == 420
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_vqa_json(str(tmp_path / "nope.json"), None, "/coco", "val2014")
