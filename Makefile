@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.fiber_d2_installed
 
-.PHONY: env test demo demo-ablation web-test lint format
+.PHONY: env test demo demo-ablation demo-vl web-test lint format
 
 env:
 	@bash scripts/setup_env.sh
@@ -18,6 +18,12 @@ demo: env
 # The same fine-grained budget without the coarse stage (the paper's claim in miniature).
 demo-ablation: env
 	$(PY) tools/pretrain_pipeline.py --skip-coarse --output-dir output/demo_ablation $(DEMO_ARGS)
+
+# The high-level half: the coarse stage (reused from `make demo` when present) -> retrieval, VQA and
+# NLVR2 on the shapes world; summary table and pictures in output/demo_vl/ (DEMO_VL_ARGS=--ablation
+# also runs every task from scratch).
+demo-vl: env
+	$(PY) tools/demo_vl.py --output-dir output/demo_vl $(DEMO_VL_ARGS)
 
 # The browser demo (tools/web_demo.py) in real headless Chromium: installs the optional extras
 # (Gradio, Playwright) into .venv and Chromium from the system packages when missing, then runs the test.

@@ -151,6 +151,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # keep text padded to MAX_QUERY_LEN (the original); False: each batch runs at its longest
     # prompt rounded up to a multiple of 8 (same outputs on the real tokens, less compute)
     _C.INPUT.PAD_TO_MAX_QUERY_LEN = False
+    # training transform of the fused-cls_feats tasks (VQA, NLVR2; coarse spec §5.2): "resize"
+    # (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip, RandAugment N2 M7)
+    _C.INPUT.VL_TRAIN_TRANSFORM = "resize"
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt

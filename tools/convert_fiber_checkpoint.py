@@ -5,8 +5,10 @@
         --config-file configs/FIBER-B/coco.yaml
     python tools/convert_fiber_checkpoint.py --input fiber_pretrain.ckpt --output coarse_d2.pth \\
         --stage coarse --target coarse --config-file configs/FIBER-B/coarse_pretrain.yaml
-    python tools/convert_fiber_checkpoint.py --input fiber_coco_caption.ckpt --output caption_d2.pth \
+    python tools/convert_fiber_checkpoint.py --input fiber_coco_caption.ckpt --output caption_d2.pth \\
         --target caption
+    python tools/convert_fiber_checkpoint.py --input fiber_vqa.ckpt --output vqa_d2.pth \\
+        --project VQA --config-file projects/VQA/configs/vqav2.yaml
 
 ``--stage`` (default: detected from the key names) names the original layout; ``--target`` (coarse stage
 only) picks ``FIBERCoarse`` ("coarse") or the detector's fused backbone ("fine"); with a config it
@@ -15,6 +17,9 @@ defaults to the config's meta-architecture. ``--target caption`` converts a capt
 ``cross_modal_att_layers.*`` kept); it takes no config (the checkpoint is already at the caption
 resolution, 576). With ``--config-file`` the fiber_d2 model is built on the meta
 device (no memory for weights) to check shapes, resize relative-position tables and report missing keys.
+``--project VQA`` (or ``NLVR2``...) loads a ``projects/<name>`` config (its package registers the
+task model and adds its config keys); a released task checkpoint (``fiber_vqa.ckpt``,
+``fiber_nlvr2.ckpt``) then keeps its head.
 The input is read with ``torch.load(weights_only=True)`` (or safetensors / the numpy-only ``.pkl``
 reader). The output is ``{"model": state_dict, "__fiber_d2__": provenance}`` (``.safetensors``
 output: the state dict, provenance in the metadata), ready for ``MODEL.WEIGHTS``.
@@ -26,6 +31,7 @@ from the target model's (with ``--config-file``), or when the input is already a
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -54,6 +60,7 @@ from fiber_d2.checkpoint.safe_io import (
     torch_load_error,
 )
 from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.modeling.meta_arch import FIBERCoarse
 
 logger = logging.getLogger("fiber_d2.convert_fiber_checkpoint")
 
@@ -98,10 +105,35 @@ def detect_stage(original, use_ema: bool) -> str:
     )
 
 
-def build_model_state(config_file: str, opts: list[str]) -> tuple[dict, str]:
+def project_config_keys(project: str) -> tuple:
+    """Import ``projects/<project>``'s package (registering its models and datasets); returns its
+    ``add_*_config`` functions."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects")
+    if not os.path.isdir(os.path.join(root, project)):
+        raise ValueError(f"--project {project}: no folder projects/{project}")
+    sys.path.insert(0, os.path.join(root, project))
+    package = importlib.import_module(project.lower())
+    return tuple(
+        getattr(package, n) for n in dir(package) if n.startswith("add_") and n.endswith("_config")
+    )
+
+
+def target_of(meta_arch: str) -> str | None:
+    """ "fine" for FIBER, "coarse" for FIBERCoarse and the task models built on it, else None."""
+    if meta_arch in _META_ARCH_TARGET:
+        return _META_ARCH_TARGET[meta_arch]
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    cls = META_ARCH_REGISTRY.get(meta_arch) if meta_arch in META_ARCH_REGISTRY else None
+    return "coarse" if isinstance(cls, type) and issubclass(cls, FIBERCoarse) else None
+
+
+def build_model_state(
+    config_file: str, opts: list[str], extra_defaults: tuple = ()
+) -> tuple[dict, str]:
     """The target model's state dict (meta tensors; CPU if a module cannot be built on meta) and its
     meta-architecture. Pretrained-weight paths are cleared: only the shapes are needed."""
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, extra_defaults=extra_defaults)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.SWIN.WEIGHTS = ""
     cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
@@ -133,6 +165,7 @@ def main(argv=None) -> None:
     parser.add_argument("--target", choices=["coarse", "fine", "caption"], default=None)
     parser.add_argument("--config-file", default="", metavar="FILE", help="target model config")
     parser.add_argument("--use-ema", action="store_true", help="convert the model_ema weights")
+    parser.add_argument("--project", default="", help="projects/<name> whose config is given")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     setup_logger(name="fiber_d2")
@@ -185,19 +218,21 @@ def convert(args):
         )
     model_state, meta_arch = None, None
     if args.config_file:
-        model_state, meta_arch = build_model_state(args.config_file, args.opts)
-        if meta_arch not in _META_ARCH_TARGET:
+        extra = project_config_keys(args.project) if args.project else ()
+        model_state, meta_arch = build_model_state(args.config_file, args.opts, extra)
+        if target_of(meta_arch) is None:
             raise ValueError(
-                f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse)"
+                f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse) or a"
+                " task model built on FIBERCoarse (pass --project for a projects/ config)"
             )
     original = load_original(args.input)
     stage = detect_stage(original, args.use_ema) if args.stage == "auto" else args.stage
-    target = args.target or _META_ARCH_TARGET.get(meta_arch) or stage
+    target = args.target or (target_of(meta_arch) if meta_arch else None) or stage
     if stage == "fine" and target != "fine":
         raise ValueError(
             f"{args.input} is a fine-grained checkpoint; it converts to the FIBER detector only"
         )
-    if meta_arch is not None and _META_ARCH_TARGET[meta_arch] != target:
+    if meta_arch is not None and target_of(meta_arch) != target:
         raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
     if target == "caption":
         converted, report = convert_caption_state_dict(original, use_ema=args.use_ema)

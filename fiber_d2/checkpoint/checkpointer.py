@@ -16,7 +16,10 @@ coarse-to-fine hand-off.
   or by elements; wrong shapes count as missing) are not filled from the file, loading fails with
   one line listing the missing groups, unless ``partial_ok`` (``MODEL.WEIGHTS_PARTIAL_OK``). Parts a
   stage is expected to add (everything outside the two towers when a coarse checkpoint feeds the
-  detector) are not counted.
+  detector; a task model's ``STAGE_HEADS`` when the file has none of them) are not counted.
+* Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another
+  resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
+  recomputed by the model.
 * Missing / unexpected keys are summarised per module in one log line each, not one line per tensor.
 """
 
@@ -120,6 +123,23 @@ def _reroot_coarse(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict
 
 def _is_detector(model_keys) -> bool:
     return any(k.startswith("backbone.bottom_up.") for k in model_keys)
+
+
+def _resize_position_tables(state: dict, model_state: dict) -> dict:
+    """Resize ``*relative_position_bias_table`` tensors whose window differs from the model's."""
+    from .convert import resize_relative_position_table
+
+    resized = 0
+    for key, value in state.items():
+        target = model_state.get(key)
+        if not key.endswith("relative_position_bias_table") or target is None:
+            continue
+        if value.shape != target.shape and value.dim() == 2 and value.shape[1] == target.shape[1]:
+            state[key] = resize_relative_position_table(value, target.shape[0])
+            resized += 1
+    if resized:
+        logger.info("Resized %d relative-position tables to the model's window", resized)
+    return state
 
 
 class FIBERCheckpointer(DetectionCheckpointer):
@@ -252,6 +272,7 @@ class FIBERCheckpointer(DetectionCheckpointer):
                 self._coarse_into_detector = True
             elif state and all(str(k).startswith(_DETECTOR_TOWERS) for k in state):
                 self._coarse_into_detector = True  # towers only: a converted coarse checkpoint
+        checkpoint["model"] = _resize_position_tables(checkpoint["model"], self.model.state_dict())
         incompatible = super()._load_model(checkpoint)
         self._check_missing(incompatible)
         return incompatible
@@ -266,7 +287,14 @@ class FIBERCheckpointer(DetectionCheckpointer):
                 for k, p in params.items()
                 if k.startswith(_DETECTOR_TOWERS) and not _DETECTOR_OUT_NORM.match(k)
             }
-        missing = sorted(k for k in set(incompatible.missing_keys) if k in counted)
+        # a task model's own head (``STAGE_HEADS``), absent as a whole from the file: the head this
+        # stage adds on a pre-trained backbone (e.g. VQA on a coarse checkpoint), not a partial load
+        missing_set = set(incompatible.missing_keys)
+        for prefix in getattr(self.model, "STAGE_HEADS", ()):
+            head = [k for k in counted if k.startswith(prefix)]
+            if head and all(k in missing_set for k in head):
+                counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
+        missing = sorted(k for k in missing_set if k in counted)
         if not missing or not counted:
             return
         share_count = len(missing) / len(counted)
