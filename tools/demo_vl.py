@@ -39,6 +39,7 @@ RUNNERS = [
     ("retrieval", "Retrieval", "retrieval.shapes_demo"),
     ("vqa", "VQA", "vqa.shapes_demo"),
     ("nlvr2", "NLVR2", "nlvr2.shapes_demo"),
+    ("captioning", "Captioning", "captioning.shapes_demo"),
 ]
 
 logger = logging.getLogger("fiber_d2.demo_vl")

@@ -47,7 +47,7 @@ def test_runners_summary_and_pictures(tmp_path):
 
 
 def test_runner_list_and_bad_arguments(tmp_path):
-    assert [name for name, _, _ in demo_vl.RUNNERS] == ["retrieval", "vqa", "nlvr2"]
+    assert [name for name, _, _ in demo_vl.RUNNERS] == ["retrieval", "vqa", "nlvr2", "captioning"]
     for _, project, module in demo_vl.RUNNERS:
         assert callable(demo_vl.load_runner(project, module))
     with pytest.raises(SystemExit, match="unknown --tasks"):

@@ -21,6 +21,8 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog
 from PIL import Image, ImageDraw
 
+from fiber_d2.engine.shapes_demo import task_result
+
 from .evaluator import caption_metrics
 from .trainer import CaptionTrainer, load_captioning_config
 
@@ -62,9 +64,9 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
         max_iter: override of ``SOLVER.MAX_ITER`` (tests).
 
     Returns:
-        {"task", "metrics" (BLEU-4, CIDEr), "baseline" (same metrics of the most frequent training
-        caption), "baseline_caption", "pictures" (paths), "train_seconds", "eval_seconds",
-        "coarse_weights", "caption_json"}.
+        :func:`fiber_d2.engine.shapes_demo.task_result`'s dict (metric CIDEr, baseline: the most
+        frequent training caption) plus "metrics" (BLEU-4, CIDEr), "baseline_metrics",
+        "train_seconds", "eval_seconds", "coarse_weights", "caption_json".
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,17 +101,22 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
         path = output_dir / f"caption_{record['image_id']}.png"
         _draw(record["file_name"], generated.get(record["image_id"], ""), path)
         pictures.append(str(path))
-    summary = {
-        "task": "captioning",
-        "metrics": metrics,
-        "baseline": baseline,
-        "baseline_caption": baseline_caption,
-        "pictures": pictures,
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "coarse_weights": coarse_weights,
-        "caption_json": str(caption_json),
-    }
+    summary = task_result(
+        "captioning",
+        "CIDEr",
+        metrics["CIDEr"],
+        baseline["CIDEr"],
+        train_seconds + eval_seconds,
+        pictures,
+        baseline_name=f"most frequent training caption '{baseline_caption}'",
+        other_baselines={"BLEU-4 of that caption": baseline["BLEU-4"]},
+        metrics=metrics,
+        baseline_metrics=baseline,
+        train_seconds=round(train_seconds, 1),
+        eval_seconds=round(eval_seconds, 1),
+        coarse_weights=coarse_weights,
+        caption_json=str(caption_json),
+    )
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("captioning on shapes: %s", json.dumps(summary))
     return summary
