@@ -136,6 +136,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.COARSE.MLM_PROBABILITY = 0.15  # MLM token selection probability
     _C.MODEL.COARSE.LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # ITC, ITM, MLM
     _C.MODEL.COARSE.LOSSES = ["itc", "itm", "mlm"]  # objectives switched on
+    # Switches for from-scratch towers (configs/Demo only); the defaults are the original's.
+    _C.MODEL.COARSE.ITC_TEXT_POOL = "first"  # ITC text pooling: "first" (<s>) or "mean" (tokens)
+    _C.MODEL.COARSE.QUEUE_INIT = "random"  # ITC queue: "random" (randn) or "empty" (filled part)
+    _C.MODEL.COARSE.ITC_BATCH_NORM = False  # batch-standardise ITC embeddings before L2 norm
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"

@@ -12,6 +12,9 @@ tool = load_tool("convert_fiber_checkpoint")
 
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
+# converted weights run with the original's ITC (the defaults), not the Demo's from-scratch switches
+ORIGINAL_ITC = ["MODEL.COARSE.ITC_TEXT_POOL", "first", "MODEL.COARSE.QUEUE_INIT", "random"]
+ORIGINAL_ITC += ["MODEL.COARSE.ITC_BATCH_NORM", "False"]
 
 
 class _NotATensor:
@@ -49,7 +52,9 @@ def test_coarse_checkpoint_end_to_end(coarse_model, fresh, originals, load_file,
     torch.save({"state_dict": original, "epoch": 9, "hyper_parameters": {"image_size": 128}}, src)
 
     # layout detected from the keys, target taken from the config (FIBERCoarse)
-    tool.main(["--input", str(src), "--output", str(out), "--config-file", COARSE_CFG])
+    tool.main(
+        ["--input", str(src), "--output", str(out), "--config-file", COARSE_CFG, *ORIGINAL_ITC]
+    )
     assert "ITC queue" in capsys.readouterr().out
     info = torch.load(out, weights_only=True)["__fiber_d2__"]
     assert (info["stage"], info["target"], info["entry"]) == ("coarse", "coarse", "state_dict")

@@ -35,16 +35,25 @@ logger = logging.getLogger(__name__)
 
 
 class Pooler(nn.Module):
-    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``)."""
+    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``; over the
+    tokens where ``mask`` is 1 when a mask is given)."""
 
     def __init__(self, dim: int, pool: str):
         super().__init__()
+        if pool not in ("first", "mean"):
+            raise ValueError(f"pooling must be 'first' or 'mean', got {pool!r}")
         self.dense = nn.Linear(dim, dim)
         self.pool = pool
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, D) -> (B, D)."""
-        pooled = x[:, 0] if self.pool == "first" else x.mean(dim=1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D), mask: optional (B, N) -> (B, D)."""
+        if self.pool == "first":
+            pooled = x[:, 0]
+        elif mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            m = mask.to(x.dtype).unsqueeze(-1)
+            pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
         return torch.tanh(self.dense(pooled))
 
 
@@ -102,6 +111,9 @@ class FIBERCoarse(nn.Module):
         pixel_mean: list[float],
         pixel_std: list[float],
         pad_to_max_query_len: bool = False,
+        itc_text_pool: str = "first",
+        queue_init: str = "random",
+        itc_batch_norm: bool = False,
     ):
         """
         Args:
@@ -115,6 +127,12 @@ class FIBERCoarse(nn.Module):
             pixel_mean, pixel_std: input normalisation.
             pad_to_max_query_len: run text at its tokenized length T; False cuts each batch to
                 :func:`fiber_d2.text.padded_text_length` (the longest over all ranks in training).
+            itc_text_pool: "first" (the ``<s>`` token, the original) or "mean" (masked token mean)
+                for the unimodal ITC text embedding.
+            queue_init: "random" (``randn`` columns, the original) or "empty" (ITC uses only the
+                queue columns already filled with enqueued embeddings).
+            itc_batch_norm: standardise each ITC embedding dimension over the batch (running
+                statistics at inference; no affine parameters) before the L2 normalisation.
         """
         super().__init__()
         unknown = set(losses) - {"itc", "itm", "mlm"}
@@ -132,11 +150,18 @@ class FIBERCoarse(nn.Module):
         self.cross_modal_image_pooler = Pooler(text_dim, "mean")
         self.cross_modal_text_transform_itc = nn.Linear(text_dim, text_dim)
         self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
-        self.cross_modal_text_pooler_itc = Pooler(text_dim, "first")
+        self.cross_modal_text_pooler_itc = Pooler(text_dim, itc_text_pool)
         self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
         self.itm_score = _ITMHead(2 * text_dim)
         self.mlm_score = MLMHead(text_dim, vocab_size)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        if queue_init not in ("random", "empty"):
+            raise ValueError(
+                f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
+            )
+        self.queue_init = queue_init
+        self.itc_image_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
+        self.itc_text_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
         self.queue = FeatureQueue(text_dim, queue_size)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -177,6 +202,9 @@ class FIBERCoarse(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "pad_to_max_query_len": cfg.INPUT.PAD_TO_MAX_QUERY_LEN,
+            "itc_text_pool": c.ITC_TEXT_POOL,
+            "queue_init": c.QUEUE_INIT,
+            "itc_batch_norm": c.ITC_BATCH_NORM,
         }
 
     def _text_length(self, mask: torch.Tensor, all_ranks: bool = False) -> int:
@@ -212,12 +240,18 @@ class FIBERCoarse(nn.Module):
         """Un-fused image embedding: (B, 3, S, S) -> L2-normalised (B, D)."""
         tokens = self.image_norm(self._tokens(self.backbone.forward_image(images)))
         pooled = self.cross_modal_image_pooler_itc(self.cross_modal_image_transform_itc(tokens))
+        if self.itc_image_bn is not None:
+            pooled = self.itc_image_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Un-fused text embedding: (B, T) ids and mask -> L2-normalised (B, D)."""
         hidden = self.backbone.forward_text(input_ids, attention_mask)["hidden"]
-        pooled = self.cross_modal_text_pooler_itc(self.cross_modal_text_transform_itc(hidden))
+        pooled = self.cross_modal_text_pooler_itc(
+            self.cross_modal_text_transform_itc(hidden), attention_mask
+        )
+        if self.itc_text_bn is not None:
+            pooled = self.itc_text_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
     def fused(self, images, input_ids, attention_mask) -> dict[str, torch.Tensor]:
@@ -259,7 +293,11 @@ class FIBERCoarse(nn.Module):
                 self.temp.clamp_(0.001, 1.0)
             f_i, f_t = self.encode_image(images), self.encode_text(ids, mask)
             q = self.queue
-            sim_i2t, sim_t2i = itc_logits(f_i, f_t, q.image_queue, q.text_queue, self.temp)
+            image_queue, text_queue = q.image_queue, q.text_queue
+            if self.queue_init == "empty":  # only the columns written so far
+                filled = int(min(q.queue_total.item(), image_queue.shape[1]))
+                image_queue, text_queue = image_queue[:, :filled], text_queue[:, :filled]
+            sim_i2t, sim_t2i = itc_logits(f_i, f_t, image_queue, text_queue, self.temp)
             if "itc" in self.losses:
                 losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
             if "itm" in self.losses:
