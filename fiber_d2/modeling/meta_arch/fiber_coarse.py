@@ -29,9 +29,21 @@ from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusedSwinRoberta
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
-__all__ = ["FIBERCoarse"]
+__all__ = ["FIBERCoarse", "init_head"]
 
 logger = logging.getLogger(__name__)
+
+
+def init_head(module: nn.Module) -> None:
+    """Normal(0, 0.02) Linear weights, zero biases, unit LayerNorms (the original's init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class Pooler(nn.Module):
@@ -168,16 +180,9 @@ class FIBERCoarse(nn.Module):
         self._init_new_modules()
 
     def _init_new_modules(self):
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_head(child)
 
     @classmethod
     def from_config(cls, cfg):

@@ -7,7 +7,7 @@ the original's task models do, so a coarse checkpoint (converted or trained here
 pre-training heads unused, and a released task checkpoint loads with nothing missing or unexpected.
 
 Also here: :func:`task_head`, the original's head shape (Linear, LayerNorm, GELU, Linear; keys
-``{0,1,3}.*``), and :func:`init_head`.
+``{0,1,3}.*``); :func:`init_head` (from fiber_coarse) is re-exported.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fiber_coarse import FIBERCoarse
+from .fiber_coarse import FIBERCoarse, init_head
 
 __all__ = ["FIBERFusedTask", "task_head", "init_head"]
 
@@ -25,18 +25,6 @@ def task_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim)
     )
-
-
-def init_head(module: nn.Module) -> None:
-    """Normal(0, 0.02) Linear weights, zero biases, unit LayerNorms (the original's init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class FIBERFusedTask(FIBERCoarse):
@@ -55,6 +43,8 @@ class FIBERFusedTask(FIBERCoarse):
         super().__init__(**kwargs)
         for name in self._PRETRAIN_ONLY:
             delattr(self, name)
+        # the ITC batch norms (a from-scratch Demo switch, MODEL.COARSE.ITC_BATCH_NORM) serve ITC only
+        self.itc_image_bn = self.itc_text_bn = None
         self.text_dim = self.cross_modal_text_transform.out_features
 
     def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:

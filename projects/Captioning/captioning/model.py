@@ -32,7 +32,7 @@ from torch import nn
 
 from fiber_d2.modeling.backbone.causal_text import TextKVCache
 from fiber_d2.modeling.backbone.fused import FusedSwinRoberta
-from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead, Pooler
+from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead, Pooler, init_head
 from fiber_d2.text import build_tokenizer
 
 from .cider import CiderD, references_by_image
@@ -163,16 +163,9 @@ class FIBERCaption(nn.Module):
         self._init_new_modules()
 
     def _init_new_modules(self):
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_head(child)
 
     @classmethod
     def from_config(cls, cfg):
