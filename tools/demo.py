@@ -212,6 +212,8 @@ def main(argv=None) -> list:
         print(f"wrote {len(written)} image(s) to {args.output}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
+        if len(skipped) == len(inputs):
+            sys.exit(f"error: none of the {len(inputs)} input image(s) could be read: {skipped[0]}")
     return written
 
 

@@ -50,8 +50,8 @@ logger = logging.getLogger(__name__)
 
 def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names
-    and paths, the training sets (loadable, one readable image), the test images (present, image
-    headers) and the checkpoint that will be loaded (safe format, fits the model).
+    and paths, the training sets (loadable, one readable image), the test images (present, decode in
+    full) and the checkpoint that will be loaded (safe format, fits the model).
 
     Raises:
         ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
