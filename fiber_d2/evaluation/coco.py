@@ -22,9 +22,48 @@ from detectron2.evaluation import COCOEvaluator
 from ..data.datasets.common import box_problem
 from .integrity import SeenRecords, without_predictions
 
-__all__ = ["FIBERCOCOEvaluator"]
+__all__ = ["FIBERCOCOEvaluator", "drop_bad_gt_boxes"]
 
 logger = logging.getLogger(__name__)
+
+
+def drop_bad_gt_boxes(dataset: dict, images: dict, name: str) -> bool:
+    """Remove from a COCO/LVIS-format ``dataset`` the ground-truth boxes the loaders drop
+    (:func:`~fiber_d2.data.datasets.common.box_problem`), with one counted warning.
+
+    Args:
+        dataset: the json dict (its ``annotations`` list is replaced).
+        images: image id -> image entry (``width``, ``height``, ``file_name``).
+        name: the dataset name, for the warning.
+
+    Returns:
+        whether anything was dropped (the caller re-indexes its API object).
+    """
+    kept, dropped, files = [], 0, set()
+    for a in dataset.get("annotations", []):
+        img = images.get(a.get("image_id"), {})
+        try:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            problem = box_problem([x, y, x + w, y + h], img["width"], img["height"])
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"unusable bbox ({e!r})"
+        if problem:
+            dropped += 1
+            files.add(img.get("file_name", img.get("coco_url", a.get("image_id"))))
+            continue
+        kept.append(a)
+    if not dropped:
+        return False
+    logger.warning(
+        "%s: %d ground-truth box(es) dropped from the evaluation, as the loader drops them "
+        "(not finite, empty or outside the image), in %d image(s): %s",
+        name,
+        dropped,
+        len(files),
+        ", ".join(sorted(map(str, files))[:5]),
+    )
+    dataset["annotations"] = kept
+    return True
 
 
 class FIBERCOCOEvaluator(COCOEvaluator):
@@ -42,33 +81,9 @@ class FIBERCOCOEvaluator(COCOEvaluator):
             self._drop_bad_gt_boxes()
 
     def _drop_bad_gt_boxes(self) -> None:
-        api = self._coco_api
-        kept, dropped, files = [], 0, set()
-        for a in api.dataset.get("annotations", []):
-            img = api.imgs.get(a.get("image_id"), {})
-            try:
-                x, y, w, h = (float(v) for v in a["bbox"])
-                problem = box_problem([x, y, x + w, y + h], img["width"], img["height"])
-            except (KeyError, TypeError, ValueError) as e:
-                problem = f"unusable bbox ({e!r})"
-            if problem:
-                dropped += 1
-                files.add(img.get("file_name", a.get("image_id")))
-                continue
-            kept.append(a)
-        if not dropped:
-            return
-        logger.warning(
-            "%s: %d ground-truth box(es) dropped from the evaluation, as the loader drops them "
-            "(not finite, empty or outside the image), in %d image(s): %s",
-            self._metadata.name,
-            dropped,
-            len(files),
-            ", ".join(sorted(map(str, files))[:5]),
-        )
-        api.dataset["annotations"] = kept
-        with contextlib.redirect_stdout(io.StringIO()):
-            api.createIndex()
+        if drop_bad_gt_boxes(self._coco_api.dataset, self._coco_api.imgs, self._metadata.name):
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._coco_api.createIndex()
 
     def reset(self):
         super().reset()

@@ -21,6 +21,7 @@ from detectron2.evaluation import LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
+from .coco import drop_bad_gt_boxes
 from .integrity import SeenRecords, without_predictions
 
 __all__ = ["FixedAPLVISEvaluator", "keep_topk_per_category"]
@@ -169,6 +170,10 @@ class FixedAPLVISEvaluator(LVISEvaluator):
         self._fixed_ap_topk = fixed_ap_topk
         self._num_buffered = 0
         self._seen = SeenRecords(dataset_name, "FixedAPLVISEvaluator", distributed)
+        # the loaders' box rule, as in FIBERCOCOEvaluator: training and evaluation see the same boxes
+        api = getattr(self, "_lvis_api", None)
+        if api is not None and drop_bad_gt_boxes(api.dataset, api.imgs, dataset_name):
+            api._create_index()
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: str | None = None) -> dict:
