@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 from tool_scripts import load_tool
 
+from fiber_d2 import add_fiber_config
 from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
 from fiber_d2.data.shapes import build_shapes_tokenizer
 from fiber_d2.engine.setup import load_config
@@ -262,7 +264,9 @@ def test_reference_cfg_switches_every_feature_off():
     ref = bench.reference_cfg(cfg)
     assert ref.INPUT.PAD_TO_MAX_QUERY_LEN and not ref.TEST.PREFIX_REUSE
     assert not ref.MODEL.DYHEAD.DFCONV_RECOMPUTE
-    assert not cfg.INPUT.PAD_TO_MAX_QUERY_LEN and cfg.TEST.PREFIX_REUSE  # defaults: features on
+    defaults = add_fiber_config(get_cfg())  # the package defaults: features on
+    assert not defaults.INPUT.PAD_TO_MAX_QUERY_LEN and defaults.TEST.PREFIX_REUSE
+    assert defaults.MODEL.DYHEAD.DFCONV_RECOMPUTE
 
 
 def test_chunked_prompts_follow_the_lvis_chunking():
