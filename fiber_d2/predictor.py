@@ -41,6 +41,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Instances
 from PIL import Image
@@ -610,7 +611,8 @@ def to_coco_json(
             + 1 (the order of the prompt's names).
 
     Returns:
-        list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "label"}``.
+        list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "label"}``
+        (detectron2's ``instances_to_coco_json`` records plus ``label``).
 
     Raises:
         ValueError: as many image ids as results are needed.
@@ -626,21 +628,13 @@ def to_coco_json(
         )
     out = []
     for result, image_id in zip(results, image_ids):
-        inst = result["instances"].to("cpu")
         names = result["label_names"]
-        boxes = inst.pred_boxes.tensor.float().tolist()
-        for (x1, y1, x2, y2), score, label in zip(
-            boxes, inst.scores.float().tolist(), inst.pred_classes.tolist()
-        ):
-            out.append(
-                {
-                    "image_id": int(image_id),
-                    "category_id": int(category_ids[label]) if category_ids else label + 1,
-                    "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
-                    "score": round(float(score), 5),
-                    "label": names[label],
-                }
-            )
+        # detectron2's conversion (xywh boxes, category_id = the class index), then ids and labels
+        for r in instances_to_coco_json(result["instances"].to("cpu"), int(image_id)):
+            label = r["category_id"]
+            r["category_id"] = int(category_ids[label]) if category_ids else label + 1
+            r["label"] = names[label]
+            out.append(r)
     return out
 
 
