@@ -149,6 +149,9 @@ def _worker(rank, init_file, folder):
                 )
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
+        # both ranks leave the last collective before either tears gloo down (a rank exiting while
+        # its peer is still in a collective was seen to abort with SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
