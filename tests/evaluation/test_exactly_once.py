@@ -2,15 +2,13 @@
 and across two gloo processes (duplicates on one rank or on two, gaps, ids not in the dataset)."""
 
 import json
-import os
-import time
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
+from two_ranks import run_two_ranks
 
 from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.coco import FIBERCOCOEvaluator
@@ -135,36 +133,19 @@ def test_one_process(names, kind, scenario):
         assert "\n" not in result
 
 
-def _worker(rank, init_file, folder):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        from pathlib import Path
-
-        names = register(Path(folder), suffix="_ddp")
-        results = {}
-        for kind in KINDS:
-            for scenario, per_rank in SCENARIOS.items():
-                results[f"{kind}/{scenario}"] = evaluate(
-                    kind, names[kind], per_rank[rank], distributed=True
-                )
-        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        # both ranks leave the last collective before either tears gloo down (a rank exiting while
-        # its peer is still in a collective was seen to abort with SIGABRT)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ranked_evaluations(rank, folder):
+    names = register(Path(folder), suffix="_ddp")
+    results = {}
+    for kind in KINDS:
+        for scenario, per_rank in SCENARIOS.items():
+            results[f"{kind}/{scenario}"] = evaluate(
+                kind, names[kind], per_rank[rank], distributed=True
+            )
+    return results
 
 
 def test_two_processes(tmp_path):
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 300
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:  # a rank left waiting in a collective
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two evaluation processes did not finish (a rank hung)")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_ranks(_ranked_evaluations, tmp_path, str(tmp_path))
     for kind in KINDS:
         for scenario, expected in EXPECTED.items():
             key = f"{kind}/{scenario}"
