@@ -60,6 +60,7 @@ def _run(capsys, argv):
     "config,task,batch,size,extra_keys",
     [
         (FINE, "train", 2, (70, 100), {"fwd_ms_median", "bwd_ms_median", "fwd_bwd_peak_mem_mb"}),
+        (FINE, "train-fwd-bwd", 1, (70, 100), {"fwd_ms_median", "bwd_ms_median", "loss"}),
         (FINE, "inference", 1, (70, 100), {"outputs"}),
         (FINE, "backbone", 1, (70, 100), {"fwd_bwd_ms_median", "tokens_per_s"}),
         (COARSE, "train", 2, (64, 64), {"fwd_ms_median", "loss", "trainable_params", "ema"}),
@@ -87,6 +88,10 @@ def test_one_json_line_per_task(capsys, config, task, batch, size, extra_keys):
         assert (rec["height"], rec["width"]) == (96, 128)
     else:  # the coarse model sees the S x S input as it is
         assert (rec["height"], rec["width"]) == (64, 64)
+    if task == "train-fwd-bwd":  # forward + backward only: no optimizer step, no EMA copy
+        assert not {"step_ms_median", "ema", "ema_mb", "fwd_bwd_peak_mem_mb"} & set(rec)
+        assert math.isfinite(rec["loss"])
+        assert rec["fwd_ms_median"] + rec["bwd_ms_median"] <= rec["ms_median"] * 1.01
     if task == "train":
         assert math.isfinite(rec["loss"])
         assert 0 < rec["trainable_params"] <= rec["params"]
@@ -107,6 +112,35 @@ def test_params_match_the_model_and_amp_dtype(capsys):
     assert rec["dtype"] == "bfloat16"  # a bare --amp on the CPU
     assert math.isfinite(rec["loss"])
     assert "target_ms" not in rec  # targets apply only to reference runs
+
+
+def test_train_reports_the_ema_copy(capsys):
+    from detectron2.modeling import build_model
+
+    cfg = load_config(FINE, SMALL)
+    state = build_model(cfg).state_dict()
+    expected = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    argv = ["--config-file", FINE, "--task", "train", "--device", "cpu", "--iters", "1"]
+    argv += ["--warmup", "0", "--height", "64", "--width", "64", "--threads", "1", *SMALL]
+    rec = _run(capsys, [*argv, "SOLVER.EMA.ENABLED", "True"])
+    assert rec["ema"] and rec["ema_mb"] == pytest.approx(expected, abs=0.1)
+    rec = _run(capsys, [*argv, "SOLVER.EMA.ENABLED", "False"])
+    assert not rec["ema"] and rec["ema_mb"] == 0.0
+
+
+def test_mmap_threshold_is_set_and_recorded(capsys, monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    argv = ["--config-file", FINE, "--task", "train-fwd-bwd", "--device", "cpu", "--iters", "1"]
+    argv += ["--warmup", "0", "--height", "64", "--width", "64", "--threads", "1", *SMALL]
+    assert _run(capsys, argv)["mmap_threshold_mb"] is None  # glibc's default
+    # 32 MiB: glibc's own upper bound for its dynamic threshold, harmless for the other tests
+    assert _run(capsys, ["--mmap-threshold-mb", "32", *argv])["mmap_threshold_mb"] == 32.0
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    assert _run(capsys, argv)["mmap_threshold_mb"] == 1.0  # the environment's setting is reported
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--mmap-threshold-mb", bad, *argv])
+        assert str(exc.value.code).startswith("error:") and "mmap" in str(exc.value.code)
 
 
 def test_default_size_is_the_configured_test_size():
@@ -241,7 +275,7 @@ def test_speed_targets_apply_only_to_reference_runs():
     assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
 
 
-@pytest.mark.parametrize("task", ["lvis-eval", "train"])
+@pytest.mark.parametrize("task", ["lvis-eval", "train", "train-fwd-bwd"])
 def test_reference_prints_both_runs_and_their_ratio(capsys, task):
     argv = ["--config-file", FINE, "--task", task, "--device", "cpu", "--iters", "1"]
     argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
