@@ -311,3 +311,31 @@ def test_chunked_prompts_follow_the_lvis_chunking():
     assert maps.sum(dim=(1, 2)).tolist() == [20, 20, 10]  # two tokens per name
     assert mask.sum(dim=1).tolist() == [32, 32, 17]  # <s> 3 per name </s> (the last "." kept)
     assert not (maps & (mask[:, None, :] == 0)).any()
+
+
+def test_perf_quiet_script_runs_valid_benchmark_commands(tmp_path):
+    """tools/perf_quiet.sh, with a stand-in interpreter that records its arguments: every row is a
+    command line the benchmark accepts, one per README row with a time figure."""
+    import subprocess
+
+    log = tmp_path / "argv.txt"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}
+    subprocess.run(["bash", str(ROOT / "tools" / "perf_quiet.sh")], env=env, check=True)
+    rows = [line.split() for line in log.read_text().splitlines()]
+    tasks = []
+    for argv in rows:
+        assert argv[0] == "tools/benchmark.py"
+        args = bench._parser().parse_args(argv[1:])
+        assert args.reference and args.threads == 1 and args.iters == 1 and args.warmup == 0
+        assert Path(ROOT / args.config_file).is_file()
+        tasks.append((args.task, args.height, args.width))
+    assert tasks == [
+        ("train-fwd-bwd", None, None),
+        ("train-fwd-bwd", 512, 512),
+        ("inference", None, None),
+        ("inference", 512, 512),
+        ("lvis-eval", None, None),
+    ]
