@@ -22,6 +22,12 @@ Tasks (``TASKS``):
   "train fwd+bwd" setting in which FIBER-B's training memory is compared with the original
   implementation's (``peak_mem_mb``: the model, its gradients and the activations). Extra keys
   ``{fwd,bwd}_ms_median``, ``loss``, ``trainable_params``.
+* Both training tasks break the memory down (last iteration): ``params_mb`` and ``grads_mb`` (the
+  parameters and their gradients), ``saved_activations_mb`` (tensors the forward saved for the
+  backward, each storage once, parameters excluded), ``fwd_peak_mem_mb`` / ``after_fwd_mem_mb``
+  (peak and current memory at the end of the forward) and ``after_bwd_mem_mb`` (current memory after
+  the backward; on the CPU, what exceeds the live tensors there is freed heap that the allocator
+  keeps resident, see ``--mmap-threshold-mb``).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
 * ``caption``: caption decoding of ``projects/Captioning``'s ``FIBERCaption`` with a key/value
@@ -247,6 +253,46 @@ class PeakMemory:
         else:
             end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return max(end - self._start_kb, 0) / 1024.0
+
+    def current_mb(self) -> float | None:
+        """CUDA allocated, or CPU resident-set growth, now; None where unavailable."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        rss = _proc_status_kb("VmRSS") if self._hwm else None
+        return None if rss is None else max(rss - self._start_kb, 0) / 1024.0
+
+
+class SavedTensors(AbstractContextManager):
+    """Bytes of the tensors autograd saves for the backward pass inside the context (each storage
+    once; parameters excluded), e.g. the activations a training forward keeps.
+
+    Args:
+        model: the module whose parameters are not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._sizes: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._skip:
+            self._sizes.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    def __enter__(self) -> SavedTensors:
+        self._sizes.clear()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def mb(self) -> float:
+        """MiB saved during the last ``with`` block."""
+        return sum(self._sizes.values()) / 2**20
 
 
 def _timed(fn: Callable[[], dict | None], device: torch.device, iters: int, warmup: int) -> dict:
@@ -524,19 +570,23 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace, full: bool = True) -> di
     scaler = torch.amp.GradScaler("cuda") if full and dtype == "float16" else None
     last_loss = [float("nan")]
     fwd_bwd_peak = [0.0]
+    saved = SavedTensors(model)
+    breakdown: dict[str, float | None] = {}
 
     def step() -> dict:
         t0 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast, saved:
             losses = model(batch)
         loss = sum(losses.values())
         _sync(device)
         t1 = time.perf_counter()
+        breakdown.update(fwd_peak_mem_mb=memory.peak_mb(), after_fwd_mem_mb=memory.current_mb())
         (scaler.scale(loss) if scaler else loss).backward()
         _sync(device)
         t2 = time.perf_counter()
         fwd_bwd_peak[0] = max(fwd_bwd_peak[0], memory.peak_mb())
+        breakdown.update(after_bwd_mem_mb=memory.current_mb(), saved_activations_mb=saved.mb)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -557,6 +607,9 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace, full: bool = True) -> di
         **{f"{k}_ms_median": _median(times[k]) for k in phases},
         "trainable_params": _params(model, trainable=True),
         "loss": round(last_loss[0], 6),
+        "params_mb": round(_state_mb(dict(model.named_parameters())), 1),
+        "grads_mb": round(_state_mb({n: p.grad for n, p in model.named_parameters()}), 1),
+        **{k: None if v is None else round(v, 1) for k, v in breakdown.items()},
     }
     if full:
         record["fwd_bwd_peak_mem_mb"] = round(fwd_bwd_peak[0], 1)
@@ -571,8 +624,8 @@ def bench_train_fwd_bwd(cfg: CfgNode, args: argparse.Namespace) -> dict:
 
 
 def _state_mb(state: dict[str, torch.Tensor]) -> float:
-    """Size of a state dict's tensors in MiB."""
-    return sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    """Size of a state dict's tensors in MiB (None entries count 0)."""
+    return sum(t.numel() * t.element_size() for t in state.values() if t is not None) / 2**20
 
 
 def bench_inference(cfg: CfgNode, args: argparse.Namespace) -> dict:

@@ -88,6 +88,12 @@ def test_one_json_line_per_task(capsys, config, task, batch, size, extra_keys):
         assert (rec["height"], rec["width"]) == (96, 128)
     else:  # the coarse model sees the S x S input as it is
         assert (rec["height"], rec["width"]) == (64, 64)
+    if task.startswith("train"):  # the memory breakdown
+        assert rec["params_mb"] == pytest.approx(rec["params"] * 4 / 2**20, abs=0.1)
+        assert rec["grads_mb"] == pytest.approx(rec["trainable_params"] * 4 / 2**20, abs=0.1)
+        assert rec["saved_activations_mb"] > 0
+        assert 0 <= rec["after_fwd_mem_mb"] <= rec["fwd_peak_mem_mb"] <= rec["peak_mem_mb"]
+        assert 0 <= rec["after_bwd_mem_mb"] <= rec["peak_mem_mb"]
     if task == "train-fwd-bwd":  # forward + backward only: no optimizer step, no EMA copy
         assert not {"step_ms_median", "ema", "ema_mb", "fwd_bwd_peak_mem_mb"} & set(rec)
         assert math.isfinite(rec["loss"])
@@ -126,6 +132,19 @@ def test_train_reports_the_ema_copy(capsys):
     assert rec["ema"] and rec["ema_mb"] == pytest.approx(expected, abs=0.1)
     rec = _run(capsys, [*argv, "SOLVER.EMA.ENABLED", "False"])
     assert not rec["ema"] and rec["ema_mb"] == 0.0
+
+
+def test_saved_tensors_counts_activations_once_and_no_parameters():
+    layer = torch.nn.Linear(1024, 8)
+    x = torch.randn(256, 1024)  # 1 MiB
+    with bench.SavedTensors(layer) as saved:
+        y = layer(x)  # saves x (and the weight, a parameter)
+        z = (y * y).sum() + layer(x).sum()  # y twice (one storage), x again
+    assert saved.mb == pytest.approx(1.0 + 256 * 8 * 4 / 2**20)
+    z.backward()
+    with saved:
+        pass
+    assert saved.mb == 0.0  # each block counts on its own
 
 
 def test_mmap_threshold_is_set_and_recorded(capsys, monkeypatch):
