@@ -86,6 +86,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
     _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"
     _C.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # activation checkpointing of text layers
+    # recompute the fused text layers' cross-attention in the backward pass (same gradients)
+    _C.MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION = True
     _C.MODEL.LANGUAGE_BACKBONE.FREEZE = False  # freeze the whole text tower
 
     # ------------------------------------------------------------------ FPN additions

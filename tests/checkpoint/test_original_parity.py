@@ -46,6 +46,8 @@ PERFORMANCE_FEATURES = {
         False,
         "MODEL.DYHEAD.DFCONV_RECOMPUTE",
         False,
+        "MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION",
+        False,
     ],
     "improved": [
         "INPUT.PAD_TO_MAX_QUERY_LEN",
@@ -53,6 +55,8 @@ PERFORMANCE_FEATURES = {
         "TEST.PREFIX_REUSE",
         True,
         "MODEL.DYHEAD.DFCONV_RECOMPUTE",
+        True,
+        "MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION",
         True,
     ],
 }

@@ -8,7 +8,7 @@ from fiber_d2.modeling.backbone.roberta import RobertaTextTower
 from fiber_d2.modeling.backbone.swin import SwinImageTower
 
 
-def _backbone(num_fusion=3, use_checkpoint=False, drop=0.0, seed=0):
+def _backbone(num_fusion=3, use_checkpoint=False, drop=0.0, seed=0, checkpoint_cross=False):
     """Tiny towers; 3 fused pairs so the schedule crosses the stage-3 -> stage-4 patch merging."""
     torch.manual_seed(seed)
     image = SwinImageTower(
@@ -32,6 +32,7 @@ def _backbone(num_fusion=3, use_checkpoint=False, drop=0.0, seed=0):
         attention_dropout=drop,
         image_dims=image.fused_block_dims,
         use_checkpoint=use_checkpoint,
+        checkpoint_cross_attention=checkpoint_cross,
     )
     return FusedSwinRoberta(image_tower=image, text_tower=text)
 
@@ -178,8 +179,9 @@ def test_two_image_sizes_in_consecutive_calls():
     _assert_same(first, again)
 
 
-def _loss_and_grads(use_checkpoint):
-    model = _backbone(use_checkpoint=use_checkpoint, drop=0.1).train()
+def _loss_and_grads(use_checkpoint, checkpoint_cross=False):
+    model = _backbone(use_checkpoint=use_checkpoint, drop=0.1, checkpoint_cross=checkpoint_cross)
+    model.train()
     _set_gates(model, i2t=0.4, t2i=0.4)
     images, ids, mask = _inputs()
     torch.manual_seed(123)
@@ -197,6 +199,48 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
     for name in grads_a:
         assert grads_a[name] is not None, name
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+def _cross_checkpoint_grads(checkpoint_cross):
+    """Loss and gradients of a projection of every output (gradients of order 1)."""
+    model = _backbone(drop=0.1, checkpoint_cross=checkpoint_cross).train()
+    _set_gates(model, i2t=0.4, t2i=0.4)
+    images, ids, mask = _inputs()
+    torch.manual_seed(123)
+    img, txt = model(images, ids, mask)
+    g = torch.Generator().manual_seed(7)
+    outputs = [*img.values(), txt["hidden"]]
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_cross_attention_checkpointing_gives_same_loss_and_gradients():
+    """The fused text layers' cross-attention recomputed in the backward pass (dropout 0.1: the
+    recomputation must draw the same masks): loss and every gradient equal at 1e-6."""
+    loss_a, grads_a = _cross_checkpoint_grads(False)
+    loss_b, grads_b = _cross_checkpoint_grads(True)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    cross = [n for n in grads_a if "crossattention_t2i" in n and n.endswith("value.weight")]
+    assert cross and all(grads_a[n].abs().max() > 1e-2 for n in cross)  # gradients of order 1
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-6)
+
+
+def test_cross_attention_checkpoint_follows_the_config():
+    from detectron2.config import get_cfg
+
+    from fiber_d2 import add_fiber_config
+
+    cfg = add_fiber_config(get_cfg())
+    for flag in (True, False):
+        cfg.MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION = flag
+        kwargs = RobertaTextTower.from_config(cfg)
+        assert kwargs["checkpoint_cross_attention"] is flag
+    tower = _backbone(checkpoint_cross=True).text_tower
+    fused = [tower.model.encoder.layer[j] for j in tower.fused_layer_ids]
+    assert fused and all(layer.checkpoint_cross_attention for layer in fused)
 
 
 def test_mismatched_batch_sizes_raise():

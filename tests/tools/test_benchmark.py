@@ -317,9 +317,11 @@ def test_reference_cfg_switches_every_feature_off():
     ref = bench.reference_cfg(cfg)
     assert ref.INPUT.PAD_TO_MAX_QUERY_LEN and not ref.TEST.PREFIX_REUSE
     assert not ref.MODEL.DYHEAD.DFCONV_RECOMPUTE
+    assert not ref.MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION
     defaults = add_fiber_config(get_cfg())  # the package defaults: features on
     assert not defaults.INPUT.PAD_TO_MAX_QUERY_LEN and defaults.TEST.PREFIX_REUSE
     assert defaults.MODEL.DYHEAD.DFCONV_RECOMPUTE
+    assert defaults.MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION
 
 
 def test_chunked_prompts_follow_the_lvis_chunking():

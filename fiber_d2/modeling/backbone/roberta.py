@@ -57,6 +57,8 @@ class FusedRobertaLayer(RobertaLayer):
         cross.output.LayerNorm = nn.Identity()
         self.crossattention_t2i = cross
         self.alpha_t2i = nn.Parameter(torch.zeros(1))  # gate, initialised to exactly 0
+        # recompute the cross-attention in the backward pass (RobertaTextTower sets it)
+        self.checkpoint_cross_attention = False
         # HF's BERT init for the new projections: N(0, initializer_range), zero bias.
         for module in cross.modules():
             if isinstance(module, nn.Linear):
@@ -85,13 +87,28 @@ class FusedRobertaLayer(RobertaLayer):
         a = self.attention.output.dropout(self.attention.output.dense(attn_out))
         u = a + hidden_states  # same operand order as HF's RobertaSelfOutput
         if image_tokens is not None:
-            cross = self.crossattention_t2i
-            c, _ = cross.self(a, encoder_hidden_states=image_tokens, attention_mask=None)
-            c = cross.output.dropout(cross.output.dense(c))
+            if self.checkpoint_cross_attention and torch.is_grad_enabled():
+                c = checkpoint(self.cross_attend, a, image_tokens, use_reentrant=False)
+            else:
+                c = self.cross_attend(a, image_tokens)
             u = u + self.alpha_t2i * c
         u = self.attention.output.LayerNorm(u)
         ffn = self.output.dropout(self.output.dense(self.intermediate(u)))
         return self.output.LayerNorm(ffn + u) if output_norm else ffn + u
+
+    def cross_attend(self, a: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Text-to-image cross-attention (without the gate).
+
+        Args:
+            a: (B, T, D) self-attention output (after dense and dropout).
+            image_tokens: (B, N, C_img) un-normalised image tokens.
+
+        Returns:
+            (B, T, D) cross-attention output after its dense projection and dropout.
+        """
+        cross = self.crossattention_t2i
+        c, _ = cross.self(a, encoder_hidden_states=image_tokens, attention_mask=None)
+        return cross.output.dropout(cross.output.dense(c))
 
 
 class RobertaTextTower(nn.Module):
@@ -122,6 +139,7 @@ class RobertaTextTower(nn.Module):
         position_init_scale: float = 1.0,
         image_dims: Sequence[int] = (),
         use_checkpoint: bool = False,
+        checkpoint_cross_attention: bool = False,
         freeze: bool = False,
     ):
         """
@@ -150,6 +168,10 @@ class RobertaTextTower(nn.Module):
             image_dims: width of the image tokens seen by each fused layer, bottom to top; its
                 length is the number of fused (top) layers.
             use_checkpoint: activation checkpointing of every layer.
+            checkpoint_cross_attention: activation checkpointing of the cross-attention of the
+                fused layers only: it keeps the image-token keys/values and the attention
+                probabilities (FIBER-B at 800 x 1344: about 0.77 GB) out of memory until the
+                backward pass for a small recomputation; same gradients.
             freeze: freeze the whole tower.
         """
         super().__init__()
@@ -209,6 +231,7 @@ class RobertaTextTower(nn.Module):
                 for k in result.missing_keys
             ):
                 raise RuntimeError(f"fused text layer {j} does not match the HF layer: {result}")
+            fused.checkpoint_cross_attention = checkpoint_cross_attention
             model.encoder.layer[j] = fused
         self.fused_layer_ids = list(range(first_fused, config.num_hidden_layers))
         self.max_len = min(max_query_len, config.max_position_embeddings - config.pad_token_id - 1)
@@ -243,6 +266,7 @@ class RobertaTextTower(nn.Module):
                 swin.EMBED_DIM, swin.DEPTHS, cfg.MODEL.FIBER.NUM_FUSION_LAYERS
             ),
             "use_checkpoint": lang.USE_CHECKPOINT,
+            "checkpoint_cross_attention": lang.CHECKPOINT_CROSS_ATTENTION,
             "freeze": lang.FREEZE,
         }
 
