@@ -5,11 +5,13 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.split("#")[0].strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith(("pytest", "ruff", "black"))
-]
+requirements, deploy = [], []
+for line in (here / "requirements.txt").read_text().splitlines():
+    name, _, comment = line.partition("#")
+    if not name.strip() or line.startswith(("pytest", "ruff", "black")):
+        continue
+    # "[deploy]" lines: ONNX export / onnxruntime, optional (pip install fiber_d2[deploy])
+    (deploy if "[deploy]" in comment else requirements).append(name.strip())
 
 setup(
     name="fiber_d2",
@@ -21,5 +23,6 @@ setup(
     packages=find_packages(include=["fiber_d2", "fiber_d2.*"]),
     # detectron2 is not on PyPI: scripts/setup_env.sh installs it (see README).
     install_requires=requirements,
+    extras_require={"deploy": deploy},
     license="MIT",
 )

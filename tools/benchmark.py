@@ -14,6 +14,9 @@ Tasks (``TASKS``):
   ``GradScaler`` as detectron2's AMPTrainer does. Extra keys ``{fwd,bwd,step}_ms_median``, ``loss``.
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
+* ``export``: exports the detector to ONNX, torch.export and TorchScript (``fiber_d2.deploy``) and
+  times each runtime against eager on the same batch (backbone, head and post-processing); extra key
+  ``runtimes`` (see :func:`bench_export`).
 * ``backbone``: the fused backbone with its FPN; ``ms_median`` is the eval forward; extra keys
   ``fwd_bwd_ms_median`` (train mode, backward of a scalar of every output) and ``tokens_per_s``.
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import logging
@@ -72,7 +76,15 @@ from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
 from fiber_d2.text import mask_tokens_for_mlm
 
-__all__ = ["SPEED_TARGETS_MS", "TASKS", "PeakMemory", "coarse_batch", "detector_batch", "main"]
+__all__ = [
+    "SPEED_TARGETS_MS",
+    "TASKS",
+    "bench_export",
+    "PeakMemory",
+    "coarse_batch",
+    "detector_batch",
+    "main",
+]
 
 logger = logging.getLogger("fiber_d2.benchmark")
 
@@ -515,7 +527,86 @@ def bench_backbone(cfg: CfgNode, args: argparse.Namespace) -> dict:
     }
 
 
-TASKS = {"backbone": bench_backbone, "inference": bench_inference, "train": bench_train}
+def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
+    """Export the detector (ONNX, torch.export, TorchScript) and time each runtime against eager.
+
+    All runtimes run :class:`fiber_d2.deploy.ExportableFIBER` (backbone, head, post-processing) on
+    the same preprocessed synthetic batch. ``ms_median`` and ``peak_mem_mb`` are eager's; the extra
+    key ``runtimes`` maps ``eager``, ``onnxruntime``, ``torch.export`` and ``torchscript`` to their
+    ``ms_median``, ``peak_mem_mb`` (growth over loading and running, see :class:`PeakMemory`),
+    ``ratio`` (ms / eager ms), ``detections`` and, for exports, ``export_s``.
+    Needs ``pip install fiber_d2[deploy]``.
+    """
+    import tempfile
+
+    from fiber_d2.deploy import ExportableFIBER, export_detector, graph_inputs
+    from fiber_d2.deploy.runtime import ONNXPredictor, TorchExportPredictor, TorchScriptPredictor
+
+    if is_coarse_stage(cfg):
+        raise ValueError("--task export needs the fine-grained detector (FIBER) config")
+    device = torch.device(args.device)
+    batch, height, width = _model_inputs(cfg, args, train=False)
+    model = _build(cfg).eval()
+    div = model.backbone.size_divisibility
+    inputs = graph_inputs(batch, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, div)
+    side = max(_padded(max(height, width), div), 3 * div)
+    runners = {  # torch.export first: the ONNX export converts its program
+        "torch.export": ("torch.export", TorchExportPredictor),
+        "onnxruntime": ("onnx", ONNXPredictor),
+        "torchscript": ("torchscript", TorchScriptPredictor),
+    }
+    wrapper = ExportableFIBER(model)
+    results: dict[str, dict] = {}
+
+    def measure(name: str, run: Callable[[], tuple], load_memory: PeakMemory | None = None):
+        memory = load_memory or PeakMemory(device)
+        if load_memory is None:
+            memory.start()
+        outputs = [None]
+
+        def call() -> None:
+            with torch.no_grad():
+                outputs[0] = run()
+
+        times = _timed(call, device, args.iters, args.warmup)["total"]
+        entry = dict(ms_median=_median(times), peak_mem_mb=round(memory.peak_mb(), 1))
+        results[name] = {**entry, "detections": int(len(outputs[0][0]))}
+
+    gpu_inputs = tuple(t.to(device) for t in inputs)
+    measure("eager", lambda: wrapper(*gpu_inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (fmt, runner_cls) in runners.items():
+            start = time.perf_counter()
+            program = None
+            if fmt == "onnx":
+                program = torch.export.load(os.path.join(tmp, "torch.export", "model.pt2"))
+            path = os.path.join(tmp, fmt)
+            export_detector(cfg, model, fmt, path, batch, max_side=side, program=program)
+            export_s = round(time.perf_counter() - start, 1)
+            memory = PeakMemory(device)
+            memory.start()
+            kwargs = {} if fmt == "onnx" else {"device": args.device}
+            if fmt == "onnx" and device.type == "cuda":
+                kwargs = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+            runner = runner_cls(path, **kwargs)
+            measure(name, functools.partial(runner.run_graph, *inputs), memory)
+            results[name]["export_s"] = export_s
+            del runner
+            gc.collect()
+    eager_ms = results["eager"]["ms_median"]
+    for entry in results.values():
+        entry["ratio"] = round(entry["ms_median"] / eager_ms, 3)
+    record = dict(height=height, width=width, dtype="float32")
+    record.update(ms_median=eager_ms, peak_mem_mb=results["eager"]["peak_mem_mb"])
+    return {**record, "params": _params(model), "runtimes": results}
+
+
+TASKS = {
+    "backbone": bench_backbone,
+    "export": bench_export,
+    "inference": bench_inference,
+    "train": bench_train,
+}
 
 
 # ------------------------------------------------------------------------------------ CLI
