@@ -154,12 +154,11 @@ def batched_postprocess(
     plus = torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device)
     keep = flat[batched_nms(flat_boxes + plus, flat_scores, groups, nms_threshold)]
     kept = torch.zeros(num_images * num, dtype=torch.bool, device=scores.device)
-    kept = kept.index_fill(0, keep, True).reshape(num_images, num)
+    kept = kept.scatter(0, keep, torch.ones_like(keep, dtype=torch.bool)).reshape(num_images, num)
     kept_scores = torch.where(kept, scores, -1.0)
 
     # per image: every detection scoring at least the detections_per_img-th best (ties kept)
-    order = kept_scores.argsort(dim=1, descending=True, stable=True)
-    kept_scores = kept_scores.gather(1, order)
+    kept_scores, order = kept_scores.topk(num, dim=1)  # a full sort (ONNX has no stable sort)
     if detections_per_img > 0:
         cut_index = torch.sym_min(detections_per_img, num) - 1
         cut = kept_scores[:, cut_index : cut_index + 1].clamp(min=0)
