@@ -539,7 +539,7 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
     """
     import tempfile
 
-    from fiber_d2.deploy import ExportableFIBER, export_detector, graph_inputs
+    from fiber_d2.deploy import ExportableFIBER, graph_inputs
     from fiber_d2.deploy.runtime import ONNXPredictor, TorchExportPredictor, TorchScriptPredictor
 
     if is_coarse_stage(cfg):
@@ -558,7 +558,7 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
     wrapper = ExportableFIBER(model)
     results: dict[str, dict] = {}
 
-    def measure(name: str, run: Callable[[], tuple], load_memory: PeakMemory | None = None):
+    def measure(name: str, run: Callable, load_memory: PeakMemory | None = None, export_s=None):
         memory = load_memory or PeakMemory(device)
         if load_memory is None:
             memory.start()
@@ -571,34 +571,48 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
         times = _timed(call, device, args.iters, args.warmup)["total"]
         entry = dict(ms_median=_median(times), peak_mem_mb=round(memory.peak_mb(), 1))
         results[name] = {**entry, "detections": int(len(outputs[0][0]))}
+        if export_s is not None:
+            results[name]["export_s"] = export_s
 
     gpu_inputs = tuple(t.to(device) for t in inputs)
     measure("eager", lambda: wrapper(*gpu_inputs))
     with tempfile.TemporaryDirectory() as tmp:
         for name, (fmt, runner_cls) in runners.items():
-            start = time.perf_counter()
-            program = None
-            if fmt == "onnx":
-                program = torch.export.load(os.path.join(tmp, "torch.export", "model.pt2"))
-            path = os.path.join(tmp, fmt)
-            export_detector(cfg, model, fmt, path, batch, max_side=side, program=program)
-            export_s = round(time.perf_counter() - start, 1)
-            memory = PeakMemory(device)
-            memory.start()
-            kwargs = {} if fmt == "onnx" else {"device": args.device}
-            if fmt == "onnx" and device.type == "cuda":
-                kwargs = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-            runner = runner_cls(path, **kwargs)
-            measure(name, functools.partial(runner.run_graph, *inputs), memory)
-            results[name]["export_s"] = export_s
-            del runner
-            gc.collect()
+            try:
+                _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, measure)
+            except Exception as e:  # noqa: BLE001  (one failing format must not hide the others)
+                logger.exception("export task: %s failed", name)
+                results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     eager_ms = results["eager"]["ms_median"]
     for entry in results.values():
-        entry["ratio"] = round(entry["ms_median"] / eager_ms, 3)
+        if "ms_median" in entry:
+            entry["ratio"] = round(entry["ms_median"] / eager_ms, 3)
     record = dict(height=height, width=width, dtype="float32")
     record.update(ms_median=eager_ms, peak_mem_mb=results["eager"]["peak_mem_mb"])
     return {**record, "params": _params(model), "runtimes": results}
+
+
+def _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, measure) -> None:
+    """Export one format into ``tmp`` and time its runner (part of :func:`bench_export`)."""
+    from fiber_d2.deploy import export_detector
+
+    device = model.device
+    start = time.perf_counter()
+    program = None
+    if fmt == "onnx":  # convert the torch.export program instead of tracing again
+        program = torch.export.load(os.path.join(tmp, "torch.export", "model.pt2"))
+    path = os.path.join(tmp, fmt)
+    export_detector(cfg, model, fmt, path, batch, max_side=side, program=program)
+    export_s = round(time.perf_counter() - start, 1)
+    memory = PeakMemory(device)
+    memory.start()
+    kwargs = {} if fmt == "onnx" else {"device": str(device)}
+    if fmt == "onnx" and device.type == "cuda":
+        kwargs = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    runner = runner_cls(path, **kwargs)
+    measure(name, functools.partial(runner.run_graph, *inputs), memory, export_s)
+    del runner
+    gc.collect()
 
 
 TASKS = {

@@ -58,6 +58,14 @@ def _batched_nms_fake(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold
     return boxes.new_empty((count,), dtype=torch.long)
 
 
+def _size_min(a: int, b):
+    """``min`` of sizes, symbolic under ``torch.export``; a constant under ``torch.jit.trace``
+    (where sizes are tensors and the traced graph has fixed shapes anyway)."""
+    if isinstance(b, Tensor):
+        return min(a, int(b))
+    return torch.sym_min(a, b)
+
+
 def label_scores_batched(probs: Tensor, member: Tensor, score_agg: str = "MEAN") -> Tensor:
     """Batched :func:`~fiber_d2.modeling.head.postprocess.label_scores`.
 
@@ -123,7 +131,7 @@ def batched_postprocess(
         ctr = head_outputs["centerness"][level].float().flatten(1).sigmoid()  # (B, A)
         candidates = scores > score_threshold
         ranked = torch.where(candidates, scores * ctr[:, :, None], -1.0).flatten(1)
-        k = torch.sym_min(pre_nms_top_n, ranked.shape[1])
+        k = _size_min(pre_nms_top_n, ranked.shape[1])
         ranked, top = ranked.topk(k, dim=1)  # (B, k), sorted
         valid = candidates.flatten(1).gather(1, top)
         loc = torch.div(top, num_labels, rounding_mode="floor")
@@ -160,7 +168,7 @@ def batched_postprocess(
     # per image: every detection scoring at least the detections_per_img-th best (ties kept)
     kept_scores, order = kept_scores.topk(num, dim=1)  # a full sort (ONNX has no stable sort)
     if detections_per_img > 0:
-        cut_index = torch.sym_min(detections_per_img, num) - 1
+        cut_index = _size_min(detections_per_img, num) - 1
         cut = kept_scores[:, cut_index : cut_index + 1].clamp(min=0)
         final = kept_scores.ge(cut) & kept_scores.ge(0)
     else:
