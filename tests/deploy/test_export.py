@@ -225,3 +225,21 @@ def test_coarse_config_is_refused():
         check_exportable(cfg, "onnx")
     with pytest.raises(ValueError, match="unknown export format 'tensorrt'"):
         check_exportable(load_config(FINE_CFG, TINY), "tensorrt")
+
+
+def test_torchscript_fixed_size(eager, tmp_path):
+    """TorchScript (traced) reproduces eager at its export size and refuses any other size."""
+    from fiber_d2.deploy import TorchScriptPredictor
+
+    cfg, predictor = eager
+    records = _records(predictor, [(96, 160)], 23, seed=7)
+    export_detector(cfg, predictor.model, "torchscript", tmp_path, records)
+    runner = TorchScriptPredictor(tmp_path)
+    records = _records(predictor, [(96, 160)], 23, seed=8)  # other pixels and tokens
+    inputs = graph_inputs(records, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, 32)
+    with torch.no_grad():
+        ref = ExportableFIBER(predictor.model)(*inputs)
+    assert ref[0].numel() > 0
+    _assert_same(runner.run_graph(*inputs), ref)
+    with pytest.raises(ValueError, match="runs padded images of 96x160 and 23 tokens only"):
+        runner.detect(_records(predictor, [(128, 160)], 23, seed=7))

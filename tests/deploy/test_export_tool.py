@@ -35,3 +35,13 @@ def test_phrases_need_a_caption(tool, tmp_path):
     with pytest.raises(SystemExit) as exc:
         tool.main(argv + ["--output", str(tmp_path), "--prompt", "cat", "--phrases", "cat"])
     assert str(exc.value.code) == "error: --phrases needs --caption"
+
+
+def test_benchmark_export_task_refuses_coarse_config():
+    bench = load_tool("benchmark")
+    argv = ["--config-file", str(ROOT / "configs/Demo/coarse_tiny.yaml"), "--task", "export"]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv + ["--device", "cpu"])
+    assert str(exc.value.code) == (
+        "error: --task export needs the fine-grained detector (FIBER) config"
+    )
