@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.fiber_d2_installed
 
-.PHONY: env test demo demo-ablation lint format
+.PHONY: env test demo demo-ablation demo-vl web-test lint format
 
 env:
 	@bash scripts/setup_env.sh
@@ -18,6 +18,21 @@ demo: env
 # The same fine-grained budget without the coarse stage (the paper's claim in miniature).
 demo-ablation: env
 	$(PY) tools/pretrain_pipeline.py --skip-coarse --output-dir output/demo_ablation $(DEMO_ARGS)
+
+# The high-level half: the coarse stage (reused from `make demo` when present) -> retrieval, VQA and
+# NLVR2 on the shapes world; summary table and pictures in output/demo_vl/ (DEMO_VL_ARGS=--ablation
+# also runs every task from scratch).
+demo-vl: env
+	$(PY) tools/demo_vl.py --output-dir output/demo_vl $(DEMO_VL_ARGS)
+
+# The browser demo (tools/web_demo.py) in real headless Chromium: installs the optional extras
+# (Gradio, Playwright) into .venv and Chromium from the system packages when missing, then runs the test.
+web-test: env
+	$(PY) -m pip install -q 'gradio>=4' playwright
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update && apt-get install -y chromium) || \
+		echo "web-test: could not install Chromium; the browser test will be skipped"
+	$(PY) -m pytest -q -rs tests/tools/test_web_demo.py
 
 lint: env
 	$(PY) -m ruff check fiber_d2 tools tests projects

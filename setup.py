@@ -23,6 +23,13 @@ setup(
     packages=find_packages(include=["fiber_d2", "fiber_d2.*"]),
     # detectron2 is not on PyPI: scripts/setup_env.sh installs it (see README).
     install_requires=requirements,
-    extras_require={"deploy": deploy},
+    # Optional extras (not core dependencies): `pip install fiber_d2[web]` for tools/web_demo.py
+    # (Gradio); "web-test" adds Playwright, which drives the page in headless Chromium (make web-test);
+    # "deploy": ONNX export and the onnxruntime runner (the "[deploy]" lines of requirements.txt).
+    extras_require={
+        "web": ["gradio>=4"],
+        "web-test": ["gradio>=4", "playwright"],
+        "deploy": deploy,
+    },
     license="MIT",
 )

@@ -26,6 +26,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # BGR 0-255 normalisation used by the fine-grained model (spec 6.3).
     _C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
     _C.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
+    # Load a MODEL.WEIGHTS file that leaves more than 1% of the model's parameters unfilled (by
+    # default that is a one-line error listing the missing groups: another architecture?).
+    _C.MODEL.WEIGHTS_PARTIAL_OK = False
 
     # ------------------------------------------------------------------ fusion
     _C.MODEL.FIBER = CN()
@@ -100,6 +103,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.DYHEAD.USE_DYRELU = True  # task-aware DyReLU activation
     _C.MODEL.DYHEAD.USE_DFCONV = True  # modulated deformable convs (else plain 3x3)
     _C.MODEL.DYHEAD.USE_CHECKPOINT = False  # activation checkpointing of the tower
+    # CPU deformable convs sample again in the backward pass instead of keeping 9 copies of the
+    # input (same gradients; False: keep them, the older and hungrier path)
+    _C.MODEL.DYHEAD.DFCONV_RECOMPUTE = True
     _C.MODEL.DYHEAD.NUM_CLASSES = 81  # sizes the frozen, unused cls_logits conv (80 outputs)
     _C.MODEL.DYHEAD.PRIOR_PROB = 0.01  # prior for cls_logits / bias0 init
     _C.MODEL.DYHEAD.LOG_SCALE = 0.0  # initial dot-product log temperature
@@ -130,6 +136,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.COARSE.MLM_PROBABILITY = 0.15  # MLM token selection probability
     _C.MODEL.COARSE.LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # ITC, ITM, MLM
     _C.MODEL.COARSE.LOSSES = ["itc", "itm", "mlm"]  # objectives switched on
+    # Switches for from-scratch towers (configs/Demo only); the defaults are the original's.
+    _C.MODEL.COARSE.ITC_TEXT_POOL = "first"  # ITC text pooling: "first" (<s>) or "mean" (tokens)
+    _C.MODEL.COARSE.QUEUE_INIT = "random"  # ITC queue: "random" (randn) or "empty" (filled part)
+    _C.MODEL.COARSE.ITC_BATCH_NORM = False  # batch-standardise ITC embeddings before L2 norm
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"
@@ -142,6 +152,12 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
     _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
+    # keep text padded to MAX_QUERY_LEN (the original); False: each batch runs at its longest
+    # prompt rounded up to a multiple of 8 (same outputs on the real tokens, less compute)
+    _C.INPUT.PAD_TO_MAX_QUERY_LEN = False
+    # training transform of the fused-cls_feats tasks (VQA, NLVR2; coarse spec §5.2): "resize"
+    # (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip, RandAugment N2 M7)
+    _C.INPUT.VL_TRAIN_TRANSFORM = "resize"
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt
@@ -150,6 +166,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.DATASETS.DISABLE_SHUFFLE = False  # keep category order in training prompts
     _C.DATASETS.FULL_PROMPT_TRAIN = False  # all categories every time (COCO fine-tuning)
     _C.DATASETS.TEST_PROMPT = []  # optional per-category prompt override for evaluation
+    # COCO-format sets registered when the config is loaded, usable in TRAIN / TEST:
+    # [[name, json_file, image_root], ...]; a 4th element {category name: prompt text} overrides
+    # that dataset's prompt words (README "Your own dataset").
+    _C.DATASETS.REGISTER = []
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
@@ -174,8 +194,19 @@ def add_fiber_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ test additions
     _C.TEST.EVAL_TASK = "detection"  # detection | grounding | refexp | retrieval
     _C.TEST.CHUNKED_EVALUATION = -1  # categories per prompt chunk (LVIS: 40), -1 = one prompt
+    # chunked prompts: image prefix once per image, text prefix once per chunk (cached until the
+    # model next changes mode), fused top + FPN + head per chunk; False: whole model per chunk
+    _C.TEST.PREFIX_REUSE = True
+    _C.TEST.CHUNK_BATCH_SIZE = 4  # prompt chunks run as one batch with PREFIX_REUSE
+    _C.TEST.AMP = False  # run inference under autocast (FIBER meta-architectures)
+    _C.TEST.AMP_DTYPE = (
+        "bfloat16"  # autocast dtype of TEST.AMP: bfloat16 (CPU/GPU) or float16 (GPU)
+    )
     _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1  # score columns for phrase labels, -1 = dataset
     _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
     _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP
     _C.TEST.FLICKR_GT_TYPE = "separate"  # Flickr30k GT boxes: "separate" (ANY-box) or "merged"
+    # An unreadable test image: False stops the evaluation with one line naming the file; True
+    # evaluates it as an image without predictions (it still counts in every denominator).
+    _C.TEST.UNREADABLE_IMAGE_AS_EMPTY = False
     return cfg

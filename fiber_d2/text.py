@@ -6,8 +6,9 @@ tokenizer), prompt building from category names, padded tokenization with charac
 character spans -> token positive maps, prompt chunking for large vocabularies (LVIS), the
 detection-prompt sampling used to train on object-detection data, and MLM masking.
 
-Conventions (FIBER fine-grained spec, sections 3.4 and 4): captions are padded to exactly
-``max_length`` tokens (256) and truncated beyond; category names are joined by ``". "``
+Conventions (FIBER fine-grained spec, sections 3.4 and 4): captions are tokenized padded to
+exactly ``max_length`` tokens (256) and truncated beyond; the models then cut each batch down to
+:func:`padded_text_length` (the one place that decides a batch's text length); category names are joined by ``". "``
 without a trailing separator; char spans are half-open ``[start, end)`` pairs, as MDETR's
 ``tokens_positive``.
 """
@@ -34,6 +35,9 @@ __all__ = [
     "sample_num_negatives",
     "build_detection_prompt",
     "mask_tokens_for_mlm",
+    "TEXT_LENGTH_MULTIPLE",
+    "padded_text_length",
+    "trim_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -442,3 +446,46 @@ def mask_tokens_for_mlm(
     random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator)
     masked[to_random] = random_ids[to_random]
     return masked, labels
+
+
+TEXT_LENGTH_MULTIPLE = 8
+"""A batch's text is padded to its longest prompt rounded up to a multiple of this."""
+
+
+def padded_text_length(attention_mask: torch.Tensor, pad_to_max: bool = False) -> int:
+    """The text length T' a batch runs at: the one decision of how far text is padded.
+
+    Tokenization pads every text to ``MAX_QUERY_LEN`` (T); the models cut a batch down to its
+    longest prompt rounded up to :data:`TEXT_LENGTH_MULTIPLE` (never beyond T). Every later step
+    masks the padding (both cross-attentions, the token logits, the losses, MLM labels), so the
+    outputs on the real tokens do not depend on T'. ``pad_to_max`` (``INPUT.PAD_TO_MAX_QUERY_LEN``)
+    keeps T, as the original does.
+
+    Args:
+        attention_mask: (..., T) 1 for real tokens, 0 for padding (right-padded).
+        pad_to_max: keep the full length T.
+
+    Returns:
+        T' with ``last real position < T' <= T``.
+    """
+    full = attention_mask.shape[-1]
+    if pad_to_max or attention_mask.numel() == 0:
+        return full
+    real = (attention_mask.reshape(-1, full) > 0).any(dim=0).nonzero()
+    longest = int(real.max()) + 1 if real.numel() else 1
+    multiple = TEXT_LENGTH_MULTIPLE
+    return min(full, -(-longest // multiple) * multiple)
+
+
+def trim_text(length: int, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Cut token-indexed tensors (``input_ids``, masks, positive / label maps, MLM labels) to
+    ``length`` along their last dimension; None passes through.
+
+    Args:
+        length: T' from :func:`padded_text_length`.
+        tensors: each (..., T) with T >= length.
+
+    Returns:
+        the tensors as views (..., T').
+    """
+    return tuple(None if t is None else t[..., :length] for t in tensors)

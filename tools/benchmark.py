@@ -5,20 +5,36 @@
         --warmup 0
     python tools/benchmark.py --config-file configs/Demo/coarse_tiny.yaml --task train --batch 2
     python tools/benchmark.py --config-file configs/Demo/fine_tiny.yaml --task inference --amp
+    python tools/benchmark.py --config-file configs/FIBER-B/coco.yaml --task train --reference
 
 Tasks (``TASKS``):
 
 * ``train``: one full training iteration of the configured meta-architecture (``FIBER`` or
   ``FIBERCoarse``): forward, sum of the losses, backward, optimizer step (``build_fiber_optimizer``:
   FIBER's parameter groups and clipping), EMA update with ``SOLVER.EMA.ENABLED``; fp16 adds a
-  ``GradScaler`` as detectron2's AMPTrainer does. Extra keys ``{fwd,bwd,step}_ms_median``, ``loss``.
+  ``GradScaler`` as detectron2's AMPTrainer does. Extra keys ``{fwd,bwd,step}_ms_median``, ``loss``,
+  ``fwd_bwd_peak_mem_mb`` (the peak up to the end of the backward passes: with --iters 1 --warmup 0
+  the model, its gradients and the activations, before the optimizer and EMA states exist).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
 * ``export``: exports the detector to ONNX, torch.export and TorchScript (``fiber_d2.deploy``) and
   times each runtime against eager on the same batch (backbone, head and post-processing); extra key
   ``runtimes`` (see :func:`bench_export`).
+* ``caption``: caption decoding of ``projects/Captioning``'s ``FIBERCaption`` with a key/value
+  cache vs re-encoding the prefix every step (:func:`bench_caption`); extra keys
+  ``reencode_ms_median``, ``speedup``, ``image_ms_median``.
 * ``backbone``: the fused backbone with its FPN; ``ms_median`` is the eval forward; extra keys
   ``fwd_bwd_ms_median`` (train mode, backward of a scalar of every output) and ``tokens_per_s``.
+* ``lvis-eval``: detector inference of one image with a vocabulary of --names category names (LVIS:
+  1203) in prompt chunks of --chunk names (``TEST.CHUNKED_EVALUATION``, LVIS: 40), as LVIS
+  evaluation and ``FIBERPredictor`` run long vocabularies. Extra keys ``chunks``, ``outputs``.
+
+``--reference`` runs the task twice in one process, first with the performance features switched
+off (``REFERENCE_OVERRIDES``: text padded to ``MAX_QUERY_LEN``, the CPU deformable conv keeping its
+samples, chunked prompts through the whole model one by one), then as configured, and prints three
+JSON lines: the two records (``variant`` "reference" / "improved") and their comparison (``variant``
+"ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` = improved / reference). On a
+busy machine compare only these ratios.
 
 Every record has ``task``, ``config``, ``device``, ``device_name``, ``threads``, ``dtype`` (float32,
 or the autocast dtype: ``--amp`` means fp16 on CUDA and bf16 on the CPU, ``--amp-dtype`` chooses),
@@ -77,10 +93,12 @@ from fiber_d2.engine.trainer import is_coarse_stage
 from fiber_d2.text import mask_tokens_for_mlm
 
 __all__ = [
+    "REFERENCE_OVERRIDES",
     "SPEED_TARGETS_MS",
     "TASKS",
-    "bench_export",
     "PeakMemory",
+    "bench_export",
+    "chunked_prompts",
     "coarse_batch",
     "detector_batch",
     "main",
@@ -100,6 +118,13 @@ SPEED_TARGETS_MS: dict[tuple[str, str, int], float] = {
     ("coarse_tiny.yaml", "inference", 1): 40.0,  # measured 14 ms
     ("coco.yaml", "train", 1): 320000.0,  # measured 156 s (--iters 1 --warmup 0), 800 x 1344
     ("coco.yaml", "inference", 1): 120000.0,  # measured 53 s (--iters 1 --warmup 0)
+}
+
+# --reference: the performance features switched off (each gives the same outputs on its own)
+REFERENCE_OVERRIDES = {
+    "INPUT.PAD_TO_MAX_QUERY_LEN": True,
+    "MODEL.DYHEAD.DFCONV_RECOMPUTE": False,
+    "TEST.PREFIX_REUSE": False,
 }
 
 _EVAL_CAPTIONS_PER_IMAGE = 5  # COCO / Flickr30k retrieval: 5 captions per image
@@ -222,6 +247,15 @@ def _padded(size: int, div: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ inputs
+def reference_cfg(cfg: CfgNode) -> CfgNode:
+    """``cfg`` with ``REFERENCE_OVERRIDES`` applied (frozen)."""
+    ref = cfg.clone()
+    ref.defrost()
+    ref.merge_from_list([x for kv in REFERENCE_OVERRIDES.items() for x in kv])
+    ref.freeze()
+    return ref
+
+
 def _check_text(cfg: CfgNode) -> None:
     lb = cfg.MODEL.LANGUAGE_BACKBONE
     if lb.VOCAB_SIZE <= _FIRST_WORD_ID + 1 or lb.MAX_QUERY_LEN < 4:
@@ -294,6 +328,36 @@ def detector_batch(
         )
         records[-1].update(label_token_map=label_map, instances=instances)
     return records
+
+
+def chunked_prompts(
+    cfg: CfgNode, num_names: int, chunk: int, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """A vocabulary of ``num_names`` names in prompts of ``chunk`` names, as LVIS evaluation
+    tokenizes it: two word tokens and a separator per name, each chunk padded to T.
+
+    Returns:
+        ``input_ids`` / ``attention_mask`` (K, T) and ``label_token_map`` (K, chunk, T).
+    """
+    _check_text(cfg)
+    lb = cfg.MODEL.LANGUAGE_BACKBONE
+    length = lb.MAX_QUERY_LEN
+    if 3 * chunk + 2 > length:
+        raise ValueError(f"--chunk {chunk} names need {3 * chunk + 2} tokens > MAX_QUERY_LEN")
+    num_chunks = -(-num_names // chunk)
+    ids = torch.full((num_chunks, length), lb.PAD_TOKEN_ID, dtype=torch.long)
+    label_map = torch.zeros(num_chunks, chunk, length, dtype=torch.bool)
+    for k in range(num_chunks):
+        ids[k, 0], pos = _BOS_ID, 1
+        for label in range(min(chunk, num_names - k * chunk)):
+            ids[k, pos : pos + 2] = torch.randint(
+                _FIRST_WORD_ID + 1, lb.VOCAB_SIZE, (2,), generator=generator
+            )
+            label_map[k, label, pos : pos + 2] = True
+            ids[k, pos + 2] = _FIRST_WORD_ID
+            pos += 3
+        ids[k, pos] = _EOS_ID
+    return ids, (ids != lb.PAD_TOKEN_ID).long(), label_map
 
 
 class _SyntheticVocab:
@@ -414,6 +478,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
     ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     last_loss = [float("nan")]
+    fwd_bwd_peak = [0.0]
 
     def step() -> dict:
         t0 = time.perf_counter()
@@ -426,6 +491,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
         (scaler.scale(loss) if scaler else loss).backward()
         _sync(device)
         t2 = time.perf_counter()
+        fwd_bwd_peak[0] = max(fwd_bwd_peak[0], memory.peak_mb())
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -443,6 +509,7 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace) -> dict:
     return {
         **_record((height, width), dtype, times["total"], memory, model),
         **{f"{k}_ms_median": _median(times[k]) for k in ("fwd", "bwd", "step")},
+        "fwd_bwd_peak_mem_mb": round(fwd_bwd_peak[0], 1),
         "trainable_params": _params(model, trainable=True),
         "ema": ema is not None,
         "loss": round(last_loss[0], 6),
@@ -613,12 +680,128 @@ def _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, m
     measure(name, functools.partial(runner.run_graph, *inputs), memory, export_s)
     del runner
     gc.collect()
+def bench_lvis_eval(cfg: CfgNode, args: argparse.Namespace) -> dict:
+    """Time the detector on one image with a long vocabulary in prompt chunks.
+
+    Args:
+        cfg: the config (meta-architecture ``FIBER``).
+        args: parsed command line (--names, --chunk).
+
+    Returns:
+        the measurements (see the module docstring).
+    """
+    if is_coarse_stage(cfg):
+        raise ValueError("--task lvis-eval needs a detector config (META_ARCHITECTURE FIBER)")
+    device = torch.device(args.device)
+    autocast, dtype = _autocast(device, args)
+    height, width = _input_size(cfg, args)
+    g = torch.Generator().manual_seed(0)
+    ids, mask, label_map = chunked_prompts(cfg, args.names, args.chunk, g)
+    image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+    record = dict(image=image, height=height, width=width, input_ids=ids, attention_mask=mask)
+    record["label_token_map"] = label_map
+    memory = PeakMemory(device)
+    memory.start()
+    model = _build(cfg).eval()
+    count = [0]
+
+    def forward() -> None:
+        with torch.no_grad(), autocast:
+            count[0] = len(model([record])[0]["instances"])
+
+    times = _timed(forward, device, args.iters, args.warmup)
+    div = cfg.INPUT.SIZE_DIVISIBILITY
+    size = (_padded(height, div), _padded(width, div))
+    result = _record(size, dtype, times["total"], memory, model)
+    return {**result, "names": args.names, "chunks": int(ids.shape[0]), "outputs": count[0]}
+
+
+# ------------------------------------------------------------------------------------ caption
+_CAPTION_PROJECT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "Captioning"
+)
+_CAPTION_LENGTH = 20  # decoded tokens per caption
+_CAPTION_BEAM = 5  # rows per image, as beam search with beam 5
+
+
+def bench_caption(cfg: CfgNode, args: argparse.Namespace) -> dict:
+    """Caption decoding with cached keys/values vs re-encoding the prefix (projects/Captioning).
+
+    The config is a coarse one (e.g. ``configs/FIBER-B/coarse_pretrain.yaml`` with
+    ``INPUT.IMAGE_SIZE 576 MODEL.SWIN.WINDOW_SIZE 18`` for the caption recipe); the model is the
+    project's ``FIBERCaption`` with its default ``CAPTION`` keys. Each image is encoded once, then
+    ``_CAPTION_LENGTH`` decoding steps run on ``_CAPTION_BEAM`` rows per image (a beam of 5; rows are
+    re-selected every step as beam search does), through the model's own step functions: cached
+    (one new token per step) or re-encoding (the whole prefix, as the original). ``ms_median`` is the
+    cached decoding; extra keys ``reencode_ms_median``, ``speedup`` (re-encoding / cached),
+    ``image_ms_median`` (the image encoding, the same for both), ``caption_tokens``, ``rows``.
+    """
+    if _CAPTION_PROJECT not in sys.path:
+        sys.path.insert(0, _CAPTION_PROJECT)
+    from captioning import add_captioning_config  # noqa: F401  (registers FIBERCaption)
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    if "CAPTION" not in cfg:
+        add_captioning_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "FIBERCaption"
+    # offline: only the special-token ids are read (RoBERTa's <s>/<pad>/</s> layout); the vocabulary
+    # size stays the config's
+    cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = "builtin:shapes"
+    cfg.CAPTION.MAX_LENGTH = min(cfg.CAPTION.MAX_LENGTH, _CAPTION_LENGTH + 1)
+    cfg.freeze()
+    device = torch.device(args.device)
+    autocast, dtype = _autocast(device, args)
+    side = cfg.INPUT.IMAGE_SIZE
+    memory = PeakMemory(device)
+    memory.start()
+    model = _build(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, side, side, generator=g).to(device)
+    rows = args.batch * _CAPTION_BEAM
+    lb = cfg.MODEL.LANGUAGE_BACKBONE
+    tokens = torch.randint(_FIRST_WORD_ID, lb.VOCAB_SIZE, (rows, _CAPTION_LENGTH), generator=g)
+    expand = torch.arange(args.batch).repeat_interleave(_CAPTION_BEAM).to(device)
+    perms = [torch.randperm(rows, generator=g).to(device) for _ in range(_CAPTION_LENGTH)]
+    image_tokens: dict = {}
+
+    def encode() -> None:
+        with torch.no_grad(), autocast:
+            image_tokens.update(model.encode_image(images))
+
+    def decode(use_cache: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), autocast:
+                step, select, state = model.decoder(image_tokens, use_cache)
+                state = select(state, expand)
+                prefix = torch.full((rows, 1), _BOS_ID, dtype=torch.long, device=device)
+                for t in range(_CAPTION_LENGTH):
+                    _, state = step(state, prefix)
+                    state = select(state, perms[t])  # beam reordering
+                    prefix = torch.cat([prefix[perms[t]], tokens[:, t : t + 1].to(device)], 1)
+
+        return run
+
+    image_ms = _timed(encode, device, args.iters, args.warmup)["total"]
+    cached = _timed(decode(True), device, args.iters, args.warmup)["total"]
+    reencode = _timed(decode(False), device, args.iters, args.warmup)["total"]
+    record = _record((side, side), dtype, cached, memory, model)
+    return {
+        **record,
+        "reencode_ms_median": _median(reencode),
+        "speedup": round(_median(reencode) / max(record["ms_median"], 1e-9), 2),
+        "image_ms_median": _median(image_ms),
+        "caption_tokens": _CAPTION_LENGTH,
+        "rows": rows,
+    }
 
 
 TASKS = {
     "backbone": bench_backbone,
     "export": bench_export,
     "inference": bench_inference,
+    "caption": bench_caption,
+    "lvis-eval": bench_lvis_eval,
     "train": bench_train,
 }
 
@@ -642,13 +825,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on the CPU")
     p.add_argument("--amp-dtype", choices=["bf16", "fp16"], help="autocast dtype (fp16: CUDA only)")
     p.add_argument("--check", action="store_true", help="exit 1 when slower than SPEED_TARGETS_MS")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run with REFERENCE_OVERRIDES (features off) first; print both and their ratio",
+    )
+    p.add_argument("--names", type=int, default=1203, help="lvis-eval: vocabulary size")
+    p.add_argument("--chunk", type=int, default=40, help="lvis-eval: names per prompt chunk")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 
 
 def _target(args: argparse.Namespace) -> float | None:
     """The speed target of this run, if it is a reference run (see ``SPEED_TARGETS_MS``)."""
-    if args.height or args.width or args.amp or args.amp_dtype or args.opts:
+    if args.height or args.width or args.amp or args.amp_dtype or args.opts or args.reference:
         return None
     if args.device != "cpu" or torch.get_num_threads() != 1:
         return None
@@ -656,7 +846,8 @@ def _target(args: argparse.Namespace) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line, run the task, print and return its JSON record.
+    """Parse the command line, run the task, print and return its JSON record (with
+    ``--reference``: {"reference", "improved", "ratio"} records).
 
     A bad command line or config ends the process with one ``error: ...`` line (exit status 2 from
     argparse, 1 otherwise); with ``--check``, a run slower than its target exits 1 after printing.
@@ -671,12 +862,30 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        if min(args.names, args.chunk) < 1:
+            raise ValueError(f"need --names, --chunk >= 1; got {args.names}, {args.chunk}")
         if args.threads:
             torch.set_num_threads(args.threads)
         cfg = setup_cfg(args)
+        if args.reference:
+            ref = _finish(args, cfg, TASKS[args.task](reference_cfg(cfg), args), "reference")
+            gc.collect()
+            new = _finish(args, cfg, TASKS[args.task](cfg, args), "improved")
+            ratio = {k: ref[k] for k in ("task", "config", "device", "threads", "dtype")}
+            ratio.update(height=ref["height"], width=ref["width"], batch=args.batch)
+            ratio.update(variant="ratio", speedup=round(ref["ms_median"] / new["ms_median"], 3))
+            ratio["peak_mem_ratio"] = round(new["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9), 3)
+            ratio["overrides"] = dict(REFERENCE_OVERRIDES)
+            print(json.dumps(ratio), flush=True)
+            return {"reference": ref, "improved": new, "ratio": ratio}
         result = TASKS[args.task](cfg, args)
     except (ConfigError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
+    return _finish(args, cfg, result)
+
+
+def _finish(args: argparse.Namespace, cfg: CfgNode, result: dict, variant: str = "") -> dict:
+    """Complete, print and return the JSON record of one run (``--check`` may exit 1)."""
     ms = result.pop("ms_median")
     name = torch.cuda.get_device_name(args.device) if args.device == "cuda" else "cpu"
     record = dict(task=args.task, config=args.config_file or "defaults", device=args.device)
@@ -685,6 +894,8 @@ def main(argv: list[str] | None = None) -> dict:
     record.update(iters=args.iters, warmup=args.warmup, ms_median=ms)
     record.update(images_per_s=round(args.batch / (ms / 1000.0), 3), **result)
     record.update(meta_architecture=cfg.MODEL.META_ARCHITECTURE)
+    if variant:
+        record["variant"] = variant
     target = _target(args)
     if target is not None:
         record.update(target_ms=target, within_target=ms <= target)

@@ -5,16 +5,33 @@
         --config-file configs/FIBER-B/coco.yaml
     python tools/convert_fiber_checkpoint.py --input fiber_pretrain.ckpt --output coarse_d2.pth \\
         --stage coarse --target coarse --config-file configs/FIBER-B/coarse_pretrain.yaml
+    python tools/convert_fiber_checkpoint.py --input fiber_coco_caption.ckpt --output caption_d2.pth \\
+        --target caption
+    python tools/convert_fiber_checkpoint.py --input fiber_vqa.ckpt --output vqa_d2.pth \\
+        --project VQA --config-file projects/VQA/configs/vqav2.yaml
 
 ``--stage`` (default: detected from the key names) names the original layout; ``--target`` (coarse stage
 only) picks ``FIBERCoarse`` ("coarse") or the detector's fused backbone ("fine"); with a config it
-defaults to the config's meta-architecture. With ``--config-file`` the fiber_d2 model is built on the meta
+defaults to the config's meta-architecture. ``--target caption`` converts a caption checkpoint
+(``fiber_coco_caption.ckpt``) for ``projects/Captioning``'s ``FIBERCaption`` (adapters
+``cross_modal_att_layers.*`` kept); it takes no config (the checkpoint is already at the caption
+resolution, 576). With ``--config-file`` the fiber_d2 model is built on the meta
 device (no memory for weights) to check shapes, resize relative-position tables and report missing keys.
-The input is read with ``torch.load(weights_only=True)``. The output is
-``{"model": state_dict, "__fiber_d2__": provenance}``, ready for ``MODEL.WEIGHTS``.
+``--project VQA`` (or ``NLVR2``...) loads a ``projects/<name>`` config (its package registers the
+task model and adds its config keys); a released task checkpoint (``fiber_vqa.ckpt``,
+``fiber_nlvr2.ckpt``) then keeps its head.
+The input is read with ``torch.load(weights_only=True)`` (or safetensors / the numpy-only ``.pkl``
+reader). The output is ``{"model": state_dict, "__fiber_d2__": provenance}`` (``.safetensors``
+output: the state dict, provenance in the metadata), ready for ``MODEL.WEIGHTS``.
+``FIBERCheckpointer`` runs the same conversion (:func:`fiber_d2.checkpoint.layout.convert_original`)
+when an original file is given as ``MODEL.WEIGHTS`` directly.
+
+The tool exits non-zero, writing nothing, when no tensor is mapped, when a tensor's shape differs
+from the target model's (with ``--config-file``), or when the input is already a fiber_d2 file.
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -22,22 +39,32 @@ import sys
 import torch
 
 try:
-    from detectron2.modeling import build_model
-    from detectron2.utils.logger import setup_logger
+    # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
+    import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover
     sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
-from fiber_d2.checkpoint.convert import (
-    convert_coarse_state_dict,
-    convert_fine_state_dict,
-    unwrap_state_dict,
+from fiber_d2.checkpoint.convert import convert_caption_state_dict, unwrap_state_dict
+from fiber_d2.checkpoint.layout import (
+    META_ARCH_TARGET,
+    convert_original,
+    fiber_d2_layout,
+    original_layout,
+)
+from fiber_d2.checkpoint.safe_io import (
+    CheckpointError,
+    load_checkpoint_file,
+    save_checkpoint_file,
+    torch_load_error,
 )
 from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.modeling.meta_arch import FIBERCoarse
 
 logger = logging.getLogger("fiber_d2.convert_fiber_checkpoint")
 
-_META_ARCH_TARGET = {"FIBER": "fine", "FIBERCoarse": "coarse"}
+_META_ARCH_TARGET = META_ARCH_TARGET
 
 
 def load_original(path: str):
@@ -48,6 +75,8 @@ def load_original(path: str):
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input checkpoint not found: {path}")
+    if path.endswith((".pkl", ".safetensors")):
+        return load_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (
@@ -57,30 +86,54 @@ def load_original(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the file name
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"cannot load {path} with torch.load(weights_only=True): {first}"
-        ) from None
+        raise CheckpointError(torch_load_error(path, e)) from None
 
 
 def detect_stage(original, use_ema: bool) -> str:
     """ "fine" or "coarse" from the key names of the state dict inside ``original``."""
-    state, _ = unwrap_state_dict(original, use_ema=use_ema)
-    keys = [k[len("module.") :] if k.startswith("module.") else k for k in map(str, state)]
-    if any(k.startswith(("fusion_backbone.", "rpn.")) for k in keys):
-        return "fine"
-    if any(k.startswith(("vit_model.", "text_transformer.")) for k in keys):
-        return "coarse"
+    unwrap_state_dict(original, use_ema=use_ema)  # TypeError / KeyError for a bad container
+    stage = original_layout(original, use_ema=use_ema)
+    if stage is not None:
+        return stage
+    if fiber_d2_layout(original):
+        raise ValueError(
+            "it is already in fiber_d2's layout (converted before); give it to MODEL.WEIGHTS as is"
+        )
     raise ValueError(
         "cannot tell the checkpoint layout (no fusion_backbone./rpn. or vit_model./text_transformer. "
         "keys); pass --stage"
     )
 
 
-def build_model_state(config_file: str, opts: list[str]) -> tuple[dict, str]:
+def project_config_keys(project: str) -> tuple:
+    """Import ``projects/<project>``'s package (registering its models and datasets); returns its
+    ``add_*_config`` functions."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects")
+    if not os.path.isdir(os.path.join(root, project)):
+        raise ValueError(f"--project {project}: no folder projects/{project}")
+    sys.path.insert(0, os.path.join(root, project))
+    package = importlib.import_module(project.lower())
+    return tuple(
+        getattr(package, n) for n in dir(package) if n.startswith("add_") and n.endswith("_config")
+    )
+
+
+def target_of(meta_arch: str) -> str | None:
+    """ "fine" for FIBER, "coarse" for FIBERCoarse and the task models built on it, else None."""
+    if meta_arch in _META_ARCH_TARGET:
+        return _META_ARCH_TARGET[meta_arch]
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    cls = META_ARCH_REGISTRY.get(meta_arch) if meta_arch in META_ARCH_REGISTRY else None
+    return "coarse" if isinstance(cls, type) and issubclass(cls, FIBERCoarse) else None
+
+
+def build_model_state(
+    config_file: str, opts: list[str], extra_defaults: tuple = ()
+) -> tuple[dict, str]:
     """The target model's state dict (meta tensors; CPU if a module cannot be built on meta) and its
     meta-architecture. Pretrained-weight paths are cleared: only the shapes are needed."""
-    cfg = load_config(config_file, opts)
+    cfg = load_config(config_file, opts, extra_defaults=extra_defaults)
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.SWIN.WEIGHTS = ""
     cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
@@ -109,20 +162,44 @@ def main(argv=None) -> None:
     parser.add_argument("--input", required=True, metavar="ORIGINAL", help="original .pth / .ckpt")
     parser.add_argument("--output", required=True, metavar="OUT.pth", help="converted checkpoint")
     parser.add_argument("--stage", choices=["auto", "fine", "coarse"], default="auto")
-    parser.add_argument("--target", choices=["coarse", "fine"], default=None)
+    parser.add_argument("--target", choices=["coarse", "fine", "caption"], default=None)
     parser.add_argument("--config-file", default="", metavar="FILE", help="target model config")
     parser.add_argument("--use-ema", action="store_true", help="convert the model_ema weights")
+    parser.add_argument("--project", default="", help="projects/<name> whose config is given")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     setup_logger(name="fiber_d2")
-    logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.INFO)  # summary is printed
+    # the tool prints the full summary once; the converter's own log line would repeat its first line
+    logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.WARNING)
     try:
         report = convert(args)
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"error: {msg}")
+        sys.exit(f"error: {args.input}: {msg}" if args.input not in str(msg) else f"error: {msg}")
     print(report.summary())
     print(f"wrote {args.output}")
+
+
+def check_report(report, path: str) -> None:
+    """Refuse a conversion that mapped nothing or met shape mismatches (nothing is written).
+
+    Raises:
+        ValueError: one line; the report's summary is printed first.
+    """
+    counts = report.counts()
+    if counts["mapped"] and not counts["shape_mismatches"]:
+        return
+    print(report.summary(), file=sys.stderr)
+    if not counts["mapped"]:
+        raise ValueError(
+            f"{path}: no tensor was mapped ({counts['skipped']} skipped); nothing written"
+        )
+    first = report.shape_mismatches[0]
+    raise ValueError(
+        f"{path}: {counts['shape_mismatches']} shape mismatch(es) with the target model (first: "
+        f"{first[0]} -> {first[1]}: checkpoint {first[2]}, model {first[3]}); check --config-file; "
+        "nothing written"
+    )
 
 
 def convert(args):
@@ -131,32 +208,39 @@ def convert(args):
         raise ValueError(f"--output must differ from --input ({args.input})")
     if args.opts and not args.config_file:
         raise ValueError(f"config overrides {args.opts} given without --config-file")
-    if args.stage == "fine" and args.target == "coarse":
-        raise ValueError("--target coarse applies to a coarse-stage checkpoint, not --stage fine")
+    if args.stage == "fine" and args.target in ("coarse", "caption"):
+        raise ValueError(
+            f"--target {args.target} applies to a coarse-stage checkpoint, not --stage fine"
+        )
+    if args.target == "caption" and args.config_file:
+        raise ValueError(
+            "--target caption takes no --config-file (FIBERCaption is a project model)"
+        )
     model_state, meta_arch = None, None
     if args.config_file:
-        model_state, meta_arch = build_model_state(args.config_file, args.opts)
-        if meta_arch not in _META_ARCH_TARGET:
+        extra = project_config_keys(args.project) if args.project else ()
+        model_state, meta_arch = build_model_state(args.config_file, args.opts, extra)
+        if target_of(meta_arch) is None:
             raise ValueError(
-                f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse)"
+                f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse) or a"
+                " task model built on FIBERCoarse (pass --project for a projects/ config)"
             )
     original = load_original(args.input)
     stage = detect_stage(original, args.use_ema) if args.stage == "auto" else args.stage
-    target = args.target or _META_ARCH_TARGET.get(meta_arch) or stage
+    target = args.target or (target_of(meta_arch) if meta_arch else None) or stage
     if stage == "fine" and target != "fine":
         raise ValueError(
             f"{args.input} is a fine-grained checkpoint; it converts to the FIBER detector only"
         )
-    if meta_arch is not None and _META_ARCH_TARGET[meta_arch] != target:
+    if meta_arch is not None and target_of(meta_arch) != target:
         raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
-    if stage == "fine":
-        converted, report = convert_fine_state_dict(
-            original, model_state=model_state, use_ema=args.use_ema
-        )
+    if target == "caption":
+        converted, report = convert_caption_state_dict(original, use_ema=args.use_ema)
     else:
-        converted, report = convert_coarse_state_dict(
-            original, target=target, model_state=model_state, use_ema=args.use_ema
+        converted, report = convert_original(
+            original, stage=stage, target=target, model_state=model_state, use_ema=args.use_ema
         )
+    check_report(report, args.input)
     provenance = {
         "converter": "tools/convert_fiber_checkpoint.py",
         "fiber_d2_version": fiber_d2.__version__,
@@ -174,9 +258,7 @@ def convert(args):
     }
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = args.output + ".tmp"
-    torch.save({"model": _compact(converted), "__fiber_d2__": provenance}, tmp)
-    os.replace(tmp, args.output)
+    save_checkpoint_file(args.output, _compact(converted), provenance)
     logger.info("wrote %d tensors to %s", len(converted), args.output)
     return report
 

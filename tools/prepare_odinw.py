@@ -10,9 +10,14 @@ configs read). Category ids are kept (detectron2 maps them to contiguous ids on 
 A category is background when its name is "background"/"__background__", or when its
 supercategory is "none" and no annotation uses it.
 
+With ``--shots K`` each ``train/`` file also gets a K-shot version,
+``annotations_without_background_{K}shot_seed{S}.json`` (see :func:`sample_few_shot`), for the few-shot
+configs in ``configs/ODinW/``.
+
 Usage::
 
     python tools/prepare_odinw.py datasets/odinw            # every _annotations.coco.json below
+    python tools/prepare_odinw.py datasets/odinw --shots 3 --seed 0
     python tools/prepare_odinw.py a/_annotations.coco.json --output-name clean.json
 """
 
@@ -27,9 +32,16 @@ from typing import List, Tuple
 
 from tqdm import tqdm
 
-__all__ = ["remove_background_categories", "convert_file", "find_inputs", "main"]
+__all__ = [
+    "remove_background_categories",
+    "sample_few_shot",
+    "few_shot_name",
+    "convert_file",
+    "find_inputs",
+    "main",
+]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fiber_d2.prepare_odinw")
 
 INPUT_NAME = "_annotations.coco.json"
 OUTPUT_NAME = "annotations_without_background.json"
@@ -69,6 +81,47 @@ def remove_background_categories(data: dict) -> Tuple[dict, List[dict]]:
         raise ValueError("no category left after removing background categories")
     converted = dict(data, annotations=kept_anns, categories=categories)
     return converted, removed
+
+
+def sample_few_shot(data: dict, shots: int, seed: int = 0) -> dict:
+    """A K-shot subset of a COCO detection dict: for each category (in id order), images holding it
+    are drawn at random (``seed``) until the category appears in at least ``shots`` chosen images;
+    every annotation of a chosen image is kept. (GLIP/FIBER's own sampler is not in the spec; this
+    per-category image rule is our choice.)
+
+    Raises:
+        ValueError: ``shots`` < 1.
+    """
+    import random
+
+    if shots < 1:
+        raise ValueError(f"--shots must be at least 1, got {shots}")
+    rng = random.Random(seed)
+    by_cat: dict = {}
+    for a in data["annotations"]:
+        by_cat.setdefault(a["category_id"], set()).add(a["image_id"])
+    chosen: set = set()
+    for cat in sorted(c["id"] for c in data["categories"]):
+        images = sorted(by_cat.get(cat, ()))
+        have = len(chosen.intersection(images))
+        rng.shuffle(images)
+        for image_id in images:
+            if have >= shots:
+                break
+            if image_id not in chosen:
+                chosen.add(image_id)
+                have += 1
+    return dict(
+        data,
+        images=[im for im in data["images"] if im["id"] in chosen],
+        annotations=[a for a in data["annotations"] if a["image_id"] in chosen],
+    )
+
+
+def few_shot_name(output_name: str, shots: int, seed: int) -> str:
+    """``annotations_without_background.json`` -> ``..._{shots}shot_seed{seed}.json``."""
+    stem, _, ext = output_name.rpartition(".")
+    return f"{stem}_{shots}shot_seed{seed}.{ext}"
 
 
 def convert_file(src: Path, output_name: str = OUTPUT_NAME, overwrite: bool = False) -> Path:
@@ -130,6 +183,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help=f"json files or directories holding {INPUT_NAME}")
     parser.add_argument("--output-name", default=OUTPUT_NAME, help="name of each written file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--shots", type=int, default=0, help="also write a K-shot train subset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the K-shot sampling")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     inputs = find_inputs(args.paths)
@@ -137,7 +192,14 @@ def main(argv: List[str] | None = None) -> int:
         logger.error("no %s found under %s", INPUT_NAME, args.paths)
         return 1
     for src in tqdm(inputs, desc="ODinW", unit="file"):
-        convert_file(src, args.output_name, args.overwrite)
+        dst = convert_file(src, args.output_name, args.overwrite)
+        if args.shots and src.parent.name == "train":
+            with open(dst, encoding="utf-8") as f:
+                subset = sample_few_shot(json.load(f), args.shots, args.seed)
+            out = dst.with_name(few_shot_name(args.output_name, args.shots, args.seed))
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump(subset, f, ensure_ascii=False)
+            logger.info("%s: %d-shot subset, %d images", out, args.shots, len(subset["images"]))
     return 0
 
 

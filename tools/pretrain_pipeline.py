@@ -80,30 +80,44 @@ def flatten_results(results: dict) -> dict:
 def visualize(
     fine_config: str, weights: str, out_dir: str, opts: list[str], count: int
 ) -> list[str]:
-    """Draw the fine model's phrase-grounding predictions on ``count`` held-out records."""
+    """Draw ground truth and the fine model's phrase-grounding predictions side by side on ``count``
+    held-out records (small images upscaled to at least 512 px, so the labels are readable)."""
     import cv2
+    import numpy as np
     from detectron2.data import DatasetCatalog
+    from detectron2.utils.colormap import colormap
 
     from fiber_d2.engine.setup import load_config
     from fiber_d2.predictor import FIBERPredictor
-    from fiber_d2.visualize import draw_grounding
+    from fiber_d2.visualize import draw_boxes, draw_grounding, side_by_side
 
     cfg = load_config(fine_config, list(opts) + ["MODEL.WEIGHTS", weights])
     predictor = FIBERPredictor(cfg)
     names = [n for n in cfg.DATASETS.TEST if "grounding" in n] or list(cfg.DATASETS.TEST)
     records = DatasetCatalog.get(names[0])[:count]
+    palette = colormap(rgb=True, maximum=1)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for r in records:
         image = cv2.imread(r["file_name"])
+        rgb = np.ascontiguousarray(image[:, :, ::-1])
         if "phrases" in r:
             spans = [tuple(p["tokens_positive"][0]) for p in r["phrases"]]
             out = predictor(image, r["caption"], phrases=spans)
+            gt = [(box, p["text"], k) for k, p in enumerate(r["phrases"]) for box in p["boxes"]]
         else:
             out = predictor(image, r.get("caption", ""))
-        drawn = draw_grounding(image[:, :, ::-1], out["instances"], out["label_names"], 0.3)
+            gt = []
+        truth = draw_boxes(
+            rgb,
+            np.array([g[0] for g in gt], dtype=np.float64).reshape(-1, 4),
+            [g[1] for g in gt],
+            [palette[g[2] % len(palette)] for g in gt],
+        )
+        pred = draw_grounding(rgb, out["instances"], out["label_names"], 0.3)
+        picture = side_by_side([truth, pred], ["ground truth", "prediction (score >= 0.3)"])
         path = os.path.join(out_dir, f"{r['image_id']}.jpg")
-        cv2.imwrite(path, drawn[:, :, ::-1])
+        cv2.imwrite(path, picture[:, :, ::-1])
         written.append(path)
     return written
 

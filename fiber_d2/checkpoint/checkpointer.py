@@ -1,11 +1,25 @@
-"""``FIBERCheckpointer``: detectron2's checkpointer with safe loading and the coarse-to-fine hand-off.
+"""``FIBERCheckpointer``: detectron2's checkpointer with safe loading, strict weights and the
+coarse-to-fine hand-off.
 
-* ``.pth``/``.pt`` files load with ``torch.load(..., weights_only=True)``; ``.safetensors`` files through
-  safetensors. Nothing is unpickled beyond tensors and plain containers.
+* Files are read by :func:`~fiber_d2.checkpoint.safe_io.load_checkpoint_file`: ``torch.load`` with
+  ``weights_only=True``, safetensors, or a numpy-only unpickler for ``.pkl``; nothing else is
+  unpickled, and an unsafe or unreadable file is one :class:`CheckpointError` line naming it.
+* A file in the ORIGINAL FIBER layout (``fusion_backbone.`` / ``rpn.`` / ``vit_model.`` /
+  ``text_transformer.`` keys) is converted on the fly with the code of
+  ``tools/convert_fiber_checkpoint.py`` (:func:`~fiber_d2.checkpoint.layout.convert_original`),
+  logged once per file.
 * A coarse-stage checkpoint (``FIBERCoarse``: towers under ``backbone.``) loaded into the detector
-  (towers under ``backbone.bottom_up.``) is re-rooted automatically, so ``MODEL.WEIGHTS`` can point at the
-  coarse run's ``model_final.pth``. Keys the detector does not have (poolers, ITM/MLM heads, queues) are
-  dropped; keys the coarse stage never had (FPN, head) keep their initialisation.
+  (towers under ``backbone.bottom_up.``) is re-rooted automatically, so ``MODEL.WEIGHTS`` can point at
+  the coarse run's ``model_final.pth``. Keys the detector does not have (poolers, ITM/MLM heads,
+  queues) are dropped; keys the coarse stage never had (FPN, head) keep their initialisation.
+* Strict weights: when more than :data:`PARTIAL_LOAD_TOLERANCE` of the model's parameters (by count
+  or by elements; wrong shapes count as missing) are not filled from the file, loading fails with
+  one line listing the missing groups, unless ``partial_ok`` (``MODEL.WEIGHTS_PARTIAL_OK``). Parts a
+  stage is expected to add (everything outside the two towers when a coarse checkpoint feeds the
+  detector; a task model's ``STAGE_HEADS`` when the file has none of them) are not counted.
+* Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another
+  resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
+  recomputed by the model.
 * Missing / unexpected keys are summarised per module in one log line each, not one line per tensor.
 """
 
@@ -13,34 +27,62 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["FIBERCheckpointer", "load_state_dict_file", "summarize_keys"]
+from .layout import COARSE, FINE, convert_original, original_layout
+from .safe_io import CheckpointError, load_checkpoint_file, one_line
+
+__all__ = [
+    "FIBERCheckpointer",
+    "CheckpointError",
+    "PARTIAL_LOAD_TOLERANCE",
+    "load_state_dict_file",
+    "load_model_weights",
+    "summarize_keys",
+    "weights_to_load",
+    "check_weights_before_run",
+]
 
 logger = logging.getLogger(__name__)
 
 _TOWERS = ("image_tower.", "text_tower.")
+_DETECTOR_TOWERS = ("backbone.bottom_up.image_tower.", "backbone.bottom_up.text_tower.")
+# Per-level output norms the detector adds on top of the image tower (the coarse stage has none).
+_DETECTOR_OUT_NORM = re.compile(r"^backbone\.bottom_up\.image_tower\.norm\d+\.")
+
+# Share of the model's parameters (by count or by elements) that may stay unfilled by a checkpoint
+# without MODEL.WEIGHTS_PARTIAL_OK. A small share covers heads a config resizes (e.g. a class count).
+PARTIAL_LOAD_TOLERANCE = 0.01
+
+# file path -> ((size, mtime_ns), raw loaded object): a file read by a pre-flight check, handed to
+# the next load of the same unchanged file instead of being read twice (one entry at most).
+_PRELOADED: dict[str, tuple[tuple[int, int], object]] = {}
+_LOGGED_CONVERSIONS: set[str] = set()
+
+
+def _signature(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def load_state_dict_file(path: str) -> dict:
-    """Load a checkpoint file safely (weights_only pickle or safetensors).
+    """Load a checkpoint file safely; a bare state dict is wrapped as ``{"model": ...}``.
 
     Raises:
-        FileNotFoundError / ValueError naming the file.
+        CheckpointError: missing, unreadable or unsafe file (one line naming it).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return {"model": load_file(path)}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {e}") from None
+    loaded = load_checkpoint_file(path)
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a checkpoint dict")
+    loaded = dict(loaded)
+    if "model" not in loaded and "state_dict" not in loaded:
+        loaded = {"model": loaded}
+    return loaded
 
 
 def summarize_keys(keys: list[str], depth: int = 2) -> str:
@@ -49,12 +91,19 @@ def summarize_keys(keys: list[str], depth: int = 2) -> str:
     return ", ".join(f"{p}({n})" for p, n in sorted(counts.items()))
 
 
+def _group_depth(key: str) -> int:
+    return 4 if key.startswith("backbone.bottom_up.") else 2
+
+
+def _groups(keys: list[str], limit: int = 8) -> str:
+    counts = Counter(".".join(k.split(".")[: _group_depth(k)]) for k in keys)
+    shown = [f"{p}({n})" for p, n in sorted(counts.items())[:limit]]
+    more = len(counts) - limit
+    return ", ".join(shown) + (f", ... {more} more" if more > 0 else "")
+
+
 def _reroot_coarse(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
     """Move ``backbone.<tower>.*`` to ``backbone.bottom_up.<tower>.*`` when the model expects that."""
-    needs = any(k.startswith("backbone.bottom_up.image_tower.") for k in model_keys)
-    has_coarse = any(k.startswith(("backbone.image_tower.", "backbone.text_tower.")) for k in state)
-    if not (needs and has_coarse):
-        return state
     out = {}
     for k, v in state.items():
         if k.startswith("backbone.") and k[len("backbone.") :].startswith(_TOWERS):
@@ -72,21 +121,199 @@ def _reroot_coarse(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict
     return out
 
 
+def _is_detector(model_keys) -> bool:
+    return any(k.startswith("backbone.bottom_up.") for k in model_keys)
+
+
+def _resize_position_tables(state: dict, model_state: dict) -> dict:
+    """Resize ``*relative_position_bias_table`` tensors whose window differs from the model's."""
+    from .convert import resize_relative_position_table
+
+    resized = 0
+    for key, value in state.items():
+        target = model_state.get(key)
+        if not key.endswith("relative_position_bias_table") or target is None:
+            continue
+        if value.shape != target.shape and value.dim() == 2 and value.shape[1] == target.shape[1]:
+            state[key] = resize_relative_position_table(value, target.shape[0])
+            resized += 1
+    if resized:
+        logger.info("Resized %d relative-position tables to the model's window", resized)
+    return state
+
+
 class FIBERCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer with weights_only loading and the coarse-to-fine hand-off."""
+    """DetectionCheckpointer with safe loading, strict weights, on-the-fly conversion of original
+    FIBER files and the coarse-to-fine hand-off (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        save_dir: str = "",
+        *,
+        partial_ok: bool | None = None,
+        save_to_disk: bool | None = None,
+        **checkpointables,
+    ):
+        """
+        Args:
+            model: the model to load into / save.
+            save_dir: folder of saved checkpoints (and of ``last_checkpoint`` for resuming).
+            partial_ok: accept a checkpoint that leaves many parameters unfilled. None: the
+                ``trainer`` checkpointable's ``cfg.MODEL.WEIGHTS_PARTIAL_OK`` when there is
+                one, else False.
+            save_to_disk, checkpointables: as detectron2's ``DetectionCheckpointer``.
+        """
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.partial_ok = partial_ok
+        self.keep_loaded = False  # pre-flight: keep the raw file for the next load of it
+        self._path = ""
+        self._coarse_into_detector = False
+
+    def _partial_ok(self) -> bool:
+        if self.partial_ok is not None:
+            return bool(self.partial_ok)
+        trainer = self.checkpointables.get("trainer")
+        try:
+            return bool(trainer.cfg.MODEL.WEIGHTS_PARTIAL_OK)
+        except (AttributeError, ReferenceError):
+            return False
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, filename: str):
+        path = os.path.abspath(filename)
+        cached = _PRELOADED.pop(path, None)
+        if cached is not None and cached[0] == _signature(path):
+            raw = cached[1]
+        else:
+            raw = load_checkpoint_file(filename)
+        if self.keep_loaded:
+            _PRELOADED.clear()
+            _PRELOADED[path] = (_signature(path), raw)
+        return raw
 
     def _load_file(self, filename: str) -> dict:
-        if filename.endswith((".pth", ".pt", ".safetensors")):
-            loaded = load_state_dict_file(filename)
-            if "model" not in loaded:
-                loaded = {"model": loaded}
-            return loaded
-        return super()._load_file(filename)
+        self._path = filename
+        self._coarse_into_detector = False
+        raw = self._read(filename)
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{filename} holds a {type(raw).__name__}, not a checkpoint dict")
+        loaded = dict(raw)
+        if filename.endswith(".pkl"):
+            return self._model_zoo_pickle(loaded)
+        model_keys = self.model.state_dict()
+        stage = original_layout(loaded)
+        if stage is not None:
+            target = FINE if _is_detector(model_keys) else COARSE
+            try:
+                converted, report = convert_original(
+                    loaded, stage=stage, target=target, model_state=model_keys
+                )
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(
+                    f"{filename}: original FIBER {stage} checkpoint: {e}"
+                ) from None
+            if filename not in _LOGGED_CONVERSIONS:
+                _LOGGED_CONVERSIONS.add(filename)
+                logger.warning(
+                    "%s is in the ORIGINAL FIBER %s layout; converted on the fly to the %s model "
+                    "(%s). Convert it once with tools/convert_fiber_checkpoint.py to skip this.",
+                    filename,
+                    stage,
+                    "detector" if target == FINE else "coarse",
+                    report.summary().splitlines()[0],
+                )
+            self._coarse_into_detector = stage == COARSE and target == FINE
+            return {"model": converted}
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        if not isinstance(loaded["model"], Mapping):
+            raise CheckpointError(f"{filename}: its 'model' entry is not a state dict")
+        loaded["model"] = dict(loaded["model"])
+        return loaded
+
+    def _model_zoo_pickle(self, data: dict) -> dict:
+        """detectron2's reading of model-zoo ``.pkl`` contents, on the safely unpickled data."""
+        if "model" in data and "__author__" in data:
+            data["model"] = dict(data["model"])
+            return data
+        blobs = data.get("blobs", data)  # Caffe2 / Detectron1 files
+        if not isinstance(blobs, Mapping):
+            raise CheckpointError(f"{self._path}: no 'model' or 'blobs' dict in the .pkl file")
+        model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+        return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
+
+    # ------------------------------------------------------------------ loading
+    def load_weights_file(self, path: str):
+        """Load only the model weights of ``path`` (no other checkpointables).
+
+        Returns:
+            detectron2's incompatible-keys record (``missing_keys``, ``unexpected_keys``, ...).
+
+        Raises:
+            CheckpointError: unsafe, unreadable or unfit file (strict weights).
+        """
+        return self.load_weights_state(self._load_file(path), path)
+
+    def load_weights_state(self, checkpoint: dict, name: str):
+        """As :meth:`load_weights_file` for an already loaded ``{"model": state_dict}``; ``name``
+        is the file it came from, used in messages."""
+        self._path = name
+        incompatible = self._load_model(checkpoint)
+        self._log_incompatible_keys(incompatible)
+        return incompatible
 
     def _load_model(self, checkpoint: dict):
         model_keys = set(self.model.state_dict().keys())
-        checkpoint["model"] = _reroot_coarse(checkpoint["model"], model_keys)
-        return super()._load_model(checkpoint)
+        state = checkpoint["model"]
+        if _is_detector(model_keys):
+            if any(k.startswith(("backbone.image_tower.", "backbone.text_tower.")) for k in state):
+                checkpoint["model"] = state = _reroot_coarse(state, model_keys)
+                self._coarse_into_detector = True
+            elif state and all(str(k).startswith(_DETECTOR_TOWERS) for k in state):
+                self._coarse_into_detector = True  # towers only: a converted coarse checkpoint
+        checkpoint["model"] = _resize_position_tables(checkpoint["model"], self.model.state_dict())
+        incompatible = super()._load_model(checkpoint)
+        self._check_missing(incompatible)
+        return incompatible
+
+    def _check_missing(self, incompatible) -> None:
+        """Raise CheckpointError when too much of the model was left unfilled."""
+        params = dict(self.model.named_parameters())
+        counted = params
+        if self._coarse_into_detector:  # FPN, head and output norms are the fine stage's own
+            counted = {
+                k: p
+                for k, p in params.items()
+                if k.startswith(_DETECTOR_TOWERS) and not _DETECTOR_OUT_NORM.match(k)
+            }
+        # a task model's own head (``STAGE_HEADS``), absent as a whole from the file: the head this
+        # stage adds on a pre-trained backbone (e.g. VQA on a coarse checkpoint), not a partial load
+        missing_set = set(incompatible.missing_keys)
+        for prefix in getattr(self.model, "STAGE_HEADS", ()):
+            head = [k for k in counted if k.startswith(prefix)]
+            if head and all(k in missing_set for k in head):
+                counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
+        missing = sorted(k for k in missing_set if k in counted)
+        if not missing or not counted:
+            return
+        share_count = len(missing) / len(counted)
+        total = sum(p.numel() for p in counted.values())
+        share_numel = sum(counted[k].numel() for k in missing) / max(total, 1)
+        if max(share_count, share_numel) <= PARTIAL_LOAD_TOLERANCE:
+            return
+        what = (
+            f"{self._path}: {len(missing)} of {len(counted)} model parameters "
+            f"({100 * share_numel:.1f}% of the weights) are not in the checkpoint or have "
+            f"another shape: {_groups(missing)}"
+        )
+        if self._partial_ok():
+            logger.warning("%s; loading anyway (MODEL.WEIGHTS_PARTIAL_OK)", what)
+            return
+        raise CheckpointError(
+            f"{what}. Is it a checkpoint of another architecture or config? "
+            "Set MODEL.WEIGHTS_PARTIAL_OK True to load it anyway."
+        )
 
     def _log_incompatible_keys(self, incompatible) -> None:
         if incompatible.missing_keys:
@@ -105,3 +332,71 @@ class FIBERCheckpointer(DetectionCheckpointer):
             logger.warning(
                 "Skipped %s: checkpoint shape %s, model shape %s", key, shape_ckpt, shape_model
             )
+
+
+def load_model_weights(model: torch.nn.Module, cfg) -> None:
+    """Load ``cfg.MODEL.WEIGHTS`` into ``model`` (the predictor's and the demo's loading line).
+
+    Args:
+        model: a built model.
+        cfg: its config; ``MODEL.WEIGHTS_PARTIAL_OK`` decides on partial checkpoints.
+
+    Raises:
+        CheckpointError: missing, unsafe or unfit file (one line naming it).
+    """
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
+        return
+    if "://" not in weights and not os.path.isfile(weights):
+        raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights}")
+    FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK).load(weights)
+
+
+def weights_to_load(cfg, *, resume: bool) -> str:
+    """The file a run will load: the last checkpoint of ``OUTPUT_DIR`` when resuming and one
+    exists (as detectron2's ``resume_or_load``), else ``MODEL.WEIGHTS`` ("" for none)."""
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        if name:
+            return os.path.join(cfg.OUTPUT_DIR, name)
+    return cfg.MODEL.WEIGHTS
+
+
+def check_weights_before_run(cfg, *, resume: bool) -> None:
+    """Read and check the weights a run will load before it writes anything to ``OUTPUT_DIR``.
+
+    The file is read safely and loaded into the model built on the meta device (no memory for
+    weights), so an unsafe, unreadable or unfit file (strict weights) is a one-line error before
+    any file is touched. The file read here is handed to the run's own load of it (not read twice).
+
+    Raises:
+        CheckpointError: one line naming the file.
+    """
+    path = weights_to_load(cfg, resume=resume)
+    if not path:
+        return
+    if "://" not in path and not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    from detectron2.modeling import build_model
+
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "meta"
+    meta_cfg.MODEL.SWIN.WEIGHTS = ""
+    meta_cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
+    try:
+        with torch.device("meta"):
+            model = build_model(meta_cfg)
+    except Exception as e:  # noqa: BLE001 - the run's own load still checks everything
+        logger.info("pre-flight: cannot build the model on the meta device (%s)", one_line(e))
+        _PRELOADED.clear()
+        local = os.path.abspath(path)
+        if os.path.isfile(local):
+            _PRELOADED[local] = (_signature(local), load_checkpoint_file(local))
+        return
+    checkpointer = FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK)
+    checkpointer.keep_loaded = True
+    checkpointer.load(path, checkpointables=[])

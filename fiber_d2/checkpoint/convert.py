@@ -23,8 +23,9 @@ original key                                              fiber_d2 key (``FIBERC
 ``temp``
 ``image_queue`` ... ``text_input_mask_queue``            dropped (re-initialised by the model)
 ``rank_output.*``                                        dropped (a copy of ``itm_score.fc`` row 1)
-``vqa_classifier.*``, ``nlvr2_classifier.*``,            dropped (task heads fiber_d2 does not build)
-``cross_modal_att_layers.*``
+``vqa_classifier.*``, ``nlvr2_classifier.*``            same name when the target model has them
+                                                         (projects/VQA, projects/NLVR2), else dropped
+``cross_modal_att_layers.*``                             dropped (captioning adapters)
 =====================================================  ==============================================
 
 Everywhere: ``relative_position_index``, ``attn_mask``, ``position_ids`` / ``token_type_ids`` buffers are
@@ -58,6 +59,7 @@ __all__ = [
     "ConversionReport",
     "convert_fine_state_dict",
     "convert_coarse_state_dict",
+    "convert_caption_state_dict",
     "unwrap_state_dict",
     "resize_relative_position_table",
     "NOT_A_TENSOR",
@@ -80,7 +82,7 @@ RECOMPUTED_BUFFER = "recomputed buffer"
 ITC_QUEUE = "ITC queue buffer (re-initialised by the model)"
 UNUSED_IN_ORIGINAL = "unused by the original model"
 RANK_OUTPUT_ALIAS = "rank_output (a copy of itm_score.fc row 1)"
-TASK_HEAD = "downstream task head not built by fiber_d2 (VQA / NLVR2 / captioning)"
+TASK_HEAD = "downstream task head not built by the target model (VQA / NLVR2 / captioning)"
 COARSE_ONLY = "coarse-stage head, not part of the detector"
 NOT_IN_MODEL = "not in the target model"
 PARTIAL_MODULE_PREFIX = "'module.' prefix on only some keys"
@@ -441,7 +443,9 @@ def convert_coarse_state_dict(
             dropped). With ``"fine"``, ``vit_model.norm`` becomes the detector's last output norm
             (``norm3``); the original fine-grained loader's suffix matching never pairs the two and
             left it at its initialisation.
-        model_state: the target model's state dict (see :func:`convert_fine_state_dict`).
+        model_state: the target model's state dict (see :func:`convert_fine_state_dict`). Task
+            heads (``vqa_classifier.*``, ``nlvr2_classifier.*``) are kept only when it has them
+            (a task model such as projects/VQA's ``FIBERVQA`` with ``target="coarse"``).
         use_ema: convert the ``model_ema`` entry.
 
     Returns:
@@ -452,30 +456,83 @@ def convert_coarse_state_dict(
     """
     if target not in ("coarse", "fine"):
         raise ValueError(f"target must be 'coarse' or 'fine', got {target!r}")
-    naming = (
-        {"backbone_prefix": "backbone.", "final_norm": "image_norm"} if target == "coarse" else {}
-    )
 
     def map_key(key: str, arch: dict[str, int]) -> tuple[str | None, str | None]:
-        if key in _QUEUES:
-            return None, ITC_QUEUE
-        if key.startswith("rank_output."):
-            return None, RANK_OUTPUT_ALIAS
-        if key.startswith(_TASK_HEADS):
-            return None, TASK_HEAD
-        if key == "temp" or key.startswith(_COARSE_HEADS):
-            return (key, None) if target == "coarse" else (None, COARSE_ONLY)
-        if key.startswith(_BACKBONE_PREFIXES):
-            return _backbone_key(key, arch, **naming)
-        return None, UNRECOGNISED
+        return _coarse_key(key, arch, target, model_state)
 
     converted, report = _convert(original, map_key, model_state=model_state, use_ema=use_ema)
     state, _ = unwrap_state_dict(original, use_ema=use_ema)
     _check_rank_output(state, report)
     if any(reason == TASK_HEAD for _, reason in report.skipped):
         report.notes.append(
-            "VQA / NLVR2 / captioning heads dropped: fiber_d2 builds only the pre-training heads"
+            "VQA / NLVR2 / captioning heads dropped: the target model does not build them"
         )
+    _log(report)
+    return converted, report
+
+
+def _coarse_key(
+    key: str, arch: dict[str, int], target: str, model_state: Mapping | None = None
+) -> tuple[str | None, str | None]:
+    """(fiber_d2 key, None) or (None, skip reason) for a coarse checkpoint key (``target`` as in
+    :func:`convert_coarse_state_dict`; a task model's head keys in ``model_state`` are kept)."""
+    naming = (
+        {"backbone_prefix": "backbone.", "final_norm": "image_norm"} if target == "coarse" else {}
+    )
+    if key in _QUEUES:
+        return None, ITC_QUEUE
+    if key.startswith("rank_output."):
+        return None, RANK_OUTPUT_ALIAS
+    if key.startswith(_TASK_HEADS):
+        if target == "coarse" and model_state is not None and key in model_state:
+            return key, None  # a task model (VQA / NLVR2) keeps its head's names
+        return None, TASK_HEAD
+    if key == "temp" or key.startswith(_COARSE_HEADS):
+        return (key, None) if target == "coarse" else (None, COARSE_ONLY)
+    if key.startswith(_BACKBONE_PREFIXES):
+        return _backbone_key(key, arch, **naming)
+    return None, UNRECOGNISED
+
+
+# Caption checkpoints (``fiber_coco_caption.ckpt``, coarse spec §1.8, §6.2) -> the Captioning
+# project's ``FIBERCaption``: the coarse table (target "coarse") plus the caption head below.
+#
+# =====================================================  ==============================================
+# original key                                              fiber_d2 key (``FIBERCaption``)
+# =====================================================  ==============================================
+# ``cross_modal_att_layers.{0..L-3}.{weight,bias}``        same name (1024 -> 512 image adapters)
+# =====================================================  ==============================================
+_CAPTION_HEADS = ("cross_modal_att_layers.",)
+
+
+def convert_caption_state_dict(
+    original: Mapping,
+    *,
+    model_state: Mapping | None = None,
+    use_ema: bool = False,
+) -> tuple[dict[str, torch.Tensor], ConversionReport]:
+    """Convert a FIBER caption checkpoint (Lightning ``.ckpt``) to ``FIBERCaption``.
+
+    Every key is mapped as by :func:`convert_coarse_state_dict` with ``target="coarse"`` (towers under
+    ``backbone.``, ``vit_model.norm`` as ``image_norm``, transforms / poolers / ``mlm_score`` by name),
+    except the caption adapters ``cross_modal_att_layers.*``, which keep their names instead of being
+    dropped as a task head.
+
+    Args:
+        original: the loaded file (``{"state_dict": ...}`` or a bare state dict).
+        model_state: the target model's state dict (see :func:`convert_fine_state_dict`).
+        use_ema: convert the ``model_ema`` entry.
+
+    Returns:
+        (converted state dict with fiber_d2 keys, :class:`ConversionReport`).
+    """
+
+    def map_key(key: str, arch: dict[str, int]) -> tuple[str | None, str | None]:
+        if key.startswith(_CAPTION_HEADS):
+            return key, None
+        return _coarse_key(key, arch, "coarse")
+
+    converted, report = _convert(original, map_key, model_state=model_state, use_ema=use_ema)
     _log(report)
     return converted, report
 

@@ -2,8 +2,12 @@
 
 ``GroundingDatasetMapper`` (fine-grained stage; detection, grounding and refexp records) and
 ``CaptionDatasetMapper`` (coarse stage; caption records). Both read the image, augment it,
-tokenize the text once per sample (padded to ``MAX_QUERY_LEN``) and never crash on a bad record:
-they log a warning naming it and return None, and detectron2's loader moves on.
+tokenize the text once per sample (padded to ``MAX_QUERY_LEN``). In training a bad record is
+skipped: a counted warning naming it and None, and detectron2's loader draws another one. At test
+time a record is never replaced by another (that would evaluate one image twice and another never):
+a bad record raises :class:`~fiber_d2.data.datasets.common.BadRecordError` naming it, except an
+unreadable image with ``unreadable_as_empty`` (``TEST.UNREADABLE_IMAGE_AS_EMPTY``), which becomes a
+black image flagged ``"unreadable": True``; evaluators count such an image with no predictions.
 
 Output of ``GroundingDatasetMapper`` (the contract with the model and the evaluators):
 
@@ -49,6 +53,7 @@ from ..text import (
     prompt_token_lengths,
     tokenize,
 )
+from .datasets.common import BadRecordError
 
 __all__ = ["GroundingDatasetMapper", "CaptionDatasetMapper", "encode_category_prompts"]
 
@@ -110,16 +115,46 @@ class _SkipRecord(Exception):
     """Raised inside a mapper when a record cannot be used."""
 
 
+class _UnreadableImage(_SkipRecord):
+    """The record's image file is missing, truncated or not an image."""
+
+
 def _read_image(record: dict, image_format: str) -> np.ndarray:
     try:
         image = utils.read_image(record["file_name"], format=image_format)
     except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt file
-        raise _SkipRecord(f"cannot read image: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise _UnreadableImage(f"cannot read image: {first}") from e
     h, w = image.shape[:2]
     expected = (record.get("height") or h, record.get("width") or w)
     if (h, w) != tuple(expected):
         raise _SkipRecord(f"image is {h}x{w}, the record says {expected[0]}x{expected[1]}")
     return image
+
+
+def _read_test_image(record: dict, image_format: str, as_empty: bool) -> np.ndarray:
+    """The image of a test record; with ``as_empty`` an unreadable one becomes a black image of
+    the record's size and the record is flagged ``"unreadable"`` (no predictions are scored)."""
+    try:
+        return _read_image(record, image_format)
+    except _UnreadableImage as e:
+        if not as_empty:
+            raise
+        logger.warning("%s: %s; evaluated as an image without predictions", _record_name(record), e)
+        record["unreadable"] = True
+        h, w = int(record.get("height") or 32), int(record.get("width") or 32)
+        return np.zeros((h, w, 3), dtype=np.uint8)
+
+
+def _test_error(record: dict, error: Exception) -> BadRecordError:
+    """The one-line error of a test record that cannot be evaluated."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = (
+        " (TEST.UNREADABLE_IMAGE_AS_EMPTY True evaluates it as an image without predictions)"
+        if isinstance(error, _UnreadableImage)
+        else ""
+    )
+    return BadRecordError(f"cannot evaluate {_record_name(record)}: {text}{hint}")
 
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:
@@ -132,6 +167,7 @@ class _BadRecordCounter:
     def __init__(self) -> None:
         self.skipped = 0
         self.dropped_boxes = 0
+        self.cut_phrases = 0
 
     def skip(self, record: dict, reason: str) -> None:
         self.skipped += 1
@@ -140,6 +176,17 @@ class _BadRecordCounter:
             _record_name(record),
             reason,
             self.skipped,
+        )
+
+    def cut_off(self, record: dict, count: int, max_len: int) -> None:
+        self.cut_phrases += count
+        logger.warning(
+            "%s: %d phrase(s) lie beyond the %d-token prompt (MAX_QUERY_LEN) and have no token; "
+            "they cannot be predicted (%d so far)",
+            _record_name(record),
+            count,
+            max_len,
+            self.cut_phrases,
         )
 
     def drop_boxes(self, record: dict, count: int) -> None:
@@ -180,6 +227,7 @@ class GroundingDatasetMapper:
         default_dataset: Optional[str] = None,
         test_prompt: Sequence[str] = (),
         no_flip_tasks: Sequence[str] = ("refexp",),
+        unreadable_as_empty: bool = False,
     ):
         """
         Args:
@@ -200,6 +248,8 @@ class GroundingDatasetMapper:
             default_dataset: dataset used for records without a ``dataset_name`` field.
             test_prompt: optional prompt text per category replacing the names at test time.
             no_flip_tasks: tasks whose records are never flipped (captions with left/right).
+            unreadable_as_empty: test time: an unreadable image is evaluated as an image without
+                predictions instead of raising (see the module docstring).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
@@ -218,6 +268,7 @@ class GroundingDatasetMapper:
         self.default_dataset = default_dataset
         self.test_prompt = list(test_prompt)
         self.no_flip_tasks = tuple(no_flip_tasks)
+        self.unreadable_as_empty = unreadable_as_empty
         # None: the `random` module, which detectron2 seeds per data-loader worker (a module
         # attribute would make the mapper unpicklable); tests may set a random.Random.
         self.rng: Optional[random.Random] = None
@@ -260,6 +311,7 @@ class GroundingDatasetMapper:
             "chunk_size": cfg.TEST.CHUNKED_EVALUATION,
             "default_dataset": dataset_names[0] if len(dataset_names) == 1 else None,
             "test_prompt": [] if is_train else list(cfg.DATASETS.TEST_PROMPT),
+            "unreadable_as_empty": cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
         }
 
     # ------------------------------------------------------------------ category names
@@ -394,6 +446,9 @@ class GroundingDatasetMapper:
         label_map = char_spans_to_positive_map(
             enc, [p["tokens_positive"] for p in phrases], self.max_query_len
         )
+        cut = int((~label_map.any(dim=1)).sum()) if len(phrases) else 0
+        if cut:  # spans inside the caption but past the truncated prompt (spec 3.4 skips them)
+            self.bad.cut_off(record, cut, self.max_query_len)
         out.update(
             caption=caption,
             input_ids=enc["input_ids"][0],
@@ -419,20 +474,26 @@ class GroundingDatasetMapper:
         out["instances"] = instances
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
-        """Map one record (see the module docstring); None for a bad record.
+        """Map one record (see the module docstring).
 
         Args:
             dataset_dict: a detection, grounding or refexp record.
 
         Returns:
-            the model input dict, or None (the record is skipped with a warning).
+            the model input dict; in training None for a bad record (skipped with a warning).
+
+        Raises:
+            BadRecordError: at test time, a record that cannot be evaluated.
         """
         record = copy.copy(dataset_dict)
         task = record.get("task", "detection")
         try:
             if task != "detection" and task not in _GROUNDING_TASKS:
                 raise _SkipRecord(f"task {task!r} is not handled by GroundingDatasetMapper")
-            image = _read_image(record, self.image_format)
+            if self.is_train:
+                image = _read_image(record, self.image_format)
+            else:
+                image = _read_test_image(record, self.image_format, self.unreadable_as_empty)
             record.setdefault("height", image.shape[0])
             record.setdefault("width", image.shape[1])
             augs = self.augmentations_no_flip if task in self.no_flip_tasks else self.augmentations
@@ -449,6 +510,8 @@ class GroundingDatasetMapper:
             else:
                 self._grounding(record, out, image_hw, transforms)
         except (_SkipRecord, ValueError, KeyError, IndexError) as e:
+            if not self.is_train:
+                raise _test_error(record, e) from None
             self.bad.skip(record, str(e))
             return None
         return out
@@ -513,13 +576,17 @@ class CaptionDatasetMapper:
         }
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
-        """Map one caption record; None for a bad record.
+        """Map one caption record.
 
         Args:
             dataset_dict: a caption record (``caption`` or ``captions``).
 
         Returns:
-            the model input dict, or None (the record is skipped with a warning).
+            the model input dict; in training None for a bad record (skipped with a warning).
+
+        Raises:
+            BadRecordError: at test time, a record that cannot be evaluated (never replaced by
+                another: retrieval recall needs every image and caption once).
         """
         record = copy.copy(dataset_dict)
         try:
@@ -533,6 +600,8 @@ class CaptionDatasetMapper:
             self.augmentations(aug_input)
             enc = tokenize(self.tokenizer, texts, self.max_query_len)
         except (_SkipRecord, ValueError, KeyError) as e:
+            if not self.is_train:
+                raise _test_error(record, e) from None
             self.bad.skip(record, str(e))
             return None
         out = dict(record)

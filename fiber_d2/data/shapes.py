@@ -16,8 +16,9 @@ background. Every image holds a *distractor pair* (the same kind in two colours)
 Images are PNG under ``images/{split}/``. The same seed gives byte-identical json.
 The shapes tokenizer (byte-level BPE, :data:`SHAPES_VOCAB_SIZE` tokens, RoBERTa special ids)
 does not depend on the seed and is cached under ``<root>/tokenizer``.
-Default root: ``$DETECTRON2_DATASETS/shapes`` (``DETECTRON2_DATASETS`` defaults to
-``datasets``); :func:`ensure_shapes_world` generates it on first use.
+Default root: ``$DETECTRON2_DATASETS/shapes`` when that variable is set, else
+``$FIBER_D2_HOME/shapes`` (default ``~/.cache/fiber_d2/shapes``), never the current directory;
+:func:`ensure_shapes_world` generates it on first use.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ class _Shape:
 
 
 def shapes_root(root: Union[str, os.PathLike, None] = None) -> Path:
-    """The shapes world directory: ``root`` or ``$DETECTRON2_DATASETS/shapes``.
+    """The shapes world directory: ``root``, else ``$DETECTRON2_DATASETS/shapes`` when that
+    variable is set, else ``$FIBER_D2_HOME/shapes`` (default ``~/.cache/fiber_d2/shapes``): generated
+    files never land in the current directory.
 
     Args:
         root: explicit directory, or None for the default.
@@ -135,7 +138,11 @@ def shapes_root(root: Union[str, os.PathLike, None] = None) -> Path:
     """
     if root is not None:
         return Path(root)
-    return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "shapes"
+    if os.environ.get("DETECTRON2_DATASETS"):
+        return Path(os.environ["DETECTRON2_DATASETS"]) / "shapes"
+    from ..model_zoo.weights import fiber_d2_home  # local import: model_zoo is above data
+
+    return fiber_d2_home() / "shapes"
 
 
 def shapes_files(root: Union[str, os.PathLike], split: str) -> Dict[str, str]:

@@ -7,11 +7,20 @@ Each entry point only names its trainer class and, when it adds config keys, its
 
     if __name__ == "__main__":
         launch_cli(main)
+
+Bad input ends in one ``error:`` line (no traceback): config mistakes, unsafe or unfit checkpoints
+(:class:`~fiber_d2.checkpoint.CheckpointError`), unusable datasets or test records
+(:class:`~fiber_d2.data.datasets.common.BadRecordError`) and evaluations that did not see every record
+exactly once (:class:`~fiber_d2.evaluation.EvaluationCoverageError`). The config, the checkpoint to
+load and the training data are checked before anything in ``OUTPUT_DIR`` is written, so a failed
+start leaves an existing ``OUTPUT_DIR`` as it was; ``results.json`` is written only on success, as
+strict JSON (NaN metrics become ``null``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,13 +30,39 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
-from ..checkpoint.checkpointer import FIBERCheckpointer
+from ..checkpoint.checkpointer import FIBERCheckpointer, check_weights_before_run
+from ..checkpoint.safe_io import CheckpointError, one_line
+from ..data.datasets.common import BadRecordError, check_datasets_before_run
+from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .setup import ConfigError, load_config, validate_config
 
-__all__ = ["setup_cfg", "run", "launch_cli"]
+__all__ = ["USER_ERRORS", "check_before_run", "setup_cfg", "run", "launch_cli"]
 
 ConfigLoader = Callable[[str, list], CfgNode]
+
+# Errors that are the user's input, reported as one line.
+USER_ERRORS = (ConfigError, CheckpointError, BadRecordError, EvaluationCoverageError)
+
+logger = logging.getLogger(__name__)
+
+
+def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
+    """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names
+    and paths, the training sets (loadable, one readable image), the test images (present, decode in
+    full) and the checkpoint that will be loaded (safe format, fits the model).
+
+    Raises:
+        ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
+    """
+    validate_config(cfg, training=training)
+    check_datasets_before_run(
+        cfg.DATASETS.TRAIN if training else (),
+        cfg.DATASETS.TEST,
+        check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
+    )
+    check_weights_before_run(cfg, resume=resume)
 
 
 def setup_cfg(args, *, load: ConfigLoader = load_config, loggers: Sequence[str] = ("fiber_d2",)):
@@ -54,22 +89,34 @@ def run(
     Returns the final evaluation results, which the main process also writes to
     ``OUTPUT_DIR/results.json``.
     """
-    cfg = setup_cfg(args, load=load, loggers=loggers)
-    if args.eval_only:
-        model = trainer_cls.build_model(cfg)
-        FIBERCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        results = trainer_cls.test(cfg, model)
-        verify_results(cfg, results)
-    else:
-        trainer = trainer_cls(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        trainer.train()
-        results = getattr(trainer, "_last_eval_results", None)  # set by the final evaluation
+    try:
+        cfg = load(args.config_file, args.opts)
+        check_before_run(cfg, training=not args.eval_only, resume=args.resume)
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
+    cfg.freeze()
+    default_setup(cfg, args)
+    for name in loggers:
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    try:
+        if args.eval_only:
+            model = trainer_cls.build_model(cfg)
+            FIBERCheckpointer(
+                model, save_dir=cfg.OUTPUT_DIR, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK
+            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            results = trainer_cls.test(cfg, model)
+            verify_results(cfg, results)
+        else:
+            trainer = trainer_cls(cfg)
+            trainer.resume_or_load(resume=args.resume)
+            trainer.train()
+            results = getattr(trainer, "_last_eval_results", None)  # set by the final evaluation
+    except USER_ERRORS as e:
+        logger.error("%s", one_line(e))
+        raise SystemExit(f"error: {one_line(e)}") from None
     if comm.is_main_process() and results:
         with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(json_safe(results), f, indent=2, allow_nan=False)
     return results
 
 
@@ -81,11 +128,14 @@ def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
         validate_config(load(args.config_file, args.opts), training=not args.eval_only)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessExitedException as e:  # a worker ended with its own "error:" line above
+        sys.exit(f"error: worker process {e.error_index} exited with code {e.exit_code}")

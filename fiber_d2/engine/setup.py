@@ -10,14 +10,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import yaml
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import add_fiber_config
 from .trainer import is_coarse_stage
 
-__all__ = ["ConfigError", "load_config", "validate_config", "tool_image_size"]
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "resolve_config_file",
+    "register_config_datasets",
+    "validate_config",
+    "tool_image_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +59,9 @@ def load_config(
     for add_defaults in extra_defaults:
         cfg = add_defaults(cfg)
     if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config file not found: {config_file}")
+        config_file = resolve_config_file(config_file)
         try:
-            cfg.merge_from_file(config_file)
+            _merge_file(cfg, config_file)
         except KeyError as e:
             raise ConfigError(f"{config_file}: {_key_error_text(e)}") from None
     opts = list(opts or [])
@@ -65,7 +73,108 @@ def load_config(
         raise ConfigError(f"command-line override: {_key_error_text(e)}") from None
     except ValueError as e:
         raise ConfigError(f"command-line override: {e}") from None
+    register_config_datasets(cfg)
     return cfg
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_config_file(config_file: str) -> str:
+    """A config path as given, or relative to the repository (``configs/...`` from any directory),
+    or a model-zoo name (``demo``, ``fiber-b/coco``).
+
+    Raises:
+        ConfigError: none of these exists.
+    """
+    path = os.path.expanduser(config_file)
+    if os.path.isfile(path):
+        return path
+    packaged = _repo_root() / config_file
+    if not os.path.isabs(config_file) and packaged.is_file():
+        return str(packaged)
+    from .. import model_zoo
+
+    if config_file in model_zoo.names():
+        return str(model_zoo.config_path(config_file))
+    raise ConfigError(f"config file not found: {config_file}")
+
+
+def _merge_file(cfg: CfgNode, config_file: str) -> None:
+    """``merge_from_file``; a ``_BASE_`` that is not next to the file may name a repository config
+    (``_BASE_: "configs/Demo/fine_tiny.yaml"`` in a user's yaml anywhere)."""
+    with open(config_file) as f:
+        data = yaml.safe_load(f) or {}
+    base = data.get("_BASE_") if isinstance(data, dict) else None
+    if isinstance(base, str) and not base.startswith(("/", "~", "http://", "https://")):
+        beside = Path(config_file).resolve().parent / base
+        packaged = _repo_root() / base
+        if not beside.is_file() and packaged.is_file():
+            cfg.merge_from_file(str(packaged))
+            data.pop("_BASE_")
+            cfg.merge_from_other_cfg(CfgNode(data))
+            return
+    cfg.merge_from_file(config_file)
+
+
+def register_config_datasets(cfg: CfgNode, *, check_files: bool = False) -> list[str]:
+    """Register the COCO-format sets listed in ``DATASETS.REGISTER`` (see fiber_d2/config.py).
+
+    Each entry is ``[name, json_file, image_root]`` or ``[name, json_file, image_root, prompts]``
+    with ``prompts`` a ``{category name: prompt text}`` override. Registering the same entry twice
+    is a no-op; a name registered by an earlier config is replaced, any other registered name is
+    an error. Files are read only when a dataset is first used; ``check_files`` (done by
+    :func:`validate_config` before a run) checks that they exist.
+
+    Returns:
+        the names registered or already present.
+
+    Raises:
+        ConfigError: a malformed entry, a missing file or folder, a name taken by another dataset.
+    """
+    from ..data.datasets import register_grounding_coco
+
+    names = []
+    for i, item in enumerate(cfg.DATASETS.REGISTER):
+        where = f"DATASETS.REGISTER[{i}]"
+        if not isinstance(item, (list, tuple)) or len(item) not in (3, 4):
+            raise ConfigError(
+                f"{where} must be [name, json_file, image_root] or [..., {{category: prompt}}], "
+                f"got {item!r}"
+            )
+        name, json_file, image_root = (str(v) for v in item[:3])
+        prompts = item[3] if len(item) == 4 else None
+        if prompts is not None and not (
+            isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())
+        ):
+            raise ConfigError(f"{where} ({name}): the prompt override must map names to text")
+        json_file, image_root = os.path.expanduser(json_file), os.path.expanduser(image_root)
+        if check_files and not os.path.isfile(json_file):
+            raise ConfigError(f"{where} ({name}): annotation file not found: {json_file}")
+        if check_files and not os.path.isdir(image_root):
+            raise ConfigError(f"{where} ({name}): image folder not found: {image_root}")
+        json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if meta.get("json_file", None) == json_file and dict(
+                meta.get("category_prompts", {}) or {}
+            ) == dict(prompts or {}):
+                names.append(name)
+                continue
+            if not meta.get("registered_by_config", False):
+                raise ConfigError(
+                    f"{where}: dataset name {name!r} is already registered (with "
+                    f"{meta.get('json_file', 'another loader')}); choose another name"
+                )
+            # a name from an earlier config (another working directory, other files): replace it
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_grounding_coco(name, json_file, image_root, prompt=prompts)
+        MetadataCatalog.get(name).set(registered_by_config=True)
+        names.append(name)
+        logger.debug("registered %s from %s", name, json_file)
+    return names
 
 
 def _key_error_text(e: Exception) -> str:
@@ -82,6 +191,7 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
     names = list(cfg.DATASETS.TEST)
     if training:
         names += list(cfg.DATASETS.TRAIN)
+    register_config_datasets(cfg, check_files=True)
     registered = set(DatasetCatalog.list())
     for name in names:
         if name not in registered:

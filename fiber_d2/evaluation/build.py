@@ -4,8 +4,9 @@ import logging
 from collections.abc import Callable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator
 
+from .coco import FIBERCOCOEvaluator
 from .flickr import FlickrRecallEvaluator
 from .lvis import FixedAPLVISEvaluator
 from .refexp import RefExpEvaluator
@@ -17,8 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def _build_coco(cfg, dataset_name: str, output_folder: str | None) -> DatasetEvaluator:
-    # detectron2's evaluator (pycocotools COCOeval when the compiled fast COCOeval is missing).
-    return COCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",))
+    # detectron2's evaluator (pycocotools COCOeval when the compiled fast COCOeval is missing),
+    # with the exactly-once check and the loaders' box rule.
+    return FIBERCOCOEvaluator(dataset_name, output_dir=output_folder, tasks=("bbox",))
 
 
 def _build_configurable(evaluator_cls) -> Callable:

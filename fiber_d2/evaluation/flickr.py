@@ -5,7 +5,8 @@ Per sentence the predictions are sorted by score and routed to phrases by their 
 list. A phrase is a hit at k when one of its first k boxes has IoU >= 0.5 (no +1) with ANY of its
 ground-truth boxes ("separate" GT mode) or with the box enclosing all of them ("merged" mode).
 Recall@{1, 5, 10} and the "upper bound" (all boxes) are reported overall and per phrase type;
-phrases without boxes are skipped.
+phrases without boxes are skipped. Per-type keys name the type: ``R@1-clothing``. Every record of
+the dataset must be evaluated exactly once (:mod:`.integrity`).
 """
 
 import copy
@@ -18,12 +19,12 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.evaluation.testing import print_csv_format
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import box_iou
 
 from .gather import gather_records
+from .integrity import SeenRecords, json_safe, without_predictions
 
 __all__ = ["FlickrRecallEvaluator", "phrase_hit_rank", "records_by_image_id"]
 
@@ -72,11 +73,14 @@ def phrase_hit_rank(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, iou_thresh
 
 
 def _phrase_types(phrase: dict) -> list[str]:
-    """The phrase's type(s): Flickr30k Entities phrases may carry several."""
+    """The phrase's type name(s): Flickr30k Entities phrases may carry several."""
     types = phrase.get("phrase_type", [])
     if isinstance(types, str):
         types = [types]
-    return [str(t) for t in types]
+    out = []
+    for t in types:  # nested lists (e.g. ["clothing"] per phrase) give their names, not a repr
+        out.extend(_phrase_types({"phrase_type": t}) if isinstance(t, (list, tuple)) else [str(t)])
+    return out
 
 
 class FlickrRecallEvaluator(DatasetEvaluator):
@@ -118,6 +122,7 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._output_dir = output_dir
         self._gt = None
+        self._seen = SeenRecords(dataset_name, "FlickrRecallEvaluator", distributed)
         self.reset()
 
     @classmethod
@@ -131,13 +136,13 @@ class FlickrRecallEvaluator(DatasetEvaluator):
     def reset(self):
         # image_id -> list of (phrase types, rank of first hit or -1), one per phrase with boxes
         self._results = {}
+        self._seen.reset()
 
-    def _record(self, image_id) -> dict:
+    def _record(self, image_id) -> dict | None:
+        """The dataset record, or None for an id not in the dataset (reported by evaluate())."""
         if self._gt is None:
             self._gt = records_by_image_id(self._dataset_name)
-        if image_id not in self._gt:
-            raise KeyError(f"image_id {image_id} is not in dataset '{self._dataset_name}'")
-        return self._gt[image_id]
+        return self._gt.get(image_id)
 
     def process(self, inputs: list[dict], outputs: list[dict]):
         """Score every phrase of every sentence of the batch.
@@ -149,8 +154,12 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         """
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
-            phrases = self._record(image_id).get("phrases", [])
-            instances = out["instances"].to("cpu")
+            self._seen.add(image_id)
+            record = self._record(image_id)
+            if record is None:
+                continue
+            phrases = record.get("phrases", [])
+            instances = without_predictions(inp, out)["instances"].to("cpu")
             # Tie order is UNDETERMINED in the spec; equal scores keep their input order.
             order = torch.sort(instances.scores, descending=True, stable=True).indices
             boxes = instances.pred_boxes.tensor[order].float()
@@ -172,7 +181,13 @@ class FlickrRecallEvaluator(DatasetEvaluator):
         """
         Returns:
             ``OrderedDict(grounding={metric: percent})`` on the main process, ``{}`` elsewhere.
+
+        Raises:
+            EvaluationCoverageError: a record of the dataset not evaluated exactly once.
         """
+        if self._gt is None:
+            self._gt = records_by_image_id(self._dataset_name)
+        self._seen.check(list(self._gt))
         results = gather_records(self._results, self._distributed)
         if results is None:  # not the main process
             return OrderedDict()
@@ -200,8 +215,7 @@ class FlickrRecallEvaluator(DatasetEvaluator):
             PathManager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, "flickr_results.json")
             with PathManager.open(path, "w") as f:
-                json.dump(output, f)
-        print_csv_format(output)
+                json.dump(json_safe(output), f, allow_nan=False)
         return copy.deepcopy(output)
 
     def _recalls(self, ranks: list[int], suffix: str) -> dict:

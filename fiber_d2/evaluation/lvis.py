@@ -21,6 +21,9 @@ from detectron2.evaluation import LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
+from .coco import drop_bad_gt_boxes
+from .integrity import SeenRecords, without_predictions
+
 __all__ = ["FixedAPLVISEvaluator", "keep_topk_per_category"]
 
 logger = logging.getLogger(__name__)
@@ -166,6 +169,11 @@ class FixedAPLVISEvaluator(LVISEvaluator):
         self._fixed_ap = fixed_ap
         self._fixed_ap_topk = fixed_ap_topk
         self._num_buffered = 0
+        self._seen = SeenRecords(dataset_name, "FixedAPLVISEvaluator", distributed)
+        # the loaders' box rule, as in FIBERCOCOEvaluator: training and evaluation see the same boxes
+        api = getattr(self, "_lvis_api", None)
+        if api is not None and drop_bad_gt_boxes(api.dataset, api.imgs, dataset_name):
+            api._create_index()
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: str | None = None) -> dict:
@@ -180,6 +188,8 @@ class FixedAPLVISEvaluator(LVISEvaluator):
     def reset(self):
         super().reset()
         self._num_buffered = 0
+        if hasattr(self, "_seen"):
+            self._seen.reset()
 
     def process(self, inputs: list[dict], outputs: list[dict]):
         """Buffer the detections; with Fixed AP keep compact tensors and prune periodically.
@@ -189,6 +199,9 @@ class FixedAPLVISEvaluator(LVISEvaluator):
             outputs: dicts with "instances" (``pred_boxes`` absolute xyxy at the original image
                 size, ``scores``, ``pred_classes`` contiguous category ids).
         """
+        outputs = [without_predictions(i, o) for i, o in zip(inputs, outputs)]
+        for inp in inputs:
+            self._seen.add(inp["image_id"])
         if not self._fixed_ap:
             super().process(inputs, outputs)
             return
@@ -201,6 +214,15 @@ class FixedAPLVISEvaluator(LVISEvaluator):
         if self._num_buffered > PRUNE_EVERY:
             self._predictions = keep_topk_per_category(self._predictions, self._fixed_ap_topk)
             self._num_buffered = sum(len(p["instances"]) for p in self._predictions)
+
+    def evaluate(self):
+        """detectron2's evaluation, after checking that every record was evaluated once.
+
+        Raises:
+            EvaluationCoverageError: a record of the dataset not evaluated exactly once.
+        """
+        self._seen.check()
+        return super().evaluate()
 
     def _eval_predictions(self, predictions: list[dict]):
         if self._fixed_ap:

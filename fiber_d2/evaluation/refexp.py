@@ -4,6 +4,10 @@ One record per referring expression, with exactly one ground-truth box. All pred
 record are sorted by score (their phrase label is not used, as in MDETR's evaluator); an
 expression is correct at k when the largest generalized IoU (GIoU, not IoU) between one of the
 first k boxes and the GT box is >= 0.5. Accuracy is Precision@1.
+
+Ties are broken as the original (MDETR) evaluator does: predictions are sorted by the tuple
+(score, x1, y1, x2, y2), larger first, so between equal scores the box with the larger coordinates
+wins. Every record of the dataset must be evaluated exactly once (:mod:`.integrity`).
 """
 
 import copy
@@ -15,13 +19,13 @@ from collections import OrderedDict
 import torch
 from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.evaluation.testing import print_csv_format
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import generalized_box_iou
 
 from .flickr import records_by_image_id
 from .gather import gather_records
+from .integrity import SeenRecords, json_safe, without_predictions
 
 __all__ = ["RefExpEvaluator", "refexp_gt_box", "topk_giou_hits"]
 
@@ -54,7 +58,8 @@ def topk_giou_hits(
 ) -> tuple[bool, ...]:
     """Whether any of the k best-scored boxes reaches the GIoU threshold, for each k.
 
-    Equal scores keep their input order (stable sort).
+    Predictions are ranked by (score, x1, y1, x2, y2), larger first: equal scores go to the box
+    with the larger coordinates, as in the original evaluator.
 
     Args:
         pred_boxes: (N, 4) absolute xyxy.
@@ -68,8 +73,9 @@ def topk_giou_hits(
     """
     if len(pred_boxes) == 0:
         return tuple(False for _ in topk)
-    # Tie order is UNDETERMINED in the spec; equal scores keep their input order.
-    order = torch.sort(scores, descending=True, stable=True).indices[: max(topk)]
+    keys = [(s, *b) for s, b in zip(scores.tolist(), pred_boxes.tolist())]
+    ranked = sorted(range(len(keys)), key=keys.__getitem__, reverse=True)
+    order = torch.as_tensor(ranked[: max(topk)], dtype=torch.long)
     giou = generalized_box_iou(pred_boxes[order].float(), gt_box.float()).flatten()
     return tuple(bool((giou[:k] >= threshold).any()) for k in topk)
 
@@ -106,6 +112,7 @@ class RefExpEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._output_dir = output_dir
         self._gt = None
+        self._seen = SeenRecords(dataset_name, "RefExpEvaluator", distributed)
         self.reset()
 
     @classmethod
@@ -114,6 +121,7 @@ class RefExpEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._results = {}  # image_id -> tuple of bools, one per k
+        self._seen.reset()
 
     def process(self, inputs: list[dict], outputs: list[dict]):
         """
@@ -126,10 +134,11 @@ class RefExpEvaluator(DatasetEvaluator):
             self._gt = records_by_image_id(self._dataset_name)
         for inp, out in zip(inputs, outputs):
             image_id = inp["image_id"]
+            self._seen.add(image_id)
             if image_id not in self._gt:
-                raise KeyError(f"image_id {image_id} is not in dataset '{self._dataset_name}'")
+                continue  # reported by evaluate() (every rank raises there, none hangs)
             gt_box = refexp_gt_box(self._gt[image_id])
-            instances = out["instances"].to("cpu")
+            instances = without_predictions(inp, out)["instances"].to("cpu")
             self._results[image_id] = topk_giou_hits(
                 instances.pred_boxes.tensor, instances.scores, gt_box, self._topk, self._threshold
             )
@@ -138,7 +147,13 @@ class RefExpEvaluator(DatasetEvaluator):
         """
         Returns:
             ``OrderedDict(refexp={"P@k": percent})`` on the main process, ``{}`` elsewhere.
+
+        Raises:
+            EvaluationCoverageError: a record of the dataset not evaluated exactly once.
         """
+        if self._gt is None:
+            self._gt = records_by_image_id(self._dataset_name)
+        self._seen.check(list(self._gt))
         results = gather_records(self._results, self._distributed)
         if results is None:  # not the main process
             return OrderedDict()
@@ -155,6 +170,5 @@ class RefExpEvaluator(DatasetEvaluator):
         if self._output_dir:
             PathManager.mkdirs(self._output_dir)
             with PathManager.open(os.path.join(self._output_dir, "refexp_results.json"), "w") as f:
-                json.dump(output, f)
-        print_csv_format(output)
+                json.dump(json_safe(output), f, allow_nan=False)
         return copy.deepcopy(output)

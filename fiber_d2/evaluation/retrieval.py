@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.evaluation.testing import print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
+
+from .integrity import SeenRecords, json_safe
 
 __all__ = ["RetrievalEvaluator", "retrieval_recall"]
 
@@ -156,6 +157,7 @@ class RetrievalEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self.image_ids: list = []
         self.text_to_image = torch.zeros(0, dtype=torch.long)
+        self._seen = SeenRecords(dataset_name, type(self).__name__, distributed)
         self.reset()
 
     @classmethod
@@ -164,6 +166,7 @@ class RetrievalEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._embeddings = {}  # image_id -> (image (D,), texts (k, D)), float32 on the CPU
+        self._seen.reset()
 
     def process(self, inputs: list[dict], outputs: list[dict]):
         """
@@ -189,13 +192,18 @@ class RetrievalEvaluator(DatasetEvaluator):
                     f" {texts.shape[0]} text embeddings"
                 )
             self._embeddings[image_id] = (image, texts)
+            self._seen.add(image_id)
 
     def evaluate(self) -> OrderedDict:
         """
         Returns:
             ``OrderedDict(retrieval={"TR@K", "IR@K", ..., "RSUM"})`` (percent) on the main
             process, ``{}`` elsewhere.
+
+        Raises:
+            EvaluationCoverageError: a record of the dataset not evaluated exactly once.
         """
+        self._seen.check()
         if self._distributed:
             comm.synchronize()
             gathered = comm.gather(self._embeddings, dst=0)
@@ -242,6 +250,5 @@ class RetrievalEvaluator(DatasetEvaluator):
             PathManager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, "retrieval_results.json")
             with PathManager.open(path, "w") as f:
-                json.dump(output, f)
-        print_csv_format(output)
+                json.dump(json_safe(output), f, allow_nan=False)
         return copy.deepcopy(output)

@@ -21,6 +21,9 @@ from fiber_d2.engine.setup import load_config
 ROOT = Path(__file__).resolve().parents[2]
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
+# converted weights run with the original's ITC (the defaults), not the Demo's from-scratch switches
+ORIGINAL_ITC = ["MODEL.COARSE.ITC_TEXT_POOL", "first", "MODEL.COARSE.QUEUE_INIT", "random"]
+ORIGINAL_ITC += ["MODEL.COARSE.ITC_BATCH_NORM", "False"]
 
 
 def tiny_cfg(path, *opts):
@@ -39,7 +42,7 @@ def fine_model():
 def coarse_model():
     """The tiny FIBERCoarse (coarse_tiny.yaml). Tests deep-copy it before loading weights."""
     torch.manual_seed(0)
-    return build_model(tiny_cfg(COARSE_CFG)).eval()
+    return build_model(tiny_cfg(COARSE_CFG, *ORIGINAL_ITC)).eval()
 
 
 # -------------------------------------------------------------------------- inverse key tables

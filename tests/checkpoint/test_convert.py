@@ -369,3 +369,21 @@ def test_fiber_b_released_key_list_converts_completely(originals):
     _, checked = C.convert_fine_state_dict({"model": original}, model_state=model_state)
     assert checked.missing_in_checkpoint == [] and checked.shape_mismatches == []
     assert len(checked.mapped) == 776
+
+
+# ------------------------------------------------------------------------------ caption layout
+def test_caption_layout_keeps_the_adapters_and_maps_the_rest_as_coarse(coarse_model, originals):
+    model_state = coarse_model.state_dict()
+    original, _, _ = originals.make_coarse(model_state, seed=4)
+    adapters = {f"cross_modal_att_layers.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    for key in sorted(adapters):
+        original[key] = torch.randn((128, 256) if key.endswith("weight") else (128,))
+    caption, report = C.convert_caption_state_dict({"state_dict": original})
+    coarse, _ = C.convert_coarse_state_dict({"state_dict": original}, target="coarse")
+    assert set(caption) == set(coarse) | adapters
+    for key in adapters:
+        assert torch.equal(caption[key], original[key])
+    for key in coarse:
+        assert torch.equal(caption[key], coarse[key])
+    assert C.TASK_HEAD in {r for _, r in report.skipped}  # VQA / NLVR2 heads are still dropped
+    assert not any(k.startswith("cross_modal_att_layers.") for k, _ in report.skipped)

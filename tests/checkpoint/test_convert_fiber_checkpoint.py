@@ -12,6 +12,9 @@ tool = load_tool("convert_fiber_checkpoint")
 
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
+# converted weights run with the original's ITC (the defaults), not the Demo's from-scratch switches
+ORIGINAL_ITC = ["MODEL.COARSE.ITC_TEXT_POOL", "first", "MODEL.COARSE.QUEUE_INIT", "random"]
+ORIGINAL_ITC += ["MODEL.COARSE.ITC_BATCH_NORM", "False"]
 
 
 class _NotATensor:
@@ -49,7 +52,9 @@ def test_coarse_checkpoint_end_to_end(coarse_model, fresh, originals, load_file,
     torch.save({"state_dict": original, "epoch": 9, "hyper_parameters": {"image_size": 128}}, src)
 
     # layout detected from the keys, target taken from the config (FIBERCoarse)
-    tool.main(["--input", str(src), "--output", str(out), "--config-file", COARSE_CFG])
+    tool.main(
+        ["--input", str(src), "--output", str(out), "--config-file", COARSE_CFG, *ORIGINAL_ITC]
+    )
     assert "ITC queue" in capsys.readouterr().out
     info = torch.load(out, weights_only=True)["__fiber_d2__"]
     assert (info["stage"], info["target"], info["entry"]) == ("coarse", "coarse", "state_dict")
@@ -118,3 +123,24 @@ def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path
     with pytest.raises(SystemExit, match="must differ"):
         tool.main(["--input", str(src), "--output", str(src)])
     assert not Path(out).exists()
+
+
+def test_caption_checkpoint_end_to_end(coarse_model, originals, tmp_path):
+    original, expected, _ = originals.make_coarse(coarse_model.state_dict(), seed=17)
+    original["cross_modal_att_layers.0.weight"] = torch.randn(128, 256)
+    original["cross_modal_att_layers.0.bias"] = torch.randn(128)
+    src, out = tmp_path / "fiber_coco_caption.ckpt", tmp_path / "caption_d2.pth"
+    torch.save({"state_dict": original, "epoch": 9}, src)
+    tool.main(["--input", str(src), "--output", str(out), "--target", "caption"])
+    saved = torch.load(out, weights_only=True)
+    assert saved["__fiber_d2__"]["target"] == "caption"
+    model = saved["model"]
+    assert torch.equal(
+        model["cross_modal_att_layers.0.weight"], original["cross_modal_att_layers.0.weight"]
+    )
+    assert torch.equal(model["image_norm.weight"], expected["image_norm.weight"])
+    with pytest.raises(SystemExit, match="no --config-file"):
+        tool.main(
+            ["--input", str(src), "--output", str(out), "--target", "caption"]
+            + ["--config-file", COARSE_CFG]
+        )

@@ -5,8 +5,9 @@ import json
 import logging
 
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BoxMode
+from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
 import fiber_d2.data  # noqa: F401  (registers the builtin datasets)
@@ -19,6 +20,7 @@ from fiber_d2.data.datasets import (
     register_mdetr_grounding,
 )
 from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.evaluation import FlickrRecallEvaluator
 
 _ids = itertools.count()
 
@@ -67,10 +69,11 @@ def test_grounding_coco_loader(tmp_path, caplog, shapes_tokenizer):
     assert meta.evaluator_type == "coco" and meta.fiber_task == "detection"
     with caplog.at_level(logging.WARNING):
         records = DatasetCatalog.get(name)
-    # the far-outside box skips its record with a warning naming it; the missing image is
-    # only noticed by the mapper
-    assert [r["image_id"] for r in records] == [10, 11]
-    assert "bad_box.jpg" in caplog.text and "skipped 1 of 3" in caplog.text
+    # the far-outside box is dropped with a counted warning naming the file, its image kept;
+    # the missing image is only noticed by the mapper
+    assert [r["image_id"] for r in records] == [10, 11, 12]
+    assert records[2]["annotations"] == []
+    assert "bad_box.jpg" in caplog.text and "dropped 1 bad annotation(s)" in caplog.text
     assert meta.thing_classes == ["café_table", "Äpfel (grün)", "人"]
     assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 5: 1, 9: 2}
     assert meta.category_prompts == {"人": "person"}
@@ -93,7 +96,7 @@ def test_grounding_coco_loader(tmp_path, caplog, shapes_tokenizer):
 
 def test_grounding_coco_all_bad_raises(tmp_path):
     data = coco_json(tmp_path)
-    data["images"] = data["images"][2:]
+    data["images"] = [{"id": 12, "file_name": "no_size.jpg", "height": 0, "width": 0}]
     data["annotations"] = data["annotations"][3:]
     name = unique("coco_bad")
     register_grounding_coco(name, write(tmp_path / "bad.json", data), str(tmp_path))
@@ -321,3 +324,27 @@ def test_mark_detection_dataset_wraps_the_loader():
     (out,) = DatasetCatalog.get(name)
     assert out["task"] == "detection" and out["dataset_name"] == name
     assert not mark_detection_dataset(unique("absent"))
+
+
+def test_flickr_phrase_types_are_names_and_keys(tmp_path):
+    """MDETR's per-phrase type lists become names, so the evaluator's keys read R@1-clothing."""
+    data = flickr_json()
+    data["images"][0]["phrase_types"] = [["people"], ["clothing"], ["animals"], ["people"]]
+    name = unique("flickr_types")
+    register_mdetr_grounding(name, write(tmp_path / "f.json", data), str(tmp_path), "grounding")
+    record = DatasetCatalog.get(name)[0]
+    assert [p["phrase_type"] for p in record["phrases"]] == [
+        "people",
+        "clothing",
+        "animals",
+        "people",
+    ]
+    ev = FlickrRecallEvaluator(name, distributed=False)
+    inst = Instances((333, 500))
+    inst.pred_boxes = Boxes(torch.zeros(0, 4))
+    inst.scores = torch.zeros(0)
+    inst.pred_classes = torch.zeros(0, dtype=torch.long)
+    ev.process([{"image_id": record["image_id"]}], [{"instances": inst}])
+    keys = set(ev.evaluate()["grounding"])
+    assert {"R@1-clothing", "R@1-people", "R@1-animals"} <= keys
+    assert not any("[" in k or "'" in k for k in keys)

@@ -15,6 +15,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from fiber_d2.config import add_fiber_config
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
 from fiber_d2.text import prompt_token_lengths
 
@@ -260,6 +261,9 @@ def test_caption_mapper(shapes_tokenizer, det_image, tmp_path):
     )
     assert out["input_ids"].shape == (2, 16) and "mlm_input_ids" not in out
     assert tok.decode(out["input_ids"][1], skip_special_tokens=True) == "two boxes"
-    assert evaluation({"file_name": det_image, "caption": " "}) is None
-    assert evaluation({"file_name": str(tmp_path / "nope.png"), "caption": "x"}) is None
-    assert evaluation.bad.skipped == 2
+    # at test time a bad record is an error naming it, never a skipped (substituted) record
+    with pytest.raises(BadRecordError, match="empty caption"):
+        evaluation({"file_name": det_image, "caption": " "})
+    with pytest.raises(BadRecordError, match="nope.png"):
+        evaluation({"file_name": str(tmp_path / "nope.png"), "caption": "x"})
+    assert evaluation.bad.skipped == 0

@@ -7,6 +7,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.flickr import FlickrRecallEvaluator, phrase_hit_rank
 
 NAME = "fiber_test_flickr_eval"
@@ -42,13 +43,18 @@ RECORDS = [
 ]
 
 
+ONE = NAME + "_one"  # image 1 only
+
+
 @pytest.fixture(autouse=True)
 def registered():
-    DatasetCatalog.register(NAME, lambda: RECORDS)
-    MetadataCatalog.get(NAME).set(evaluator_type="flickr")
+    for name, records in ((NAME, RECORDS), (ONE, RECORDS[:1])):
+        DatasetCatalog.register(name, lambda records=records: records)
+        MetadataCatalog.get(name).set(evaluator_type="flickr")
     yield
-    DatasetCatalog.remove(NAME)
-    MetadataCatalog.remove(NAME)
+    for name in (NAME, ONE):
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def _instances(dets, size=(200, 200)):
@@ -131,7 +137,7 @@ def test_ties_keep_input_order():
     # Two boxes for phrase 0 of image 1 with the same score; the first one given is a miss.
     record = {"image_id": 1}
     dets = [(0.9, 0, MISS), (0.9, 0, [0, 0, 10, 10])]
-    ev = FlickrRecallEvaluator(NAME, distributed=False, topk=(1, 2))
+    ev = FlickrRecallEvaluator(ONE, distributed=False, topk=(1, 2))
     ev.process([record], [{"instances": _instances(dets)}])
     res = ev.evaluate()["grounding"]
     # Phrases of image 1: 0 (rank 1 now), 1 and 3 (no predictions) -> R@1 0, R@2 1/3.
@@ -145,9 +151,9 @@ def test_separate_vs_merged_gt():
     # Phrase 1 of image 1 has GT boxes [20,20,30,30] and [50,50,60,60]; enclosing [20,20,60,60].
     dets = [(0.9, 1, [20, 20, 60, 58]), (0.8, 1, [50, 50, 60, 60])]
     outputs = [{"instances": _instances(dets)}]
-    separate = FlickrRecallEvaluator(NAME, distributed=False, gt_type="separate")
+    separate = FlickrRecallEvaluator(ONE, distributed=False, gt_type="separate")
     separate.process([{"image_id": 1}], outputs)
-    merged = FlickrRecallEvaluator(NAME, distributed=False, gt_type="merged")
+    merged = FlickrRecallEvaluator(ONE, distributed=False, gt_type="merged")
     merged.process([{"image_id": 1}], outputs)
     # separate: 1st box IoU 100/1520 and 80/1540 -> miss, 2nd box = 2nd GT -> rank 1.
     # merged: 1st box IoU 1520/1600 -> rank 0; the 2nd box (IoU 100/1600) would miss.
@@ -160,15 +166,21 @@ def test_errors():
     with pytest.raises(ValueError, match="gt_type"):
         FlickrRecallEvaluator(NAME, gt_type="any")
     ev = FlickrRecallEvaluator(NAME, distributed=False)
-    with pytest.raises(KeyError, match="image_id 99"):
-        ev.process([{"image_id": 99}], [{"instances": _instances([])}])
+    ev.reset()
+    ev.process([{"image_id": 99}], [{"instances": _instances([])}])
+    with pytest.raises(EvaluationCoverageError, match="not in the dataset .image_id 99"):
+        ev.evaluate()
     with pytest.raises(KeyError, match="not registered"):
         FlickrRecallEvaluator("fiber_no_such_dataset", distributed=False).process(
             [{"image_id": 1}], [{"instances": _instances([])}]
         )
 
 
-def test_copypaste_lines_are_logged():
+def test_copypaste_lines_are_left_to_the_trainer():
+    """The evaluator logs no copypaste lines (detectron2's trainer prints them once per dataset);
+    printed from its results, the per-type keys are left out."""
+    from detectron2.evaluation.testing import print_csv_format
+
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -179,7 +191,9 @@ def test_copypaste_lines_are_logged():
     try:
         ev = FlickrRecallEvaluator(NAME, distributed=False)
         ev.process(*_predictions())
-        ev.evaluate()
+        results = ev.evaluate()
+        assert records == []
+        print_csv_format(results)
     finally:
         target.removeHandler(handler)
         target.setLevel(old_level)
@@ -187,3 +201,5 @@ def test_copypaste_lines_are_logged():
     assert lines[0] == "copypaste: Task: grounding"
     assert lines[1] == "copypaste: R@1,R@5,R@10,upper_bound"  # per-type keys are left out
     assert lines[2] == "copypaste: 33.3333,50.0000,66.6667,83.3333"
+    assert len(lines) == 3
+    assert "R@1-clothing" in results["grounding"] and "R@1-people" in results["grounding"]

@@ -1,6 +1,7 @@
 """LVIS Fixed AP: per-category top-k over the dataset, no per-image cap, on a tiny LVIS json."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def _lvis_json(path):
 @pytest.fixture()
 def registered(tmp_path):
     json_file = _lvis_json(tmp_path / "lvis_tiny.json")
-    DatasetCatalog.register(NAME, lambda: [])
+    DatasetCatalog.register(NAME, lambda: [{"image_id": i} for i in (1, 2, 3)])
     MetadataCatalog.get(NAME).set(json_file=json_file, evaluator_type="lvis")
     yield NAME
     DatasetCatalog.remove(NAME)
@@ -152,3 +153,28 @@ def test_bad_arguments(registered):
         FixedAPLVISEvaluator(registered, fixed_ap=True, max_dets_per_image=300)
     with pytest.raises(ValueError, match="fixed_ap_topk"):
         FixedAPLVISEvaluator(registered, fixed_ap=True, fixed_ap_topk=0)
+
+
+def test_bad_ground_truth_box_is_dropped_as_the_loader_does(tmp_path, caplog, registered):
+    """A box outside its image is dropped from the LVIS ground truth (counted warning), so it is not
+    scored as a miss; the image's other boxes stay."""
+    json_file = tmp_path / "lvis_bad_box.json"
+    _lvis_json(json_file)
+    data = json.loads(json_file.read_text())
+    data["annotations"].append(
+        {"id": 5, "image_id": 2, "category_id": 2, "bbox": [2000.0, 5.0, 9.0, 9.0], "area": 81.0}
+    )
+    json_file.write_text(json.dumps(data))
+    name = NAME + "_bad_box"
+    DatasetCatalog.register(name, lambda: [{"image_id": i} for i in (1, 2, 3)])
+    MetadataCatalog.get(name).set(json_file=str(json_file), evaluator_type="lvis")
+    try:
+        with caplog.at_level(logging.WARNING):
+            ev = FixedAPLVISEvaluator(name, distributed=False, fixed_ap=False)
+        assert "1 ground-truth box(es) dropped" in caplog.text and "2.jpg" in caplog.text
+        assert sorted(a["id"] for a in ev._lvis_api.dataset["annotations"]) == [1, 2, 3, 4]
+        clean = FixedAPLVISEvaluator(registered, distributed=False, fixed_ap=False)
+        assert _run(ev)["AP"] == pytest.approx(_run(clean)["AP"])
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

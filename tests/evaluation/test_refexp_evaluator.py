@@ -5,6 +5,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.refexp import RefExpEvaluator, topk_giou_hits
 
 NAME = "fiber_test_refexp_eval"
@@ -29,16 +30,21 @@ def _record(image_id, boxes=(GT,)):
     return {"image_id": image_id, "caption": "the dog", "task": "refexp", "phrases": [phrase]}
 
 
-RECORDS = [_record(i) for i in range(1, 6)] + [_record(9, boxes=(GT, MISS))]
+RECORDS = [_record(i) for i in range(1, 6)]
+ONE = NAME + "_one"  # record 1 only
+BAD = NAME + "_bad"  # record 9 has two GT boxes
 
 
 @pytest.fixture(autouse=True)
 def registered():
-    DatasetCatalog.register(NAME, lambda: RECORDS)
-    MetadataCatalog.get(NAME).set(evaluator_type="refexp")
+    sets = {NAME: RECORDS, ONE: RECORDS[:1], BAD: [_record(9, boxes=(GT, MISS))]}
+    for name, records in sets.items():
+        DatasetCatalog.register(name, lambda records=records: records)
+        MetadataCatalog.get(name).set(evaluator_type="refexp")
     yield
-    DatasetCatalog.remove(NAME)
-    MetadataCatalog.remove(NAME)
+    for name in sets:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def _instances(dets):
@@ -81,23 +87,34 @@ def test_perfect_and_empty():
     ev = RefExpEvaluator(NAME, distributed=False)
     ev.process([{"image_id": i} for i in range(1, 6)], [{"instances": _instances([(0.3, GT)])}] * 5)
     assert ev.evaluate()["refexp"] == {"P@1": 100.0, "P@5": 100.0, "P@10": 100.0}
-    ev.reset()
+    ev = RefExpEvaluator(ONE, distributed=False)
     ev.process([{"image_id": 1}], [{"instances": _instances([])}])
     assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@5": 0.0, "P@10": 0.0}
 
 
-def test_ties_keep_input_order():
-    ev = RefExpEvaluator(NAME, distributed=False, topk=(1, 2))
-    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, MISS), (0.5, GT)])}])
+def test_ties_go_to_the_larger_box_as_in_the_original():
+    # equal scores: sorted by (score, x1, y1, x2, y2), larger first -> MISS (50, ...) before GT
+    ev = RefExpEvaluator(ONE, distributed=False, topk=(1, 2))
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, GT), (0.5, MISS)])}])
     assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@2": 100.0}
     ev.reset()
-    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, GT), (0.5, MISS)])}])
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, MISS), (0.5, GT)])}])
+    assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@2": 100.0}  # input order does not matter
+    ev.reset()
+    low = [0.0, 0.0, 10.0, 9.0]  # same x1, y1, x2 as GT, smaller y2: GT wins the tie
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.5, low), (0.5, GT)])}])
     assert ev.evaluate()["refexp"]["P@1"] == 100.0
+    hits = topk_giou_hits(
+        torch.tensor([GT, MISS]), torch.tensor([0.6, 0.5]), torch.tensor([GT]), topk=(1,)
+    )
+    assert hits == (True,)  # a higher score wins over larger coordinates
 
 
 def test_errors():
-    ev = RefExpEvaluator(NAME, distributed=False)
+    ev = RefExpEvaluator(BAD, distributed=False)
     with pytest.raises(ValueError, match="record 9 must have exactly 1 GT box, has 2"):
         ev.process([{"image_id": 9}], [{"instances": _instances([])}])
-    with pytest.raises(KeyError, match="image_id 77"):
-        ev.process([{"image_id": 77}], [{"instances": _instances([])}])
+    ev.reset()
+    ev.process([{"image_id": 77}], [{"instances": _instances([])}])
+    with pytest.raises(EvaluationCoverageError, match="not in the dataset .image_id 77"):
+        ev.evaluate()

@@ -2,12 +2,10 @@
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from two_ranks import run_two_ranks
 
 from fiber_d2.evaluation.retrieval import RetrievalEvaluator, retrieval_recall
 
@@ -164,25 +162,17 @@ def test_evaluator_rerank_hook_and_errors():
         )
 
 
-def _gather_worker(rank: int, init_file: str, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        inputs, outputs = _outputs([0, 1, 2, 3], swap=(0, 1))
-        ev = RetrievalEvaluator("toy", distributed=True)
-        ev.reset()
-        mine = [rank, rank + 2]  # rank 0: images 0, 2; rank 1: images 1, 3
-        ev.process([inputs[i] for i in mine], [outputs[i] for i in mine])
-        res = ev.evaluate()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(res, f)
-    finally:
-        dist.destroy_process_group()
+def _gather(rank: int):
+    inputs, outputs = _outputs([0, 1, 2, 3], swap=(0, 1))
+    ev = RetrievalEvaluator("toy", distributed=True)
+    ev.reset()
+    mine = [rank, rank + 2]  # rank 0: images 0, 2; rank 1: images 1, 3
+    ev.process([inputs[i] for i in mine], [outputs[i] for i in mine])
+    return ev.evaluate()
 
 
 def test_two_process_gather(tmp_path):
-    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    rank0, rank1 = run_two_ranks(_gather, tmp_path)
     assert rank1 == {}
     single = RetrievalEvaluator("toy", distributed=False)
     single.process(*_outputs([0, 1, 2, 3], swap=(0, 1)))

@@ -299,3 +299,67 @@ def test_sampling_deform_conv_equals_torchvision(stride, size):
     g_got = torch.autograd.grad(got.square().sum(), [x, off, m, wt, b])
     for a, c in zip(g_got, g_ref):
         torch.testing.assert_close(a, c)
+
+
+def _deform_inputs(seed: int, stride: int, offset_size=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 9, 8, generator=g)
+    out_hw = offset_size or ((9 - 1) // stride + 1, (8 - 1) // stride + 1)
+    offset = 1.5 * torch.randn(2, 18, *out_hw, generator=g)
+    mask = torch.rand(2, 9, *out_hw, generator=g)
+    weight = torch.randn(5, 6, 3, 3, generator=g)
+    bias = torch.randn(5, generator=g)
+    return x, offset, mask, weight, bias
+
+
+@pytest.mark.parametrize("stride,offset_size", [(1, None), (2, None), (1, (6, 7))])
+def test_recomputed_deform_conv_matches_the_sampling_path_and_its_gradients(stride, offset_size):
+    """The memory-saving Function gives the sampling path's outputs and gradients (1e-6)."""
+    base = _deform_inputs(3, stride, offset_size if stride == 1 else None)
+    if offset_size is not None:  # larger offset map than the output: the buffer-prefix read
+        x, offset, mask, weight, bias = base
+        base = (x[:, :, :5, :6], offset, mask, weight, bias)  # output (5, 6) < offset (6, 7)
+    results = []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in base]
+        out = modulated_deform_conv3x3(*leaves, stride=stride, recompute=recompute)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    names = ["out", "x", "offset", "mask", "weight", "bias"]
+    for name, a, b in zip(names, *results):
+        assert b is not None, name
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
+    assert results[1][2].abs().sum() > 0  # the offsets do receive gradient
+
+
+def test_recomputed_deform_conv_saves_only_its_inputs():
+    """The graph keeps the 4 inputs, not the (B, C, 9, h, w) samples."""
+    x, offset, mask, weight, bias = [t.requires_grad_(True) for t in _deform_inputs(4, 1)]
+    sample_numel = x.shape[0] * x.shape[1] * 9 * x.shape[2] * x.shape[3]
+    for recompute, keeps_samples in ((False, True), (True, False)):
+        saved: list[torch.Tensor] = []
+
+        def pack(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            modulated_deform_conv3x3(x, offset, mask, weight, bias, recompute=recompute)
+        largest = max(t.numel() for t in saved)
+        assert (largest >= sample_numel) == keeps_samples
+
+
+def test_dyhead_recompute_switch_keeps_outputs_and_grads():
+    torch.manual_seed(6)
+    heads = [DyHead(channels=8, num_convs=2, num_groups=4, recompute_dfconv=r) for r in (0, 1)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    assert not heads[0][0].DyConv[1].conv.recompute and heads[1][0].DyConv[1].conv.recompute
+    base = [torch.randn(1, 8, h, w) for h, w in [(6, 5), (3, 3), (2, 2)]]
+    results = []
+    for model in heads:
+        feats = [b.clone().requires_grad_(True) for b in base]
+        out = model(feats)
+        sum((o * (i + 1)).sum() for i, o in enumerate(out)).backward()
+        results.append(out + [f.grad for f in feats] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)

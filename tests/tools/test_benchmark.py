@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 from tool_scripts import load_tool
 
+from fiber_d2 import add_fiber_config
 from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
 from fiber_d2.data.shapes import build_shapes_tokenizer
 from fiber_d2.engine.setup import load_config
@@ -57,7 +59,7 @@ def _run(capsys, argv):
 @pytest.mark.parametrize(
     "config,task,batch,size,extra_keys",
     [
-        (FINE, "train", 2, (70, 100), {"fwd_ms_median", "bwd_ms_median", "step_ms_median", "loss"}),
+        (FINE, "train", 2, (70, 100), {"fwd_ms_median", "bwd_ms_median", "fwd_bwd_peak_mem_mb"}),
         (FINE, "inference", 1, (70, 100), {"outputs"}),
         (FINE, "backbone", 1, (70, 100), {"fwd_bwd_ms_median", "tokens_per_s"}),
         (COARSE, "train", 2, (64, 64), {"fwd_ms_median", "loss", "trainable_params", "ema"}),
@@ -237,3 +239,41 @@ def test_speed_targets_apply_only_to_reference_runs():
     for extra in (["--height", "64"], ["--amp"], ["--batch", "2"], ["MODEL.SEED", "1"]):
         assert target("--task", "train", *extra) is None, extra
     assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
+
+
+@pytest.mark.parametrize("task", ["lvis-eval", "train"])
+def test_reference_prints_both_runs_and_their_ratio(capsys, task):
+    argv = ["--config-file", FINE, "--task", task, "--device", "cpu", "--iters", "1"]
+    argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
+    argv += ["--names", "25", "--chunk", "10", "--boxes", "2", *SMALL]
+    result = bench.main(argv)
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [ln["variant"] for ln in lines] == ["reference", "improved", "ratio"]
+    ref, new, ratio = lines
+    assert result == {"reference": ref, "improved": new, "ratio": ratio}
+    assert ratio["speedup"] == round(ref["ms_median"] / new["ms_median"], 3)
+    assert ratio["peak_mem_ratio"] == round(new["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9), 3)
+    assert ratio["overrides"] == bench.REFERENCE_OVERRIDES
+    if task == "lvis-eval":
+        assert ref["chunks"] == new["chunks"] == 3 and ref["names"] == 25
+        assert ref["outputs"] == new["outputs"]  # the same detections either way
+
+
+def test_reference_cfg_switches_every_feature_off():
+    cfg = load_config(FINE, [])
+    ref = bench.reference_cfg(cfg)
+    assert ref.INPUT.PAD_TO_MAX_QUERY_LEN and not ref.TEST.PREFIX_REUSE
+    assert not ref.MODEL.DYHEAD.DFCONV_RECOMPUTE
+    defaults = add_fiber_config(get_cfg())  # the package defaults: features on
+    assert not defaults.INPUT.PAD_TO_MAX_QUERY_LEN and defaults.TEST.PREFIX_REUSE
+    assert defaults.MODEL.DYHEAD.DFCONV_RECOMPUTE
+
+
+def test_chunked_prompts_follow_the_lvis_chunking():
+    cfg = load_config(FINE, [])
+    ids, mask, maps = bench.chunked_prompts(cfg, 25, 10, torch.Generator().manual_seed(0))
+    t = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    assert ids.shape == (3, t) and maps.shape == (3, 10, t)
+    assert maps.sum(dim=(1, 2)).tolist() == [20, 20, 10]  # two tokens per name
+    assert mask.sum(dim=1).tolist() == [32, 32, 17]  # <s> 3 per name </s> (the last "." kept)
+    assert not (maps & (mask[:, None, :] == 0)).any()

@@ -1,5 +1,6 @@
 """tools/demo.py run in-process: one drawn image per input, thresholds, prompts, one-line errors."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_glob_prompt_writes_one_drawn_image_per_input(inputs, weights, tmp_path,
             "--input", str(inputs / "*.png"),
             "--prompt", "red circle. blue square.",
             "--output", str(out),
-            "--confidence-threshold", "0.0",
+            "--confidence-threshold", "0.0", "--scale", "1",
             "--opts", *OPTS, "MODEL.WEIGHTS", weights,
         ]
     )  # fmt: skip
@@ -83,7 +84,7 @@ def test_caption_phrases_and_high_threshold_leave_image_unchanged(inputs, tmp_pa
             "--caption", "a red circle left of a blue square",
             "--phrases", "red circle", "blue square",
             "--output", str(out),
-            "--confidence-threshold", "1.01",
+            "--confidence-threshold", "1.0", "--scale", "1",
             "--opts", *OPTS,
         ]
     )  # fmt: skip
@@ -119,3 +120,88 @@ def test_phrases_need_a_caption(inputs):
     with pytest.raises(SystemExit) as e:
         demo.main(["--input", str(inputs / "a.png"), "--prompt", "circle", "--phrases", "circle"])
     assert e.value.code == 2  # argparse usage error
+
+
+@pytest.fixture
+def folder_with_corrupt_image(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"a.png": (61, 83), "c.jpg": (40, 52), "d.png": (70, 66)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_folder_with_a_corrupt_image_batches_and_writes_json(
+    folder_with_corrupt_image, weights, tmp_path, capsys, monkeypatch
+):
+    from fiber_d2.modeling.meta_arch.fiber import FIBER
+
+    batches = []
+    forward = FIBER.forward
+    monkeypatch.setattr(
+        FIBER, "forward", lambda self, x: batches.append(len(x)) or forward(self, x)
+    )
+    out, js = tmp_path / "out", tmp_path / "res" / "results.json"
+    written = demo.main(
+        [
+            "--config-file", CFG, "--input", str(folder_with_corrupt_image),
+            "--prompt", "red circle. blue square", "--output", str(out), "--json", str(js),
+            "--batch-size", "2", "--threshold", "0.0", "--device", "cpu",
+            "--opts", *OPTS, "MODEL.WEIGHTS", weights,
+        ]
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.jpg", "d.png"]
+    assert len(written) == 3
+    assert batches == [1, 2]  # a.png (b.png skipped) then c.jpg + d.png in one pass
+    for name in ("a.png", "d.png"):
+        assert min(Image.open(out / name).size) >= 512  # small images upscaled for reading
+    records = json.loads(js.read_text())
+    assert {r["file_name"] for r in records} == {"a.png", "c.jpg", "d.png"}
+    assert all(r["label"] in ("red circle", "blue square") for r in records)
+    assert all(len(r["bbox"]) == 4 and 0 <= r["score"] <= 1 for r in records)
+    assert {r["image_id"] for r in records} == {1, 3, 4}
+    text = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s)" in text and "b.png" in text
+
+
+def test_runs_from_another_directory_with_relative_config(inputs, weights, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "tools" / "demo.py"),
+            "--config-file", "configs/Demo/fine_tiny.yaml", "--input", str(inputs / "a.png"),
+            "--prompt", "circle", "--json", "r.json", "--opts", *OPTS, "MODEL.WEIGHTS", weights,
+        ],
+        cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["r.json"]
+    assert "ETA" in proc.stderr or "<" in proc.stderr  # tqdm's progress bar with remaining time
+    assert "torch.jit.script" not in proc.stderr  # fvcore's import warning is filtered
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--threshold", "1.5"], "--threshold must be in [0, 1]"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--weights", "fiber-b/cocoo"], "known names: demo"),
+        (["--weights", "fiber-b/coco"], "model_0072500.pth"),
+    ],
+)
+def test_bad_options_are_one_line(inputs, tmp_path, extra, needle, monkeypatch):
+    monkeypatch.setenv("FIBER_D2_HOME", str(tmp_path / "home"))
+    args = ["--input", str(inputs / "a.png"), "--prompt", "circle", *extra]
+    with pytest.raises(SystemExit) as e:
+        demo.main(args)
+    message = str(e.value.code)
+    assert message.startswith("error:") and needle in message and "\n" not in message

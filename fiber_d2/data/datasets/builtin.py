@@ -18,6 +18,8 @@ lvis_v1_minival, lvis_v1_       coco/annotations/lvis_v1_minival_inserted_  lvis
 od_val (MDETR's LVIS subsets)   image_name.json, .../lvis_od_val.json
 coco_caption_karpathy_{train,   coco/annotations/dataset_coco.json          retrieval
 val,test}                       (Karpathy; train = train + val splits)
+f30k_caption_karpathy_{train,   flickr30k/annotations/dataset_flickr30k     retrieval
+val,test}                       .json (images: flickr30k/flickr30k-images)
 shapes_{train,val}_{det,        the generated shapes world                  coco, flickr,
 grounding,refexp,captions}                                                  refexp,
                                                                             retrieval
@@ -109,6 +111,7 @@ def register_all_builtin(root: Optional[str] = None) -> None:
     Args:
         root: datasets root (default ``$DETECTRON2_DATASETS`` or ``datasets``).
     """
+    explicit_root = root is not None
     root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
 
     def p(*parts: str) -> str:
@@ -163,5 +166,19 @@ def register_all_builtin(root: Optional[str] = None) -> None:
         ("coco_caption_karpathy_test", ("test",), False),
     ):
         register_captions(name, karpathy, p("coco"), splits=splits, one_per_caption=per_caption)
+    f30k = p("flickr30k", "annotations", "dataset_flickr30k.json")
+    for name, splits, per_caption in (
+        ("f30k_caption_karpathy_train", ("train", "val"), True),
+        ("f30k_caption_karpathy_val", ("val",), False),
+        ("f30k_caption_karpathy_test", ("test",), False),
+    ):
+        register_captions(
+            name,
+            f30k,
+            p("flickr30k", "flickr30k-images"),
+            splits=splits,
+            one_per_caption=per_caption,
+        )
 
-    register_shapes(os.path.join(root, "shapes"))
+    # generated data: $FIBER_D2_HOME/shapes unless a datasets root is given or set
+    register_shapes(os.path.join(root, "shapes") if explicit_root else str(shapes_root()))

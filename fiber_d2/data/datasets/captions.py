@@ -9,7 +9,8 @@ Accepted files:
 * official COCO captions json: ``images[]`` (``id``, ``file_name``, size) and
   ``annotations[]`` (``image_id``, ``caption``).
 
-Captions are stripped and de-duplicated per image (coarse spec 4). Records::
+Captions are stripped and de-duplicated per image (coarse spec 4); empty captions are skipped and
+counted (one warning with the total). Records::
 
     {"file_name", "image_id", "height"?, "width"?, "task": "caption", "dataset_name",
      "caption": str}             # one_per_caption=True (training: one sample per caption)
@@ -106,6 +107,7 @@ def load_captions(
     items = _read_jsonl(path) if path.endswith(".jsonl") else _from_json(path)
     bad = RecordFilter(dataset_name, path)
     records = []
+    empty = 0  # empty caption strings dropped
     for index, item in enumerate(items):
         if splits is not None and item.get("split") not in splits:
             continue
@@ -116,6 +118,7 @@ def load_captions(
         raw = item.get("captions", item.get("caption"))
         raw = [raw] if isinstance(raw, str) else list(raw or [])
         captions = list(dict.fromkeys(c.strip() for c in raw if isinstance(c, str) and c.strip()))
+        empty += sum(1 for c in raw if not (isinstance(c, str) and c.strip()))
         if not captions:
             bad.skip(what, "empty caption")
             continue
@@ -134,6 +137,8 @@ def load_captions(
             )
         else:
             records.append({**base, "captions": captions})
+    if empty:
+        logger.warning("%s: skipped %d empty captions (%s)", dataset_name, empty, path)
     return bad.finish(records)
 
 

@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 def finish_detection_records(
     records: List[dict], dataset_name: str, source: str = ""
 ) -> List[dict]:
-    """Tag detectron2 detection dicts for fiber_d2 and drop bad records.
+    """Tag detectron2 detection dicts for fiber_d2, drop bad boxes and bad records.
 
-    A record is bad when it has no file name or size, or a box outside its image
-    (:func:`box_problem`); each is skipped with a warning.
+    A record is skipped (with a warning) when it has no file name or size. A box that is not
+    usable (:func:`box_problem`: not finite, empty, outside the image or far beyond it) is dropped
+    with a counted warning naming the file, and the image is kept with its other boxes; the COCO
+    evaluator drops the same boxes from its ground truth.
 
     Args:
         records: detectron2 dataset dicts (``annotations`` with ``bbox``/``bbox_mode``).
@@ -49,15 +51,20 @@ def finish_detection_records(
         if not r.get("file_name") or not r.get("width") or not r.get("height"):
             bad.skip(what, "missing file_name, width or height")
             continue
-        problem = None
+        annotations, problems = [], []
         for a in r.get("annotations", []):
-            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
-            problem = box_problem(box, r["width"], r["height"])
+            try:
+                box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
+                problem = box_problem(box, r["width"], r["height"])
+            except (KeyError, TypeError, ValueError) as e:
+                problem = f"unusable bbox ({e!r})"
             if problem:
-                break
-        if problem:
-            bad.skip(what, problem)
-            continue
+                problems.append(problem)
+            else:
+                annotations.append(a)
+        if problems:
+            bad.drop(what, len(problems), problems[0])
+            r["annotations"] = annotations
         r["task"] = "detection"
         r["dataset_name"] = dataset_name
         kept.append(r)

@@ -58,10 +58,19 @@ def _overlap(a: List[List[int]], b: List[List[int]]) -> bool:
     return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
 
 
+def _type_names(value) -> Union[str, List[str]]:
+    """A phrase's type as names: "clothing", or a list of names for several (never a repr)."""
+    if isinstance(value, (list, tuple)):
+        names = [str(v) for v in value]
+        return names[0] if len(names) == 1 else names
+    return str(value)
+
+
 def _convert_entry(
-    entry: dict, anns: List[dict], image_root: ImageRoot, task: str
+    entry: dict, anns: List[dict], image_root: ImageRoot, task: str, dropped: List[str]
 ) -> Tuple[Optional[dict], Optional[str]]:
-    """One MDETR image entry -> (record, None) or (None, reason it is bad)."""
+    """One MDETR image entry -> (record, None) or (None, reason it is bad); the reasons of
+    annotations dropped from a kept entry are appended to ``dropped``."""
     caption = entry.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         return None, "empty caption"
@@ -80,7 +89,7 @@ def _convert_entry(
                 "text": " ".join(caption[s:e] for s, e in spans),
                 "tokens_positive": spans,
                 "boxes": [],
-                "phrase_type": str(phrase_types[k]) if k < len(phrase_types) else "unknown",
+                "phrase_type": _type_names(phrase_types[k]) if k < len(phrase_types) else "unknown",
             }
         )
         return k
@@ -95,17 +104,20 @@ def _convert_entry(
     for a in anns:
         spans = a.get("tokens_positive")
         problem = span_problem(spans, caption)
-        if problem:
-            return None, f"annotation {a.get('id')}: {problem}"
+        if problem:  # the annotation is dropped, the entry kept
+            dropped.append(f"annotation {a.get('id')}: {problem}")
+            continue
         spans = [[int(s), int(e)] for s, e in spans]
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
         except (KeyError, TypeError, ValueError):
-            return None, f"annotation {a.get('id')}: bbox {a.get('bbox')!r} is not xywh"
+            dropped.append(f"annotation {a.get('id')}: bbox {a.get('bbox')!r} is not xywh")
+            continue
         xyxy = [x, y, x + w, y + h]  # absolute xyxy, no legacy -1 (evaluation convention)
         problem = box_problem(xyxy, width, height)
         if problem:
-            return None, f"annotation {a.get('id')}: {problem}"
+            dropped.append(f"annotation {a.get('id')}: {problem}")
+            continue
         keys = {tuple(s) for s in spans}
         matches = [
             i for i, p in enumerate(phrases) if keys & {tuple(s) for s in p["tokens_positive"]}
@@ -153,8 +165,10 @@ def load_mdetr_json(
 ) -> List[dict]:
     """Load an MDETR-format json into grounding/refexp records (see the module docstring).
 
-    Bad entries (empty caption, span outside the caption, box outside the image) are skipped
-    with a warning each; a ValueError is raised when none is valid.
+    Bad entries (empty caption, an evaluation span outside the caption, no phrase left) are
+    skipped with a warning each; a bad annotation (span outside the caption, box outside the
+    image) is dropped with a counted warning and its entry kept; a ValueError is raised when no
+    entry is valid.
 
     Args:
         json_file: MDETR annotation json.
@@ -183,12 +197,15 @@ def load_mdetr_json(
         if entry.get("id") in ids:
             bad.skip(what, "duplicate image id")
             continue
+        dropped: List[str] = []
         record, problem = _convert_entry(
-            entry, anns_by_entry.get(entry.get("id"), []), image_root, task
+            entry, anns_by_entry.get(entry.get("id"), []), image_root, task, dropped
         )
         if problem:
-            bad.skip(what, problem)
+            bad.skip(what, problem + (f" ({dropped[0]})" if dropped else ""))
             continue
+        if dropped:
+            bad.drop(what, len(dropped), dropped[0])
         ids.add(entry["id"])
         record["dataset_name"] = dataset_name
         records.append(record)

@@ -17,7 +17,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from torch import nn
 
-from .fused import FusedSwinRoberta
+from .fused import FusedSwinRoberta, FusionPrefix
 
 __all__ = ["DropBlock2d", "FIBERFPN", "build_fiber_swin_roberta_fpn_backbone"]
 
@@ -135,6 +135,7 @@ class FIBERFPN(FPN):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         fuse: bool | None = None,
+        prefix: FusionPrefix | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """
         Args:
@@ -142,12 +143,13 @@ class FIBERFPN(FPN):
             input_ids: (B, T) token ids.
             attention_mask: (B, T) 1 for real tokens.
             fuse: see :meth:`FusedSwinRoberta.forward`.
+            prefix: a precomputed fusion prefix, see :meth:`FusedSwinRoberta.forward`.
 
         Returns:
             features {"p3".."p7": (B, 256, H / 2**l, W / 2**l)} and text {"hidden": (B, T, D),
             "mask": (B, T), "embedded": (B, T, D) hidden with padded rows zeroed}.
         """
-        bottom_up, text = self.bottom_up(x, input_ids, attention_mask, fuse=fuse)
+        bottom_up, text = self.bottom_up(x, input_ids, attention_mask, fuse=fuse, prefix=prefix)
         prev = self.lateral_convs[0](bottom_up[self.in_features[-1]])
         results = [self.output_convs[0](prev)]
         for idx in range(1, len(self.lateral_convs)):

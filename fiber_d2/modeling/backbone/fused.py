@@ -181,16 +181,8 @@ class FusedSwinRoberta(Backbone):
             the :class:`FusionPrefix` to hand to :meth:`forward_fused`.
         """
         self._check_batch(images, input_ids, attention_mask)
-        image = self.image_tower
-        first_block = self.schedule[0].image_block if self.schedule else image.num_blocks
-        outputs: dict[str, torch.Tensor] = {}
-        x = image.run_blocks(image.embed(images), 0, first_block, outputs)
-
-        text = self.text_tower
-        first_layer = self.schedule[0].text_layer if self.schedule else text.num_layers
-        hidden, layer_mask, mask = text.embed(input_ids, attention_mask)
-        for j in range(first_layer):
-            hidden = text.run_layer(j, hidden, layer_mask)
+        x, outputs = self.forward_image_prefix(images)
+        hidden, layer_mask, mask = self.forward_text_prefix(input_ids, attention_mask)
         return FusionPrefix(
             image=x,
             text=hidden,
@@ -198,6 +190,42 @@ class FusedSwinRoberta(Backbone):
             attention_mask=mask,
             image_outputs=outputs,
         )
+
+    def forward_image_prefix(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image side of :meth:`forward_prefix` (independent of the text).
+
+        Args:
+            images: (B, 3, H, W).
+
+        Returns:
+            (B, H', W', C) input of the first fused block and the stage outputs already complete.
+        """
+        image = self.image_tower
+        first_block = self.schedule[0].image_block if self.schedule else image.num_blocks
+        outputs: dict[str, torch.Tensor] = {}
+        x = image.run_blocks(image.embed(images), 0, first_block, outputs)
+        return x, outputs
+
+    def forward_text_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The text side of :meth:`forward_prefix` (independent of the image).
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1 for real tokens.
+
+        Returns:
+            (B, T', D) input of the first fused layer, the layer mask and the (B, T') mask.
+        """
+        text = self.text_tower
+        first_layer = self.schedule[0].text_layer if self.schedule else text.num_layers
+        hidden, layer_mask, mask = text.embed(input_ids, attention_mask)
+        for j in range(first_layer):
+            hidden = text.run_layer(j, hidden, layer_mask)
+        return hidden, layer_mask, mask
 
     def forward_fused(
         self, prefix: FusionPrefix
@@ -238,6 +266,7 @@ class FusedSwinRoberta(Backbone):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         fuse: bool | None = None,
+        prefix: FusionPrefix | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """
         Args:
@@ -246,6 +275,9 @@ class FusedSwinRoberta(Backbone):
             attention_mask: (B, T) 1 for real tokens, 0 for padding.
             fuse: run the fusion (True), or exactly the un-fused towers (False); None uses the
                 configured default (MODEL.FIBER.FUSION_ENABLED).
+            prefix: the :meth:`forward_prefix` of these inputs, computed earlier (prefix reuse:
+                one image prefix for many prompts, one text prefix for many images); the fused
+                path then starts from it.
 
         Returns:
             (image features {"res2".."res5": (B, C_s, H_s, W_s)} after the per-output norms,
@@ -255,7 +287,9 @@ class FusedSwinRoberta(Backbone):
         self._check_batch(images, input_ids, attention_mask)
         if not fuse:
             return self.forward_image(images), self.forward_text(input_ids, attention_mask)
-        return self.forward_fused(self.forward_prefix(images, input_ids, attention_mask))
+        if prefix is None:
+            prefix = self.forward_prefix(images, input_ids, attention_mask)
+        return self.forward_fused(prefix)
 
     @staticmethod
     def _check_batch(images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):

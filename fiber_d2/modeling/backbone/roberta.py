@@ -20,6 +20,7 @@ from transformers import RobertaConfig, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.roberta.modeling_roberta import RobertaAttention, RobertaLayer
 
+from .causal_text import TextKVCache, causal_text_forward
 from .swin import fused_block_dims
 
 __all__ = ["FusedRobertaLayer", "RobertaTextTower"]
@@ -328,3 +329,24 @@ class RobertaTextTower(nn.Module):
         for j in range(self.num_layers):
             hidden = self.run_layer(j, hidden, layer_mask)
         return hidden, attention_mask
+
+    def forward_causal(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_tokens: dict[int, torch.Tensor] | None = None,
+        cache: TextKVCache | None = None,
+    ) -> tuple[torch.Tensor, TextKVCache]:
+        """The tower as a causal decoder (captioning), optionally continuing from a key/value
+        cache; see :func:`~fiber_d2.modeling.backbone.causal_text.causal_text_forward`.
+
+        Args:
+            input_ids: (B, T) new tokens.
+            attention_mask: (B, T) 1 for real tokens, or None.
+            image_tokens: {fused text layer: (B, N, C) image tokens} (first call only).
+            cache: the cache returned by the previous call, or None.
+
+        Returns:
+            (B, T, D) hidden states of the new tokens, and the extended cache.
+        """
+        return causal_text_forward(self, input_ids, attention_mask, image_tokens, cache)

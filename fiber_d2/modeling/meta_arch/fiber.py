@@ -18,7 +18,9 @@ predictions get ``+1`` back before rescaling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import OrderedDict
 
 import torch
 from detectron2.config import configurable
@@ -28,11 +30,15 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from ...text import padded_text_length, trim_text
+from ..backbone.fused import FusionPrefix
 from ..head import ATSSLossComputation, GroundingHead, generate_anchors, ground_inference
 
 __all__ = ["FIBER"]
 
 logger = logging.getLogger(__name__)
+
+_TEXT_PREFIX_CACHE_SIZE = 256  # chunk groups whose text prefix is kept (LVIS: 8 at 4 per group)
 
 
 @META_ARCH_REGISTRY.register()
@@ -57,6 +63,10 @@ class FIBER(nn.Module):
         detections_per_img: int = 100,
         score_agg: str = "MEAN",
         max_neg_per_batch: float = 0.1,
+        pad_to_max_query_len: bool = False,
+        prefix_reuse: bool = True,
+        chunk_batch_size: int = 4,
+        amp_dtype: str = "",
     ):
         """
         Args:
@@ -70,6 +80,14 @@ class FIBER(nn.Module):
             score_threshold, pre_nms_top_n, nms_threshold, detections_per_img, score_agg: inference.
             max_neg_per_batch: batches whose share of images without boxes exceeds this contribute no
                 gradient (FIBER skips them).
+            pad_to_max_query_len: run text at its tokenized length T; False cuts each batch to
+                :func:`fiber_d2.text.padded_text_length` (same outputs on the real tokens).
+            prefix_reuse: chunked prompts (K, T) run the text-independent image prefix once per
+                image and the image-independent text prefix once per chunk (cached until the next
+                ``train()`` / ``eval()`` / ``load_state_dict``), then the fused top, FPN and head
+                per chunk; False runs the whole model once per chunk.
+            chunk_batch_size: chunks run as one batch with ``prefix_reuse``.
+            amp_dtype: "" (fp32), "bfloat16" or "float16": inference under autocast.
         """
         super().__init__()
         self.backbone = backbone
@@ -86,6 +104,16 @@ class FIBER(nn.Module):
         self.detections_per_img = detections_per_img
         self.score_agg = score_agg
         self.max_neg_per_batch = max_neg_per_batch
+        self.pad_to_max_query_len = pad_to_max_query_len
+        self.prefix_reuse = prefix_reuse
+        if chunk_batch_size < 1:
+            raise ValueError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {chunk_batch_size}")
+        self.chunk_batch_size = chunk_batch_size
+        if amp_dtype not in ("", "bfloat16", "float16"):
+            raise ValueError(f"TEST.AMP_DTYPE must be bfloat16 or float16, got {amp_dtype!r}")
+        self.amp_dtype = amp_dtype
+        self._text_prefixes: OrderedDict[tuple, tuple] = OrderedDict()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_text_cache())
 
     @classmethod
     def from_config(cls, cfg):
@@ -105,7 +133,20 @@ class FIBER(nn.Module):
             "detections_per_img": cfg.MODEL.ATSS.DETECTIONS_PER_IMG,
             "score_agg": cfg.MODEL.DYHEAD.SCORE_AGG,
             "max_neg_per_batch": cfg.SOLVER.MAX_NEG_PER_BATCH,
+            "pad_to_max_query_len": cfg.INPUT.PAD_TO_MAX_QUERY_LEN,
+            "prefix_reuse": cfg.TEST.PREFIX_REUSE,
+            "chunk_batch_size": cfg.TEST.CHUNK_BATCH_SIZE,
+            "amp_dtype": cfg.TEST.AMP_DTYPE if cfg.TEST.AMP else "",
         }
+
+    def train(self, mode: bool = True):
+        """Switch mode; drops the cached text prefixes (the weights may change in between)."""
+        self.clear_text_cache()
+        return super().train(mode)
+
+    def clear_text_cache(self) -> None:
+        """Forget the text prefixes cached by chunked inference."""
+        self._text_prefixes.clear()
 
     @property
     def device(self) -> torch.device:
@@ -127,11 +168,15 @@ class FIBER(nn.Module):
             )
         ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
         mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
-        return ids, mask
+        return trim_text(self.text_length(mask), ids, mask)
 
-    def _run(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-        """Backbone + head. Returns (head outputs dict, anchors per level, text mask)."""
-        features, text = self.backbone(images, ids, mask)
+    def text_length(self, attention_mask: torch.Tensor) -> int:
+        """Token length a batch runs at (see ``pad_to_max_query_len``)."""
+        return padded_text_length(attention_mask, self.pad_to_max_query_len)
+
+    def _run(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, prefix=None):
+        """Backbone (from ``prefix`` when given) + head. Returns (head outputs, anchors per level)."""
+        features, text = self.backbone(images, ids, mask, prefix=prefix)
         feats = [features[f] for f in self.in_features]
         outputs = self.head(feats, text["embedded"])
         anchors = generate_anchors(
@@ -150,8 +195,15 @@ class FIBER(nn.Module):
 
         Returns:
             training: dict of scalar losses (``loss_dot_product_token``, ``loss_reg``,
-            ``loss_centerness``, ``loss_cls``); inference: ``[{"instances": Instances}]``.
+            ``loss_centerness``); inference: ``[{"instances": Instances}]``.
         """
+        if any("input_ids" not in x for x in batched_inputs):
+            # e.g. detectron2's DefaultPredictor, which passes images only
+            raise ValueError(
+                "FIBER needs a text prompt with every image ('input_ids', 'attention_mask'"
+                + ("" if self.training else ", 'label_token_map'")
+                + "); for inference use fiber_d2.FIBERPredictor, not detectron2's DefaultPredictor"
+            )
         if not self.training:
             return self.inference(batched_inputs)
         if any("instances" not in x for x in batched_inputs):
@@ -164,8 +216,14 @@ class FIBER(nn.Module):
             inst = x["instances"].to(self.device)
             boxes = inst.gt_boxes.tensor.clone()
             boxes[:, 2:] -= 1.0  # detectron2 (x2 = x + w) -> legacy (x2 = x + w - 1)
-            targets.append({"gt_boxes": boxes, "positive_map": inst.gt_positive_map})
+            (positive_map,) = trim_text(ids.shape[1], inst.gt_positive_map)
+            targets.append({"gt_boxes": boxes, "positive_map": positive_map})
         losses = self.loss(anchors, outputs, targets, mask)
+        # loss_cls is always zero (the unused cls_logits conv stays in the graph for DDP): fold it
+        # into another term instead of logging a constant 0 every iteration.
+        zero = losses.pop("loss_cls", None)
+        if zero is not None:
+            losses["loss_centerness"] = losses["loss_centerness"] + zero
         num_empty = sum(int(t["gt_boxes"].shape[0] == 0) for t in targets)
         if num_empty == len(targets) or num_empty > self.max_neg_per_batch * len(targets):
             # FIBER skips such batches: keep the graph, drop the gradient signal.
@@ -174,20 +232,29 @@ class FIBER(nn.Module):
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict]:
-        """Detect; inputs with (K, T) text run one pass per prompt chunk and pool the detections."""
+        """Detect; inputs with (K, T) text run per prompt chunk and pool the detections."""
+        amp = contextlib.nullcontext()
+        if self.amp_dtype:
+            amp = torch.autocast(self.device.type, dtype=getattr(torch, self.amp_dtype))
+        with amp:
+            return self._inference(batched_inputs)
+
+    def _inference(self, batched_inputs: list[dict]) -> list[dict]:
         if any(x["input_ids"].dim() == 2 for x in batched_inputs):
             return [self._inference_chunked(x) for x in batched_inputs]
         images = self.preprocess_image(batched_inputs)
         ids, mask = self._stack_text(batched_inputs)
-        label_maps = [x["label_token_map"].to(self.device) for x in batched_inputs]
+        label_maps = [
+            trim_text(ids.shape[1], x["label_token_map"].to(self.device))[0] for x in batched_inputs
+        ]
         results = self._detect(images, ids, mask, label_maps)
         return [
             self._postprocess(r, x, s)
             for r, x, s in zip(results, batched_inputs, images.image_sizes)
         ]
 
-    def _detect(self, images: ImageList, ids, mask, label_maps) -> list[Instances]:
-        outputs, anchors = self._run(images.tensor, ids, mask)
+    def _detect(self, images: ImageList, ids, mask, label_maps, prefix=None) -> list[Instances]:
+        outputs, anchors = self._run(images.tensor, ids, mask, prefix)
         return ground_inference(
             anchors,
             outputs,
@@ -207,11 +274,63 @@ class FIBER(nn.Module):
         maps_k = x["label_token_map"].to(self.device)
         if ids_k.dim() == 1:
             ids_k, mask_k, maps_k = ids_k[None], mask_k[None], maps_k[None]
-        parts = [
-            self._detect(images, ids_k[k : k + 1], mask_k[k : k + 1], [maps_k[k]])[0]
-            for k in range(ids_k.shape[0])
-        ]
+        parts = self.detect_chunks(images, ids_k, mask_k, maps_k)
         return self._postprocess(Instances.cat(parts), x, images.image_sizes[0])
+
+    def detect_chunks(
+        self, images: ImageList, ids_k: torch.Tensor, mask_k: torch.Tensor, maps_k: torch.Tensor
+    ) -> list[Instances]:
+        """Detections of one image for each of K prompt chunks (not yet post-processed).
+
+        With ``prefix_reuse`` the image prefix runs once, each group of ``chunk_batch_size``
+        chunks gets its text prefix from the cache (computed on first use), and only the fused
+        top, FPN and head run per group; else the whole model runs once per chunk.
+
+        Args:
+            images: one normalised, padded image.
+            ids_k, mask_k: (K, T) token ids and attention masks.
+            maps_k: (K, L, T) label-token maps.
+
+        Returns:
+            K ``Instances`` in the padded input frame, in chunk order.
+        """
+        if len(images) != 1:
+            raise ValueError(f"chunked prompts take one image at a time, got {len(images)}")
+        ids_k, mask_k, maps_k = trim_text(self.text_length(mask_k), ids_k, mask_k, maps_k)
+        if not self.prefix_reuse:
+            return [
+                self._detect(images, ids_k[k : k + 1], mask_k[k : k + 1], [maps_k[k]])[0]
+                for k in range(ids_k.shape[0])
+            ]
+        bottom_up = self.backbone.bottom_up
+        image_x, image_outputs = bottom_up.forward_image_prefix(images.tensor)
+        parts: list[Instances] = []
+        for start in range(0, ids_k.shape[0], self.chunk_batch_size):
+            ids = ids_k[start : start + self.chunk_batch_size]
+            mask = mask_k[start : start + self.chunk_batch_size]
+            n = ids.shape[0]
+            hidden, layer_mask, text_mask = self._text_prefix(ids, mask)
+            prefix = FusionPrefix(
+                image=image_x.expand(n, -1, -1, -1),
+                text=hidden,
+                text_layer_mask=layer_mask,
+                attention_mask=text_mask,
+                image_outputs={k: v.expand(n, -1, -1, -1) for k, v in image_outputs.items()},
+            )
+            batch = ImageList(images.tensor.expand(n, -1, -1, -1), images.image_sizes * n)
+            maps = list(maps_k[start : start + n])
+            parts.extend(self._detect(batch, ids, mask, maps, prefix=prefix))
+        return parts
+
+    def _text_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """The text prefix of a group of chunks, from the cache or computed and cached."""
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
+        if key not in self._text_prefixes:
+            self._text_prefixes[key] = self.backbone.bottom_up.forward_text_prefix(ids, mask)
+            if len(self._text_prefixes) > _TEXT_PREFIX_CACHE_SIZE:
+                self._text_prefixes.popitem(last=False)
+        self._text_prefixes.move_to_end(key)
+        return self._text_prefixes[key]
 
     def _postprocess(self, result: Instances, x: dict, image_size) -> dict:
         boxes = result.pred_boxes.tensor.clone()

@@ -25,25 +25,47 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch import nn
 
+from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusedSwinRoberta
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
-__all__ = ["FIBERCoarse"]
+__all__ = ["FIBERCoarse", "init_head"]
 
 logger = logging.getLogger(__name__)
 
 
+def init_head(module: nn.Module) -> None:
+    """Normal(0, 0.02) Linear weights, zero biases, unit LayerNorms (the original's init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Pooler(nn.Module):
-    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``)."""
+    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``; over the
+    tokens where ``mask`` is 1 when a mask is given)."""
 
     def __init__(self, dim: int, pool: str):
         super().__init__()
+        if pool not in ("first", "mean"):
+            raise ValueError(f"pooling must be 'first' or 'mean', got {pool!r}")
         self.dense = nn.Linear(dim, dim)
         self.pool = pool
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, D) -> (B, D)."""
-        pooled = x[:, 0] if self.pool == "first" else x.mean(dim=1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D), mask: optional (B, N) -> (B, D)."""
+        if self.pool == "first":
+            pooled = x[:, 0]
+        elif mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            m = mask.to(x.dtype).unsqueeze(-1)
+            pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
         return torch.tanh(self.dense(pooled))
 
 
@@ -100,6 +122,10 @@ class FIBERCoarse(nn.Module):
         loss_weights: dict[str, float],
         pixel_mean: list[float],
         pixel_std: list[float],
+        pad_to_max_query_len: bool = False,
+        itc_text_pool: str = "first",
+        queue_init: str = "random",
+        itc_batch_norm: bool = False,
     ):
         """
         Args:
@@ -111,6 +137,14 @@ class FIBERCoarse(nn.Module):
             losses: enabled objectives among "itc", "itm", "mlm".
             loss_weights: weight per objective.
             pixel_mean, pixel_std: input normalisation.
+            pad_to_max_query_len: run text at its tokenized length T; False cuts each batch to
+                :func:`fiber_d2.text.padded_text_length` (the longest over all ranks in training).
+            itc_text_pool: "first" (the ``<s>`` token, the original) or "mean" (masked token mean)
+                for the unimodal ITC text embedding.
+            queue_init: "random" (``randn`` columns, the original) or "empty" (ITC uses only the
+                queue columns already filled with enqueued embeddings).
+            itc_batch_norm: standardise each ITC embedding dimension over the batch (running
+                statistics at inference; no affine parameters) before the L2 normalisation.
         """
         super().__init__()
         unknown = set(losses) - {"itc", "itm", "mlm"}
@@ -119,6 +153,7 @@ class FIBERCoarse(nn.Module):
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
+        self.pad_to_max_query_len = pad_to_max_query_len
         # the original vit_model.norm (unimodal path only)
         self.image_norm = nn.LayerNorm(image_dim)
         self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
@@ -127,27 +162,27 @@ class FIBERCoarse(nn.Module):
         self.cross_modal_image_pooler = Pooler(text_dim, "mean")
         self.cross_modal_text_transform_itc = nn.Linear(text_dim, text_dim)
         self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
-        self.cross_modal_text_pooler_itc = Pooler(text_dim, "first")
+        self.cross_modal_text_pooler_itc = Pooler(text_dim, itc_text_pool)
         self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
         self.itm_score = _ITMHead(2 * text_dim)
         self.mlm_score = MLMHead(text_dim, vocab_size)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        if queue_init not in ("random", "empty"):
+            raise ValueError(
+                f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
+            )
+        self.queue_init = queue_init
+        self.itc_image_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
+        self.itc_text_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
         self.queue = FeatureQueue(text_dim, queue_size)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self._init_new_modules()
 
     def _init_new_modules(self):
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_head(child)
 
     @classmethod
     def from_config(cls, cfg):
@@ -171,7 +206,20 @@ class FIBERCoarse(nn.Module):
             "loss_weights": weights,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "pad_to_max_query_len": cfg.INPUT.PAD_TO_MAX_QUERY_LEN,
+            "itc_text_pool": c.ITC_TEXT_POOL,
+            "queue_init": c.QUEUE_INIT,
+            "itc_batch_norm": c.ITC_BATCH_NORM,
         }
+
+    def _text_length(self, mask: torch.Tensor, all_ranks: bool = False) -> int:
+        """Token length a batch runs at; ``all_ranks``: the longest over ranks (ITM gathers)."""
+        length = padded_text_length(mask, self.pad_to_max_query_len)
+        if all_ranks and comm.get_world_size() > 1:
+            t = torch.tensor([length], device=mask.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            length = int(t.item())
+        return length
 
     @property
     def device(self) -> torch.device:
@@ -197,12 +245,18 @@ class FIBERCoarse(nn.Module):
         """Un-fused image embedding: (B, 3, S, S) -> L2-normalised (B, D)."""
         tokens = self.image_norm(self._tokens(self.backbone.forward_image(images)))
         pooled = self.cross_modal_image_pooler_itc(self.cross_modal_image_transform_itc(tokens))
+        if self.itc_image_bn is not None:
+            pooled = self.itc_image_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Un-fused text embedding: (B, T) ids and mask -> L2-normalised (B, D)."""
         hidden = self.backbone.forward_text(input_ids, attention_mask)["hidden"]
-        pooled = self.cross_modal_text_pooler_itc(self.cross_modal_text_transform_itc(hidden))
+        pooled = self.cross_modal_text_pooler_itc(
+            self.cross_modal_text_transform_itc(hidden), attention_mask
+        )
+        if self.itc_text_bn is not None:
+            pooled = self.itc_text_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
     def fused(self, images, input_ids, attention_mask) -> dict[str, torch.Tensor]:
@@ -230,10 +284,13 @@ class FIBERCoarse(nn.Module):
         images = self._images(batched_inputs)
         ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
         mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        length = self._text_length(mask, all_ranks=True)
+        ids, mask = trim_text(length, ids, mask)
         losses = {}
         if "mlm" in self.losses:
             mlm_ids = torch.stack([x["mlm_input_ids"] for x in batched_inputs]).to(self.device)
             labels = torch.stack([x["mlm_labels"] for x in batched_inputs]).to(self.device)
+            mlm_ids, labels = trim_text(length, mlm_ids, labels)
             logits = self.mlm_score(self.fused(images, mlm_ids, mask)["text_feats"])
             losses["loss_mlm"] = mlm_loss(logits, labels) * self.loss_weights["mlm"]
         if "itc" in self.losses or "itm" in self.losses:
@@ -241,7 +298,11 @@ class FIBERCoarse(nn.Module):
                 self.temp.clamp_(0.001, 1.0)
             f_i, f_t = self.encode_image(images), self.encode_text(ids, mask)
             q = self.queue
-            sim_i2t, sim_t2i = itc_logits(f_i, f_t, q.image_queue, q.text_queue, self.temp)
+            image_queue, text_queue = q.image_queue, q.text_queue
+            if self.queue_init == "empty":  # only the columns written so far
+                filled = int(min(q.queue_total.item(), image_queue.shape[1]))
+                image_queue, text_queue = image_queue[:, :filled], text_queue[:, :filled]
+            sim_i2t, sim_t2i = itc_logits(f_i, f_t, image_queue, text_queue, self.temp)
             if "itc" in self.losses:
                 losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
             if "itm" in self.losses:
@@ -288,6 +349,7 @@ class FIBERCoarse(nn.Module):
             ids, mask = x["input_ids"].to(self.device), x["attention_mask"].to(self.device)
             if ids.dim() == 1:
                 ids, mask = ids[None], mask[None]
+            ids, mask = trim_text(self._text_length(mask), ids, mask)
             results.append(
                 {"image_embedding": f_i[k], "text_embeddings": self.encode_text(ids, mask)}
             )

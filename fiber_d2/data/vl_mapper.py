@@ -1,0 +1,105 @@
+"""``FusedTaskMapper``: the shared half of the mappers of the fused-``cls_feats`` tasks (VQA, NLVR2).
+
+It reads and transforms images (:mod:`fiber_d2.data.vl_transforms`; files or the original's Arrow rows)
+and tokenizes texts to a fixed length, counting truncated texts with a warning. Subclasses implement
+``__call__`` for their records.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+
+from ..text import build_tokenizer
+from .vl_transforms import build_vl_image_transform, read_vl_image
+
+__all__ = ["FusedTaskMapper"]
+
+logger = logging.getLogger(__name__)
+
+
+class FusedTaskMapper:
+    """Image and text encoding for fused-task records (see the module docstring)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        image_size: int,
+        tokenizer,
+        image_format: str = "RGB",
+        max_query_len: int = 50,
+        train_transform: str = "resize",
+    ):
+        """
+        Args:
+            is_train: training (``train_transform``) or evaluation (plain resize).
+            image_size: side S of the square input.
+            tokenizer: a fast tokenizer or a name for :func:`fiber_d2.text.build_tokenizer`.
+            image_format: "RGB" or "BGR" channel order of the output images.
+            max_query_len: padded text length T (specials included).
+            train_transform: ``INPUT.VL_TRAIN_TRANSFORM``.
+        """
+        self.is_train = is_train
+        self.transform = build_vl_image_transform(
+            train_transform, image_size, is_train, rng=random.Random()
+        )
+        self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.bgr = image_format == "BGR"
+        self.max_query_len = max_query_len
+        self.truncated = 0
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
+            "image_format": cfg.INPUT.FORMAT,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "train_transform": cfg.INPUT.VL_TRAIN_TRANSFORM,
+        }
+
+    def encode(self, text: str, record_name: str) -> dict[str, torch.Tensor]:
+        """(T,) ``input_ids`` / ``attention_mask`` of ``text``; a truncation is counted and logged."""
+        enc = self.tokenizer(
+            text, padding="max_length", truncation=True, max_length=self.max_query_len
+        )
+        full = len(self.tokenizer(text, truncation=False)["input_ids"])
+        if full > self.max_query_len:
+            self.truncated += 1
+            logger.warning(
+                "%s: text of %d tokens truncated to %d (%d texts truncated so far)",
+                record_name,
+                full,
+                self.max_query_len,
+                self.truncated,
+            )
+        return {
+            "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+            "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.long),
+        }
+
+    def image(
+        self, record: dict, file_key: str = "file_name", column: str = "image"
+    ) -> torch.Tensor:
+        """(3, S, S) uint8 tensor of a record's image in the configured channel order.
+
+        Raises:
+            OSError naming the record's image when it cannot be read.
+        """
+        try:
+            image = self.transform(read_vl_image(record, file_key, column))
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read image {record.get(file_key)}: {e}") from None
+        if self.bgr:
+            image = image[:, :, ::-1]
+        return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    def __call__(self, dataset_dict: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,65 @@
+"""``FIBERFusedTask``: the base of the downstream models that read the fused ``cls_feats`` (VQA, NLVR2).
+
+Coarse spec §1.7 / §2: the fused forward ends in ``cls_feats`` = [text pooled ; image pooled] (2D wide).
+A task model is :class:`FIBERCoarse` without the pre-training heads and queue (``mlm_score``,
+``itm_score``, ``temp``, the ITC queue), plus its own head. It keeps the ITC transforms and poolers, as
+the original's task models do, so a coarse checkpoint (converted or trained here) loads with only the
+pre-training heads unused, and a released task checkpoint loads with nothing missing or unexpected.
+
+Also here: :func:`task_head`, the original's head shape (Linear, LayerNorm, GELU, Linear; keys
+``{0,1,3}.*``); :func:`init_head` (from fiber_coarse) is re-exported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fiber_coarse import FIBERCoarse, init_head
+
+__all__ = ["FIBERFusedTask", "task_head", "init_head"]
+
+
+def task_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear(in, hidden), LayerNorm(hidden), GELU, Linear(hidden, out): the VQA / NLVR2 head."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+    )
+
+
+class FIBERFusedTask(FIBERCoarse):
+    """:class:`FIBERCoarse` without pre-training heads; subclasses add a head and ``forward``.
+
+    Constructed with the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored). Subclasses
+    name their head's parameter prefixes in ``STAGE_HEADS``: a checkpoint without them (a coarse
+    pre-training checkpoint) still counts as a complete load for the strict-weights check.
+    """
+
+    STAGE_HEADS: tuple[str, ...] = ()
+    _PRETRAIN_ONLY = ("mlm_score", "itm_score", "queue", "temp")
+
+    def __init__(self, **kwargs):
+        kwargs["losses"], kwargs["loss_weights"] = [], {}
+        super().__init__(**kwargs)
+        for name in self._PRETRAIN_ONLY:
+            delattr(self, name)
+        # the ITC batch norms (a from-scratch Demo switch, MODEL.COARSE.ITC_BATCH_NORM) serve ITC only
+        self.itc_image_bn = self.itc_text_bn = None
+        self.text_dim = self.cross_modal_text_transform.out_features
+
+    def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:
+        """Normalised (B, 3, S, S) float images from ``batched_inputs[i][key]`` (uint8, one size)."""
+        return self._images([{"image": x[key]} for x in batched_inputs])
+
+    def text(self, batched_inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ``input_ids`` and ``attention_mask`` stacked on the model's device."""
+        ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
+        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        return ids, mask
+
+    def cls_feats(self, images, input_ids, attention_mask) -> torch.Tensor:
+        """Fused forward (coarse spec §1.7): (B, 3, S, S), (B, T), (B, T) -> (B, 2D)."""
+        return self.fused(images, input_ids, attention_mask)["cls_feats"]
+
+    def forward(self, batched_inputs: list[dict]):  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,188 @@
+"""Caption decoding: length-normalised beam search, greedy search and sampling (coarse spec §5.6).
+
+The searches are independent of the model: they drive a ``step`` function
+
+    step(state, prefix) -> (logits (N, V) of the next token, new state)
+
+where ``prefix`` (N, t) holds every token so far (``<s>`` first) and ``state`` is whatever the model
+keeps between steps (the image tokens when it re-encodes the prefix, a key/value cache when it
+does not), and a ``select(state, index)`` that keeps/reorders/repeats rows of the state.
+
+Common rules: ``banned`` token ids (``<mask>``) get logit -10000 as in the original; a hypothesis
+is finished once it emits ``</s>`` or ``<pad>`` and then only pads; ``max_length`` bounds the whole
+sequence including ``<s>``, so at most ``max_length - 1`` tokens are generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["beam_search", "greedy_search", "sample_captions", "BANNED_LOGIT"]
+
+BANNED_LOGIT = -10000.0
+
+Step = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
+Select = Callable[[Any, torch.Tensor], Any]
+
+
+def _log_probs(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    logits = logits.float().clone()
+    if banned:
+        logits[:, list(banned)] = BANNED_LOGIT
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _check(max_length: int) -> None:
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (<s> and one token), got {max_length}")
+
+
+def _only_pad(logp: torch.Tensor, finished: torch.Tensor, pad: int) -> torch.Tensor:
+    """Finished rows: log-probability 0 for pad, -inf for everything else."""
+    if finished.any():
+        logp = logp.masked_fill(finished[:, None], float("-inf"))
+        logp[finished, pad] = 0.0
+    return logp
+
+
+@torch.no_grad()
+def beam_search(
+    step: Step,
+    select: Select,
+    state: Any,
+    batch_size: int,
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    banned: Sequence[int] = (),
+    beam_size: int = 5,
+    max_length: int = 50,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search ranked by cumulative log-probability / number of generated tokens.
+
+    The first step keeps the ``beam_size`` best first tokens; every later step expands each
+    hypothesis (a finished one only by pad, at no cost and no length) and keeps the ``beam_size``
+    best length-normalised candidates per image. Stops when every hypothesis is finished or the
+    sequence reaches ``max_length``.
+
+    Args:
+        step, select, state: the model (module docstring); ``state`` has ``batch_size`` rows.
+        batch_size: images B.
+        bos, eos, pad: ``<s>``, ``</s>`` and ``<pad>`` ids.
+        banned: ids never generated.
+        beam_size: hypotheses per image K.
+        max_length: longest sequence, ``<s>`` included.
+        device: device of the token tensors.
+
+    Returns:
+        (B, L) ids of the best hypothesis (``<s>`` first, then tokens, ``</s>``/pads), L <=
+        ``max_length``; (B,) its normalised score.
+    """
+    _check(max_length)
+    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    logits, state = step(state, ids)
+    logp = _log_probs(logits, banned)
+    k = min(beam_size, logp.shape[1])
+    score, token = logp.topk(k, dim=1)  # (B, K)
+    rows = torch.arange(batch_size, device=device).repeat_interleave(k)
+    state = select(state, rows)
+    ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)
+    score = score.reshape(-1)
+    length = torch.ones_like(score)
+    finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
+    offsets = torch.arange(batch_size, device=device)[:, None] * k
+    while ids.shape[1] < max_length and not bool(finished.all()):
+        logits, state = step(state, ids)
+        logp = _only_pad(_log_probs(logits, banned), finished, pad)
+        vocab = logp.shape[1]
+        new_length = length + (~finished).float()
+        total = score[:, None] + logp  # (B*K, V)
+        normalised = (total / new_length[:, None]).view(batch_size, k * vocab)
+        best = normalised.topk(k, dim=1).indices  # (B, K)
+        source = (best // vocab + offsets).reshape(-1)
+        token = (best % vocab).reshape(-1)
+        score = total.view(batch_size, k * vocab).gather(1, best).reshape(-1)
+        length = new_length[source]
+        was_finished = finished[source]
+        ids = torch.cat([ids[source], token[:, None]], dim=1)
+        finished = was_finished | (token == eos) | (token == pad)
+        state = select(state, source)
+    normalised = (score / length).view(batch_size, k)
+    top = normalised.argmax(dim=1)
+    chosen = torch.arange(batch_size, device=device) * k + top
+    return ids[chosen], normalised.gather(1, top[:, None])[:, 0]
+
+
+@torch.no_grad()
+def greedy_search(
+    step: Step,
+    select: Select,
+    state: Any,
+    batch_size: int,
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    banned: Sequence[int] = (),
+    max_length: int = 50,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The most probable next token at every step (arguments as :func:`beam_search`).
+
+    Returns:
+        (B, L) ids, ``<s>`` first, L <= ``max_length``.
+    """
+    _check(max_length)
+    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    while ids.shape[1] < max_length and not bool(finished.all()):
+        logits, state = step(state, ids)
+        token = _only_pad(_log_probs(logits, banned), finished, pad).argmax(dim=1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        finished = finished | (token == eos) | (token == pad)
+    return ids
+
+
+@torch.no_grad()
+def sample_captions(
+    step: Step,
+    select: Select,
+    state: Any,
+    batch_size: int,
+    num_samples: int,
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    banned: Sequence[int] = (),
+    max_length: int = 50,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``num_samples`` captions per image, each token drawn from the softmax at temperature 1.
+
+    The original draws the first tokens of the samples with replacement from the first-step
+    distribution, then one token per sample; drawing every sample independently from the first
+    step on is the same distribution.
+
+    Returns:
+        (B * num_samples, L) ids, the samples of image b in rows b*n .. b*n + n - 1.
+    """
+    _check(max_length)
+    rows = torch.arange(batch_size, device=device).repeat_interleave(num_samples)
+    state = select(state, rows)
+    n = batch_size * num_samples
+    ids = torch.full((n, 1), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    while ids.shape[1] < max_length and not bool(finished.all()):
+        logits, state = step(state, ids)
+        probs = _only_pad(_log_probs(logits, banned), finished, pad).exp()
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        finished = finished | (token == eos) | (token == pad)
+    return ids

@@ -1,0 +1,57 @@
+"""``CaptionTrainer``: FIBERTrainer with the caption mapper, reference-carrying training records and
+the caption evaluator (used by ``train_net.py`` and the shapes runner)."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
+
+from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.trainer import FIBERTrainer
+
+from .config import add_captioning_config
+from .data import build_caption_mapper, caption_train_records
+from .evaluator import CaptionEvaluator
+
+__all__ = ["CaptionTrainer", "load_captioning_config"]
+
+
+class CaptionTrainer(FIBERTrainer):
+    """See the module docstring."""
+
+    @classmethod
+    def build_mapper(cls, cfg, is_train: bool):
+        return build_caption_mapper(cfg, is_train)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = cls.build_mapper(cfg, True)
+        return build_detection_train_loader(cfg, dataset=caption_train_records(cfg), mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return CaptionEvaluator(dataset_name, output_folder, cfg.CAPTION.METRICS)
+
+    def train(self):
+        """Train; returns the last evaluation's results."""
+        super().train()
+        return getattr(self, "_last_eval_results", OrderedDict())
+
+
+def load_captioning_config(config_file: str | None, opts: list | None = None) -> CfgNode:
+    """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
+
+    Raises:
+        ConfigError: missing file, unknown key, malformed overrides, unknown stage or decoding.
+    """
+    cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
+    if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
+        raise ConfigError(f"CAPTION.STAGE must be mle, gold or cider, got {cfg.CAPTION.STAGE!r}")
+    if cfg.CAPTION.DECODING not in ("beam", "greedy"):
+        raise ConfigError(f"CAPTION.DECODING must be beam or greedy, got {cfg.CAPTION.DECODING!r}")
+    return cfg

@@ -1,0 +1,95 @@
+"""CIDEr-D rewards with training document frequencies, the caption metrics and the evaluator."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from captioning import (
+    CaptionEvaluator,
+    CiderD,
+    attach_references,
+    build_document_frequency,
+    caption_metrics,
+    metric_availability,
+    normalise_caption,
+    references_by_image,
+)
+
+TRAIN = [
+    {"dataset_name": "d", "image_id": 1, "caption": "a red circle."},
+    {"dataset_name": "d", "image_id": 1, "caption": "a red circle left of a blue square"},
+    {"dataset_name": "d", "image_id": 2, "caption": "a blue square"},
+    {"dataset_name": "d", "image_id": 3, "caption": "a green triangle above a red circle"},
+]
+
+
+def test_document_frequencies_count_images_not_captions():
+    refs = references_by_image(TRAIN)
+    assert refs[("d", 1)] == ["a red circle.", "a red circle left of a blue square"]
+    df, log_images = build_document_frequency(refs)
+    assert log_images == pytest.approx(math.log(3))
+    assert df[("a",)] == 3  # in every image, counted once per image
+    assert df[("red", "circle")] == 2  # images 1 and 3
+    assert df[("circle", "<eos>")] == 2  # normalisation: trailing "." dropped, " <eos>" appended
+    assert ("circle.",) not in df
+    assert normalise_caption(" a cat. ") == "a cat <eos>"
+    with pytest.raises(ValueError, match="no training image"):
+        build_document_frequency({("d", 9): []})
+
+
+def test_cider_d_rewards():
+    scorer = CiderD.from_references(references_by_image(TRAIN))
+    refs = [["a red circle left of a blue square", "a red circle"]] * 3
+    scores = scorer.scores(
+        ["a red circle left of a blue square", "a blue square", "zebra zebra zebra"], refs
+    )
+    assert scores[0] > scores[1] > scores[2] and scores[2] == 0.0
+    # frequencies are those of the training set, not of the scored batch: one candidate alone
+    # scores the same as inside a batch
+    alone = scorer.scores(["a blue square"], refs[:1])
+    assert alone[0] == pytest.approx(scores[1])
+    with pytest.raises(ValueError, match="no reference"):
+        scorer.scores(["a blue square"], [[]])
+
+
+def test_training_records_carry_every_caption_of_their_image():
+    records = attach_references(TRAIN)
+    assert records[0]["references"] == records[1]["references"]
+    assert len(records[0]["references"]) == 2 and records[2]["references"] == ["a blue square"]
+
+
+def test_caption_metrics_and_skips():
+    refs = {1: ["a red circle left of a blue square", "a red circle"], 2: ["a green triangle"]}
+    perfect, skipped = caption_metrics(
+        refs, {1: "a red circle left of a blue square", 2: "a green triangle"}, ["BLEU", "CIDEr"]
+    )
+    poor, _ = caption_metrics(refs, {1: "a green triangle", 2: "a red circle"}, ["BLEU", "CIDEr"])
+    assert set(perfect) == {"BLEU-4", "CIDEr"} and skipped == {}
+    assert perfect["CIDEr"] > poor["CIDEr"] and perfect["BLEU-4"] > poor["BLEU-4"]
+    with pytest.raises(ValueError, match="image 2"):
+        caption_metrics({1: ["a"], 2: []}, {1: "a", 2: "b"}, ["BLEU"])
+    with pytest.raises(ValueError, match="unknown"):
+        metric_availability(["ROUGE-9"])
+    run, skipped = metric_availability(["BLEU", "SPICE"])
+    assert "BLEU" in run and ("SPICE" in run) != ("SPICE" in skipped)
+
+
+def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path):
+    ev = CaptionEvaluator(
+        "shapes_val_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False
+    )
+    ev.reset()
+    ev.process(
+        [{"image_id": 7, "captions": ["a red circle"]}, {"image_id": 8, "captions": ["a cat"]}],
+        [{"caption": "a red circle"}, {"caption": "a dog"}],
+    )
+    res = ev.evaluate()["caption"]
+    assert set(res) == {"BLEU-4", "CIDEr"} and np.isfinite(list(res.values())).all()
+    written = json.loads((tmp_path / "caption.json").read_text())
+    assert written == [
+        {"image_id": 7, "caption": "a red circle"},
+        {"image_id": 8, "caption": "a dog"},
+    ]
+    with pytest.raises(ValueError, match=r"image 9 \(x.png\) has no reference caption"):
+        ev.process([{"image_id": 9, "file_name": "x.png", "captions": ["  "]}], [{"caption": "a"}])

@@ -1,0 +1,128 @@
+"""projects/NLVR2: the CE loss against a hand computation, the two-pass pair classifier, the evaluator,
+train_net end to end (3 iterations + evaluation), the configs and the missing-image error."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from nlvr2 import NLVR2DatasetMapper, NLVR2Evaluator, load_nlvr2_json, nlvr2_loss
+
+from fiber_d2.engine.setup import load_config, validate_config
+
+PROJECT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("nlvr2_train_net", PROJECT / "train_net.py")
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
+
+VAL_SUBSET = "nlvr2_test_shapes_val8"
+if VAL_SUBSET not in DatasetCatalog.list():
+    DatasetCatalog.register(VAL_SUBSET, lambda: DatasetCatalog.get("shapes_val_nlvr2")[:8])
+    MetadataCatalog.get(VAL_SUBSET).set(evaluator_type="nlvr2")
+
+TINY = [
+    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+    "INPUT.IMAGE_SIZE", "64",
+    "MODEL.SWIN.WINDOW_SIZE", "2",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "DATASETS.TEST", f"('{VAL_SUBSET}',)",
+]  # fmt: skip
+SHAPES = str(PROJECT / "configs/shapes.yaml")
+
+
+def test_cross_entropy_against_hand_computation():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    hand = 0.0
+    for (a, b), y in zip(logits.tolist(), labels.tolist()):
+        z = math.log(math.exp(a) + math.exp(b))
+        hand += z - (a, b)[y]
+    assert nlvr2_loss(logits, labels).item() == pytest.approx(hand / 3, rel=1e-6)
+
+
+def test_two_independent_fused_passes_feed_the_pair_classifier():
+    torch.manual_seed(0)
+    model = build_model(load_config(SHAPES, TINY)).eval()
+    b, s = 3, 64
+    images = torch.randn(2, b, 3, s, s)
+    ids = torch.randint(5, 100, (b, 8))
+    ids[:, 0], ids[:, -1] = 0, 2
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model.pair_logits(images[0], images[1], ids, mask)
+        c0 = model.cls_feats(images[0], ids, mask)  # (sentence, image_0)
+        c1 = model.cls_feats(images[1], ids, mask)  # (sentence, image_1)
+        expected = model.nlvr2_classifier(torch.cat([c0, c1], dim=-1))
+        swapped = model.pair_logits(images[1], images[0], ids, mask)
+    assert logits.shape == (b, 2)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, swapped)  # the head sees which image is which
+
+
+def test_evaluator_accuracy(tmp_path):
+    ev = NLVR2Evaluator("toy", str(tmp_path))
+    ev.reset()
+    inputs = [{"identifier": f"x-{i}", "label": y} for i, y in enumerate([1, 0, 1, 1])]
+    ev.process(inputs, [{"prediction": p} for p in (1, 1, 1, 0)])
+    assert ev.evaluate() == {"nlvr2": {"accuracy": 50.0, "num_examples": 4.0}}
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert preds[1] == {"identifier": "x-1", "prediction": "True"}
+
+
+def test_three_iterations_then_evaluation(tmp_path):
+    args = default_argument_parser().parse_args(
+        ["--config-file", SHAPES, *TINY, "OUTPUT_DIR", str(tmp_path)]
+    )
+    res = train_net.main(args)["nlvr2"]
+    assert res["num_examples"] == 8 and 0.0 <= res["accuracy"] <= 100.0
+    state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    assert state["nlvr2_classifier.0.weight"].shape == (128, 256)  # [cls_0 ; cls_1] -> 2D
+    assert state["nlvr2_classifier.3.weight"].shape == (2, 128)
+
+
+def test_missing_image_is_one_line_error_naming_the_record(tmp_path):
+    mapper = NLVR2DatasetMapper(load_config(SHAPES, TINY), True)
+    record = dict(DatasetCatalog.get("shapes_train_nlvr2")[0])
+    record["file_name_1"] = str(tmp_path / "missing-img1.png")
+    with pytest.raises(OSError, match=r"NLVR2 record train-0: cannot read image .*missing-img1"):
+        mapper(record)
+    ok = mapper(DatasetCatalog.get("shapes_train_nlvr2")[0])
+    assert ok["image_0"].shape == ok["image_1"].shape == (3, 64, 64)
+
+
+def test_official_json_lines_release(tmp_path):
+    ann = tmp_path / "dev.json"
+    rows = [
+        {"identifier": "dev-850-0-0", "sentence": "There are two dogs.", "label": "True"},
+        {"identifier": "dev-850-0-1", "sentence": "No dogs.", "label": "False"},
+    ]
+    ann.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = load_nlvr2_json(str(ann), str(tmp_path / "dev"), "dev")
+    assert [r["label"] for r in records] == [1, 0]
+    assert records[0]["file_name_0"].endswith("dev/dev-850-0-img0.png")
+    assert records[1]["file_name_1"].endswith("dev/dev-850-0-img1.png")
+    ann.write_text(json.dumps({"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}))
+    with pytest.raises(ValueError, match=r"dev.json:1: label must be"):
+        load_nlvr2_json(str(ann), str(tmp_path), "dev")
+
+
+@pytest.mark.parametrize("name", ["shapes.yaml", "nlvr2.yaml"])
+def test_project_configs_load(name):
+    cfg = load_config(str(PROJECT / "configs" / name), [])
+    validate_config(cfg, training=True)
+    assert cfg.MODEL.META_ARCHITECTURE == "FIBERNLVR2"
+    assert cfg.MODEL.SWIN.WINDOW_SIZE * 32 == cfg.INPUT.IMAGE_SIZE
+    if name == "nlvr2.yaml":  # coarse spec §5.2 task_finetune_nlvr2
+        assert cfg.INPUT.IMAGE_SIZE == 384 and cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50
+        assert cfg.SOLVER.IMS_PER_BATCH == 256 and cfg.SOLVER.BASE_LR == 2e-5
+        assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
+        assert cfg.SOLVER.MAX_ITER == 5 * -(-86_373 // 256)
+        assert list(cfg.DATASETS.TEST) == ["nlvr2_dev", "nlvr2_test1"]

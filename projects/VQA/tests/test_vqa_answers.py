@@ -1,0 +1,146 @@
+"""The official VQA answer normalisation and accuracy on worked examples, soft scores, the vocabulary,
+the soft-target BCE x V loss against a hand computation and the unanswerable-question filter."""
+
+import math
+
+import pytest
+import torch
+from vqa import (
+    VQAEvaluator,
+    answer_score,
+    answer_scores,
+    build_answer_vocab,
+    drop_unanswerable,
+    normalize_answer,
+    soft_target,
+    vqa_accuracy,
+    vqa_loss,
+)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),  # number words, lower case
+        ("none", "0"),
+        ("the red car", "red car"),  # articles dropped
+        ("an apple or one pear", "apple or 1 pear"),
+        ("a dog.", "dog"),  # sentence period dropped
+        ("3.5", "3.5"),  # a period inside a number stays
+        ("dont know", "don't know"),  # contractions get their apostrophe back
+        ("isnt", "isn't"),
+        ("black-and-white", "black and white"),  # punctuation inside a word -> space
+        ("yes !", "yes"),  # punctuation next to a space -> deleted
+        ("1,000", "1000"),  # digit-comma-digit: commas deleted
+        ("  ten\tdogs ", "10 dogs"),
+    ],
+)
+def test_normalisation_rules(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_accuracy_counts_humans_over_leave_one_out_subsets():
+    # 3 of 10 humans said "2": 7 subsets keep all 3 (acc 1), 3 subsets keep 2 (acc 2/3)
+    humans = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("2", humans) == pytest.approx((7 * 1 + 3 * (2 / 3)) / 10)
+    # 1 human: 9 subsets hold it (1/3), one does not (0)
+    assert vqa_accuracy("3", ["3"] + ["4"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+    # 4+ humans: every subset has >= 3 matches
+    assert vqa_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == pytest.approx(1.0)
+    assert vqa_accuracy("maybe", ["yes"] * 10) == 0.0
+
+
+def test_accuracy_normalises_only_when_humans_disagree():
+    # humans disagree -> both sides normalised: "two" matches "2", "Dog." matches "dog"
+    assert vqa_accuracy("two", ["2"] * 5 + ["3"] * 5) == pytest.approx(1.0)
+    assert vqa_accuracy("Dog.", ["dog"] * 4 + ["cat"] * 6) == pytest.approx(1.0)
+    # humans agree -> no normalisation (official), only case and surrounding whitespace
+    assert vqa_accuracy("two", ["2"] * 10) == 0.0
+    assert vqa_accuracy(" YES ", ["yes"] * 10) == 1.0
+    with pytest.raises(ValueError):
+        vqa_accuracy("x", [])
+
+
+def test_soft_scores_and_vocabulary():
+    assert [answer_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+    scores = answer_scores(["Two", "2", "two", "3", "blue", "blue", "blue", "blue", "blue", "x"])
+    assert scores == {"2": 0.9, "3": 0.3, "blue": 1.0, "x": 0.3}
+    records = [{"multiple_choice_answer": a} for a in ["yes"] * 3 + ["No"] * 2 + ["two", "2", "b"]]
+    assert build_answer_vocab(records, 2) == ["yes", "2", "no"]  # count desc, then name
+    assert build_answer_vocab(records, 1) == ["yes", "2", "no", "b"]
+
+
+def test_soft_target_bce_times_v_against_hand_computation():
+    index = {"yes": 0, "no": 1, "2": 2}
+    target = soft_target({"yes": 0.3, "2": 1.0, "unknown": 0.6}, index)
+    assert target.tolist() == pytest.approx([0.3, 0.0, 1.0])
+    logits = torch.tensor([[0.5, -1.0, 2.0]])
+    hand = 0.0
+    for x, t in zip([0.5, -1.0, 2.0], [0.3, 0.0, 1.0]):
+        p = 1 / (1 + math.exp(-x))
+        hand += -(t * math.log(p) + (1 - t) * math.log(1 - p))
+    # mean over B x V, times V = sum over answers, mean over the batch
+    assert vqa_loss(logits, target[None]).item() == pytest.approx(hand, rel=1e-6)
+    two = torch.cat([logits, torch.zeros(1, 3)])
+    t2 = torch.cat([target[None], torch.zeros(1, 3)])
+    assert vqa_loss(two, t2).item() == pytest.approx((hand + 3 * math.log(2)) / 2, rel=1e-6)
+
+
+def test_unanswerable_training_questions_are_counted_and_dropped(caplog):
+    records = [
+        {"question_id": 1, "answer_scores": {"yes": 1.0}},
+        {"question_id": 2, "answer_scores": {"purple": 0.3}},
+        {"question_id": 3, "answer_scores": {}},
+    ]
+    with caplog.at_level("WARNING"):
+        kept = drop_unanswerable(records, ["yes", "no"])
+    assert [r["question_id"] for r in kept] == [1]
+    assert "dropped 2 of 3 training questions" in caplog.text
+
+
+def test_evaluator_accuracy_per_type_and_submission_file(tmp_path):
+    import json
+
+    ev = VQAEvaluator("toy", ["yes", "no", "2"], str(tmp_path))
+    ev.reset()
+    inputs = [
+        {"question_id": 7, "answers": ["yes"] * 10, "answer_type": "yes/no"},
+        {"question_id": 8, "answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"},
+        {"question_id": 9, "answer_scores": {"no": 0.6}},  # Arrow-style record: soft score
+        {"question_id": 10},  # test question: submission only
+    ]
+    outputs = [{"answer_index": i} for i in (0, 2, 1, 1)]
+    ev.process(inputs, outputs)
+    res = ev.evaluate()["vqa"]
+    acc_number = (7 + 3 * 2 / 3) / 10
+    assert res["accuracy"] == pytest.approx(100 * (1 + acc_number + 0.6) / 3)
+    assert res["accuracy_number"] == pytest.approx(100 * acc_number)
+    assert res["accuracy_yes/no"] == pytest.approx(100.0)
+    assert res["num_questions"] == 4
+    submit = json.loads((tmp_path / "vqa_submit.json").read_text())
+    assert submit == [
+        {"question_id": 7, "answer": "yes"},
+        {"question_id": 8, "answer": "2"},
+        {"question_id": 9, "answer": "no"},
+        {"question_id": 10, "answer": "no"},
+    ]
+
+
+def test_official_json_release_records(tmp_path):
+    import json
+
+    from vqa import load_vqa_json
+
+    q = {"questions": [{"image_id": 42, "question_id": 420, "question": "How many dogs?"}]}
+    answers = ["2"] * 3 + ["two"] * 2 + ["3"] * 5
+    a = {"annotations": [{"question_id": 420, "multiple_choice_answer": "2", "answer_type": "number",
+                          "answers": [{"answer": x} for x in answers]}]}  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (r,) = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
+    assert r["file_name"] == "/coco/COCO_val2014_000000000042.jpg"
+    assert r["answer_scores"] == {"2": 1.0, "3": 1.0} and r["answers"] == answers
+    (t,) = load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "test2015")
+    assert "answers" not in t and t["question_id"] == 420
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_vqa_json(str(tmp_path / "nope.json"), None, "/coco", "val2014")

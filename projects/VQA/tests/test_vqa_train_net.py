@@ -1,0 +1,108 @@
+"""projects/VQA/train_net.py end to end on the shapes questions (3 iterations + evaluation), the
+configs, the mapper's bad-input handling and the shapes VQA data."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from vqa import VQADatasetMapper, answer_vocab
+
+from fiber_d2.engine.setup import ConfigError, validate_config
+
+PROJECT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("vqa_train_net", PROJECT / "train_net.py")
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
+
+VAL_SUBSET = "vqa_test_shapes_val8"
+if VAL_SUBSET not in DatasetCatalog.list():  # 8 questions keep the evaluation short
+    DatasetCatalog.register(VAL_SUBSET, lambda: DatasetCatalog.get("shapes_val_vqa")[:8])
+    MetadataCatalog.get(VAL_SUBSET).set(evaluator_type="vqa")
+
+TINY = [
+    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+    "INPUT.IMAGE_SIZE", "64",
+    "MODEL.SWIN.WINDOW_SIZE", "2",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "DATASETS.TEST", f"('{VAL_SUBSET}',)",
+]  # fmt: skip
+
+
+def test_three_iterations_then_evaluation(tmp_path):
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *TINY, "OUTPUT_DIR", str(tmp_path)]
+    )
+    res = train_net.main(args)["vqa"]
+    assert res["num_questions"] == 8 and 0.0 <= res["accuracy"] <= 100.0
+    assert (tmp_path / "model_final.pth").is_file()
+    submit = json.loads((tmp_path / "inference" / VAL_SUBSET / "vqa_submit.json").read_text())
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    vocab = answer_vocab(cfg)
+    assert len(submit) == 8 and all(s["answer"] in vocab for s in submit)
+    state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    assert state["vqa_classifier.3.weight"].shape == (len(vocab), 128)
+
+
+def test_shapes_vocabulary_and_targets():
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    vocab = answer_vocab(cfg)
+    assert {"yes", "no", "red", "circle", "0", "1", "2"} <= set(vocab) and len(vocab) <= 20
+    mapper = VQADatasetMapper(cfg, True, answers=vocab)
+    record = DatasetCatalog.get("shapes_train_vqa")[0]
+    out = mapper(record)
+    assert out["image"].shape == (3, 64, 64) and out["image"].dtype == torch.uint8
+    assert out["input_ids"].shape == (cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,)
+    target = out["vqa_targets"]
+    assert target.sum() == 1.0 and vocab[int(target.argmax())] == record["answers"][0]
+
+
+def test_long_questions_are_truncated_with_a_counted_warning(caplog):
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    mapper = VQADatasetMapper(cfg, False, answers=["yes"])
+    record = dict(DatasetCatalog.get("shapes_val_vqa")[0])
+    record["question"] = "is there a red circle " * 20 + "?"
+    with caplog.at_level("WARNING"):
+        out = mapper(record)
+        mapper(record)
+    assert out["attention_mask"].sum() == cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    assert mapper.truncated == 2 and "2 texts truncated so far" in caplog.text
+
+
+def test_missing_image_is_one_line_error_naming_it(tmp_path):
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    mapper = VQADatasetMapper(cfg, False, answers=["yes"])
+    record = dict(DatasetCatalog.get("shapes_val_vqa")[0], file_name=str(tmp_path / "gone.png"))
+    with pytest.raises(OSError, match=r"question \d+: cannot read image .*gone.png") as e:
+        mapper(record)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["shapes.yaml", "vqav2.yaml"])
+def test_project_configs_load(name):
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs" / name), [])
+    validate_config(cfg, training=True)  # every dataset is registered
+    assert cfg.MODEL.META_ARCHITECTURE == "FIBERVQA"
+    assert cfg.SOLVER.PARAM_GROUP_RULE == "coarse"
+    assert cfg.MODEL.SWIN.WINDOW_SIZE * 32 == cfg.INPUT.IMAGE_SIZE
+    if name == "vqav2.yaml":  # coarse spec §5.2 task_finetune_vqa
+        assert cfg.INPUT.IMAGE_SIZE == 576 and cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50
+        assert cfg.SOLVER.IMS_PER_BATCH == 512 and cfg.SOLVER.BASE_LR == 2e-5
+        assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
+        assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER
+        assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug" and cfg.VQA.MIN_ANSWER_COUNT == 9
+        assert list(cfg.DATASETS.TRAIN) == ["vqav2_train", "vqav2_val"]
+
+
+def test_config_errors_are_one_line(tmp_path):
+    cfg_file = str(PROJECT / "configs/shapes.yaml")
+    with pytest.raises(ConfigError, match="VQA.NOPE"):
+        train_net.load_vqa_config(cfg_file, ["VQA.NOPE", "1"])
+    with pytest.raises(ConfigError, match="not found"):
+        train_net.load_vqa_config(str(tmp_path / "nope.yaml"), [])

@@ -1,0 +1,153 @@
+"""VQA answers: the official normalisation, soft scores, the answer vocabulary and the official accuracy.
+
+Normalisation (the VQA evaluation tools' ``processPunctuation`` + ``processDigitArticle``):
+
+* punctuation ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted when it touches a space (or the
+  text has a digit-comma-digit group), otherwise replaced by a space; a period not inside a number is
+  deleted;
+* lower case; number words ``none``/``zero``..``ten`` become digits; the articles ``a``, ``an``, ``the``
+  are dropped; contractions written without their apostrophe (``dont``, ``isnt``, ``shouldntve``...) get
+  it back.
+
+The official table lists contractions one by one; here the table is derived from the contracted forms
+below: every form with one or more of its apostrophes missing maps to the full form. This covers the
+official entries (it may map a few extra spellings the official table leaves alone).
+
+Accuracy of one predicted answer against the 10 human answers (official): answers are stripped; when the
+humans disagree, both sides are normalised; then for each of the 10 leave-one-out subsets of 9 humans
+``min(#matches / 3, 1)``, averaged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "normalize_answer",
+    "process_punctuation",
+    "process_digit_article",
+    "vqa_accuracy",
+    "answer_score",
+    "answer_scores",
+    "build_answer_vocab",
+]
+
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`"]
+_PUNCT += [",", "?", "!"]
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTED = """
+ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll let's ma'am mightn't
+mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she's
+should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd
+someone'd've someone'll someone's something'd something'd've something'll that's there'd there'd've
+there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll
+what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll
+why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
+you're you've
+""".split()
+
+
+def _contractions() -> dict[str, str]:
+    table = {}
+    for full in _CONTRACTED:
+        cuts = [i for i, ch in enumerate(full) if ch == "'"]
+        for r in range(1, len(cuts) + 1):
+            for drop in itertools.combinations(cuts, r):
+                short = "".join(ch for i, ch in enumerate(full) if i not in drop)
+                table.setdefault(short, full)
+    return table
+
+
+_CONTRACTIONS = _contractions()
+
+
+def process_punctuation(text: str) -> str:
+    """The official punctuation rule (see the module docstring)."""
+    out = text
+    comma_group = _COMMA_STRIP.search(text) is not None
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or comma_group:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def process_digit_article(text: str) -> str:
+    """Lower case, number words to digits, no articles, contractions restored."""
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(word)
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(answer: str) -> str:
+    """Whitespace-cleaned, punctuation-, number-, article- and contraction-normalised answer."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(answer))
+
+
+def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
+    """The official VQA accuracy of one prediction (0..1) against the human answers (usually 10).
+
+    Raises:
+        ValueError: no human answers.
+    """
+    if not human_answers:
+        raise ValueError("vqa_accuracy needs at least one human answer")
+    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    if len(set(gts)) > 1:
+        gts = [normalize_answer(a) for a in gts]
+        pred = normalize_answer(pred)
+    pred = pred.lower()
+    matches = [g.lower() == pred for g in gts]
+    accs = []
+    for i in range(len(gts)):
+        others = sum(matches) - matches[i]
+        accs.append(min(1.0, others / 3.0))
+    return sum(accs) / len(accs)
+
+
+def answer_score(count: int) -> float:
+    """Soft target of an answer given by ``count`` annotators: 0, 0.3, 0.6, 0.9, then 1.0."""
+    return (0.0, 0.3, 0.6, 0.9)[count] if count < 4 else 1.0
+
+
+def answer_scores(human_answers: Iterable[str]) -> dict[str, float]:
+    """{normalised answer: soft score} of one question's human answers."""
+    counts = Counter(normalize_answer(a) for a in human_answers)
+    return {a: answer_score(n) for a, n in sorted(counts.items())}
+
+
+def build_answer_vocab(records: Iterable[dict], min_count: int) -> list[str]:
+    """Answers (normalised ``multiple_choice_answer``) occurring at least ``min_count`` times.
+
+    Ordered by decreasing count, then alphabetically (deterministic). VQAv2 train2014 + val2014 with
+    ``min_count`` 9 gives the original's 3129 answers.
+    """
+    counts = Counter(normalize_answer(r["multiple_choice_answer"]) for r in records)
+    kept = [(a, n) for a, n in counts.items() if n >= min_count and a]
+    return [a for a, _ in sorted(kept, key=lambda x: (-x[1], x[0]))]

@@ -1,0 +1,209 @@
+"""VQAv2 datasets: the official json release, the original's Arrow files and the shapes world.
+
+Records (one per question): ``file_name`` (or ``arrow_file`` + ``arrow_row`` + ``arrow_column``),
+``image_id``, ``question_id``, ``question``; with answers also ``answers`` (the 10 human answers, json
+and shapes only), ``answer_scores`` ({normalised answer: soft score}), ``multiple_choice_answer``,
+``answer_type``. Evaluator type "vqa".
+
+=======================  ============================================================  ==============
+name                     files under ``$DETECTRON2_DATASETS``                          images
+=======================  ============================================================  ==============
+vqav2_train              vqav2/v2_OpenEnded_mscoco_train2014_questions.json,            coco/train2014
+                         vqav2/v2_mscoco_train2014_annotations.json
+vqav2_val                ..._val2014_questions.json, v2_mscoco_val2014_annotations.json coco/val2014
+vqav2_test               vqav2/v2_OpenEnded_mscoco_test2015_questions.json (no answers) coco/test2015
+vqav2_test-dev           vqav2/v2_OpenEnded_mscoco_test-dev2015_questions.json          coco/test2015
+vqav2_arrow_{train,val,  arrow/vqav2_{train,val,test,test-dev}.arrow (the original's    in the file
+test,test-dev}           on-disk format, coarse spec §7; needs ``pyarrow``)
+shapes_{train,val}_vqa   the shapes world's annotations/vqa_{split}.json (generated)    shapes/images
+=======================  ============================================================  ==============
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from fiber_d2.data.shapes import SPLITS, shapes_root
+from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
+
+from .answers import answer_scores, normalize_answer
+
+__all__ = [
+    "load_vqa_json",
+    "load_vqa_arrow",
+    "load_shapes_vqa",
+    "register_vqa_json",
+    "register_vqa_arrow",
+    "register_all_vqa",
+    "VQA_JSON_SPLITS",
+]
+
+logger = logging.getLogger(__name__)
+
+# name -> (questions file, annotations file or None, COCO image folder, COCO file-name split)
+VQA_JSON_SPLITS = {
+    "vqav2_train": ("train2014", "train2014", "train2014"),
+    "vqav2_val": ("val2014", "val2014", "val2014"),
+    "vqav2_test": ("test2015", None, "test2015"),
+    "vqav2_test-dev": ("test-dev2015", None, "test2015"),
+}
+
+
+def _read_json(path: str, what: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQA {what} file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_vqa_json(questions_file: str, annotations_file: str | None, image_root: str, split: str):
+    """Records of an official VQAv2 release (questions json + optional annotations json).
+
+    Args:
+        questions_file: ``v2_OpenEnded_mscoco_<split>_questions.json``.
+        annotations_file: ``v2_mscoco_<split>_annotations.json`` or None (test splits).
+        image_root: the COCO image folder.
+        split: the COCO file-name split (``COCO_<split>_<id:012d>.jpg``).
+
+    Raises:
+        FileNotFoundError: a missing file (named); ValueError: a question without annotation.
+    """
+    questions = _read_json(questions_file, "questions")["questions"]
+    annotations = {}
+    if annotations_file:
+        for a in _read_json(annotations_file, "annotations")["annotations"]:
+            annotations[a["question_id"]] = a
+    records = []
+    for q in questions:
+        r = {
+            "file_name": os.path.join(image_root, f"COCO_{split}_{q['image_id']:012d}.jpg"),
+            "image_id": q["image_id"],
+            "question_id": q["question_id"],
+            "question": q["question"],
+        }
+        if annotations_file:
+            a = annotations.get(q["question_id"])
+            if a is None:
+                raise ValueError(
+                    f"{annotations_file}: no annotation for question_id {q['question_id']}"
+                )
+            human = [x["answer"] for x in a["answers"]]
+            r.update(
+                answers=human,
+                answer_scores=answer_scores(human),
+                multiple_choice_answer=a["multiple_choice_answer"],
+                answer_type=a.get("answer_type", ""),
+            )
+        records.append(r)
+    return records
+
+
+def load_vqa_arrow(arrow_file: str):
+    """Records of one of the original's ``vqav2_*.arrow`` files (coarse spec §7.2: one row per image).
+
+    Images stay in the file (records point at ``arrow_file`` / ``arrow_row``). Arrow rows carry the
+    original's processed answers (label strings and soft scores), not the 10 human answers; the
+    ``multiple_choice_answer`` is the highest-scoring label.
+
+    Raises:
+        FileNotFoundError / ImportError with one line naming the file or the missing package.
+    """
+    if not os.path.isfile(arrow_file):
+        raise FileNotFoundError(f"VQA arrow file not found: {arrow_file}")
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise ImportError(f"reading {arrow_file} needs pyarrow (pip install pyarrow)") from None
+    with pa.memory_map(arrow_file, "r") as source:
+        table = pa.ipc.open_file(source).read_all()
+    columns = [c for c in table.column_names if c != "image"]
+    rows = table.select(columns).to_pylist()
+    records = []
+    for row_index, row in enumerate(rows):
+        answers = row.get("answers") or [None] * len(row["questions"])
+        scores = row.get("answer_scores") or [None] * len(row["questions"])
+        for question, qid, labels, label_scores in zip(
+            row["questions"], row["question_id"], answers, scores
+        ):
+            r = {
+                "arrow_file": arrow_file,
+                "arrow_row": row_index,
+                "arrow_column": "image",
+                "file_name": f"{arrow_file}#{row_index}",
+                "image_id": row["image_id"],
+                "question_id": qid,
+                "question": question,
+            }
+            if labels is not None and label_scores is not None:
+                pairs = {normalize_answer(a): float(s) for a, s in zip(labels, label_scores)}
+                r["answer_scores"] = pairs
+                r["multiple_choice_answer"] = max(pairs, key=pairs.get) if pairs else ""
+            records.append(r)
+    return records
+
+
+def load_shapes_vqa(split: str, root: str | None = None):
+    """Records of the shapes world's VQA split (generated on first use)."""
+    root = ensure_shapes_vl(root)
+    files = shapes_vl_files(root, split)
+    records = []
+    for q in _read_json(files["vqa"], "shapes")["questions"]:
+        records.append(
+            {
+                "file_name": os.path.join(files["image_root"], q["file_name"]),
+                "height": q["height"],
+                "width": q["width"],
+                "image_id": q["image_id"],
+                "question_id": q["question_id"],
+                "question": q["question"],
+                "answers": q["answers"],
+                "answer_scores": answer_scores(q["answers"]),
+                "multiple_choice_answer": q["answers"][0],
+                "answer_type": q["answer_type"],
+                "question_type": q["question_type"],
+            }
+        )
+    return records
+
+
+def _register(name: str, loader) -> None:
+    if name in DatasetCatalog.list():
+        return
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(evaluator_type="vqa")
+
+
+def register_vqa_json(root: str) -> None:
+    """Register the official json splits (see the module table) under ``root``."""
+    for name, (qsplit, asplit, image_split) in VQA_JSON_SPLITS.items():
+        questions = os.path.join(root, "vqav2", f"v2_OpenEnded_mscoco_{qsplit}_questions.json")
+        annotations = (
+            os.path.join(root, "vqav2", f"v2_mscoco_{asplit}_annotations.json") if asplit else None
+        )
+        image_root = os.path.join(root, "coco", image_split)
+
+        def load(q=questions, a=annotations, i=image_root, s=image_split):
+            return load_vqa_json(q, a, i, s)
+
+        _register(name, load)
+
+
+def register_vqa_arrow(root: str) -> None:
+    """Register the original's Arrow files ``<root>/arrow/vqav2_<split>.arrow``."""
+    for split in ("train", "val", "test", "test-dev"):
+        path = os.path.join(root, "arrow", f"vqav2_{split}.arrow")
+        _register(f"vqav2_arrow_{split}", lambda p=path: load_vqa_arrow(p))
+
+
+def register_all_vqa(root: str | None = None) -> None:
+    """Register every VQA dataset of the module table (nothing is read now)."""
+    root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
+    register_vqa_json(root)
+    register_vqa_arrow(root)
+    shapes = str(shapes_root())
+    for split in SPLITS:
+        _register(f"shapes_{split}_vqa", lambda s=split: load_shapes_vqa(s, shapes))

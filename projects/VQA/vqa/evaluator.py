@@ -1,0 +1,80 @@
+"""``VQAEvaluator``: official VQA accuracy and the ``vqa_submit.json`` file for EvalAI.
+
+Per question the predicted answer (argmax over the vocabulary) is scored with
+:func:`vqa.answers.vqa_accuracy` against the 10 human answers (official rules). Records that carry only
+the original's processed soft scores (Arrow files) are scored with the soft score of the prediction,
+which equals the official accuracy up to its leave-one-out averaging. Questions without answers
+(test-dev / test-std) are only written to ``vqa_submit.json`` (``[{"question_id", "answer"}]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from .answers import vqa_accuracy
+
+__all__ = ["VQAEvaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+class VQAEvaluator(DatasetEvaluator):
+    """Accuracy (percent) overall and per ``answer_type``; writes ``<output_dir>/vqa_submit.json``."""
+
+    def __init__(self, dataset_name: str, answers: Sequence[str], output_dir: str | None = None):
+        """
+        Args:
+            dataset_name: for the log lines.
+            answers: the answer vocabulary (index = class).
+            output_dir: where ``vqa_submit.json`` is written (None: not written).
+        """
+        self.dataset_name = dataset_name
+        self.answers = list(answers)
+        self.output_dir = output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows: list[dict] = []
+
+    def process(self, inputs: list[dict], outputs: list[dict]) -> None:
+        for x, y in zip(inputs, outputs):
+            row = {"question_id": x["question_id"], "answer": self.answers[y["answer_index"]]}
+            if x.get("answers"):
+                row["accuracy"] = vqa_accuracy(row["answer"], x["answers"])
+            elif x.get("answer_scores") is not None:
+                row["accuracy"] = float(x["answer_scores"].get(row["answer"], 0.0))
+            if x.get("answer_type"):
+                row["answer_type"] = x["answer_type"]
+            self._rows.append(row)
+
+    def evaluate(self):
+        rows = [r for part in comm.gather(self._rows, dst=0) for r in part]
+        if not comm.is_main_process():
+            return {}
+        rows = list({r["question_id"]: r for r in rows}.values())  # padded samplers repeat
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            path = os.path.join(self.output_dir, "vqa_submit.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(
+                    [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows], f
+                )
+            logger.info("%s: wrote %d answers to %s", self.dataset_name, len(rows), path)
+        scored = [r for r in rows if "accuracy" in r]
+        result = {"num_questions": float(len(rows))}
+        if scored:
+            result["accuracy"] = 100.0 * sum(r["accuracy"] for r in scored) / len(scored)
+            by_type = defaultdict(list)
+            for r in scored:
+                if "answer_type" in r:
+                    by_type[r["answer_type"]].append(r["accuracy"])
+            for kind, accs in sorted(by_type.items()):
+                result[f"accuracy_{kind}"] = 100.0 * sum(accs) / len(accs)
+        return {"vqa": result}

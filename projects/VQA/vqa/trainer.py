@@ -1,0 +1,61 @@
+"""``VQATrainer``: FIBERTrainer with the VQA mapper, the unanswerable-question filter and the VQA
+evaluator; ``load_vqa_config``: fiber_d2's and the project's defaults plus a yaml file."""
+
+from __future__ import annotations
+
+import os
+
+from detectron2.config import CfgNode
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+
+from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.trainer import FIBERTrainer
+
+from .config import add_vqa_config
+from .evaluator import VQAEvaluator
+from .mapper import VQADatasetMapper
+from .vocab import answer_vocab, drop_unanswerable
+
+__all__ = ["VQATrainer", "load_vqa_config"]
+
+
+class VQATrainer(FIBERTrainer):
+    """Training drops questions without an in-vocabulary answer (counted); evaluation writes
+    ``vqa_submit.json`` per test set under ``OUTPUT_DIR/inference/<dataset>/``."""
+
+    @classmethod
+    def build_mapper(cls, cfg, is_train: bool):
+        return VQADatasetMapper(cfg, is_train, answers=answer_vocab(cfg))
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        records = drop_unanswerable(records, answer_vocab(cfg))
+        return build_detection_train_loader(
+            cfg, dataset=records, mapper=cls.build_mapper(cfg, True)
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=cls.build_mapper(cfg, False), batch_size=8
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return VQAEvaluator(dataset_name, answer_vocab(cfg), output_folder)
+
+
+def load_vqa_config(config_file: str | None, opts: list | None = None) -> CfgNode:
+    """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
+
+    Raises:
+        ConfigError: missing file, unknown key, malformed overrides.
+    """
+    return load_config(config_file, opts, extra_defaults=(add_vqa_config,))

@@ -1,0 +1,63 @@
+"""The answer vocabulary of a VQA config and the filtering of unanswerable training questions.
+
+``VQA.ANSWER_VOCAB`` names a json list of answers (index = class); when empty the vocabulary is built
+from the records of ``VQA.VOCAB_DATASETS`` (default: ``DATASETS.TRAIN``) as the original does: the
+normalised ``multiple_choice_answer`` strings seen at least ``VQA.MIN_ANSWER_COUNT`` times (coarse
+spec §5.3; 3129 answers on VQAv2 train2014 + val2014 at 9).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog
+
+from .answers import build_answer_vocab
+
+__all__ = ["answer_vocab", "drop_unanswerable"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def _vocab(vocab_file: str, datasets: tuple[str, ...], min_count: int) -> tuple[str, ...]:
+    if vocab_file:
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"VQA.ANSWER_VOCAB file not found: {vocab_file}")
+        with open(vocab_file, encoding="utf-8") as f:
+            answers = json.load(f)
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"VQA.ANSWER_VOCAB {vocab_file} must hold a json list of strings")
+        return tuple(answers)
+    records = [r for name in datasets for r in DatasetCatalog.get(name)]
+    answers = build_answer_vocab((r for r in records if "multiple_choice_answer" in r), min_count)
+    if not answers:
+        raise ValueError(
+            f"no answer occurs {min_count}+ times in {list(datasets)}; lower VQA.MIN_ANSWER_COUNT"
+        )
+    logger.info("VQA answer vocabulary: %d answers from %s", len(answers), list(datasets))
+    return tuple(answers)
+
+
+def answer_vocab(cfg) -> list[str]:
+    """The config's answer vocabulary (cached per vocabulary file / datasets / minimum count)."""
+    datasets = tuple(cfg.VQA.VOCAB_DATASETS) or tuple(cfg.DATASETS.TRAIN)
+    return list(_vocab(cfg.VQA.ANSWER_VOCAB, datasets, cfg.VQA.MIN_ANSWER_COUNT))
+
+
+def drop_unanswerable(records: list[dict], answers: list[str]) -> list[dict]:
+    """Training records with at least one in-vocabulary answer; the others are counted and dropped
+    (as the original drops them from train and val)."""
+    vocab = set(answers)
+    kept = [r for r in records if any(a in vocab for a in r.get("answer_scores", {}))]
+    dropped = len(records) - len(kept)
+    if dropped:
+        logger.warning(
+            "dropped %d of %d training questions without an in-vocabulary answer",
+            dropped,
+            len(records),
+        )
+    return kept

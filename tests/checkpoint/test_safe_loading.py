@@ -1,0 +1,151 @@
+"""Safe checkpoint loading: numpy-only .pkl, safetensors both ways, original layouts converted on the
+fly (once, with the converter's code), strict weights, and the converter's refusals."""
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tool_scripts import load_tool
+
+from fiber_d2.checkpoint import (
+    CheckpointError,
+    FIBERCheckpointer,
+    load_checkpoint_file,
+    save_checkpoint_file,
+)
+from fiber_d2.checkpoint import checkpointer as checkpointer_module
+from fiber_d2.checkpoint.layout import convert_original
+
+ROOT = Path(__file__).resolve().parents[2]
+FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
+tool = load_tool("convert_fiber_checkpoint")
+
+
+def _equal_states(model, expected):
+    state = model.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(state[k], torch.as_tensor(v)), k
+
+
+def _random_state(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+        for k, v in model.state_dict().items()
+    }
+
+
+def test_model_zoo_pkl_with_numpy_arrays_loads(fresh, tmp_path):
+    model = fresh.fine()
+    state = _random_state(model, 1)
+    path = tmp_path / "zoo.pkl"
+    with open(path, "wb") as f:  # detectron2 model-zoo layout: numpy arrays + author
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "someone"}, f)
+    FIBERCheckpointer(model).load(str(path))
+    _equal_states(model, state)
+
+
+class Thing:
+    """Any class: a restricted .pkl must not build it."""
+
+
+def test_pkl_with_any_other_object_is_refused(tmp_path):
+    path = tmp_path / "thing.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"a": np.zeros(2)}, "extra": Thing()}, f)
+    with pytest.raises(CheckpointError, match="refusing to load .*thing.pkl: it holds .*Thing"):
+        load_checkpoint_file(str(path))
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="corrupt.pkl"):
+        load_checkpoint_file(str(corrupt))
+
+
+def test_safetensors_write_and_read(fresh, tmp_path):
+    model = fresh.fine()
+    state = _random_state(model, 2)
+    path = tmp_path / "weights.safetensors"
+    save_checkpoint_file(str(path), state, {"source": "test"})
+    loaded = load_checkpoint_file(str(path))
+    assert loaded["__fiber_d2__"] == {"source": "test"}
+    FIBERCheckpointer(model).load(str(path))
+    _equal_states(model, state)
+    # the converter writes safetensors too, and refuses its own output as input
+    assert not (tmp_path / "weights.safetensors.tmp").exists()
+
+
+def test_original_layout_is_converted_on_the_fly_once(
+    fine_model, fresh, originals, tmp_path, caplog
+):
+    original, expected, _ = originals.make_fine(fine_model.state_dict(), seed=21)
+    src = tmp_path / "original_fine.pth"
+    torch.save({"model": original}, src)
+    checkpointer_module._LOGGED_CONVERSIONS.discard(str(src))
+    model = fresh.fine()
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.checkpoint.checkpointer"):
+        FIBERCheckpointer(model).load(str(src))
+        FIBERCheckpointer(fresh.fine()).load(str(src))
+    assert caplog.text.count("ORIGINAL FIBER fine layout; converted on the fly") == 1
+    _equal_states(model, expected)
+    # the same result as the converter's code path
+    converted, report = convert_original(
+        {"model": original}, stage="fine", target="fine", model_state=fine_model.state_dict()
+    )
+    _equal_states(model, converted)
+    assert report.counts()["shape_mismatches"] == 0
+
+
+def test_strict_weights_list_the_missing_groups(fine_model, fresh, tmp_path):
+    state = {k: v for k, v in fine_model.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "no_head.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as err:
+        FIBERCheckpointer(fresh.fine()).load(str(path))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "head.cls_logits" in message and "MODEL.WEIGHTS_PARTIAL_OK" in message
+    FIBERCheckpointer(fresh.fine(), partial_ok=True).load(str(path))  # opted in: loads
+
+
+def test_coarse_checkpoint_into_the_detector_is_not_partial(coarse_model, fresh, tmp_path):
+    """The coarse -> fine hand-off leaves FPN, head and output norms to the fine stage."""
+    path = tmp_path / "coarse_final.pth"
+    torch.save({"model": coarse_model.state_dict()}, path)
+    FIBERCheckpointer(fresh.fine()).load(str(path))  # no CheckpointError
+    towers_only = {k: v for k, v in coarse_model.state_dict().items() if "image_tower" in k}
+    torch.save({"model": towers_only}, path)
+    with pytest.raises(CheckpointError, match="text_tower"):  # a tower missing is not expected
+        FIBERCheckpointer(fresh.fine()).load(str(path))
+
+
+def test_converter_refusals(fine_model, originals, tmp_path, capsys):
+    original, _, _ = originals.make_fine(fine_model.state_dict(), seed=22)
+    src = tmp_path / "fine.pth"
+    torch.save({"model": original}, src)
+    out = tmp_path / "fine_d2.safetensors"
+    tool.main(["--input", str(src), "--output", str(out), "--config-file", FINE_CFG])
+    assert load_checkpoint_file(str(out))["__fiber_d2__"]["stage"] == "fine"
+    # an already converted file (.safetensors or .pth) is recognised
+    pth = tmp_path / "fine_d2.pth"
+    tool.main(["--input", str(src), "--output", str(pth)])
+    for converted in (out, pth):
+        with pytest.raises(SystemExit, match="already in fiber_d2's layout") as err:
+            tool.main(["--input", str(converted), "--output", str(tmp_path / "again.pth")])
+        assert "\n" not in str(err.value.code) and str(converted) in str(err.value.code)
+    # nothing mapped
+    junk = tmp_path / "junk.pth"
+    torch.save({"model": {"rpn.foo.weight": torch.zeros(1), "x.y": torch.zeros(1)}}, junk)
+    with pytest.raises(SystemExit, match="no tensor was mapped"):
+        tool.main(["--input", str(junk), "--output", str(tmp_path / "j.pth"), "--stage", "fine"])
+    # a shape mismatch with the target config: non-zero exit, nothing written
+    target = tmp_path / "mismatch.pth"
+    with pytest.raises(SystemExit, match="shape mismatch"):
+        tool.main(
+            ["--input", str(src), "--output", str(target), "--config-file", FINE_CFG,
+             "MODEL.DYHEAD.NUM_CLASSES", "7", "MODEL.FPN.OUT_CHANNELS", "32"]
+        )  # fmt: skip
+    assert not target.exists() and not (tmp_path / "j.pth").exists()
+    assert "shape mismatch" in capsys.readouterr().err  # the report is printed first

@@ -1,0 +1,117 @@
+"""Tests of the shapes-world VQA / NLVR2 generator (fiber_d2.data.shapes_vl) and the ALBEF RandAugment."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fiber_d2.data.shapes import CATEGORY_NAMES, COLORS, generate_shapes, shapes_files
+from fiber_d2.data.shapes_vl import ensure_shapes_vl, generate_shapes_vl, shapes_vl_files
+from fiber_d2.data.vl_transforms import AlbefRandAugment, build_vl_image_transform
+
+SMALL = dict(num_train=12, num_val=6)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = generate_shapes(tmp_path_factory.mktemp("world"), seed=3, **SMALL)
+    return generate_shapes_vl(root)
+
+
+def _vl_bytes(root):
+    return [
+        open(shapes_vl_files(root, s)[k], "rb").read()
+        for s in ("train", "val")
+        for k in ("vqa", "nlvr2")
+    ]
+
+
+def test_same_seed_same_files_and_seed_matters(world, tmp_path):
+    again = ensure_shapes_vl(generate_shapes(tmp_path / "again", seed=3, **SMALL))
+    other = ensure_shapes_vl(generate_shapes(tmp_path / "other", seed=4, **SMALL))
+    assert _vl_bytes(world) == _vl_bytes(again)
+    assert _vl_bytes(world) != _vl_bytes(other)
+
+
+def _scene(root, split, file_name):
+    det = json.load(open(shapes_files(root, split)["det"]))
+    image = next(im for im in det["images"] if im["file_name"] == file_name)
+    shapes = []
+    for a in det["annotations"]:
+        if a["image_id"] == image["id"]:
+            colour, kind = CATEGORY_NAMES[a["category_id"] - 1].split()
+            x, y, w, h = a["bbox"]
+            shapes.append((colour, kind, x + w / 2, y + h / 2))
+    return shapes
+
+
+def test_vqa_answers_match_the_pictures(world):
+    questions = json.load(open(shapes_vl_files(world, "train")["vqa"]))["questions"]
+    assert len({q["question_id"] for q in questions}) == len(questions)
+    types = Counter(q["question_type"] for q in questions)
+    assert {"count_kind", "exists", "colour_of_kind", "relation"} <= set(types)
+    for q in questions:
+        assert len(q["answers"]) == 10
+        answer, shapes = q["answers"][0], _scene(world, "train", q["file_name"])
+        words = q["question"].rstrip("?").split()
+        if q["question_type"] == "count_kind":  # "how many circles are there"
+            assert int(answer) == sum(k + "s" == words[2] for _, k, _, _ in shapes)
+        elif q["question_type"] == "exists":  # "is there a red circle"
+            assert (answer == "yes") == any((c, k) == (words[3], words[4]) for c, k, _, _ in shapes)
+        elif q["question_type"] == "colour_of_kind":  # "what color is the circle"
+            (colour,) = [c for c, k, _, _ in shapes if k == words[4]]
+            assert answer == colour
+        elif q["question_type"] == "relation":  # "is the red circle left of the blue square"
+            a = next(s for s in shapes if s[:2] == (words[2], words[3]))
+            b = next(s for s in shapes if s[:2] == tuple(words[-2:]))
+            dx, dy = a[2] - b[2], a[3] - b[3]
+            truth = (
+                ("left" if dx < 0 else "right")
+                if abs(dx) >= abs(dy)
+                else ("above" if dy < 0 else "below")
+            )
+            assert (answer == "yes") == (words[4] == truth)
+    yes_no = Counter(q["answers"][0] for q in questions if q["answer_type"] == "yes/no")
+    assert abs(yes_no["yes"] - yes_no["no"]) <= 0.3 * sum(yes_no.values())
+
+
+def test_nlvr2_labels_match_the_pictures_and_are_balanced(world):
+    pairs = json.load(open(shapes_vl_files(world, "val")["nlvr2"]))
+    labels = Counter(p["label"] for p in pairs)
+    assert labels["True"] == labels["False"] and len(pairs) >= 20
+    for p in pairs:
+        left, right = (_scene(world, "val", p[f"file_name_{k}"]) for k in (0, 1))
+        words = p["sentence"].split()
+        truth = None
+        if words[0] == "both":  # both images contain a red circle
+            want = (words[4], words[5])
+            truth = all(any(s[:2] == want for s in x) for x in (left, right))
+        elif words[3] == "contains":  # the left image contains a red circle
+            side = left if words[1] == "left" else right
+            truth = any(s[:2] == (words[5], words[6]) for s in side)
+        else:  # the left image has more circles than the right image
+            kind = words[5][:-1]
+            more, less = (left, right) if words[1] == "left" else (right, left)
+            truth = sum(s[1] == kind for s in more) > sum(s[1] == kind for s in less)
+        assert truth == (p["label"] == "True"), p
+
+
+def test_albef_randaug_ops_and_transforms():
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[10:30, 10:30] = COLORS["red"]
+    aug = AlbefRandAugment(2, 7, random.Random(0))
+    pil = Image.fromarray(image)
+    for op in AlbefRandAugment.OPS:
+        out = aug.apply(pil, op)
+        assert out.size == pil.size
+    rotated = np.asarray(aug.apply(pil, "Rotate"))
+    assert (rotated[0, 0] == 128).all()  # grey fill in the corners
+    assert np.array_equal(np.asarray(aug.apply(pil, "Identity")), image)
+    train = build_vl_image_transform("albef_randaug", 32, True, random.Random(0))
+    test = build_vl_image_transform("albef_randaug", 32, False)
+    assert train(image).shape == test(image).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="VL_TRAIN_TRANSFORM"):
+        build_vl_image_transform("autoaugment", 32, True)

@@ -1,0 +1,185 @@
+"""Every evaluator checks that each record of its dataset was evaluated exactly once, in one process
+and across two gloo processes (duplicates on one rank or on two, gaps, ids not in the dataset)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, Instances
+from two_ranks import run_two_ranks
+
+from fiber_d2.evaluation import EvaluationCoverageError
+from fiber_d2.evaluation.coco import FIBERCOCOEvaluator
+from fiber_d2.evaluation.flickr import FlickrRecallEvaluator
+from fiber_d2.evaluation.lvis import FixedAPLVISEvaluator
+from fiber_d2.evaluation.refexp import RefExpEvaluator
+from fiber_d2.evaluation.retrieval import RetrievalEvaluator
+
+IDS = [1, 2, 3, 4]
+BOX = [10.0, 10.0, 40.0, 40.0]
+KINDS = ("coco", "lvis", "flickr", "refexp", "retrieval")
+# scenario -> ids processed by (rank 0, rank 1); in one process the two lists are concatenated
+SCENARIOS = {
+    "once": ([1, 2], [3, 4]),
+    "duplicate_on_one_rank": ([1, 2, 2], [3, 4]),
+    "duplicate_across_ranks": ([1, 2], [2, 3, 4]),
+    "gap": ([1], [3, 4]),
+    "unknown_id": ([1, 2], [3, 4, 77]),
+}
+EXPECTED = {
+    "once": None,
+    "duplicate_on_one_rank": "1 evaluated more than once (image_id 2)",
+    "duplicate_across_ranks": "1 evaluated more than once (image_id 2)",
+    "gap": "1 never evaluated (image_id 2)",
+    "unknown_id": "1 not in the dataset (image_id 77)",
+}
+
+
+def _coco_json(path, bad_box=False):
+    images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in IDS]
+    xywh = [BOX[0], BOX[1], BOX[2] - BOX[0], BOX[3] - BOX[1]]
+    anns = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": xywh, "area": 900.0, "iscrowd": 0}
+        for i in IDS
+    ]
+    if bad_box:  # a box outside image 1: dropped by the loaders and by the evaluator alike
+        anns.append(
+            {"id": 99, "image_id": 1, "category_id": 1, "bbox": [300, 300, 10, 10], "area": 100.0}
+        )
+    for img in images:
+        img.update(neg_category_ids=[], not_exhaustive_category_ids=[])
+    cats = [{"id": 1, "name": "thing", "frequency": "f", "image_count": 4}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return str(path)
+
+
+def register(folder, suffix=""):
+    """Register one tiny dataset per evaluator kind; returns {kind: name}."""
+    names = {k: f"xo_{k}{suffix}" for k in KINDS}
+    phrase = {"text": "a box", "tokens_positive": [[0, 5]], "boxes": [BOX], "phrase_type": "x"}
+    records = {
+        "coco": [{"image_id": i} for i in IDS],
+        "lvis": [{"image_id": i} for i in IDS],
+        "flickr": [{"image_id": i, "caption": "a box", "phrases": [phrase]} for i in IDS],
+        "refexp": [{"image_id": i, "caption": "a box", "phrases": [phrase]} for i in IDS],
+        "retrieval": [{"image_id": i, "captions": ["a", "b"]} for i in IDS],
+    }
+    for kind, name in names.items():
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda r=records[kind]: r)
+        meta = {"evaluator_type": kind}
+        if kind in ("coco", "lvis"):
+            meta.update(
+                json_file=_coco_json(folder / f"{kind}.json"),
+                thing_classes=["thing"],
+                thing_dataset_id_to_contiguous_id={1: 0},
+            )
+        MetadataCatalog.get(name).set(**meta)
+    return names
+
+
+def build(kind, name, distributed):
+    if kind == "coco":
+        return FIBERCOCOEvaluator(name, tasks=("bbox",), distributed=distributed)
+    if kind == "lvis":
+        return FixedAPLVISEvaluator(name, distributed=distributed)
+    cls = {"flickr": FlickrRecallEvaluator, "refexp": RefExpEvaluator}.get(kind, RetrievalEvaluator)
+    return cls(name, distributed=distributed)
+
+
+def output(kind, image_id):
+    if kind == "retrieval":
+        v = torch.zeros(4)
+        v[image_id % 4] = 1.0
+        return {"image_embedding": v, "text_embeddings": torch.stack([v, v])}
+    inst = Instances((100, 100))
+    inst.pred_boxes = Boxes(torch.tensor([BOX]))
+    inst.scores = torch.tensor([0.9])
+    inst.pred_classes = torch.tensor([0])
+    return {"instances": inst}
+
+
+def evaluate(kind, name, ids, distributed):
+    """'ok' or the error's message."""
+    ev = build(kind, name, distributed)
+    ev.reset()
+    for i in ids:
+        ev.process([{"image_id": i}], [output(kind, i)])
+    try:
+        ev.evaluate()
+    except EvaluationCoverageError as e:
+        return str(e)
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def names(tmp_path_factory):
+    return register(tmp_path_factory.mktemp("xo"))
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_process(names, kind, scenario):
+    ids = SCENARIOS[scenario][0] + SCENARIOS[scenario][1]
+    result = evaluate(kind, names[kind], ids, distributed=False)
+    if EXPECTED[scenario] is None:
+        assert result == "ok"
+    else:
+        assert EXPECTED[scenario] in result and names[kind] in result
+        assert "\n" not in result
+
+
+def _ranked_evaluations(rank, folder):
+    names = register(Path(folder), suffix="_ddp")
+    results = {}
+    for kind in KINDS:
+        for scenario, per_rank in SCENARIOS.items():
+            results[f"{kind}/{scenario}"] = evaluate(
+                kind, names[kind], per_rank[rank], distributed=True
+            )
+    return results
+
+
+def test_two_processes(tmp_path):
+    ranks = run_two_ranks(_ranked_evaluations, tmp_path, str(tmp_path))
+    for kind in KINDS:
+        for scenario, expected in EXPECTED.items():
+            key = f"{kind}/{scenario}"
+            for rank in ranks:  # every rank reaches the same verdict
+                if expected is None:
+                    assert rank[key] == "ok", key
+                else:
+                    assert expected in rank[key], (key, rank[key])
+
+
+def test_unreadable_image_counts_without_predictions(tmp_path):
+    names = register(tmp_path, suffix="_unreadable")
+    ev = build("coco", names["coco"], distributed=False)
+    ev.reset()
+    for i in IDS:
+        ev.process([{"image_id": i, "unreadable": i == 4}], [output("coco", i)])
+    ap = ev.evaluate()["bbox"]["AP50"]
+    assert ap == pytest.approx(75.0, abs=0.5)  # 3 of 4 GT boxes found; image 4 still counts
+
+
+def test_coco_ground_truth_drops_the_boxes_the_loader_drops(tmp_path, caplog):
+    name = "xo_coco_bad_box"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [{"image_id": i} for i in IDS])
+    MetadataCatalog.get(name).set(
+        json_file=_coco_json(tmp_path / "bad.json", bad_box=True),
+        thing_classes=["thing"],
+        thing_dataset_id_to_contiguous_id={1: 0},
+    )
+    ev = FIBERCOCOEvaluator(name, tasks=("bbox",), distributed=False)
+    assert "1 ground-truth box(es) dropped" in caplog.text and "1.jpg" in caplog.text
+    ev.reset()
+    for i in IDS:
+        ev.process([{"image_id": i}], [output("coco", i)])
+    assert ev.evaluate()["bbox"]["AP50"] == pytest.approx(100.0)

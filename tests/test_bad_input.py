@@ -1,0 +1,595 @@
+"""Bad input through training, evaluation and prediction: each case ends in a named one-line error
+or a counted warning, and no earlier file of an existing OUTPUT_DIR changes.
+
+Each test is one row of the bad-input table (input x path -> behaviour); run
+``.venv/bin/python -m pytest -q tests/test_bad_input.py -v`` to reproduce it. Paths: "train" and
+"eval" are ``tools/train_net.py`` (``--eval-only``), in a subprocess where the exact stderr matters
+(pickle payload) and in-process otherwise; "predict" is ``FIBERPredictor`` / ``tools/demo.py``;
+the dataset-level cases go through the loaders, ``GroundingDatasetMapper`` and the evaluators.
+"""
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from PIL import Image
+from tool_scripts import load_tool
+
+import fiber_d2  # noqa: F401
+from fiber_d2.checkpoint import CheckpointError
+from fiber_d2.data.datasets import register_grounding_coco, register_mdetr_grounding
+from fiber_d2.data.datasets.common import BadRecordError
+from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.predictor import FIBERPredictor
+
+ROOT = Path(__file__).resolve().parents[1]
+FINE = str(ROOT / "configs/Demo/fine_tiny.yaml")
+RETRIEVAL = str(ROOT / "projects/Retrieval/configs/shapes_itc.yaml")
+TINY = [
+    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "SOLVER.MAX_ITER", "1",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.IMS_PER_BATCH", "2",
+]  # fmt: skip
+train_net = load_tool("train_net")
+demo = load_tool("demo")
+converter = load_tool("convert_fiber_checkpoint")
+
+
+# ----------------------------------------------------------------------------- helpers
+def snapshot(folder: Path) -> dict:
+    """{relative path: sha256} of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture()
+def out(tmp_path):
+    """An existing OUTPUT_DIR holding the files of an earlier run."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"bbox": {"AP": 12.5}}')
+    (folder / "config.yaml").write_text("OUTPUT_DIR: earlier\n")
+    (folder / "log.txt").write_text("earlier log\n")
+    (folder / "metrics.json").write_text('{"iteration": 9}\n')
+    (folder / "model_final.pth").write_bytes(b"earlier weights")
+    return folder
+
+
+def one_line_error(message) -> str:
+    text = str(message)
+    assert "\n" not in text.strip() and "Traceback" not in text, text
+    return text
+
+
+def run_cli(script: str, args: list, extra_path: str = "") -> str:
+    """Run a command-line tool in a subprocess; returns its one ``error:`` line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), extra_path) if p)
+    proc = subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), proc.stderr[-3000:]
+    return last
+
+
+def run_train_net(args: list) -> str:
+    """``tools/train_net.py`` in-process (one process: ``launch`` calls ``main`` directly)."""
+    parsed = default_argument_parser().parse_args(args)
+    with pytest.raises(SystemExit) as err:
+        train_net.main(parsed)
+    line = one_line_error(err.value.code)
+    assert line.startswith("error:")
+    return line
+
+
+def run_demo(args: list) -> str:
+    with pytest.raises(SystemExit) as err:
+        demo.main(args)
+    line = one_line_error(err.value.code)
+    assert line.startswith("error:")
+    return line
+
+
+class _Payload:
+    """Unpickling it creates ``path`` (an attacker's side effect)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (builtins.open, (self.path, "w"))
+
+
+def write_payload(path: Path, marker: Path) -> str:
+    obj = {"model": {"backbone.w": _Payload(marker)}, "__author__": "someone"}
+    if path.suffix == ".pkl":
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    else:
+        torch.save(obj, path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- pickle payload
+PAYLOAD_PATHS = [
+    "train_net train",
+    "train_net --eval-only",
+    "train_net --resume",
+    "FIBERPredictor",
+    "tools/demo.py",
+    "convert_fiber_checkpoint",
+    "Retrieval train_net",
+]
+
+
+# (path, suffix): every path with a .pkl payload and a pickled .pth one (the Retrieval entry point,
+# a 20 s subprocess, reads .pth through the same loader as train_net: .pkl only).
+PAYLOAD_CASES = [
+    (p, s)
+    for p in PAYLOAD_PATHS
+    for s in (".pkl", ".pth")
+    if (p, s) != ("Retrieval train_net", ".pth")
+]
+
+
+@pytest.mark.parametrize("path,suffix", PAYLOAD_CASES)
+def test_pickle_payload_never_runs(path, suffix, out, tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = write_payload(tmp_path / f"evil{suffix}", marker)
+    before = snapshot(out)
+    common = ["OUTPUT_DIR", str(out), *TINY]
+    if path == "train_net train" and suffix == ".pkl":  # the real process: stderr is one line
+        line = run_cli(
+            "tools/train_net.py", ["--config-file", FINE, "MODEL.WEIGHTS", evil, *common]
+        )
+    elif path == "train_net train":
+        line = run_train_net(["--config-file", FINE, "MODEL.WEIGHTS", evil, *common])
+    elif path == "train_net --eval-only":
+        line = run_train_net(["--config-file", FINE, "--eval-only", "MODEL.WEIGHTS", evil, *common])
+    elif path == "train_net --resume":
+        inside = write_payload(out / f"model_0000099{suffix}", marker)
+        (out / "last_checkpoint").write_text(Path(inside).name)
+        before = snapshot(out)
+        line = run_train_net(["--config-file", FINE, "--resume", *common])
+        evil = inside
+    elif path == "FIBERPredictor":
+        with pytest.raises(CheckpointError) as err:
+            FIBERPredictor(load_config(FINE, [*TINY, "MODEL.WEIGHTS", evil]))
+        line = one_line_error(err.value)
+    elif path == "tools/demo.py":
+        image = tmp_path / "img.png"
+        Image.new("RGB", (32, 32)).save(image)
+        line = run_demo(
+            [
+                "--input",
+                str(image),
+                "--prompt",
+                "red circle",
+                "--opts",
+                *TINY,
+                "MODEL.WEIGHTS",
+                evil,
+            ]
+        )
+    elif path == "convert_fiber_checkpoint":
+        target = tmp_path / "converted.pth"
+        with pytest.raises(SystemExit) as err:
+            converter.main(["--input", evil, "--output", str(target)])
+        line = one_line_error(err.value.code)
+        assert not target.exists()
+    else:  # the project's entry point, in its own process
+        line = run_cli(
+            "projects/Retrieval/train_net.py",
+            ["--config-file", RETRIEVAL, "MODEL.WEIGHTS", evil, "OUTPUT_DIR", str(out)],
+            extra_path=str(ROOT / "projects/Retrieval"),
+        )
+    assert not marker.exists(), f"{path}: the payload ran"
+    assert evil in line and "refusing to load" in line
+    assert "io.open" in line or "builtins.open" in line  # names what was refused
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.fixture()
+def other_arch(tmp_path):
+    """A checkpoint of another architecture (a ResNet-like state dict)."""
+    path = tmp_path / "resnet.pth"
+    torch.save(
+        {"model": {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}},
+        path,
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("path", ["train", "eval", "predict", "demo"])
+def test_checkpoint_of_another_architecture(path, other_arch, out, tmp_path):
+    before = snapshot(out)
+    common = ["OUTPUT_DIR", str(out), *TINY, "MODEL.WEIGHTS", other_arch]
+    if path == "train":
+        line = run_train_net(["--config-file", FINE, *common])
+    elif path == "eval":
+        line = run_train_net(["--config-file", FINE, "--eval-only", *common])
+    elif path == "predict":
+        with pytest.raises(CheckpointError) as err:
+            FIBERPredictor(load_config(FINE, [*TINY, "MODEL.WEIGHTS", other_arch]))
+        line = one_line_error(err.value)
+    else:
+        image = tmp_path / "img.png"
+        Image.new("RGB", (32, 32)).save(image)
+        line = run_demo(
+            ["--input", str(image), "--prompt", "red circle", "--opts", *TINY, "MODEL.WEIGHTS",
+             other_arch]
+        )  # fmt: skip
+    assert other_arch in line and "another architecture" in line
+    assert "backbone.bottom_up" in line and "MODEL.WEIGHTS_PARTIAL_OK" in line  # missing groups
+    assert snapshot(out) == before
+
+
+def test_partial_checkpoint_loads_when_allowed(other_arch, caplog):
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.checkpoint.checkpointer"):
+        FIBERPredictor(
+            load_config(
+                FINE, [*TINY, "MODEL.WEIGHTS", other_arch, "MODEL.WEIGHTS_PARTIAL_OK", "True"]
+            )
+        )
+    assert "loading anyway (MODEL.WEIGHTS_PARTIAL_OK)" in caplog.text
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize("path", ["train", "eval", "predict", "demo"])
+def test_unknown_config_key(path, out, tmp_path):
+    before = snapshot(out)
+    bad = ["MODEL.SWIN.NOT_A_KEY", "1"]
+    if path in ("train", "eval"):
+        flags = ["--eval-only"] if path == "eval" else []
+        line = run_train_net(["--config-file", FINE, *flags, *bad, "OUTPUT_DIR", str(out)])
+    elif path == "predict":
+        with pytest.raises(ConfigError) as err:
+            FIBERPredictor(load_config(FINE, [*TINY, *bad]))
+        line = one_line_error(err.value)
+    else:
+        image = tmp_path / "img.png"
+        Image.new("RGB", (32, 32)).save(image)
+        line = run_demo(["--input", str(image), "--prompt", "circle", "--opts", *TINY, *bad])
+    assert "MODEL.SWIN.NOT_A_KEY" in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("path", ["train", "eval"])
+def test_unregistered_dataset(path, out):
+    before = snapshot(out)
+    key = "DATASETS.TRAIN" if path == "train" else "DATASETS.TEST"
+    flags = ["--eval-only"] if path == "eval" else []
+    line = run_train_net(
+        ["--config-file", FINE, *flags, key, "('no_such_set',)", "OUTPUT_DIR", str(out), *TINY]
+    )
+    assert "dataset 'no_such_set' is not registered" in line
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- images
+def _truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def make_image(kind: str, folder: Path) -> tuple[str, bool]:
+    """(path, readable) of one test image."""
+    if kind == "truncated JPEG":
+        path = folder / "truncated.jpg"
+        _truncated_jpeg(path)
+        return str(path), False
+    if kind == "non-image .jpg":
+        path = folder / "text.jpg"
+        path.write_bytes(b"this is not an image at all")
+        return str(path), False
+    if kind == "missing file":
+        return str(folder / "missing.jpg"), False
+    path = folder / f"{kind.replace(' ', '_')}.png"
+    if kind == "grayscale PNG":
+        Image.new("L", (40, 30), 128).save(path)
+    elif kind == "RGBA PNG":
+        Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(path)
+    elif kind == "1x1 image":
+        Image.new("RGB", (1, 1), (0, 255, 0)).save(path)
+    else:  # large image, through the mapper only (tiny resize)
+        Image.new("RGB", (5000, 5000)).save(path)
+    return str(path), True
+
+
+IMAGE_KINDS = [
+    "truncated JPEG",
+    "non-image .jpg",
+    "missing file",
+    "grayscale PNG",
+    "RGBA PNG",
+    "1x1 image",
+    "5000x5000 image",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    cfg = load_config(FINE, [*TINY, "INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", "64"])
+    cfg.freeze()
+    return cfg
+
+
+def _det_record(path, size=None):
+    w, h = size or (40, 30)
+    return {
+        "file_name": path,
+        "image_id": 1,
+        "height": h,
+        "width": w,
+        "task": "detection",
+        "dataset_name": "shapes_val_det",
+        "annotations": [{"bbox": [2, 2, 20, 20], "bbox_mode": 1, "category_id": 0}],
+    }
+
+
+def _size(path):
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_image_in_training(kind, tmp_path, tiny_cfg, caplog):
+    path, readable = make_image(kind, tmp_path)
+    mapper = GroundingDatasetMapper(tiny_cfg, is_train=True)
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        result = mapper(_det_record(path, _size(path)))
+    if readable:
+        assert result is not None and result["image"].shape[0] == 3
+        assert max(result["image"].shape[1:]) <= 64 and mapper.bad.skipped == 0
+    else:  # skipped with a counted warning naming the file
+        assert result is None and mapper.bad.skipped == 1
+        assert os.path.basename(path) in caplog.text and "1 records skipped so far" in caplog.text
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_image_in_evaluation(kind, tmp_path, tiny_cfg):
+    path, readable = make_image(kind, tmp_path)
+    mapper = GroundingDatasetMapper(tiny_cfg, is_train=False)
+    record = _det_record(path, _size(path))
+    if readable:
+        result = mapper(record)
+        assert result["image"].shape[0] == 3 and max(result["image"].shape[1:]) <= 96
+        assert "unreadable" not in result
+        return
+    with pytest.raises(BadRecordError) as err:  # never a substituted record
+        mapper(record)
+    line = one_line_error(err.value)
+    assert path in line and "TEST.UNREADABLE_IMAGE_AS_EMPTY" in line
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY = True
+    result = GroundingDatasetMapper(cfg, is_train=False)(record)
+    assert result["unreadable"] is True and int(result["image"].max()) == 0  # counted, no preds
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return FIBERPredictor(load_config(FINE, [*TINY, "MODEL.ATSS.INFERENCE_TH", "0.0"]))
+
+
+@pytest.mark.parametrize("kind", [k for k in IMAGE_KINDS if k != "5000x5000 image"])
+def test_image_in_prediction(kind, tmp_path, predictor):
+    path, readable = make_image(kind, tmp_path)
+    if readable:
+        result = predictor(path, ["red circle", "blue square"])
+        assert result["instances"].image_size == tuple(reversed(_size(path)))
+        return
+    line = run_demo(["--input", path, "--prompt", "red circle", "--opts", *TINY])
+    assert path in line or os.path.basename(path) in line
+
+
+# ----------------------------------------------------------------------------- datasets
+def _coco(tmp_path, name, boxes):
+    Image.new("RGB", (60, 50)).save(tmp_path / "a.jpg")
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 50, "width": 60}],
+        "annotations": [
+            {"id": i, "image_id": 1, "bbox": b, "area": 1.0, "category_id": 1, "iscrowd": 0}
+            for i, b in enumerate(boxes)
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_grounding_coco(name, str(tmp_path / f"{name}.json"), str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize(
+    "kind,box",
+    [("negative-width box", [30, 5, -10, 10]), ("box outside the image", [200, 5, 9, 9])],
+)
+def test_bad_box_is_dropped_and_the_image_kept(kind, box, tmp_path, tiny_cfg, caplog):
+    name = _coco(tmp_path, "bad_box_" + kind.split()[0].replace("-", "_"), [[5, 5, 20, 20], box])
+    with caplog.at_level(logging.WARNING):
+        records = DatasetCatalog.get(name)
+    assert len(records) == 1 and len(records[0]["annotations"]) == 1  # image kept, box dropped
+    assert "a.jpg" in caplog.text and "dropped 1 bad annotation(s)" in caplog.text
+    # training sees the kept box; the evaluator drops the same box from its ground truth
+    # (tests/evaluation/test_exactly_once.py::test_coco_ground_truth_drops_the_boxes_the_loader_drops)
+    out = GroundingDatasetMapper(tiny_cfg, is_train=True, dataset_names=[name])(records[0])
+    assert len(out["instances"]) == 1
+
+
+def _mdetr(tmp_path, name, caption, spans):
+    Image.new("RGB", (60, 50)).save(tmp_path / "g.jpg")
+    data = {
+        "images": [{"id": 1, "file_name": "g.jpg", "height": 50, "width": 60, "caption": caption}],
+        "annotations": [
+            {"id": i, "image_id": 1, "bbox": [5, 5, 20, 20], "tokens_positive": [s],
+             "category_id": 1, "iscrowd": 0}
+            for i, s in enumerate(spans)
+        ],  # fmt: skip
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_mdetr_grounding(name, str(tmp_path / f"{name}.json"), str(tmp_path), "grounding")
+    return name
+
+
+def test_phrase_span_outside_the_caption(tmp_path, tiny_cfg, predictor, caplog):
+    # loader: the annotation is dropped (counted), the entry kept
+    name = _mdetr(tmp_path, "span_outside", "a red circle", [[2, 12], [2, 99]])
+    with caplog.at_level(logging.WARNING):
+        records = DatasetCatalog.get(name)
+    assert len(records) == 1 and len(records[0]["annotations"]) == 1
+    assert "g.jpg" in caplog.text and "outside the caption" in caplog.text
+    # a record built elsewhere: training skips it (counted), evaluation names it
+    record = dict(records[0], phrases=[dict(records[0]["phrases"][0], tokens_positive=[[2, 99]])])
+    train = GroundingDatasetMapper(tiny_cfg, is_train=True)
+    assert train(record) is None and train.bad.skipped == 1
+    with pytest.raises(BadRecordError, match="outside the caption") as err:
+        GroundingDatasetMapper(tiny_cfg, is_train=False)(record)
+    assert "g.jpg" in one_line_error(err.value)
+    # prediction
+    with pytest.raises(ValueError, match=r"span \[2, 99\) is outside the caption") as err:
+        predictor.encode("a red circle", [(2, 99)])
+    one_line_error(err.value)
+
+
+def test_empty_prompt(tmp_path, tiny_cfg, predictor):
+    name = _mdetr(tmp_path, "empty_caption", " ", [])
+    with pytest.raises(BadRecordError, match="no valid record"):  # the only entry is skipped
+        DatasetCatalog.get(name)
+    record = {"file_name": str(tmp_path / "g.jpg"), "image_id": 3, "height": 50, "width": 60,
+              "task": "grounding", "caption": " ", "phrases": []}  # fmt: skip
+    train = GroundingDatasetMapper(tiny_cfg, is_train=True)
+    assert train(record) is None and train.bad.skipped == 1
+    with pytest.raises(BadRecordError, match="empty caption"):
+        GroundingDatasetMapper(tiny_cfg, is_train=False)(record)
+    for prompt in ("", []):
+        with pytest.raises(ValueError, match="empty prompt") as err:
+            predictor.encode(prompt)
+        one_line_error(err.value)
+    image = tmp_path / "g.jpg"
+    line = run_demo(["--input", str(image), "--prompt", " ", "--opts", *TINY])
+    assert "empty prompt" in line or "no category name" in line
+
+
+def test_2000_token_prompt(tmp_path, tiny_cfg, predictor, caplog):
+    caption = " ".join(["red circle"] * 1000)  # 2000 words
+    phrases = [{"text": "red circle", "tokens_positive": [[0, 10]], "boxes": [[5, 5, 25, 25]]},
+               {"text": "red circle", "tokens_positive": [[len(caption) - 10, len(caption)]],
+                "boxes": [[30, 5, 50, 25]]}]  # fmt: skip
+    record = {"file_name": str(tmp_path / "g.jpg"), "image_id": 4, "height": 50, "width": 60,
+              "task": "grounding", "caption": caption, "phrases": phrases,
+              "annotations": [{"bbox": [5, 5, 20, 20], "bbox_mode": 1, "phrase_index": 1,
+                               "tokens_positive": phrases[1]["tokens_positive"]}]}  # fmt: skip
+    Image.new("RGB", (60, 50)).save(tmp_path / "g.jpg")
+    for is_train in (True, False):
+        caplog.clear()
+        mapper = GroundingDatasetMapper(tiny_cfg, is_train=is_train)
+        with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+            result = mapper(record)
+        assert result is not None and mapper.bad.cut_phrases == 1  # counted, named
+        assert "g.jpg" in caplog.text and "beyond the 64-token prompt" in caplog.text
+    with pytest.raises(ValueError, match="caption needs 20[0-9][0-9] tokens") as err:
+        predictor.encode(caption)
+    one_line_error(err.value)
+    names = [f"shape {i}" for i in range(1000)]  # a long name list is chunked, not truncated
+    assert predictor.encode(names)["input_ids"].shape[0] > 1
+
+
+# ----------------------------------------------------------------------------- whole runs
+def _register_images(tmp_path, name, files):
+    """A COCO-format test set of the given image files (all 64x64, one box each)."""
+    data = {
+        "images": [
+            {"id": i + 1, "file_name": f, "height": 64, "width": 64} for i, f in enumerate(files)
+        ],
+        "annotations": [
+            {"id": i + 1, "image_id": i + 1, "bbox": [8, 8, 24, 24], "area": 576.0,
+             "category_id": 1, "iscrowd": 0}
+            for i in range(len(files))
+        ],  # fmt: skip
+        "categories": [{"id": 1, "name": "red circle"}],
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_grounding_coco(name, str(tmp_path / f"{name}.json"), str(tmp_path))
+
+
+def test_training_set_without_a_readable_image(tmp_path, out):
+    _truncated_jpeg(tmp_path / "t1.jpg")
+    (tmp_path / "t2.jpg").write_bytes(b"not an image")
+    _register_images(tmp_path, "bad_input_unreadable_train", ["t1.jpg", "t2.jpg"])
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_unreadable_train',)",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "training dataset 'bad_input_unreadable_train'" in line
+    assert "none of its 2 images can be read" in line and "t1.jpg" in line
+    assert snapshot(out) == before
+
+
+def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "--eval-only", "DATASETS.TEST", "('bad_input_missing_test',)",
+         "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "test dataset 'bad_input_missing_test'" in line and "gone.jpg" in line
+    assert snapshot(out) == before
+
+
+def test_truncated_test_image_in_a_run(tmp_path, out):
+    """Found by the pre-run decode: one line naming it, OUTPUT_DIR untouched; with the key the
+    image is evaluated without predictions and the run completes."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _truncated_jpeg(tmp_path / "cut.jpg")
+    _register_images(tmp_path, "bad_input_truncated_test", ["ok.jpg", "cut.jpg"])
+    before = snapshot(out)
+    args = ["--config-file", FINE, "--eval-only", "DATASETS.TEST",
+            "('bad_input_truncated_test',)", "OUTPUT_DIR", str(out), *TINY]  # fmt: skip
+    line = run_train_net(args)
+    assert "cut.jpg" in line and "TEST.UNREADABLE_IMAGE_AS_EMPTY" in line
+    assert snapshot(out) == before
+    results = train_net.main(
+        default_argument_parser().parse_args([*args, "TEST.UNREADABLE_IMAGE_AS_EMPTY", "True"])
+    )
+    assert set(results["bbox"]) >= {"AP", "AP50"}  # both images evaluated exactly once
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text  # strict JSON: an undefined AP is null
+    saved = json.loads(text)
+    assert set(saved["bbox"]) >= {"AP", "AP50"}

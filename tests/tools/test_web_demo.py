@@ -1,0 +1,103 @@
+"""tools/web_demo.py: the request function, and the real page driven in headless Chromium (Playwright).
+
+The browser test is skipped, with the reason, when Gradio, Playwright or a Chromium binary is missing;
+``make web-test`` installs them and runs this file.
+"""
+
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tool_scripts import load_tool
+
+from fiber_d2.engine.setup import load_config
+from fiber_d2.predictor import FIBERPredictor
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
+OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.ATSS.INFERENCE_TH", "0.0",
+    "MODEL.ATSS.PRE_NMS_TOP_N", "20",
+    "MODEL.ATSS.DETECTIONS_PER_IMG", "5",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+]  # fmt: skip
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+web_demo = load_tool("web_demo")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return FIBERPredictor(load_config(CFG, OPTS))
+
+
+def test_predict_returns_drawing_table_and_clear_errors(predictor):
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    drawn, rows, status = web_demo.predict(predictor, image, "categories", "red circle", "", 0.0)
+    assert drawn.dtype == np.uint8 and min(drawn.shape[:2]) >= 512
+    assert len(rows) == 5 and all(r[0] == "red circle" and 0 <= r[1] <= 1 for r in rows)
+    assert status.startswith("5 detection(s)")
+    caption = "a red circle left of a blue square"
+    _, rows, _ = web_demo.predict(
+        predictor, image, "caption", caption, "red circle; blue square", 0.0
+    )
+    assert {r[0] for r in rows} <= {"red circle", "blue square"} and rows
+    _, rows, status = web_demo.predict(predictor, image, "caption", caption, "purple star", 0.0)
+    assert rows == [] and "purple star" in status and status.startswith("**Error:**")
+    assert web_demo.predict(predictor, None, "categories", "x", "", 0.3)[2].startswith("Upload")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_in_headless_chromium(predictor, tmp_path):
+    pytest.importorskip("gradio", reason="Gradio not installed (pip install 'fiber_d2[web]')")
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright not installed")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium binary (apt-get install chromium); `make web-test` installs it")
+    image_path = tmp_path / "shapes.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(image_path)
+
+    app = web_demo.build_app(predictor, threshold=0.0)
+    port = _free_port()
+    app.launch(server_name=web_demo.HOST, server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        assert web_demo.HOST == "127.0.0.1"
+        assert app.local_url.startswith(f"http://127.0.0.1:{port}")
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = browser.new_page()
+            page.goto(app.local_url, timeout=60_000)
+            page.locator("#input-image input[type=file]").set_input_files(str(image_path))
+            page.locator("#prompt textarea, #prompt input").first.fill("red circle. blue square")
+            page.locator("#detect").click()
+            page.locator("#status").get_by_text("detection(s)").wait_for(timeout=120_000)
+            table = page.locator("#result-table")
+            table.get_by_text("red circle").first.wait_for(timeout=30_000)
+            assert "5 detection(s)" in page.locator("#status").inner_text()
+            assert page.locator("#result-image img").count() >= 1
+            browser.close()
+    finally:
+        app.close()

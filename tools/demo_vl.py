@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""FIBER's high-level half on the shapes world in one command (``make demo-vl``): the coarse stage, then
+retrieval, VQA and NLVR2 from its checkpoint, one summary table and a few pictures.
+
+    python tools/demo_vl.py [--output-dir output/demo_vl] [--coarse-weights PATH] [--ablation]
+        [--tasks retrieval,vqa,nlvr2] [KEY VALUE ...]
+
+The coarse checkpoint is ``--coarse-weights``, else ``output/demo/coarse/model_final.pth`` (left by
+``make demo``) when present, else it is trained here (``configs/Demo/coarse_tiny.yaml`` into
+``<output-dir>/coarse``, as tools/pretrain_pipeline.py does). ``--ablation`` also runs every task from
+scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply to every task. Results: stdout, ``<output-dir>/summary.{json,md}``,
+``<output-dir>/<task>/pictures/*.png``.
+
+A task is one line of :data:`RUNNERS`: (name, project folder, module); the module's
+``run(coarse_weights, output_dir) -> dict`` (see fiber_d2.engine.shapes_demo; an optional ``opts``
+keyword receives the trailing overrides) does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_NET = ROOT / "tools" / "train_net.py"
+COARSE_CONFIG = ROOT / "configs" / "Demo" / "coarse_tiny.yaml"
+DEMO_COARSE = ROOT / "output" / "demo" / "coarse" / "model_final.pth"
+
+# (task name, project folder under projects/, runner module)
+RUNNERS = [
+    ("retrieval", "Retrieval", "retrieval.shapes_demo"),
+    ("vqa", "VQA", "vqa.shapes_demo"),
+    ("nlvr2", "NLVR2", "nlvr2.shapes_demo"),
+    ("captioning", "Captioning", "captioning.shapes_demo"),
+]
+
+logger = logging.getLogger("fiber_d2.demo_vl")
+
+
+def coarse_checkpoint(explicit: str | None, output_dir: Path) -> tuple[str, float]:
+    """(path of the coarse checkpoint, seconds spent training it here: 0 when reused)."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            sys.exit(f"error: --coarse-weights file not found: {explicit}")
+        return explicit, 0.0
+    if DEMO_COARSE.is_file():
+        logger.info("Reusing the coarse checkpoint of `make demo`: %s", DEMO_COARSE)
+        return str(DEMO_COARSE), 0.0
+    out = output_dir / "coarse"
+    final = out / "model_final.pth"
+    if final.is_file():
+        logger.info("Reusing %s", final)
+        return str(final), 0.0
+    start = time.perf_counter()
+    cmd = [
+        sys.executable,
+        str(TRAIN_NET),
+        "--config-file",
+        str(COARSE_CONFIG),
+        "OUTPUT_DIR",
+        str(out),
+    ]
+    logger.info("Training the coarse stage: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return str(final), time.perf_counter() - start
+
+
+def load_runner(project: str, module: str):
+    """The ``run`` function of ``projects/<project>/<module>``."""
+    path = str(ROOT / "projects" / project)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(module).run
+
+
+def summary_table(rows: list[dict], ablation: bool) -> str:
+    """A markdown table: task, metric, with coarse, [from scratch], baseline, minutes."""
+    head = ["task", "metric", "coarse -> task"] + (["scratch -> task"] if ablation else [])
+    head += ["trivial baselines", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["task"], r["metric"], f"{r['value']:.2f}"]
+        if ablation:
+            scratch = r.get("scratch")
+            cells.append(f"{scratch['value']:.2f}" if scratch else "n/a")
+        baselines = [f"{r['baseline']:.2f} ({r.get('baseline_name', '')})"]
+        baselines += [f"{v:.2f} ({k})" for k, v in r.get("other_baselines", {}).items()]
+        cells += ["; ".join(baselines), f"{r['seconds'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output-dir", default="output/demo_vl")
+    p.add_argument("--coarse-weights", default=None, help="a FIBERCoarse checkpoint to start from")
+    p.add_argument("--ablation", action="store_true", help="also run every task from scratch")
+    p.add_argument(
+        "--tasks", default=",".join(n for n, _, _ in RUNNERS), help="comma-separated task names"
+    )
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every task")
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(args.tasks) - {name for name, _, _ in RUNNERS}
+    if unknown:
+        sys.exit(f"error: unknown --tasks {sorted(unknown)}; known: {[n for n, _, _ in RUNNERS]}")
+
+    from detectron2.utils.logger import setup_logger
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("fiber_d2", "vqa", "nlvr2", "retrieval", "captioning"):
+        setup_logger(str(output_dir), name=name, abbrev_name=name)
+    setup_logger(str(output_dir))  # detectron2's own
+    start = time.perf_counter()
+    weights, coarse_seconds = coarse_checkpoint(args.coarse_weights, output_dir)
+    rows = []
+    for name, project, module in RUNNERS:
+        if name not in args.tasks:
+            continue
+        run = load_runner(project, module)
+        # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
+        kwargs = {"opts": tuple(args.opts)} if "opts" in inspect.signature(run).parameters else {}
+        row = run(weights, output_dir / name, **kwargs)
+        if args.ablation:
+            row["scratch"] = run(None, output_dir / f"{name}_scratch", **kwargs)
+        rows.append(row)
+    total = time.perf_counter() - start
+    table = summary_table(rows, args.ablation)
+    summary = {
+        "coarse_weights": weights,
+        "coarse_seconds": coarse_seconds,
+        "total_seconds": total,
+        "tasks": rows,
+    }
+    with open(output_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    footer = f"\ncoarse stage: {coarse_seconds / 60:.1f} min; total: {total / 60:.1f} min\n"
+    (output_dir / "summary.md").write_text(table + "\n" + footer)
+    print(table + footer)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
