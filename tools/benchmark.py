@@ -17,8 +17,8 @@ Tasks (``TASKS``):
   the model, its gradients and the activations, before the optimizer and EMA states exist).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
-* ``export``: exports the detector to ONNX, torch.export and TorchScript (``fiber_d2.deploy``) and
-  times each runtime against eager on the same batch (backbone, head and post-processing); extra key
+* ``export``: exports the detector to ONNX and TorchScript (``fiber_d2.deploy``) and times
+  onnxruntime and the TorchScript module against eager on the same batch (backbone, head and post-processing); extra key
   ``runtimes`` (see :func:`bench_export`).
 * ``caption``: caption decoding of ``projects/Captioning``'s ``FIBERCaption`` with a key/value
   cache vs re-encoding the prefix every step (:func:`bench_caption`); extra keys
@@ -595,11 +595,11 @@ def bench_backbone(cfg: CfgNode, args: argparse.Namespace) -> dict:
 
 
 def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
-    """Export the detector (ONNX, torch.export, TorchScript) and time each runtime against eager.
+    """Export the detector (ONNX, TorchScript) and time each runtime against eager.
 
     All runtimes run :class:`fiber_d2.deploy.ExportableFIBER` (backbone, head, post-processing) on
     the same preprocessed synthetic batch. ``ms_median`` and ``peak_mem_mb`` are eager's; the extra
-    key ``runtimes`` maps ``eager``, ``onnxruntime``, ``torch.export`` and ``torchscript`` to their
+    key ``runtimes`` maps ``eager``, ``onnxruntime`` and ``torchscript`` to their
     ``ms_median``, ``peak_mem_mb`` (growth over loading and running, see :class:`PeakMemory`),
     ``ratio`` (ms / eager ms), ``detections`` and, for exports, ``export_s``.
     Needs ``pip install fiber_d2[deploy]``.
@@ -607,7 +607,7 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
     import tempfile
 
     from fiber_d2.deploy import ExportableFIBER, graph_inputs
-    from fiber_d2.deploy.runtime import ONNXPredictor, TorchExportPredictor, TorchScriptPredictor
+    from fiber_d2.deploy.runtime import ONNXPredictor, TorchScriptPredictor
 
     if is_coarse_stage(cfg):
         raise ValueError("--task export needs the fine-grained detector (FIBER) config")
@@ -617,8 +617,7 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
     div = model.backbone.size_divisibility
     inputs = graph_inputs(batch, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, div)
     side = max(_padded(max(height, width), div), 3 * div)
-    runners = {  # torch.export first: the ONNX export converts its program
-        "torch.export": ("torch.export", TorchExportPredictor),
+    runners = {
         "onnxruntime": ("onnx", ONNXPredictor),
         "torchscript": ("torchscript", TorchScriptPredictor),
     }
@@ -665,21 +664,23 @@ def _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, m
 
     device = model.device
     start = time.perf_counter()
-    program = None
-    if fmt == "onnx":  # convert the torch.export program instead of tracing again
-        program = torch.export.load(os.path.join(tmp, "torch.export", "model.pt2"))
     path = os.path.join(tmp, fmt)
-    export_detector(cfg, model, fmt, path, batch, max_side=side, program=program)
+    export_detector(cfg, model, fmt, path, batch, max_side=side)
     export_s = round(time.perf_counter() - start, 1)
     memory = PeakMemory(device)
     memory.start()
-    kwargs = {} if fmt == "onnx" else {"device": str(device)}
-    if fmt == "onnx" and device.type == "cuda":
-        kwargs = {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    # onnxruntime gets torch's intra-op thread count (--threads), so that the ratios compare runtimes
+    kwargs = {"intra_op_threads": torch.get_num_threads()} if fmt == "onnx" else {}
+    if fmt != "onnx":
+        kwargs["device"] = str(device)
+    elif device.type == "cuda":
+        kwargs["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     runner = runner_cls(path, **kwargs)
     measure(name, functools.partial(runner.run_graph, *inputs), memory, export_s)
     del runner
     gc.collect()
+
+
 def bench_lvis_eval(cfg: CfgNode, args: argparse.Namespace) -> dict:
     """Time the detector on one image with a long vocabulary in prompt chunks.
 

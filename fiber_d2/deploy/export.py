@@ -1,12 +1,16 @@
-"""Export a FIBER detector to ONNX, a ``torch.export`` program or TorchScript.
+"""Export a FIBER detector to ONNX or TorchScript.
 
 The exported function is :class:`~fiber_d2.deploy.graph.ExportableFIBER` (backbone, head, anchors
-and post-processing). Dynamic dimensions (ONNX and ``torch.export``): batch ``B`` (1 ..
-``max_batch``), padded image height and width (multiples of the size divisibility in
-[``min_side``, ``max_side``]), text length ``T`` (up to ``MAX_QUERY_LEN``) and the number of
-labels ``L`` (up to ``T - 2``). TorchScript (``torch.jit.trace``) records the shapes of the sample
-as constants, so a TorchScript export runs at the sample's padded size and text length only (the
-metadata says so and the runner checks it).
+and post-processing), traced once on a sample with ``torch.jit.trace``: TorchScript saves the trace,
+ONNX converts it with torch.onnx's TorchScript-based exporter (``dynamo=False``), which takes seconds
+for the tiny model. Under this tracer every size read from a tensor (``x.shape[i]``) is a traced value,
+so the shape arithmetic of the model (Swin's window padding, partition and shifted-window masks, the
+pyramid sizes, anchors, DyHead's resampling, the post-processing's top-k sizes) stays a function of
+the input; Python decisions on sizes are frozen, and the graph keeps none that changes within the
+supported ranges (see :func:`check_exportable` and ``_MIN_SIDE_UNITS``). Dynamic dimensions (both
+formats): batch ``B``, padded image height and width (multiples of the size divisibility in
+[``min_side``, ``max_side``]), text length ``T`` (up to ``MAX_QUERY_LEN``) and the number of labels
+``L``; the runners refuse inputs outside these ranges.
 
 Next to the model file the export writes ``fiber_export.json`` (what the runners of
 :mod:`fiber_d2.deploy.runtime` need: tokenizer, resize, normalisation, dynamic ranges) and the
@@ -19,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -37,15 +42,24 @@ __all__ = [
     "check_exportable",
     "default_side_range",
     "export_detector",
+    "trace_graph",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"onnx": "model.onnx", "torch.export": "model.pt2", "torchscript": "model.ts"}
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 """Supported formats and the model file each writes."""
 
 INPUT_NAMES = ["images", "image_sizes", "input_ids", "attention_mask", "label_token_map"]
 OUTPUT_NAMES = ["batch_index", "boxes", "scores", "labels"]
+_DYNAMIC_AXES = {
+    "images": {0: "batch", 2: "height", 3: "width"},
+    "image_sizes": {0: "batch"},
+    "input_ids": {0: "batch", 1: "text_len"},
+    "attention_mask": {0: "batch", 1: "text_len"},
+    "label_token_map": {0: "batch", 1: "num_labels", 2: "text_len"},
+    **{name: {0: "num_detections"} for name in OUTPUT_NAMES},
+}
 
 # DyHead's coarser-level branch reads a prefix of the finer level's offset buffer; the reading
 # differs in kind when two adjacent pyramid levels have the same size, which happens for P6/P7
@@ -57,8 +71,9 @@ def check_exportable(cfg: CfgNode, fmt: str) -> None:
     """Raise a clear error for a config or format that cannot be exported.
 
     Raises:
-        ValueError: unknown format, or a meta-architecture other than the fine-grained ``FIBER``
-            (the coarse-grained pre-training stage has no detection output to export).
+        ValueError: unknown format, a meta-architecture other than the fine-grained ``FIBER``
+            (the coarse-grained pre-training stage has no detection output to export), or
+            ``MODEL.SWIN.SHIFT_SINGLE_WINDOW`` False (a size-dependent branch a trace would freeze).
     """
     supported = f"formats {', '.join(sorted(FORMATS))} of the fine-grained detector 'FIBER'"
     if fmt not in FORMATS:
@@ -70,6 +85,12 @@ def check_exportable(cfg: CfgNode, fmt: str) -> None:
             f"MODEL.META_ARCHITECTURE {arch!r} cannot be exported (the coarse-grained pre-training "
             f"stage predicts no boxes); supported: {supported}"
         )
+    if not cfg.MODEL.SWIN.SHIFT_SINGLE_WINDOW:
+        raise ValueError(
+            "MODEL.SWIN.SHIFT_SINGLE_WINDOW False cannot be exported: whether a block shifts would "
+            "depend on the image size, which a traced graph cannot; supported: detector configs "
+            "with the default True"
+        )
 
 
 def default_side_range(cfg: CfgNode, size_divisibility: int) -> tuple[int, int]:
@@ -80,47 +101,15 @@ def default_side_range(cfg: CfgNode, size_divisibility: int) -> tuple[int, int]:
     return _MIN_SIDE_UNITS * div, int(math.ceil(longest / div)) * div
 
 
-def _dynamic_shapes(div: int, min_side: int, max_side: int, max_text: int, max_batch: int):
-    from torch.export import Dim
-
-    batch = Dim("batch", min=1, max=max_batch)
-    height = div * Dim("height_units", min=min_side // div, max=max_side // div)
-    width = div * Dim("width_units", min=min_side // div, max=max_side // div)
-    text = Dim("text_len", min=3, max=max_text)
-    labels = Dim("num_labels", min=1, max=max_text)
-    return (
-        {0: batch, 2: height, 3: width},
-        {0: batch},
-        {0: batch, 1: text},
-        {0: batch, 1: text},
-        {0: batch, 1: labels, 2: text},
-    )
-
-
-def _trace_sample(inputs: tuple, div: int, max_side: int) -> tuple:
-    """The tracing sample, adjusted so that no dynamic dimension is specialised.
-
-    ``torch.export`` specialises dimensions of size 0 or 1 and gives dimensions of equal sample
-    sizes one symbol, so the sample gets a batch of 2 (the first image repeated), at least 3
-    labels (empty rows), a label count different from the text length, and, for a square image,
-    one more padding unit on one side.
-    """
-    images, sizes, ids, mask, label_map = inputs
-    if images.shape[0] == 1:
-        images, sizes, ids, mask, label_map = (t.repeat_interleave(2, 0) for t in inputs)
-    num_labels = max(label_map.shape[1], 3)
-    if num_labels == ids.shape[1]:
-        num_labels += 1
-    if num_labels > label_map.shape[1]:
-        extra = label_map.new_zeros(
-            label_map.shape[0], num_labels - label_map.shape[1], label_map.shape[2]
-        )
-        label_map = torch.cat([label_map, extra], dim=1)
-    height, width = images.shape[-2:]
-    if height == width:
-        pad = (0, div, 0, 0) if width + div <= max_side else (0, 0, 0, div)
-        images = torch.nn.functional.pad(images, pad)
-    return images, sizes, ids, mask, label_map
+def trace_graph(wrapper: ExportableFIBER, inputs: tuple) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of the graph; the tracer's warnings (frozen input checks and
+    constants, all size-independent within the export ranges) go to the debug log."""
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapper, inputs, check_trace=False)
+    for w in caught:
+        logger.debug("trace: %s:%s %s", w.filename, w.lineno, w.message)
+    return traced
 
 
 def _metadata(cfg: CfgNode, fmt: str, model: FIBER, ranges: dict) -> dict:
@@ -135,6 +124,7 @@ def _metadata(cfg: CfgNode, fmt: str, model: FIBER, ranges: dict) -> dict:
         "max_query_len": lang.MAX_QUERY_LEN,
         "separator": cfg.DATASETS.SEPARATION_TOKENS,
         "chunk_size": cfg.TEST.CHUNKED_EVALUATION,
+        "nms_threshold": cfg.MODEL.ATSS.NMS_TH,
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "input_format": cfg.INPUT.FORMAT,
@@ -157,24 +147,21 @@ def export_detector(
     min_side: int | None = None,
     max_side: int | None = None,
     max_batch: int = 8,
-    opset: int = 18,
-    program: torch.export.ExportedProgram | None = None,
+    opset: int = 17,
 ) -> Path:
     """Export ``model`` and write the runners' metadata.
 
     Args:
         cfg: the model's config (written next to the export).
         model: a FIBER detector (eval mode is set here).
-        fmt: ``"onnx"``, ``"torch.export"`` or ``"torchscript"``.
+        fmt: ``"onnx"`` or ``"torchscript"``.
         output_dir: directory receiving the model file, ``fiber_export.json`` and ``config.yaml``.
         records: sample inputs, as the predictor prepares them (``image`` uint8 (3, h, w) resized,
             ``input_ids`` / ``attention_mask`` (T,), ``label_token_map`` (L, T)).
-        min_side, max_side: dynamic range of the padded image sides (default
-            :func:`default_side_range`); ignored by TorchScript (fixed to the sample).
-        max_batch: largest batch of the dynamic batch dimension.
+        min_side, max_side: range of the padded image sides the runners accept (default
+            :func:`default_side_range`).
+        max_batch: largest batch the runners accept.
         opset: ONNX opset.
-        program: an earlier ``torch.export`` of the same model and ranges (e.g. loaded from a
-            ``torch.export`` directory) to save or convert instead of tracing again.
 
     Returns:
         the model file.
@@ -211,40 +198,27 @@ def export_detector(
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
-    shapes = _dynamic_shapes(div, low, high, max_text, max_batch)
-    ranges = {"min_side": low, "max_side": high, "max_text_len": max_text, "max_batch": max_batch}
-    with torch.no_grad():
-        if fmt == "torchscript":
-            traced = torch.jit.trace(wrapper, inputs, check_trace=False)
-            traced.save(str(path))
-            ranges = {
-                "min_side": int(min(height, width)),
-                "max_side": int(max(height, width)),
-                "fixed_size": [int(height), int(width)],
-                "max_text_len": int(inputs[2].shape[1]),
-                "fixed_text_len": int(inputs[2].shape[1]),
-                "max_batch": max_batch,
-            }
-        else:
-            sample = _trace_sample(inputs, div, high)
-            if program is None:
-                program = torch.export.export(wrapper, sample, dynamic_shapes=shapes)
-            if fmt == "torch.export":
-                torch.export.save(program, str(path))
-            else:
-                from .onnx_ops import custom_translation_table
+    if fmt == "torchscript":
+        trace_graph(wrapper, inputs).save(str(path))
+    else:
+        from .onnx_ops import register_onnx_symbolics
 
-                onnx_program = torch.onnx.export(
-                    program,
-                    sample,
-                    input_names=INPUT_NAMES,
-                    output_names=OUTPUT_NAMES,
-                    opset_version=opset,
-                    custom_translation_table=custom_translation_table(),
-                    dynamo=True,
-                    optimize=True,
-                )
-                onnx_program.save(str(path))
+        register_onnx_symbolics(opset)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                wrapper,
+                inputs,
+                str(path),
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_axes=_DYNAMIC_AXES,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    ranges = {"min_side": low, "max_side": high, "max_text_len": max_text, "max_batch": max_batch}
     meta = _metadata(cfg, fmt, model, ranges)
     (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "config.yaml").write_text(cfg.dump())

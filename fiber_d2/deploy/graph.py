@@ -5,17 +5,19 @@ from already normalised and padded images and a tokenised prompt, the detections
 ``FIBER.inference`` computes (before the rescaling to the original image size, which stays on the
 host with detectron2's ``detector_postprocess``). The post-processing of
 :func:`~fiber_d2.modeling.head.ground_inference` is rewritten batch-wise with fixed-shape tensor
-ops, so that it traces for ``torch.export`` / ONNX:
+ops, so that one ``torch.jit.trace`` serves every input size (TorchScript, ONNX):
 
 * per-level candidates: ``score > threshold`` then top ``pre_nms_top_n`` becomes one ``topk`` over
   all (anchor, label) pairs with non-candidates ranked at -1, followed by a validity mask (the same
   set as ``nonzero`` + ``topk``);
 * the class-aware NMS is the custom op ``fiber_d2::batched_nms`` (eager kernel:
-  ``torchvision.ops.batched_nms``, so the exported program runs exactly eager's NMS; ONNX:
+  ``torchvision.ops.batched_nms``, so TorchScript runs exactly eager's NMS; ONNX:
   ``NonMaxSuppression`` with one score row per class, i.e. per-class NMS on the original
   coordinates, see :mod:`fiber_d2.deploy.onnx_ops`);
 * the per-image ``kthvalue`` cut keeps every detection scoring at least the
-  ``detections_per_img``-th best of its image, computed with a per-row ``topk``.
+  ``detections_per_img``-th best of its image, computed with a per-row ``topk``;
+* ``min(pre_nms_top_n, candidates)`` and the like are ``torch.clamp`` of the traced size, so the
+  top-k sizes follow the input instead of freezing the sample's.
 
 Outputs are flat, image-major and sorted by decreasing score within an image.
 """
@@ -59,11 +61,12 @@ def _batched_nms_fake(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold
 
 
 def _size_min(a: int, b):
-    """``min`` of sizes, symbolic under ``torch.export``; a constant under ``torch.jit.trace``
-    (where sizes are tensors and the traced graph has fixed shapes anyway)."""
+    """``min(a, b)`` of a constant and a size. Under ``torch.jit.trace`` sizes are traced 0-d
+    tensors and ``torch.clamp`` keeps the result traced (``min`` would freeze the sample's value).
+    """
     if isinstance(b, Tensor):
-        return min(a, int(b))
-    return torch.sym_min(a, b)
+        return torch.clamp(b, max=a)
+    return min(a, b)
 
 
 def label_scores_batched(probs: Tensor, member: Tensor, score_agg: str = "MEAN") -> Tensor:

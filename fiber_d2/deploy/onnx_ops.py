@@ -1,4 +1,4 @@
-"""ONNX translation of fiber_d2's export-only custom ops (written with onnxscript, trace-only).
+"""ONNX translation of fiber_d2's export-only custom op for torch.onnx's TorchScript-based exporter.
 
 ``fiber_d2::batched_nms`` becomes one ``NonMaxSuppression`` with one score row per group: ONNX's
 NMS is per (batch, class), so a box scores ``-1`` in every row but its group's and
@@ -9,37 +9,50 @@ float precision in the IoUs). Memory: groups x boxes scores (80 labels x 5000 ca
 
 from __future__ import annotations
 
-from onnxscript import FLOAT, INT64
-from onnxscript.onnx_opset import opset18 as op
+import torch
+from torch.onnx import symbolic_helper
 
-__all__ = ["onnx_batched_nms", "custom_translation_table"]
+__all__ = ["NMS_OP", "register_onnx_symbolics", "symbolic_batched_nms"]
+
+NMS_OP = "fiber_d2::batched_nms"
 
 _INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
-def onnx_batched_nms(boxes: FLOAT, scores: FLOAT, idxs: INT64, iou_threshold: float) -> INT64:
-    """``fiber_d2::batched_nms``: boxes (M, 4), scores (M,) >= 0, idxs (M,) -> kept indices."""
+def _const(g, value, dtype=None):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+@symbolic_helper.parse_args("v", "v", "v", "f")
+def symbolic_batched_nms(g, boxes, scores, idxs, iou_threshold: float):
+    """``fiber_d2::batched_nms``: boxes (M, 4), scores (M,) >= 0, idxs (M,) -> kept indices (K,)."""
     # number of groups; the appended -1 keeps ReduceMax defined when there is no box
-    padded = op.Concat(idxs, op.Constant(value_ints=[-1]), axis=0)
-    num_groups = op.Add(op.ReduceMax(padded, keepdims=0), op.Constant(value_int=1))
-    groups = op.Range(op.Constant(value_int=0), num_groups, op.Constant(value_int=1))
-    member = op.Equal(op.Unsqueeze(idxs, [0]), op.Unsqueeze(groups, [1]))  # (G, M)
-    minus_one = op.CastLike(op.Constant(value_float=-1.0), scores)
-    group_scores = op.Where(member, op.Unsqueeze(scores, [0]), minus_one)
-    selected = op.NonMaxSuppression(
-        op.Unsqueeze(boxes, [0]),
-        op.Unsqueeze(group_scores, [0]),
-        op.Constant(value_int=_INT64_MAX),
-        op.Constant(value_float=iou_threshold),
-        op.Constant(value_float=-0.5),
+    padded = g.op("Concat", idxs, _const(g, [-1]), axis_i=0)
+    num_groups = g.op("Add", g.op("ReduceMax", padded, keepdims_i=0), _const(g, 1))
+    groups = g.op("Range", _const(g, 0), num_groups, _const(g, 1))
+    member = g.op(
+        "Equal", g.op("Unsqueeze", idxs, _const(g, [0])), g.op("Unsqueeze", groups, _const(g, [1]))
+    )  # (G, M)
+    group_scores = g.op(
+        "Where",
+        member,
+        g.op("Unsqueeze", scores, _const(g, [0])),
+        _const(g, -1.0, torch.float32),
+    )
+    selected = g.op(
+        "NonMaxSuppression",
+        g.op("Unsqueeze", boxes, _const(g, [0])),
+        g.op("Unsqueeze", group_scores, _const(g, [0])),
+        _const(g, [_INT64_MAX]),
+        _const(g, [iou_threshold], torch.float32),
+        _const(g, [-0.5], torch.float32),
     )  # (K, 3): batch, group, box
-    return op.Reshape(op.Slice(selected, [2], [3], [1]), op.Constant(value_ints=[-1]))
+    column = g.op("Slice", selected, _const(g, [2]), _const(g, [3]), _const(g, [1]))
+    return g.op("Reshape", column, _const(g, [-1]))
 
 
-def custom_translation_table() -> dict:
-    """``torch.onnx.export(custom_translation_table=...)`` for the graph's custom ops."""
-    import torch
-
+def register_onnx_symbolics(opset: int) -> None:
+    """Register the custom op's translation for ``torch.onnx.export(..., dynamo=False)``."""
     from . import graph  # noqa: F401  (registers fiber_d2::batched_nms)
 
-    return {torch.ops.fiber_d2.batched_nms.default: onnx_batched_nms}
+    torch.onnx.register_custom_op_symbolic(NMS_OP, symbolic_batched_nms, opset)

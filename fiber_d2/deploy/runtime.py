@@ -1,7 +1,6 @@
 """Runners for exported FIBER detectors, drop-in replacements of :class:`FIBERPredictor`.
 
-``ONNXPredictor`` (onnxruntime), ``TorchExportPredictor`` (a ``torch.export`` program, ``.pt2``)
-and ``TorchScriptPredictor`` (a traced ``torch.jit`` module) read a directory written by
+``ONNXPredictor`` (onnxruntime) and ``TorchScriptPredictor`` (a traced ``torch.jit`` module) read a directory written by
 ``tools/deploy/export_model.py`` and are called exactly like ``FIBERPredictor``, with the same
 output structure, so switching is one line::
 
@@ -37,7 +36,6 @@ __all__ = [
     "METADATA_FILE",
     "ExportedPredictor",
     "ONNXPredictor",
-    "TorchExportPredictor",
     "TorchScriptPredictor",
     "graph_inputs",
     "load_metadata",
@@ -150,11 +148,14 @@ class ExportedPredictor(FIBERPredictor):
             [meta["min_size_test"], meta["min_size_test"]], meta["max_size_test"]
         )
         self.input_format = meta["input_format"]
-        self.max_query_len = meta["max_query_len"]
+        self.max_query_len = meta["max_text_len"]
         self.separator = meta["separator"]
         self.chunk_size = meta["chunk_size"]
+        self.nms_threshold = meta["nms_threshold"]
+        self.dtype = torch.float32
         self._cache = OrderedDict()
-        self.model = None
+        # FIBERPredictor's __call__ runs ``self.model(records)`` under no_grad: the exported graph
+        self.model = self.inference
 
     @property
     def model_path(self) -> Path:
@@ -177,14 +178,6 @@ class ExportedPredictor(FIBERPredictor):
                 "with a larger MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN"
             )
         height, width = images.shape[-2:]
-        fixed = meta.get("fixed_size")
-        if fixed and [height, width, input_ids.shape[1]] != fixed + [meta["fixed_text_len"]]:
-            raise ValueError(
-                f"this {meta['format']} export runs padded images of {fixed[0]}x{fixed[1]} and "
-                f"{meta['fixed_text_len']} tokens only, got {height}x{width} and "
-                f"{input_ids.shape[1]} ({self.model_path}); use an ONNX or torch.export export "
-                "for dynamic sizes"
-            )
         low, high = meta["min_side"], meta["max_side"]
         if not (low <= height <= high and low <= width <= high):
             raise ValueError(
@@ -226,25 +219,6 @@ class ExportedPredictor(FIBERPredictor):
             chunk = dict(record, input_ids=ids[k], attention_mask=mask[k], label_token_map=maps[k])
             parts.append(self.detect([chunk])[0])
         return _postprocess(Instances.cat(parts), record)
-
-    # ------------------------------------------------------------------ call
-    def _predict(self, images, prompts, phrases) -> List[dict]:
-        texts = [self.encode(p, ph) for p, ph in zip(prompts, phrases)]
-        inputs = []
-        for image, text in zip(images, texts):
-            x = self.preprocess_image(image)
-            x.update({k: text[k] for k in ("input_ids", "attention_mask", "label_token_map")})
-            inputs.append(x)
-        with torch.no_grad():
-            outputs = self.inference(inputs)
-        return [
-            {
-                "instances": out["instances"],
-                "label_names": list(text["label_names"]),
-                "caption": text["caption"],
-            }
-            for out, text in zip(outputs, texts)
-        ]
 
 
 def _postprocess(result: Instances, record: dict) -> dict:
@@ -296,33 +270,9 @@ class ONNXPredictor(ExportedPredictor):
         return tuple(self.session.run(None, feed))
 
 
-class TorchExportPredictor(ExportedPredictor):
-    """Runs a ``torch.export`` program (``.pt2``) on the CPU or a GPU."""
-
-    artifact_key = "torch.export"
-
-    def __init__(self, export_dir: str | os.PathLike, *, tokenizer=None, device: str | None = None):
-        """
-        Args:
-            export_dir: directory written by ``tools/deploy/export_model.py --format torch.export``.
-            tokenizer: see :class:`ExportedPredictor`.
-            device: where to run (default: the export's device).
-        """
-        super().__init__(export_dir, tokenizer=tokenizer)
-        from . import graph  # noqa: F401  (registers fiber_d2::batched_nms before loading)
-
-        program = torch.export.load(str(self.model_path))
-        self.device = torch.device(device or self.meta["device"])
-        self.module = program.module().to(self.device)
-
-    def run_graph(self, *inputs: torch.Tensor) -> tuple:
-        with torch.no_grad():
-            outputs = self.module(*(t.to(self.device) for t in inputs))
-        return tuple(o.cpu() for o in outputs)
-
-
-class TorchScriptPredictor(TorchExportPredictor):
-    """Runs a traced TorchScript module (``.ts``), e.g. for C++ ``torch::jit::load``."""
+class TorchScriptPredictor(ExportedPredictor):
+    """Runs a traced TorchScript module (``.ts``) on the CPU or a GPU (also loadable from C++ with
+    ``torch::jit::load``)."""
 
     artifact_key = "torchscript"
 
@@ -333,8 +283,13 @@ class TorchScriptPredictor(TorchExportPredictor):
             tokenizer: see :class:`ExportedPredictor`.
             device: where to run (default: the export's device).
         """
-        ExportedPredictor.__init__(self, export_dir, tokenizer=tokenizer)
+        super().__init__(export_dir, tokenizer=tokenizer)
         from . import graph  # noqa: F401  (registers fiber_d2::batched_nms before loading)
 
         self.device = torch.device(device or self.meta["device"])
         self.module = torch.jit.load(str(self.model_path), map_location=self.device)
+
+    def run_graph(self, *inputs: torch.Tensor) -> tuple:
+        with torch.no_grad():
+            outputs = self.module(*(t.to(self.device) for t in inputs))
+        return tuple(o.cpu() for o in outputs)

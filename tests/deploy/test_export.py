@@ -17,7 +17,7 @@ import torch
 import fiber_d2  # noqa: F401
 from fiber_d2.deploy import (
     ExportableFIBER,
-    TorchExportPredictor,
+    TorchScriptPredictor,
     check_exportable,
     graph_inputs,
 )
@@ -41,8 +41,10 @@ TINY = [
 ]  # fmt: skip
 NAMES = ["red circle", "blue square", "green triangle"]
 MAX_SIDE = 256
-# (height, width) and text lengths never seen by the export (128 x 160, 64 tokens)
-SIZES = [(96, 224), (192, 128)]
+# (height, width) and text lengths never seen by the export (sample: 128 x 160, 30 tokens); the
+# second size also changes the number of anchors of the coarsest level (2 -> 4), so a frozen top-k
+# size would fail
+SIZES = [(96, 224), (256, 192)]
 TEXT_LENGTHS = [17, 41]
 
 
@@ -133,7 +135,8 @@ class _StubRunner(ExportedPredictor):
 def stub_runner(tmp_path):
     meta = {
         "format": "onnx", "file": "model.onnx", "tokenizer": "builtin:shapes",
-        "max_query_len": 64, "separator": ". ", "chunk_size": -1, "min_size_test": 128,
+        "max_query_len": 64, "separator": ". ", "chunk_size": -1, "nms_threshold": 0.6,
+        "min_size_test": 128,
         "max_size_test": 160, "input_format": "BGR", "pixel_mean": [103.53, 116.28, 123.675],
         "pixel_std": [57.375, 57.12, 58.395], "size_divisibility": 32, "min_side": 96,
         "max_side": 256, "max_text_len": 64, "max_batch": 8,
@@ -160,8 +163,8 @@ def test_image_outside_export_range(eager, stub_runner):
 
 
 def test_wrong_runner_for_export(stub_runner):
-    with pytest.raises(ValueError, match="holds a 'onnx' export; TorchExportPredictor runs"):
-        TorchExportPredictor(stub_runner.export_dir)
+    with pytest.raises(ValueError, match="holds a 'onnx' export; TorchScriptPredictor runs"):
+        TorchScriptPredictor(stub_runner.export_dir)
 
 
 def test_coarse_config_is_refused():
@@ -172,3 +175,6 @@ def test_coarse_config_is_refused():
         check_exportable(cfg, "onnx")
     with pytest.raises(ValueError, match="unknown export format 'tensorrt'"):
         check_exportable(load_config(FINE_CFG, TINY), "tensorrt")
+    cfg = load_config(FINE_CFG, TINY + ["MODEL.SWIN.SHIFT_SINGLE_WINDOW", "False"])
+    with pytest.raises(ValueError, match="SHIFT_SINGLE_WINDOW False cannot be exported"):
+        check_exportable(cfg, "torchscript")

@@ -1,18 +1,17 @@
 #!/usr/bin/env python
-"""Export a FIBER detector for deployment (ONNX, torch.export or TorchScript).
+"""Export a FIBER detector for deployment (ONNX or TorchScript).
 
     python tools/deploy/export_model.py --config-file configs/Demo/fine_tiny.yaml --format onnx \\
         --sample-image img.png --prompt "red circle. blue square" --output output/export_onnx \\
         --opts MODEL.WEIGHTS output/demo/fine/model_final.pth
-    python tools/deploy/export_model.py ... --format torch.export --caption "a red circle" \\
+    python tools/deploy/export_model.py ... --format torchscript --caption "a red circle" \\
         --phrases "red circle"
 
 The sample image and prompt only trace the graph: the export accepts any image whose padded sides
 lie in [--min-side, --max-side] (default: 3 x SIZE_DIVISIBILITY .. MAX_SIZE_TEST), any text length up
-to MAX_QUERY_LEN and a batch up to --max-batch (TorchScript: the sample's sizes only). Without
---sample-image a random image of the test size is used. Run the export with
-``fiber_d2.deploy.ONNXPredictor(DIR)`` / ``TorchExportPredictor(DIR)`` / ``TorchScriptPredictor(DIR)``,
-called like ``FIBERPredictor``.
+to MAX_QUERY_LEN and a batch up to --max-batch (both formats). Without --sample-image a random
+image of the test size is used. Run the export with ``fiber_d2.deploy.ONNXPredictor(DIR)`` /
+``TorchScriptPredictor(DIR)``, called like ``FIBERPredictor``.
 """
 
 import argparse
@@ -35,9 +34,7 @@ logger = logging.getLogger("fiber_d2.export")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Export a FIBER detector (ONNX / torch.export / TorchScript)"
-    )
+    p = argparse.ArgumentParser(description="Export a FIBER detector (ONNX / TorchScript)")
     p.add_argument("--config-file", required=True, metavar="FILE", help="config yaml")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="export format")
     p.add_argument("--output", required=True, help="output directory")
