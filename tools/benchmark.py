@@ -615,7 +615,9 @@ def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
     batch, height, width = _model_inputs(cfg, args, train=False)
     model = _build(cfg).eval()
     div = model.backbone.size_divisibility
-    inputs = graph_inputs(batch, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, div)
+    inputs = graph_inputs(
+        batch, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, div, model.pad_to_max_query_len
+    )
     side = max(_padded(max(height, width), div), 3 * div)
     runners = {
         "onnxruntime": ("onnx", ONNXPredictor),

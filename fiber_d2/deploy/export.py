@@ -122,6 +122,7 @@ def _metadata(cfg: CfgNode, fmt: str, model: FIBER, ranges: dict) -> dict:
         "torch_version": torch.__version__,
         "tokenizer": lang.TOKENIZER,
         "max_query_len": lang.MAX_QUERY_LEN,
+        "pad_to_max_query_len": bool(cfg.INPUT.PAD_TO_MAX_QUERY_LEN),
         "separator": cfg.DATASETS.SEPARATION_TOKENS,
         "chunk_size": cfg.TEST.CHUNKED_EVALUATION,
         "nms_threshold": cfg.MODEL.ATSS.NMS_TH,
@@ -180,9 +181,8 @@ def export_detector(
             f"with the minimum at least {_MIN_SIDE_UNITS * div}"
         )
     wrapper = ExportableFIBER(model).eval()
-    inputs = graph_inputs(
-        records, model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist(), div
-    )
+    mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
+    inputs = graph_inputs(records, mean, std, div, model.pad_to_max_query_len)
     inputs = tuple(t.to(model.device) for t in inputs)
     height, width = inputs[0].shape[-2:]
     max_text = min(

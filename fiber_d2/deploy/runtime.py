@@ -30,7 +30,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..predictor import FIBERPredictor
-from ..text import build_tokenizer
+from ..text import build_tokenizer, padded_text_length, trim_text
 
 __all__ = [
     "METADATA_FILE",
@@ -63,7 +63,11 @@ def load_metadata(export_dir: str | os.PathLike) -> dict:
 
 
 def graph_inputs(
-    records: List[dict], pixel_mean, pixel_std, size_divisibility: int
+    records: List[dict],
+    pixel_mean,
+    pixel_std,
+    size_divisibility: int,
+    pad_to_max_query_len: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Host preprocessing: the exported graph's inputs from mapper-style records.
 
@@ -72,11 +76,14 @@ def graph_inputs(
             ``attention_mask`` (T,) and ``label_token_map`` (L_i, T).
         pixel_mean, pixel_std: per-channel normalisation (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``).
         size_divisibility: padding multiple of the batch.
+        pad_to_max_query_len: keep the tokenized length; False cuts the text to the batch's
+            longest prompt rounded up, as ``FIBER`` does (``INPUT.PAD_TO_MAX_QUERY_LEN``).
 
     Returns:
         ``images`` (B, 3, H, W) float32 normalised then zero-padded (as ``FIBER.preprocess_image``),
-        ``image_sizes`` (B, 2) int64, ``input_ids`` / ``attention_mask`` (B, T) int64,
-        ``label_token_map`` (B, L, T) bool with L = max L_i (extra rows all False).
+        ``image_sizes`` (B, 2) int64, ``input_ids`` / ``attention_mask`` (B, T') int64,
+        ``label_token_map`` (B, L, T') bool with L = max L_i (extra rows all False); T' as
+        ``FIBER`` runs the batch (:func:`~fiber_d2.text.padded_text_length`).
     """
     mean = torch.as_tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1)
@@ -93,6 +100,8 @@ def graph_inputs(
     for i, r in enumerate(records):
         label_map[i, : r["label_token_map"].shape[0]] = r["label_token_map"] > 0
     sizes = torch.tensor(images.image_sizes, dtype=torch.long).reshape(-1, 2)
+    length = padded_text_length(mask, pad_to_max_query_len)
+    ids, mask, label_map = (t.contiguous() for t in trim_text(length, ids, mask, label_map))
     return images.tensor.contiguous(), sizes, ids, mask, label_map
 
 
@@ -197,8 +206,13 @@ class ExportedPredictor(FIBERPredictor):
 
     def detect(self, records: List[dict]) -> List[Instances]:
         """``FIBER._detect`` on the exported graph: records with 1-d text, one batch."""
+        meta = self.meta
         inputs = graph_inputs(
-            records, self.meta["pixel_mean"], self.meta["pixel_std"], self.meta["size_divisibility"]
+            records,
+            meta["pixel_mean"],
+            meta["pixel_std"],
+            meta["size_divisibility"],
+            meta["pad_to_max_query_len"],
         )
         self.check_inputs(inputs[0], inputs[2])
         return split_detections(self.run_graph(*inputs), inputs[1])

@@ -135,7 +135,7 @@ class _StubRunner(ExportedPredictor):
 def stub_runner(tmp_path):
     meta = {
         "format": "onnx", "file": "model.onnx", "tokenizer": "builtin:shapes",
-        "max_query_len": 64, "separator": ". ", "chunk_size": -1, "nms_threshold": 0.6,
+        "max_query_len": 64, "separator": ". ", "chunk_size": -1, "nms_threshold": 0.6, "pad_to_max_query_len": False,
         "min_size_test": 128,
         "max_size_test": 160, "input_format": "BGR", "pixel_mean": [103.53, 116.28, 123.675],
         "pixel_std": [57.375, 57.12, 58.395], "size_divisibility": 32, "min_side": 96,

@@ -15,6 +15,7 @@ image of the test size is used. Run the export with ``fiber_d2.deploy.ONNXPredic
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -29,8 +30,11 @@ import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.deploy.export import FORMATS, check_exportable, export_detector
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, split_prompt
+from fiber_d2.text import padded_text_length
 
 logger = logging.getLogger("fiber_d2.export")
+
+VERIFY_PROMPTS = ["circle", "red circle. blue square. green triangle. yellow star. purple hexagon"]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,19 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, help="smallest padded image side of the export")
     p.add_argument("--max-side", type=int, help="largest padded image side of the export")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of the export")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after exporting, compare the export with eager on two image sizes and two prompts "
+        "(--verify-prompts) other than the sample's; one JSON line each, exit 1 on a mismatch",
+    )
+    p.add_argument(
+        "--verify-prompts",
+        nargs=2,
+        default=VERIFY_PROMPTS,
+        metavar="PROMPT",
+        help="the two prompts of --verify",
+    )
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides")
     return p
 
@@ -92,10 +109,46 @@ def main(argv=None) -> str:
             max_side=args.max_side,
             max_batch=args.max_batch,
         )
+        if args.verify:
+            ok = verify(predictor, args, path.parent, record)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
     print(os.fspath(path))
+    if args.verify and not ok:
+        sys.exit(f"error: the {args.format} export differs from eager (see the JSON lines above)")
     return os.fspath(path)
+
+
+def verify(predictor: FIBERPredictor, args: argparse.Namespace, export_dir, record: dict) -> bool:
+    """``--verify``: eager vs the export on two random images whose resized, padded sizes differ
+    from the sample's (the test size transposed and a square) and the two --verify-prompts."""
+    from fiber_d2.deploy import ONNXPredictor, TorchScriptPredictor
+    from fiber_d2.deploy.verify import verify_export
+
+    runner = {"onnx": ONNXPredictor, "torchscript": TorchScriptPredictor}[args.format](export_dir)
+    short, long = predictor.aug.short_edge_length[0], predictor.aug.max_size
+    rng = np.random.default_rng(1)
+    images = [
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(long, short), (short, short)]
+    ]
+    results = verify_export(predictor, runner, images, list(args.verify_prompts))
+    sample = {
+        "padded_size": list(_padded_size(record, predictor)),
+        "text_len": padded_text_length(
+            record["attention_mask"], predictor.model.pad_to_max_query_len
+        ),
+    }
+    for result in results:
+        result["unseen_size"] = result["padded_size"] != sample["padded_size"]
+        result["unseen_text_len"] = result["text_len"] != sample["text_len"]
+        print(json.dumps({"verify": args.format, "sample": sample, **result}))
+    return all(r["ok"] for r in results)
+
+
+def _padded_size(record: dict, predictor: FIBERPredictor) -> tuple[int, int]:
+    """Padded (H, W) of a record's image."""
+    div = max(predictor.model.backbone.size_divisibility, 1)
+    return tuple(-(-int(n) // div) * div for n in record["image"].shape[-2:])
 
 
 if __name__ == "__main__":
