@@ -102,7 +102,9 @@ def verify_export(
                 )
             rec = dict(record, **{k: text[k] for k in ("input_ids", "attention_mask")})
             rec["label_token_map"] = text["label_token_map"]
-            inputs = graph_inputs([rec], mean, std, div, predictor.model.pad_to_max_query_len)
+            # the text cut to the prompt (rounded up) even with INPUT.PAD_TO_MAX_QUERY_LEN: the two
+            # prompts then run at two text lengths (outputs on real tokens do not depend on it)
+            inputs = graph_inputs([rec], mean, std, div, pad_to_max_query_len=False)
             runner.check_inputs(inputs[0], inputs[2])
             with torch.no_grad():
                 ref = wrapper(*(t.to(predictor.model.device) for t in inputs))

@@ -1,5 +1,6 @@
 """tools/deploy/export_model.py: bad input ends with one clear line, before anything is traced."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,20 @@ def test_benchmark_export_task_refuses_coarse_config():
     assert str(exc.value.code) == (
         "error: --task export needs the fine-grained detector (FIBER) config"
     )
+
+
+def test_export_and_verify(tool, tmp_path, capsys):
+    """The tool exports the tiny detector and --verify finds eager's detections on two image
+    sizes and two prompt lengths other than the sample's."""
+    from test_export import TINY
+
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "torchscript"]
+    argv += ["--output", str(tmp_path), "--prompt", "red circle. blue square", "--verify"]
+    path = tool.main(argv + ["--opts", *TINY])
+    assert Path(path) == tmp_path / "model.ts" and (tmp_path / "fiber_export.json").is_file()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 4
+    for line in lines:
+        assert line["ok"] and line["same_detections"] and line["detections"] > 0
+        assert line["unseen_size"] and line["unseen_text_len"]
+    assert len({(tuple(x["padded_size"]), x["text_len"]) for x in lines}) == 4
