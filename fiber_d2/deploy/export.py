@@ -207,6 +207,9 @@ def export_detector(
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # every advanced index of the graph is non-negative (anchor / candidate / relative
+            # position indices), the case the exporter's Gather-based translation handles
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             torch.onnx.export(
                 wrapper,
                 inputs,

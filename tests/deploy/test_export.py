@@ -23,6 +23,7 @@ from fiber_d2.deploy import (
 )
 from fiber_d2.deploy.graph import label_scores_batched
 from fiber_d2.deploy.runtime import METADATA_FILE, ExportedPredictor
+from fiber_d2.deploy.verify import compare_detections
 from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.head.postprocess import label_scores
 
@@ -80,14 +81,25 @@ def _sorted(boxes, scores, labels):
 
 
 def _assert_same(got, ref):
-    got_index, ref_index = (torch.as_tensor(np.asarray(x[0])) for x in (got, ref))
-    assert torch.equal(got_index.bincount(minlength=4), ref_index.bincount(minlength=4))
-    for i in range(int(ref_index.max()) + 1 if ref_index.numel() else 0):
-        g = _sorted(*(np.asarray(x)[got_index.numpy() == i] for x in got[1:]))
-        r = _sorted(*(np.asarray(x)[ref_index.numpy() == i] for x in ref[1:]))
-        assert torch.equal(g[2], r[2])
-        torch.testing.assert_close(g[0], r[0], rtol=0, atol=1e-4)
-        torch.testing.assert_close(g[1], r[1], rtol=0, atol=1e-5)
+    """Same detections (count and labels per image), boxes within 1e-4, scores within 1e-5."""
+    result = compare_detections(got, ref)
+    assert result["ok"], result
+
+
+def test_compare_detections():
+    ref = (
+        torch.tensor([0, 0, 1]),
+        torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]),
+        torch.tensor([0.5, 0.5, 0.9]),
+        torch.tensor([1, 1, 0]),
+    )
+    tied = (ref[0], ref[1][[1, 0, 2]], torch.tensor([0.500001, 0.5, 0.9]), ref[3])  # swapped tie
+    assert compare_detections(tied, ref)["ok"]
+    moved = (ref[0], ref[1] + torch.tensor([0, 0, 0, 1e-3]), ref[2], ref[3])
+    assert not compare_detections(moved, ref)["ok"]
+    relabelled = (ref[0], ref[1], ref[2], torch.tensor([1, 2, 0]))
+    assert not compare_detections(relabelled, ref)["same_detections"]
+    assert not compare_detections(tuple(x[:2] for x in ref), ref)["same_detections"]
 
 
 # ------------------------------------------------------------------ the graph in eager mode
