@@ -285,8 +285,11 @@ class ONNXPredictor(ExportedPredictor):
 
 
 class TorchScriptPredictor(ExportedPredictor):
-    """Runs a traced TorchScript module (``.ts``) on the CPU or a GPU (also loadable from C++ with
-    ``torch::jit::load``)."""
+    """Runs a traced TorchScript module (``.ts``), also loadable from C++ with ``torch::jit::load``.
+
+    The trace records the export device in its constants (anchors, box offsets): an export made on
+    the CPU (as ``tools/deploy/export_model.py`` does) runs on the CPU.
+    """
 
     artifact_key = "torchscript"
 
@@ -295,7 +298,7 @@ class TorchScriptPredictor(ExportedPredictor):
         Args:
             export_dir: directory written by ``tools/deploy/export_model.py --format torchscript``.
             tokenizer: see :class:`ExportedPredictor`.
-            device: where to run (default: the export's device).
+            device: where to run (default and only tested: the export's device).
         """
         super().__init__(export_dir, tokenizer=tokenizer)
         from . import graph  # noqa: F401  (registers fiber_d2::batched_nms before loading)
