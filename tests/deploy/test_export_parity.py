@@ -82,3 +82,18 @@ def test_predictor_switch(eager, exports, fmt):
             assert torch.equal(gl, rl)
             torch.testing.assert_close(gb, rb, rtol=0, atol=1e-3)  # boxes rescaled to the original
             torch.testing.assert_close(gs, rs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", sorted(RUNNERS))
+def test_real_export_refuses_inputs_out_of_range(eager, exports, fmt):
+    _, predictor = eager
+    runner = exports[fmt]
+    max_text = runner.meta["max_text_len"]
+    with pytest.raises(
+        ValueError, match=f"longer than the exported maximum text length {max_text}"
+    ):
+        runner.detect(_records(predictor, [SAMPLE_SIZE], max_text + 8, seed=0))
+    with pytest.raises(
+        ValueError, match=rf"288x160 is outside the exported range \[96, {MAX_SIDE}\]"
+    ):
+        runner.detect(_records(predictor, [(288, 160)], 20, seed=0))
