@@ -11,7 +11,9 @@ The sample image and prompt only trace the graph: the export accepts any image w
 lie in [--min-side, --max-side] (default: 3 x SIZE_DIVISIBILITY .. MAX_SIZE_TEST), any text length up
 to MAX_QUERY_LEN and a batch up to --max-batch (both formats). Without --sample-image a random
 image of the test size is used. Run the export with ``fiber_d2.deploy.ONNXPredictor(DIR)`` /
-``TorchScriptPredictor(DIR)``, called like ``FIBERPredictor``.
+``TorchScriptPredictor(DIR)``, called like ``FIBERPredictor``. ``--verify`` then runs eager and the
+export on two other image sizes and two other prompt lengths and prints one JSON line per pair
+(``fiber_d2.deploy.verify``); a mismatch exits with status 1.
 """
 
 import argparse
