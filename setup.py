@@ -5,11 +5,13 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.split("#")[0].strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith(("pytest", "ruff", "black"))
-]
+requirements, deploy = [], []
+for line in (here / "requirements.txt").read_text().splitlines():
+    name, _, comment = line.partition("#")
+    if not name.strip() or line.startswith(("pytest", "ruff", "black")):
+        continue
+    # "[deploy]" lines: ONNX export / onnxruntime, optional (pip install fiber_d2[deploy])
+    (deploy if "[deploy]" in comment else requirements).append(name.strip())
 
 setup(
     name="fiber_d2",
@@ -22,7 +24,12 @@ setup(
     # detectron2 is not on PyPI: scripts/setup_env.sh installs it (see README).
     install_requires=requirements,
     # Optional extras (not core dependencies): `pip install fiber_d2[web]` for tools/web_demo.py
-    # (Gradio); "web-test" adds Playwright, which drives the page in headless Chromium (make web-test).
-    extras_require={"web": ["gradio>=4"], "web-test": ["gradio>=4", "playwright"]},
+    # (Gradio); "web-test" adds Playwright, which drives the page in headless Chromium (make web-test);
+    # "deploy": ONNX export and the onnxruntime runner (the "[deploy]" lines of requirements.txt).
+    extras_require={
+        "web": ["gradio>=4"],
+        "web-test": ["gradio>=4", "playwright"],
+        "deploy": deploy,
+    },
     license="MIT",
 )

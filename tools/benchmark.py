@@ -30,6 +30,9 @@ Tasks (``TASKS``):
   keeps resident, see ``--mmap-threshold-mb``).
 * ``inference``: ``model.eval()`` forward (detector: detections incl. post-processing; coarse: image
   embeddings and those of 5 captions per image). Extra key ``outputs`` (detections / embeddings).
+* ``export``: exports the detector to ONNX and TorchScript (``fiber_d2.deploy``) and times
+  onnxruntime and the TorchScript module against eager on the same batch (backbone, head and post-processing); extra key
+  ``runtimes`` (see :func:`bench_export`).
 * ``caption``: caption decoding of ``projects/Captioning``'s ``FIBERCaption`` with a key/value
   cache vs re-encoding the prefix every step (:func:`bench_caption`); extra keys
   ``reencode_ms_median``, ``speedup``, ``image_ms_median``.
@@ -81,6 +84,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import logging
@@ -112,6 +116,7 @@ __all__ = [
     "SPEED_TARGETS_MS",
     "TASKS",
     "PeakMemory",
+    "bench_export",
     "chunked_prompts",
     "coarse_batch",
     "detector_batch",
@@ -708,6 +713,95 @@ def bench_backbone(cfg: CfgNode, args: argparse.Namespace) -> dict:
     }
 
 
+def bench_export(cfg: CfgNode, args: argparse.Namespace) -> dict:
+    """Export the detector (ONNX, TorchScript) and time each runtime against eager.
+
+    All runtimes run :class:`fiber_d2.deploy.ExportableFIBER` (backbone, head, post-processing) on
+    the same preprocessed synthetic batch. ``ms_median`` and ``peak_mem_mb`` are eager's; the extra
+    key ``runtimes`` maps ``eager``, ``onnxruntime`` and ``torchscript`` to their
+    ``ms_median``, ``peak_mem_mb`` (growth over loading and running, see :class:`PeakMemory`),
+    ``ratio`` (ms / eager ms), ``detections`` and, for exports, ``export_s``.
+    Needs ``pip install fiber_d2[deploy]``.
+    """
+    import tempfile
+
+    from fiber_d2.deploy import ExportableFIBER, graph_inputs
+    from fiber_d2.deploy.runtime import ONNXPredictor, TorchScriptPredictor
+
+    if is_coarse_stage(cfg):
+        raise ValueError("--task export needs the fine-grained detector (FIBER) config")
+    device = torch.device(args.device)
+    batch, height, width = _model_inputs(cfg, args, train=False)
+    model = _build(cfg).eval()
+    div = model.backbone.size_divisibility
+    inputs = graph_inputs(
+        batch, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, div, model.pad_to_max_query_len
+    )
+    side = max(_padded(max(height, width), div), 3 * div)
+    runners = {
+        "onnxruntime": ("onnx", ONNXPredictor),
+        "torchscript": ("torchscript", TorchScriptPredictor),
+    }
+    wrapper = ExportableFIBER(model)
+    results: dict[str, dict] = {}
+
+    def measure(name: str, run: Callable, load_memory: PeakMemory | None = None, export_s=None):
+        memory = load_memory or PeakMemory(device)
+        if load_memory is None:
+            memory.start()
+        outputs = [None]
+
+        def call() -> None:
+            with torch.no_grad():
+                outputs[0] = run()
+
+        times = _timed(call, device, args.iters, args.warmup)["total"]
+        entry = dict(ms_median=_median(times), peak_mem_mb=round(memory.peak_mb(), 1))
+        results[name] = {**entry, "detections": int(len(outputs[0][0]))}
+        if export_s is not None:
+            results[name]["export_s"] = export_s
+
+    gpu_inputs = tuple(t.to(device) for t in inputs)
+    measure("eager", lambda: wrapper(*gpu_inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (fmt, runner_cls) in runners.items():
+            try:
+                _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, measure)
+            except Exception as e:  # noqa: BLE001  (one failing format must not hide the others)
+                logger.exception("export task: %s failed", name)
+                results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    eager_ms = results["eager"]["ms_median"]
+    for entry in results.values():
+        if "ms_median" in entry:
+            entry["ratio"] = round(entry["ms_median"] / eager_ms, 3)
+    record = dict(height=height, width=width, dtype="float32")
+    record.update(ms_median=eager_ms, peak_mem_mb=results["eager"]["peak_mem_mb"])
+    return {**record, "params": _params(model), "runtimes": results}
+
+
+def _bench_runner(name, fmt, runner_cls, tmp, cfg, model, batch, side, inputs, measure) -> None:
+    """Export one format into ``tmp`` and time its runner (part of :func:`bench_export`)."""
+    from fiber_d2.deploy import export_detector
+
+    device = model.device
+    start = time.perf_counter()
+    path = os.path.join(tmp, fmt)
+    export_detector(cfg, model, fmt, path, batch, max_side=side)
+    export_s = round(time.perf_counter() - start, 1)
+    memory = PeakMemory(device)
+    memory.start()
+    # onnxruntime gets torch's intra-op thread count (--threads), so that the ratios compare runtimes
+    kwargs = {"intra_op_threads": torch.get_num_threads()} if fmt == "onnx" else {}
+    if fmt != "onnx":
+        kwargs["device"] = str(device)
+    elif device.type == "cuda":
+        kwargs["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    runner = runner_cls(path, **kwargs)
+    measure(name, functools.partial(runner.run_graph, *inputs), memory, export_s)
+    del runner
+    gc.collect()
+
+
 def bench_lvis_eval(cfg: CfgNode, args: argparse.Namespace) -> dict:
     """Time the detector on one image with a long vocabulary in prompt chunks.
 
@@ -826,6 +920,7 @@ def bench_caption(cfg: CfgNode, args: argparse.Namespace) -> dict:
 
 TASKS = {
     "backbone": bench_backbone,
+    "export": bench_export,
     "inference": bench_inference,
     "caption": bench_caption,
     "lvis-eval": bench_lvis_eval,

@@ -4,7 +4,8 @@ Importing this package registers the standard datasets (see ``datasets/builtin.p
 """
 
 from . import datasets  # noqa: F401  (registers datasets on import)
-from .mapper import CaptionDatasetMapper, GroundingDatasetMapper
+from .caption_mapper import CaptionDatasetMapper
+from .mapper import GroundingDatasetMapper
 from .shapes import ensure_shapes_tokenizer, ensure_shapes_world, generate_shapes
 
 __all__ = [

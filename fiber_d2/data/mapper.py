@@ -1,8 +1,9 @@
 """Dataset mappers: dataset records -> model inputs (image, tokens, positive maps, instances).
 
-``GroundingDatasetMapper`` (fine-grained stage; detection, grounding and refexp records) and
-``CaptionDatasetMapper`` (coarse stage; caption records). Both read the image, augment it,
-tokenize the text once per sample (padded to ``MAX_QUERY_LEN``). In training a bad record is
+``GroundingDatasetMapper`` (fine-grained stage; detection, grounding and refexp records; the coarse
+stage's ``CaptionDatasetMapper`` is in :mod:`.caption_mapper` and shares the record handling below).
+Both read the image, augment it, tokenize the text once per sample (padded to ``MAX_QUERY_LEN``).
+In training a bad record is
 skipped: a counted warning naming it and None, and detectron2's loader draws another one. At test
 time a record is never replaced by another (that would evaluate one image twice and another never):
 a bad record raises :class:`~fiber_d2.data.datasets.common.BadRecordError` naming it, except an
@@ -40,7 +41,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
-from PIL import Image
 
 from ..text import (
     build_detection_prompt,
@@ -49,13 +49,12 @@ from ..text import (
     char_spans_to_positive_map,
     chunk_names,
     clean_name,
-    mask_tokens_for_mlm,
     prompt_token_lengths,
     tokenize,
 )
 from .datasets.common import BadRecordError
 
-__all__ = ["GroundingDatasetMapper", "CaptionDatasetMapper", "encode_category_prompts"]
+__all__ = ["GroundingDatasetMapper", "encode_category_prompts"]
 
 logger = logging.getLogger(__name__)
 
@@ -514,108 +513,4 @@ class GroundingDatasetMapper:
                 raise _test_error(record, e) from None
             self.bad.skip(record, str(e))
             return None
-        return out
-
-
-class CaptionDatasetMapper:
-    """Map caption records to the coarse stage's inputs.
-
-    Output: ``image`` uint8 (3, S, S) in ``INPUT.FORMAT`` (square bicubic resize, optional
-    flip), ``height``/``width`` of the original, ``image_id``, ``file_name``, ``task``;
-    a training record (``caption``) gives ``input_ids``/``attention_mask`` (T,) plus
-    ``mlm_input_ids``/``mlm_labels`` (T,) (labels -100 where not masked); an evaluation record
-    (``captions``, K of them) gives ``input_ids``/``attention_mask`` (K, T).
-    """
-
-    @configurable
-    def __init__(
-        self,
-        *,
-        is_train: bool,
-        image_size: int,
-        tokenizer,
-        image_format: str = "RGB",
-        max_query_len: int = 40,
-        flip_prob: float = 0.0,
-        mlm_probability: float = 0.15,
-    ):
-        """
-        Args:
-            is_train: training (flip, MLM inputs) or evaluation behaviour.
-            image_size: side S of the square resize (``INPUT.IMAGE_SIZE``).
-            tokenizer: a fast tokenizer, or a name for :func:`fiber_d2.text.build_tokenizer`.
-            image_format: ``INPUT.FORMAT`` of the output image.
-            max_query_len: padded token length T.
-            flip_prob: horizontal flip probability in training.
-            mlm_probability: MLM selection probability (0 disables the MLM fields).
-        """
-        self.is_train = is_train
-        augs: List[T.Augmentation] = [T.Resize((image_size, image_size), interp=Image.BICUBIC)]
-        if is_train and flip_prob > 0:
-            augs.append(T.RandomFlip(prob=flip_prob, horizontal=True))
-        self.augmentations = T.AugmentationList(augs)
-        self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self.image_format = image_format
-        self.max_query_len = max_query_len
-        self.mlm_probability = mlm_probability
-        self.generator: Optional[torch.Generator] = None  # torch's global RNG by default
-        self.bad = _BadRecordCounter()
-
-    @classmethod
-    def from_config(cls, cfg, is_train: bool = True):
-        return {
-            "is_train": is_train,
-            "image_size": cfg.INPUT.IMAGE_SIZE,
-            "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
-            "image_format": cfg.INPUT.FORMAT,
-            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
-            "flip_prob": cfg.INPUT.CAPTION_FLIP_PROB,
-            "mlm_probability": (
-                cfg.MODEL.COARSE.MLM_PROBABILITY if "mlm" in cfg.MODEL.COARSE.LOSSES else 0.0
-            ),
-        }
-
-    def __call__(self, dataset_dict: dict) -> Optional[dict]:
-        """Map one caption record.
-
-        Args:
-            dataset_dict: a caption record (``caption`` or ``captions``).
-
-        Returns:
-            the model input dict; in training None for a bad record (skipped with a warning).
-
-        Raises:
-            BadRecordError: at test time, a record that cannot be evaluated (never replaced by
-                another: retrieval recall needs every image and caption once).
-        """
-        record = copy.copy(dataset_dict)
-        try:
-            texts = record.get("captions", record.get("caption"))
-            single = isinstance(texts, str)
-            texts = [texts] if single else list(texts or [])
-            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise _SkipRecord("empty caption")
-            image = _read_image(record, self.image_format)
-            aug_input = T.AugInput(image)
-            self.augmentations(aug_input)
-            enc = tokenize(self.tokenizer, texts, self.max_query_len)
-        except (_SkipRecord, ValueError, KeyError) as e:
-            if not self.is_train:
-                raise _test_error(record, e) from None
-            self.bad.skip(record, str(e))
-            return None
-        out = dict(record)
-        out.update(
-            image=_to_chw(aug_input.image),
-            height=image.shape[0],
-            width=image.shape[1],
-            task="caption",
-            input_ids=enc["input_ids"][0] if single else enc["input_ids"],
-            attention_mask=enc["attention_mask"][0] if single else enc["attention_mask"],
-        )
-        if self.is_train and single and self.mlm_probability > 0:
-            masked, labels = mask_tokens_for_mlm(
-                out["input_ids"], self.tokenizer, self.mlm_probability, self.generator
-            )
-            out.update(mlm_input_ids=masked, mlm_labels=labels)
         return out

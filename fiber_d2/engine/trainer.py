@@ -128,7 +128,8 @@ class FIBERTrainer(DefaultTrainer):
     @classmethod
     def build_mapper(cls, cfg: CfgNode, is_train: bool):
         """The dataset mapper of the configured stage."""
-        from ..data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
+        from ..data.caption_mapper import CaptionDatasetMapper
+        from ..data.mapper import GroundingDatasetMapper
 
         mapper_cls = CaptionDatasetMapper if is_coarse_stage(cfg) else GroundingDatasetMapper
         return mapper_cls(cfg, is_train)

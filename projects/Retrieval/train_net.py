@@ -23,7 +23,7 @@ from detectron2.data import (
 from retrieval import FalseImageCaptionMapper, ITMRerankRetrievalEvaluator, add_retrieval_config
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
-from fiber_d2.data.mapper import CaptionDatasetMapper
+from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.engine.cli import launch_cli, run
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.engine.trainer import FIBERTrainer

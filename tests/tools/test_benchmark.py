@@ -17,7 +17,8 @@ from PIL import Image
 from tool_scripts import load_tool
 
 from fiber_d2 import add_fiber_config
-from fiber_d2.data.mapper import CaptionDatasetMapper, GroundingDatasetMapper
+from fiber_d2.data.caption_mapper import CaptionDatasetMapper
+from fiber_d2.data.mapper import GroundingDatasetMapper
 from fiber_d2.data.shapes import build_shapes_tokenizer
 from fiber_d2.engine.setup import load_config
 

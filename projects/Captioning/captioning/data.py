@@ -11,7 +11,7 @@ from __future__ import annotations
 from detectron2.config import CfgNode
 from detectron2.data import get_detection_dataset_dicts
 
-from fiber_d2.data.mapper import CaptionDatasetMapper
+from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 
 from .cider import references_by_image
 

@@ -18,7 +18,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from fiber_d2.data.mapper import CaptionDatasetMapper
+from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 
 __all__ = ["FalseImageCaptionMapper"]
 
@@ -28,8 +28,8 @@ _MAX_DRAWS = 5  # unreadable false images tolerated per sample before the sample
 
 
 class FalseImageCaptionMapper(CaptionDatasetMapper):
-    """:class:`fiber_d2.data.mapper.CaptionDatasetMapper` that adds ``false_image`` (3, S, S) uint8
-    (same resize / flip as ``image``) and ``false_file_name`` to every training record."""
+    """:class:`fiber_d2.data.caption_mapper.CaptionDatasetMapper` that adds ``false_image`` (3, S, S)
+    uint8 (same resize / flip as ``image``) and ``false_file_name`` to every training record."""
 
     @configurable
     def __init__(self, *, image_files: Sequence[str], **kwargs):
@@ -37,7 +37,7 @@ class FalseImageCaptionMapper(CaptionDatasetMapper):
         Args:
             image_files: file names of the pool the false images are drawn from (the training set);
                 duplicates are ignored. It must hold at least two distinct images.
-            kwargs: the arguments of :class:`~fiber_d2.data.mapper.CaptionDatasetMapper`.
+            kwargs: the arguments of :class:`~fiber_d2.data.caption_mapper.CaptionDatasetMapper`.
         """
         super().__init__(**kwargs)
         self.image_files = list(dict.fromkeys(image_files))

@@ -1,0 +1,65 @@
+"""tools/deploy/export_model.py: bad input ends with one clear line, before anything is traced."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tool_scripts import load_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool("deploy/export_model")
+
+
+def test_coarse_config_names_supported_exports(tool, tmp_path):
+    argv = ["--config-file", str(ROOT / "configs/Demo/coarse_tiny.yaml"), "--format", "onnx"]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + ["--output", str(tmp_path), "--opts", "MODEL.DEVICE", "cpu"])
+    message = str(exc.value.code)
+    assert message.startswith("error: MODEL.META_ARCHITECTURE 'FIBERCoarse' cannot be exported")
+    assert "onnx, torchscript" in message and "'FIBER'" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_format_is_refused(tool, tmp_path):
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "tensorrt"]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + ["--output", str(tmp_path)])
+    assert exc.value.code == 2  # argparse: invalid choice
+
+
+def test_phrases_need_a_caption(tool, tmp_path):
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "onnx"]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + ["--output", str(tmp_path), "--prompt", "cat", "--phrases", "cat"])
+    assert str(exc.value.code) == "error: --phrases needs --caption"
+
+
+def test_benchmark_export_task_refuses_coarse_config():
+    bench = load_tool("benchmark")
+    argv = ["--config-file", str(ROOT / "configs/Demo/coarse_tiny.yaml"), "--task", "export"]
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv + ["--device", "cpu"])
+    assert str(exc.value.code) == (
+        "error: --task export needs the fine-grained detector (FIBER) config"
+    )
+
+
+def test_export_and_verify(tool, tmp_path, capsys):
+    """The tool exports the tiny detector and --verify finds eager's detections on two image
+    sizes and two prompt lengths other than the sample's."""
+    from test_export import TINY
+
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "torchscript"]
+    argv += ["--output", str(tmp_path), "--prompt", "red circle. blue square", "--verify"]
+    path = tool.main(argv + ["--opts", *TINY])
+    assert Path(path) == tmp_path / "model.ts" and (tmp_path / "fiber_export.json").is_file()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 4
+    for line in lines:
+        assert line["ok"] and line["same_detections"] and line["detections"] > 0
+        assert line["unseen_size"] and line["unseen_text_len"]
+    assert len({(tuple(x["padded_size"]), x["text_len"]) for x in lines}) == 4
