@@ -59,11 +59,13 @@ construction and the runs: ``torch.cuda.max_memory_allocated`` on a GPU; on the 
 the peak resident set size after ``malloc_trim`` (Linux ``VmHWM``, reset via
 ``/proc/self/clear_refs`` so each run in a process has its own peak; ``getrusage`` elsewhere). On a
 shared CPU use ``--threads 1``: two busy intra-op threads on two contended cores can run 50x slower.
-``--mmap-threshold-mb 1`` fixes glibc's mmap threshold at 1 MiB (:func:`set_mmap_threshold`; the
-same as ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment, which also works for
-``tools/train_net.py``): freed tensors then leave the resident set at once instead of staying as
-heap gaps, which cuts the CPU training peak by up to 2 GB at 800 x 1333. Every record has
-``mmap_threshold_mb`` (None: glibc's default, a threshold that grows up to 32 MiB).
+As ``tools/train_net.py`` does, the process fixes glibc's mmap threshold at ``CPU_MMAP_THRESHOLD_MB``
+(default 1 MiB; :mod:`fiber_d2.engine.memory`) unless ``MALLOC_MMAP_THRESHOLD_`` is set:
+freed tensors then leave the resident set at once instead of staying as heap gaps, which cuts the
+CPU training peak by up to 2 GB at 800 x 1333. ``--mmap-threshold-mb N`` sets another threshold,
+``--mmap-threshold-mb 0`` keeps glibc's dynamic default (128 KiB growing up to 32 MiB). It is one
+setting per process, so ``--reference`` runs both variants with it. Every record has
+``mmap_threshold_mb`` (None: glibc's default).
 
 Synthetic inputs follow the mappers' output contract (``fiber_d2/data/mapper.py``). Detector: uint8
 ``image`` (3, H, W), H x W = ``MIN_SIZE_TEST`` x ``MAX_SIZE_TEST`` (FIBER-B: 800 x 1333, run at
@@ -106,6 +108,7 @@ from detectron2.structures import Boxes, Instances
 
 import fiber_d2  # noqa: F401  (registers the meta-architectures)
 from fiber_d2.engine.hooks import ModelEMA
+from fiber_d2.engine.memory import apply_mmap_threshold, mmap_threshold_mb
 from fiber_d2.engine.optimizer import build_fiber_optimizer
 from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
@@ -121,7 +124,6 @@ __all__ = [
     "coarse_batch",
     "detector_batch",
     "main",
-    "set_mmap_threshold",
 ]
 
 logger = logging.getLogger("fiber_d2.benchmark")
@@ -184,40 +186,6 @@ def _proc_status_kb(field: str) -> int | None:
     except OSError:
         return None
     return int(match.group(1)) if match else None
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at process start
-
-
-def set_mmap_threshold(mib: float) -> None:
-    """Serve every CPU allocation of at least ``mib`` MiB by its own ``mmap`` (glibc only).
-
-    glibc's default threshold grows with the blocks freed (up to 32 MiB), so most activation and
-    gradient tensors land on the heap, where freed gaps between live blocks stay resident: on a
-    FIBER-B training step that is up to 2 GB of peak RSS that holds no tensor. A fixed threshold
-    returns each such block to the OS when it is freed. The same as starting the process with
-    ``MALLOC_MMAP_THRESHOLD_=<bytes>``.
-
-    Raises:
-        ValueError: ``mib`` is not positive, or the C library has no ``mallopt`` (not glibc).
-    """
-    if not mib > 0:
-        raise ValueError(f"--mmap-threshold-mb must be > 0, got {mib}")
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError) as e:
-        raise ValueError(f"--mmap-threshold-mb needs glibc's mallopt: {e}") from e
-    if mallopt(_M_MMAP_THRESHOLD, int(mib * 2**20)) != 1:
-        raise ValueError(f"mallopt refused an mmap threshold of {mib} MiB")
-
-
-def mmap_threshold_mb(args: argparse.Namespace) -> float | None:
-    """The fixed glibc mmap threshold of this process in MiB (flag or environment), else None."""
-    if args.mmap_threshold_mb:
-        return args.mmap_threshold_mb
-    env = os.environ.get(_MMAP_ENV, "")
-    return round(int(env) / 2**20, 3) if env.isdigit() else None
 
 
 class PeakMemory:
@@ -957,7 +925,8 @@ def _parser() -> argparse.ArgumentParser:
         "--mmap-threshold-mb",
         type=float,
         default=None,
-        help="glibc: allocations of at least this many MiB get their own mmap (set_mmap_threshold)",
+        help="glibc: allocations of at least this many MiB get their own mmap; 0: glibc's default "
+        "(default: CPU_MMAP_THRESHOLD_MB of the config)",
     )
     p.add_argument("--names", type=int, default=1203, help="lvis-eval: vocabulary size")
     p.add_argument("--chunk", type=int, default=40, help="lvis-eval: names per prompt chunk")
@@ -969,7 +938,7 @@ def _target(args: argparse.Namespace) -> float | None:
     """The speed target of this run, if it is a reference run (see ``SPEED_TARGETS_MS``)."""
     if args.height or args.width or args.amp or args.amp_dtype or args.opts or args.reference:
         return None
-    if mmap_threshold_mb(args) is not None:
+    if args.mmap_threshold_mb is not None:
         return None
     if args.device != "cpu" or torch.get_num_threads() != 1:
         return None
@@ -993,13 +962,21 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        if args.mmap_threshold_mb is not None and args.mmap_threshold_mb < 0:
+            raise ValueError(f"--mmap-threshold-mb must be >= 0, got {args.mmap_threshold_mb}")
         if min(args.names, args.chunk) < 1:
             raise ValueError(f"need --names, --chunk >= 1; got {args.names}, {args.chunk}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.mmap_threshold_mb is not None:
-            set_mmap_threshold(args.mmap_threshold_mb)
         cfg = setup_cfg(args)
+        # as tools/train_net.py: CPU_MMAP_THRESHOLD_MB unless the flag says otherwise (0: glibc's
+        # dynamic default)
+        if args.mmap_threshold_mb is None or args.mmap_threshold_mb > 0:
+            apply_mmap_threshold(
+                cfg.CPU_MMAP_THRESHOLD_MB
+                if args.mmap_threshold_mb is None
+                else args.mmap_threshold_mb
+            )
         if args.reference:
             ref = _finish(args, cfg, TASKS[args.task](reference_cfg(cfg), args), "reference")
             gc.collect()
@@ -1027,7 +1004,7 @@ def _finish(args: argparse.Namespace, cfg: CfgNode, result: dict, variant: str =
     record.update(iters=args.iters, warmup=args.warmup, ms_median=ms)
     record.update(images_per_s=round(args.batch / (ms / 1000.0), 3), **result)
     record.update(meta_architecture=cfg.MODEL.META_ARCHITECTURE)
-    record.update(mmap_threshold_mb=mmap_threshold_mb(args))
+    record.update(mmap_threshold_mb=mmap_threshold_mb())
     if variant:
         record["variant"] = variant
     target = _target(args)

@@ -36,6 +36,7 @@ from ..checkpoint.checkpointer import FIBERCheckpointer, check_weights_before_ru
 from ..checkpoint.safe_io import CheckpointError, one_line
 from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
+from .memory import apply_mmap_threshold
 from .setup import ConfigError, load_config, validate_config
 
 __all__ = ["USER_ERRORS", "check_before_run", "setup_cfg", "run", "launch_cli"]
@@ -98,6 +99,7 @@ def run(
     default_setup(cfg, args)
     for name in loggers:
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    logger.info("glibc mmap threshold: %s MiB", apply_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB))
     try:
         if args.eval_only:
             model = trainer_cls.build_model(cfg)

@@ -3,6 +3,7 @@ synthetic inputs that follow the mappers' output contract, peak-memory measureme
 
 No speed is asserted here (targets live in benchmark.SPEED_TARGETS_MS)."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -149,18 +150,57 @@ def test_saved_tensors_counts_activations_once_and_no_parameters():
 
 
 def test_mmap_threshold_is_set_and_recorded(capsys, monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    from fiber_d2.engine import memory
+
+    monkeypatch.delenv(memory.MMAP_ENV, raising=False)
+    monkeypatch.setattr(memory, "_current_mb", None)
+    assert memory.apply_mmap_threshold(0) is None  # 0: glibc's dynamic default is left alone
     argv = ["--config-file", FINE, "--task", "train-fwd-bwd", "--device", "cpu", "--iters", "1"]
     argv += ["--warmup", "0", "--height", "64", "--width", "64", "--threads", "1", *SMALL]
-    assert _run(capsys, argv)["mmap_threshold_mb"] is None  # glibc's default
     # 32 MiB: glibc's own upper bound for its dynamic threshold, harmless for the other tests
     assert _run(capsys, ["--mmap-threshold-mb", "32", *argv])["mmap_threshold_mb"] == 32.0
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    assert _run(capsys, argv)["mmap_threshold_mb"] == 1.0  # the environment's setting is reported
-    for bad in ("0", "-1"):
-        with pytest.raises(SystemExit) as exc:
-            bench.main(["--mmap-threshold-mb", bad, *argv])
-        assert str(exc.value.code).startswith("error:") and "mmap" in str(exc.value.code)
+    assert _run(capsys, [*argv, "CPU_MMAP_THRESHOLD_MB", "2"])["mmap_threshold_mb"] == 2.0
+    monkeypatch.setattr(memory, "_current_mb", None)
+    monkeypatch.setenv(memory.MMAP_ENV, str(3 * 2**20))  # glibc read it at start: kept, reported
+    assert _run(capsys, argv)["mmap_threshold_mb"] == 3.0
+    monkeypatch.delenv(memory.MMAP_ENV)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--mmap-threshold-mb", "-1", *argv])
+    assert str(exc.value.code).startswith("error:") and "mmap" in str(exc.value.code)
+    # the default, as tools/train_net.py applies it (and as the process is left)
+    assert _run(capsys, argv)["mmap_threshold_mb"] == 1.0
+
+
+def test_train_net_applies_the_mmap_threshold(tmp_path, monkeypatch):
+    from fiber_d2.engine import memory
+    from fiber_d2.engine.cli import run
+
+    monkeypatch.delenv(memory.MMAP_ENV, raising=False)
+    monkeypatch.setattr(memory, "_current_mb", None)
+    seen = []
+    monkeypatch.setattr(memory, "set_mmap_threshold", seen.append)
+    monkeypatch.setattr("fiber_d2.engine.cli.check_before_run", lambda *a, **k: None)
+
+    class Stop(Exception):
+        pass
+
+    class Trainer:
+        def __init__(self, cfg):
+            raise Stop
+
+    args = argparse.Namespace(
+        config_file=FINE,
+        opts=["OUTPUT_DIR", str(tmp_path), "CPU_MMAP_THRESHOLD_MB", "4"],
+        eval_only=False,
+        resume=False,
+        num_gpus=1,
+        machine_rank=0,
+        num_machines=1,
+        dist_url="auto",
+    )
+    with pytest.raises(Stop):
+        run(args, Trainer)
+    assert seen == [4]
 
 
 def test_default_size_is_the_configured_test_size():
