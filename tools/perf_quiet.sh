@@ -7,7 +7,7 @@
 #   tools/perf_quiet.sh > perf.jsonl # keep the records
 #
 # Rows: training forward + backward (--task train-fwd-bwd, the setting of the original comparison;
-# glibc mmap threshold fixed at 1 MiB as in the README memory rows) at 800x1333 and 512x512;
+# glibc mmap threshold at CPU_MMAP_THRESHOLD_MB, as train_net) at 800x1333 and 512x512;
 # inference at 800x1333 and 512x512; LVIS-style evaluation of one 800x1333 image with 1203 names in
 # 31 chunks of 40. Environment: PYTHON (default .venv/bin/python). Extra arguments go to every
 # command (e.g. KEY VALUE config overrides at the end).
@@ -20,8 +20,8 @@ bench() {
     "$PYTHON" tools/benchmark.py --config-file configs/FIBER-B/coco.yaml --iters 1 --warmup 0 \
         --threads 1 --reference "$@"
 }
-bench --task train-fwd-bwd --mmap-threshold-mb 1 "$@"
-bench --task train-fwd-bwd --mmap-threshold-mb 1 --height 512 --width 512 "$@"
+bench --task train-fwd-bwd "$@"
+bench --task train-fwd-bwd --height 512 --width 512 "$@"
 bench --task inference "$@"
 bench --task inference --height 512 --width 512 "$@"
 bench --task lvis-eval --names 1203 --chunk 40 "$@"

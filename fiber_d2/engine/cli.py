@@ -99,7 +99,9 @@ def run(
     default_setup(cfg, args)
     for name in loggers:
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
-    logger.info("glibc mmap threshold: %s MiB", apply_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB))
+    if not args.eval_only:  # a memory saving that costs time; inference gains little from it
+        mib = apply_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB)
+        logger.info("glibc mmap threshold: %s", f"{mib} MiB" if mib else "glibc's default")
     try:
         if args.eval_only:
             model = trainer_cls.build_model(cfg)
