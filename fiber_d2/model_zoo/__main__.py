@@ -3,11 +3,14 @@ the README's generated block (between ``<!-- model-zoo:begin -->`` and ``<!-- mo
 """
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
 
 from .catalog import markdown_table
+
+logger = logging.getLogger("fiber_d2.model_zoo")
 
 BEGIN, END = "<!-- model-zoo:begin -->", "<!-- model-zoo:end -->"
 
@@ -16,9 +19,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--update-readme", metavar="README.md", help="rewrite the generated block")
     args = parser.parse_args(argv)
+    # the table is the command's output: plain messages on stdout
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     table = markdown_table()
     if not args.update_readme:
-        print(table)
+        logger.info("%s", table)
         return
     path = Path(args.update_readme)
     text = path.read_text()
@@ -26,7 +31,7 @@ def main(argv=None) -> None:
     if not pattern.search(text):
         sys.exit(f"error: {path} has no '{BEGIN}' ... '{END}' block")
     path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
-    print(f"updated {path}")
+    logger.info("updated %s", path)
 
 
 if __name__ == "__main__":
