@@ -1,5 +1,6 @@
 """tools/benchmark.py: one JSON line per task (train / inference / backbone, detector and coarse),
-synthetic inputs that follow the mappers' output contract, peak-memory measurement, one-line errors.
+one-line errors; fiber_d2.benchmark: synthetic inputs that follow the mappers' output contract,
+peak-memory and saved-activation measurement.
 
 No speed is asserted here (targets live in benchmark.SPEED_TARGETS_MS)."""
 
@@ -18,6 +19,16 @@ from PIL import Image
 from tool_scripts import load_tool
 
 from fiber_d2 import add_fiber_config
+from fiber_d2.benchmark import (
+    REFERENCE_OVERRIDES,
+    PeakMemory,
+    SavedTensors,
+    chunked_prompts,
+    coarse_batch,
+    detector_batch,
+    input_size,
+    reference_cfg,
+)
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.mapper import GroundingDatasetMapper
 from fiber_d2.data.shapes import build_shapes_tokenizer
@@ -139,7 +150,7 @@ def test_train_reports_the_ema_copy(capsys):
 def test_saved_tensors_counts_activations_once_and_no_parameters():
     layer = torch.nn.Linear(1024, 8)
     x = torch.randn(256, 1024)  # 1 MiB
-    with bench.SavedTensors(layer) as saved:
+    with SavedTensors(layer) as saved:
         y = layer(x)  # saves x (and the weight, a parameter)
         z = (y * y).sum() + layer(x).sum()  # y twice (one storage), x again
     assert saved.mb == pytest.approx(1.0 + 256 * 8 * 4 / 2**20)
@@ -206,18 +217,18 @@ def test_train_net_applies_the_mmap_threshold(tmp_path, monkeypatch):
 def test_default_size_is_the_configured_test_size():
     cfg = load_config(FINE, [])
     args = bench._parser().parse_args(["--config-file", FINE])
-    assert bench._input_size(cfg, args) == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    assert input_size(cfg, args) == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     args = bench._parser().parse_args(["--config-file", FINE, "--height", "50"])
-    assert bench._input_size(cfg, args) == (50, cfg.INPUT.MAX_SIZE_TEST)
+    assert input_size(cfg, args) == (50, cfg.INPUT.MAX_SIZE_TEST)
     coarse = load_config(COARSE, [])
     args = bench._parser().parse_args(["--config-file", COARSE])
-    assert bench._input_size(coarse, args) == (coarse.INPUT.IMAGE_SIZE,) * 2
+    assert input_size(coarse, args) == (coarse.INPUT.IMAGE_SIZE,) * 2
 
 
 def test_detector_batch_matches_the_mapper_contract(tmp_path):
     cfg = load_config(FINE, [])
     t_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
-    batch = bench.detector_batch(cfg, 2, 40, 60, num_boxes=5, seed=1)
+    batch = detector_batch(cfg, 2, 40, 60, num_boxes=5, seed=1)
     # the real mapper on a real image, for the reference contract
     tok_dir = tmp_path / "tok"
     build_shapes_tokenizer(tok_dir)
@@ -260,11 +271,11 @@ def test_prompt_shrinks_to_fit_coco_sized_class_lists():
     cfg = load_config(
         FINE, ["MODEL.DYHEAD.NUM_CLASSES", "81", "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "256"]
     )
-    rec = bench.detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
+    rec = detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
     assert rec["label_token_map"].shape[0] == 80  # all 80 COCO names fit: 1 + 80 * 3 + 1 = 242
     assert int(rec["attention_mask"].sum()) == 242
     cfg = load_config(FINE, ["MODEL.DYHEAD.NUM_CLASSES", "81"])  # T = 64: one word each, 31 fit
-    rec = bench.detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
+    rec = detector_batch(cfg, 1, 32, 32, num_boxes=1)[0]
     assert rec["label_token_map"].shape[0] == (64 - 2) // 2
     assert (rec["label_token_map"].sum(1) == 1).all()
 
@@ -279,7 +290,7 @@ def test_coarse_batch_matches_the_caption_mapper_contract(tmp_path):
     real = CaptionDatasetMapper(
         is_train=True, image_size=32, tokenizer=str(tok_dir), max_query_len=t_len
     )({"file_name": str(image), "image_id": 1, "caption": "a red box"})
-    train = bench.coarse_batch(cfg, 3, 32, 32, train=True, seed=2)
+    train = coarse_batch(cfg, 3, 32, 32, train=True, seed=2)
     for rec in train:
         for key in ("image", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
             assert rec[key].dtype == real[key].dtype and rec[key].shape == real[key].shape, key
@@ -289,12 +300,12 @@ def test_coarse_batch_matches_the_caption_mapper_contract(tmp_path):
         assert not (selected & (rec["attention_mask"] == 0)).any()  # padding is never masked
         assert torch.equal(rec["mlm_input_ids"][~selected], ids[~selected])
     assert sum(int((r["mlm_labels"] != -100).sum()) for r in train) > 0
-    evaluation = bench.coarse_batch(cfg, 2, 32, 32, train=False)
+    evaluation = coarse_batch(cfg, 2, 32, 32, train=False)
     assert evaluation[0]["input_ids"].shape == (5, t_len) and "mlm_labels" not in evaluation[0]
 
 
 def test_peak_memory_sees_a_large_allocation():
-    meter = bench.PeakMemory(torch.device("cpu"))
+    meter = PeakMemory(torch.device("cpu"))
     meter.start()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
     assert block.sum() > 0
@@ -347,7 +358,7 @@ def test_reference_prints_both_runs_and_their_ratio(capsys, task):
     assert result == {"reference": ref, "improved": new, "ratio": ratio}
     assert ratio["speedup"] == round(ref["ms_median"] / new["ms_median"], 3)
     assert ratio["peak_mem_ratio"] == round(new["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9), 3)
-    assert ratio["overrides"] == bench.REFERENCE_OVERRIDES
+    assert ratio["overrides"] == REFERENCE_OVERRIDES
     if task == "lvis-eval":
         assert ref["chunks"] == new["chunks"] == 3 and ref["names"] == 25
         assert ref["outputs"] == new["outputs"]  # the same detections either way
@@ -355,7 +366,7 @@ def test_reference_prints_both_runs_and_their_ratio(capsys, task):
 
 def test_reference_cfg_switches_every_feature_off():
     cfg = load_config(FINE, [])
-    ref = bench.reference_cfg(cfg)
+    ref = reference_cfg(cfg)
     assert ref.INPUT.PAD_TO_MAX_QUERY_LEN and not ref.TEST.PREFIX_REUSE
     assert not ref.MODEL.DYHEAD.DFCONV_RECOMPUTE
     assert not ref.MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION
@@ -367,7 +378,7 @@ def test_reference_cfg_switches_every_feature_off():
 
 def test_chunked_prompts_follow_the_lvis_chunking():
     cfg = load_config(FINE, [])
-    ids, mask, maps = bench.chunked_prompts(cfg, 25, 10, torch.Generator().manual_seed(0))
+    ids, mask, maps = chunked_prompts(cfg, 25, 10, torch.Generator().manual_seed(0))
     t = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
     assert ids.shape == (3, t) and maps.shape == (3, 10, t)
     assert maps.sum(dim=(1, 2)).tolist() == [20, 20, 10]  # two tokens per name
