@@ -164,20 +164,43 @@ class FIBERCoarse(nn.Module):
         self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
         self.cross_modal_text_pooler_itc = Pooler(text_dim, itc_text_pool)
         self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
-        self.itm_score = _ITMHead(2 * text_dim)
-        self.mlm_score = MLMHead(text_dim, vocab_size)
-        self.temp = nn.Parameter(torch.tensor(float(temperature)))
         if queue_init not in ("random", "empty"):
             raise ValueError(
                 f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
             )
         self.queue_init = queue_init
-        self.itc_image_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
-        self.itc_text_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
-        self.queue = FeatureQueue(text_dim, queue_size)
+        self._build_heads(
+            image_dim=image_dim,
+            text_dim=text_dim,
+            vocab_size=vocab_size,
+            queue_size=queue_size,
+            temperature=temperature,
+            itc_batch_norm=itc_batch_norm,
+        )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self._init_new_modules()
+
+    def _build_heads(
+        self,
+        *,
+        image_dim: int,
+        text_dim: int,
+        vocab_size: int,
+        queue_size: int,
+        temperature: float,
+        itc_batch_norm: bool,
+    ) -> None:
+        """Builds what follows the shared transforms and poolers: here the pre-training heads
+        (``itm_score``, ``mlm_score``, ``temp``, the ITC batch norms and queue). A subclass with
+        other heads overrides it; all of them then get :meth:`_init_new_modules` (the random draws
+        follow the order in which modules are built here)."""
+        self.itm_score = _ITMHead(2 * text_dim)
+        self.mlm_score = MLMHead(text_dim, vocab_size)
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.itc_image_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
+        self.itc_text_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
+        self.queue = FeatureQueue(text_dim, queue_size)
 
     def _init_new_modules(self):
         for name, child in self.named_children():
@@ -229,9 +252,7 @@ class FIBERCoarse(nn.Module):
     def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
         sizes = {tuple(x["image"].shape) for x in batched_inputs}
         if len(sizes) != 1:
-            raise ValueError(
-                f"coarse-stage images must share one size (INPUT.IMAGE_SIZE), got {sizes}"
-            )
+            raise ValueError(f"images must share one size (INPUT.IMAGE_SIZE), got {sizes}")
         images = torch.stack([x["image"] for x in batched_inputs]).to(self.device).float()
         return (images - self.pixel_mean) / self.pixel_std
 

@@ -1,4 +1,5 @@
-"""``FIBERFusedTask``: the base of the downstream models that read the fused ``cls_feats`` (VQA, NLVR2).
+"""``FIBERFusedTask``: the base of the downstream models that read the fused ``cls_feats`` (VQA, NLVR2)
+and of the caption model (``projects/Captioning``).
 
 Coarse spec §1.7 / §2: the fused forward ends in ``cls_feats`` = [text pooled ; image pooled] (2D wide).
 A task model is :class:`FIBERCoarse` without the pre-training heads and queue (``mlm_score``,
@@ -32,11 +33,15 @@ class FIBERFusedTask(FIBERCoarse):
 
     Constructed with the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored). Subclasses
     name their head's parameter prefixes in ``STAGE_HEADS``: a checkpoint without them (a coarse
-    pre-training checkpoint) still counts as a complete load for the strict-weights check.
+    pre-training checkpoint) still counts as a complete load for the strict-weights check. A subclass
+    that builds its own heads instead of the pre-training ones (captioning) overrides
+    :meth:`FIBERCoarse._build_heads` and empties ``_PRETRAIN_ONLY``.
     """
 
     STAGE_HEADS: tuple[str, ...] = ()
-    _PRETRAIN_ONLY = ("mlm_score", "itm_score", "queue", "temp")
+    # built by FIBERCoarse._build_heads, then dropped (building them keeps the init draws of the
+    # task models as they were)
+    _PRETRAIN_ONLY: tuple[str, ...] = ("mlm_score", "itm_score", "queue", "temp")
 
     def __init__(self, **kwargs):
         kwargs["losses"], kwargs["loss_weights"] = [], {}

@@ -8,9 +8,11 @@
   the last two text layers, to I itself for the last two.
 * Head: ``cross_modal_text_transform`` then ``mlm_score`` as the next-token LM head.
 
-Module names follow the original caption checkpoint (``fiber_coco_caption.ckpt``): besides the parts
-above it holds the modules the original builds for every task (``image_norm`` = ``vit_model.norm``, the
-``*_itc`` transforms, the poolers), so a converted checkpoint loads with no missing or unexpected key.
+The model is a :class:`~fiber_d2.modeling.meta_arch.FIBERFusedTask` (normalisation, the shared
+transforms and poolers, head init) whose heads are ``mlm_score`` and the adapters. Module names follow
+the original caption checkpoint (``fiber_coco_caption.ckpt``): besides the parts above it holds the
+modules the original builds for every task (``image_norm`` = ``vit_model.norm``, the ``*_itc``
+transforms, the poolers), so a converted checkpoint loads with no missing or unexpected key.
 
 Training (``CAPTION.STAGE``): ``mle``, ``gold`` (frozen snapshot every ``GOLD_UPDATE_PERIOD``
 iterations) or ``cider`` (sampled captions scored by CIDEr-D against the image's references, which
@@ -31,8 +33,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from fiber_d2.modeling.backbone.causal_text import TextKVCache
-from fiber_d2.modeling.backbone.fused import FusedSwinRoberta
-from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead, Pooler, init_head
+from fiber_d2.modeling.meta_arch import FIBERFusedTask
+from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead
 from fiber_d2.text import build_tokenizer
 
 from .cider import CiderD, references_by_image
@@ -54,20 +56,16 @@ STAGES = ("mle", "gold", "cider")
 
 
 @META_ARCH_REGISTRY.register()
-class FIBERCaption(nn.Module):
+class FIBERCaption(FIBERFusedTask):
     """Captioning FIBER (see the module docstring)."""
+
+    _PRETRAIN_ONLY = ()  # :meth:`_build_heads` builds no ITM head, temperature or queue
 
     @configurable
     def __init__(
         self,
         *,
-        backbone: FusedSwinRoberta,
-        image_dim: int,
-        text_dim: int,
-        vocab_size: int,
         tokenizer,
-        pixel_mean: list[float],
-        pixel_std: list[float],
         stage: str = "mle",
         decoding: str = "beam",
         beam_size: int = 5,
@@ -80,14 +78,11 @@ class FIBERCaption(nn.Module):
         cider_samples: int = 5,
         cider_baseline: float = 1.0,
         cider: CiderD | None = None,
+        **kwargs,
     ):
         """
         Args:
-            backbone: the fused towers (only the unfused image path and the text tower are used).
-            image_dim: width C of the last image stage; text_dim: text width D.
-            vocab_size: LM head outputs.
             tokenizer: the text tokenizer (special ids, decoding to strings).
-            pixel_mean, pixel_std: input normalisation.
             stage: "mle", "gold" or "cider".
             decoding: "beam" or "greedy".
             beam_size: beam width K.
@@ -100,47 +95,22 @@ class FIBERCaption(nn.Module):
             cider_samples: samples per image.
             cider_baseline: constant baseline (CIDEr-D units).
             cider: CIDEr-D scorer with training document frequencies (needed for "cider").
+            kwargs: the arguments of :class:`fiber_d2.modeling.meta_arch.FIBERCoarse` (the
+                ``backbone``: only its unfused image path and its text tower are used; the losses,
+                queue and ITC switches are not).
         """
-        super().__init__()
         if stage not in STAGES:
             raise ValueError(f"CAPTION.STAGE must be one of {STAGES}, got {stage!r}")
         if decoding not in ("beam", "greedy"):
             raise ValueError(f"CAPTION.DECODING must be 'beam' or 'greedy', got {decoding!r}")
         if stage == "cider" and cider is None:
             raise ValueError("CAPTION.STAGE 'cider' needs a CIDEr-D scorer (training captions)")
-        text = backbone.text_tower
-        if max_length > text.max_len:
+        text_positions = kwargs["backbone"].text_tower.max_len
+        if max_length > text_positions:
             raise ValueError(
-                f"CAPTION.MAX_LENGTH {max_length} exceeds the text tower's {text.max_len} positions"
+                f"CAPTION.MAX_LENGTH {max_length} exceeds the text tower's {text_positions} positions"
             )
-        self.backbone = backbone
-        self.image_norm = nn.LayerNorm(image_dim)  # vit_model.norm: kept for the layout, unused
-        self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
-        self.cross_modal_image_transform = nn.Linear(image_dim, text_dim)
-        self.cross_modal_text_pooler = Pooler(text_dim, "first")
-        self.cross_modal_image_pooler = Pooler(text_dim, "mean")
-        self.cross_modal_text_transform_itc = nn.Linear(text_dim, text_dim)
-        self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
-        self.cross_modal_text_pooler_itc = Pooler(text_dim, "first")
-        self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
-        self.mlm_score = MLMHead(text_dim, vocab_size)
-        # one adapter per text layer but the last two, as the original (only fused ones are used)
-        num_layers = text.num_layers
-        self.cross_modal_att_layers = nn.ModuleList(
-            nn.Linear(image_dim, image_dim // 2) for _ in range(num_layers - 2)
-        )
-        self.adapted_layers = []
-        for j in text.fused_layer_ids:
-            key_dim = text.model.encoder.layer[j].crossattention_t2i.self.key.in_features
-            adapted = j < num_layers - 2
-            want = image_dim // 2 if adapted else image_dim
-            if key_dim != want:
-                raise ValueError(
-                    f"fused text layer {j} reads {key_dim}-wide image tokens; the caption forward "
-                    f"gives it {want} (adapters 1024->512 below the last two layers, coarse §1.8)"
-                )
-            if adapted:
-                self.adapted_layers.append(j)
+        super().__init__(**kwargs)
         self.tokenizer = tokenizer
         self.bos, self.eos = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.pad, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
@@ -158,14 +128,28 @@ class FIBERCaption(nn.Module):
         self.cider = cider
         self._snapshot: list = []  # GOLD: [frozen copy] (a list, so it is not a submodule)
         self._snapshot_iter = -1
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self._init_new_modules()
 
-    def _init_new_modules(self):
-        for name, child in self.named_children():
-            if name != "backbone":
-                init_head(child)
+    def _build_heads(self, *, image_dim: int, text_dim: int, vocab_size: int, **_) -> None:
+        """``mlm_score`` (the next-token head) and the image adapters ``cross_modal_att_layers``."""
+        self.mlm_score = MLMHead(text_dim, vocab_size)
+        # one adapter per text layer but the last two, as the original (only fused ones are used)
+        text = self.backbone.text_tower
+        num_layers = text.num_layers
+        self.cross_modal_att_layers = nn.ModuleList(
+            nn.Linear(image_dim, image_dim // 2) for _ in range(num_layers - 2)
+        )
+        self.adapted_layers = []
+        for j in text.fused_layer_ids:
+            key_dim = text.model.encoder.layer[j].crossattention_t2i.self.key.in_features
+            adapted = j < num_layers - 2
+            want = image_dim // 2 if adapted else image_dim
+            if key_dim != want:
+                raise ValueError(
+                    f"fused text layer {j} reads {key_dim}-wide image tokens; the caption forward "
+                    f"gives it {want} (adapters 1024->512 below the last two layers, coarse §1.8)"
+                )
+            if adapted:
+                self.adapted_layers.append(j)
 
     @classmethod
     def from_config(cls, cfg):
@@ -175,13 +159,8 @@ class FIBERCaption(nn.Module):
             records = [r for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)]
             cider = CiderD.from_references(references_by_image(records))
         return {
-            "backbone": FusedSwinRoberta(cfg),
-            "image_dim": cfg.MODEL.SWIN.EMBED_DIM * 2 ** (len(cfg.MODEL.SWIN.DEPTHS) - 1),
-            "text_dim": cfg.MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE,
-            "vocab_size": cfg.MODEL.LANGUAGE_BACKBONE.VOCAB_SIZE,
+            **super().from_config(cfg),
             "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
             "stage": c.STAGE,
             "decoding": c.DECODING,
             "beam_size": c.BEAM_SIZE,
@@ -196,21 +175,9 @@ class FIBERCaption(nn.Module):
             "cider": cider,
         }
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     # ------------------------------------------------------------------ forward pieces
-    def preprocess_images(self, batched_inputs: list[dict]) -> torch.Tensor:
-        """(B, 3, S, S) normalised images of the records."""
-        sizes = {tuple(x["image"].shape) for x in batched_inputs}
-        if len(sizes) != 1:
-            raise ValueError(f"caption images must share one size (INPUT.IMAGE_SIZE), got {sizes}")
-        images = torch.stack([x["image"] for x in batched_inputs]).to(self.device).float()
-        return (images - self.pixel_mean) / self.pixel_std
-
     def encode_image(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Image tokens read by each fused text layer.
+        """Image tokens read by each fused text layer (unlike the ITC embedding of the base).
 
         Args:
             images: (B, 3, S, S) normalised.
@@ -219,9 +186,7 @@ class FIBERCaption(nn.Module):
             {text layer: (B, N, C_j)}: the raw last-stage tokens I (no fusion, no final norm),
             through ``cross_modal_att_layers[j]`` for all but the last two text layers.
         """
-        features = self.backbone.forward_image(images)
-        last = features[sorted(features)[-1]]
-        tokens = last.flatten(2).transpose(1, 2)
+        tokens = self._tokens(self.backbone.forward_image(images))
         return {
             j: (self.cross_modal_att_layers[j](tokens) if j in self.adapted_layers else tokens)
             for j in self.backbone.text_tower.fused_layer_ids
@@ -311,12 +276,11 @@ class FIBERCaption(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batched_inputs: list[dict]):
         """Training: ``{"loss_caption_*": ...}``. Inference: per record ``{"caption": str}``."""
-        images = self.preprocess_images(batched_inputs)
+        images = self.images(batched_inputs)
         if not self.training:
             ids = self.generate(images)
             return [{"caption": c, "caption_ids": i} for c, i in zip(self.decode_text(ids), ids)]
-        input_ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
-        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        input_ids, mask = self.text(batched_inputs)
         labels = next_token_labels(input_ids, self.pad)
         if self.stage == "mle":
             return {

@@ -74,7 +74,7 @@ def test_cached_decoding_gives_the_same_captions(caption_model, decoding):
     pictures = [torch.zeros(3, 128, 128), torch.full((3, 128, 128), 255.0)]
     pictures.append(torch.randint(0, 255, (3, 128, 128)).float())
     pictures[0][:, :64] = 255  # half white, half black
-    images = caption_model.preprocess_images([{"image": p.to(torch.uint8)} for p in pictures])
+    images = caption_model.images([{"image": p.to(torch.uint8)} for p in pictures])
     cached = caption_model.generate(images, decoding=decoding, use_cache=True)
     reencoded = caption_model.generate(images, decoding=decoding, use_cache=False)
     assert torch.equal(cached, reencoded)
