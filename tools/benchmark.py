@@ -38,6 +38,7 @@ Tasks (``TASKS``; their code, the synthetic inputs and the memory / time probes 
   cache vs re-encoding the prefix every step (:func:`~fiber_d2.benchmark.tasks.bench_caption`);
   extra keys ``reencode_ms_median``, ``speedup``, ``image_ms_median``.
 * ``backbone``: the fused backbone with its FPN; ``ms_median`` is the eval forward; extra keys
+  ``fwd_peak_mem_mb`` (the peak up to the end of the eval forwards: the inference peak),
   ``fwd_bwd_ms_median`` (train mode, backward of a scalar of every output) and ``tokens_per_s``.
 * ``lvis-eval``: detector inference of one image with a vocabulary of --names category names (LVIS:
   1203) in prompt chunks of --chunk names (``TEST.CHUNKED_EVALUATION``, LVIS: 40), as LVIS
@@ -48,8 +49,9 @@ off (``fiber_d2.benchmark.REFERENCE_OVERRIDES``: text padded to ``MAX_QUERY_LEN`
 deformable conv keeping its samples, the fused text layers' cross-attention kept for the backward
 pass, chunked prompts through the whole model one by one), then as configured, and prints three
 JSON lines: the two records (``variant`` "reference" / "improved") and their comparison
-(``variant`` "ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` = improved /
-reference). On a busy machine compare only these ratios.
+(``variant`` "ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` (and
+``fwd_peak_mem_ratio`` where the task reports ``fwd_peak_mem_mb``) = improved / reference). On a busy machine compare only
+these ratios.
 
 Every record has ``task``, ``config``, ``device``, ``device_name``, ``threads``, ``dtype`` (float32,
 or the autocast dtype: ``--amp`` means fp16 on CUDA and bf16 on the CPU, ``--amp-dtype`` chooses),
@@ -239,7 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = {k: ref[k] for k in ("task", "config", "device", "threads", "dtype")}
             ratio.update(height=ref["height"], width=ref["width"], batch=args.batch)
             ratio.update(variant="ratio", speedup=round(ref["ms_median"] / new["ms_median"], 3))
-            ratio["peak_mem_ratio"] = round(new["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9), 3)
+            for key in ("peak_mem_mb", "fwd_peak_mem_mb"):
+                if key in ref and key in new:
+                    name = key.replace("_mb", "_ratio")
+                    ratio[name] = round(new[key] / max(ref[key], 1e-9), 3)
             ratio["overrides"] = dict(REFERENCE_OVERRIDES)
             print(json.dumps(ratio), flush=True)
             return {"reference": ref, "improved": new, "ratio": ratio}

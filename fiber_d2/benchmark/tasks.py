@@ -216,12 +216,14 @@ def bench_backbone(cfg: CfgNode, args: argparse.Namespace) -> dict:
 
     model.eval()
     fwd = timed(forward, device, args.iters, args.warmup)["total"]
+    fwd_peak = memory.peak_mb()  # model + inputs + the forward passes (the inference peak)
     model.train()
     fwd_bwd = timed(forward_backward, device, args.iters, args.warmup)["total"]
     record = base_record((height, width), dtype, fwd, memory, model)
     tokens = args.batch * ((height // 4) * (width // 4) + ids.shape[1])
     return {
         **record,
+        "fwd_peak_mem_mb": round(fwd_peak, 1),
         "fwd_bwd_ms_median": median(fwd_bwd),
         "tokens_per_s": round(tokens / (record["ms_median"] / 1000.0), 1),
     }

@@ -75,7 +75,7 @@ def _run(capsys, argv):
         (FINE, "train", 2, (70, 100), {"fwd_ms_median", "bwd_ms_median", "fwd_bwd_peak_mem_mb"}),
         (FINE, "train-fwd-bwd", 1, (70, 100), {"fwd_ms_median", "bwd_ms_median", "loss"}),
         (FINE, "inference", 1, (70, 100), {"outputs"}),
-        (FINE, "backbone", 1, (70, 100), {"fwd_bwd_ms_median", "tokens_per_s"}),
+        (FINE, "backbone", 1, (70, 100), {"fwd_peak_mem_mb", "fwd_bwd_ms_median", "tokens_per_s"}),
         (COARSE, "train", 2, (64, 64), {"fwd_ms_median", "loss", "trainable_params", "ema"}),
         (COARSE, "inference", 2, (64, 64), {"outputs"}),
     ],
@@ -346,7 +346,7 @@ def test_speed_targets_apply_only_to_reference_runs():
     assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
 
 
-@pytest.mark.parametrize("task", ["lvis-eval", "train", "train-fwd-bwd"])
+@pytest.mark.parametrize("task", ["lvis-eval", "train", "train-fwd-bwd", "backbone"])
 def test_reference_prints_both_runs_and_their_ratio(capsys, task):
     argv = ["--config-file", FINE, "--task", task, "--device", "cpu", "--iters", "1"]
     argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
@@ -359,6 +359,11 @@ def test_reference_prints_both_runs_and_their_ratio(capsys, task):
     assert ratio["speedup"] == round(ref["ms_median"] / new["ms_median"], 3)
     assert ratio["peak_mem_ratio"] == round(new["peak_mem_mb"] / max(ref["peak_mem_mb"], 1e-9), 3)
     assert ratio["overrides"] == REFERENCE_OVERRIDES
+    if task != "lvis-eval":  # the peak up to the end of the forward, compared on its own
+        fwd = round(new["fwd_peak_mem_mb"] / max(ref["fwd_peak_mem_mb"], 1e-9), 3)
+        assert ratio["fwd_peak_mem_ratio"] == fwd
+    else:
+        assert "fwd_peak_mem_ratio" not in ratio
     if task == "lvis-eval":
         assert ref["chunks"] == new["chunks"] == 3 and ref["names"] == 25
         assert ref["outputs"] == new["outputs"]  # the same detections either way
