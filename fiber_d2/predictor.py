@@ -26,6 +26,8 @@ arrays), PIL images, file paths, torch uint8 tensors (3, H, W) (torchvision orde
 ``image_format="BGR"``), or lists of these. Every result is a dict:
 ``{"instances": Instances, "label_names": [L str], "pred_labels": [N str], "caption": ...}``.
 This call signature is a public contract (other runners mirror it).
+The prompt, image and output handling behind it are plain functions in
+:mod:`fiber_d2.inference` (prompts, images, outputs).
 """
 
 from __future__ import annotations
