@@ -26,40 +26,45 @@ arrays), PIL images, file paths, torch uint8 tensors (3, H, W) (torchvision orde
 ``image_format="BGR"``), or lists of these. Every result is a dict:
 ``{"instances": Instances, "label_names": [L str], "pred_labels": [N str], "caption": ...}``.
 This call signature is a public contract (other runners mirror it).
+The prompt, image and output handling behind it are plain functions in
+:mod:`fiber_d2.inference` (prompts, images, outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.structures import Instances
-from PIL import Image
 from torch import nn
-from torchvision.ops import nms
 
 from .checkpoint.checkpointer import load_model_weights
-from .data.mapper import encode_category_prompts
+from .inference.images import ImageLike, image_to_array
+from .inference.outputs import (  # nms_keep: still importable from here
+    check_selection,
+    check_threshold,
+    nms_keep,  # noqa: F401
+    select_detections,
+    to_coco_json,
+)
+from .inference.prompts import (
+    Phrase,
+    Prompt,
+    encode_caption,
+    encode_names,
+    prompt_key,
+    split_prompt,
+)
 from .modeling.meta_arch.fiber import FIBER
-from .text import build_tokenizer, char_spans_to_positive_map, tokenize
+from .text import build_tokenizer
 
 __all__ = ["FIBERPredictor", "split_prompt", "to_coco_json", "resolve_dtype"]
-
-logger = logging.getLogger(__name__)
-
-ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image, torch.Tensor]
-Prompt = Union[str, Sequence[str]]
-Phrase = Union[str, Sequence[int]]
 
 _CACHE_SIZE = 32
 _DTYPES = {
@@ -85,37 +90,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-
-
-def _check_threshold(threshold: Optional[float]) -> None:
-    if threshold is not None and not (
-        isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0
-    ):
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-
-
-def split_prompt(text: str, separator: str = ". ") -> List[str]:
-    """Split a detection prompt such as ``"red circle. blue square."`` into category names.
-
-    Args:
-        text: names joined by ``separator``; surrounding whitespace, a trailing separator and
-            empty entries are ignored.
-        separator: the prompt separator (``DATASETS.SEPARATION_TOKENS``).
-
-    Returns:
-        the list of names.
-
-    Raises:
-        ValueError: no name in ``text``.
-    """
-    names = [n.strip() for n in text.split(separator)] if separator else [text.strip()]
-    tail = separator.strip()
-    if names and tail and names[-1].endswith(tail):
-        names[-1] = names[-1][: -len(tail)].strip()
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"prompt {text!r} contains no category name")
-    return names
 
 
 def _check_detector(meta_architecture: str) -> None:
@@ -289,96 +263,24 @@ class FIBERPredictor:
             ValueError: empty prompt or phrase, a phrase not in the caption, a caption longer
                 than ``max_query_len`` tokens, a category name that fits no prompt.
         """
-        if isinstance(prompt, str):
-            key = ("caption", prompt, None if phrases is None else tuple(map(_phrase_key, phrases)))
-        elif isinstance(prompt, Sequence):
-            if phrases is not None:
-                raise ValueError("phrases are only accepted with a caption str, not a name list")
-            key = ("names", tuple(prompt))
-        else:
-            raise ValueError(f"prompt must be a caption str or a list of names, got {prompt!r}")
+        key = prompt_key(prompt, phrases)
         if key not in self._cache:
             if isinstance(prompt, str):
-                self._cache[key] = self._encode_caption(prompt, phrases)
+                self._cache[key] = encode_caption(
+                    self.tokenizer, prompt, phrases, max_query_len=self.max_query_len
+                )
             else:
-                self._cache[key] = self._encode_names(list(prompt))
+                self._cache[key] = encode_names(
+                    self.tokenizer,
+                    list(prompt),
+                    max_query_len=self.max_query_len,
+                    separator=self.separator,
+                    chunk_size=self.chunk_size,
+                )
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
-
-    def _encode_names(self, names: List[str]) -> dict:
-        if not names:
-            raise ValueError("empty prompt: the category list has no names")
-        for i, name in enumerate(names):
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"empty prompt entry {i}: {name!r}")
-        # Budget-driven chunking when TEST.CHUNKED_EVALUATION is off: one prompt if it fits.
-        chunk_size = self.chunk_size if self.chunk_size > 0 else len(names)
-        enc = encode_category_prompts(
-            self.tokenizer,
-            names,
-            max_query_len=self.max_query_len,
-            separator=self.separator,
-            chunk_size=chunk_size,
-            squeeze=True,
-        )
-        chunks = enc.pop("chunks")
-        if len(chunks) > 1:
-            logger.info("%d names split into %d prompt chunks", len(names), len(chunks))
-        return {**enc, "label_names": list(names)}
-
-    def _phrase_spans(self, caption: str, phrases: Optional[Sequence[Phrase]]) -> List[List[int]]:
-        if phrases is None:
-            return [[0, len(caption)]]
-        if isinstance(phrases, str) or len(phrases) == 0:
-            raise ValueError(
-                f"phrases must be a non-empty list of spans or substrings, got {phrases!r} "
-                "(pass None to ground the whole caption)"
-            )
-        spans: List[List[int]] = []
-        next_start: Dict[str, int] = {}
-        for i, phrase in enumerate(phrases):
-            if isinstance(phrase, str):
-                if not phrase.strip():
-                    raise ValueError(f"phrase {i} is empty")
-                start = caption.find(phrase, next_start.get(phrase, 0))
-                if start < 0:
-                    raise ValueError(f"phrase {i} {phrase!r} is not in the caption {caption!r}")
-                next_start[phrase] = start + len(phrase)  # a repeated phrase takes the next match
-                spans.append([start, start + len(phrase)])
-                continue
-            if len(phrase) != 2 or not all(isinstance(v, (int, np.integer)) for v in phrase):
-                raise ValueError(f"phrase {i} {phrase!r} is neither a str nor a (start, end) pair")
-            start, end = int(phrase[0]), int(phrase[1])
-            if not 0 <= start < end <= len(caption):
-                raise ValueError(
-                    f"phrase {i} span [{start}, {end}) is outside the caption (length {len(caption)})"
-                )
-            if not caption[start:end].strip():
-                raise ValueError(f"phrase {i} span [{start}, {end}) covers only whitespace")
-            spans.append([start, end])
-        return spans
-
-    def _encode_caption(self, caption: str, phrases: Optional[Sequence[Phrase]]) -> dict:
-        if not caption.strip():
-            raise ValueError("empty prompt: the caption has no text")
-        spans = self._phrase_spans(caption, phrases)
-        needed = len(self.tokenizer.tokenize(caption))
-        if needed > self.max_query_len - 2:
-            raise ValueError(
-                f"caption needs {needed} tokens, MAX_QUERY_LEN {self.max_query_len} holds "
-                f"{self.max_query_len - 2}; shorten it or pass a list of names (chunked)"
-            )
-        enc = tokenize(self.tokenizer, caption, self.max_query_len)
-        label_map = char_spans_to_positive_map(enc, [[s] for s in spans], self.max_query_len)
-        return {
-            "caption": caption,
-            "label_names": [caption[b:e] for b, e in spans],
-            "input_ids": enc["input_ids"][0],
-            "attention_mask": enc["attention_mask"][0],
-            "label_token_map": label_map,
-        }
 
     # ------------------------------------------------------------------ images
     def read_image(self, image: ImageLike, image_format: Optional[str] = None) -> np.ndarray:
@@ -393,37 +295,7 @@ class FIBERPredictor:
         Raises:
             FileNotFoundError: a missing file. ValueError: an unreadable file or a wrong array.
         """
-        if image_format not in (None, "BGR", "RGB"):
-            raise ValueError(f"image_format must be 'BGR' or 'RGB', got {image_format!r}")
-        if isinstance(image, (str, os.PathLike)):
-            path = os.fspath(image)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"image not found: {path}")
-            try:
-                return utils.read_image(path, format=self.input_format)
-            except (OSError, ValueError, SyntaxError) as e:
-                raise ValueError(f"cannot read image {path}: {e}") from None
-        if isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"))
-            return array[:, :, ::-1] if self.input_format == "BGR" else array
-        order = image_format
-        if isinstance(image, torch.Tensor):
-            order = order or "RGB"
-            array = image.detach().cpu()
-            if array.ndim == 3 and array.shape[0] == 3 and array.shape[2] != 3:
-                array = array.permute(1, 2, 0)
-            image = array.numpy()
-        elif not isinstance(image, np.ndarray):
-            raise ValueError(
-                f"image must be a numpy array, PIL image, path or tensor, got {type(image)}"
-            )
-        order = order or "BGR"
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"image must be a BGR uint8 array (H, W, 3) (RGB with image_format='RGB'), "
-                f"got {image.dtype} {image.shape}"
-            )
-        return image[:, :, ::-1] if order != self.input_format else image
+        return image_to_array(image, self.input_format, image_format)
 
     def preprocess_image(self, image: ImageLike, image_format: Optional[str] = None) -> dict:
         """Read (if needed), convert and resize one image.
@@ -481,13 +353,7 @@ class FIBERPredictor:
         Raises:
             ValueError: a bad prompt, image, threshold or option (one line).
         """
-        _check_threshold(threshold)
-        if max_detections is not None and (
-            not isinstance(max_detections, int) or max_detections < 1
-        ):
-            raise ValueError(f"max_detections must be a positive int, got {max_detections!r}")
-        if isinstance(class_agnostic_nms, float) and not 0.0 < class_agnostic_nms <= 1.0:
-            raise ValueError(f"class_agnostic_nms IoU must be in (0, 1], got {class_agnostic_nms}")
+        check_selection(threshold, class_agnostic_nms, max_detections)
         post = {"threshold": threshold, "nms": class_agnostic_nms, "top": max_detections}
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
@@ -521,7 +387,7 @@ class FIBERPredictor:
             outputs = self.model(inputs)
         results = []
         for out, text in zip(outputs, texts):
-            inst = self._select(out["instances"], **post)
+            inst = select_detections(out["instances"], nms_threshold=self.nms_threshold, **post)
             names = list(text["label_names"])
             results.append(
                 {
@@ -532,20 +398,6 @@ class FIBERPredictor:
                 }
             )
         return results
-
-    def _select(self, inst: Instances, threshold, nms, top) -> Instances:
-        """float32 fields, score order, then threshold / class-agnostic NMS / top-k."""
-        inst.pred_boxes.tensor = inst.pred_boxes.tensor.float()
-        inst.scores = inst.scores.float()
-        inst = inst[inst.scores.argsort(descending=True)]
-        if threshold is not None:
-            inst = inst[inst.scores >= threshold]
-        if nms is not False and nms is not None and len(inst):
-            iou = self.nms_threshold if nms is True else float(nms)
-            inst = inst[nms_keep(inst.pred_boxes.tensor, inst.scores, iou)]
-        if top is not None:
-            inst = inst[:top]
-        return inst
 
     # ------------------------------------------------------------------ output
     def draw(
@@ -571,7 +423,7 @@ class FIBERPredictor:
         """
         from .visualize import draw_grounding
 
-        _check_threshold(threshold)
+        check_threshold(threshold)
         array = self.read_image(image, image_format)
         rgb = array[:, :, ::-1] if self.input_format == "BGR" else array
         return draw_grounding(
@@ -583,11 +435,6 @@ class FIBERPredictor:
         )
 
 
-def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
-    """Indices kept by class-agnostic NMS (torchvision), in decreasing score order."""
-    return nms(boxes.float(), scores.float(), iou)
-
-
 def _model_query_len(model: nn.Module) -> int:
     """The padded text length of the model's text tower (``MAX_QUERY_LEN`` within its positions)."""
     for module in model.modules():
@@ -595,53 +442,3 @@ def _model_query_len(model: nn.Module) -> int:
         if isinstance(max_len, int) and hasattr(module, "fused_layer_ids"):
             return max_len
     raise ValueError(f"cannot read the query length: {type(model).__name__} has no text tower")
-
-
-def to_coco_json(
-    results: Union[dict, Iterable[dict]],
-    image_ids: Union[int, Sequence[int]],
-    category_ids: Optional[Sequence[int]] = None,
-) -> List[dict]:
-    """COCO detection results (``loadRes`` format) with the text label of every box.
-
-    Args:
-        results: one :class:`FIBERPredictor` output, or a list of them.
-        image_ids: the image id of each result (one int for one result).
-        category_ids: COCO category id of each label (``label_names`` order); None: label index
-            + 1 (the order of the prompt's names).
-
-    Returns:
-        list of ``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "label"}``
-        (detectron2's ``instances_to_coco_json`` records plus ``label``).
-
-    Raises:
-        ValueError: as many image ids as results are needed.
-    """
-    if isinstance(results, dict):
-        results = [results]
-    results = list(results)
-    if isinstance(image_ids, (int, np.integer)):
-        image_ids = [int(image_ids)]
-    if len(image_ids) != len(results):
-        raise ValueError(
-            f"{len(results)} results need {len(results)} image ids, got {len(image_ids)}"
-        )
-    out = []
-    for result, image_id in zip(results, image_ids):
-        names = result["label_names"]
-        # detectron2's conversion (xywh boxes, category_id = the class index), then ids and labels
-        for r in instances_to_coco_json(result["instances"].to("cpu"), int(image_id)):
-            label = r["category_id"]
-            r["category_id"] = int(category_ids[label]) if category_ids else label + 1
-            r["label"] = names[label]
-            out.append(r)
-    return out
-
-
-def _phrase_key(phrase) -> Union[str, tuple]:
-    if isinstance(phrase, str):
-        return phrase
-    try:
-        return tuple(phrase)
-    except TypeError:
-        raise ValueError(f"phrase {phrase!r} is neither a str nor a (start, end) pair") from None

@@ -1,0 +1,106 @@
+"""Tests of fiber_d2.inference.prompts: prompt keys, phrase spans, name and caption encodings."""
+
+import numpy as np
+import pytest
+import torch
+
+from fiber_d2.data.mapper import encode_category_prompts
+from fiber_d2.data.shapes import build_shapes_tokenizer
+from fiber_d2.inference.prompts import (
+    encode_caption,
+    encode_names,
+    phrase_spans,
+    prompt_key,
+    split_prompt,
+)
+from fiber_d2.text import char_spans_to_positive_map, tokenize
+
+CAPTION = "a red circle left of a red circle and a blue square"
+NAMES = ["red circle", "blue square", "green triangle"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_shapes_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_split_prompt_separators():
+    assert split_prompt("red circle, blue square,", ", ") == ["red circle", "blue square"]
+    assert split_prompt("  red circle  ", "") == ["red circle"]
+    with pytest.raises(ValueError, match="no category name"):
+        split_prompt("", ". ")
+
+
+def test_phrase_spans_substrings_spans_and_repeats():
+    assert phrase_spans(CAPTION, None) == [[0, len(CAPTION)]]
+    b, e = CAPTION.index("and"), CAPTION.index("blue")
+    spans = phrase_spans(CAPTION, ["red circle", "red circle", (b, b + 3), np.array([e, e + 4])])
+    assert [CAPTION[b:e] for b, e in spans] == ["red circle", "red circle", "and", "blue"]
+    assert spans[0] != spans[1]  # a repeated substring takes its next occurrence
+
+
+@pytest.mark.parametrize(
+    "phrases, needle",
+    [
+        ([], "non-empty list"),
+        ("red circle", "non-empty list"),
+        ([" "], "phrase 0 is empty"),
+        (["purple star"], "not in the caption"),
+        (["red circle"] * 3, "phrase 2 'red circle' is not in the caption"),
+        ([(0, 999)], "outside the caption"),
+        ([(5, 2)], "outside the caption"),
+        ([(1, 2)], "covers only whitespace"),
+        ([(1, 2, 3)], "neither a str nor a"),
+        ([(1.0, 2.0)], "neither a str nor a"),
+    ],
+)
+def test_phrase_spans_errors(phrases, needle):
+    with pytest.raises(ValueError, match=needle):
+        phrase_spans(CAPTION, phrases)
+
+
+def test_prompt_key():
+    assert prompt_key(CAPTION, [[2, 12]]) == prompt_key(CAPTION, [(2, 12)])
+    assert prompt_key(CAPTION) != prompt_key(CAPTION, ["red circle"])
+    assert prompt_key(NAMES) == prompt_key(tuple(NAMES)) != prompt_key(NAMES[:2])
+    hash(prompt_key(CAPTION, ["red circle", (2, 12)]))
+    with pytest.raises(ValueError, match="only accepted with a caption"):
+        prompt_key(NAMES, ["red circle"])
+    with pytest.raises(ValueError, match="caption str or a list of names"):
+        prompt_key(42)
+    with pytest.raises(ValueError, match="neither a str nor a"):
+        prompt_key(CAPTION, [3])
+
+
+def test_encode_caption_matches_text_functions(tok):
+    enc = encode_caption(tok, CAPTION, ["blue square", (2, 12)], max_query_len=32)
+    ref = tokenize(tok, CAPTION, 32)
+    spans = [[[CAPTION.index("blue square"), CAPTION.index("blue square") + 11]], [[2, 12]]]
+    assert enc["caption"] == CAPTION and enc["label_names"] == ["blue square", "red circle"]
+    assert torch.equal(enc["input_ids"], ref["input_ids"][0])
+    assert torch.equal(enc["attention_mask"], ref["attention_mask"][0])
+    assert torch.equal(enc["label_token_map"], char_spans_to_positive_map(ref, spans, 32))
+    assert enc["label_token_map"].any(dim=1).all()
+    with pytest.raises(ValueError, match="caption needs .* tokens, MAX_QUERY_LEN 8"):
+        encode_caption(tok, CAPTION, None, max_query_len=8)
+    with pytest.raises(ValueError, match="caption has no text"):
+        encode_caption(tok, "  ", None, max_query_len=32)
+
+
+def test_encode_names_one_prompt_and_chunks(tok):
+    enc = encode_names(tok, NAMES, max_query_len=32)
+    ref = encode_category_prompts(tok, NAMES, max_query_len=32, chunk_size=3, squeeze=True)
+    assert enc["caption"] == ref["caption"] == "red circle. blue square. green triangle"
+    assert enc["label_names"] == NAMES
+    assert torch.equal(enc["label_token_map"], ref["label_token_map"])
+    chunked = encode_names(tok, NAMES, max_query_len=32, chunk_size=2)
+    assert chunked["caption"] == ["red circle. blue square", "green triangle"]
+    assert chunked["label_token_map"].shape == (2, 3, 32)
+    # a small token budget chunks by length even without a chunk size
+    short = encode_names(tok, NAMES, max_query_len=8)
+    assert isinstance(short["caption"], list) and len(short["caption"]) > 1
+    assert short["label_token_map"].any(dim=2).sum(dim=0).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="category list has no names"):
+        encode_names(tok, [], max_query_len=32)
+    with pytest.raises(ValueError, match="empty prompt entry 1"):
+        encode_names(tok, ["red circle", " "], max_query_len=32)
