@@ -44,14 +44,15 @@ Tasks (``TASKS``; their code, the synthetic inputs and the memory / time probes 
   1203) in prompt chunks of --chunk names (``TEST.CHUNKED_EVALUATION``, LVIS: 40), as LVIS
   evaluation and ``FIBERPredictor`` run long vocabularies. Extra keys ``chunks``, ``outputs``.
 
-``--reference`` runs the task twice in one process, first with the performance features switched
-off (``fiber_d2.benchmark.REFERENCE_OVERRIDES``: text padded to ``MAX_QUERY_LEN``, the CPU
-deformable conv keeping its samples, the fused text layers' cross-attention kept for the backward
-pass, chunked prompts through the whole model one by one), then as configured, and prints three
-JSON lines: the two records (``variant`` "reference" / "improved") and their comparison
-(``variant`` "ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` (and
-``fwd_peak_mem_ratio`` where the task reports ``fwd_peak_mem_mb``) = improved / reference). On a busy machine compare only
-these ratios.
+``--reference`` runs the task twice, each time in a fresh process (in one process the first run
+would pay the first-call costs and the second inherit the first's heap): first with the performance
+features switched off (``fiber_d2.benchmark.REFERENCE_OVERRIDES``: text padded to ``MAX_QUERY_LEN``,
+the CPU deformable conv keeping its samples, the fused text layers' cross-attention kept for the
+backward pass, chunked prompts through the whole model one by one), then as configured, and prints
+three JSON lines: the two records (``variant`` "reference" / "improved") and their comparison
+(``variant`` "ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` and, where the
+task reports ``fwd_peak_mem_mb``, ``fwd_peak_mem_ratio`` = improved / reference). On a busy machine
+compare only these ratios.
 
 Every record has ``task``, ``config``, ``device``, ``device_name``, ``threads``, ``dtype`` (float32,
 or the autocast dtype: ``--amp`` means fp16 on CUDA and bf16 on the CPU, ``--amp-dtype`` chooses),
@@ -88,10 +89,10 @@ with random weights few detections pass the score threshold, so NMS costs less t
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
+import subprocess
 import sys
 
 import torch
@@ -178,7 +179,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         action="store_true",
-        help="also run with REFERENCE_OVERRIDES (features off) first; print both and their ratio",
+        help="run with REFERENCE_OVERRIDES (features off) and as configured, each in a fresh "
+        "process; print both and their ratio",
+    )
+    p.add_argument(
+        "--variant",
+        choices=["reference", "improved"],
+        default=None,
+        help=argparse.SUPPRESS,  # one side of --reference (REFERENCE_OVERRIDES applied or not)
     )
     p.add_argument(
         "--mmap-threshold-mb",
@@ -235,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         elif args.task in ("train", "train-fwd-bwd"):
             apply_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB)
         if args.reference:
-            ref = _finish(args, cfg, TASKS[args.task](reference_cfg(cfg), args), "reference")
-            gc.collect()
-            new = _finish(args, cfg, TASKS[args.task](cfg, args), "improved")
+            argv = list(sys.argv[1:] if argv is None else argv)
+            argv.remove("--reference")
+            ref, new = (_run_variant(argv, variant) for variant in ("reference", "improved"))
             ratio = {k: ref[k] for k in ("task", "config", "device", "threads", "dtype")}
             ratio.update(height=ref["height"], width=ref["width"], batch=args.batch)
             ratio.update(variant="ratio", speedup=round(ref["ms_median"] / new["ms_median"], 3))
@@ -248,10 +256,28 @@ def main(argv: list[str] | None = None) -> dict:
             ratio["overrides"] = dict(REFERENCE_OVERRIDES)
             print(json.dumps(ratio), flush=True)
             return {"reference": ref, "improved": new, "ratio": ratio}
+        if args.variant:
+            run_cfg = reference_cfg(cfg) if args.variant == "reference" else cfg
+            return _finish(args, cfg, TASKS[args.task](run_cfg, args), args.variant)
         result = TASKS[args.task](cfg, args)
     except (ConfigError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     return _finish(args, cfg, result)
+
+
+def _run_variant(argv: list[str], variant: str) -> dict:
+    """Run one side of ``--reference`` in a fresh process; print and return its record.
+
+    A fresh process per side keeps the comparison fair: in one process the first run pays the
+    process's first-call costs and the second inherits the first's heap.
+    """
+    cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, *argv]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"error: the {variant} run failed (exit status {proc.returncode})")
+    print(lines[-1], flush=True)
+    return json.loads(lines[-1])
 
 
 def _finish(args: argparse.Namespace, cfg: CfgNode, result: dict, variant: str = "") -> dict:

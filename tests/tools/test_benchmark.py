@@ -417,3 +417,21 @@ def test_perf_quiet_script_runs_valid_benchmark_commands(tmp_path):
         ("inference", 512, 512),
         ("lvis-eval", None, None),
     ]
+
+
+def test_reference_runs_each_side_in_a_fresh_process(monkeypatch, capsys):
+    calls = []
+    real_run = bench.subprocess.run
+
+    def spy(cmd, **kwargs):
+        calls.append(cmd)
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy)
+    argv = ["--config-file", FINE, "--task", "backbone", "--device", "cpu", "--iters", "1"]
+    argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
+    bench.main(argv + SMALL)
+    assert [c[c.index("--variant") + 1] for c in calls] == ["reference", "improved"]
+    assert all("--reference" not in c and c[-len(SMALL) :] == SMALL for c in calls)
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [ln["variant"] for ln in lines] == ["reference", "improved", "ratio"]
