@@ -142,3 +142,23 @@ def test_released_caption_layout_converts_and_loads(caption_model, tmp_path):
     assert torch.equal(
         loaded["cross_modal_att_layers.1.weight"], original["cross_modal_att_layers.1.weight"]
     )
+
+
+def test_a_coarse_checkpoint_starts_the_caption_stage(tmp_path):
+    """The shapes MLE stage starts from the Demo coarse checkpoint (``make demo-vl``): the caption
+    model's own adapters (``cross_modal_att_layers``, absent from any pre-training checkpoint) are
+    its stage head, not a partial load; anything else missing still fails."""
+    from fiber_d2.checkpoint import CheckpointError, FIBERCheckpointer
+
+    coarse = build_model(load_config(str(PROJECT.parents[1] / "configs/Demo/coarse_tiny.yaml")))
+    path = tmp_path / "coarse.pth"
+    torch.save({"model": coarse.state_dict()}, path)
+    model = build_model(caption_cfg())
+    assert any(k.startswith("cross_modal_att_layers.") for k in model.state_dict())
+    FIBERCheckpointer(model).load(str(path))
+    key = "backbone.text_tower.model.embeddings.word_embeddings.weight"
+    assert torch.equal(model.state_dict()[key], coarse.state_dict()[key])
+    broken = {k: v for k, v in coarse.state_dict().items() if ".encoder.layer.3." not in k}
+    torch.save({"model": broken}, path)
+    with pytest.raises(CheckpointError, match=r"backbone.text_tower\(25\)"):
+        FIBERCheckpointer(build_model(caption_cfg())).load(str(path))
