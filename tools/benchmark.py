@@ -203,7 +203,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _target(args: argparse.Namespace) -> float | None:
     """The speed target of this run, if it is a reference run (see ``SPEED_TARGETS_MS``)."""
-    if args.height or args.width or args.amp or args.amp_dtype or args.opts or args.reference:
+    if args.height or args.width or args.amp or args.amp_dtype or args.opts:
+        return None
+    if args.reference or args.variant:  # a side of a comparison, not a target run
         return None
     if args.mmap_threshold_mb is not None:
         return None

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_model
 from PIL import Image
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
@@ -113,8 +114,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Train the probe; returns (and prints) one record per evaluation."""
     cfg = load_config(args.config_file, args.opts)
     torch.manual_seed(args.seed)
-    from detectron2.modeling import build_model
-
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg)

@@ -341,7 +341,9 @@ def test_speed_targets_apply_only_to_reference_runs():
         return bench._target(args)
 
     assert target("--task", "train") == bench.SPEED_TARGETS_MS[("fine_tiny.yaml", "train", 1)]
-    for extra in (["--height", "64"], ["--amp"], ["--batch", "2"], ["MODEL.SEED", "1"]):
+    others = (["--height", "64"], ["--amp"], ["--batch", "2"], ["MODEL.SEED", "1"])
+    sides = (["--reference"], ["--variant", "reference"], ["--variant", "improved"])
+    for extra in others + sides:
         assert target("--task", "train", *extra) is None, extra
     assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
 
