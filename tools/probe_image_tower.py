@@ -9,10 +9,16 @@ accuracy against the majority baseline every ``--eval-period`` steps.
 
     python tools/probe_image_tower.py --config-file configs/Demo/coarse_tiny.yaml \\
         [--stage res5] [--pool mean|max] [--steps 600] [--lr 3e-4] [--num-train 256] \\
-        [--world DIR] [MODEL.WEIGHTS PATH MODEL.WEIGHTS_PARTIAL_OK True] [KEY VALUE ...]
+        [--world DIR] [--control cnn|timm-swin] [MODEL.WEIGHTS PATH MODEL.WEIGHTS_PARTIAL_OK True] \\
+        [KEY VALUE ...]
 
 The tower starts from ``MODEL.WEIGHTS`` (e.g. a coarse or detector checkpoint; partial checkpoints
 need ``MODEL.WEIGHTS_PARTIAL_OK True``) or from its random initialisation.
+
+``--control`` trains another network on the same data, labels, optimiser and steps instead: ``cnn``
+(four 3x3 convolutions, 32-64-64-64 channels, ReLU) or ``timm-swin`` (timm's own
+``SwinTransformer`` at the config's Swin sizes, no fusion): whether a failure is the data's, Swin's,
+or the tower's.
 
 ``--num-train N`` generates (once) a shapes world with N training images from the same seed
 (``--world``, default ``$FIBER_D2_HOME/shapes_probe_<N>``); its first 256 training images and its
@@ -101,7 +107,57 @@ class PresenceProbe(torch.nn.Module):
         return self.classifier(pooled)
 
 
-def label_accuracy(probe: PresenceProbe, x: torch.Tensor, y: torch.Tensor) -> float:
+class ControlProbe(torch.nn.Module):
+    """A control network in place of the tower: a small CNN or timm's plain Swin, pooled the same way.
+
+    Args:
+        kind: "cnn" or "timm-swin".
+        cfg: the config (pixel normalisation; ``MODEL.SWIN`` sizes for "timm-swin").
+        pool: "mean" or "max" over the last feature map's positions.
+    """
+
+    def __init__(self, kind: str, cfg, pool: str):
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+        self.pool, self.kind = pool, kind
+        if kind == "cnn":
+            layers, channels = [], 3
+            for width, stride in ((32, 2), (64, 1), (64, 2), (64, 1)):
+                layers += [torch.nn.Conv2d(channels, width, 3, stride, 1), torch.nn.ReLU()]
+                channels = width
+            self.features = torch.nn.Sequential(*layers)
+        elif kind == "timm-swin":
+            from timm.models.swin_transformer import SwinTransformer
+
+            swin = cfg.MODEL.SWIN
+            self.features = SwinTransformer(
+                img_size=cfg.INPUT.IMAGE_SIZE,
+                patch_size=swin.PATCH_SIZE,
+                embed_dim=swin.EMBED_DIM,
+                depths=tuple(swin.DEPTHS),
+                num_heads=tuple(swin.NUM_HEADS),
+                window_size=swin.WINDOW_SIZE,
+                drop_path_rate=swin.DROP_PATH_RATE,
+                num_classes=0,
+            )
+            channels = swin.EMBED_DIM * 2 ** (len(swin.DEPTHS) - 1)
+        else:
+            raise ValueError(f"--control must be 'cnn' or 'timm-swin', got {kind!r}")
+        self.classifier = torch.nn.Linear(channels, len(CATEGORY_NAMES))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, 12) presence logits."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        if self.kind == "cnn":
+            f = self.features(x)  # (B, C, h, w)
+        else:
+            f = self.features.forward_features(x).permute(0, 3, 1, 2)  # timm: (B, h, w, C)
+        pooled = f.amax(dim=(2, 3)) if self.pool == "max" else f.mean(dim=(2, 3))
+        return self.classifier(pooled)
+
+
+def label_accuracy(probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of the (image, category) presence labels predicted right."""
     probe.eval()
     with torch.no_grad():
@@ -114,12 +170,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Train the probe; returns (and prints) one record per evaluation."""
     cfg = load_config(args.config_file, args.opts)
     torch.manual_seed(args.seed)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        load_model_weights(model, cfg)
     size = cfg.INPUT.IMAGE_SIZE
-    probe = PresenceProbe(model, args.stage, args.pool, size)
-    del model
+    if args.control:
+        probe = ControlProbe(args.control, cfg, args.pool)
+    else:
+        model = build_model(cfg)
+        if cfg.MODEL.WEIGHTS:
+            load_model_weights(model, cfg)
+        probe = PresenceProbe(model, args.stage, args.pool, size)
+        del model
     root = world_root(args.num_train, args.world)
     x_train, y_train = presence_data(root, "train", size)
     x_val, y_val = presence_data(root, "val", size)
@@ -145,7 +204,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "train_majority": round(majority(y_train), 4),
                 "val_majority": round(majority(y_val), 4),
                 "num_train": len(x_train),
-                "stage": args.stage,
+                "tower": args.control or "fiber",
+                "stage": "last" if args.control else args.stage,
                 "pool": args.pool,
                 "image_size": size,
             }
@@ -165,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-period", type=int, default=200)
     p.add_argument("--num-train", type=int, default=256, help="training images of the world")
     p.add_argument("--world", default=None, help="directory of the (generated) world")
+    p.add_argument("--control", choices=("cnn", "timm-swin"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p

@@ -48,6 +48,8 @@ PERFORMANCE_FEATURES = {
         False,
         "MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION",
         False,
+        "MODEL.SWIN.FUSED_ATTENTION",
+        False,
     ],
     "improved": [
         "INPUT.PAD_TO_MAX_QUERY_LEN",
@@ -57,6 +59,8 @@ PERFORMANCE_FEATURES = {
         "MODEL.DYHEAD.DFCONV_RECOMPUTE",
         True,
         "MODEL.LANGUAGE_BACKBONE.CHECKPOINT_CROSS_ATTENTION",
+        True,
+        "MODEL.SWIN.FUSED_ATTENTION",
         True,
     ],
 }

@@ -1,6 +1,7 @@
 """Tests of fiber_d2.modeling.backbone.swin (FIBER's Swin image tower)."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -57,6 +58,38 @@ def test_matches_detectron2_swin_when_stages_are_not_window_multiples():
     for s in range(4):
         assert out[f"res{s + 2}"].shape == ref[f"p{s}"].shape
         torch.testing.assert_close(out[f"res{s + 2}"], ref[f"p{s}"], atol=2e-5, rtol=1e-4)
+
+
+def test_fused_window_attention_gives_the_matmul_softmax_outputs_in_inference():
+    """``fused_attention`` (MODEL.SWIN.FUSED_ATTENTION) runs the window self-attention through
+    ``scaled_dot_product_attention`` when no gradient is recorded: same outputs as timm's matmul +
+    softmax, shifted and padded windows included; training keeps matmul + softmax."""
+    _, fused = _tower_like_d2(window_size=7)
+    plain = SwinImageTower(
+        **TINY, window_size=7, out_norm=(True, True, True, True), fused_attention=False
+    ).eval()
+    plain.load_state_dict(fused.state_dict())
+    images = torch.randn(2, 3, 128, 160)  # stage maps 32x40 ... 4x5: padded, shifted windows
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    with torch.no_grad():
+        ref = plain(images)
+    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", counting_sdpa):
+        out = fused(images)
+    assert len(calls) == fused.num_blocks  # every block took the fused path
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with mock.patch.object(F, "scaled_dot_product_attention", counting_sdpa):
+        out = fused(images)
+    assert not calls  # recording gradients: matmul + softmax
+    for k in ref:
+        torch.testing.assert_close(out[k].detach(), ref[k], atol=1e-5, rtol=1e-5)
 
 
 def test_pad_then_shift_differs_from_timm_roll_then_pad():

@@ -60,3 +60,38 @@ def test_unknown_stage_is_one_clear_error():
     tool = _tool()
     with pytest.raises(ValueError, match="--stage 'res9'"):
         tool.main(["--config-file", COARSE, "--steps", "1", "--stage", "res9", *SMALL])
+
+
+@pytest.mark.parametrize("control", ["cnn", "timm-swin"])
+def test_control_networks_run_on_the_same_data(control, capsys):
+    tool = _tool()
+    argv = ["--config-file", COARSE, "--steps", "10", "--eval-period", "10", "--batch", "4"]
+    (record,) = tool.main(argv + ["--control", control, *SMALL])
+    assert (record["tower"], record["stage"], record["image_size"]) == (control, "last", 64)
+    assert 0.0 <= record["val_label_acc"] <= 1.0 and record["num_train"] == 256
+
+
+@pytest.mark.parametrize("control", ["cnn", "timm-swin"])
+def test_control_probe_outputs_and_trains_its_first_layer(control):
+    from timm.models.swin_transformer import SwinTransformer
+
+    from fiber_d2.engine.setup import load_config
+
+    tool = _tool()
+    cfg = load_config(COARSE, SMALL)
+    probe = tool.ControlProbe(control, cfg, "mean")
+    assert isinstance(probe.features, SwinTransformer) == (control == "timm-swin")
+    if control == "timm-swin":
+        assert probe.features.embed_dim == cfg.MODEL.SWIN.EMBED_DIM
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    logits = probe(images)
+    assert logits.shape == (4, 12)
+    logits.sum().backward()
+    first = next(p for p in probe.features.parameters() if p.dim() == 4)  # the first convolution
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_unknown_control_is_one_clear_error():
+    tool = _tool()
+    with pytest.raises(SystemExit):
+        tool.main(["--config-file", COARSE, "--control", "resnet", *SMALL])
