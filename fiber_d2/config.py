@@ -60,9 +60,10 @@ def add_fiber_config(cfg: CN) -> CN:
     # Freeze patch-embed (0) and also the first N stages (N>=1); -1 nothing (fine-tuning), 1 = pretrain.
     _C.MODEL.SWIN.FREEZE_AT = -1
     _C.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of stages 1-3 blocks
-    # In inference, window self-attention through torch's scaled_dot_product_attention (timm's fused
-    # path; same outputs to ~1e-6; FIBER-B backbone forward 1.14x faster, 0.84x the memory on CPU).
-    # Training always uses timm's matmul + softmax (the original's computation; faster there).
+    # In inference (eval mode, no gradients), window self-attention through torch's
+    # scaled_dot_product_attention (timm's fused path; same outputs to ~1e-6; FIBER-B backbone
+    # forward 1.14x faster at 0.84x the memory on CPU). Training-mode forwards always use timm's
+    # matmul + softmax (the original's computation, faster there): training is unchanged.
     _C.MODEL.SWIN.FUSED_ATTENTION = True
     _C.MODEL.SWIN.WEIGHTS = ""  # optional ImageNet Swin checkpoint (local path)
 

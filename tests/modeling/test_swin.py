@@ -62,8 +62,8 @@ def test_matches_detectron2_swin_when_stages_are_not_window_multiples():
 
 def test_fused_window_attention_gives_the_matmul_softmax_outputs_in_inference():
     """``fused_attention`` (MODEL.SWIN.FUSED_ATTENTION) runs the window self-attention through
-    ``scaled_dot_product_attention`` when no gradient is recorded: same outputs as timm's matmul +
-    softmax, shifted and padded windows included; training keeps matmul + softmax."""
+    ``scaled_dot_product_attention`` in eval mode when no gradient is recorded: same outputs as timm's
+    matmul + softmax, shifted and padded windows included; training keeps matmul + softmax."""
     _, fused = _tower_like_d2(window_size=7)
     plain = SwinImageTower(
         **TINY, window_size=7, out_norm=(True, True, True, True), fused_attention=False
@@ -90,6 +90,10 @@ def test_fused_window_attention_gives_the_matmul_softmax_outputs_in_inference():
     assert not calls  # recording gradients: matmul + softmax
     for k in ref:
         torch.testing.assert_close(out[k].detach(), ref[k], atol=1e-5, rtol=1e-5)
+    fused.train()  # a training-mode forward under no_grad (inside a training step) neither
+    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", counting_sdpa):
+        fused(images)
+    assert not calls
 
 
 def test_pad_then_shift_differs_from_timm_roll_then_pad():

@@ -228,7 +228,10 @@ class FIBERSwinBlock(SwinTransformerBlock):
         else:
             mask = None
         windows = window_partition(x, self.window_size).view(-1, self.window_area, channels)
-        self.attn.fused_attn = self.fused_attention and not torch.is_grad_enabled()
+        # Eval mode without gradients only: any training-mode forward (also one under no_grad inside
+        # a training step) keeps the original's arithmetic, so training is unchanged bit for bit.
+        inference = not (self.training or torch.is_grad_enabled())
+        self.attn.fused_attn = self.fused_attention and inference
         windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, channels)
         x = window_reverse(windows, self.window_size, padded_h, padded_w)
         if has_shift:
@@ -312,7 +315,7 @@ class SwinImageTower(SwinTransformer):
             text_dim: text hidden width seen by the cross-attention.
             i2t_query_norm: ``norm_i2t_i`` on the cross-attention query (fine v3, coarse).
             shift_single_window: see :class:`FIBERSwinBlock`.
-            fused_attention: in inference (no gradient recorded), window self-attention through
+            fused_attention: in inference (eval mode, no gradient recorded), window self-attention through
                 ``scaled_dot_product_attention`` (timm's ``fused_attn``) instead of matmul +
                 softmax: same outputs to ~1e-6, less time and memory. Training keeps matmul +
                 softmax: with the bias table requiring a gradient, torch falls back to its
