@@ -101,16 +101,16 @@ def test_drop_block_only_in_training_and_only_on_p3_p4():
         assert all(torch.equal(ref[k], v) for k, v in fpn(images, ids, mask)[0].items())
         torch.manual_seed(0)
         train = fpn.train()(images, ids, mask)[0]
-    for k in ("p5", "p6", "p7"):
-        torch.testing.assert_close(train[k], ref[k], atol=1e-6, rtol=0)
+    for k in ("p5", "p6", "p7"):  # eval mode's fused window attention: ~1e-6 from training mode's
+        torch.testing.assert_close(train[k], ref[k], atol=1e-5, rtol=0)
     for k in ("p3", "p4"):
         assert (train[k] - ref[k]).abs().max() > 1e-3
     no_drop = _fpn(drop_block=False)
     with torch.no_grad():
         a = no_drop.train()(images, ids, mask)[0]
         b = no_drop.eval()(images, ids, mask)[0]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    for k in a:  # up to eval mode's fused window attention (~1e-6)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
 def test_drop_block_keep_rate_shared_mask_and_rescale():
