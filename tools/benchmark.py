@@ -49,8 +49,8 @@ would pay the first-call costs and the second inherit the first's heap): first w
 features switched off (``fiber_d2.benchmark.REFERENCE_OVERRIDES``: text padded to ``MAX_QUERY_LEN``,
 the CPU deformable conv keeping its samples, the fused text layers' cross-attention kept for the
 backward pass, timm's matmul + softmax Swin window attention in inference, chunked prompts through
-the whole model one by one), then as configured, and prints
-three JSON lines: the two records (``variant`` "reference" / "improved") and their comparison
+the whole model one by one), then as configured, and prints three JSON lines: the two records
+(``variant`` "reference" / "improved") and their comparison
 (``variant`` "ratio": ``speedup`` = reference ms / improved ms, ``peak_mem_ratio`` and, where the
 task reports ``fwd_peak_mem_mb``, ``fwd_peak_mem_ratio`` = improved / reference). On a busy machine
 compare only these ratios.

@@ -141,7 +141,7 @@ class ControlProbe(torch.nn.Module):
                 drop_path_rate=swin.DROP_PATH_RATE,
                 num_classes=0,
             )
-            channels = swin.EMBED_DIM * 2 ** (len(swin.DEPTHS) - 1)
+            channels = self.features.num_features
         else:
             raise ValueError(f"--control must be 'cnn' or 'timm-swin', got {kind!r}")
         self.classifier = torch.nn.Linear(channels, len(CATEGORY_NAMES))
