@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECTS = ("Retrieval", "VQA", "NLVR2", "Captioning")
+PROJECTS = ("Retrieval", "VQA", "NLVR2", "Captioning", "ImageTower")
 
 
 def _load(project: str) -> dict:

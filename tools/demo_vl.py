@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""FIBER's high-level half on the shapes world in one command (``make demo-vl``): the coarse stage, then
-retrieval, VQA and NLVR2 from its checkpoint, one summary table and a few pictures.
+"""FIBER's high-level half on the shapes world in one command (``make demo-vl``): the image tower's
+supervised pre-training, the coarse stage, then retrieval, VQA, NLVR2 and captioning from its
+checkpoint, one summary table and a few pictures.
 
-    python tools/demo_vl.py [--output-dir output/demo_vl] [--coarse-weights PATH] [--ablation]
-        [--tasks retrieval,vqa,nlvr2] [KEY VALUE ...]
+    python tools/demo_vl.py [--output-dir output/demo_vl] [--swin-weights PATH]
+        [--coarse-weights PATH] [--ablation] [--tasks retrieval,vqa,nlvr2,captioning] [KEY VALUE ...]
 
-The coarse checkpoint is ``--coarse-weights``, else ``output/demo/coarse/model_final.pth`` (left by
-``make demo``) when present, else it is trained here (``configs/Demo/coarse_tiny.yaml`` into
-``<output-dir>/coarse``, as tools/pretrain_pipeline.py does). ``--ablation`` also runs every task from
-scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply to every task. Results: stdout, ``<output-dir>/summary.{json,md}``,
-``<output-dir>/<task>/pictures/*.png``.
+As FIBER's image tower starts from ImageNet, the Demo's starts from a supervised pre-training on the
+shapes world with 2,048 images (``projects/ImageTower/configs/shapes.yaml`` into
+``<output-dir>/image_tower``; ``--swin-weights`` or a file already there is reused). The coarse
+checkpoint is ``--coarse-weights``, else ``<output-dir>/coarse/model_final.pth`` when present, else it
+is trained here from that tower (``configs/Demo/coarse_tiny_vl.yaml``). ``--ablation`` also runs every
+task from scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply to every
+task. Results: stdout, ``<output-dir>/summary.{json,md}``, ``<output-dir>/<task>/pictures/*.png``.
 
 A task is one line of :data:`RUNNERS`: (name, project folder, module); the module's
 ``run(coarse_weights, output_dir) -> dict`` (see fiber_d2.engine.shapes_demo; an optional ``opts``
@@ -31,8 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
-COARSE_CONFIG = ROOT / "configs" / "Demo" / "coarse_tiny.yaml"
-DEMO_COARSE = ROOT / "output" / "demo" / "coarse" / "model_final.pth"
+COARSE_CONFIG = ROOT / "configs" / "Demo" / "coarse_tiny_vl.yaml"
+TOWER_TRAIN_NET = ROOT / "projects" / "ImageTower" / "train_net.py"
+TOWER_CONFIG = ROOT / "projects" / "ImageTower" / "configs" / "shapes.yaml"
 
 # (task name, project folder under projects/, runner module)
 RUNNERS = [
@@ -45,32 +49,48 @@ RUNNERS = [
 logger = logging.getLogger("fiber_d2.demo_vl")
 
 
-def coarse_checkpoint(explicit: str | None, output_dir: Path) -> tuple[str, float]:
-    """(path of the coarse checkpoint, seconds spent training it here: 0 when reused)."""
+def _train(cmd: list[str], what: str) -> float:
+    """Run a training command in a subprocess (an error stops the demo); returns its seconds."""
+    start = time.perf_counter()
+    logger.info("Training %s: %s", what, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def image_tower_weights(explicit: str | None, output_dir: Path) -> tuple[str, float]:
+    """(path of the pre-trained Swin tower, seconds spent training it here: 0 when reused)."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            sys.exit(f"error: --swin-weights file not found: {explicit}")
+        return explicit, 0.0
+    out = output_dir / "image_tower"
+    final = out / "swin_weights.pth"
+    if final.is_file():
+        logger.info("Reusing %s", final)
+        return str(final), 0.0
+    cmd = [sys.executable, str(TOWER_TRAIN_NET), "--config-file", str(TOWER_CONFIG)]
+    seconds = _train(cmd + ["OUTPUT_DIR", str(out)], "the image tower")
+    return str(final), seconds
+
+
+def coarse_checkpoint(
+    explicit: str | None, swin_weights: str | None, output_dir: Path
+) -> tuple[str, float, float]:
+    """(path of the coarse checkpoint, seconds spent on the image tower and on the coarse stage
+    here: 0 when reused)."""
     if explicit:
         if not os.path.isfile(explicit):
             sys.exit(f"error: --coarse-weights file not found: {explicit}")
-        return explicit, 0.0
-    if DEMO_COARSE.is_file():
-        logger.info("Reusing the coarse checkpoint of `make demo`: %s", DEMO_COARSE)
-        return str(DEMO_COARSE), 0.0
+        return explicit, 0.0, 0.0
     out = output_dir / "coarse"
     final = out / "model_final.pth"
     if final.is_file():
         logger.info("Reusing %s", final)
-        return str(final), 0.0
-    start = time.perf_counter()
-    cmd = [
-        sys.executable,
-        str(TRAIN_NET),
-        "--config-file",
-        str(COARSE_CONFIG),
-        "OUTPUT_DIR",
-        str(out),
-    ]
-    logger.info("Training the coarse stage: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return str(final), time.perf_counter() - start
+        return str(final), 0.0, 0.0
+    tower, tower_seconds = image_tower_weights(swin_weights, output_dir)
+    cmd = [sys.executable, str(TRAIN_NET), "--config-file", str(COARSE_CONFIG)]
+    cmd += ["MODEL.SWIN.WEIGHTS", tower, "OUTPUT_DIR", str(out)]
+    return str(final), tower_seconds, _train(cmd, "the coarse stage")
 
 
 def load_runner(project: str, module: str):
@@ -102,6 +122,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default="output/demo_vl")
     p.add_argument("--coarse-weights", default=None, help="a FIBERCoarse checkpoint to start from")
+    p.add_argument("--swin-weights", default=None, help="a pre-trained image tower (Swin layout)")
     p.add_argument("--ablation", action="store_true", help="also run every task from scratch")
     p.add_argument(
         "--tasks", default=",".join(n for n, _, _ in RUNNERS), help="comma-separated task names"
@@ -117,11 +138,13 @@ def main(argv=None) -> dict:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("fiber_d2", "vqa", "nlvr2", "retrieval", "captioning"):
+    for name in ("fiber_d2", "vqa", "nlvr2", "retrieval", "captioning", "image_tower"):
         setup_logger(str(output_dir), name=name, abbrev_name=name)
     setup_logger(str(output_dir))  # detectron2's own
     start = time.perf_counter()
-    weights, coarse_seconds = coarse_checkpoint(args.coarse_weights, output_dir)
+    weights, tower_seconds, coarse_seconds = coarse_checkpoint(
+        args.coarse_weights, args.swin_weights, output_dir
+    )
     rows = []
     for name, project, module in RUNNERS:
         if name not in args.tasks:
@@ -137,13 +160,17 @@ def main(argv=None) -> dict:
     table = summary_table(rows, args.ablation)
     summary = {
         "coarse_weights": weights,
+        "image_tower_seconds": tower_seconds,
         "coarse_seconds": coarse_seconds,
         "total_seconds": total,
         "tasks": rows,
     }
     with open(output_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
-    footer = f"\ncoarse stage: {coarse_seconds / 60:.1f} min; total: {total / 60:.1f} min\n"
+    footer = (
+        f"\nimage tower: {tower_seconds / 60:.1f} min; coarse stage: {coarse_seconds / 60:.1f} min; "
+        f"total: {total / 60:.1f} min\n"
+    )
     (output_dir / "summary.md").write_text(table + "\n" + footer)
     print(table + footer)
     return summary

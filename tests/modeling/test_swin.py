@@ -224,3 +224,22 @@ def test_imagenet_checkpoint_loading(tmp_path):
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(tower(images)["res5"], d2(images)["p3"], atol=2e-5, rtol=1e-4)
+
+
+def test_imagenet_layout_export_round_trips_through_the_weights_argument(tmp_path):
+    torch.manual_seed(0)
+    kwargs = dict(TINY, window_size=4, num_fusion_blocks=2, text_dim=16)
+    source = SwinImageTower(**kwargs).eval()
+    state = source.imagenet_state_dict()
+    # the original layout: merging at the end of its stage, no fusion modules, no buffers
+    assert "layers.0.downsample.reduction.weight" in state
+    assert not any(k.startswith("layers.3.downsample") for k in state)
+    assert not any("_i2t" in k or "relative_position_index" in k for k in state)
+    path = tmp_path / "swin.pth"
+    torch.save({"model": state}, path)
+    torch.manual_seed(1)
+    loaded = SwinImageTower(**kwargs, weights=str(path)).eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for name, value in source(images).items():
+            assert torch.equal(loaded(images)[name], value), name

@@ -1,6 +1,7 @@
 """tools/demo_vl.py end to end with a tiny coarse checkpoint: every runner, summary files, pictures."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ SMALL_INPUT = ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 
 def test_runners_summary_and_pictures(tmp_path):
     torch.manual_seed(0)
-    coarse = build_model(load_config(str(demo_vl.COARSE_CONFIG), TINY))
+    coarse = build_model(load_config(str(demo_vl.COARSE_CONFIG), TINY + ["MODEL.SWIN.WEIGHTS", ""]))
     weights = tmp_path / "coarse.pth"
     torch.save({"model": coarse.state_dict()}, weights)
     out = tmp_path / "demo_vl"
@@ -78,3 +79,47 @@ def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):
     assert seen == [(str(weights), out / "toy"), (None, out / "toy_scratch")]
     assert summary["tasks"][0]["scratch"]["value"] == 70.0
     assert "| toy | score | 70.00 | 70.00 | 10.00 () | 0.0 |" in (out / "summary.md").read_text()
+
+
+def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path, monkeypatch):
+    """Without --coarse-weights: the image tower's pre-training, then the coarse stage with
+    MODEL.SWIN.WEIGHTS on its export; files already there are reused, not trained again."""
+    commands = []
+
+    def fake_train(cmd, what):
+        commands.append((what, cmd))
+        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
+        (out / name).write_bytes(b"")
+        return 60.0
+
+    monkeypatch.setattr(demo_vl, "_train", fake_train)
+    monkeypatch.setattr(demo_vl, "RUNNERS", [])
+    out = tmp_path / "out"
+    summary = demo_vl.main(["--output-dir", str(out), "--tasks", ""])
+    (tower_what, tower_cmd), (coarse_what, coarse_cmd) = commands
+    assert tower_what == "the image tower" and tower_cmd[1] == str(demo_vl.TOWER_TRAIN_NET)
+    assert tower_cmd[tower_cmd.index("--config-file") + 1] == str(demo_vl.TOWER_CONFIG)
+    assert coarse_what == "the coarse stage"
+    assert coarse_cmd[coarse_cmd.index("--config-file") + 1] == str(demo_vl.COARSE_CONFIG)
+    swin = coarse_cmd[coarse_cmd.index("MODEL.SWIN.WEIGHTS") + 1]
+    assert swin == str(out / "image_tower" / "swin_weights.pth")
+    assert summary["coarse_weights"] == str(out / "coarse" / "model_final.pth")
+    assert summary["image_tower_seconds"] == 60.0 and summary["coarse_seconds"] == 60.0
+    assert "image tower: 1.0 min; coarse stage: 1.0 min" in (out / "summary.md").read_text()
+    # a second run reuses both; an explicit tower is used instead of training one
+    commands.clear()
+    demo_vl.main(["--output-dir", str(out), "--tasks", ""])
+    assert commands == []
+    (out / "coarse" / "model_final.pth").unlink()
+    tower = tmp_path / "my_swin.pth"
+    tower.write_bytes(b"")
+    demo_vl.main(["--output-dir", str(out), "--tasks", "", "--swin-weights", str(tower)])
+    assert [w for w, _ in commands] == ["the coarse stage"]
+    assert commands[0][1][commands[0][1].index("MODEL.SWIN.WEIGHTS") + 1] == str(tower)
+    with pytest.raises(SystemExit, match="--swin-weights file not found"):
+        (out / "coarse" / "model_final.pth").unlink()
+        demo_vl.main(
+            ["--output-dir", str(out), "--tasks", "", "--swin-weights", str(tmp_path / "no")]
+        )

@@ -23,6 +23,7 @@ val,test}                       .json (images: flickr30k/flickr30k-images)
 shapes_{train,val}_{det,        the generated shapes world                  coco, flickr,
 grounding,refexp,captions}                                                  refexp,
                                                                             retrieval
+shapes_large_{train,val}_{...}  the same world with 2,048 training images   (as above)
 ==============================  ==========================================  ===============
 
 detectron2's own COCO and LVIS registrations (``coco_2017_train``, ``lvis_v1_val``, ...) are
@@ -41,7 +42,9 @@ from .captions import register_captions
 from .detection import mark_detection_dataset, register_grounding_coco
 from .mdetr import register_mdetr_grounding
 
-__all__ = ["register_shapes", "register_all_builtin"]
+__all__ = ["register_shapes", "register_all_builtin", "SHAPES_LARGE_NUM_TRAIN"]
+
+SHAPES_LARGE_NUM_TRAIN = 2048
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,9 @@ _REFEXP_SPLITS = {
 }
 
 
-def register_shapes(root: Optional[str] = None, prefix: str = "shapes") -> None:
+def register_shapes(
+    root: Optional[str] = None, prefix: str = "shapes", num_train: Optional[int] = None
+) -> None:
     """Register the shapes world's datasets; the world is generated on first load.
 
     Names: ``{prefix}_{split}_det`` (COCO detection, evaluator "coco"),
@@ -73,9 +78,11 @@ def register_shapes(root: Optional[str] = None, prefix: str = "shapes") -> None:
     Args:
         root: world directory (default ``$DETECTRON2_DATASETS/shapes``, resolved now).
         prefix: name prefix.
+        num_train: training images of the world generated there (None: the default, 256).
     """
     root = str(shapes_root(root))
-    prepare = functools.partial(ensure_shapes_world, root)
+    kwargs = {} if num_train is None else {"num_train": num_train}
+    prepare = functools.partial(ensure_shapes_world, root, **kwargs)
     thing_meta = {
         "thing_classes": list(CATEGORY_NAMES),
         "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(CATEGORY_NAMES))},
@@ -181,4 +188,9 @@ def register_all_builtin(root: Optional[str] = None) -> None:
         )
 
     # generated data: $FIBER_D2_HOME/shapes unless a datasets root is given or set
-    register_shapes(os.path.join(root, "shapes") if explicit_root else str(shapes_root()))
+    shapes_dir = os.path.join(root, "shapes") if explicit_root else str(shapes_root())
+    register_shapes(shapes_dir)
+    # the same world with 2,048 training images (its first 256 and its val split are the default
+    # world's): the image tower's supervised pre-training in projects/ImageTower
+    large_dir = os.path.join(os.path.dirname(shapes_dir), "shapes_large")
+    register_shapes(large_dir, prefix="shapes_large", num_train=SHAPES_LARGE_NUM_TRAIN)

@@ -93,6 +93,7 @@ class SwinImageTower(SwinTransformer):
         i2t_query_norm: bool = False,
         shift_single_window: bool = True,
         fused_attention: bool = True,
+        weights: str = "",
     ):
         """
         Args:
@@ -118,6 +119,9 @@ class SwinImageTower(SwinTransformer):
                 Training-mode forwards keep matmul + softmax: with the bias table requiring a
                 gradient, torch falls back to its reference kernel, slower than timm's path on
                 the CPU, and the arithmetic of training stays the original's.
+            weights: a local Swin ImageNet checkpoint (original Microsoft or timm layout) loaded
+                after the initialisation (:meth:`load_imagenet_checkpoint`); "" keeps the init.
+                A later ``MODEL.WEIGHTS`` load overrides what it sets.
         """
         num_stages = len(depths)
         if len(num_heads) != num_stages or len(out_norm) != num_stages:
@@ -190,6 +194,8 @@ class SwinImageTower(SwinTransformer):
         # timm's default Swin init (trunc-normal 0.02 Linear weights, zero biases), fusion included.
         self.weight_init_mode = ""
         self.init_weights(needs_reset=False)
+        if weights:
+            self.load_imagenet_checkpoint(weights)
         self._freeze()
         self.train(self.training)
 
@@ -213,6 +219,7 @@ class SwinImageTower(SwinTransformer):
             "i2t_query_norm": cfg.MODEL.FIBER.I2T_QUERY_NORM,
             "shift_single_window": swin.SHIFT_SINGLE_WINDOW,
             "fused_attention": swin.FUSED_ATTENTION,
+            "weights": swin.WEIGHTS,
         }
 
     # ------------------------------------------------------------------ structure
@@ -383,12 +390,21 @@ class SwinImageTower(SwinTransformer):
         is a LayerNorm. Fusion modules are absent from such checkpoints and keep their init.
 
         Args:
-            path: local ``.pth`` file (``{"model": state_dict}`` or a plain state dict).
+            path: local file (``{"model": state_dict}`` or a plain state dict), read safely.
 
         Returns:
-            (missing_keys, unexpected_keys) of the non-strict load.
+            (missing_keys, unexpected_keys) of the non-strict load: only fusion modules and output
+            norms can be missing, and nothing can be unexpected.
+
+        Raises:
+            CheckpointError: unreadable file, or one that does not fit this tower (one line naming
+                the file and the first offending keys).
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ...checkpoint.safe_io import CheckpointError, load_checkpoint_file
+
+        state = load_checkpoint_file(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"MODEL.SWIN.WEIGHTS {path}: not a state dict")
         state = checkpoint_filter_fn(state, self)
         last = len(self.depths) - 1
         last_norm = getattr(self, f"norm{last}")
@@ -401,9 +417,47 @@ class SwinImageTower(SwinTransformer):
                     continue
                 key = f"norm{last}." + key[len("norm.") :]
             converted[key] = value
-        missing, unexpected = self.load_state_dict(converted, strict=False)
-        # missing fusion modules / output norms are expected
+        try:
+            missing, unexpected = self.load_state_dict(converted, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"MODEL.SWIN.WEIGHTS {path} does not fit the tower: {reason}"
+            ) from None
+        unfilled = [k for k in missing if "_i2t" not in k and not k.startswith("norm")]
+        if unexpected or unfilled:
+            raise CheckpointError(
+                f"MODEL.SWIN.WEIGHTS {path} does not fit the tower (MODEL.SWIN sizes): "
+                f"unexpected keys {unexpected[:3]}, missing keys {unfilled[:3]}"
+            )
         logger.info(
-            "Swin weights %s: %d missing, %d unexpected", path, len(missing), len(unexpected)
+            "Swin weights %s: loaded; %d fusion / output-norm keys keep their init",
+            path,
+            len(missing),
         )
         return list(missing), list(unexpected)
+
+    def imagenet_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tower's weights in the original (Microsoft) Swin ImageNet layout, the one
+        :meth:`load_imagenet_checkpoint` and ``MODEL.SWIN.WEIGHTS`` read: patch merging at the end
+        of its stage (``layers.{s}.downsample``), the last output norm as ``norm`` when it is a
+        LayerNorm, no fusion modules, no other output norms, no buffers.
+
+        Returns:
+            name -> tensor (detached, shared with the module).
+        """
+        last = len(self.depths) - 1
+        out = {}
+        for key, value in self.state_dict().items():
+            if "_i2t" in key or "relative_position_index" in key or "attn_mask" in key:
+                continue
+            if key.startswith("norm"):
+                if key.startswith(f"norm{last}."):
+                    out["norm." + key[len(f"norm{last}.") :]] = value
+                continue
+            parts = key.split(".")
+            if parts[0] == "layers" and parts[2] == "downsample":
+                parts[1] = str(int(parts[1]) - 1)
+                key = ".".join(parts)
+            out[key] = value
+        return out

@@ -1,0 +1,51 @@
+"""``TokenAccuracyEvaluator``: per level, the accuracy on object tokens and on background tokens."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+__all__ = ["TokenAccuracyEvaluator"]
+
+
+class TokenAccuracyEvaluator(DatasetEvaluator):
+    """Counts right / all predictions over object tokens (label > 0: the category must be right)
+    and background tokens, per level; results ``{"tokens": {"<level>_object_acc": %,
+    "<level>_background_acc": %}}``."""
+
+    def __init__(self, dataset_name: str):
+        self.dataset_name = dataset_name
+        self.reset()
+
+    def reset(self):
+        self._counts: dict[str, list[int]] = {}
+
+    def process(self, inputs, outputs):
+        for record, out in zip(inputs, outputs):
+            for level, logits in out["token_logits"].items():
+                labels = record["token_labels"][level].to(logits.device)
+                pred = logits.argmax(-1)
+                obj = labels > 0
+                c = self._counts.setdefault(level, [0, 0, 0, 0])
+                c[0] += int((pred[obj] == labels[obj]).sum())
+                c[1] += int(obj.sum())
+                c[2] += int((pred[~obj] == 0).sum())
+                c[3] += int((~obj).sum())
+
+    def evaluate(self):
+        gathered = comm.gather(self._counts, dst=0)
+        if not comm.is_main_process():
+            return {}
+        total: dict[str, torch.Tensor] = {}
+        for counts in gathered:
+            for level, c in counts.items():
+                total[level] = total.get(level, torch.zeros(4, dtype=torch.long)) + torch.tensor(c)
+        res = OrderedDict()
+        for level in sorted(total):
+            c = total[level].tolist()
+            res[f"{level}_object_acc"] = 100.0 * c[0] / max(c[1], 1)
+            res[f"{level}_background_acc"] = 100.0 * c[2] / max(c[3], 1)
+        return OrderedDict(tokens=res)

@@ -1,0 +1,123 @@
+"""projects/ImageTower: token labels by hand, the loss, train_net end to end (train, evaluate, export),
+and the export loaded through MODEL.SWIN.WEIGHTS into the coarse model of the VL Demo."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from image_tower import TokenLabelMapper, token_labels, token_loss
+
+from fiber_d2.checkpoint import CheckpointError
+from fiber_d2.engine.setup import load_config
+
+ROOT = Path(__file__).resolve().parents[3]
+PROJECT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("image_tower_train_net", PROJECT / "train_net.py")
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
+
+VAL_SUBSET = "image_tower_test_shapes_val4"
+if VAL_SUBSET not in DatasetCatalog.list():
+    DatasetCatalog.register(VAL_SUBSET, lambda: DatasetCatalog.get("shapes_val_det")[:4])
+    MetadataCatalog.get(VAL_SUBSET).set(
+        thing_classes=MetadataCatalog.get("shapes_val_det").thing_classes
+    )
+
+SIZES = [
+    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+    "INPUT.IMAGE_SIZE", "64",
+    "MODEL.SWIN.WINDOW_SIZE", "2",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+]  # fmt: skip
+TINY = SIZES + [
+    "DATASETS.TRAIN", "('shapes_train_det',)",  # the default world: no 2,048-image world to generate
+    "DATASETS.TEST", f"('{VAL_SUBSET}',)",
+]  # fmt: skip
+
+
+def test_token_labels_by_hand():
+    # 32 px image, stride 8: a 4 x 4 grid of tokens with centres at 4, 12, 20, 28
+    boxes = np.array([[0.0, 0.0, 24.0, 16.0], [10.0, 2.0, 14.0, 6.0], [30.0, 30.0, 31.0, 31.0]])
+    labels = token_labels(boxes, np.array([2, 5, 0]), 32, 8)
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[0:2, 0:3] = 3  # centres (x 4/12/20, y 4/12) inside box 0
+    expected[0, 1] = 6  # the small box 1 contains the centre (12, 4) and wins over box 0
+    expected[3, 3] = 1  # box 2 holds no centre: the token under its centre takes it
+    assert torch.equal(labels, expected)
+    assert torch.equal(token_labels(np.zeros((0, 4)), np.zeros(0), 32, 8), torch.zeros(4, 4).long())
+
+
+def test_token_loss_is_the_sum_over_levels_of_mean_cross_entropy():
+    torch.manual_seed(0)
+    logits = {"res3": torch.randn(2, 4, 4, 5), "res4": torch.randn(2, 2, 2, 5)}
+    labels = {"res3": torch.randint(0, 5, (2, 4, 4)), "res4": torch.randint(0, 5, (2, 2, 2))}
+    by_hand = 0.0
+    for k in logits:
+        logp = F.log_softmax(logits[k], -1)
+        by_hand += -logp.gather(-1, labels[k][..., None]).mean()
+    torch.testing.assert_close(token_loss(logits, labels), by_hand)
+
+
+def test_mapper_scales_boxes_to_the_square_image():
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    record = DatasetCatalog.get("shapes_train_det")[0]
+    out = TokenLabelMapper(cfg, is_train=True)(record)
+    assert out["image"].shape == (3, 64, 64) and out["image"].dtype == torch.uint8
+    assert {k: tuple(v.shape) for k, v in out["token_labels"].items()} == {
+        "res3": (8, 8),
+        "res4": (4, 4),
+        "res5": (2, 2),
+    }
+    # every object labels at least one res3 token with its own category
+    cats = {a["category_id"] + 1 for a in record["annotations"]}
+    assert cats == set(out["token_labels"]["res3"].unique().tolist()) - {0}
+
+
+def test_train_evaluate_export_and_load_through_swin_weights(tmp_path):
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *TINY, "OUTPUT_DIR", str(tmp_path)]
+    )
+    res = train_net.main(args)["tokens"]
+    assert set(res) == {
+        f"{k}_{w}_acc" for k in ("res3", "res4", "res5") for w in ("object", "background")
+    }
+    assert all(0.0 <= v <= 100.0 for v in res.values())
+    exported = tmp_path / "swin_weights.pth"
+    trained = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
+    # the coarse model of the VL Demo, its image tower from the export
+    coarse_opts = SIZES + ["MODEL.SWIN.WEIGHTS", str(exported)]
+    cfg = load_config(str(ROOT / "configs/Demo/coarse_tiny_vl.yaml"), coarse_opts)
+    coarse = build_model(cfg).eval()
+    state = coarse.state_dict()
+    tower_keys = [k for k in trained if k.startswith("backbone.image_tower.")]
+    assert len(tower_keys) > 50
+    for k in tower_keys:
+        assert torch.equal(state[k], trained[k]), k
+    # without it, the tower keeps its random initialisation
+    cfg_scratch = load_config(
+        str(ROOT / "configs/Demo/coarse_tiny_vl.yaml"), SIZES + ["MODEL.SWIN.WEIGHTS", ""]
+    )
+    scratch = build_model(cfg_scratch).state_dict()
+    assert not torch.equal(scratch[tower_keys[0]], trained[tower_keys[0]])
+
+
+def test_swin_weights_of_other_sizes_are_a_one_line_error(tmp_path):
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *TINY, "SOLVER.MAX_ITER", "1",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
+    )  # fmt: skip
+    train_net.main(args)
+    exported = str(tmp_path / "swin_weights.pth")
+    other = SIZES + ["MODEL.SWIN.WEIGHTS", exported, "MODEL.SWIN.EMBED_DIM", "16"]
+    with pytest.raises(CheckpointError, match="swin_weights.pth") as e:
+        build_model(load_config(str(ROOT / "configs/Demo/coarse_tiny_vl.yaml"), other))
+    assert "\n" not in str(e.value)
