@@ -123,3 +123,19 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
         demo_vl.main(
             ["--output-dir", str(out), "--tasks", "", "--swin-weights", str(tmp_path / "no")]
         )
+
+
+def test_retrieval_row_evaluates_with_the_coarse_stage_itc_settings():
+    """The retrieval runner scores the coarse checkpoint with the ITC pooling / standardisation it
+    was trained with (else its embeddings are not the ones ITC learned)."""
+    import importlib
+
+    demo_vl.load_runner("Retrieval", "retrieval.shapes_demo")
+    runner = importlib.import_module("retrieval.shapes_demo")
+    from retrieval import add_retrieval_config
+
+    ours = load_config(runner.SHAPES_CONFIG, extra_defaults=(add_retrieval_config,))
+    coarse = load_config(str(demo_vl.COARSE_CONFIG))
+    assert ours.MODEL.COARSE == coarse.MODEL.COARSE and ours.MODEL.SWIN.WEIGHTS == ""
+    assert ours.MODEL.COARSE.ITC_BATCH_NORM and ours.MODEL.COARSE.ITC_TEXT_POOL == "mean"
+    assert ours.RETRIEVAL.MODE == "itc"

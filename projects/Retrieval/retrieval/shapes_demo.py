@@ -1,5 +1,6 @@
 """The retrieval runner of ``tools/demo_vl.py``: the coarse stage's own ITC retrieval on the held-out
-shapes captions (no fine-tuning), against chance (R@1 = 100 / number of images)."""
+shapes captions (no fine-tuning), against chance (R@1 = 100 / number of images), with the ITC settings
+of the VL Demo's coarse stage (``configs/shapes_itc_vl.yaml``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .config import add_retrieval_config
 
 __all__ = ["run", "SHAPES_CONFIG"]
 
-SHAPES_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_itc.yaml")
+SHAPES_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_itc_vl.yaml")
 
 
 def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
