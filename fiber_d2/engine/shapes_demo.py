@@ -14,21 +14,31 @@ import time
 from pathlib import Path
 
 import torch
+from detectron2.utils.env import seed_all_rng
 from PIL import Image, ImageDraw
 
-__all__ = ["train_and_evaluate", "task_result", "caption_picture"]
+__all__ = ["seed_task", "train_and_evaluate", "task_result", "caption_picture"]
 
 logger = logging.getLogger(__name__)
 
 
+def seed_task(cfg) -> None:
+    """Seed python, numpy and torch from ``cfg.SEED`` (< 0: a random seed), as ``train_net.py``'s
+    setup does. The runners share one process, so without it a task's initialisation and data order
+    would depend on what ran before it (``--tasks``, ``--ablation``)."""
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+
+
 def train_and_evaluate(trainer_cls, cfg) -> tuple[dict, torch.nn.Module, float]:
-    """Train ``cfg`` with ``trainer_cls`` (``MODEL.WEIGHTS`` loaded first) and evaluate its test sets.
+    """Train ``cfg`` with ``trainer_cls`` (``MODEL.WEIGHTS`` loaded first) and evaluate its test sets;
+    the random state is seeded first (:func:`seed_task`).
 
     Returns:
         (the final evaluation results, the trained model in eval mode, wall seconds).
     """
     start = time.perf_counter()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    seed_task(cfg)
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()

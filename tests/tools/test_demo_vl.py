@@ -142,3 +142,24 @@ def test_retrieval_row_evaluates_with_the_coarse_stage_itc_settings():
     assert ours.MODEL.SWIN.WEIGHTS == ""
     assert ours.MODEL.COARSE.ITC_BATCH_NORM and ours.MODEL.COARSE.ITC_TEXT_POOL == "mean"
     assert ours.RETRIEVAL.MODE == "itc"
+
+
+def test_a_task_stage_does_not_depend_on_what_ran_before(tmp_path):
+    """The runners share one process: each task seeds from cfg.SEED, so its result is the same
+    whatever consumed random numbers before it (another task, the --ablation row)."""
+    from fiber_d2.engine.shapes_demo import train_and_evaluate
+
+    demo_vl.load_runner("VQA", "vqa.shapes_demo")  # puts the project package on the path
+    from vqa import VQATrainer, load_vqa_config
+
+    config = str(demo_vl.ROOT / "projects" / "VQA" / "configs" / "shapes.yaml")
+    weights = []
+    for i, draws in enumerate((0, 1000)):
+        cfg = load_vqa_config(config, TINY + SMALL_INPUT + ["OUTPUT_DIR", str(tmp_path / str(i))])
+        cfg.DATASETS.TEST = ()
+        cfg.freeze()
+        torch.rand(draws)  # what an earlier task would have consumed
+        _, model, _ = train_and_evaluate(VQATrainer, cfg)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key

@@ -21,7 +21,7 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog
 from PIL import Image, ImageDraw
 
-from fiber_d2.engine.shapes_demo import task_result
+from fiber_d2.engine.shapes_demo import seed_task, task_result
 
 from .evaluator import caption_metrics
 from .trainer import CaptionTrainer, load_captioning_config
@@ -79,6 +79,7 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
     train_cfg.DATASETS.TEST = ()  # the evaluation is timed on its own below
     train_cfg.freeze()
     start = time.perf_counter()
+    seed_task(train_cfg)
     trainer = CaptionTrainer(train_cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
