@@ -3,8 +3,6 @@ each classified Swin level."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from detectron2.structures import BoxMode
@@ -65,7 +63,6 @@ class TokenLabelMapper:
         self.is_train = is_train
 
     def __call__(self, record: dict) -> dict:
-        record = copy.deepcopy(record)
         image = read_vl_image(record)
         height, width = image.shape[:2]
         scale = np.array([self.side / width, self.side / height] * 2)
