@@ -147,6 +147,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.COARSE.ITC_TEXT_POOL = "first"  # ITC text pooling: "first" (<s>) or "mean" (tokens)
     _C.MODEL.COARSE.QUEUE_INIT = "random"  # ITC queue: "random" (randn) or "empty" (filled part)
     _C.MODEL.COARSE.ITC_BATCH_NORM = False  # batch-standardise ITC embeddings before L2 norm
+    # VQA / NLVR2: batch-standardise cls_feats before the task head (a from-scratch Demo switch; see
+    # FIBERFusedTask)
+    _C.MODEL.COARSE.CLS_BATCH_NORM = False
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"

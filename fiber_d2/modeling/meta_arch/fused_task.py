@@ -43,7 +43,18 @@ class FIBERFusedTask(FIBERCoarse):
     # task models as they were)
     _PRETRAIN_ONLY: tuple[str, ...] = ("mlm_score", "itm_score", "queue", "temp")
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, cls_batch_norm: bool = False, **kwargs):
+        """
+        Args:
+            cls_batch_norm: standardise each ``cls_feats`` dimension over the batch (running
+                statistics at inference; no parameters) before the task head. A switch for
+                from-scratch towers (MODEL.COARSE.CLS_BATCH_NORM, ``configs/Demo/`` task configs
+                only): their ``<s>`` state varies across texts by about 1e-3 of its size, and the
+                pooled image by about a tenth, so the head sees nearly the same input for every
+                example and learns only the answer prior (README, "Vision-language tasks"). Off
+                (the original) for converted or pre-trained weights.
+            kwargs: the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored).
+        """
         kwargs["losses"], kwargs["loss_weights"] = [], {}
         super().__init__(**kwargs)
         for name in self._PRETRAIN_ONLY:
@@ -51,6 +62,16 @@ class FIBERFusedTask(FIBERCoarse):
         # the ITC batch norms (a from-scratch Demo switch, MODEL.COARSE.ITC_BATCH_NORM) serve ITC only
         self.itc_image_bn = self.itc_text_bn = None
         self.text_dim = self.cross_modal_text_transform.out_features
+        # eps far below the text half's variance across texts (about 1e-7 for the Demo's towers)
+        self.cls_bn = (
+            nn.BatchNorm1d(2 * self.text_dim, eps=1e-9, affine=False) if cls_batch_norm else None
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["cls_batch_norm"] = cfg.MODEL.COARSE.CLS_BATCH_NORM
+        return ret
 
     def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:
         """Normalised (B, 3, S, S) float images from ``batched_inputs[i][key]`` (uint8, one size)."""
@@ -63,8 +84,10 @@ class FIBERFusedTask(FIBERCoarse):
         return ids, mask
 
     def cls_feats(self, images, input_ids, attention_mask) -> torch.Tensor:
-        """Fused forward (coarse spec §1.7): (B, 3, S, S), (B, T), (B, T) -> (B, 2D)."""
-        return self.fused(images, input_ids, attention_mask)["cls_feats"]
+        """Fused forward (coarse spec §1.7): (B, 3, S, S), (B, T), (B, T) -> (B, 2D), batch-standardised
+        when ``cls_batch_norm`` is on."""
+        feats = self.fused(images, input_ids, attention_mask)["cls_feats"]
+        return feats if self.cls_bn is None else self.cls_bn(feats)
 
     def forward(self, batched_inputs: list[dict]):  # pragma: no cover - abstract
         raise NotImplementedError
