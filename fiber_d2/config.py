@@ -88,6 +88,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # random init only (an error with WEIGHTS): scale of the position table's init (0: no position
     # information at the start; see RobertaTextTower)
     _C.MODEL.LANGUAGE_BACKBONE.POSITION_INIT_SCALE = 1.0
+    # random init only (an error with WEIGHTS): std of the text tower's normal init (RoBERTa's 0.02;
+    # see RobertaTextTower)
+    _C.MODEL.LANGUAGE_BACKBONE.INITIALIZER_RANGE = 0.02
     _C.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # text is padded/truncated to this length
     _C.MODEL.LANGUAGE_BACKBONE.ATTN_IMPLEMENTATION = "sdpa"  # "sdpa" or "eager"
     _C.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # activation checkpointing of text layers

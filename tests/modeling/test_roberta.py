@@ -193,3 +193,33 @@ def test_position_init_scale_scales_only_the_random_position_table():
 def test_position_init_scale_with_pretrained_weights_is_an_error():
     with pytest.raises(ValueError, match="random init only"):
         _tower(weights="some/roberta", position_init_scale=0.0)
+
+
+def test_initializer_range_scales_every_random_matrix_and_the_cross_attention():
+    stock, wide = _tower(), _tower(initializer_range=0.125)
+    named = dict(wide.named_parameters())
+    for name, p in stock.named_parameters():
+        if p.dim() < 2 or "position_embeddings" in name:
+            continue
+        # the same draws, scaled by 0.125 / 0.02 (padding rows are zero in both)
+        torch.testing.assert_close(named[name], p * (0.125 / 0.02), rtol=1e-4, atol=1e-6)
+    cross = wide.model.encoder.layer[-1].crossattention_t2i.self.query.weight
+    assert abs(cross.std().item() - 0.125) < 0.02
+    # the point of the switch: at init, a self-attention sublayer's output is a few percent of its
+    # input with RoBERTa's 0.02 at a small width; it grows with the square of the range
+    ids, _ = _text()
+
+    def sublayer_ratio(tower):
+        layer = tower.model.encoder.layer[0]
+        x = tower.model.embeddings(input_ids=ids)
+        a = layer.attention.output.dense(layer.attention.self(x)[0])
+        return (a.norm(dim=-1) / x.norm(dim=-1)).mean().item()
+
+    with torch.no_grad():
+        small, large = sublayer_ratio(stock), sublayer_ratio(wide)
+    assert small < 0.05 and large > 20 * small
+
+
+def test_initializer_range_with_pretrained_weights_is_an_error():
+    with pytest.raises(ValueError, match="initializer_range 0.1 applies to a random init only"):
+        _tower(weights="some/roberta", initializer_range=0.1)

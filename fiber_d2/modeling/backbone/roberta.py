@@ -137,6 +137,7 @@ class RobertaTextTower(nn.Module):
         attn_implementation: str = "sdpa",
         weights: str = "",
         position_init_scale: float = 1.0,
+        initializer_range: float = 0.02,
         image_dims: Sequence[int] = (),
         use_checkpoint: bool = False,
         checkpoint_cross_attention: bool = False,
@@ -165,6 +166,12 @@ class RobertaTextTower(nn.Module):
                 which it then learns only as far as the task needs it; a from-scratch tower trained
                 on FIBER's shuffled category prompts, where positions carry no class information,
                 learns the categories much faster so (README, "Demo status").
+            initializer_range: random init only (an error with ``weights``): std of the normal init
+                of every text-tower weight matrix and embedding, the fused cross-attention included
+                (HF's ``initializer_range``; RoBERTa's 0.02, chosen for width 768). At a small width
+                0.02 leaves each attention sublayer's output a few percent of its input, so a
+                from-scratch tower's ``<s>`` state hardly depends on the text and the fused
+                cross-attention's queries hardly move (README, "Vision-language tasks").
             image_dims: width of the image tokens seen by each fused layer, bottom to top; its
                 length is the number of fused (top) layers.
             use_checkpoint: activation checkpointing of every layer.
@@ -188,11 +195,15 @@ class RobertaTextTower(nn.Module):
             "attention_probs_dropout_prob": attention_dropout,
             "attn_implementation": attn_implementation,
         }
-        if weights and position_init_scale != 1.0:
-            raise ValueError(
-                f"position_init_scale {position_init_scale} applies to a random init only; "
-                f"pretrained text weights {weights!r} are loaded as they are"
-            )
+        for name, value, default in (
+            ("position_init_scale", position_init_scale, 1.0),
+            ("initializer_range", initializer_range, 0.02),
+        ):
+            if weights and value != default:
+                raise ValueError(
+                    f"{name} {value} applies to a random init only; "
+                    f"pretrained text weights {weights!r} are loaded as they are"
+                )
         if weights:
             model = RobertaModel.from_pretrained(weights, add_pooling_layer=False, **overrides)
             got = (model.config.hidden_size, model.config.num_hidden_layers)
@@ -213,6 +224,7 @@ class RobertaTextTower(nn.Module):
                 type_vocab_size=type_vocab_size,
                 pad_token_id=pad_token_id,
                 layer_norm_eps=layer_norm_eps,
+                initializer_range=initializer_range,
                 **overrides,
             )
             model = RobertaModel(config, add_pooling_layer=False)
@@ -261,6 +273,7 @@ class RobertaTextTower(nn.Module):
             "attn_implementation": lang.ATTN_IMPLEMENTATION,
             "weights": lang.WEIGHTS,
             "position_init_scale": lang.POSITION_INIT_SCALE,
+            "initializer_range": lang.INITIALIZER_RANGE,
             # the text layers paired with the top Swin blocks read tokens of those blocks' widths
             "image_dims": fused_block_dims(
                 swin.EMBED_DIM, swin.DEPTHS, cfg.MODEL.FIBER.NUM_FUSION_LAYERS
