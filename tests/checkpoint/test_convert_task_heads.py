@@ -37,6 +37,9 @@ import nlvr2  # noqa: E402,F401  (registers FIBERNLVR2)
 import vqa  # noqa: E402  (registers FIBERVQA)
 
 TINY = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
+# the original task models (the shapes configs switch on the Demo's batch-standardised cls_feats, which
+# the released layouts do not have; tests/modeling/test_cls_batch_norm.py covers loading with it)
+TINY += ["MODEL.COARSE.CLS_BATCH_NORM", "False"]
 
 
 def _task_model(project, *opts):
