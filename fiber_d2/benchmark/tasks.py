@@ -107,7 +107,10 @@ def bench_train(cfg: CfgNode, args: argparse.Namespace, full: bool = True) -> di
         loss = sum(losses.values())
         sync(device)
         t1 = time.perf_counter()
-        breakdown.update(fwd_peak_mem_mb=memory.peak_mb(), after_fwd_mem_mb=memory.current_mb())
+        # the current size first: the high-water mark read after it cannot be below it (the other
+        # order let an allocation between the two reads put the current size above the peak)
+        after_fwd = memory.current_mb()
+        breakdown.update(fwd_peak_mem_mb=memory.peak_mb(), after_fwd_mem_mb=after_fwd)
         (scaler.scale(loss) if scaler else loss).backward()
         sync(device)
         t2 = time.perf_counter()
