@@ -19,9 +19,9 @@ demo: env
 demo-ablation: env
 	$(PY) tools/pretrain_pipeline.py --skip-coarse --output-dir output/demo_ablation $(DEMO_ARGS)
 
-# The high-level half: the coarse stage (reused from `make demo` when present) -> retrieval, VQA and
-# NLVR2 on the shapes world; summary table and pictures in output/demo_vl/ (DEMO_VL_ARGS=--ablation
-# also runs every task from scratch).
+# The high-level half: the image tower's pre-training and the coarse stage (each reused from
+# output/demo_vl/ when present) -> retrieval, VQA, NLVR2 and captioning on the shapes world; summary
+# table and pictures in output/demo_vl/ (DEMO_VL_ARGS=--ablation also runs every task from scratch).
 demo-vl: env
 	$(PY) tools/demo_vl.py --output-dir output/demo_vl $(DEMO_VL_ARGS)
 
