@@ -36,6 +36,20 @@ def test_same_seed_same_files_and_seed_matters(world, tmp_path):
     assert _vl_bytes(world) != _vl_bytes(other)
 
 
+def test_files_of_an_older_version_are_rewritten(world, tmp_path):
+    root = ensure_shapes_vl(generate_shapes(tmp_path / "stale", seed=3, **SMALL))
+    marker = root / "annotations" / "vl_meta.json"
+    meta = json.loads(marker.read_text())
+    meta["version"] -= 1
+    marker.write_text(json.dumps(meta))
+    with open(shapes_vl_files(root, "val")["nlvr2"], "w") as f:
+        f.write("[]")  # as an older version might have left it
+    ensure_shapes_vl(root)
+    assert json.loads(marker.read_text())["version"] == meta["version"] + 1
+    assert _vl_bytes(root) == _vl_bytes(world)
+    assert not list((root / "annotations").glob("*.tmp*"))
+
+
 def _scene(root, split, file_name):
     det = json.load(open(shapes_files(root, split)["det"]))
     image = next(im for im in det["images"] if im["file_name"] == file_name)
