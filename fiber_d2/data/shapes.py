@@ -278,9 +278,12 @@ def _scene_caption(shapes: List[_Shape]) -> str:
     return "a picture of " + ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
+def _write_json(path: Path, obj, indent: Optional[int] = None) -> None:
+    """Write ``obj`` to a temporary file renamed over ``path``: no reader sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+    os.replace(tmp, path)
 
 
 def _generate_split(

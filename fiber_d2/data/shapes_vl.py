@@ -35,6 +35,7 @@ from .shapes import (
     _file_lock,
     _relation,
     _Shape,
+    _write_json,
     ensure_shapes_world,
     shapes_files,
     shapes_root,
@@ -234,14 +235,6 @@ def _nlvr2_split(scenes: List[dict], rng: random.Random, split: str) -> List[dic
     return out
 
 
-def _replace_json(path: Union[str, os.PathLike], obj, indent: Optional[int] = None) -> None:
-    """Write ``obj`` to a temporary file renamed over ``path``: no reader sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(tmp, path)
-
-
 def generate_shapes_vl(root: Union[str, os.PathLike]) -> Path:
     """Write ``vqa_{split}.json`` and ``nlvr2_{split}.json`` of an existing shapes world.
 
@@ -261,15 +254,15 @@ def generate_shapes_vl(root: Union[str, os.PathLike]) -> Path:
         rng = random.Random(seed * 1000 + 100 + split_index)
         questions = _vqa_split(scenes, rng, first_id=(split_index + 1) * 1_000_000)
         pairs = _nlvr2_split(scenes, rng, split)
-        _replace_json(files["vqa"], {"questions": questions})
-        _replace_json(files["nlvr2"], pairs)
+        _write_json(files["vqa"], {"questions": questions})
+        _write_json(files["nlvr2"], pairs)
         stats[split] = {
             "questions": len(questions),
             "pairs": len(pairs),
             "answers": dict(Counter(q["answers"][0] for q in questions).most_common()),
         }
     meta = {"version": _VL_VERSION, "seed": seed, "splits": stats}
-    _replace_json(root / "annotations" / "vl_meta.json", meta, indent=1)
+    _write_json(root / "annotations" / "vl_meta.json", meta, indent=1)
     logger.info("wrote shapes VQA / NLVR2 files under %s", root / "annotations")
     return root
 
