@@ -5,7 +5,7 @@ pre-training the real FIBER image tower starts from. Importing registers the mod
 from .config import add_image_tower_config
 from .evaluator import TokenAccuracyEvaluator
 from .mapper import TokenLabelMapper, token_labels
-from .modeling import ImageTowerPretrain, token_loss
+from .modeling import ImageTowerPretrain, category_names, presence_loss, token_loss
 from .trainer import ImageTowerTrainer, export_swin_weights, load_image_tower_config
 
 __all__ = [
@@ -14,8 +14,10 @@ __all__ = [
     "TokenAccuracyEvaluator",
     "TokenLabelMapper",
     "add_image_tower_config",
+    "category_names",
     "export_swin_weights",
     "load_image_tower_config",
+    "presence_loss",
     "token_labels",
     "token_loss",
 ]

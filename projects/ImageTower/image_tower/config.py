@@ -17,6 +17,11 @@ def add_image_tower_config(cfg: CN) -> CN:
     cfg.IMAGE_TOWER = CN()
     # Swin outputs whose tokens are classified (one linear classifier each)
     cfg.IMAGE_TOWER.LEVELS = ("res3", "res4", "res5")
+    # weight of an image-level loss besides the token loss: the mean of the last level's tokens,
+    # one linear layer, a binary cross-entropy per category against whether the image holds it
+    # (multi-label image classification, as ImageNet-style pre-training labels whole images);
+    # 0 = token loss only
+    cfg.IMAGE_TOWER.PRESENCE_WEIGHT = 0.0
     # file written at the end of training with the tower in the Swin ImageNet layout, for
     # MODEL.SWIN.WEIGHTS (relative to OUTPUT_DIR)
     cfg.IMAGE_TOWER.EXPORT_NAME = "swin_weights.pth"

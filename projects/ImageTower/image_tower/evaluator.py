@@ -1,4 +1,5 @@
-"""``TokenAccuracyEvaluator``: per level, the accuracy on object tokens and on background tokens."""
+"""``TokenAccuracyEvaluator``: per level, the accuracy on object tokens and on background tokens; with
+a presence classifier, its accuracy per (image, category) label."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ __all__ = ["TokenAccuracyEvaluator"]
 class TokenAccuracyEvaluator(DatasetEvaluator):
     """Counts right / all predictions over object tokens (label > 0: the category must be right)
     and background tokens, per level; results ``{"tokens": {"<level>_object_acc": %,
-    "<level>_background_acc": %}}``."""
+    "<level>_background_acc": %}}``, plus ``"presence_acc"`` (right / all of the (image, category)
+    labels, logit > 0 = present) when the model outputs ``presence_logits``."""
 
     def __init__(self, dataset_name: str):
         self.dataset_name = dataset_name
@@ -22,6 +24,7 @@ class TokenAccuracyEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._counts: dict[str, list[int]] = {}
+        self._presence = [0, 0]  # right, all (image, category) labels
 
     def process(self, inputs, outputs):
         for record, out in zip(inputs, outputs):
@@ -34,18 +37,26 @@ class TokenAccuracyEvaluator(DatasetEvaluator):
                 c[1] += int(obj.sum())
                 c[2] += int((pred[~obj] == 0).sum())
                 c[3] += int((~obj).sum())
+            if "presence_logits" in out:
+                truth = record["presence"].to(out["presence_logits"].device) > 0
+                self._presence[0] += int(((out["presence_logits"] > 0) == truth).sum())
+                self._presence[1] += truth.numel()
 
     def evaluate(self):
-        gathered = comm.gather(self._counts, dst=0)
+        gathered = comm.gather((self._counts, self._presence), dst=0)
         if not comm.is_main_process():
             return {}
         total: dict[str, torch.Tensor] = {}
-        for counts in gathered:
+        presence = [0, 0]
+        for counts, (right, labels) in gathered:
             for level, c in counts.items():
                 total[level] = total.get(level, torch.zeros(4, dtype=torch.long)) + torch.tensor(c)
+            presence = [presence[0] + right, presence[1] + labels]
         res = OrderedDict()
         for level in sorted(total):
             c = total[level].tolist()
             res[f"{level}_object_acc"] = 100.0 * c[0] / max(c[1], 1)
             res[f"{level}_background_acc"] = 100.0 * c[2] / max(c[3], 1)
+        if presence[1]:
+            res["presence_acc"] = 100.0 * presence[0] / presence[1]
         return OrderedDict(tokens=res)

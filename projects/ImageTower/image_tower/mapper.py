@@ -9,6 +9,8 @@ from detectron2.structures import BoxMode
 
 from fiber_d2.data.vl_transforms import build_vl_image_transform, read_vl_image
 
+from .modeling import category_names
+
 __all__ = ["TokenLabelMapper", "token_labels"]
 
 
@@ -49,7 +51,7 @@ class TokenLabelMapper:
     resize) and labels the tokens of ``IMAGE_TOWER.LEVELS``.
 
     Output per record: ``image`` (3, S, S) uint8, ``token_labels`` {level: (S/s, S/s) int64},
-    ``image_id``.
+    ``presence`` (K,) float32 (1 for each category the image holds), ``image_id``.
     """
 
     def __init__(self, cfg, is_train: bool):
@@ -58,6 +60,7 @@ class TokenLabelMapper:
             level: cfg.MODEL.SWIN.PATCH_SIZE * 2 ** (int(level[3:]) - 2)
             for level in cfg.IMAGE_TOWER.LEVELS
         }
+        self.num_classes = len(category_names(cfg))
         self.image_format = cfg.INPUT.FORMAT
         self.resize = build_vl_image_transform("resize", self.side, is_train=False)
         self.is_train = is_train
@@ -75,11 +78,14 @@ class TokenLabelMapper:
         image = self.resize(image)
         if self.image_format == "BGR":
             image = image[:, :, ::-1]
+        presence = torch.zeros(self.num_classes)
+        presence[torch.as_tensor(classes)] = 1.0
         return {
             "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "token_labels": {
                 level: token_labels(boxes * scale, classes, self.side, stride)
                 for level, stride in self.strides.items()
             },
+            "presence": presence,
             "image_id": record["image_id"],
         }

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
-from image_tower import TokenLabelMapper, token_labels, token_loss
+from image_tower import TokenLabelMapper, presence_loss, token_labels, token_loss
 
 from fiber_d2.checkpoint import CheckpointError
 from fiber_d2.engine.setup import load_config
@@ -67,6 +67,14 @@ def test_token_loss_is_the_sum_over_levels_of_mean_cross_entropy():
     torch.testing.assert_close(token_loss(logits, labels), by_hand)
 
 
+def test_presence_loss_is_the_mean_binary_cross_entropy():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [0.5, 3.0, -2.0]])
+    presence = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    p = torch.sigmoid(logits)
+    by_hand = -(presence * p.log() + (1 - presence) * (1 - p).log()).mean()
+    torch.testing.assert_close(presence_loss(logits, presence), by_hand)
+
+
 def test_mapper_scales_boxes_to_the_square_image():
     cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
     record = DatasetCatalog.get("shapes_train_det")[0]
@@ -80,6 +88,35 @@ def test_mapper_scales_boxes_to_the_square_image():
     # every object labels at least one res3 token with its own category
     cats = {a["category_id"] + 1 for a in record["annotations"]}
     assert cats == set(out["token_labels"]["res3"].unique().tolist()) - {0}
+    # the image-level labels: one per category, 1 where the image holds it
+    assert out["presence"].shape == (12,)
+    assert set(out["presence"].nonzero().flatten().tolist()) == {c - 1 for c in cats}
+
+
+def test_presence_loss_trains_its_classifier_and_is_evaluated(tmp_path):
+    opts = TINY + ["IMAGE_TOWER.PRESENCE_WEIGHT", "0.5", "OUTPUT_DIR", str(tmp_path)]
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), opts)
+    model = build_model(cfg)
+    mapper = TokenLabelMapper(cfg, is_train=True)
+    batch = [mapper(r) for r in DatasetCatalog.get("shapes_train_det")[:2]]
+    losses = model(batch)
+    assert set(losses) == {"loss_tokens", "loss_presence"}
+    _, logits = model.logits(torch.stack([x["image"] for x in batch]))
+    target = torch.stack([x["presence"] for x in batch])
+    torch.testing.assert_close(losses["loss_presence"], 0.5 * presence_loss(logits, target))
+    losses["loss_presence"].backward()
+    assert model.presence_classifier.weight.grad.abs().sum() > 0
+    assert model.backbone.image_tower.patch_embed.proj.weight.grad.abs().sum() > 0
+    # off by default: no classifier, no loss, no evaluation of it
+    plain = build_model(
+        train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    )
+    assert plain.presence_classifier is None and set(plain(batch)) == {"loss_tokens"}
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *opts]
+    )
+    res = train_net.main(args)["tokens"]
+    assert 0.0 <= res["presence_acc"] <= 100.0
 
 
 def test_train_evaluate_export_and_load_through_swin_weights(tmp_path):
