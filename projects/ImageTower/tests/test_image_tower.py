@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
-from image_tower import TokenLabelMapper, presence_loss, token_labels, token_loss
+from image_tower import (
+    TokenAccuracyEvaluator,
+    TokenLabelMapper,
+    presence_loss,
+    token_labels,
+    token_loss,
+)
 
 from fiber_d2.checkpoint import CheckpointError
 from fiber_d2.engine.setup import load_config
@@ -75,6 +81,23 @@ def test_presence_loss_is_the_mean_binary_cross_entropy():
     torch.testing.assert_close(presence_loss(logits, presence), by_hand)
 
 
+def test_evaluator_counts_tokens_and_presence_labels_by_hand():
+    ev = TokenAccuracyEvaluator("unused")
+    ev.reset()
+    labels = torch.tensor([[0, 2], [1, 0]])  # two object tokens, two background tokens
+    logits = torch.zeros(2, 2, 3)
+    logits[0, 0, 0] = logits[0, 1, 2] = logits[1, 0, 2] = logits[1, 1, 1] = 1.0
+    record = {"token_labels": {"res5": labels}, "presence": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    out = {
+        "token_logits": {"res5": logits},
+        "presence_logits": torch.tensor([2.0, 1.0, -1.0, -3.0]),
+    }
+    ev.process([record], [out])
+    res = ev.evaluate()["tokens"]
+    # objects: (0,1) right, (1,0) wrong; background: (0,0) right, (1,1) wrong; presence: 2 of 4
+    assert res == {"res5_object_acc": 50.0, "res5_background_acc": 50.0, "presence_acc": 50.0}
+
+
 def test_mapper_scales_boxes_to_the_square_image():
     cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
     record = DatasetCatalog.get("shapes_train_det")[0]
@@ -107,7 +130,7 @@ def test_presence_loss_trains_its_classifier_and_is_evaluated(tmp_path):
     losses["loss_presence"].backward()
     assert model.presence_classifier.weight.grad.abs().sum() > 0
     assert model.backbone.image_tower.patch_embed.proj.weight.grad.abs().sum() > 0
-    # off by default: no classifier, no loss, no evaluation of it
+    # off by default: no classifier, no loss (and no presence_acc: the end-to-end test below)
     plain = build_model(
         train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
     )
