@@ -171,7 +171,7 @@ class RobertaTextTower(nn.Module):
                 (HF's ``initializer_range``; RoBERTa's 0.02, chosen for width 768). At a small width
                 0.02 leaves each attention sublayer's output a few percent of its input, so a
                 from-scratch tower's ``<s>`` state hardly depends on the text and the fused
-                cross-attention's queries hardly move (README, "Vision-language tasks").
+                cross-attention's queries hardly move (docs/vision_language_demo.md).
             image_dims: width of the image tokens seen by each fused layer, bottom to top; its
                 length is the number of fused (top) layers.
             use_checkpoint: activation checkpointing of every layer.
