@@ -10,9 +10,14 @@ Every test runs twice: ``reference`` (text padded to 256, the whole model in one
 original) and ``improved`` (the performance features on: text cut to the longest prompt rounded up to
 8, the prompt run as a chunk through the prefix-reuse path, the recomputing deformable conv); the
 improved run is compared on the real tokens.
+
+The model runs on the CPU, or on ``$FIBER_D2_TEST_DEVICE`` (e.g. ``cuda``, in fp32 with TF32 off:
+``tools/gpu_report.py`` runs this file there); ``$FIBER_D2_ORIGINAL_FIXTURE`` names another copy of
+the fixture folder.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,12 +30,19 @@ from fiber_d2 import add_fiber_config
 from fiber_d2.checkpoint.convert import convert_fine_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-FIX = ROOT.parent / "shared" / "fixtures" / "original_fine_tiny"
+FIX = Path(
+    os.environ.get("FIBER_D2_ORIGINAL_FIXTURE")
+    or ROOT.parent / "shared" / "fixtures" / "original_fine_tiny"
+)
+DEVICE = os.environ.get("FIBER_D2_TEST_DEVICE") or "cpu"
 if not (FIX / "expected.safetensors").exists():
     pytest.skip(
         f"original-FIBER fixture not found at {FIX} (../shared/fixtures next to the checkout)",
         allow_module_level=True,
     )
+
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip(f"FIBER_D2_TEST_DEVICE={DEVICE}: no CUDA device", allow_module_level=True)
 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -75,6 +87,7 @@ def parity(request):
     cfg.merge_from_file(str(FIX / "overrides.yaml"))
     cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = str(FIX / cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER)
     cfg.merge_from_list(PERFORMANCE_FEATURES[request.param])
+    cfg.MODEL.DEVICE = DEVICE
     cfg.freeze()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -98,14 +111,19 @@ def parity(request):
         model.head.register_forward_hook(keep("head")),
     ]
     inputs = load_file(str(FIX / "inputs.safetensors"))
-    image = inputs["image"]
+    image = inputs["image"].to(DEVICE)
     images = ImageList(image, [tuple(image.shape[-2:])])
-    ids, mask, label_map = inputs["input_ids"], inputs["attention_mask"], inputs["label_token_map"]
+    ids, mask, label_map = (
+        inputs[k].to(DEVICE) for k in ("input_ids", "attention_mask", "label_token_map")
+    )
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         if request.param == "reference":
             instances = model._detect(images, ids, mask, [label_map])[0]
         else:  # the chunked path: one chunk, prefix reuse, dynamic text length
             instances = model.detect_chunks(images, ids, mask, label_map[None])[0]
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     for h in handles:
         h.remove()
     return {
@@ -129,7 +147,7 @@ def _close(name, actual, expected):
     assert (
         actual.shape == expected.shape
     ), f"{name}: {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual.float() - expected.float()).abs().max().item()
+    diff = (actual.float().cpu() - expected.float()).abs().max().item()
     assert diff <= ATOL, f"{name}: max abs diff {diff:.3g} > {ATOL}"
 
 
@@ -166,6 +184,7 @@ def test_detections_match(parity):
         expected["det.scores"],
         expected["det.labels"],
     )
+    inst = inst.to("cpu")
     boxes, scores = inst.pred_boxes.tensor, inst.scores
     labels = inst.pred_classes + 1
     assert len(inst) == len(exp_labels)
