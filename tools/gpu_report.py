@@ -247,6 +247,8 @@ def report(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    if os.path.isfile(args.config_file):  # relative to the working directory; else to the checkout
+        args.config_file = os.path.abspath(args.config_file)
     if min(args.batch, args.max_batch, args.iters, args.search_iters) < 1 or args.warmup < 0:
         sys.exit("error: need --batch, --max-batch, --iters, --search-iters >= 1, --warmup >= 0")
     if args.device == "cuda":
