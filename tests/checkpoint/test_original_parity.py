@@ -118,14 +118,16 @@ def parity(request):
     )
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    with torch.no_grad():
-        if request.param == "reference":
-            instances = model._detect(images, ids, mask, [label_map])[0]
-        else:  # the chunked path: one chunk, prefix reuse, dynamic text length
-            instances = model.detect_chunks(images, ids, mask, label_map[None])[0]
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            if request.param == "reference":
+                instances = model._detect(images, ids, mask, [label_map])[0]
+            else:  # the chunked path: one chunk, prefix reuse, dynamic text length
+                instances = model.detect_chunks(images, ids, mask, label_map[None])[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for h in handles:
+            h.remove()
     return {
         "report": report,
         "incompatible": incompatible,
