@@ -56,16 +56,9 @@ ANALYZE = ROOT / "tools" / "analyze_model.py"
 PARITY_TEST = ROOT / "tests" / "checkpoint" / "test_original_parity.py"
 STEPS = ("train", "search", "flops", "inference", "lvis", "parity")
 
-# Dense tensor-core peak in TFLOP/s by device-name fragment and autocast dtype (vendor data sheets;
-# SXM parts). Pass --peak-tflops for any other device.
-PEAK_TFLOPS = {
-    ("H200", "bf16"): 989.4,
-    ("H200", "fp16"): 989.4,
-    ("H100", "bf16"): 989.4,
-    ("H100", "fp16"): 989.4,
-    ("A100", "bf16"): 312.0,
-    ("A100", "fp16"): 312.0,
-}
+# Dense tensor-core peak in TFLOP/s for bf16 and fp16 (the same for both on these chips), by
+# device-name fragment (vendor data sheets; SXM parts). Pass --peak-tflops for any other device.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,16 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _size_flags(args: argparse.Namespace) -> list[str]:
+    """--height / --width as given (none: the config's test size)."""
+    flags = ["--height", str(args.height)] if args.height else []
+    return flags + (["--width", str(args.width)] if args.width else [])
+
+
 def _bench(args: argparse.Namespace, task: str, batch: int, iters: int, *extra: str) -> list[dict]:
     """Run one ``tools/benchmark.py`` command in a fresh process; its JSON records (empty when the
     process failed, e.g. out of memory)."""
     cmd = [sys.executable, str(BENCHMARK), "--config-file", args.config_file, "--task", task]
     cmd += ["--device", args.device, "--batch", str(batch), "--iters", str(iters)]
-    cmd += ["--warmup", str(args.warmup)]
-    if args.height:
-        cmd += ["--height", str(args.height)]
-    if args.width:
-        cmd += ["--width", str(args.width)]
+    cmd += ["--warmup", str(args.warmup), *_size_flags(args)]
     if args.amp_dtype != "none":
         cmd += ["--amp", "--amp-dtype", args.amp_dtype]
     cmd += [*extra, *args.opts]
@@ -124,11 +119,7 @@ def _bench(args: argparse.Namespace, task: str, batch: int, iters: int, *extra: 
 def forward_macs(args: argparse.Namespace) -> int:
     """Multiply-adds of one image's forward pass (``tools/analyze_model.py --tasks flop``)."""
     cmd = [sys.executable, str(ANALYZE), "--config-file", args.config_file, "--tasks", "flop"]
-    if args.height:
-        cmd += ["--height", str(args.height)]
-    if args.width:
-        cmd += ["--width", str(args.width)]
-    cmd += args.opts
+    cmd += [*_size_flags(args), *args.opts]
     print("# " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True).stdout
     match = re.search(r"^total_flops: ([0-9.]+)$", out, re.M)
@@ -146,10 +137,9 @@ def peak_tflops(args: argparse.Namespace, device_name: str) -> float | None:
     """--peak-tflops, else the :data:`PEAK_TFLOPS` entry matching the device name and dtype."""
     if args.peak_tflops:
         return args.peak_tflops
-    for (fragment, dtype), value in PEAK_TFLOPS.items():
-        if fragment in device_name and dtype == args.amp_dtype:
-            return value
-    return None
+    if args.amp_dtype not in ("bf16", "fp16"):
+        return None  # fp32: no tensor-core peak in the table
+    return next((v for name, v in PEAK_TFLOPS.items() if name in device_name), None)
 
 
 def run_parity(args: argparse.Namespace) -> str:
