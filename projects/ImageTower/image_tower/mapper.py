@@ -52,6 +52,10 @@ class TokenLabelMapper:
 
     Output per record: ``image`` (3, S, S) uint8, ``token_labels`` {level: (S/s, S/s) int64},
     ``presence`` (K,) float32 (1 for each category the image holds), ``image_id``.
+
+    The mapping has no randomness, so with ``IMAGE_TOWER.CACHE_INPUTS`` the training mapper keeps
+    each record's output (keyed by ``image_id``) and serves later epochs from memory: the same
+    tensors, without decoding, resizing and labelling again (about 52 KB per 128 px image).
     """
 
     def __init__(self, cfg, is_train: bool):
@@ -64,8 +68,18 @@ class TokenLabelMapper:
         self.image_format = cfg.INPUT.FORMAT
         self.resize = build_vl_image_transform("resize", self.side, is_train=False)
         self.is_train = is_train
+        self._cache: dict | None = {} if is_train and cfg.IMAGE_TOWER.CACHE_INPUTS else None
 
     def __call__(self, record: dict) -> dict:
+        if self._cache is None:
+            return self._map(record)
+        key = record["image_id"]
+        if key not in self._cache:
+            self._cache[key] = self._map(record)
+        out = self._cache[key]
+        return {**out, "token_labels": dict(out["token_labels"])}
+
+    def _map(self, record: dict) -> dict:
         image = read_vl_image(record)
         height, width = image.shape[:2]
         scale = np.array([self.side / width, self.side / height] * 2)

@@ -116,6 +116,40 @@ def test_mapper_scales_boxes_to_the_square_image():
     assert set(out["presence"].nonzero().flatten().tolist()) == {c - 1 for c in cats}
 
 
+def test_cached_mapper_reads_each_image_once_and_serves_the_same_inputs(monkeypatch):
+    import image_tower.mapper as mapper_module
+
+    reads = []
+    real_read = mapper_module.read_vl_image
+
+    def counting_read(record):
+        reads.append(record["image_id"])
+        return real_read(record)
+
+    monkeypatch.setattr(mapper_module, "read_vl_image", counting_read)
+    records = DatasetCatalog.get("shapes_train_det")[:2]
+    opts = TINY + ["IMAGE_TOWER.CACHE_INPUTS", "True"]
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), opts)
+    cached = TokenLabelMapper(cfg, is_train=True)
+    first = [cached(r) for r in records]
+    first[0]["token_labels"].pop("res3")  # a consumer editing its dict does not reach the cache
+    again = [cached(r) for r in records + records]
+    assert reads == [r["image_id"] for r in records]
+    plain_cfg = train_net.load_image_tower_config(
+        str(PROJECT / "configs/shapes.yaml"), TINY + ["IMAGE_TOWER.CACHE_INPUTS", "False"]
+    )
+    plain = TokenLabelMapper(plain_cfg, is_train=True)
+    for r, out in zip(records + records, again):
+        ref = plain(r)
+        assert torch.equal(out["image"], ref["image"]) and out["image_id"] == ref["image_id"]
+        assert torch.equal(out["presence"], ref["presence"])
+        assert out["token_labels"].keys() == ref["token_labels"].keys()
+        assert all(torch.equal(out["token_labels"][k], v) for k, v in ref["token_labels"].items())
+    assert len(reads) == 2 + 4  # the uncached mapper reads every time
+    # evaluation never caches (each image is seen once)
+    assert TokenLabelMapper(cfg, is_train=False)._cache is None
+
+
 def test_presence_loss_trains_its_classifier_and_is_evaluated(tmp_path):
     opts = TINY + ["IMAGE_TOWER.PRESENCE_WEIGHT", "0.5", "OUTPUT_DIR", str(tmp_path)]
     cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), opts)
