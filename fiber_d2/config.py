@@ -150,6 +150,11 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.COARSE.ITC_TEXT_POOL = "first"  # ITC text pooling: "first" (<s>) or "mean" (tokens)
     _C.MODEL.COARSE.QUEUE_INIT = "random"  # ITC queue: "random" (randn) or "empty" (filled part)
     _C.MODEL.COARSE.ITC_BATCH_NORM = False  # batch-standardise ITC embeddings before L2 norm
+    # training: one image prefix (the blocks below the first fused one) per step for the ITC, MLM
+    # and ITM passes and one text prefix of the captions for ITC and ITM, instead of one per pass
+    # (the original). Same losses and gradients up to rounding without randomness in the prefixes;
+    # with stochastic depth or dropout there the passes share one sample (FIBERCoarse docstring)
+    _C.MODEL.COARSE.SHARE_PREFIX = False
     # VQA / NLVR2: batch-standardise cls_feats before the task head (a from-scratch Demo switch; see
     # FIBERFusedTask)
     _C.MODEL.COARSE.CLS_BATCH_NORM = False

@@ -55,6 +55,26 @@ class FusionPrefix:
     attention_mask: torch.Tensor
     image_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def select(self, image_rows: torch.Tensor, text_rows: torch.Tensor) -> FusionPrefix:
+        """The prefix of the pairs (image ``image_rows[k]``, text ``text_rows[k]``).
+
+        Args:
+            image_rows, text_rows: (P,) int64 rows of this prefix's images and texts.
+
+        Returns:
+            a :class:`FusionPrefix` of batch P (gradients flow back to this one).
+        """
+        layer_mask = self.text_layer_mask
+        if layer_mask is not None and layer_mask.shape[0] > 1:
+            layer_mask = layer_mask[text_rows]
+        return FusionPrefix(
+            image=self.image[image_rows],
+            text=self.text[text_rows],
+            text_layer_mask=layer_mask,
+            attention_mask=self.attention_mask[text_rows],
+            image_outputs={k: v[image_rows] for k, v in self.image_outputs.items()},
+        )
+
 
 def fusion_schedule(image_tower: SwinImageTower, text_tower: RobertaTextTower) -> list[FusionStep]:
     """Pair the fused image blocks with the fused text layers, bottom to top.
@@ -165,6 +185,39 @@ class FusedSwinRoberta(Backbone):
         """
         hidden, mask = self.text_tower(input_ids, attention_mask)
         return {"hidden": hidden, "mask": mask}
+
+    def forward_image_from_prefix(
+        self, x: torch.Tensor, outputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The unimodal rest of the image tower after :meth:`forward_image_prefix`: with its
+        outputs, the same as :meth:`forward_image` of those images.
+
+        Args:
+            x: (B, H', W', C) and outputs: the stage outputs, both from :meth:`forward_image_prefix`.
+
+        Returns:
+            {"res2".."res5"}: (B, C_s, H_s, W_s) (``outputs`` itself is not modified).
+        """
+        image = self.image_tower
+        first_block = self.schedule[0].image_block if self.schedule else image.num_blocks
+        outputs = dict(outputs)
+        image.run_blocks(x, first_block, image.num_blocks, outputs)
+        return outputs
+
+    def forward_text_from_prefix(
+        self, hidden: torch.Tensor, layer_mask: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The unimodal rest of the text tower after :meth:`forward_text_prefix` (its three
+        outputs): the same as :meth:`forward_text` of those tokens.
+
+        Returns:
+            {"hidden": (B, T', D), "mask": (B, T')}.
+        """
+        text = self.text_tower
+        first_layer = self.schedule[0].text_layer if self.schedule else text.num_layers
+        for j in range(first_layer, text.num_layers):
+            hidden = text.run_layer(j, hidden, layer_mask)
+        return {"hidden": hidden, "mask": attention_mask}
 
     # ------------------------------------------------------------------ fused path
     def forward_prefix(

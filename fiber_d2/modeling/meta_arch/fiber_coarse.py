@@ -26,7 +26,7 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...text import padded_text_length, trim_text
-from ..backbone.fused import FusedSwinRoberta
+from ..backbone.fused import FusedSwinRoberta, FusionPrefix
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
 __all__ = ["FIBERCoarse", "init_head"]
@@ -126,6 +126,7 @@ class FIBERCoarse(nn.Module):
         itc_text_pool: str = "first",
         queue_init: str = "random",
         itc_batch_norm: bool = False,
+        share_prefix: bool = False,
     ):
         """
         Args:
@@ -145,6 +146,12 @@ class FIBERCoarse(nn.Module):
                 queue columns already filled with enqueued embeddings).
             itc_batch_norm: standardise each ITC embedding dimension over the batch (running
                 statistics at inference; no affine parameters) before the L2 normalisation.
+            share_prefix: in training, compute the image prefix (the blocks below the first fused
+                one) once per step for the ITC, MLM and ITM passes, and the text prefix of the
+                captions once for ITC and ITM, instead of once per pass as the original does. The
+                losses and gradients are the same up to rounding when the prefix has no randomness;
+                with stochastic depth or dropout there, the passes share one sample of it (the
+                original draws one per pass). ITM pairs use the shared prefixes on one process only.
         """
         super().__init__()
         unknown = set(losses) - {"itc", "itm", "mlm"}
@@ -154,6 +161,7 @@ class FIBERCoarse(nn.Module):
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
         self.pad_to_max_query_len = pad_to_max_query_len
+        self.share_prefix = share_prefix
         # the original vit_model.norm (unimodal path only)
         self.image_norm = nn.LayerNorm(image_dim)
         self.cross_modal_text_transform = nn.Linear(text_dim, text_dim)
@@ -233,6 +241,7 @@ class FIBERCoarse(nn.Module):
             "itc_text_pool": c.ITC_TEXT_POOL,
             "queue_init": c.QUEUE_INIT,
             "itc_batch_norm": c.ITC_BATCH_NORM,
+            "share_prefix": c.SHARE_PREFIX,
         }
 
     def _text_length(self, mask: torch.Tensor, all_ranks: bool = False) -> int:
@@ -262,17 +271,35 @@ class FIBERCoarse(nn.Module):
         last = image_features[sorted(image_features)[-1]]
         return last.flatten(2).transpose(1, 2)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Un-fused image embedding: (B, 3, S, S) -> L2-normalised (B, D)."""
-        tokens = self.image_norm(self._tokens(self.backbone.forward_image(images)))
+    def encode_image(
+        self, images: torch.Tensor, prefix: FusionPrefix | None = None
+    ) -> torch.Tensor:
+        """Un-fused image embedding: (B, 3, S, S) -> L2-normalised (B, D); ``prefix``: these
+        images' :meth:`~FusedSwinRoberta.forward_prefix`, computed earlier."""
+        if prefix is None:
+            features = self.backbone.forward_image(images)
+        else:
+            features = self.backbone.forward_image_from_prefix(prefix.image, prefix.image_outputs)
+        tokens = self.image_norm(self._tokens(features))
         pooled = self.cross_modal_image_pooler_itc(self.cross_modal_image_transform_itc(tokens))
         if self.itc_image_bn is not None:
             pooled = self.itc_image_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Un-fused text embedding: (B, T) ids and mask -> L2-normalised (B, D)."""
-        hidden = self.backbone.forward_text(input_ids, attention_mask)["hidden"]
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: FusionPrefix | None = None,
+    ) -> torch.Tensor:
+        """Un-fused text embedding: (B, T) ids and mask -> L2-normalised (B, D); ``prefix``: these
+        texts' :meth:`~FusedSwinRoberta.forward_prefix`, computed earlier."""
+        if prefix is None:
+            hidden = self.backbone.forward_text(input_ids, attention_mask)["hidden"]
+        else:
+            hidden = self.backbone.forward_text_from_prefix(
+                prefix.text, prefix.text_layer_mask, prefix.attention_mask
+            )["hidden"]
         pooled = self.cross_modal_text_pooler_itc(
             self.cross_modal_text_transform_itc(hidden), attention_mask
         )
@@ -280,10 +307,17 @@ class FIBERCoarse(nn.Module):
             pooled = self.itc_text_bn(pooled)
         return F.normalize(pooled, dim=-1)
 
-    def fused(self, images, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    def fused(
+        self, images, input_ids, attention_mask, prefix: FusionPrefix | None = None
+    ) -> dict[str, torch.Tensor]:
         """Fused forward. Returns ``text_feats`` (B, T, D), ``image_feats`` (B, N, D), ``cls_feats``
-        (B, 2D) = [text pooled ; image pooled]."""
-        image_features, text = self.backbone(images, input_ids, attention_mask, fuse=True)
+        (B, 2D) = [text pooled ; image pooled]. With ``prefix`` (the inputs'
+        :meth:`~FusedSwinRoberta.forward_prefix`, computed earlier) only the fused top runs, and
+        the other arguments are not read."""
+        if prefix is None:
+            image_features, text = self.backbone(images, input_ids, attention_mask, fuse=True)
+        else:
+            image_features, text = self.backbone.forward_fused(prefix)
         text_feats = self.cross_modal_text_transform(text["hidden"])
         image_feats = self.cross_modal_image_transform(self._tokens(image_features))
         cls_feats = torch.cat(
@@ -308,16 +342,28 @@ class FIBERCoarse(nn.Module):
         length = self._text_length(mask, all_ranks=True)
         ids, mask = trim_text(length, ids, mask)
         losses = {}
+        # the image prefix and the captions' text prefix, once for every pass (share_prefix)
+        shared = self.backbone.forward_prefix(images, ids, mask) if self.share_prefix else None
         if "mlm" in self.losses:
             mlm_ids = torch.stack([x["mlm_input_ids"] for x in batched_inputs]).to(self.device)
             labels = torch.stack([x["mlm_labels"] for x in batched_inputs]).to(self.device)
             mlm_ids, labels = trim_text(length, mlm_ids, labels)
-            logits = self.mlm_score(self.fused(images, mlm_ids, mask)["text_feats"])
+            mlm_prefix = None
+            if shared is not None:
+                hidden, layer_mask, text_mask = self.backbone.forward_text_prefix(mlm_ids, mask)
+                mlm_prefix = FusionPrefix(
+                    image=shared.image,
+                    text=hidden,
+                    text_layer_mask=layer_mask,
+                    attention_mask=text_mask,
+                    image_outputs=shared.image_outputs,
+                )
+            logits = self.mlm_score(self.fused(images, mlm_ids, mask, mlm_prefix)["text_feats"])
             losses["loss_mlm"] = mlm_loss(logits, labels) * self.loss_weights["mlm"]
         if "itc" in self.losses or "itm" in self.losses:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 1.0)
-            f_i, f_t = self.encode_image(images), self.encode_text(ids, mask)
+            f_i, f_t = self.encode_image(images, shared), self.encode_text(ids, mask, shared)
             q = self.queue
             image_queue, text_queue = q.image_queue, q.text_queue
             if self.queue_init == "empty":  # only the columns written so far
@@ -327,39 +373,60 @@ class FIBERCoarse(nn.Module):
             if "itc" in self.losses:
                 losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
             if "itm" in self.losses:
-                losses["loss_itm"] = self._itm_loss(images, ids, mask, f_i, f_t)
+                losses["loss_itm"] = self._itm_loss(images, ids, mask, f_i, f_t, shared)
                 losses["loss_itm"] = losses["loss_itm"] * self.loss_weights["itm"]
             with torch.no_grad():
                 q.enqueue(_gather_cat(f_i.detach()), _gather_cat(f_t.detach()))
         return losses
 
-    def _itm_loss(self, images, ids, mask, f_i, f_t) -> torch.Tensor:
-        """ITM cross-entropy over the pairs of :meth:`itm_pairs`."""
+    def _itm_loss(self, images, ids, mask, f_i, f_t, prefix=None) -> torch.Tensor:
+        """ITM cross-entropy over the pairs of :meth:`itm_pairs`; with ``prefix`` (these inputs'
+        :meth:`~FusedSwinRoberta.forward_prefix`) on one process, the pairs' prefixes are its rows.
+        """
+        if prefix is not None and comm.get_world_size() == 1:
+            image_rows, text_rows, labels = self.itm_pair_rows(f_i, f_t)
+            cls_feats = self.fused(None, None, None, prefix.select(image_rows, text_rows))
+            return F.cross_entropy(self.itm_score(cls_feats["cls_feats"]), labels)
         pair_images, pair_ids, pair_mask, labels = self.itm_pairs(images, ids, mask, f_i, f_t)
         return F.cross_entropy(self.itm_logits(pair_images, pair_ids, pair_mask), labels)
 
     @torch.no_grad()
-    def itm_pairs(self, images, ids, mask, f_i, f_t):
-        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs.
+    def itm_pair_rows(
+        self, f_i: torch.Tensor, f_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs, as
+        rows of the batch gathered over all ranks.
 
-        Negatives are drawn from the batch gathered over all ranks with softmax(ITC similarity)
-        weights; a sample's own pair is never drawn.
+        Negatives are drawn with softmax(ITC similarity) weights; a sample's own pair is never
+        drawn.
+
+        Args:
+            f_i, f_t: (B, D) this rank's ITC image and text embeddings.
+
+        Returns:
+            image rows (3B,), text rows (3B,), labels (3B,) with 1 for the positives.
+        """
+        b = f_i.shape[0]
+        all_f_i, all_f_t = _gather_cat(f_i.detach()), _gather_cat(f_t.detach())
+        positive = torch.arange(b, device=f_i.device) + comm.get_rank() * b
+        temp = self.temp.detach()
+        neg_text = sample_hard_negatives(f_i.detach() @ all_f_t.t() / temp, positive)
+        neg_image = sample_hard_negatives(f_t.detach() @ all_f_i.t() / temp, positive)
+        image_rows = torch.cat([positive, positive, neg_image])
+        text_rows = torch.cat([positive, neg_text, positive])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(f_i.device)
+        return image_rows, text_rows, labels
+
+    @torch.no_grad()
+    def itm_pairs(self, images, ids, mask, f_i, f_t):
+        """The pairs of :meth:`itm_pair_rows` as inputs.
 
         Returns:
             images (3B, 3, S, S), ids (3B, T), mask (3B, T), labels (3B,) with 1 for the positives.
         """
-        b = images.shape[0]
+        image_rows, text_rows, labels = self.itm_pair_rows(f_i, f_t)
         all_images, all_ids, all_mask = _gather_cat(images), _gather_cat(ids), _gather_cat(mask)
-        all_f_i, all_f_t = _gather_cat(f_i.detach()), _gather_cat(f_t.detach())
-        positive = torch.arange(b, device=images.device) + comm.get_rank() * b
-        temp = self.temp.detach()
-        neg_text = sample_hard_negatives(f_i.detach() @ all_f_t.t() / temp, positive)
-        neg_image = sample_hard_negatives(f_t.detach() @ all_f_i.t() / temp, positive)
-        pair_images = torch.cat([images, images, all_images[neg_image]])
-        pair_ids = torch.cat([ids, all_ids[neg_text], ids])
-        pair_mask = torch.cat([mask, all_mask[neg_text], mask])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
-        return pair_images, pair_ids, pair_mask, labels
+        return all_images[image_rows], all_ids[text_rows], all_mask[text_rows], labels
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict]:

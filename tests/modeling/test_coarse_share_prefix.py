@@ -1,0 +1,109 @@
+"""MODEL.COARSE.SHARE_PREFIX: one image prefix (and one caption text prefix) per training step gives
+the losses and gradients of the original's one-prefix-per-pass step, and really computes it once."""
+
+import pytest
+import torch
+
+from fiber_d2.engine.setup import load_config
+from fiber_d2.modeling.meta_arch.fiber_coarse import FIBERCoarse
+
+SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
+SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.COARSE.QUEUE_SIZE", "16"]
+# the prefix blocks and layers must be deterministic for the equality (the Demo's settings)
+SMALL += ["MODEL.SWIN.DROP_PATH_RATE", "0.0", "MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT", "0.0"]
+SMALL += ["MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT", "0.0"]
+
+
+def _model(share: bool, *opts) -> FIBERCoarse:
+    torch.manual_seed(0)
+    cfg = load_config(
+        "configs/Demo/coarse_tiny.yaml", [*SMALL, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts]
+    )
+    return FIBERCoarse(cfg).train()
+
+
+def _batch(b=4, t=9, size=64):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 900, (b, t), generator=g)
+    ids[:, 0] = 0
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[3, 3:] = 0
+    ids[mask == 0] = 1
+    mlm_ids = ids.clone()
+    mlm_ids[:, 2] = 3  # one masked word per caption
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
+    return [
+        {
+            "image": images[k],
+            "input_ids": ids[k],
+            "attention_mask": mask[k],
+            "mlm_input_ids": mlm_ids[k],
+            "mlm_labels": labels[k],
+        }
+        for k in range(b)
+    ]
+
+
+def _losses_and_grads(model: FIBERCoarse, batch: list[dict]):
+    torch.manual_seed(5)  # the same ITM hard negatives on both sides
+    losses = model(batch)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [["itc", "itm", "mlm"], ["itc", "mlm"]],
+    ids=["itc+itm+mlm", "itc+mlm"],
+)
+def test_shared_prefix_gives_the_per_pass_losses_and_gradients(losses):
+    opts = ["MODEL.COARSE.LOSSES", str(losses)]
+    opts += ["MODEL.COARSE.LOSS_WEIGHTS", str([1.0] * len(losses))]
+    batch = _batch()
+    ref_losses, ref_grads = _losses_and_grads(_model(False, *opts), batch)
+    shared = _model(True, *opts)
+    got_losses, got_grads = _losses_and_grads(shared, batch)
+    assert set(got_losses) == {f"loss_{k}" for k in losses}
+    for k, v in ref_losses.items():
+        torch.testing.assert_close(got_losses[k], v, rtol=1e-6, atol=1e-6)
+    assert got_grads.keys() == ref_grads.keys()
+    # the prefix gets its gradient from every pass, the fused top and the heads too
+    prefix_params = [n for n in ref_grads if "layers.0." in n or "encoder.layer.0." in n]
+    assert prefix_params and all(ref_grads[n].abs().sum() > 0 for n in prefix_params)
+    for n, g in ref_grads.items():  # at 1e-5 of each tensor's largest entry
+        scale = 1e-5 * g.abs().max().item() + 1e-8
+        torch.testing.assert_close(got_grads[n], g, rtol=0, atol=scale, msg=n)
+
+
+def test_shared_prefix_runs_the_prefix_once_per_step():
+    calls = {}
+
+    def count(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+
+        return hook
+
+    for share in (False, True):
+        model = _model(share)
+        calls.clear()
+        handles = [
+            model.backbone.image_tower.patch_embed.register_forward_hook(count("image")),
+            model.backbone.text_tower.model.embeddings.register_forward_hook(count("text")),
+        ]
+        model(_batch())
+        for h in handles:
+            h.remove()
+        # ITC + MLM + ITM (one fused pass over 3B pairs) image passes; ITC, MLM, ITM text passes;
+        # shared: one image prefix, the captions' and the masked captions' text prefixes
+        assert calls == ({"image": 1, "text": 2} if share else {"image": 3, "text": 3}), share
+
+
+def test_shared_prefix_is_off_by_default():
+    cfg = load_config("configs/Demo/coarse_tiny.yaml", SMALL)
+    assert cfg.MODEL.COARSE.SHARE_PREFIX is False
+    assert FIBERCoarse(cfg).share_prefix is False
