@@ -3,6 +3,7 @@ the losses and gradients of the original's one-prefix-per-pass step, and really 
 
 import pytest
 import torch
+from test_coarse_itc_switches import _batch as itc_switches_batch
 
 from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.meta_arch.fiber_coarse import FIBERCoarse
@@ -22,29 +23,15 @@ def _model(share: bool, *opts) -> FIBERCoarse:
     return FIBERCoarse(cfg).train()
 
 
-def _batch(b=4, t=9, size=64):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, 900, (b, t), generator=g)
-    ids[:, 0] = 0
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, 5:] = 0
-    mask[3, 3:] = 0
-    ids[mask == 0] = 1
-    mlm_ids = ids.clone()
-    mlm_ids[:, 2] = 3  # one masked word per caption
-    labels = torch.full_like(ids, -100)
-    labels[:, 2] = ids[:, 2]
-    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
-    return [
-        {
-            "image": images[k],
-            "input_ids": ids[k],
-            "attention_mask": mask[k],
-            "mlm_input_ids": mlm_ids[k],
-            "mlm_labels": labels[k],
-        }
-        for k in range(b)
-    ]
+def _batch() -> list[dict]:
+    """The ITC switches' batch (4 captions, two of them padded) with one masked word per caption."""
+    records, ids, _ = itc_switches_batch()
+    for r in records:
+        r["mlm_input_ids"] = r["input_ids"].clone()
+        r["mlm_input_ids"][2] = 3
+        r["mlm_labels"] = torch.full_like(r["input_ids"], -100)
+        r["mlm_labels"][2] = r["input_ids"][2]
+    return records
 
 
 def _losses_and_grads(model: FIBERCoarse, batch: list[dict]):
