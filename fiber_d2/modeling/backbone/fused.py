@@ -159,6 +159,16 @@ class FusedSwinRoberta(Backbone):
         """Input sides must be multiples of this (32 for 4 Swin stages)."""
         return self.image_tower.size_divisibility
 
+    @property
+    def _first_fused_block(self) -> int:
+        """Global index of the first fused image block (all blocks without fusion)."""
+        return self.schedule[0].image_block if self.schedule else self.image_tower.num_blocks
+
+    @property
+    def _first_fused_layer(self) -> int:
+        """Index of the first fused text layer (all layers without fusion)."""
+        return self.schedule[0].text_layer if self.schedule else self.text_tower.num_layers
+
     # ------------------------------------------------------------------ unimodal paths
     def forward_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image tower alone (no fusion, every output norm).
@@ -199,9 +209,8 @@ class FusedSwinRoberta(Backbone):
             {"res2".."res5"}: (B, C_s, H_s, W_s) (``outputs`` itself is not modified).
         """
         image = self.image_tower
-        first_block = self.schedule[0].image_block if self.schedule else image.num_blocks
         outputs = dict(outputs)
-        image.run_blocks(x, first_block, image.num_blocks, outputs)
+        image.run_blocks(x, self._first_fused_block, image.num_blocks, outputs)
         return outputs
 
     def forward_text_from_prefix(
@@ -214,8 +223,7 @@ class FusedSwinRoberta(Backbone):
             {"hidden": (B, T', D), "mask": (B, T')}.
         """
         text = self.text_tower
-        first_layer = self.schedule[0].text_layer if self.schedule else text.num_layers
-        for j in range(first_layer, text.num_layers):
+        for j in range(self._first_fused_layer, text.num_layers):
             hidden = text.run_layer(j, hidden, layer_mask)
         return {"hidden": hidden, "mask": attention_mask}
 
@@ -256,9 +264,8 @@ class FusedSwinRoberta(Backbone):
             (B, H', W', C) input of the first fused block and the stage outputs already complete.
         """
         image = self.image_tower
-        first_block = self.schedule[0].image_block if self.schedule else image.num_blocks
         outputs: dict[str, torch.Tensor] = {}
-        x = image.run_blocks(image.embed(images), 0, first_block, outputs)
+        x = image.run_blocks(image.embed(images), 0, self._first_fused_block, outputs)
         return x, outputs
 
     def forward_text_prefix(
@@ -274,9 +281,8 @@ class FusedSwinRoberta(Backbone):
             (B, T', D) input of the first fused layer, the layer mask and the (B, T') mask.
         """
         text = self.text_tower
-        first_layer = self.schedule[0].text_layer if self.schedule else text.num_layers
         hidden, layer_mask, mask = text.embed(input_ids, attention_mask)
-        for j in range(first_layer):
+        for j in range(self._first_fused_layer):
             hidden = text.run_layer(j, hidden, layer_mask)
         return hidden, layer_mask, mask
 

@@ -16,6 +16,7 @@ queue is kept as specified.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -342,8 +343,10 @@ class FIBERCoarse(nn.Module):
         length = self._text_length(mask, all_ranks=True)
         ids, mask = trim_text(length, ids, mask)
         losses = {}
-        # the image prefix and the captions' text prefix, once for every pass (share_prefix)
-        shared = self.backbone.forward_prefix(images, ids, mask) if self.share_prefix else None
+        # the image prefix and the captions' text prefix, once for every pass (share_prefix;
+        # MLM alone runs one pass, so there is nothing to share)
+        share = self.share_prefix and ("itc" in self.losses or "itm" in self.losses)
+        shared = self.backbone.forward_prefix(images, ids, mask) if share else None
         if "mlm" in self.losses:
             mlm_ids = torch.stack([x["mlm_input_ids"] for x in batched_inputs]).to(self.device)
             labels = torch.stack([x["mlm_labels"] for x in batched_inputs]).to(self.device)
@@ -351,12 +354,8 @@ class FIBERCoarse(nn.Module):
             mlm_prefix = None
             if shared is not None:
                 hidden, layer_mask, text_mask = self.backbone.forward_text_prefix(mlm_ids, mask)
-                mlm_prefix = FusionPrefix(
-                    image=shared.image,
-                    text=hidden,
-                    text_layer_mask=layer_mask,
-                    attention_mask=text_mask,
-                    image_outputs=shared.image_outputs,
+                mlm_prefix = dataclasses.replace(
+                    shared, text=hidden, text_layer_mask=layer_mask, attention_mask=text_mask
                 )
             logits = self.mlm_score(self.fused(images, mlm_ids, mask, mlm_prefix)["text_feats"])
             losses["loss_mlm"] = mlm_loss(logits, labels) * self.loss_weights["mlm"]
