@@ -1,6 +1,8 @@
 # Two commands do all set-up: `make test` and `make demo` (each creates .venv/ if missing).
 PY := .venv/bin/python
 STAMP := .venv/.fiber_d2_installed
+# Test processes: one per core, at most 4 (each runs one intra-op thread; TEST_WORKERS=0 runs serially).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: env test demo demo-ablation demo-vl web-test lint format
 
@@ -8,7 +10,7 @@ env:
 	@bash scripts/setup_env.sh
 
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # The main job: shapes world + tokenizer, coarse pre-training, fine-grained training initialised from
 # it, evaluation (bbox AP, phrase-grounding and retrieval recall), prediction images in output/demo/.

@@ -144,6 +144,7 @@ def _ranked_evaluations(rank, folder):
     return results
 
 
+@pytest.mark.long(0.5)
 def test_two_processes(tmp_path):
     ranks = run_two_ranks(_ranked_evaluations, tmp_path, str(tmp_path))
     for kind in KINDS:

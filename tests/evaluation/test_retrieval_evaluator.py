@@ -171,6 +171,7 @@ def _gather(rank: int):
     return ev.evaluate()
 
 
+@pytest.mark.long(0.5)
 def test_two_process_gather(tmp_path):
     rank0, rank1 = run_two_ranks(_gather, tmp_path)
     assert rank1 == {}

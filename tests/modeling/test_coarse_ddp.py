@@ -1,5 +1,6 @@
 """Two gloo processes: ITM hard negatives come from the batch gathered over both ranks."""
 
+import pytest
 import torch
 from two_ranks import run_two_ranks
 
@@ -40,6 +41,7 @@ def _itm_pairs(rank):
     return {"seen_other_rank": seen_other_rank}
 
 
+@pytest.mark.long(0.5)
 def test_itm_negatives_gathered_across_two_processes(tmp_path):
     for rank, result in enumerate(run_two_ranks(_itm_pairs, tmp_path)):
         assert result["seen_other_rank"], f"rank {rank} never drew a negative from the other rank"

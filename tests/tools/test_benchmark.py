@@ -348,12 +348,24 @@ def test_speed_targets_apply_only_to_reference_runs():
     assert target("--task", "train", threads=2) is None  # two threads on a shared CPU: too noisy
 
 
+@pytest.mark.long(0.7)
 @pytest.mark.parametrize("task", ["lvis-eval", "train", "train-fwd-bwd", "backbone"])
-def test_reference_prints_both_runs_and_their_ratio(capsys, task):
+def test_reference_prints_both_runs_and_their_ratio(monkeypatch, capsys, task):
+    calls = []
+    real_run = bench.subprocess.run
+
+    def spy(cmd, **kwargs):
+        calls.append(cmd)
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy)
     argv = ["--config-file", FINE, "--task", task, "--device", "cpu", "--iters", "1"]
     argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
     argv += ["--names", "25", "--chunk", "10", "--boxes", "2", *SMALL]
     result = bench.main(argv)
+    # each side in a fresh process, with the same arguments but the side
+    assert [c[c.index("--variant") + 1] for c in calls] == ["reference", "improved"]
+    assert all("--reference" not in c and c[-len(SMALL) :] == SMALL for c in calls)
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert [ln["variant"] for ln in lines] == ["reference", "improved", "ratio"]
     ref, new, ratio = lines
@@ -420,20 +432,3 @@ def test_perf_quiet_script_runs_valid_benchmark_commands(tmp_path):
         ("lvis-eval", None, None),
     ]
 
-
-def test_reference_runs_each_side_in_a_fresh_process(monkeypatch, capsys):
-    calls = []
-    real_run = bench.subprocess.run
-
-    def spy(cmd, **kwargs):
-        calls.append(cmd)
-        return real_run(cmd, **kwargs)
-
-    monkeypatch.setattr(bench.subprocess, "run", spy)
-    argv = ["--config-file", FINE, "--task", "backbone", "--device", "cpu", "--iters", "1"]
-    argv += ["--warmup", "0", "--height", "64", "--width", "96", "--threads", "1", "--reference"]
-    bench.main(argv + SMALL)
-    assert [c[c.index("--variant") + 1] for c in calls] == ["reference", "improved"]
-    assert all("--reference" not in c and c[-len(SMALL) :] == SMALL for c in calls)
-    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    assert [ln["variant"] for ln in lines] == ["reference", "improved", "ratio"]

@@ -22,6 +22,7 @@ TINY = [
 SMALL_INPUT = ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 
 
+@pytest.mark.long(1)
 def test_runners_summary_and_pictures(tmp_path):
     torch.manual_seed(0)
     coarse = build_model(load_config(str(demo_vl.COARSE_CONFIG), TINY + ["MODEL.SWIN.WEIGHTS", ""]))

@@ -44,6 +44,7 @@ def test_unknown_skip_step_is_a_one_line_error(capsys):
     assert "unknown --skip step(s) ['warp']" in str(e.value)
 
 
+@pytest.mark.long(2)
 def test_report_runs_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "report.md"
     argv = ["--device", "cpu", "--config-file", "configs/Demo/fine_tiny.yaml"]

@@ -45,6 +45,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     assert not out.exists()
 
 
+@pytest.mark.long(1)
 def test_two_cpu_processes_train_and_evaluate(tmp_path):
     out = tmp_path / "ddp"
     proc = _run(
