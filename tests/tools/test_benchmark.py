@@ -431,4 +431,3 @@ def test_perf_quiet_script_runs_valid_benchmark_commands(tmp_path):
         ("inference", 512, 512),
         ("lvis-eval", None, None),
     ]
-
