@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 def pytest_collection_modifyitems(config, items):
     """Start the tests marked ``long`` first, longest first (``@pytest.mark.long(minutes)``, minutes
     on a 2-core CPU). ``make test`` runs the suite in one worker per core, and workers take tests in
-    this order: a six-minute test taken last would run alone while the other workers stand idle."""
+    this order: a four-minute test taken last would run alone while the other workers stand idle."""
 
     def minutes(item):
         mark = item.get_closest_marker("long")
