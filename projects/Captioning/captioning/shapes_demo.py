@@ -1,6 +1,7 @@
 """Captioning on the built-in shapes world: fine-tune the tiny FIBER (``configs/shapes_mle.yaml``), decode
 the validation images with beam search, score BLEU-4 / CIDEr, compare with always emitting the most
-frequent training caption, and draw a few captioned pictures.
+frequent training caption, check which shapes the captions name (:func:`category_agreement`), and draw
+a few captioned pictures.
 
     from captioning.shapes_demo import run
     summary = run("output/demo/coarse/model_final.pth", Path("output/demo_vl/captioning"))
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import textwrap
 import time
 from collections import Counter
@@ -21,12 +23,19 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog
 from PIL import Image, ImageDraw
 
+from fiber_d2.data.shapes import CATEGORY_NAMES
 from fiber_d2.engine.shapes_demo import seed_task, task_result
 
 from .evaluator import caption_metrics
 from .trainer import CaptionTrainer, load_captioning_config
 
-__all__ = ["SHAPES_CONFIG", "most_frequent_caption_baseline", "run"]
+__all__ = [
+    "SHAPES_CONFIG",
+    "category_agreement",
+    "most_frequent_caption_baseline",
+    "named_categories",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +49,48 @@ def most_frequent_caption_baseline(train_name: str, test_name: str, metrics) -> 
     refs = {r["image_id"]: r["captions"] for r in DatasetCatalog.get(test_name)}
     scores, _ = caption_metrics(refs, {k: caption for k in refs}, metrics)
     return caption, scores
+
+
+_CATEGORY = re.compile(r"\b(" + "|".join(CATEGORY_NAMES) + r")s?\b")
+
+
+def named_categories(text: str) -> set[str]:
+    """The shapes categories a caption names with colour and kind: "a large red circle left of the
+    blue squares" -> {"red circle", "blue square"} ("the triangles" names none)."""
+    return set(_CATEGORY.findall(text))
+
+
+def category_agreement(generated: dict, references: dict) -> dict[str, float]:
+    """Whether captions name what their image holds, which CIDEr does not isolate from the captions'
+    form.
+
+    Args:
+        generated: image id -> generated caption.
+        references: image id -> its reference captions; the categories they name are the image's
+            (a shapes scene caption names every shape).
+
+    Returns:
+        percentages, micro-averaged over images: "category_precision" (named categories the image
+        holds / named categories), "category_recall" (held categories named / held categories), and
+        both at chance ("..._chance"): every caption scored against every other image.
+    """
+    named = {k: named_categories(v) for k, v in generated.items()}
+    held = {k: set().union(*(named_categories(r) for r in references[k])) for k in generated}
+
+    def scores(pairs):
+        hits = sum(len(named[g] & held[h]) for g, h in pairs)
+        n_named = sum(len(named[g]) for g, _ in pairs)
+        n_held = sum(len(held[h]) for _, h in pairs)
+        return 100.0 * hits / max(n_named, 1), 100.0 * hits / max(n_held, 1)
+
+    own = scores([(k, k) for k in generated])
+    chance = scores([(g, h) for g in generated for h in generated if h != g])
+    return {
+        "category_precision": own[0],
+        "category_recall": own[1],
+        "category_precision_chance": chance[0],
+        "category_recall_chance": chance[1],
+    }
 
 
 def _draw(file_name: str, caption: str, path: Path, scale: int = 2) -> None:
@@ -65,8 +116,8 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
 
     Returns:
         :func:`fiber_d2.engine.shapes_demo.task_result`'s dict (metric CIDEr, baseline: the most
-        frequent training caption) plus "metrics" (BLEU-4, CIDEr), "baseline_metrics",
-        "train_seconds", "eval_seconds", "coarse_weights", "caption_json".
+        frequent training caption) plus "metrics" (BLEU-4, CIDEr, :func:`category_agreement`),
+        "baseline_metrics", "train_seconds", "eval_seconds", "coarse_weights", "caption_json".
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +148,8 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
     )
     caption_json = eval_dir / "caption.json"
     generated = {c["image_id"]: c["caption"] for c in json.loads(caption_json.read_text())}
+    refs = {r["image_id"]: r["captions"] for r in DatasetCatalog.get(test_name)}
+    metrics.update(category_agreement(generated, refs))
     pictures = []
     for record in DatasetCatalog.get(test_name)[:4]:
         path = output_dir / f"caption_{record['image_id']}.png"

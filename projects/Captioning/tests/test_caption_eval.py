@@ -93,3 +93,25 @@ def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_p
     ]
     with pytest.raises(ValueError, match=r"image 9 \(x.png\) has no reference caption"):
         ev.process([{"image_id": 9, "file_name": "x.png", "captions": ["  "]}], [{"caption": "a"}])
+
+
+def test_category_agreement_by_hand():
+    from captioning.shapes_demo import category_agreement, named_categories
+
+    assert named_categories("a large red circle left of the blue squares and the triangles") == {
+        "red circle",
+        "blue square",
+    }
+    generated = {1: "a red circle and a blue square", 2: "a picture of a small green triangle"}
+    refs = {
+        1: ["a picture of a large red circle and a small green triangle", "the red circle"],
+        2: ["a picture of a green triangle"],
+    }
+    scores = category_agreement(generated, refs)
+    # own image: caption 1 names {red circle, blue square}, image 1 holds {red circle, green
+    # triangle}: 1 hit; caption 2 names and image 2 holds {green triangle}: 1 hit
+    assert scores["category_precision"] == pytest.approx(100 * 2 / 3)  # 2 hits / 3 named
+    assert scores["category_recall"] == pytest.approx(100 * 2 / 3)  # 2 hits / 3 held
+    # chance: caption 1 against image 2 (0 hits), caption 2 against image 1 (green triangle)
+    assert scores["category_precision_chance"] == pytest.approx(100 * 1 / 3)
+    assert scores["category_recall_chance"] == pytest.approx(100 * 1 / 3)  # held: 1 + 2
