@@ -59,7 +59,7 @@ def test_runner_list_and_bad_arguments(tmp_path):
 
 
 def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):
-    """A runner with the bare signature run(coarse_weights, output_dir) (e.g. captioning)."""
+    """A runner with the bare signature run(coarse_weights, output_dir)."""
     from fiber_d2.engine.shapes_demo import task_result
 
     seen = []

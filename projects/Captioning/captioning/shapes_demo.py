@@ -105,14 +105,14 @@ def _draw(file_name: str, caption: str, path: Path, scale: int = 2) -> None:
     canvas.save(path)
 
 
-def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = None) -> dict:
+def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
     """Fine-tune, evaluate and summarise captioning on the shapes world.
 
     Args:
         coarse_weights: a coarse-stage checkpoint (``FIBERCoarse``'s ``model_final.pth``) or None
             (from scratch).
         output_dir: where the run, ``caption.json`` and the pictures go.
-        max_iter: override of ``SOLVER.MAX_ITER`` (tests).
+        opts: config overrides (``make demo-vl``'s trailing ``KEY VALUE`` pairs).
 
     Returns:
         :func:`fiber_d2.engine.shapes_demo.task_result`'s dict (metric CIDEr, baseline: the most
@@ -121,9 +121,7 @@ def run(coarse_weights: str | None, output_dir: Path, *, max_iter: int | None = 
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    opts = ["OUTPUT_DIR", str(output_dir / "train"), "MODEL.WEIGHTS", coarse_weights or ""]
-    if max_iter is not None:
-        opts += ["SOLVER.MAX_ITER", str(max_iter)]
+    opts = [*opts, "OUTPUT_DIR", str(output_dir / "train"), "MODEL.WEIGHTS", coarse_weights or ""]
     cfg = load_captioning_config(str(SHAPES_CONFIG), opts)
     test_name = cfg.DATASETS.TEST[0]
     train_cfg = cfg.clone()

@@ -108,3 +108,21 @@ def test_empty_training_captions_are_counted_and_skipped(tmp_path, caplog):
         records = load_captions(str(path), str(tmp_path), "caps")
     assert [r["caption"] for r in records] == ["a cat", "a dog"]
     assert "3 empty captions" in caplog.text
+
+
+def test_shapes_demo_runner_takes_overrides_and_scores_the_named_shapes(tmp_path):
+    """The ``make demo-vl`` runner: trailing overrides reach its config, the summary carries the
+    caption metrics and the category agreement of the captions it wrote, and pictures."""
+    from captioning.shapes_demo import category_agreement, run
+
+    summary = run(None, tmp_path, opts=tuple(TINY))
+    assert (summary["task"], summary["metric"]) == ("captioning", "CIDEr")
+    assert summary["value"] == summary["metrics"]["CIDEr"]
+    generated = {
+        c["image_id"]: c["caption"] for c in json.loads(Path(summary["caption_json"]).read_text())
+    }
+    assert len(generated) == 4  # DATASETS.TEST of the overrides: 4 validation images
+    refs = {r["image_id"]: r["captions"] for r in DatasetCatalog.get(VAL_SUBSET)}
+    expected = category_agreement(generated, refs)
+    assert {k: summary["metrics"][k] for k in expected} == expected
+    assert len(summary["pictures"]) == 4 and all(Path(p).is_file() for p in summary["pictures"])
