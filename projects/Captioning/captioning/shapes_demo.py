@@ -146,10 +146,12 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
     )
     caption_json = eval_dir / "caption.json"
     generated = {c["image_id"]: c["caption"] for c in json.loads(caption_json.read_text())}
-    refs = {r["image_id"]: r["captions"] for r in DatasetCatalog.get(test_name)}
-    metrics.update(category_agreement(generated, refs))
+    test_records = DatasetCatalog.get(test_name)
+    metrics.update(
+        category_agreement(generated, {r["image_id"]: r["captions"] for r in test_records})
+    )
     pictures = []
-    for record in DatasetCatalog.get(test_name)[:4]:
+    for record in test_records[:4]:
         path = output_dir / f"caption_{record['image_id']}.png"
         _draw(record["file_name"], generated.get(record["image_id"], ""), path)
         pictures.append(str(path))
