@@ -4,7 +4,8 @@ supervised pre-training, the coarse stage, then retrieval, VQA, NLVR2 and captio
 checkpoint, one summary table and a few pictures.
 
     python tools/demo_vl.py [--output-dir output/demo_vl] [--swin-weights PATH]
-        [--coarse-weights PATH] [--ablation] [--tasks retrieval,vqa,nlvr2,captioning] [KEY VALUE ...]
+        [--coarse-weights PATH] [--ablation] [--resume] [--tasks retrieval,vqa,nlvr2,captioning]
+        [KEY VALUE ...]
 
 As FIBER's image tower starts from ImageNet, the Demo's starts from a supervised pre-training on the
 shapes world with 2,048 images (``projects/ImageTower/configs/shapes.yaml`` into
@@ -13,6 +14,11 @@ checkpoint is ``--coarse-weights``, else ``<output-dir>/coarse/model_final.pth``
 is trained here from that tower (``configs/Demo/coarse_tiny_vl.yaml``). ``--ablation`` also runs every
 task from scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply to every
 task. Results: stdout, ``<output-dir>/summary.{json,md}``, ``<output-dir>/<task>/pictures/*.png``.
+
+A finished image tower or coarse stage is always reused. ``--resume`` continues an interrupted run: the
+stage that was training resumes from its last checkpoint (``--resume`` of its ``train_net.py``), and a
+task whose ``<output-dir>/<task>/result.json`` records the same coarse checkpoint and overrides is not
+run again (a task interrupted part-way runs again: it has no checkpoints in between).
 
 A task is one line of :data:`RUNNERS`: (name, project folder, module); the module's
 ``run(coarse_weights, output_dir) -> dict`` (see fiber_d2.engine.shapes_demo; an optional ``opts``
@@ -46,18 +52,26 @@ RUNNERS = [
     ("captioning", "Captioning", "captioning.shapes_demo"),
 ]
 
+RESULT_FILE = "result.json"  # a finished task's row, in its output folder
+
 logger = logging.getLogger("fiber_d2.demo_vl")
 
 
-def _train(cmd: list[str], what: str) -> float:
-    """Run a training command in a subprocess (an error stops the demo); returns its seconds."""
+def _train(cmd: list[str], what: str, resume: bool = False) -> float:
+    """Run ``[python, train_net.py, args...]`` in a subprocess (an error stops the demo); returns its
+    seconds. ``resume``: continue from the last checkpoint in its OUTPUT_DIR, if any (``--resume``,
+    placed before the trailing KEY VALUE overrides, which take everything after them)."""
+    if resume:
+        cmd = [*cmd[:2], "--resume", *cmd[2:]]
     start = time.perf_counter()
     logger.info("Training %s: %s", what, " ".join(cmd))
     subprocess.run(cmd, check=True)
     return time.perf_counter() - start
 
 
-def image_tower_weights(explicit: str | None, output_dir: Path) -> tuple[str, float]:
+def image_tower_weights(
+    explicit: str | None, output_dir: Path, resume: bool = False
+) -> tuple[str, float]:
     """(path of the pre-trained Swin tower, seconds spent training it here: 0 when reused)."""
     if explicit:
         if not os.path.isfile(explicit):
@@ -69,12 +83,12 @@ def image_tower_weights(explicit: str | None, output_dir: Path) -> tuple[str, fl
         logger.info("Reusing %s", final)
         return str(final), 0.0
     cmd = [sys.executable, str(TOWER_TRAIN_NET), "--config-file", str(TOWER_CONFIG)]
-    seconds = _train(cmd + ["OUTPUT_DIR", str(out)], "the image tower")
+    seconds = _train(cmd + ["OUTPUT_DIR", str(out)], "the image tower", resume)
     return str(final), seconds
 
 
 def coarse_checkpoint(
-    explicit: str | None, swin_weights: str | None, output_dir: Path
+    explicit: str | None, swin_weights: str | None, output_dir: Path, resume: bool = False
 ) -> tuple[str, float, float]:
     """(path of the coarse checkpoint, seconds spent on the image tower and on the coarse stage
     here: 0 when reused)."""
@@ -87,10 +101,32 @@ def coarse_checkpoint(
     if final.is_file():
         logger.info("Reusing %s", final)
         return str(final), 0.0, 0.0
-    tower, tower_seconds = image_tower_weights(swin_weights, output_dir)
+    tower, tower_seconds = image_tower_weights(swin_weights, output_dir, resume)
     cmd = [sys.executable, str(TRAIN_NET), "--config-file", str(COARSE_CONFIG)]
     cmd += ["MODEL.SWIN.WEIGHTS", tower, "OUTPUT_DIR", str(out)]
-    return str(final), tower_seconds, _train(cmd, "the coarse stage")
+    return str(final), tower_seconds, _train(cmd, "the coarse stage", resume)
+
+
+def run_task(run, coarse_weights: str | None, output_dir: Path, opts: tuple, resume: bool) -> dict:
+    """The row of one runner; written to ``output_dir/result.json`` with the coarse checkpoint and the
+    overrides it ran with. ``resume``: a row recorded with the same two is read back, not run again.
+    """
+    done = output_dir / RESULT_FILE
+    ran_with = {"coarse_weights": coarse_weights, "opts": list(opts)}
+    if resume and done.is_file():
+        record = json.loads(done.read_text())
+        if {k: record.get(k) for k in ran_with} == ran_with:
+            logger.info("Reusing the finished task's result %s", done)
+            return record["row"]
+        logger.info("%s was recorded with other weights or overrides; running the task again", done)
+    # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
+    kwargs = {"opts": tuple(opts)} if "opts" in inspect.signature(run).parameters else {}
+    row = run(coarse_weights, output_dir, **kwargs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = done.with_suffix(".json.tmp")
+    partial.write_text(json.dumps({**ran_with, "row": row}, indent=2))
+    os.replace(partial, done)  # a run killed while writing leaves no half-written result
+    return row
 
 
 def load_runner(project: str, module: str):
@@ -125,6 +161,12 @@ def main(argv=None) -> dict:
     p.add_argument("--swin-weights", default=None, help="a pre-trained image tower (Swin layout)")
     p.add_argument("--ablation", action="store_true", help="also run every task from scratch")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (the training stage from its last checkpoint, finished "
+        "tasks not repeated)",
+    )
+    p.add_argument(
         "--tasks", default=",".join(n for n, _, _ in RUNNERS), help="comma-separated task names"
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every task")
@@ -143,18 +185,18 @@ def main(argv=None) -> dict:
     setup_logger(str(output_dir))  # detectron2's own
     start = time.perf_counter()
     weights, tower_seconds, coarse_seconds = coarse_checkpoint(
-        args.coarse_weights, args.swin_weights, output_dir
+        args.coarse_weights, args.swin_weights, output_dir, args.resume
     )
     rows = []
     for name, project, module in RUNNERS:
         if name not in args.tasks:
             continue
         run = load_runner(project, module)
-        # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
-        kwargs = {"opts": tuple(args.opts)} if "opts" in inspect.signature(run).parameters else {}
-        row = run(weights, output_dir / name, **kwargs)
+        row = run_task(run, weights, output_dir / name, args.opts, args.resume)
         if args.ablation:
-            row["scratch"] = run(None, output_dir / f"{name}_scratch", **kwargs)
+            row["scratch"] = run_task(
+                run, None, output_dir / f"{name}_scratch", args.opts, args.resume
+            )
         rows.append(row)
     total = time.perf_counter() - start
     table = summary_table(rows, args.ablation)

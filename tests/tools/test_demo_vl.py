@@ -87,7 +87,8 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
     MODEL.SWIN.WEIGHTS on its export; files already there are reused, not trained again."""
     commands = []
 
-    def fake_train(cmd, what):
+    def fake_train(cmd, what, resume=False):
+        assert not resume
         commands.append((what, cmd))
         out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
         out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,56 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
         demo_vl.main(
             ["--output-dir", str(out), "--tasks", "", "--swin-weights", str(tmp_path / "no")]
         )
+
+
+def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, monkeypatch):
+    """--resume: the image tower / coarse runs get train_net's --resume (before the KEY VALUE
+    overrides, as detectron2's parser needs); a finished task is read back from its result.json
+    when it ran with the same coarse checkpoint and overrides, and runs again otherwise."""
+    from detectron2.engine import default_argument_parser
+
+    from fiber_d2.engine.shapes_demo import task_result
+
+    launched = []
+    monkeypatch.setattr(demo_vl.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    demo_vl._train(
+        ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", "o"], "x", True
+    )
+    args = default_argument_parser().parse_args(launched[0][2:])
+    assert args.resume and args.config_file == "c.yaml" and args.opts == ["OUTPUT_DIR", "o"]
+
+    resumed = []
+
+    def fake_train(cmd, what, resume=False):
+        resumed.append((what, resume))
+        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ("swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth")).write_bytes(
+            b""
+        )
+        return 1.0
+
+    calls = []
+
+    def run(coarse_weights, output_dir, opts=()):
+        calls.append((coarse_weights, tuple(opts)))
+        return task_result("toy", "score", 60.0 + len(calls), 10.0, 1.0, [])
+
+    monkeypatch.setattr(demo_vl, "_train", fake_train)
+    monkeypatch.setattr(demo_vl, "RUNNERS", [("toy", "Toy", "toy.shapes_demo")])
+    monkeypatch.setattr(demo_vl, "load_runner", lambda project, module: run)
+    out = tmp_path / "out"
+    first = demo_vl.main(["--output-dir", str(out), "--resume", "--ablation"])
+    assert resumed == [("the image tower", True), ("the coarse stage", True)]
+    weights = str(out / "coarse" / "model_final.pth")
+    assert calls == [(weights, ()), (None, ())]
+    again = demo_vl.main(["--output-dir", str(out), "--resume", "--ablation"])
+    assert len(calls) == 2 and again["tasks"] == first["tasks"]  # read back, not run
+    demo_vl.main(["--output-dir", str(out), "--resume", "SEED", "1"])  # other overrides
+    assert calls[2] == (weights, ("SEED", "1"))
+    demo_vl.main(["--output-dir", str(out), "SEED", "1"])  # without --resume a task runs again
+    assert len(calls) == 4
+    assert json.loads((out / "toy" / demo_vl.RESULT_FILE).read_text())["row"]["value"] == 64.0
 
 
 def test_retrieval_row_evaluates_with_the_coarse_stage_itc_settings():
