@@ -114,11 +114,18 @@ def run_task(run, coarse_weights: str | None, output_dir: Path, opts: tuple, res
     done = output_dir / RESULT_FILE
     ran_with = {"coarse_weights": coarse_weights, "opts": list(opts)}
     if resume and done.is_file():
-        record = json.loads(done.read_text())
-        if {k: record.get(k) for k in ran_with} == ran_with:
+        try:
+            record = json.loads(done.read_text())
+            reuse = {k: record.get(k) for k in ran_with} == ran_with and "row" in record
+        except (ValueError, AttributeError) as e:  # not json / not an object
+            logger.warning("%s is not a result record (%s); running the task again", done, e)
+            reuse = False
+        else:
+            if not reuse:
+                logger.info("%s is from other weights or overrides; running the task again", done)
+        if reuse:
             logger.info("Reusing the finished task's result %s", done)
             return record["row"]
-        logger.info("%s was recorded with other weights or overrides; running the task again", done)
     # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
     kwargs = {"opts": tuple(opts)} if "opts" in inspect.signature(run).parameters else {}
     row = run(coarse_weights, output_dir, **kwargs)

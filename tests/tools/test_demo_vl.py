@@ -174,7 +174,10 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
     assert calls[2] == (weights, ("SEED", "1"))
     demo_vl.main(["--output-dir", str(out), "SEED", "1"])  # without --resume a task runs again
     assert len(calls) == 4
-    assert json.loads((out / "toy" / demo_vl.RESULT_FILE).read_text())["row"]["value"] == 64.0
+    (out / "toy" / demo_vl.RESULT_FILE).write_text("[1, 2")  # not a record: run again, no crash
+    demo_vl.main(["--output-dir", str(out), "--resume", "SEED", "1"])
+    assert len(calls) == 5
+    assert json.loads((out / "toy" / demo_vl.RESULT_FILE).read_text())["row"]["value"] == 65.0
 
 
 def test_retrieval_row_evaluates_with_the_coarse_stage_itc_settings():
