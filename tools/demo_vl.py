@@ -65,7 +65,14 @@ def _train(cmd: list[str], what: str, resume: bool = False) -> float:
         cmd = [*cmd[:2], "--resume", *cmd[2:]]
     start = time.perf_counter()
     logger.info("Training %s: %s", what, " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    try:
+        subprocess.run(cmd, check=True)
+    except subprocess.CalledProcessError as e:
+        log = Path(cmd[cmd.index("OUTPUT_DIR") + 1]) / "log.txt"
+        sys.exit(
+            f"error: training {what} failed (exit status {e.returncode}; its log: {log}); "
+            "once the cause is fixed, --resume continues from its last checkpoint"
+        )
     return time.perf_counter() - start
 
 

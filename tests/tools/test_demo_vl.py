@@ -137,11 +137,17 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
 
     launched = []
     monkeypatch.setattr(demo_vl.subprocess, "run", lambda cmd, check: launched.append(cmd))
-    demo_vl._train(
-        ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", "o"], "x", True
-    )
+    cmd = ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", "o"]
+    demo_vl._train(cmd, "x", True)
     args = default_argument_parser().parse_args(launched[0][2:])
     assert args.resume and args.config_file == "c.yaml" and args.opts == ["OUTPUT_DIR", "o"]
+
+    def fail(cmd, check):  # a stage killed or failing: one line naming its log, not a traceback
+        raise demo_vl.subprocess.CalledProcessError(-9, cmd)
+
+    monkeypatch.setattr(demo_vl.subprocess, "run", fail)
+    with pytest.raises(SystemExit, match=r"training the coarse stage failed .*o/log.txt.*--resume"):
+        demo_vl._train(cmd, "the coarse stage")
 
     resumed = []
 
