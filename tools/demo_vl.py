@@ -114,32 +114,39 @@ def coarse_checkpoint(
     return str(final), tower_seconds, _train(cmd, "the coarse stage", resume)
 
 
+def _finished_row(done: Path, ran_with: dict) -> dict | None:
+    """The row recorded in ``done`` (a task's result.json) when it ran with ``ran_with``, else None."""
+    if not done.is_file():
+        return None
+    try:
+        record = json.loads(done.read_text())
+        same = {k: record.get(k) for k in ran_with} == ran_with and "row" in record
+    except (ValueError, AttributeError) as e:  # not json / not an object
+        logger.warning("%s is not a result record (%s); running the task again", done, e)
+        return None
+    if not same:
+        logger.info("%s is from other weights or overrides; running the task again", done)
+        return None
+    logger.info("Reusing the finished task's result %s", done)
+    return record["row"]
+
+
 def run_task(run, coarse_weights: str | None, output_dir: Path, opts: tuple, resume: bool) -> dict:
     """The row of one runner; written to ``output_dir/result.json`` with the coarse checkpoint and the
     overrides it ran with. ``resume``: a row recorded with the same two is read back, not run again.
     """
     done = output_dir / RESULT_FILE
     ran_with = {"coarse_weights": coarse_weights, "opts": list(opts)}
-    if resume and done.is_file():
-        try:
-            record = json.loads(done.read_text())
-            reuse = {k: record.get(k) for k in ran_with} == ran_with and "row" in record
-        except (ValueError, AttributeError) as e:  # not json / not an object
-            logger.warning("%s is not a result record (%s); running the task again", done, e)
-            reuse = False
-        else:
-            if not reuse:
-                logger.info("%s is from other weights or overrides; running the task again", done)
-        if reuse:
-            logger.info("Reusing the finished task's result %s", done)
-            return record["row"]
+    row = _finished_row(done, ran_with) if resume else None
+    if row is not None:
+        return row
     # runners take (coarse_weights, output_dir); overrides go to those that accept ``opts``
     kwargs = {"opts": tuple(opts)} if "opts" in inspect.signature(run).parameters else {}
     row = run(coarse_weights, output_dir, **kwargs)
+    from fiber_d2.data.shapes import write_json  # atomic: a kill while writing leaves no half file
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    partial = done.with_suffix(".json.tmp")
-    partial.write_text(json.dumps({**ran_with, "row": row}, indent=2))
-    os.replace(partial, done)  # a run killed while writing leaves no half-written result
+    write_json(done, {**ran_with, "row": row}, indent=2)
     return row
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "shapes_files",
     "generate_shapes",
     "ensure_shapes_world",
+    "write_json",
     "build_shapes_tokenizer",
     "ensure_shapes_tokenizer",
 ]
@@ -278,8 +279,9 @@ def _scene_caption(shapes: List[_Shape]) -> str:
     return "a picture of " + ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _write_json(path: Path, obj, indent: Optional[int] = None) -> None:
-    """Write ``obj`` to a temporary file renamed over ``path``: no reader sees half a file."""
+def write_json(path: Path, obj, indent: Optional[int] = None) -> None:
+    """Write ``obj`` as json to a temporary file renamed over ``path``: no reader sees half a file,
+    and a process killed while writing leaves ``path`` as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)
@@ -386,9 +388,9 @@ def _generate_split(
         line = {"file_name": file_name, "image_id": image_id, "height": height, "width": width}
         caption_lines.append(json.dumps({**line, "captions": texts}, ensure_ascii=False))
     Path(files["det"]).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(Path(files["det"]), det)
-    _write_json(Path(files["grounding"]), ground)
-    _write_json(Path(files["refexp"]), refexp)
+    write_json(Path(files["det"]), det)
+    write_json(Path(files["grounding"]), ground)
+    write_json(Path(files["refexp"]), refexp)
     Path(files["captions"]).write_text("\n".join(caption_lines) + "\n", encoding="utf-8")
 
 
@@ -433,7 +435,7 @@ def generate_shapes(
         "image_size": [lo, hi],
         "categories": list(CATEGORY_NAMES),
     }
-    _write_json(root / "meta.json", meta)
+    write_json(root / "meta.json", meta)
     logger.info("wrote shapes world (%d train, %d val images) to %s", num_train, num_val, root)
     return root
 

@@ -35,10 +35,10 @@ from .shapes import (
     _file_lock,
     _relation,
     _Shape,
-    _write_json,
     ensure_shapes_world,
     shapes_files,
     shapes_root,
+    write_json,
 )
 
 __all__ = ["shapes_vl_files", "generate_shapes_vl", "ensure_shapes_vl", "NUM_VQA_ANNOTATORS"]
@@ -254,15 +254,15 @@ def generate_shapes_vl(root: Union[str, os.PathLike]) -> Path:
         rng = random.Random(seed * 1000 + 100 + split_index)
         questions = _vqa_split(scenes, rng, first_id=(split_index + 1) * 1_000_000)
         pairs = _nlvr2_split(scenes, rng, split)
-        _write_json(files["vqa"], {"questions": questions})
-        _write_json(files["nlvr2"], pairs)
+        write_json(files["vqa"], {"questions": questions})
+        write_json(files["nlvr2"], pairs)
         stats[split] = {
             "questions": len(questions),
             "pairs": len(pairs),
             "answers": dict(Counter(q["answers"][0] for q in questions).most_common()),
         }
     meta = {"version": _VL_VERSION, "seed": seed, "splits": stats}
-    _write_json(root / "annotations" / "vl_meta.json", meta, indent=1)
+    write_json(root / "annotations" / "vl_meta.json", meta, indent=1)
     logger.info("wrote shapes VQA / NLVR2 files under %s", root / "annotations")
     return root
 

@@ -155,9 +155,8 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
         resumed.append((what, resume))
         out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
         out.mkdir(parents=True, exist_ok=True)
-        (out / ("swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth")).write_bytes(
-            b""
-        )
+        name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
+        (out / name).write_bytes(b"")
         return 1.0
 
     calls = []
