@@ -22,6 +22,14 @@ TINY = [
 SMALL_INPUT = ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 
 
+def _write_stage_output(cmd) -> None:
+    """What a finished training stage leaves: the tower export or the coarse model_final.pth."""
+    out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
+    (out / name).write_bytes(b"")
+
+
 @pytest.mark.long(1)
 def test_runners_summary_and_pictures(tmp_path):
     torch.manual_seed(0)
@@ -90,10 +98,7 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
     def fake_train(cmd, what, resume=False):
         assert not resume
         commands.append((what, cmd))
-        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
-        (out / name).write_bytes(b"")
+        _write_stage_output(cmd)
         return 60.0
 
     monkeypatch.setattr(demo_vl, "_train", fake_train)
@@ -153,10 +158,7 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
 
     def fake_train(cmd, what, resume=False):
         resumed.append((what, resume))
-        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
-        (out / name).write_bytes(b"")
+        _write_stage_output(cmd)
         return 1.0
 
     calls = []
