@@ -158,6 +158,10 @@ def add_fiber_config(cfg: CN) -> CN:
     # VQA / NLVR2: batch-standardise cls_feats before the task head (a from-scratch Demo switch; see
     # FIBERFusedTask)
     _C.MODEL.COARSE.CLS_BATCH_NORM = False
+    # VQA / NLVR2 with a frozen fused backbone (MODEL.SWIN.FREEZE_AT 4, LANGUAGE_BACKBONE.FREEZE, no
+    # dropout): keep the backbone's part of each (image, text) input in memory and run the backbone
+    # only for inputs not seen before; same outputs up to rounding (FIBERFusedTask.cls_feats_of)
+    _C.MODEL.COARSE.FEATURE_CACHE = False
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"

@@ -319,8 +319,15 @@ class FIBERCoarse(nn.Module):
             image_features, text = self.backbone(images, input_ids, attention_mask, fuse=True)
         else:
             image_features, text = self.backbone.forward_fused(prefix)
-        text_feats = self.cross_modal_text_transform(text["hidden"])
-        image_feats = self.cross_modal_image_transform(self._tokens(image_features))
+        return self.fused_heads(text["hidden"], self._tokens(image_features))
+
+    def fused_heads(
+        self, text_hidden: torch.Tensor, image_tokens: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What follows the fused backbone in :meth:`fused`: the cross-modal transforms and poolers
+        on (B, T, Dt) fused text states and (B, N, C) last-stage image tokens; same outputs."""
+        text_feats = self.cross_modal_text_transform(text_hidden)
+        image_feats = self.cross_modal_image_transform(image_tokens)
         cls_feats = torch.cat(
             [self.cross_modal_text_pooler(text_feats), self.cross_modal_image_pooler(image_feats)],
             dim=-1,

@@ -7,11 +7,17 @@ A task model is :class:`FIBERCoarse` without the pre-training heads and queue (`
 the original's task models do, so a coarse checkpoint (converted or trained here) loads with only the
 pre-training heads unused, and a released task checkpoint loads with nothing missing or unexpected.
 
+With ``feature_cache`` (a frozen, deterministic fused backbone, as the Demo's VQA / NLVR2 stages train
+it) the backbone's part of each (image, text) input is kept in memory and computed only the first time
+the input is seen: :meth:`FIBERFusedTask.cls_feats_of`.
+
 Also here: :func:`task_head`, the original's head shape (Linear, LayerNorm, GELU, Linear; keys
 ``{0,1,3}.*``); :func:`init_head` (from fiber_coarse) is re-exported.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -39,11 +45,14 @@ class FIBERFusedTask(FIBERCoarse):
     """
 
     STAGE_HEADS: tuple[str, ...] = ()
+    # what the feature cache stands in for (a submodule path) and the config that freezes it
+    CACHED_MODULE = "backbone"
+    CACHED_FREEZE = "MODEL.SWIN.FREEZE_AT 4 and MODEL.LANGUAGE_BACKBONE.FREEZE True"
     # built by FIBERCoarse._build_heads, then dropped (building them keeps the init draws of the
     # task models as they were)
     _PRETRAIN_ONLY: tuple[str, ...] = ("mlm_score", "itm_score", "queue", "temp")
 
-    def __init__(self, *, cls_batch_norm: bool = False, **kwargs):
+    def __init__(self, *, cls_batch_norm: bool = False, feature_cache: bool = False, **kwargs):
         """
         Args:
             cls_batch_norm: standardise each ``cls_feats`` dimension over the batch (running
@@ -53,6 +62,14 @@ class FIBERFusedTask(FIBERCoarse):
                 pooled image by about a tenth, so the head sees nearly the same input for every
                 example and learns only the answer prior (README, "Vision-language tasks"). Off
                 (the original) for converted or pre-trained weights.
+            feature_cache: keep what :attr:`CACHED_MODULE` gives each input and reuse it when the
+                same input comes again (MODEL.COARSE.FEATURE_CACHE). Here: the fused backbone's
+                ``<s>`` state and mean last-stage image token of each (image, text) input
+                (:meth:`cls_feats_of`). Needs that module without trainable parameters or dropout
+                (ValueError otherwise), so that it is a function of its input; the transforms,
+                poolers and head still run every step.
+                The outputs equal the uncached ones up to rounding (the image transform is applied
+                to the token mean instead of averaged over the tokens, a linear map either way).
             kwargs: the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored).
         """
         kwargs["losses"], kwargs["loss_weights"] = [], {}
@@ -66,11 +83,47 @@ class FIBERFusedTask(FIBERCoarse):
         self.cls_bn = (
             nn.BatchNorm1d(2 * self.text_dim, eps=1e-9, affine=False) if cls_batch_norm else None
         )
+        # content digest of (image, input_ids, attention_mask) -> [fused <s> state ; mean image token]
+        self.feature_cache: dict[bytes, torch.Tensor] | None = None
+        if feature_cache:
+            self._check_cacheable()
+            self.feature_cache = {}
+
+    def _check_cacheable(self) -> None:
+        """The cache holds outputs of :attr:`CACHED_MODULE`: it must be a function of its input."""
+        name, module = self.CACHED_MODULE, self.get_submodule(self.CACHED_MODULE)
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"MODEL.COARSE.FEATURE_CACHE needs a frozen {name} ({self.CACHED_FREEZE}); "
+                f"{len(trainable)} of its parameters train, e.g. {name}.{trainable[0]}"
+            )
+        dropout = [n for n, m in module.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if dropout:
+            raise ValueError(
+                f"MODEL.COARSE.FEATURE_CACHE needs a {name} without dropout "
+                "(MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT / ATTENTION_DROPOUT 0); "
+                f"dropout at {name}.{dropout[0]}"
+            )
+
+    def _cached(self, digests: list[bytes], compute) -> torch.Tensor:
+        """Cache entries (B, ...) for ``digests`` (see :meth:`_digest`); ``compute(rows)`` gives the
+        entries of the inputs at those rows (the first row of each digest not cached yet); it runs
+        once per call, without gradient."""
+        new = {d: i for i, d in reversed(list(enumerate(digests))) if d not in self.feature_cache}
+        if new:
+            rows = sorted(new.values())
+            with torch.no_grad():
+                entries = compute(rows)
+            for i, entry in zip(rows, entries):
+                self.feature_cache[digests[i]] = entry.clone()
+        return torch.stack([self.feature_cache[d] for d in digests])
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["cls_batch_norm"] = cfg.MODEL.COARSE.CLS_BATCH_NORM
+        ret["feature_cache"] = cfg.MODEL.COARSE.FEATURE_CACHE
         return ret
 
     def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:
@@ -88,6 +141,47 @@ class FIBERFusedTask(FIBERCoarse):
         when ``cls_batch_norm`` is on."""
         feats = self.fused(images, input_ids, attention_mask)["cls_feats"]
         return feats if self.cls_bn is None else self.cls_bn(feats)
+
+    def cls_feats_of(
+        self, batched_inputs: list[dict], image_keys: tuple[str, ...] = ("image",)
+    ) -> torch.Tensor:
+        """``cls_feats`` (as :meth:`cls_feats`) of the records' (image, text) inputs: for each key in
+        ``image_keys`` in turn, the image ``x[key]`` of every record with its text; (K * B, 2D).
+
+        With the feature cache the backbone runs, without gradient, only for the inputs it has not
+        seen (one batch of them); what is cached is reused in training and evaluation alike.
+        """
+        ids, mask = self.text(batched_inputs)
+        k = len(image_keys)
+        if self.feature_cache is None:
+            images = torch.cat([self.images(batched_inputs, key) for key in image_keys])
+            return self.cls_feats(images, ids.repeat(k, 1), mask.repeat(k, 1))
+        rows = [(x[key], j) for key in image_keys for j, x in enumerate(batched_inputs)]
+
+        def backbone_part(todo: list[int]) -> torch.Tensor:
+            images = self.images([{"image": rows[i][0]} for i in todo])
+            text_rows = [rows[i][1] for i in todo]
+            image_features, text = self.backbone(images, ids[text_rows], mask[text_rows], fuse=True)
+            return torch.cat(
+                [text["hidden"][:, 0], self._tokens(image_features).mean(dim=1)], dim=-1
+            )
+
+        digests = [self._digest(image, ids[j], mask[j]) for image, j in rows]
+        cached = self._cached(digests, backbone_part)
+        text_dim = cached.shape[1] - self.cross_modal_image_transform.in_features
+        feats = self.fused_heads(cached[:, None, :text_dim], cached[:, None, text_dim:])
+        feats = feats["cls_feats"]
+        return feats if self.cls_bn is None else self.cls_bn(feats)
+
+    @staticmethod
+    def _digest(*tensors: torch.Tensor) -> bytes:
+        """A content key of one input, e.g. its image (C, S, S) and text (T,) ids and mask."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(repr((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        return h.digest()
 
     def forward(self, batched_inputs: list[dict]):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -42,22 +42,21 @@ class FIBERNLVR2(FIBERFusedTask):
 
     def pair_logits(self, image_0, image_1, input_ids, attention_mask) -> torch.Tensor:
         """(B, 2) logits of (B, 3, S, S) image pairs and (B, T) sentences."""
-        b = input_ids.shape[0]
         cls = self.cls_feats(
             torch.cat([image_0, image_1]),
             input_ids.repeat(2, 1),
             attention_mask.repeat(2, 1),
         )
+        return self.classify_pairs(cls)
+
+    def classify_pairs(self, cls: torch.Tensor) -> torch.Tensor:
+        """(2B, 2D) ``cls_feats`` of the B (sentence, image_0) then the B (sentence, image_1) passes
+        -> (B, 2) logits."""
+        b = cls.shape[0] // 2
         return self.nlvr2_classifier(torch.cat([cls[:b], cls[b:]], dim=-1))
 
     def forward(self, batched_inputs: list[dict]):
-        ids, mask = self.text(batched_inputs)
-        logits = self.pair_logits(
-            self.images(batched_inputs, "image_0"),
-            self.images(batched_inputs, "image_1"),
-            ids,
-            mask,
-        )
+        logits = self.classify_pairs(self.cls_feats_of(batched_inputs, ("image_0", "image_1")))
         if self.training:
             labels = torch.tensor([int(x["label"]) for x in batched_inputs], device=self.device)
             return {"loss_nlvr2": nlvr2_loss(logits, labels)}

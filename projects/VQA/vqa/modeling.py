@@ -54,8 +54,7 @@ class FIBERVQA(FIBERFusedTask):
         return ret
 
     def forward(self, batched_inputs: list[dict]):
-        ids, mask = self.text(batched_inputs)
-        logits = self.vqa_classifier(self.cls_feats(self.images(batched_inputs), ids, mask))
+        logits = self.vqa_classifier(self.cls_feats_of(batched_inputs))
         if self.training:
             targets = torch.stack([x["vqa_targets"] for x in batched_inputs]).to(self.device)
             return {"loss_vqa": vqa_loss(logits, targets)}

@@ -1,0 +1,114 @@
+"""MODEL.COARSE.FEATURE_CACHE: a task model with a frozen, dropout-free fused backbone keeps the
+backbone's part of each (image, text) input and runs the backbone only for inputs it has not seen;
+``cls_feats`` and the gradients of what trains equal the uncached ones up to rounding."""
+
+import pytest
+import torch
+
+from fiber_d2.engine.setup import load_config
+from fiber_d2.modeling.meta_arch import FIBERFusedTask
+
+SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
+SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
+FROZEN = ["MODEL.SWIN.FREEZE_AT", "4", "MODEL.LANGUAGE_BACKBONE.FREEZE", "True"]
+CACHE = ["MODEL.COARSE.FEATURE_CACHE", "True"]
+
+
+def _task(*opts):
+    cfg = load_config("configs/Demo/coarse_tiny.yaml", [*SMALL, *opts])
+    torch.manual_seed(0)
+    return FIBERFusedTask(**FIBERFusedTask.from_config(cfg))
+
+
+def _records(n=4, t=9, seed=1):
+    """NLVR2-like records: two uint8 images and one text each; record 3 repeats record 0."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(n):
+        ids = torch.randint(4, 900, (t,), generator=g)
+        ids[0] = 0
+        mask = torch.ones(t, dtype=torch.long)
+        mask[6 + i % 3 :] = 0
+        ids[mask == 0] = 1
+        images = [torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g) for _ in "01"]
+        records.append({"image_0": images[0], "image_1": images[1], "input_ids": ids})
+        records[-1]["attention_mask"] = mask
+    records[3] = dict(records[0])
+    return records
+
+
+def _count_backbone_rows(model):
+    """Wraps ``model.backbone.forward``; returns the list it appends each call's batch size to."""
+    rows, forward = [], model.backbone.forward
+
+    def counted(images, *args, **kwargs):
+        rows.append(images.shape[0])
+        return forward(images, *args, **kwargs)
+
+    model.backbone.forward = counted
+    return rows
+
+
+def test_cached_cls_feats_and_gradients_equal_the_uncached_ones():
+    plain, cached = _task(*FROZEN).train(), _task(*FROZEN, *CACHE).train()
+    assert plain.feature_cache is None and cached.feature_cache == {}
+    records, keys = _records(), ("image_0", "image_1")
+    expected = plain.cls_feats_of(records, keys)
+    # off, cls_feats_of is exactly the fused forward of the K * B inputs, key-major
+    ids = torch.stack([x["input_ids"] for x in records]).repeat(2, 1)
+    mask = torch.stack([x["attention_mask"] for x in records]).repeat(2, 1)
+    images = torch.cat([plain.images(records, k) for k in keys])
+    torch.testing.assert_close(expected, plain.cls_feats(images, ids, mask), rtol=0, atol=0)
+    for _ in range(2):  # filling the cache, then reading it only
+        out = cached.cls_feats_of(records, keys)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        out.square().sum().backward()
+    expected.square().sum().backward()
+    assert not any(p.requires_grad for p in plain.backbone.parameters())
+    reached = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    # the cross-modal transforms and poolers (weights and biases) train through cls_feats
+    assert len(reached) == 8 and all(g.abs().sum() > 0 for g in reached.values())
+    for name, p in cached.named_parameters():
+        if name not in reached:
+            assert p.grad is None, name
+            continue
+        # two identical steps accumulated in the cached model; at 1e-5 of the largest entry
+        scale = float(reached[name].abs().max())
+        torch.testing.assert_close(p.grad / 2, reached[name], rtol=0, atol=1e-5 * scale)
+
+
+def test_the_backbone_runs_only_for_inputs_not_seen_before():
+    model = _task(*FROZEN, *CACHE).train()
+    rows = _count_backbone_rows(model)
+    records, keys = _records(), ("image_0", "image_1")
+    first = model.cls_feats_of(records, keys).detach()
+    assert rows == [6]  # 8 inputs, record 3 repeating record 0
+    assert len(model.feature_cache) == 6
+    torch.testing.assert_close(first[3], first[0], rtol=0, atol=0)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.cls_feats_of(records[:2], ("image_1",)), first[4:6])
+    assert rows == [6]
+    # the key is the content: one changed pixel, or another text with the same image, is new
+    changed = [dict(records[1]), dict(records[2])]
+    changed[0]["image_0"] = changed[0]["image_0"].clone()
+    changed[0]["image_0"][0, 0, 0] ^= 1
+    changed[1]["input_ids"] = records[1]["input_ids"]
+    changed[1]["attention_mask"] = records[1]["attention_mask"]
+    with torch.no_grad():
+        model.cls_feats_of(changed, ("image_0",))
+    assert rows == [6, 2] and len(model.feature_cache) == 8
+
+
+@pytest.mark.parametrize(
+    "opts, needs",
+    [
+        (["MODEL.SWIN.FREEZE_AT", "4"], "e.g. backbone.text_tower."),
+        (["MODEL.LANGUAGE_BACKBONE.FREEZE", "True"], "e.g. backbone.image_tower."),
+        ([*FROZEN, "MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT", "0.1"], "dropout at backbone.text"),
+    ],
+)
+def test_a_trainable_or_random_backbone_is_refused(opts, needs):
+    with pytest.raises(ValueError, match="MODEL.COARSE.FEATURE_CACHE") as err:
+        _task(*opts, *CACHE)
+    assert needs in str(err.value)
