@@ -60,6 +60,9 @@ class FIBERCaption(FIBERFusedTask):
     """Captioning FIBER (see the module docstring)."""
 
     _PRETRAIN_ONLY = ()  # :meth:`_build_heads` builds no ITM head, temperature or queue
+    # MODEL.COARSE.FEATURE_CACHE keeps the raw image tokens I (the text tower trains)
+    CACHED_MODULE = "backbone.image_tower"
+    CACHED_FREEZE = "MODEL.SWIN.FREEZE_AT 4"
     # this stage's own modules, absent from any pre-training checkpoint (coarse spec §6.2): starting
     # from one leaves them initialised, which the strict-weights check does not count as partial
     STAGE_HEADS = ("cross_modal_att_layers.",)
@@ -114,6 +117,13 @@ class FIBERCaption(FIBERFusedTask):
                 f"CAPTION.MAX_LENGTH {max_length} exceeds the text tower's {text_positions} positions"
             )
         super().__init__(**kwargs)
+        if self.feature_cache is not None and stage != "mle":
+            logger.warning(
+                "MODEL.COARSE.FEATURE_CACHE serves CAPTION.STAGE 'mle' only; the %r stage runs "
+                "the image tower every step",
+                stage,
+            )
+            self.feature_cache = None
         self.tokenizer = tokenizer
         self.bos, self.eos = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.pad, self.mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
@@ -189,7 +199,11 @@ class FIBERCaption(FIBERFusedTask):
             {text layer: (B, N, C_j)}: the raw last-stage tokens I (no fusion, no final norm),
             through ``cross_modal_att_layers[j]`` for all but the last two text layers.
         """
-        tokens = self._tokens(self.backbone.forward_image(images))
+        return self.adapt_image_tokens(self._tokens(self.backbone.forward_image(images)))
+
+    def adapt_image_tokens(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, N, C) raw last-stage tokens I -> what each fused text layer reads (see
+        :meth:`encode_image`)."""
         return {
             j: (self.cross_modal_att_layers[j](tokens) if j in self.adapted_layers else tokens)
             for j in self.backbone.text_tower.fused_layer_ids
@@ -211,6 +225,19 @@ class FIBERCaption(FIBERFusedTask):
     def forward_caption(self, images, input_ids, attention_mask) -> torch.Tensor:
         """Teacher-forced logits (B, T, V) for (B, 3, S, S) images and (B, T) captions."""
         return self.text_logits(input_ids, attention_mask, self.encode_image(images))[0]
+
+    def caption_logits_of(self, batched_inputs: list[dict], input_ids, attention_mask):
+        """:meth:`forward_caption` of the records' images; with the feature cache the image tower
+        runs, without gradient, only for the images it has not seen."""
+        if self.feature_cache is None:
+            return self.forward_caption(self.images(batched_inputs), input_ids, attention_mask)
+
+        def raw_tokens(rows: list[int]) -> torch.Tensor:
+            images = self.images([batched_inputs[i] for i in rows])
+            return self._tokens(self.backbone.forward_image(images))
+
+        tokens = self._cached([self._digest(x["image"]) for x in batched_inputs], raw_tokens)
+        return self.text_logits(input_ids, attention_mask, self.adapt_image_tokens(tokens))[0]
 
     # ------------------------------------------------------------------ decoding
     def _cached_step(self, state, prefix):
@@ -279,16 +306,15 @@ class FIBERCaption(FIBERFusedTask):
     # ------------------------------------------------------------------ training
     def forward(self, batched_inputs: list[dict]):
         """Training: ``{"loss_caption_*": ...}``. Inference: per record ``{"caption": str}``."""
-        images = self.images(batched_inputs)
         if not self.training:
-            ids = self.generate(images)
+            ids = self.generate(self.images(batched_inputs))
             return [{"caption": c, "caption_ids": i} for c, i in zip(self.decode_text(ids), ids)]
         input_ids, mask = self.text(batched_inputs)
         labels = next_token_labels(input_ids, self.pad)
         if self.stage == "mle":
-            return {
-                "loss_caption_mle": mle_loss(self.forward_caption(images, input_ids, mask), labels)
-            }
+            logits = self.caption_logits_of(batched_inputs, input_ids, mask)
+            return {"loss_caption_mle": mle_loss(logits, labels)}
+        images = self.images(batched_inputs)
         if self.stage == "gold":
             return {"loss_caption_gold": self._gold(images, input_ids, mask, labels)}
         return self._cider(batched_inputs, images, input_ids, mask, labels)

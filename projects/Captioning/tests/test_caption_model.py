@@ -162,3 +162,69 @@ def test_a_coarse_checkpoint_starts_the_caption_stage(tmp_path):
     torch.save({"model": broken}, path)
     with pytest.raises(CheckpointError, match=r"backbone.text_tower\(25\)"):
         FIBERCheckpointer(build_model(caption_cfg())).load(str(path))
+
+
+def test_feature_cache_gives_the_uncached_mle_loss_and_gradients():
+    """MODEL.COARSE.FEATURE_CACHE keeps the frozen image tower's raw tokens per image; the MLE loss
+    and the gradients of what trains (text tower, adapters, heads) equal the uncached ones."""
+    models = []
+    for cache in ("False", "True"):
+        torch.manual_seed(0)
+        models.append(build_model(caption_cfg("MODEL.COARSE.FEATURE_CACHE", cache)).train())
+    plain, cached = models
+    with torch.no_grad():  # open the gates so that the image reaches the loss
+        for m in models:
+            for name, p in m.named_parameters():
+                if name.endswith("alpha_t2i"):
+                    p.fill_(0.7)
+    g = torch.Generator().manual_seed(2)
+    records = []
+    for _ in range(3):
+        ids = torch.randint(5, 900, (12,), generator=g)
+        ids[0] = 0
+        image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=g)
+        records.append({"image": image, "input_ids": ids, "attention_mask": torch.ones(12).long()})
+    records.append({**records[0], "input_ids": records[1]["input_ids"]})  # image 0 again
+    calls, forward_image = [], cached.backbone.forward_image
+
+    def counted(images):
+        calls.append(images.shape[0])
+        return forward_image(images)
+
+    cached.backbone.forward_image = counted
+    expected = plain(records)["loss_caption_mle"]
+    expected.backward()
+    for _ in range(2):  # filling the cache, then reading it only
+        loss = cached(records)["loss_caption_mle"]
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+        loss.backward()
+    assert calls == [3] and len(cached.feature_cache) == 3
+    # a batch whose new image is not its first: the image tower runs for that one alone
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=g)
+    batch = [records[1], {**records[2], "image": image}]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cached(batch)["loss_caption_mle"], plain(batch)["loss_caption_mle"], rtol=0, atol=1e-6
+        )
+    assert calls == [3, 1] and len(cached.feature_cache) == 4
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert any(n.startswith("cross_modal_att_layers.") for n in grads)
+    assert any(n.startswith("backbone.text_tower.") for n in grads)
+    assert not any(n.startswith("backbone.image_tower.") for n in grads)
+    for name, p in cached.named_parameters():
+        if name in grads:
+            # at 1e-5 of the largest entry; the key biases' gradients are rounding noise (the
+            # softmax ignores them), hence the small floor
+            scale = float(grads[name].abs().max())
+            torch.testing.assert_close(p.grad / 2, grads[name], rtol=0, atol=1e-5 * scale + 1e-8)
+        else:
+            assert p.grad is None, name
+
+
+def test_feature_cache_needs_a_frozen_image_tower_and_serves_the_mle_stage(caplog):
+    with pytest.raises(ValueError, match="frozen backbone.image_tower .MODEL.SWIN.FREEZE_AT 4"):
+        build_model(caption_cfg("MODEL.COARSE.FEATURE_CACHE", "True", "MODEL.SWIN.FREEZE_AT", "2"))
+    assert build_model(caption_cfg("MODEL.COARSE.FEATURE_CACHE", "True")).feature_cache == {}
+    gold = build_model(caption_cfg("MODEL.COARSE.FEATURE_CACHE", "True", "CAPTION.STAGE", "gold"))
+    assert gold.feature_cache is None
+    assert "serves CAPTION.STAGE 'mle' only; the 'gold' stage" in caplog.text
