@@ -159,8 +159,10 @@ def add_fiber_config(cfg: CN) -> CN:
     # FIBERFusedTask)
     _C.MODEL.COARSE.CLS_BATCH_NORM = False
     # VQA / NLVR2 with a frozen fused backbone (MODEL.SWIN.FREEZE_AT 4, LANGUAGE_BACKBONE.FREEZE, no
-    # dropout): keep the backbone's part of each (image, text) input in memory and run the backbone
-    # only for inputs not seen before; same outputs up to rounding (FIBERFusedTask.cls_feats_of)
+    # dropout): keep the backbone's part of each (image, text) input in memory (one vector of text +
+    # image width per distinct input) and run the backbone only for inputs not seen before; same
+    # outputs up to rounding (FIBERFusedTask.cls_feats_of). Captioning (MLE stage, frozen image
+    # tower): the image tokens, per image
     _C.MODEL.COARSE.FEATURE_CACHE = False
 
     # ------------------------------------------------------------------ input
