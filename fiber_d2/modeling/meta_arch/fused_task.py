@@ -166,7 +166,9 @@ class FIBERFusedTask(FIBERCoarse):
                 [text["hidden"][:, 0], self._tokens(image_features).mean(dim=1)], dim=-1
             )
 
-        digests = [self._digest(image, ids[j], mask[j]) for image, j in rows]
+        # keyed by the records' own (host) tensors: no device transfer per row
+        texts = [(x["input_ids"], x["attention_mask"]) for x in batched_inputs]
+        digests = [self._digest(image, *texts[j]) for image, j in rows]
         cached = self._cached(digests, backbone_part)
         text_dim = cached.shape[1] - self.cross_modal_image_transform.in_features
         feats = self.fused_heads(cached[:, None, :text_dim], cached[:, None, text_dim:])
