@@ -55,11 +55,17 @@ def run_two_ranks(fn, folder, *args, timeout: float = 300.0) -> list:
             p.join()
     if hung:
         pytest.fail(f"rank(s) {hung} did not finish within {timeout:.0f} s (left in a collective)")
+    # every rank's traceback: one rank's failure often shows in the other as a closed connection
+    errors = [
+        f"rank {rank} raised:\n{open(path).read()}"
+        for rank in range(len(ctx.processes))
+        if os.path.exists(path := os.path.join(folder, f"rank{rank}.error"))
+    ]
+    if errors:
+        codes = ", ".join(f"rank {r}: {p.exitcode}" for r, p in enumerate(ctx.processes))
+        pytest.fail("\n".join(errors) + f"\nexit codes: {codes}")
     results = []
     for rank, p in enumerate(ctx.processes):
-        error = os.path.join(folder, f"rank{rank}.error")
-        if os.path.exists(error):
-            pytest.fail(f"rank {rank} raised:\n{open(error).read()}")
         if not os.path.exists(os.path.join(folder, f"rank{rank}.done")):
             pytest.fail(f"rank {rank} died before finishing (exit code {p.exitcode})")
         with open(os.path.join(folder, f"rank{rank}.json")) as f:
