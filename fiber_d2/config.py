@@ -197,6 +197,9 @@ def add_fiber_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
+    # torch's fused (one kernel per step) AdamW / SGD: the same update up to rounding, fewer passes
+    # over the parameters; off keeps the for-loop arithmetic of the original recipes
+    _C.SOLVER.FUSED = False
     # "fine" (per-tower LRs) or "coarse" (cross-modal / head LR multipliers)
     _C.SOLVER.PARAM_GROUP_RULE = "fine"
     _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW betas

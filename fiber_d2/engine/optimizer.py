@@ -180,6 +180,8 @@ def build_fiber_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.O
         optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {s.OPTIMIZER!r}")
+    if s.FUSED:
+        kwargs["fused"] = True
 
     clip = s.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":

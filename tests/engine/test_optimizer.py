@@ -133,3 +133,32 @@ def test_full_model_clipping_clips_joint_norm():
     opt.step()
     # joint norm 5 -> scaled to 1: steps of 0.6 and 0.8 (per-parameter clipping would give 1 and 1)
     assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor([-0.6, -0.8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_fused_optimizer_takes_the_same_steps(optimizer):
+    """SOLVER.FUSED builds torch's fused optimizer, whose steps equal the default's up to rounding."""
+    models, optimizers = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))
+        cfg = load_config(
+            None,
+            ["SOLVER.OPTIMIZER", optimizer, "SOLVER.FUSED", str(fused), "SOLVER.BASE_LR", "0.01"]
+            + ["SOLVER.PARAM_GROUP_RULE", "coarse", "SOLVER.WEIGHT_DECAY", "0.01"],
+        )
+        models.append(model)
+        optimizers.append(build_fiber_optimizer(cfg, model))
+    assert not optimizers[0].defaults.get("fused")
+    assert optimizers[1].defaults["fused"] is True
+    initial = [p.detach().clone() for p in models[0].parameters()]
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 5) for _ in range(5)]
+    for x in batches:
+        for model, opt in zip(models, optimizers):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b, start in zip(models[0].parameters(), models[1].parameters(), initial):
+        assert (a - start).abs().max() > 1e-3  # the five steps moved every tensor
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
