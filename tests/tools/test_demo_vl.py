@@ -1,5 +1,6 @@
 """tools/demo_vl.py end to end with a tiny coarse checkpoint: every runner, summary files, pictures."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
 def test_retrieval_row_evaluates_with_the_coarse_stage_itc_settings():
     """The retrieval runner scores the coarse checkpoint with the ITC pooling / standardisation it
     was trained with (else its embeddings are not the ones ITC learned)."""
-    import importlib
-
     demo_vl.load_runner("Retrieval", "retrieval.shapes_demo")
     runner = importlib.import_module("retrieval.shapes_demo")
     from retrieval import add_retrieval_config
@@ -225,3 +224,15 @@ def test_a_task_stage_does_not_depend_on_what_ran_before(tmp_path):
         weights.append(model.state_dict())
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_the_retrieval_row_from_scratch_does_not_depend_on_what_ran_before(tmp_path):
+    """Its random towers are drawn after seeding from cfg.SEED, as the training tasks' are."""
+    demo_vl.load_runner("Retrieval", "retrieval.shapes_demo")
+    runner = importlib.import_module("retrieval.shapes_demo")
+    metrics = []
+    for i, draws in enumerate((0, 1000)):
+        torch.rand(draws)  # what an earlier task would have consumed
+        row = runner.run(None, tmp_path / str(i), tuple(TINY + SMALL_INPUT))
+        metrics.append(row["metrics"])
+    assert metrics[0] == metrics[1]

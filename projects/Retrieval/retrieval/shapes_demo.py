@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
-from fiber_d2.engine.shapes_demo import task_result
+from fiber_d2.engine.shapes_demo import seed_task, task_result
 from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_retrieval_config
@@ -32,6 +32,7 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
         extra_defaults=(add_retrieval_config,),
     )
     cfg.freeze()
+    seed_task(cfg)  # the random towers of the from-scratch row repeat run to run
     model = build_model(cfg)
     if coarse_weights:
         FIBERCheckpointer(model).load(coarse_weights)
