@@ -175,6 +175,29 @@ def summary_table(rows: list[dict], ablation: bool) -> str:
     return "\n".join(lines)
 
 
+def breakdown_tables(rows: list[dict], ablation: bool) -> str:
+    """Markdown tables of the rows that carry a ``breakdown`` (the metric by part of the test set
+    beside a baseline, e.g. VQA accuracy by question type beside the answer prior); "" if none."""
+    tables = []
+    for r in rows:
+        b = r.get("breakdown")
+        if not b:
+            continue
+        scratch = (r.get("scratch") or {}).get("breakdown", {}).get("rows", {})
+        head = [b["by"], "coarse -> task"] + (["scratch -> task"] if ablation else [])
+        head.append(b["baseline_name"])
+        lines = [f"{r['task']} {r['metric']} by {b['by']}:", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for part, cell in b["rows"].items():
+            cells = [part, f"{cell['value']:.2f}"]
+            if ablation:
+                cells.append(f"{scratch[part]['value']:.2f}" if part in scratch else "n/a")
+            cells.append(f"{cell['baseline']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "".join("\n\n" + t for t in tables)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default="output/demo_vl")
@@ -220,7 +243,7 @@ def main(argv=None) -> dict:
             )
         rows.append(row)
     total = time.perf_counter() - start
-    table = summary_table(rows, args.ablation)
+    table = summary_table(rows, args.ablation) + breakdown_tables(rows, args.ablation)
     summary = {
         "coarse_weights": weights,
         "image_tower_seconds": tower_seconds,

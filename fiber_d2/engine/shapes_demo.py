@@ -52,7 +52,9 @@ def task_result(
 ) -> dict:
     """The dict a runner returns (``task``, ``metric``, ``value``, ``baseline``, ``seconds``,
     ``pictures`` as strings, plus ``extra``, e.g. ``baseline_name``, ``other_baselines`` ({name: value}),
-    ``metrics``)."""
+    ``metrics``, ``breakdown`` (the metric by part of the test set beside a baseline: ``{"by": what
+    the parts are, "baseline_name": str, "rows": {part: {"value": float, "baseline": float}}}``)).
+    """
     return {
         "task": task,
         "metric": metric,

@@ -2,10 +2,12 @@
 
 import importlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from tool_scripts import load_tool
 
@@ -52,6 +54,24 @@ def test_runners_summary_and_pictures(tmp_path):
     assert on_disk["coarse_weights"] == str(weights) and on_disk["coarse_seconds"] == 0.0
     table = (out / "summary.md").read_text()
     assert "| VQA | accuracy |" in table and "| NLVR2 | accuracy |" in table
+    # the breakdowns cover the test set: their parts, weighted by size, give the row's value
+    statement_kind = importlib.import_module("nlvr2.shapes_demo").statement_kind
+    vqa_test, nlvr2_test = (DatasetCatalog.get(f"shapes_val_{t}") for t in ("vqa", "nlvr2"))
+    sizes = {
+        "VQA": Counter(r["question_type"] for r in vqa_test),
+        "NLVR2": Counter(statement_kind(r["sentence"]) for r in nlvr2_test),
+    }
+    for task, row in rows.items():
+        parts = row["breakdown"]["rows"]
+        assert set(parts) == set(sizes[task]) and len(parts) >= 3
+        n = sum(sizes[task].values())
+        weighted = sum(parts[k]["value"] * c for k, c in sizes[task].items()) / n
+        assert weighted == pytest.approx(row["value"])
+        prior = sum(parts[k]["baseline"] * c for k, c in sizes[task].items()) / n
+        if task == "VQA":
+            assert prior == pytest.approx(row["other_baselines"]["answer prior per question type"])
+    assert "VQA accuracy by question type:" in table and "NLVR2 accuracy by statement:" in table
+    assert "| exists |" in table and "| both images contain ... |" in table
     for row in rows.values():
         for picture in row["pictures"]:
             assert picture.endswith(".png") and (tmp_path / picture).is_file()
@@ -75,7 +95,9 @@ def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):
 
     def run(coarse_weights, output_dir):
         seen.append((coarse_weights, output_dir))
-        return task_result("toy", "score", 70.0, 10.0, 1.0, [])
+        part = {"value": 60.0 if coarse_weights else 40.0, "baseline": 5.0}
+        breakdown = {"by": "part", "baseline_name": "prior", "rows": {"a": part}}
+        return task_result("toy", "score", 70.0, 10.0, 1.0, [], breakdown=breakdown)
 
     weights = tmp_path / "coarse.pth"
     weights.write_bytes(b"")
@@ -88,7 +110,10 @@ def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):
     )  # fmt: skip
     assert seen == [(str(weights), out / "toy"), (None, out / "toy_scratch")]
     assert summary["tasks"][0]["scratch"]["value"] == 70.0
-    assert "| toy | score | 70.00 | 70.00 | 10.00 () | 0.0 |" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "| toy | score | 70.00 | 70.00 | 10.00 () | 0.0 |" in table
+    assert "toy score by part:\n\n| part | coarse -> task | scratch -> task | prior |" in table
+    assert "| a | 60.00 | 40.00 | 5.00 |" in table
 
 
 def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path, monkeypatch):

@@ -126,3 +126,35 @@ def test_project_configs_load(name):
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
         assert cfg.SOLVER.MAX_ITER == 5 * -(-86_373 // 256)
         assert list(cfg.DATASETS.TEST) == ["nlvr2_dev", "nlvr2_test1"]
+
+
+def test_accuracy_by_statement_kind_against_hand_counts():
+    from nlvr2.shapes_demo import accuracy_by_statement_kind, statement_kind
+
+    assert statement_kind("both images contain a red circle") == "both images contain ..."
+    assert statement_kind("the right image contains a blue square").startswith("the left / right")
+    assert statement_kind("the left image has more circles than the right image").endswith(
+        "more ...s"
+    )
+    assert statement_kind("There are two dogs.") == "other"
+    sentences = {
+        "b": "both images contain a red circle",
+        "c": "the left image contains a blue square",
+        "m": "the right image has more triangles than the left image",
+    }
+    # training: "both" mostly False, "contains" mostly True, "more" unseen (falls back to True)
+    train = [{"sentence": sentences[k], "label": int(y)} for k, y in ("b0", "b0", "b1", "c1", "c1")]
+    test = [
+        {"identifier": "1", "sentence": sentences["b"], "label": 0},
+        {"identifier": "2", "sentence": sentences["b"], "label": 1},
+        {"identifier": "3", "sentence": sentences["c"], "label": 0},
+        {"identifier": "4", "sentence": sentences["m"], "label": 1},
+        {"identifier": "5", "sentence": sentences["m"], "label": 0},
+    ]
+    predictions = {"1": 0, "2": 0, "3": 0, "4": 0, "5": 0}
+    rows = accuracy_by_statement_kind(train, test, predictions)
+    assert rows == {
+        "both images contain ...": {"value": 50.0, "baseline": 50.0},
+        "the left / right image contains ...": {"value": 100.0, "baseline": 0.0},
+        "the left / right image has more ...s": {"value": 50.0, "baseline": 50.0},
+    }

@@ -104,24 +104,32 @@ def test_evaluator_accuracy_per_type_and_submission_file(tmp_path):
     ev = VQAEvaluator("toy", ["yes", "no", "2"], str(tmp_path))
     ev.reset()
     inputs = [
-        {"question_id": 7, "answers": ["yes"] * 10, "answer_type": "yes/no"},
-        {"question_id": 8, "answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"},
-        {"question_id": 9, "answer_scores": {"no": 0.6}},  # Arrow-style record: soft score
+        {"question_id": 7, "answers": ["yes"] * 10, "answer_type": "yes/no", "question_type": "is"},
+        {"question_id": 8, "answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number",
+         "question_type": "how many"},  # fmt: skip
+        {"question_id": 9, "answer_scores": {"no": 0.6}, "question_type": "is"},  # Arrow-style
+        {"question_id": 11, "answers": ["no"] * 10, "question_type": "how many"},
         {"question_id": 10},  # test question: submission only
     ]
-    outputs = [{"answer_index": i} for i in (0, 2, 1, 1)]
+    outputs = [{"answer_index": i} for i in (0, 2, 1, 0, 1)]
     ev.process(inputs, outputs)
     res = ev.evaluate()["vqa"]
     acc_number = (7 + 3 * 2 / 3) / 10
-    assert res["accuracy"] == pytest.approx(100 * (1 + acc_number + 0.6) / 3)
+    assert res["accuracy"] == pytest.approx(100 * (1 + acc_number + 0.6 + 0) / 4)
     assert res["accuracy_number"] == pytest.approx(100 * acc_number)
     assert res["accuracy_yes/no"] == pytest.approx(100.0)
-    assert res["num_questions"] == 4
+    # per question type, over every scored question of that type, whatever its answer type
+    assert res["accuracy_qtype/is"] == pytest.approx(100 * (1 + 0.6) / 2)
+    assert res["accuracy_qtype/how many"] == pytest.approx(100 * (acc_number + 0) / 2)
+    qtypes = {k for k in res if k.startswith("accuracy_qtype/")}
+    assert qtypes == {"accuracy_qtype/is", "accuracy_qtype/how many"}
+    assert res["num_questions"] == 5
     submit = json.loads((tmp_path / "vqa_submit.json").read_text())
     assert submit == [
         {"question_id": 7, "answer": "yes"},
         {"question_id": 8, "answer": "2"},
         {"question_id": 9, "answer": "no"},
+        {"question_id": 11, "answer": "yes"},
         {"question_id": 10, "answer": "no"},
     ]
 
@@ -134,13 +142,36 @@ def test_official_json_release_records(tmp_path):
     q = {"questions": [{"image_id": 42, "question_id": 420, "question": "How many dogs?"}]}
     answers = ["2"] * 3 + ["two"] * 2 + ["3"] * 5
     a = {"annotations": [{"question_id": 420, "multiple_choice_answer": "2", "answer_type": "number",
-                          "answers": [{"answer": x} for x in answers]}]}  # fmt: skip
+                          "question_type": "how many", "answers": [{"answer": x} for x in answers]}]}  # fmt: skip
     (tmp_path / "q.json").write_text(json.dumps(q))
     (tmp_path / "a.json").write_text(json.dumps(a))
     (r,) = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
     assert r["file_name"] == "/coco/COCO_val2014_000000000042.jpg"
     assert r["answer_scores"] == {"2": 1.0, "3": 1.0} and r["answers"] == answers
+    assert r["answer_type"] == "number" and r["question_type"] == "how many"
     (t,) = load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "test2015")
     assert "answers" not in t and t["question_id"] == 420
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_vqa_json(str(tmp_path / "nope.json"), None, "/coco", "val2014")
+
+
+def test_question_type_prior_against_hand_counts():
+    from vqa.shapes_demo import question_type_baseline, question_type_prior
+
+    def q(qtype, answer):
+        return {"question_type": qtype, "multiple_choice_answer": answer, "answers": [answer] * 10}
+
+    train = [
+        q("exists", "no"),
+        q("exists", "no"),
+        q("exists", "yes"),
+        q("count", "2"),
+        q("count", "2"),
+    ]
+    test = [q("exists", "no"), q("exists", "yes"), q("count", "2"), q("count", "3"), q("count", "2"),
+            q("colour", "no")]  # fmt: skip
+    # an unseen type falls back to the overall most frequent training answer ("no")
+    assert question_type_prior(train, test) == pytest.approx(
+        {"colour": 100.0, "count": 200 / 3, "exists": 50.0}
+    )
+    assert question_type_baseline(train, test) == pytest.approx(100 * (1 + 2 + 1) / 6)

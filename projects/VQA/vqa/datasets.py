@@ -3,7 +3,7 @@
 Records (one per question): ``file_name`` (or ``arrow_file`` + ``arrow_row`` + ``arrow_column``),
 ``image_id``, ``question_id``, ``question``; with answers also ``answers`` (the 10 human answers, json
 and shapes only), ``answer_scores`` ({normalised answer: soft score}), ``multiple_choice_answer``,
-``answer_type``. Evaluator type "vqa".
+``answer_type``, ``question_type`` (json and shapes only). Evaluator type "vqa".
 
 =======================  ============================================================  ==============
 name                     files under ``$DETECTRON2_DATASETS``                          images
@@ -97,6 +97,7 @@ def load_vqa_json(questions_file: str, annotations_file: str | None, image_root:
                 answer_scores=answer_scores(human),
                 multiple_choice_answer=a["multiple_choice_answer"],
                 answer_type=a.get("answer_type", ""),
+                question_type=a.get("question_type", ""),
             )
         records.append(r)
     return records

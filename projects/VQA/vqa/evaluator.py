@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class VQAEvaluator(DatasetEvaluator):
-    """Accuracy (percent) overall and per ``answer_type``; writes ``<output_dir>/vqa_submit.json``."""
+    """Accuracy (percent) overall, per ``answer_type`` (``accuracy_<answer type>``) and per
+    ``question_type`` (``accuracy_qtype/<question type>``), as the official evaluation reports them;
+    writes ``<output_dir>/vqa_submit.json``."""
 
     def __init__(self, dataset_name: str, answers: Sequence[str], output_dir: str | None = None):
         """
@@ -50,8 +52,9 @@ class VQAEvaluator(DatasetEvaluator):
                 row["accuracy"] = vqa_accuracy(row["answer"], x["answers"])
             elif x.get("answer_scores") is not None:
                 row["accuracy"] = float(x["answer_scores"].get(row["answer"], 0.0))
-            if x.get("answer_type"):
-                row["answer_type"] = x["answer_type"]
+            for key in ("answer_type", "question_type"):
+                if x.get(key):
+                    row[key] = x[key]
             self._rows.append(row)
 
     def evaluate(self):
@@ -71,10 +74,11 @@ class VQAEvaluator(DatasetEvaluator):
         result = {"num_questions": float(len(rows))}
         if scored:
             result["accuracy"] = 100.0 * sum(r["accuracy"] for r in scored) / len(scored)
-            by_type = defaultdict(list)
-            for r in scored:
-                if "answer_type" in r:
-                    by_type[r["answer_type"]].append(r["accuracy"])
-            for kind, accs in sorted(by_type.items()):
-                result[f"accuracy_{kind}"] = 100.0 * sum(accs) / len(accs)
+            for key, prefix in (("answer_type", "accuracy_"), ("question_type", "accuracy_qtype/")):
+                by_type = defaultdict(list)
+                for r in scored:
+                    if key in r:
+                        by_type[r[key]].append(r["accuracy"])
+                for kind, accs in sorted(by_type.items()):
+                    result[prefix + kind] = 100.0 * sum(accs) / len(accs)
         return {"vqa": result}

@@ -20,7 +20,13 @@ from .mapper import VQADatasetMapper
 from .trainer import VQATrainer, load_vqa_config
 from .vocab import answer_vocab
 
-__all__ = ["run", "majority_baseline", "question_type_baseline", "SHAPES_CONFIG"]
+__all__ = [
+    "run",
+    "majority_baseline",
+    "question_type_baseline",
+    "question_type_prior",
+    "SHAPES_CONFIG",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +40,27 @@ def majority_baseline(train: list[dict], test: list[dict]) -> tuple[str, float]:
     return answer, float(accuracy)
 
 
-def question_type_baseline(train: list[dict], test: list[dict]) -> float:
-    """Accuracy (percent) on ``test`` of the most frequent training answer of each question type: a
-    text-only prior, stronger than :func:`majority_baseline`."""
+def question_type_prior(train: list[dict], test: list[dict]) -> dict[str, float]:
+    """Per question type of ``test``, the accuracy (percent) of the most frequent training answer of
+    that type (the overall most frequent answer for a type unseen in training)."""
     by_type: dict[str, Counter] = {}
     for r in train:
         by_type.setdefault(r["question_type"], Counter())[r["multiple_choice_answer"]] += 1
     fallback = majority_baseline(train, test[:1])[0]
-    accs = []
+    accs: dict[str, list[float]] = {}
     for r in test:
         counts = by_type.get(r.get("question_type"))
         answer = counts.most_common(1)[0][0] if counts else fallback
-        accs.append(vqa_accuracy(answer, r["answers"]))
-    return 100.0 * float(np.mean(accs))
+        accs.setdefault(r.get("question_type", ""), []).append(vqa_accuracy(answer, r["answers"]))
+    return {qtype: 100.0 * float(np.mean(a)) for qtype, a in sorted(accs.items())}
+
+
+def question_type_baseline(train: list[dict], test: list[dict]) -> float:
+    """Accuracy (percent) on ``test`` of the most frequent training answer of each question type: a
+    text-only prior, stronger than :func:`majority_baseline`."""
+    prior = question_type_prior(train, test)
+    counts = Counter(r.get("question_type", "") for r in test)
+    return sum(prior[t] * n for t, n in counts.items()) / sum(counts.values())
 
 
 def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures: int = 4) -> dict:
@@ -72,6 +86,13 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures
             lines = [f"Q: {record['question']}", f"A: {pred}   (truth: {record['answers'][0]})"]
             path = output_dir / "pictures" / f"vqa_{record['question_id']}.png"
             drawn.append(caption_picture([read_vl_image(record)], lines, path))
+    # the accuracy of each question type beside its text-only prior: which kinds of question the
+    # image answers (summary.md's breakdown)
+    prior = question_type_prior(train, test)
+    breakdown = {
+        qtype: {"value": metrics[f"accuracy_qtype/{qtype}"], "baseline": value}
+        for qtype, value in prior.items()
+    }
     return task_result(
         "VQA",
         "accuracy",
@@ -82,4 +103,5 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = (), pictures
         baseline_name=f"majority answer '{top}'",
         other_baselines={"answer prior per question type": question_type_baseline(train, test)},
         metrics=metrics,
+        breakdown={"by": "question type", "baseline_name": "answer prior", "rows": breakdown},
     )
