@@ -164,6 +164,11 @@ def add_fiber_config(cfg: CN) -> CN:
     # outputs up to rounding (FIBERFusedTask.cls_feats_of). Captioning (MLE stage, frozen image
     # tower): the image tokens, per image
     _C.MODEL.COARSE.FEATURE_CACHE = False
+    # with FEATURE_CACHE (VQA / NLVR2): also keep each distinct image's prefix (the image tower below
+    # the first fused block: (S/16)^2 x C3 floats per image, 32 KB for the Demo at 128 px, ~2.6 MB for
+    # FIBER-B at 576 px), so a new (image, text) input with a seen image runs only the text prefix and
+    # the fused top; same outputs up to rounding
+    _C.MODEL.COARSE.IMAGE_PREFIX_CACHE = False
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"

@@ -12,6 +12,7 @@ SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "
 SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 FROZEN = ["MODEL.SWIN.FREEZE_AT", "4", "MODEL.LANGUAGE_BACKBONE.FREEZE", "True"]
 CACHE = ["MODEL.COARSE.FEATURE_CACHE", "True"]
+PREFIX = ["MODEL.COARSE.IMAGE_PREFIX_CACHE", "True"]
 
 
 def _task(*opts):
@@ -49,9 +50,11 @@ def _count_backbone_rows(model):
     return rows
 
 
-def test_cached_cls_feats_and_gradients_equal_the_uncached_ones():
-    plain, cached = _task(*FROZEN).train(), _task(*FROZEN, *CACHE).train()
+@pytest.mark.parametrize("extra", [[], PREFIX], ids=["cls", "cls+image_prefix"])
+def test_cached_cls_feats_and_gradients_equal_the_uncached_ones(extra):
+    plain, cached = _task(*FROZEN).train(), _task(*FROZEN, *CACHE, *extra).train()
     assert plain.feature_cache is None and cached.feature_cache == {}
+    assert (cached.image_prefix_cache == {}) if extra else (cached.image_prefix_cache is None)
     records, keys = _records(), ("image_0", "image_1")
     expected = plain.cls_feats_of(records, keys)
     # off, cls_feats_of is exactly the fused forward of the K * B inputs, key-major
@@ -100,6 +103,31 @@ def test_the_backbone_runs_only_for_inputs_not_seen_before():
     assert rows == [6, 2] and len(model.feature_cache) == 8
 
 
+def test_the_image_prefix_runs_once_per_image_whatever_the_text():
+    plain, model = _task(*FROZEN).eval(), _task(*FROZEN, *CACHE, *PREFIX).eval()
+    full_rows = _count_backbone_rows(model)
+    prefix_rows, image_prefix = [], model.backbone.forward_image_prefix
+
+    def counted(images):
+        prefix_rows.append(images.shape[0])
+        return image_prefix(images)
+
+    model.backbone.forward_image_prefix = counted
+    records, keys = _records(), ("image_0", "image_1")
+    with torch.no_grad():
+        out = model.cls_feats_of(records, keys)
+        torch.testing.assert_close(out, plain.cls_feats_of(records, keys), rtol=0, atol=1e-5)
+        assert prefix_rows == [6] and len(model.image_prefix_cache) == 6  # record 3 repeats 0
+        # the same images with other texts: new inputs for the feature cache, not new images
+        other = _records(seed=2)
+        for new, old in zip(other, records):
+            new["image_0"], new["image_1"] = old["image_0"], old["image_1"]
+        out = model.cls_feats_of(other, keys)
+        torch.testing.assert_close(out, plain.cls_feats_of(other, keys), rtol=0, atol=1e-5)
+    assert prefix_rows == [6] and len(model.feature_cache) == 12
+    assert full_rows == []  # the whole backbone never ran: text prefix and fused top only
+
+
 @pytest.mark.parametrize(
     "opts, needs",
     [
@@ -112,3 +140,8 @@ def test_a_trainable_or_random_backbone_is_refused(opts, needs):
     with pytest.raises(ValueError, match="MODEL.COARSE.FEATURE_CACHE") as err:
         _task(*opts, *CACHE)
     assert needs in str(err.value)
+
+
+def test_the_image_prefix_cache_needs_the_feature_cache():
+    with pytest.raises(ValueError, match="IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE"):
+        _task(*FROZEN, *PREFIX)

@@ -9,7 +9,9 @@ pre-training heads unused, and a released task checkpoint loads with nothing mis
 
 With ``feature_cache`` (a frozen, deterministic fused backbone, as the Demo's VQA / NLVR2 stages train
 it) the backbone's part of each (image, text) input is kept in memory and computed only the first time
-the input is seen: :meth:`FIBERFusedTask.cls_feats_of`.
+the input is seen: :meth:`FIBERFusedTask.cls_feats_of`. With ``image_prefix_cache`` as well, so is the
+image tower's prefix (the blocks below the first fused one) of each image, which does not depend on the
+text: a new (image, text) input with an image seen before runs only the text prefix and the fused top.
 
 Also here: :func:`task_head`, the original's head shape (Linear, LayerNorm, GELU, Linear; keys
 ``{0,1,3}.*``); :func:`init_head` (from fiber_coarse) is re-exported.
@@ -22,6 +24,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..backbone.fused import FusionPrefix
 from .fiber_coarse import FIBERCoarse, init_head
 
 __all__ = ["FIBERFusedTask", "task_head", "init_head"]
@@ -52,7 +55,14 @@ class FIBERFusedTask(FIBERCoarse):
     # task models as they were)
     _PRETRAIN_ONLY: tuple[str, ...] = ("mlm_score", "itm_score", "queue", "temp")
 
-    def __init__(self, *, cls_batch_norm: bool = False, feature_cache: bool = False, **kwargs):
+    def __init__(
+        self,
+        *,
+        cls_batch_norm: bool = False,
+        feature_cache: bool = False,
+        image_prefix_cache: bool = False,
+        **kwargs,
+    ):
         """
         Args:
             cls_batch_norm: standardise each ``cls_feats`` dimension over the batch (running
@@ -70,6 +80,10 @@ class FIBERFusedTask(FIBERCoarse):
                 poolers and head still run every step.
                 The outputs equal the uncached ones up to rounding (the image transform is applied
                 to the token mean instead of averaged over the tokens, a linear map either way).
+            image_prefix_cache: with ``feature_cache``, also keep each distinct image's prefix
+                (MODEL.COARSE.IMAGE_PREFIX_CACHE): the (S/16)^2 x C3 input of the first fused block
+                (Swin's third stage), 32 KB per image for the Demo at 128 px, about 2.6 MB for
+                FIBER-B at 576 px. Only :meth:`cls_feats_of` reads it.
             kwargs: the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored).
         """
         kwargs["losses"], kwargs["loss_weights"] = [], {}
@@ -88,6 +102,19 @@ class FIBERFusedTask(FIBERCoarse):
         if feature_cache:
             self._check_cacheable()
             self.feature_cache = {}
+        # content digest of an image -> its prefix (H', W', C), the input of the first fused block
+        self.image_prefix_cache: dict[bytes, torch.Tensor] | None = None
+        if image_prefix_cache:
+            if not feature_cache:
+                raise ValueError(
+                    "MODEL.COARSE.IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE True"
+                )
+            if not self.backbone.schedule:
+                raise ValueError(
+                    "MODEL.COARSE.IMAGE_PREFIX_CACHE needs fusion layers "
+                    "(MODEL.FIBER.NUM_FUSION_LAYERS > 0)"
+                )
+            self.image_prefix_cache = {}
 
     def _check_cacheable(self) -> None:
         """The cache holds outputs of :attr:`CACHED_MODULE`: it must be a function of its input."""
@@ -106,24 +133,28 @@ class FIBERFusedTask(FIBERCoarse):
                 f"dropout at {name}.{dropout[0]}"
             )
 
-    def _cached(self, digests: list[bytes], compute) -> torch.Tensor:
-        """Cache entries (B, ...) for ``digests`` (see :meth:`_digest`); ``compute(rows)`` gives the
-        entries of the inputs at those rows (the first row of each digest not cached yet); it runs
-        once per call, without gradient."""
-        new = {d: i for i, d in reversed(list(enumerate(digests))) if d not in self.feature_cache}
+    def _cached(
+        self, digests: list[bytes], compute, cache: dict[bytes, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Entries (B, ...) of ``cache`` (default: the feature cache) for ``digests`` (see
+        :meth:`_digest`); ``compute(rows)`` gives the entries of the inputs at those rows (the first
+        row of each digest not cached yet); it runs once per call, without gradient."""
+        cache = self.feature_cache if cache is None else cache
+        new = {d: i for i, d in reversed(list(enumerate(digests))) if d not in cache}
         if new:
             rows = sorted(new.values())
             with torch.no_grad():
                 entries = compute(rows)
             for i, entry in zip(rows, entries):
-                self.feature_cache[digests[i]] = entry.clone()
-        return torch.stack([self.feature_cache[d] for d in digests])
+                cache[digests[i]] = entry.clone()
+        return torch.stack([cache[d] for d in digests])
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["cls_batch_norm"] = cfg.MODEL.COARSE.CLS_BATCH_NORM
         ret["feature_cache"] = cfg.MODEL.COARSE.FEATURE_CACHE
+        ret["image_prefix_cache"] = cfg.MODEL.COARSE.IMAGE_PREFIX_CACHE
         return ret
 
     def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:
@@ -149,7 +180,9 @@ class FIBERFusedTask(FIBERCoarse):
         ``image_keys`` in turn, the image ``x[key]`` of every record with its text; (K * B, 2D).
 
         With the feature cache the backbone runs, without gradient, only for the inputs it has not
-        seen (one batch of them); what is cached is reused in training and evaluation alike.
+        seen (one batch of them); what is cached is reused in training and evaluation alike. With
+        the image-prefix cache as well, the image tower's prefix runs only for images not seen
+        before, and those inputs run the text prefix and the fused top from it.
         """
         ids, mask = self.text(batched_inputs)
         k = len(image_keys)
@@ -159,9 +192,16 @@ class FIBERFusedTask(FIBERCoarse):
         rows = [(x[key], j) for key in image_keys for j, x in enumerate(batched_inputs)]
 
         def backbone_part(todo: list[int]) -> torch.Tensor:
-            images = self.images([{"image": rows[i][0]} for i in todo])
             text_rows = [rows[i][1] for i in todo]
-            image_features, text = self.backbone(images, ids[text_rows], mask[text_rows], fuse=True)
+            if self.image_prefix_cache is None:
+                images = self.images([{"image": rows[i][0]} for i in todo])
+                image_features, text = self.backbone(
+                    images, ids[text_rows], mask[text_rows], fuse=True
+                )
+            else:
+                image_features, text = self._fused_from_image_prefix(
+                    [rows[i][0] for i in todo], ids[text_rows], mask[text_rows]
+                )
             return torch.cat(
                 [text["hidden"][:, 0], self._tokens(image_features).mean(dim=1)], dim=-1
             )
@@ -174,6 +214,25 @@ class FIBERFusedTask(FIBERCoarse):
         feats = self.fused_heads(cached[:, None, :text_dim], cached[:, None, text_dim:])
         feats = feats["cls_feats"]
         return feats if self.cls_bn is None else self.cls_bn(feats)
+
+    def _fused_from_image_prefix(
+        self, images: list[torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The fused backbone's outputs for (uint8 (3, S, S) image, (T,) text) pairs, the image
+        prefixes read from the image-prefix cache (computed, one batch, for images not seen). The
+        image features hold the stages the fused top completes (the last one among them)."""
+
+        def image_part(todo: list[int]) -> torch.Tensor:
+            return self.backbone.forward_image_prefix(
+                self.images([{"image": images[i]} for i in todo])
+            )[0]
+
+        x = self._cached([self._digest(im) for im in images], image_part, self.image_prefix_cache)
+        hidden, layer_mask, text_mask = self.backbone.forward_text_prefix(input_ids, attention_mask)
+        prefix = FusionPrefix(
+            image=x, text=hidden, text_layer_mask=layer_mask, attention_mask=text_mask
+        )
+        return self.backbone.forward_fused(prefix)
 
     @staticmethod
     def _digest(*tensors: torch.Tensor) -> bytes:
