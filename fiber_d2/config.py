@@ -187,6 +187,11 @@ def add_fiber_config(cfg: CN) -> CN:
     # training transform of the fused-cls_feats tasks (VQA, NLVR2; coarse spec §5.2): "resize"
     # (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip, RandAugment N2 M7)
     _C.INPUT.VL_TRAIN_TRANSFORM = "resize"
+    # the VQA / NLVR2 and caption (coarse stage, captioning) mappers: keep each image once read and
+    # resized (S x S x 3 bytes per distinct image) instead of decoding it again for every question,
+    # pair or caption; needs the deterministic transforms (VL_TRAIN_TRANSFORM "resize",
+    # CAPTION_FLIP_PROB 0) in training
+    _C.INPUT.VL_CACHE_IMAGES = False
 
     # ------------------------------------------------------------------ datasets / prompts
     _C.DATASETS.SEPARATION_TOKENS = ". "  # joins category names into a prompt

@@ -42,6 +42,7 @@ class CaptionDatasetMapper:
         max_query_len: int = 40,
         flip_prob: float = 0.0,
         mlm_probability: float = 0.15,
+        cache_images: bool = False,
     ):
         """
         Args:
@@ -52,7 +53,17 @@ class CaptionDatasetMapper:
             max_query_len: padded token length T.
             flip_prob: horizontal flip probability in training.
             mlm_probability: MLM selection probability (0 disables the MLM fields).
+            cache_images: keep each image once read and resized (``INPUT.VL_CACHE_IMAGES``; S x S x
+                3 bytes per distinct image); needs ``flip_prob`` 0 in training.
+
+        Raises:
+            ValueError: ``cache_images`` with a random flip in training.
         """
+        if cache_images and is_train and flip_prob > 0:
+            raise ValueError(
+                "INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0 in training (a random flip "
+                f"is drawn anew for every use), got {flip_prob}"
+            )
         self.is_train = is_train
         augs: List[T.Augmentation] = [T.Resize((image_size, image_size), interp=Image.BICUBIC)]
         if is_train and flip_prob > 0:
@@ -64,6 +75,8 @@ class CaptionDatasetMapper:
         self.mlm_probability = mlm_probability
         self.generator: Optional[torch.Generator] = None  # torch's global RNG by default
         self.bad = _BadRecordCounter()
+        # (file name, height, width) of a record -> (its (3, S, S) uint8 input, original height, width)
+        self._image_cache: Optional[dict] = {} if cache_images else None
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -77,6 +90,7 @@ class CaptionDatasetMapper:
             "mlm_probability": (
                 cfg.MODEL.COARSE.MLM_PROBABILITY if "mlm" in cfg.MODEL.COARSE.LOSSES else 0.0
             ),
+            "cache_images": cfg.INPUT.VL_CACHE_IMAGES,
         }
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
@@ -99,9 +113,7 @@ class CaptionDatasetMapper:
             texts = [texts] if single else list(texts or [])
             if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise _SkipRecord("empty caption")
-            image = _read_image(record, self.image_format)
-            aug_input = T.AugInput(image)
-            self.augmentations(aug_input)
+            image, height, width = self._image(record)
             enc = tokenize(self.tokenizer, texts, self.max_query_len)
         except (_SkipRecord, ValueError, KeyError) as e:
             if not self.is_train:
@@ -110,9 +122,9 @@ class CaptionDatasetMapper:
             return None
         out = dict(record)
         out.update(
-            image=_to_chw(aug_input.image),
-            height=image.shape[0],
-            width=image.shape[1],
+            image=image,
+            height=height,
+            width=width,
             task="caption",
             input_ids=enc["input_ids"][0] if single else enc["input_ids"],
             attention_mask=enc["attention_mask"][0] if single else enc["attention_mask"],
@@ -123,3 +135,18 @@ class CaptionDatasetMapper:
             )
             out.update(mlm_input_ids=masked, mlm_labels=labels)
         return out
+
+    def _image(self, record: dict) -> tuple:
+        """The record's (3, S, S) uint8 input image and its original height and width; with the
+        image cache, read and resized once per (file, height, width)."""
+        key = (record.get("file_name"), record.get("height"), record.get("width"))
+        if self._image_cache is not None and key in self._image_cache:
+            image, height, width = self._image_cache[key]
+            return image.clone(), height, width
+        raw = _read_image(record, self.image_format)
+        aug_input = T.AugInput(raw)
+        self.augmentations(aug_input)
+        image = _to_chw(aug_input.image)
+        if self._image_cache is not None:
+            self._image_cache[key] = (image.clone(), raw.shape[0], raw.shape[1])
+        return image, raw.shape[0], raw.shape[1]

@@ -268,3 +268,34 @@ def test_caption_mapper(shapes_tokenizer, det_image, tmp_path):
     with pytest.raises(BadRecordError, match="nope.png"):
         evaluation({"file_name": str(tmp_path / "nope.png"), "caption": "x"})
     assert evaluation.bad.skipped == 0
+
+
+def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monkeypatch):
+    """INPUT.VL_CACHE_IMAGES: each (file, height, width) is read once; the output is the uncached one."""
+    from fiber_d2.data import caption_mapper
+
+    reads, read = [], caption_mapper._read_image
+    monkeypatch.setattr(
+        caption_mapper, "_read_image", lambda record, fmt: reads.append(1) or read(record, fmt)
+    )
+    kwargs = {
+        "is_train": True,
+        "image_size": 24,
+        "tokenizer": shapes_tokenizer,
+        "max_query_len": 16,
+    }
+    plain, cached = CaptionDatasetMapper(**kwargs), CaptionDatasetMapper(
+        **kwargs, cache_images=True
+    )
+    record = {"file_name": det_image, "image_id": 1, "caption": "a red box", "task": "caption"}
+    expected = plain(record)
+    first = cached(dict(record, caption="two boxes"))
+    first["image"][0, 0, 0] += 1  # a caller's copy: the cache keeps its own
+    again = cached(record)
+    assert len(reads) == 2  # plain once, cached once
+    torch.testing.assert_close(again["image"], expected["image"], rtol=0, atol=0)
+    assert (again["height"], again["width"]) == (expected["height"], expected["width"]) == (40, 60)
+    # the record's size claim is part of the key: a wrong one is still caught
+    assert cached(dict(record, height=41)) is None and cached.bad.skipped == 1
+    with pytest.raises(ValueError, match="INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0"):
+        CaptionDatasetMapper(**kwargs, flip_prob=0.5, cache_images=True)
