@@ -16,7 +16,7 @@ from detectron2.data import transforms as T
 from PIL import Image
 
 from ..text import build_tokenizer, mask_tokens_for_mlm, tokenize
-from .mapper import _BadRecordCounter, _read_image, _SkipRecord, _test_error, _to_chw
+from .mapper import _BadRecordCounter, _read_image, _SkipRecord, _test_error, _to_chw, memoized
 
 __all__ = ["CaptionDatasetMapper"]
 
@@ -139,14 +139,13 @@ class CaptionDatasetMapper:
     def _image(self, record: dict) -> tuple:
         """The record's (3, S, S) uint8 input image and its original height and width; with the
         image cache, read and resized once per (file, height, width)."""
+
+        def read() -> tuple:
+            raw = _read_image(record, self.image_format)
+            aug_input = T.AugInput(raw)
+            self.augmentations(aug_input)
+            return _to_chw(aug_input.image), raw.shape[0], raw.shape[1]
+
         key = (record.get("file_name"), record.get("height"), record.get("width"))
-        if self._image_cache is not None and key in self._image_cache:
-            image, height, width = self._image_cache[key]
-            return image.clone(), height, width
-        raw = _read_image(record, self.image_format)
-        aug_input = T.AugInput(raw)
-        self.augmentations(aug_input)
-        image = _to_chw(aug_input.image)
-        if self._image_cache is not None:
-            self._image_cache[key] = (image.clone(), raw.shape[0], raw.shape[1])
-        return image, raw.shape[0], raw.shape[1]
+        image, height, width = memoized(self._image_cache, key, read)
+        return (image if self._image_cache is None else image.clone()), height, width

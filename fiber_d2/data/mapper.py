@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from ..text import (
 )
 from .datasets.common import BadRecordError
 
-__all__ = ["GroundingDatasetMapper", "encode_category_prompts"]
+__all__ = ["GroundingDatasetMapper", "encode_category_prompts", "memoized"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,17 @@ def _test_error(record: dict, error: Exception) -> BadRecordError:
         else ""
     )
     return BadRecordError(f"cannot evaluate {_record_name(record)}: {text}{hint}")
+
+
+def memoized(cache: Optional[dict], key, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in ``cache`` under ``key`` and reused (``cache`` None: no memory): the
+    input caches of the mappers whose mapping has no randomness. The value is shared: a caller that
+    hands it on copies what may be modified."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from detectron2.config import configurable
 
 from ..text import build_tokenizer
+from .mapper import memoized
 from .vl_transforms import build_vl_image_transform, read_vl_image
 
 __all__ = ["FusedTaskMapper"]
@@ -109,16 +110,16 @@ class FusedTaskMapper:
         Raises:
             OSError naming the record's image when it cannot be read.
         """
-        if self._image_cache is not None:
-            key = (
-                (record["arrow_file"], record["arrow_row"], column)
-                if "arrow_file" in record
-                else record.get(file_key)
-            )
-            if key not in self._image_cache:
-                self._image_cache[key] = self._read_image(record, file_key, column)
-            return self._image_cache[key].clone()
-        return self._read_image(record, file_key, column)
+        if self._image_cache is None:
+            return self._read_image(record, file_key, column)
+        key = (
+            (record["arrow_file"], record["arrow_row"], column)
+            if "arrow_file" in record
+            else record.get(file_key)
+        )
+        return memoized(
+            self._image_cache, key, lambda: self._read_image(record, file_key, column)
+        ).clone()
 
     def _read_image(self, record: dict, file_key: str, column: str) -> torch.Tensor:
         try:

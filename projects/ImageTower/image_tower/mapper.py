@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from detectron2.structures import BoxMode
 
+from fiber_d2.data.mapper import memoized
 from fiber_d2.data.vl_transforms import build_vl_image_transform, read_vl_image
 
 from .modeling import category_names
@@ -73,10 +74,7 @@ class TokenLabelMapper:
     def __call__(self, record: dict) -> dict:
         if self._cache is None:
             return self._map(record)
-        key = record["image_id"]
-        if key not in self._cache:
-            self._cache[key] = self._map(record)
-        out = self._cache[key]
+        out = memoized(self._cache, record["image_id"], lambda: self._map(record))
         return {**out, "token_labels": dict(out["token_labels"])}
 
     def _map(self, record: dict) -> dict:
