@@ -141,46 +141,49 @@ def deform_conv3x3_by_sampling(
     grid = torch.stack(
         [(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1
     )  # pixel centres under align_corners=False
-    grid = grid.view(b, _KERNEL_TAPS * h, w, 2)
-    if not torch.is_grad_enabled() and not torch.jit.is_tracing():  # export traces the einsum
-        return _sampled_conv_inference(x, grid, mask, weight, bias)
-    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    sampled = sampled.view(b, c, _KERNEL_TAPS, h, w) * mask.unsqueeze(1)
+    # Without autograd, grid_sample reads the input channels-last: its 4 corner reads per sample
+    # are then contiguous over the channels (about 1.4x faster at FIBER-B's sizes), same values.
+    # Export traces the autograd form.
+    inference = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    source = x.contiguous(memory_format=torch.channels_last) if inference else x
+    sampled = F.grid_sample(
+        source,
+        grid.view(b, _KERNEL_TAPS * h, w, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    ).view(b, c, _KERNEL_TAPS, h, w)
+    if inference:
+        return _contract_taps_in_place(sampled, mask, weight, bias)
+    sampled = sampled * mask.unsqueeze(1)
     out = torch.einsum("bckhw,ock->bohw", sampled, weight.reshape(weight.shape[0], c, _KERNEL_TAPS))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out
 
 
-def _sampled_conv_inference(
-    x: Tensor, grid: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None
+def _contract_taps_in_place(
+    sampled: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None
 ) -> Tensor:
     """The tail of :func:`deform_conv3x3_by_sampling` without autograd: the same values, faster.
 
-    The training path's outputs (bit for bit on the machines measured), with three changes of
-    memory layout and allocation only: ``grid_sample`` reads the input channels-last (its 4
-    corner reads per sample are then contiguous over the channels: about 1.4x faster at FIBER-B's
-    sizes), the mask and bias are applied in place, and the taps are contracted by one GEMM per
+    The autograd path's outputs (bit for bit on the machines measured): the mask and bias are
+    applied in place (``sampled`` is overwritten), and the taps are contracted by one GEMM per
     sample on the samples as they lie, where ``einsum`` (and ``torch.matmul``) first copy a batch
     of them into another layout, which made a batch of 4 prompt chunks 5x slower per chunk than
     one chunk at a time. Training keeps the ``einsum``, whose backward sums in another order (the
     Demo's from-scratch figures were measured with it).
 
     Args:
-        x: (B, C_in, H, W); grid: (B, 9 * h, w, 2) sampling positions, tap-major;
-        mask: (B, 9, h, w); weight: (C_out, C_in, 3, 3); bias: (C_out,) or None.
+        sampled: (B, C_in, 9, h, w) bilinear samples, tap-major; mask: (B, 9, h, w);
+        weight: (C_out, C_in, 3, 3); bias: (C_out,) or None.
 
     Returns:
         (B, C_out, h, w).
     """
-    b, c = x.shape[:2]
-    h, w = mask.shape[-2:]
-    source = x.contiguous(memory_format=torch.channels_last)
-    sampled = F.grid_sample(
-        source, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    ).view(b, c, _KERNEL_TAPS, h, w)
+    b, c, taps, h, w = sampled.shape
     sampled.mul_(mask.unsqueeze(1))
-    columns = sampled.view(b, c * _KERNEL_TAPS, h * w)
+    columns = sampled.view(b, c * taps, h * w)
     kernel = weight.reshape(weight.shape[0], -1)
     out = columns.new_empty(b, kernel.shape[0], h * w)
     for i in range(b):
