@@ -13,9 +13,11 @@ TRAIN_NET = str(ROOT / "tools" / "train_net.py")
 CFG = str(ROOT / "configs" / "Demo" / "fine_tiny.yaml")
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=600, threads="1"):
     # one intra-op thread per process: two processes share the machine's cores without thrashing
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    if threads is None:
+        del env["OMP_NUM_THREADS"]
     return subprocess.run(
         [sys.executable, TRAIN_NET, *args],
         cwd=ROOT,
@@ -45,6 +47,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     assert not out.exists()
 
 
+def _cfg(device="cpu"):
+    from fiber_d2.engine.setup import load_config
+
+    return load_config(CFG, ["MODEL.DEVICE", device])
+
+
+def test_cpu_processes_share_the_cores():
+    from fiber_d2.engine.cli import cpu_threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads_per_process(_cfg(), 2, environ={}) == max(1, cores // 2)
+    assert cpu_threads_per_process(_cfg(), 4 * cores, environ={}) == 1
+    # one process, a GPU run, or the user's own OMP_NUM_THREADS: torch's setting stays
+    assert cpu_threads_per_process(_cfg(), 1, environ={}) is None
+    assert cpu_threads_per_process(_cfg("cuda"), 2, environ={}) is None
+    assert cpu_threads_per_process(_cfg(), 2, environ={"OMP_NUM_THREADS": "3"}) is None
+
+
 @pytest.mark.long(1)
 def test_two_cpu_processes_train_and_evaluate(tmp_path):
     out = tmp_path / "ddp"
@@ -72,10 +92,13 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
             "128",
             "OUTPUT_DIR",
             str(out),
-        ]
+        ],
+        threads=None,  # the run shares the cores out itself
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
+    per_process = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"CPU processes on this machine: 2, intra-op threads each: {per_process}" in log
     assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
     results = json.loads((out / "results.json").read_text())
     assert {"AP", "AP50"} <= set(results["bbox"])
