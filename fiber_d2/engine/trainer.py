@@ -24,7 +24,7 @@ from ..checkpoint.checkpointer import FIBERCheckpointer
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
 
-__all__ = ["FIBERTrainer", "cpu_aware_ddp", "is_coarse_stage"]
+__all__ = ["FIBERTrainer", "fiber_ddp", "is_coarse_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +37,23 @@ def is_coarse_stage(cfg: CfgNode) -> bool:
 
 
 @contextlib.contextmanager
-def cpu_aware_ddp() -> Iterator[None]:
-    """Within the block, detectron2's ``create_ddp_model`` passes ``device_ids=None`` for CPU models.
+def fiber_ddp() -> Iterator[None]:
+    """Within the block, detectron2's ``create_ddp_model`` wraps FIBER's models as they need:
 
-    detectron2 always passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects for a
-    model on the CPU (gloo multi-process runs).
+    * ``device_ids=None`` for a model on the CPU: detectron2 always passes ``device_ids=[local_rank]``,
+      which DistributedDataParallel rejects there (gloo multi-process runs);
+    * ``find_unused_parameters=True`` for a model whose class sets ``ddp_find_unused_parameters``
+      (the coarse family: VQA, NLVR2 and captioning leave the ITC branch without a gradient, ITC
+      retrieval the fused one), which DistributedDataParallel otherwise stops on in the second step.
     """
     original = d2_defaults.create_ddp_model
 
     def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
-            kwargs.setdefault("device_ids", None)
+        if comm.get_world_size() > 1:
+            if next(model.parameters()).device.type == "cpu":
+                kwargs.setdefault("device_ids", None)
+            if getattr(model, "ddp_find_unused_parameters", False):
+                kwargs.setdefault("find_unused_parameters", True)
         return original(model, **kwargs)
 
     d2_defaults.create_ddp_model = create_ddp_model
@@ -61,7 +67,7 @@ class FIBERTrainer(DefaultTrainer):
     """DefaultTrainer for both FIBER stages (see module docstring)."""
 
     def __init__(self, cfg: CfgNode):
-        with cpu_aware_ddp():
+        with fiber_ddp():
             super().__init__(cfg)
 
     def build_hooks(self):

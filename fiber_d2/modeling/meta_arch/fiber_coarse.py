@@ -109,6 +109,11 @@ def _gather_cat(x: torch.Tensor) -> torch.Tensor:
 class FIBERCoarse(nn.Module):
     """Coarse-grained FIBER (see module docstring)."""
 
+    # The model carries every head and branch of the released layouts, but which of them train depends
+    # on MODEL.COARSE.LOSSES and the task (VQA, NLVR2 and captioning never use the ITC branch), so
+    # multi-process training has DistributedDataParallel look for parameters without a gradient.
+    ddp_find_unused_parameters = True
+
     @configurable
     def __init__(
         self,

@@ -3,6 +3,8 @@ configs, the mapper's bad-input handling and the shapes VQA data."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,31 @@ def test_three_iterations_then_evaluation(tmp_path):
     assert len(submit) == 8 and all(s["answer"] in vocab for s in submit)
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     assert state["vqa_classifier.3.weight"].shape == (len(vocab), 128)
+
+
+@pytest.mark.long(1)
+def test_two_cpu_processes_train_and_evaluate(tmp_path):
+    # The fused-task models leave their ITC branch without a gradient; two processes must still train.
+    opts = [*TINY[:-2], "DATASETS.TEST", "('shapes_val_vqa',)", "MODEL.DEVICE", "cpu"]
+    opts += ["SOLVER.IMS_PER_BATCH", "4"]  # 2 per process: the batch standardisation needs 2
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "train_net.py"), "--num-gpus", "2"]
+        + [
+            "--config-file",
+            str(PROJECT / "configs/shapes.yaml"),
+            *opts,
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "World size: 2" in (tmp_path / "log.txt").read_text()
+    res = json.loads((tmp_path / "results.json").read_text())["vqa"]
+    assert res["num_questions"] == len(DatasetCatalog.get("shapes_val_vqa"))  # each once
+    assert (tmp_path / "model_final.pth").is_file()
 
 
 def test_shapes_vocabulary_and_targets():
