@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils import comm
 
 from ..config import add_fiber_config
 from .trainer import is_coarse_stage
@@ -186,7 +187,8 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
     """Check names and paths the run will need, before it writes anything.
 
     Raises:
-        ConfigError: an unregistered dataset or a missing local weights file.
+        ConfigError: an unregistered dataset, a missing local weights file, or a batch too small for
+            the batch standardisation of ``cls_feats``.
     """
     names = list(cfg.DATASETS.TEST)
     if training:
@@ -204,6 +206,13 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         raise ConfigError(f"MODEL.WEIGHTS file not found: {weights}")
     if cfg.MODEL.SWIN.WEIGHTS and not os.path.isfile(cfg.MODEL.SWIN.WEIGHTS):
         raise ConfigError(f"MODEL.SWIN.WEIGHTS file not found: {cfg.MODEL.SWIN.WEIGHTS}")
+    per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+    if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and per_process < 2:
+        raise ConfigError(
+            "MODEL.COARSE.CLS_BATCH_NORM standardises cls_feats over each process's batch: "
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {comm.get_world_size()} "
+            f"process(es) gives {per_process}; it needs at least 2 per process"
+        )
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # detectron2's AMPTrainer needs CUDA; FIBER's AMP recipes still run (in fp32) on the CPU.
         logger.warning("SOLVER.AMP.ENABLED is ignored on the CPU; training in fp32.")

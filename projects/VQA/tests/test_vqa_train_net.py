@@ -111,6 +111,20 @@ def test_missing_image_is_one_line_error_naming_it(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_batch_standardisation_needs_two_examples_per_process(monkeypatch):
+    path = str(PROJECT / "configs/shapes.yaml")
+    cfg = train_net.load_vqa_config(path, TINY)
+    assert cfg.MODEL.COARSE.CLS_BATCH_NORM
+    validate_config(cfg, training=True)  # 2 in one process
+    one = train_net.load_vqa_config(path, [*TINY, "SOLVER.IMS_PER_BATCH", "1"])
+    validate_config(one, training=False)  # evaluation uses the running statistics
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH 1 over 1 process"):
+        validate_config(one, training=True)
+    monkeypatch.setattr("detectron2.utils.comm.get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_BATCH 2 over 2 process.*gives 1"):
+        validate_config(cfg, training=True)
+
+
 @pytest.mark.parametrize("name", ["shapes.yaml", "vqav2.yaml"])
 def test_project_configs_load(name):
     cfg = train_net.load_vqa_config(str(PROJECT / "configs" / name), [])
