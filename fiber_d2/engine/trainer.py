@@ -42,9 +42,8 @@ def fiber_ddp() -> Iterator[None]:
 
     * ``device_ids=None`` for a model on the CPU: detectron2 always passes ``device_ids=[local_rank]``,
       which DistributedDataParallel rejects there (gloo multi-process runs);
-    * ``find_unused_parameters=True`` for a model whose class sets ``ddp_find_unused_parameters``
-      (the coarse family: VQA, NLVR2 and captioning leave the ITC branch without a gradient, ITC
-      retrieval the fused one), which DistributedDataParallel otherwise stops on in the second step.
+    * the options a model class names in ``ddp_kwargs`` (the coarse family's, ``FIBERCoarse``)
+      over detectron2's ``broadcast_buffers=False``.
     """
     original = d2_defaults.create_ddp_model
 
@@ -52,8 +51,7 @@ def fiber_ddp() -> Iterator[None]:
         if comm.get_world_size() > 1:
             if next(model.parameters()).device.type == "cpu":
                 kwargs.setdefault("device_ids", None)
-            if getattr(model, "ddp_find_unused_parameters", False):
-                kwargs.setdefault("find_unused_parameters", True)
+            kwargs.update(getattr(model, "ddp_kwargs", {}))
         return original(model, **kwargs)
 
     d2_defaults.create_ddp_model = create_ddp_model

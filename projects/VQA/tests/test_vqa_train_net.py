@@ -74,7 +74,16 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     assert "World size: 2" in (tmp_path / "log.txt").read_text()
     res = json.loads((tmp_path / "results.json").read_text())["vqa"]
     assert res["num_questions"] == len(DatasetCatalog.get("shapes_val_vqa"))  # each once
-    assert (tmp_path / "model_final.pth").is_file()
+    # The evaluation at the end of training answers as model_final.pth does in one process (both
+    # ranks read the running statistics of the batch standardisation that rank 0 saved).
+    again = tmp_path / "eval_only"
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), "--eval-only", *opts]
+        + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(again)]
+    )
+    assert train_net.main(args)["vqa"] == res
+    submit = Path("inference") / "shapes_val_vqa" / "vqa_submit.json"
+    assert (again / submit).read_text() == (tmp_path / submit).read_text()
 
 
 def test_shapes_vocabulary_and_targets():
