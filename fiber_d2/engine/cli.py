@@ -80,10 +80,11 @@ def cpu_threads_per_process(
     """The intra-op thread count for one of ``local_processes`` CPU training processes on this
     machine, or None to keep torch's default.
 
-    torch gives every process one thread per core, so N gloo processes on a CPU run N x cores threads
-    on the cores (2 processes of the Demo detector on a 2-core machine: 3.5 s per training
-    iteration, against 0.4-0.5 s with one thread each). The cores are shared out instead: cores // N each (at least 1). An explicit
-    ``OMP_NUM_THREADS`` is the user's choice and is kept; one process, or a GPU run, keeps the default.
+    torch gives every process one thread per core, so N gloo processes on a CPU run N x cores
+    threads on the cores (2 processes of the Demo detector on a 2-core machine: 3.49 s per training
+    iteration, against 0.48-0.50 s with one thread each). The cores are shared out instead:
+    cores // N each, at least 1. An explicit ``OMP_NUM_THREADS`` is the user's choice and is kept;
+    one process, or a GPU run, keeps torch's default.
     """
     if local_processes <= 1 or cfg.MODEL.DEVICE != "cpu" or environ.get("OMP_NUM_THREADS"):
         return None

@@ -40,8 +40,8 @@ def is_coarse_stage(cfg: CfgNode) -> bool:
 def fiber_ddp() -> Iterator[None]:
     """Within the block, detectron2's ``create_ddp_model`` wraps FIBER's models as they need:
 
-    * ``device_ids=None`` for a model on the CPU: detectron2 always passes ``device_ids=[local_rank]``,
-      which DistributedDataParallel rejects there (gloo multi-process runs);
+    * ``device_ids=None`` for a model on the CPU: detectron2 always passes
+      ``device_ids=[local_rank]``, which DistributedDataParallel rejects there (gloo runs);
     * the options a model class names in ``ddp_kwargs`` (the coarse family's, ``FIBERCoarse``)
       over detectron2's ``broadcast_buffers=False``.
     """

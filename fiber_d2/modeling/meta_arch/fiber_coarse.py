@@ -109,13 +109,15 @@ def _gather_cat(x: torch.Tensor) -> torch.Tensor:
 class FIBERCoarse(nn.Module):
     """Coarse-grained FIBER (see module docstring)."""
 
-    # DistributedDataParallel options for multi-process training (fiber_d2.engine.trainer.fiber_ddp):
-    # * find_unused_parameters: the model carries every head and branch of the released layouts, but
-    #   which of them train depends on MODEL.COARSE.LOSSES and the task (VQA, NLVR2 and captioning
-    #   never use the ITC branch, ITC retrieval not the fused one); without it DDP stops in step 2.
+    # DistributedDataParallel options for multi-process runs (fiber_d2.engine.trainer.fiber_ddp):
+    # * find_unused_parameters: the model carries every head and branch of the released layouts,
+    #   but which of them train depends on MODEL.COARSE.LOSSES and the task (VQA, NLVR2 and
+    #   captioning never use the ITC branch, ITC retrieval not the fused one); without it DDP stops
+    #   in the second step.
     # * broadcast_buffers: every rank uses rank 0's buffers, the ones its checkpoints save, so the
-    #   evaluation at the end of training reads the running statistics of MODEL.COARSE.CLS_BATCH_NORM
-    #   that an --eval-only run of model_final.pth reads (the ITC queues are equal on all ranks anyway).
+    #   evaluation at the end of training reads the running statistics of
+    #   MODEL.COARSE.CLS_BATCH_NORM that an --eval-only run of model_final.pth reads (the ITC
+    #   queues are equal on all ranks anyway).
     ddp_kwargs = {"find_unused_parameters": True, "broadcast_buffers": True}
 
     @configurable

@@ -54,18 +54,13 @@ def test_three_iterations_then_evaluation(tmp_path):
 
 @pytest.mark.long(1)
 def test_two_cpu_processes_train_and_evaluate(tmp_path):
-    # The fused-task models leave their ITC branch without a gradient; two processes must still train.
+    # The fused-task models leave their ITC branch without a gradient; two processes still train.
     opts = [*TINY[:-2], "DATASETS.TEST", "('shapes_val_vqa',)", "MODEL.DEVICE", "cpu"]
     opts += ["SOLVER.IMS_PER_BATCH", "4"]  # 2 per process: the batch standardisation needs 2
+    config = ["--config-file", str(PROJECT / "configs/shapes.yaml")]
     proc = subprocess.run(
-        [sys.executable, str(PROJECT / "train_net.py"), "--num-gpus", "2"]
-        + [
-            "--config-file",
-            str(PROJECT / "configs/shapes.yaml"),
-            *opts,
-            "OUTPUT_DIR",
-            str(tmp_path),
-        ],
+        [sys.executable, str(PROJECT / "train_net.py"), "--num-gpus", "2", *config, *opts]
+        + ["OUTPUT_DIR", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -78,8 +73,15 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     # ranks read the running statistics of the batch standardisation that rank 0 saved).
     again = tmp_path / "eval_only"
     args = default_argument_parser().parse_args(
-        ["--config-file", str(PROJECT / "configs/shapes.yaml"), "--eval-only", *opts]
-        + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), "OUTPUT_DIR", str(again)]
+        [
+            *config,
+            "--eval-only",
+            *opts,
+            "MODEL.WEIGHTS",
+            str(tmp_path / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(again),
+        ]
     )
     assert train_net.main(args)["vqa"] == res
     submit = Path("inference") / "shapes_val_vqa" / "vqa_submit.json"
