@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from fiber_d2.engine.cli import cpu_threads_per_process
+from fiber_d2.engine.setup import load_config
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_NET = str(ROOT / "tools" / "train_net.py")
 CFG = str(ROOT / "configs" / "Demo" / "fine_tiny.yaml")
@@ -15,9 +18,9 @@ CFG = str(ROOT / "configs" / "Demo" / "fine_tiny.yaml")
 
 def _run(args, timeout=600, threads="1"):
     # one intra-op thread per process: two processes share the machine's cores without thrashing
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
-    if threads is None:
-        del env["OMP_NUM_THREADS"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
     return subprocess.run(
         [sys.executable, TRAIN_NET, *args],
         cwd=ROOT,
@@ -48,14 +51,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
 
 
 def _cfg(device="cpu"):
-    from fiber_d2.engine.setup import load_config
-
     return load_config(CFG, ["MODEL.DEVICE", device])
 
 
 def test_cpu_processes_share_the_cores():
-    from fiber_d2.engine.cli import cpu_threads_per_process
-
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads_per_process(_cfg(), 2, environ={}) == max(1, cores // 2)
     assert cpu_threads_per_process(_cfg(), 4 * cores, environ={}) == 1
