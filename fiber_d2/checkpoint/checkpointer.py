@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 
@@ -63,6 +64,8 @@ PARTIAL_LOAD_TOLERANCE = 0.01
 # the next load of the same unchanged file instead of being read twice (one entry at most).
 _PRELOADED: dict[str, tuple[tuple[int, int], object]] = {}
 _LOGGED_CONVERSIONS: set[str] = set()
+# torch's per-tensor UserWarning when a state dict is loaded into a model on the meta device
+_META_COPY_WARNING = r".*copying from a non-meta parameter in the checkpoint to a meta parameter"
 
 
 def _signature(path: str) -> tuple[int, int]:
@@ -399,4 +402,8 @@ def check_weights_before_run(cfg, *, resume: bool) -> None:
         return
     checkpointer = FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK)
     checkpointer.keep_loaded = True
-    checkpointer.load(path, checkpointables=[])
+    with warnings.catch_warnings():
+        # Copying into meta tensors is a no-op by design here (only keys and shapes are checked);
+        # torch warns once per tensor about it, a few hundred lines on every run with weights.
+        warnings.filterwarnings("ignore", message=_META_COPY_WARNING, category=UserWarning)
+        checkpointer.load(path, checkpointables=[])

@@ -3,6 +3,7 @@ fly (once, with the converter's code), strict weights, and the converter's refus
 
 import logging
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from fiber_d2.checkpoint import (
 )
 from fiber_d2.checkpoint import checkpointer as checkpointer_module
 from fiber_d2.checkpoint.layout import convert_original
+from fiber_d2.engine.setup import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
@@ -119,6 +121,24 @@ def test_coarse_checkpoint_into_the_detector_is_not_partial(coarse_model, fresh,
     torch.save({"model": towers_only}, path)
     with pytest.raises(CheckpointError, match="text_tower"):  # a tower missing is not expected
         FIBERCheckpointer(fresh.fine()).load(str(path))
+
+
+def test_pre_flight_check_is_quiet_and_still_strict(fine_model, tmp_path):
+    """The check before a run loads the file into a meta-device model: no warning per tensor
+    (torch's "copying ... to a meta parameter" for each of them), the same refusal as a real load."""
+    path = tmp_path / "weights.pth"
+    torch.save({"model": fine_model.state_dict()}, path)
+    cfg = load_config(FINE_CFG, ["MODEL.WEIGHTS", str(path), "OUTPUT_DIR", str(tmp_path / "out")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpointer_module.check_weights_before_run(cfg, resume=False)
+    assert [str(w.message) for w in caught] == []
+    checkpointer_module._PRELOADED.clear()
+    state = {k: v for k, v in fine_model.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match="head.cls_logits"):
+        checkpointer_module.check_weights_before_run(cfg, resume=False)
+    checkpointer_module._PRELOADED.clear()
 
 
 def test_converter_refusals(fine_model, originals, tmp_path, capsys):
