@@ -9,22 +9,18 @@ phrases without boxes are skipped. Per-type keys name the type: ``R@1-clothing``
 the dataset must be evaluated exactly once (:mod:`.integrity`).
 """
 
-import copy
-import json
 import logging
-import os
 from collections import OrderedDict, defaultdict
 
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import box_iou
 
 from .gather import gather_records
-from .integrity import SeenRecords, json_safe, without_predictions
+from .integrity import SeenRecords, without_predictions, write_metrics
 
 __all__ = ["FlickrRecallEvaluator", "phrase_hit_rank", "records_by_image_id"]
 
@@ -211,12 +207,7 @@ class FlickrRecallEvaluator(DatasetEvaluator):
             create_small_table(metrics),
         )
         output = OrderedDict(grounding=metrics)
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, "flickr_results.json")
-            with PathManager.open(path, "w") as f:
-                json.dump(json_safe(output), f, allow_nan=False)
-        return copy.deepcopy(output)
+        return write_metrics(output, self._output_dir, "flickr_results.json")
 
     def _recalls(self, ranks: list[int], suffix: str) -> dict:
         """Recall@k and upper bound (percent) from first-hit ranks (-1 = never hit)."""

@@ -12,13 +12,17 @@ evaluated, with no predictions (:func:`without_predictions`).
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import os
 from collections import Counter
 from typing import Any
 
 from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 
 __all__ = [
     "EvaluationCoverageError",
@@ -27,6 +31,7 @@ __all__ = [
     "check_exactly_once",
     "json_safe",
     "without_predictions",
+    "write_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -158,3 +163,13 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
         return json_safe(value.item())
     return value
+
+
+def write_metrics(output: dict, output_dir: str | None, file_name: str) -> dict:
+    """Write an evaluator's ``output`` as strict JSON to ``output_dir/file_name`` (when a folder is
+    given) and return a deep copy of it, what ``DatasetEvaluator.evaluate`` hands to the trainer."""
+    if output_dir:
+        PathManager.mkdirs(output_dir)
+        with PathManager.open(os.path.join(output_dir, file_name), "w") as f:
+            json.dump(json_safe(output), f, allow_nan=False)
+    return copy.deepcopy(output)

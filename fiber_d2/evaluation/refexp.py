@@ -10,22 +10,18 @@ Ties are broken as the original (MDETR) evaluator does: predictions are sorted b
 wins. Every record of the dataset must be evaluated exactly once (:mod:`.integrity`).
 """
 
-import copy
-import json
 import logging
-import os
 from collections import OrderedDict
 
 import torch
 from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import generalized_box_iou
 
 from .flickr import records_by_image_id
 from .gather import gather_records
-from .integrity import SeenRecords, json_safe, without_predictions
+from .integrity import SeenRecords, without_predictions, write_metrics
 
 __all__ = ["RefExpEvaluator", "refexp_gt_box", "topk_giou_hits"]
 
@@ -167,8 +163,4 @@ class RefExpEvaluator(DatasetEvaluator):
             metrics[f"P@{k}"] = 100.0 * hits / n if n else float("nan")
         logger.info("Referring expressions (%d):\n%s", n, create_small_table(metrics))
         output = OrderedDict(refexp=metrics)
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            with PathManager.open(os.path.join(self._output_dir, "refexp_results.json"), "w") as f:
-                json.dump(json_safe(output), f, allow_nan=False)
-        return copy.deepcopy(output)
+        return write_metrics(output, self._output_dir, "refexp_results.json")

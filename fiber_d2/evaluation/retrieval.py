@@ -6,10 +6,7 @@ caption is a hit when its image is among its K best-scored images. The order of 
 is UNDETERMINED in the spec; we rank the lower index first (a stable descending sort).
 """
 
-import copy
-import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -18,10 +15,9 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from .integrity import SeenRecords, json_safe
+from .integrity import SeenRecords, write_metrics
 
 __all__ = ["RetrievalEvaluator", "retrieval_recall"]
 
@@ -246,9 +242,4 @@ class RetrievalEvaluator(DatasetEvaluator):
             create_small_table(metrics),
         )
         output = OrderedDict(retrieval=metrics)
-        if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            path = os.path.join(self._output_dir, "retrieval_results.json")
-            with PathManager.open(path, "w") as f:
-                json.dump(json_safe(output), f, allow_nan=False)
-        return copy.deepcopy(output)
+        return write_metrics(output, self._output_dir, "retrieval_results.json")

@@ -1,5 +1,8 @@
 """RefCOCO precision@k with generalized IoU, on hand-built expressions."""
 
+import json
+import math
+
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -33,11 +36,12 @@ def _record(image_id, boxes=(GT,)):
 RECORDS = [_record(i) for i in range(1, 6)]
 ONE = NAME + "_one"  # record 1 only
 BAD = NAME + "_bad"  # record 9 has two GT boxes
+EMPTY = NAME + "_empty"  # no records: every metric undefined
 
 
 @pytest.fixture(autouse=True)
 def registered():
-    sets = {NAME: RECORDS, ONE: RECORDS[:1], BAD: [_record(9, boxes=(GT, MISS))]}
+    sets = {NAME: RECORDS, ONE: RECORDS[:1], BAD: [_record(9, boxes=(GT, MISS))], EMPTY: []}
     for name, records in sets.items():
         DatasetCatalog.register(name, lambda records=records: records)
         MetadataCatalog.get(name).set(evaluator_type="refexp")
@@ -90,6 +94,20 @@ def test_perfect_and_empty():
     ev = RefExpEvaluator(ONE, distributed=False)
     ev.process([{"image_id": 1}], [{"instances": _instances([])}])
     assert ev.evaluate()["refexp"] == {"P@1": 0.0, "P@5": 0.0, "P@10": 0.0}
+
+
+def test_metrics_file_is_strict_json(tmp_path):
+    """``refexp_results.json`` holds what evaluate() returns; an undefined metric is null, not NaN."""
+    ev = RefExpEvaluator(ONE, distributed=False, output_dir=str(tmp_path / "a"))
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.3, GT)])}])
+    result = ev.evaluate()
+    assert json.loads((tmp_path / "a" / "refexp_results.json").read_text()) == result
+    ev = RefExpEvaluator(EMPTY, distributed=False, output_dir=str(tmp_path / "b"))
+    assert all(math.isnan(v) for v in ev.evaluate()["refexp"].values())
+    text = (tmp_path / "b" / "refexp_results.json").read_text()
+    assert "NaN" not in text and json.loads(text) == {
+        "refexp": dict.fromkeys(["P@1", "P@5", "P@10"])
+    }
 
 
 def test_ties_go_to_the_larger_box_as_in_the_original():
