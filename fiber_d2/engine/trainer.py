@@ -62,7 +62,16 @@ def fiber_ddp() -> Iterator[None]:
 
 
 class FIBERTrainer(DefaultTrainer):
-    """DefaultTrainer for both FIBER stages (see module docstring)."""
+    """DefaultTrainer for both FIBER stages (see module docstring).
+
+    A project's trainer names its mapper (:meth:`build_mapper`) and evaluator; the loaders use
+    the mapper, the test loader batches ``test_batch_size`` records, and evaluators write under
+    :meth:`inference_folder` unless given a folder.
+    """
+
+    # records per test batch: one image for the detector (detectron2's default); the fused-task
+    # projects batch their (image, text) records
+    test_batch_size: int = 1
 
     def __init__(self, cfg: CfgNode):
         with fiber_ddp():
@@ -144,12 +153,21 @@ class FIBERTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(cfg, dataset_name, mapper=cls.build_mapper(cfg, False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=cls.build_mapper(cfg, False), batch_size=cls.test_batch_size
+        )
+
+    @staticmethod
+    def inference_folder(cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> str:
+        """``output_folder``, or by default ``OUTPUT_DIR/inference/<dataset_name>``."""
+        if output_folder is None:
+            return os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return output_folder
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         from ..evaluation import build_evaluator
 
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return build_evaluator(
+            cfg, dataset_name, cls.inference_folder(cfg, dataset_name, output_folder)
+        )

@@ -11,7 +11,6 @@ negatives (each sample carries a false image, :class:`retrieval.FalseImageCaptio
 """
 
 import logging
-import os
 from collections import OrderedDict
 
 from detectron2.config import CfgNode
@@ -63,8 +62,7 @@ class Trainer(FIBERTrainer):
             )
         if model is None:
             raise ValueError("RETRIEVAL.MODE itm: the evaluator needs the model (see Trainer.test)")
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = cls.inference_folder(cfg, dataset_name, output_folder)
         return ITMRerankRetrievalEvaluator(cfg, dataset_name, output_folder, model=model)
 
     @classmethod

@@ -3,7 +3,6 @@ the caption evaluator (used by ``train_net.py`` and the shapes runner)."""
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 
 from detectron2.config import CfgNode
@@ -33,8 +32,7 @@ class CaptionTrainer(FIBERTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = cls.inference_folder(cfg, dataset_name, output_folder)
         return CaptionEvaluator(dataset_name, output_folder, cfg.CAPTION.METRICS)
 
     def train(self):

@@ -3,11 +3,8 @@ evaluator; ``load_vqa_config``: fiber_d2's and the project's defaults plus a yam
 
 from __future__ import annotations
 
-import os
-
 from detectron2.config import CfgNode
 from detectron2.data import (
-    build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
@@ -27,6 +24,8 @@ class VQATrainer(FIBERTrainer):
     """Training drops questions without an in-vocabulary answer (counted); evaluation writes
     ``vqa_submit.json`` per test set under ``OUTPUT_DIR/inference/<dataset>/``."""
 
+    test_batch_size = 8
+
     @classmethod
     def build_mapper(cls, cfg, is_train: bool):
         return VQADatasetMapper(cfg, is_train, answers=answer_vocab(cfg))
@@ -40,15 +39,8 @@ class VQATrainer(FIBERTrainer):
         )
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name: str):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=cls.build_mapper(cfg, False), batch_size=8
-        )
-
-    @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_folder = cls.inference_folder(cfg, dataset_name, output_folder)
         return VQAEvaluator(dataset_name, answer_vocab(cfg), output_folder)
 
 
