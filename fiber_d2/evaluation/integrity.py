@@ -1,8 +1,9 @@
 """What keeps an evaluation honest: every record scored exactly once, and strict-JSON results.
 
-Every fiber_d2 evaluator records the ``image_id`` of each input it processes (:class:`SeenRecords`)
-and, before computing a metric, compares them with the records of its dataset on every rank:
-a record never evaluated, evaluated twice (on one rank or on two), or not in the dataset raises
+Every fiber_d2 evaluator records the id of each input it processes (:class:`SeenRecords`: the
+``image_id``, or the task's own id where an image has several records) and, before computing a
+metric, compares them with the records of its dataset on every rank: a record never evaluated,
+evaluated twice (on one rank or on two), or not in the dataset raises
 :class:`EvaluationCoverageError` with one line naming the dataset and a few of the ids. All ranks
 take part in the same ``all_gather`` and reach the same verdict, so none is left waiting.
 
@@ -41,19 +42,20 @@ class EvaluationCoverageError(RuntimeError):
     """Some record of the evaluated dataset was not evaluated exactly once."""
 
 
-def dataset_record_ids(dataset_name: str) -> list:
-    """The ``image_id`` of every record of a registered dataset, in order.
+def dataset_record_ids(dataset_name: str, key: str = "image_id") -> list:
+    """The ``key`` (a record's id: ``image_id``, a VQA ``question_id``, ...) of every record of a
+    registered dataset, in order.
 
     Raises:
-        KeyError: unregistered dataset, or a record without ``image_id``.
+        KeyError: unregistered dataset, or a record without ``key``.
     """
     if dataset_name not in DatasetCatalog.list():
         raise KeyError(f"dataset '{dataset_name}' is not registered in DatasetCatalog")
     ids = []
     for record in DatasetCatalog.get(dataset_name):
-        if "image_id" not in record:
-            raise KeyError(f"dataset '{dataset_name}': a record has no 'image_id'")
-        ids.append(record["image_id"])
+        if key not in record:
+            raise KeyError(f"dataset '{dataset_name}': a record has no '{key}'")
+        ids.append(record[key])
     return ids
 
 
@@ -67,7 +69,9 @@ def _examples(ids, limit: int = 5) -> str:
     return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def check_exactly_once(dataset_name: str, seen: list, expected: list, evaluator: str) -> None:
+def check_exactly_once(
+    dataset_name: str, seen: list, expected: list, evaluator: str, key: str = "image_id"
+) -> None:
     """Raise unless ``seen`` holds each id of ``expected`` exactly once and nothing else.
 
     Args:
@@ -75,6 +79,7 @@ def check_exactly_once(dataset_name: str, seen: list, expected: list, evaluator:
         seen: the ids processed (all ranks together).
         expected: the dataset's record ids.
         evaluator: the evaluator's name, for the message.
+        key: the name of the ids, for the message.
 
     Raises:
         EvaluationCoverageError: one line with the counts and a few ids of each kind.
@@ -84,13 +89,13 @@ def check_exactly_once(dataset_name: str, seen: list, expected: list, evaluator:
     problems = []
     missing = wanted - set(counts)
     if missing:
-        problems.append(f"{len(missing)} never evaluated (image_id {_examples(missing)})")
+        problems.append(f"{len(missing)} never evaluated ({key} {_examples(missing)})")
     twice = [i for i, n in counts.items() if n > 1]
     if twice:
-        problems.append(f"{len(twice)} evaluated more than once (image_id {_examples(twice)})")
+        problems.append(f"{len(twice)} evaluated more than once ({key} {_examples(twice)})")
     unknown = set(counts) - wanted
     if unknown:
-        problems.append(f"{len(unknown)} not in the dataset (image_id {_examples(unknown)})")
+        problems.append(f"{len(unknown)} not in the dataset ({key} {_examples(unknown)})")
     if problems:
         raise EvaluationCoverageError(
             f"{evaluator} on '{dataset_name}' ({len(wanted)} records): " + "; ".join(problems)
@@ -104,19 +109,24 @@ class SeenRecords:
         dataset_name: the evaluated dataset.
         evaluator: name used in messages.
         distributed: combine the ids of all ranks before checking.
+        key: the record field that identifies a record (``image_id``; a task with several records
+            per image names its own, e.g. VQA's ``question_id``).
     """
 
-    def __init__(self, dataset_name: str, evaluator: str, distributed: bool = True) -> None:
+    def __init__(
+        self, dataset_name: str, evaluator: str, distributed: bool = True, key: str = "image_id"
+    ) -> None:
         self.dataset_name = dataset_name
         self.evaluator = evaluator
         self.distributed = distributed
+        self.key = key
         self.ids: list = []
 
     def reset(self) -> None:
         self.ids = []
 
-    def add(self, image_id: Any) -> None:
-        self.ids.append(image_id)
+    def add(self, record_id: Any) -> None:
+        self.ids.append(record_id)
 
     def check(self, expected: list | None = None) -> None:
         """Gather the ids of all ranks (every rank) and raise on a gap or a duplicate.
@@ -134,7 +144,7 @@ class SeenRecords:
             seen = [i for part in comm.all_gather(seen) for i in part]
         if expected is None:
             if self.dataset_name in DatasetCatalog.list():
-                expected = dataset_record_ids(self.dataset_name)
+                expected = dataset_record_ids(self.dataset_name, self.key)
             else:
                 logger.warning(
                     "%s: dataset '%s' is not registered; only duplicates are checked",
@@ -142,7 +152,7 @@ class SeenRecords:
                     self.dataset_name,
                 )
                 expected = list(set(seen))
-        check_exactly_once(self.dataset_name, seen, expected, self.evaluator)
+        check_exactly_once(self.dataset_name, seen, expected, self.evaluator, self.key)
 
 
 def without_predictions(inp: dict, out: dict) -> dict:

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.evaluation.integrity import SeenRecords
+
 __all__ = ["CaptionEvaluator", "caption_metrics", "metric_availability"]
 
 logger = logging.getLogger(__name__)
@@ -143,6 +145,9 @@ class CaptionEvaluator(DatasetEvaluator):
         output_dir: where ``caption.json`` is written (None: not written).
         metrics: metric names (``CAPTION.METRICS``).
         distributed: gather the predictions of every rank.
+
+    Each image of the dataset must be evaluated exactly once (``EvaluationCoverageError``
+    otherwise).
     """
 
     def __init__(
@@ -157,13 +162,16 @@ class CaptionEvaluator(DatasetEvaluator):
         self.metrics = list(metrics)
         metric_availability(self.metrics)  # unknown names fail early
         self.distributed = distributed
+        self._seen = SeenRecords(dataset_name, "CaptionEvaluator", distributed)
         self._predictions: list[dict] = []
 
     def reset(self):
         self._predictions = []
+        self._seen.reset()
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
+            self._seen.add(inp["image_id"])
             refs = inp.get("captions")
             if isinstance(refs, str):
                 refs = [refs]
@@ -181,6 +189,7 @@ class CaptionEvaluator(DatasetEvaluator):
             )
 
     def evaluate(self):
+        self._seen.check()
         predictions = self._predictions
         if self.distributed:
             comm.synchronize()
@@ -190,9 +199,7 @@ class CaptionEvaluator(DatasetEvaluator):
         if not predictions:
             logger.warning("%s: no caption was generated", self.dataset_name)
             return {}
-        unique: dict = {}
-        for p in predictions:  # one caption per image (the original de-duplicates too)
-            unique.setdefault(p["image_id"], p)
+        unique = {p["image_id"]: p for p in predictions}  # each image once (checked above)
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "caption.json")

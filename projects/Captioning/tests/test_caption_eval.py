@@ -76,9 +76,7 @@ def test_caption_metrics_and_skips():
 
 
 def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path):
-    ev = CaptionEvaluator(
-        "shapes_val_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False
-    )
+    ev = CaptionEvaluator("toy_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False)
     ev.reset()
     ev.process(
         [{"image_id": 7, "captions": ["a red circle"]}, {"image_id": 8, "captions": ["a cat"]}],

@@ -9,6 +9,8 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.evaluation.integrity import SeenRecords
+
 __all__ = ["TokenAccuracyEvaluator"]
 
 
@@ -16,18 +18,22 @@ class TokenAccuracyEvaluator(DatasetEvaluator):
     """Counts right / all predictions over object tokens (label > 0: the category must be right)
     and background tokens, per level; results ``{"tokens": {"<level>_object_acc": %,
     "<level>_background_acc": %}}``, plus ``"presence_acc"`` (right / all of the (image, category)
-    labels, logit > 0 = present) when the model outputs ``presence_logits``."""
+    labels, logit > 0 = present) when the model outputs ``presence_logits``. Each image of the
+    dataset must be evaluated exactly once (``EvaluationCoverageError`` otherwise)."""
 
     def __init__(self, dataset_name: str):
         self.dataset_name = dataset_name
+        self._seen = SeenRecords(dataset_name, "TokenAccuracyEvaluator")
         self.reset()
 
     def reset(self):
         self._counts: dict[str, list[int]] = {}
         self._presence = [0, 0]  # right, all (image, category) labels
+        self._seen.reset()
 
     def process(self, inputs, outputs):
         for record, out in zip(inputs, outputs):
+            self._seen.add(record["image_id"])
             for level, logits in out["token_logits"].items():
                 labels = record["token_labels"][level].to(logits.device)
                 pred = logits.argmax(-1)
@@ -43,6 +49,7 @@ class TokenAccuracyEvaluator(DatasetEvaluator):
                 self._presence[1] += truth.numel()
 
     def evaluate(self):
+        self._seen.check()
         gathered = comm.gather((self._counts, self._presence), dst=0)
         if not comm.is_main_process():
             return {}

@@ -87,7 +87,8 @@ def test_evaluator_counts_tokens_and_presence_labels_by_hand():
     labels = torch.tensor([[0, 2], [1, 0]])  # two object tokens, two background tokens
     logits = torch.zeros(2, 2, 3)
     logits[0, 0, 0] = logits[0, 1, 2] = logits[1, 0, 2] = logits[1, 1, 1] = 1.0
-    record = {"token_labels": {"res5": labels}, "presence": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    record = {"image_id": 1, "token_labels": {"res5": labels}}
+    record["presence"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
     out = {
         "token_logits": {"res5": logits},
         "presence_logits": torch.tensor([2.0, 1.0, -1.0, -3.0]),

@@ -9,6 +9,8 @@ import os
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.evaluation.integrity import SeenRecords
+
 __all__ = ["NLVR2Evaluator"]
 
 logger = logging.getLogger(__name__)
@@ -16,27 +18,32 @@ logger = logging.getLogger(__name__)
 
 class NLVR2Evaluator(DatasetEvaluator):
     """Returns ``{"nlvr2": {"accuracy", "num_examples"}}``; writes ``predictions.json``
-    (``[{"identifier", "prediction": "True"/"False"}]``) to ``output_dir`` when given."""
+    (``[{"identifier", "prediction": "True"/"False"}]``) to ``output_dir`` when given. Each
+    example of the dataset must be evaluated exactly once (``EvaluationCoverageError`` otherwise,
+    naming ``identifier`` values)."""
 
     def __init__(self, dataset_name: str, output_dir: str | None = None):
         self.dataset_name = dataset_name
         self.output_dir = output_dir
+        self._seen = SeenRecords(dataset_name, "NLVR2Evaluator", key="identifier")
         self.reset()
 
     def reset(self) -> None:
         self._rows: list[dict] = []
+        self._seen.reset()
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for x, y in zip(inputs, outputs):
+            self._seen.add(x["identifier"])
             self._rows.append(
                 {"identifier": x["identifier"], "prediction": y["prediction"], "label": x["label"]}
             )
 
     def evaluate(self):
+        self._seen.check()
         rows = [r for part in comm.gather(self._rows, dst=0) for r in part]
         if not comm.is_main_process():
             return {}
-        rows = list({r["identifier"]: r for r in rows}.values())
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "predictions.json"), "w") as f:

@@ -5,6 +5,8 @@ Per question the predicted answer (argmax over the vocabulary) is scored with
 the original's processed soft scores (Arrow files) are scored with the soft score of the prediction,
 which equals the official accuracy up to its leave-one-out averaging. Questions without answers
 (test-dev / test-std) are only written to ``vqa_submit.json`` (``[{"question_id", "answer"}]``).
+Each question of the dataset must be evaluated exactly once (``EvaluationCoverageError`` otherwise,
+naming ``question_id`` values).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
+
+from fiber_d2.evaluation.integrity import SeenRecords
 
 from .answers import vqa_accuracy
 
@@ -40,13 +44,16 @@ class VQAEvaluator(DatasetEvaluator):
         self.dataset_name = dataset_name
         self.answers = list(answers)
         self.output_dir = output_dir
+        self._seen = SeenRecords(dataset_name, "VQAEvaluator", key="question_id")
         self.reset()
 
     def reset(self) -> None:
         self._rows: list[dict] = []
+        self._seen.reset()
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         for x, y in zip(inputs, outputs):
+            self._seen.add(x["question_id"])
             row = {"question_id": x["question_id"], "answer": self.answers[y["answer_index"]]}
             if x.get("answers"):
                 row["accuracy"] = vqa_accuracy(row["answer"], x["answers"])
@@ -58,10 +65,10 @@ class VQAEvaluator(DatasetEvaluator):
             self._rows.append(row)
 
     def evaluate(self):
+        self._seen.check()
         rows = [r for part in comm.gather(self._rows, dst=0) for r in part]
         if not comm.is_main_process():
             return {}
-        rows = list({r["question_id"]: r for r in rows}.values())  # padded samplers repeat
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "vqa_submit.json")
