@@ -289,6 +289,32 @@ def test_unregistered_dataset(path, out):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("path", ["train", "eval"])
+@pytest.mark.parametrize("problem", ["missing", "not JSON"])
+def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
+    """A registered set whose annotation file is gone or broken: one line naming the set and the
+    file, before OUTPUT_DIR is touched (with TEST.UNREADABLE_IMAGE_AS_EMPTY too)."""
+    name = f"bad_input_annotations_{path}_{problem.replace(' ', '_')}"
+    json_file = tmp_path / "annotations.json"
+    if problem == "not JSON":
+        json_file.write_text('{"images": [')
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_grounding_coco(name, str(json_file), str(tmp_path))
+    before = snapshot(out)
+    if path == "train":
+        args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"]
+    else:  # the key skips the check of the test images, not that of the annotations
+        args = ["--eval-only", "DATASETS.TEST", f"('{name}',)"]
+        args += ["TEST.UNREADABLE_IMAGE_AS_EMPTY", "True"]
+    line = run_train_net(["--config-file", FINE, *args, "OUTPUT_DIR", str(out), *TINY])
+    role = "training" if path == "train" else "test"
+    assert f"{role} dataset '{name}': cannot load its annotations" in line
+    assert str(json_file) in line
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- images
 def _truncated_jpeg(path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)

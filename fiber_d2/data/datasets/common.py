@@ -218,26 +218,50 @@ def _serve_once(name: str, records: List[dict]) -> None:
     DatasetCatalog.register(name, load_once)
 
 
+def _load_records(name: str, role: str) -> list:
+    """``DatasetCatalog.get(name)``; an annotation file that is missing or unreadable (not JSON, a
+    folder, no permission) is one :class:`BadRecordError` line naming the dataset and the file.
+
+    Args:
+        name: registered dataset.
+        role: "training" or "test", for the message.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    try:
+        return DatasetCatalog.get(name)
+    except BadRecordError:
+        raise
+    except (OSError, ValueError) as e:
+        source = MetadataCatalog.get(name).get("json_file", "")
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if source and source not in detail:
+            detail = f"{source}: {detail}"
+        raise BadRecordError(
+            f"{role} dataset '{name}': cannot load its annotations: {detail} (the built-in "
+            "datasets are read under $DETECTRON2_DATASETS, default ./datasets)"
+        ) from e
+
+
 def check_datasets_before_run(
     train: Sequence[str], test: Sequence[str], *, check_test_files: bool = True
 ) -> None:
     """Checks made before a run writes anything to its ``OUTPUT_DIR``.
 
-    * every training dataset loads and has at least one readable image (images are decoded in
-      order until one works, so a healthy set costs one decode);
+    * every dataset's annotations load (a missing or malformed file is one line naming it);
+    * every training dataset has at least one readable image (images are decoded in order until
+      one works, so a healthy set costs one decode);
     * with ``check_test_files``, every test image exists and decodes in full (truncated files
       included), so a bad test image stops the run before its ``OUTPUT_DIR`` is touched.
 
-    Each training set's records are handed to the run's first ``DatasetCatalog.get`` instead of
-    being loaded twice.
+    Each set's records are handed to the run's first ``DatasetCatalog.get`` instead of being
+    loaded twice.
 
     Raises:
         BadRecordError: one line naming the dataset (and a file).
     """
-    from detectron2.data import DatasetCatalog
-
     for name in train:
-        records = DatasetCatalog.get(name)
+        records = _load_records(name, "training")
         ok, failure = _first_readable(records)
         if not ok:
             raise BadRecordError(
@@ -245,13 +269,12 @@ def check_datasets_before_run(
                 f"(first: {failure})"
             )
         _serve_once(name, records)
-    if check_test_files:
-        for name in test:
-            records = DatasetCatalog.get(name)
-            problem = _undecodable(records)
-            if problem:
-                raise BadRecordError(
-                    f"test dataset '{name}': cannot read image {problem} (every test image is "
-                    "evaluated; TEST.UNREADABLE_IMAGE_AS_EMPTY True counts it without predictions)"
-                )
-            _serve_once(name, records)
+    for name in test:
+        records = _load_records(name, "test")
+        problem = _undecodable(records) if check_test_files else None
+        if problem:
+            raise BadRecordError(
+                f"test dataset '{name}': cannot read image {problem} (every test image is "
+                "evaluated; TEST.UNREADABLE_IMAGE_AS_EMPTY True counts it without predictions)"
+            )
+        _serve_once(name, records)
