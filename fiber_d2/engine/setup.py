@@ -16,6 +16,7 @@ import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
+from detectron2.utils.logger import log_first_n
 
 from ..config import add_fiber_config
 from .trainer import is_coarse_stage
@@ -215,7 +216,11 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         )
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # detectron2's AMPTrainer needs CUDA; FIBER's AMP recipes still run (in fp32) on the CPU.
-        logger.warning("SOLVER.AMP.ENABLED is ignored on the CPU; training in fp32.")
+        if training:  # said once, although a command line validates its config twice
+            log_first_n(
+                logging.WARNING, "SOLVER.AMP.ENABLED is ignored on the CPU; training in fp32.",
+                key="message", name=logger.name,
+            )  # fmt: skip
         was_frozen = cfg.is_frozen()
         cfg.defrost()
         cfg.SOLVER.AMP.ENABLED = False
