@@ -52,7 +52,14 @@ def run_stage(
         cmd += ["--resume"] if resume else []
         cmd += list(opts) + ["OUTPUT_DIR", output_dir]
         logger.info("Running: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        try:
+            subprocess.run(cmd, check=True)
+        except subprocess.CalledProcessError as e:  # the stage printed its own error above
+            sys.exit(
+                f"error: stage {config} failed (exit status {e.returncode}; its log: "
+                f"{os.path.join(output_dir, 'log.txt')}); once the cause is fixed, --resume "
+                "continues from its last checkpoint"
+            )
     with open(results_file) as f:
         return json.load(f)
 
