@@ -29,6 +29,8 @@ unknown key) ends with one ``error: ...`` line and exit status 1.
 
 from __future__ import annotations
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 import argparse
 import logging
 import math
@@ -45,7 +47,6 @@ except ImportError as e:  # pragma: no cover
 from fvcore.nn import FlopCountAnalysis, flop_count_table, parameter_count_table
 from fvcore.nn.jit_handles import get_shape
 
-import fiber_d2  # noqa: F401  (registers the meta-architectures)
 from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
 

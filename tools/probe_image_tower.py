@@ -27,6 +27,8 @@ validation split are those of the default world. Output: one JSON line per evalu
 
 from __future__ import annotations
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 import argparse
 import json
 import logging
@@ -40,7 +42,6 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 from PIL import Image
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.checkpoint import load_model_weights
 from fiber_d2.data.shapes import CATEGORY_NAMES, ensure_shapes_world, shapes_files, shapes_root
 from fiber_d2.data.vl_transforms import build_vl_image_transform

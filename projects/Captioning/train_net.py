@@ -9,9 +9,10 @@ reports BLEU-4 and CIDEr (METEOR / SPICE when Java allows) with copypaste lines,
 ``OUTPUT_DIR/inference/<dataset>/caption.json``.
 """
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 from captioning import CaptionTrainer, load_captioning_config
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.engine.cli import launch_cli, run
 
 

@@ -8,9 +8,10 @@ At the end of training the tower is written to ``OUTPUT_DIR/swin_weights.pth`` i
 layout, for ``MODEL.SWIN.WEIGHTS`` of any FIBER config with the same ``MODEL.SWIN`` sizes.
 """
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 from image_tower import ImageTowerTrainer, load_image_tower_config
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.engine.cli import launch_cli, run
 
 Trainer = ImageTowerTrainer

@@ -7,9 +7,10 @@
 Each test set (dev, test-P = ``nlvr2_test1``) is evaluated and logged separately.
 """
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 from nlvr2 import NLVR2Trainer
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.engine.cli import launch_cli, run
 
 Trainer = NLVR2Trainer

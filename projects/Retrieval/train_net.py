@@ -10,6 +10,8 @@ top ``RETRIEVAL.RERANK_K`` ITC pairs with the ITM match logit. ``FIBERRetrievalI
 negatives (each sample carries a false image, :class:`retrieval.FalseImageCaptionMapper`).
 """
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 import logging
 from collections import OrderedDict
 
@@ -21,7 +23,6 @@ from detectron2.data import (
 )
 from retrieval import FalseImageCaptionMapper, ITMRerankRetrievalEvaluator, add_retrieval_config
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.engine.cli import launch_cli, run
 from fiber_d2.engine.setup import ConfigError, load_config

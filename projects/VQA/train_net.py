@@ -8,9 +8,10 @@ Training questions without an in-vocabulary answer are counted and dropped; eval
 ``vqa_submit.json`` per test set under ``OUTPUT_DIR/inference/<dataset>/``.
 """
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 from vqa import VQATrainer, load_vqa_config
 
-import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.engine.cli import launch_cli, run
 
 Trainer = VQATrainer

@@ -1,4 +1,5 @@
-"""Logs of the tools: the converter's summary once, no fvcore TorchScript warning, one namespace."""
+"""Logs of the tools: the converter's summary once, no fvcore TorchScript warning (the converter,
+the projects' train_net.py, the tools that import fvcore), one namespace."""
 
 import logging
 import os
@@ -45,3 +46,23 @@ def test_library_loggers_share_the_fiber_d2_namespace():
 
     names = [n for n in logging.root.manager.loggerDict if "fiber" in n.lower()]
     assert names and all(n == "fiber_d2" or n.startswith("fiber_d2.") for n in names), names
+
+
+# one project train_net of each import layout, and a tool that imports fvcore itself
+@pytest.mark.parametrize(
+    "script",
+    ["projects/VQA/train_net.py", "projects/Retrieval/train_net.py", "tools/analyze_model.py"],
+)
+def test_no_fvcore_torchscript_warning(script):
+    """fiber_d2 silences fvcore's import-time TorchScript deprecation warning, which works only
+    when it is imported before detectron2 / fvcore; each entry point does so."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout and "torch.jit.script" not in proc.stderr
