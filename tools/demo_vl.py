@@ -27,6 +27,8 @@ keyword receives the trailing overrides) does the work.
 
 from __future__ import annotations
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 import argparse
 import importlib
 import inspect
