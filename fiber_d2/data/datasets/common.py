@@ -237,9 +237,12 @@ def _load_records(name: str, role: str) -> list:
         detail = " ".join(str(e).split()) or type(e).__name__
         if source and source not in detail:
             detail = f"{source}: {detail}"
+        if isinstance(e, FileNotFoundError):
+            detail += (
+                " (the built-in datasets are read under $DETECTRON2_DATASETS, default ./datasets)"
+            )
         raise BadRecordError(
-            f"{role} dataset '{name}': cannot load its annotations: {detail} (the built-in "
-            "datasets are read under $DETECTRON2_DATASETS, default ./datasets)"
+            f"{role} dataset '{name}': cannot load its annotations: {detail}"
         ) from e
 
 
