@@ -290,7 +290,7 @@ def test_unregistered_dataset(path, out):
 
 
 @pytest.mark.parametrize("path", ["train", "eval"])
-@pytest.mark.parametrize("problem", ["missing", "not JSON"])
+@pytest.mark.parametrize("problem", ["missing", "not JSON", "no file_name"])
 def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     """A registered set whose annotation file is gone or broken: one line naming the set and the
     file, before OUTPUT_DIR is touched (with TEST.UNREADABLE_IMAGE_AS_EMPTY too)."""
@@ -298,6 +298,12 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     json_file = tmp_path / "annotations.json"
     if problem == "not JSON":
         json_file.write_text('{"images": [')
+    elif problem == "no file_name":
+        image = {"id": 1, "height": 10, "width": 10}
+        categories = [{"id": 1, "name": "circle"}]
+        json_file.write_text(
+            json.dumps({"images": [image], "annotations": [], "categories": categories})
+        )
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -312,6 +318,8 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     role = "training" if path == "train" else "test"
     assert f"{role} dataset '{name}': cannot load its annotations" in line
     assert str(json_file) in line
+    if problem == "no file_name":
+        assert "a record has no field 'file_name'" in line
     assert snapshot(out) == before
 
 

@@ -220,7 +220,8 @@ def _serve_once(name: str, records: List[dict]) -> None:
 
 def _load_records(name: str, role: str) -> list:
     """``DatasetCatalog.get(name)``; an annotation file that is missing or unreadable (not JSON, a
-    folder, no permission) is one :class:`BadRecordError` line naming the dataset and the file.
+    folder, no permission, a record without a required field) is one :class:`BadRecordError` line
+    naming the dataset and the file.
 
     Args:
         name: registered dataset.
@@ -232,9 +233,12 @@ def _load_records(name: str, role: str) -> list:
         return DatasetCatalog.get(name)
     except BadRecordError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         source = MetadataCatalog.get(name).get("json_file", "")
-        detail = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, KeyError):  # a hand-made file without a field the format requires
+            detail = f"a record has no field {e}"
+        else:
+            detail = " ".join(str(e).split()) or type(e).__name__
         if source and source not in detail:
             detail = f"{source}: {detail}"
         if isinstance(e, FileNotFoundError):
