@@ -247,6 +247,43 @@ def test_checkpoint_of_another_architecture(path, other_arch, out, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.fixture()
+def coarse_checkpoint(tmp_path):
+    """A coarse-stage checkpoint of the tiny model: the towers, no FPN or detector head."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config(str(ROOT / "configs/Demo/coarse_tiny.yaml"), TINY))
+    path = tmp_path / "coarse_final.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("path", ["eval", "predict", "demo"])
+def test_coarse_checkpoint_is_not_evaluated_as_a_detector(path, coarse_checkpoint, out, tmp_path):
+    """Training the fine stage from it is the coarse-to-fine hand-off (the head is the stage's
+    own); evaluating or predicting with it would score an untrained head: one line instead."""
+    before = snapshot(out)
+    weights = ["MODEL.WEIGHTS", coarse_checkpoint]
+    if path == "eval":
+        line = run_train_net(
+            ["--config-file", FINE, "--eval-only", "OUTPUT_DIR", str(out), *TINY, *weights]
+        )
+    elif path == "predict":
+        with pytest.raises(CheckpointError) as err:
+            FIBERPredictor(load_config(FINE, [*TINY, *weights]))
+        line = one_line_error(err.value)
+    else:
+        image = tmp_path / "img.png"
+        Image.new("RGB", (32, 32)).save(image)
+        line = run_demo(
+            ["--input", str(image), "--prompt", "red circle", "--opts", *TINY, *weights]
+        )
+    assert coarse_checkpoint in line and "no detector head" in line
+    assert "backbone.fpn_lateral3" in line and "MODEL.WEIGHTS_PARTIAL_OK" in line
+    assert snapshot(out) == before
+
+
 def test_partial_checkpoint_loads_when_allowed(other_arch, caplog):
     with caplog.at_level(logging.WARNING, logger="fiber_d2.checkpoint.checkpointer"):
         FIBERPredictor(

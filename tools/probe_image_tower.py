@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     else:
         model = build_model(cfg)
         if cfg.MODEL.WEIGHTS:
-            load_model_weights(model, cfg)
+            load_model_weights(model, cfg, inference=False)  # only its features are read
         probe = PresenceProbe(model, args.stage, args.pool, size)
         del model
     root = world_root(args.num_train, args.world)

@@ -15,8 +15,10 @@ coarse-to-fine hand-off.
 * Strict weights: when more than :data:`PARTIAL_LOAD_TOLERANCE` of the model's parameters (by count
   or by elements; wrong shapes count as missing) are not filled from the file, loading fails with
   one line listing the missing groups, unless ``partial_ok`` (``MODEL.WEIGHTS_PARTIAL_OK``). Parts a
-  stage is expected to add (everything outside the two towers when a coarse checkpoint feeds the
-  detector; a task model's ``STAGE_HEADS`` when the file has none of them) are not counted.
+  training stage is expected to add (everything outside the two towers when a coarse checkpoint
+  feeds the detector; a task model's ``STAGE_HEADS`` when the file has none of them) are not
+  counted, except when the model is loaded to be used as it is (``inference``: evaluation,
+  prediction), where an untrained head would make every output meaningless.
 * Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another
   resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
   recomputed by the model.
@@ -155,6 +157,7 @@ class FIBERCheckpointer(DetectionCheckpointer):
         save_dir: str = "",
         *,
         partial_ok: bool | None = None,
+        inference: bool = False,
         save_to_disk: bool | None = None,
         **checkpointables,
     ):
@@ -165,10 +168,13 @@ class FIBERCheckpointer(DetectionCheckpointer):
             partial_ok: accept a checkpoint that leaves many parameters unfilled. None: the
                 ``trainer`` checkpointable's ``cfg.MODEL.WEIGHTS_PARTIAL_OK`` when there is
                 one, else False.
+            inference: the model is used as loaded (evaluation, prediction), not trained further:
+                the heads a training stage adds count as missing too.
             save_to_disk, checkpointables: as detectron2's ``DetectionCheckpointer``.
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.partial_ok = partial_ok
+        self.inference = inference
         self.keep_loaded = False  # pre-flight: keep the raw file for the next load of it
         self._path = ""
         self._coarse_into_detector = False
@@ -284,7 +290,10 @@ class FIBERCheckpointer(DetectionCheckpointer):
         """Raise CheckpointError when too much of the model was left unfilled."""
         params = dict(self.model.named_parameters())
         counted = params
-        if self._coarse_into_detector:  # FPN, head and output norms are the fine stage's own
+        stage_adds = ""  # what the file lacks because a training stage adds it
+        if self._coarse_into_detector and self.inference:
+            stage_adds = "a coarse-stage checkpoint has no detector head (FPN, DyHead)"
+        elif self._coarse_into_detector:  # FPN, head and output norms are the fine stage's own
             counted = {
                 k: p
                 for k, p in params.items()
@@ -296,14 +305,18 @@ class FIBERCheckpointer(DetectionCheckpointer):
         for prefix in getattr(self.model, "STAGE_HEADS", ()):
             head = [k for k in counted if k.startswith(prefix)]
             if head and all(k in missing_set for k in head):
-                counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
+                if self.inference:
+                    stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
+                else:
+                    counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
         missing = sorted(k for k in missing_set if k in counted)
         if not missing or not counted:
             return
         share_count = len(missing) / len(counted)
         total = sum(p.numel() for p in counted.values())
         share_numel = sum(counted[k].numel() for k in missing) / max(total, 1)
-        if max(share_count, share_numel) <= PARTIAL_LOAD_TOLERANCE:
+        # a whole missing head is never tolerated when the model is used as loaded
+        if max(share_count, share_numel) <= PARTIAL_LOAD_TOLERANCE and not stage_adds:
             return
         what = (
             f"{self._path}: {len(missing)} of {len(counted)} model parameters "
@@ -313,6 +326,12 @@ class FIBERCheckpointer(DetectionCheckpointer):
         if self._partial_ok():
             logger.warning("%s; loading anyway (MODEL.WEIGHTS_PARTIAL_OK)", what)
             return
+        if stage_adds:
+            raise CheckpointError(
+                f"{what}. {stage_adds[0].upper() + stage_adds[1:]}, which the next training "
+                "stage trains: evaluate or predict with that stage's checkpoint. Set "
+                "MODEL.WEIGHTS_PARTIAL_OK True to load it anyway."
+            )
         raise CheckpointError(
             f"{what}. Is it a checkpoint of another architecture or config? "
             "Set MODEL.WEIGHTS_PARTIAL_OK True to load it anyway."
@@ -337,12 +356,14 @@ class FIBERCheckpointer(DetectionCheckpointer):
             )
 
 
-def load_model_weights(model: torch.nn.Module, cfg) -> None:
+def load_model_weights(model: torch.nn.Module, cfg, *, inference: bool = True) -> None:
     """Load ``cfg.MODEL.WEIGHTS`` into ``model`` (the predictor's and the demo's loading line).
 
     Args:
         model: a built model.
         cfg: its config; ``MODEL.WEIGHTS_PARTIAL_OK`` decides on partial checkpoints.
+        inference: the model is used as loaded (see :class:`FIBERCheckpointer`); False when
+            something is trained on top of it.
 
     Raises:
         CheckpointError: missing, unsafe or unfit file (one line naming it).
@@ -353,7 +374,9 @@ def load_model_weights(model: torch.nn.Module, cfg) -> None:
         return
     if "://" not in weights and not os.path.isfile(weights):
         raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights}")
-    FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK).load(weights)
+    FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK, inference=inference).load(
+        weights
+    )
 
 
 def weights_to_load(cfg, *, resume: bool) -> str:
@@ -368,7 +391,7 @@ def weights_to_load(cfg, *, resume: bool) -> str:
     return cfg.MODEL.WEIGHTS
 
 
-def check_weights_before_run(cfg, *, resume: bool) -> None:
+def check_weights_before_run(cfg, *, resume: bool, inference: bool = False) -> None:
     """Read and check the weights a run will load before it writes anything to ``OUTPUT_DIR``.
 
     The file is read safely and loaded into the model built on the meta device (no memory for
@@ -400,7 +423,9 @@ def check_weights_before_run(cfg, *, resume: bool) -> None:
         if os.path.isfile(local):
             _PRELOADED[local] = (_signature(local), load_checkpoint_file(local))
         return
-    checkpointer = FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK)
+    checkpointer = FIBERCheckpointer(
+        model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK, inference=inference
+    )
     checkpointer.keep_loaded = True
     with warnings.catch_warnings():
         # Copying into meta tensors is a no-op by design here (only keys and shapes are checked);

@@ -71,7 +71,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         cfg.DATASETS.TEST,
         check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
     )
-    check_weights_before_run(cfg, resume=resume)
+    check_weights_before_run(cfg, resume=resume, inference=not training)
 
 
 def cpu_threads_per_process(
@@ -140,7 +140,10 @@ def run(
         if args.eval_only:
             model = trainer_cls.build_model(cfg)
             FIBERCheckpointer(
-                model, save_dir=cfg.OUTPUT_DIR, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK
+                model,
+                save_dir=cfg.OUTPUT_DIR,
+                partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK,
+                inference=True,
             ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
             results = trainer_cls.test(cfg, model)
             verify_results(cfg, results)

@@ -50,6 +50,15 @@ def test_three_iterations_then_evaluation(tmp_path):
     assert len(submit) == 8 and all(s["answer"] in vocab for s in submit)
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     assert state["vqa_classifier.3.weight"].shape == (len(vocab), 128)
+    # without its head (a coarse checkpoint): training starts the head, evaluation refuses
+    headless = tmp_path / "headless.pth"
+    torch.save({"model": {k: v for k, v in state.items() if "vqa_classifier" not in k}}, headless)
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), "--eval-only", *TINY,
+         "MODEL.WEIGHTS", str(headless), "OUTPUT_DIR", str(tmp_path / "eval")]
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="has no vqa_classifier head"):
+        train_net.main(args)
 
 
 @pytest.mark.long(1)
