@@ -398,6 +398,12 @@ def check_weights_before_run(cfg, *, resume: bool, inference: bool = False) -> N
     weights), so an unsafe, unreadable or unfit file (strict weights) is a one-line error before
     any file is touched. The file read here is handed to the run's own load of it (not read twice).
 
+    Args:
+        cfg: the run's config (``MODEL.WEIGHTS``, ``OUTPUT_DIR``, ``MODEL.WEIGHTS_PARTIAL_OK``).
+        resume: the run continues from ``OUTPUT_DIR``'s last checkpoint when there is one.
+        inference: the run evaluates the loaded model (``--eval-only``): a head that training
+            would add must be in the file (see :class:`FIBERCheckpointer`).
+
     Raises:
         CheckpointError: one line naming the file.
     """
