@@ -1,8 +1,14 @@
 """tools/pretrain_pipeline.py (``make demo``): a stage that fails ends the pipeline with one error
-line naming the stage and its log, after the stage's own error line, not with a traceback."""
+line naming the stage and its log, after the stage's own error line, not with a traceback; the
+summary puts retrieval next to chance."""
+
+import os
 
 import pytest
+from detectron2.data import DatasetCatalog
 from tool_scripts import load_tool
+
+import fiber_d2  # noqa: F401  (registers the shapes datasets)
 
 
 def test_failed_stage_is_one_error_line(tmp_path):
@@ -14,3 +20,30 @@ def test_failed_stage_is_one_error_line(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"error: stage {missing} failed (exit status 1")
     assert str(tmp_path / "out" / "coarse" / "log.txt") in message and "--resume" in message
+
+
+def test_summary_names_retrieval_chance_and_explains_it(monkeypatch, tmp_path, capsys):
+    """Retrieval rows carry the recall of a random ranking (100 / test images); near it, with
+    towers from scratch (the Demo), a line says why and where retrieval does learn."""
+    pipeline = load_tool("pretrain_pipeline")
+    stage_results = {
+        "coarse": {"retrieval": {"TR@1": 1.5625, "IR@1": 2.0}},
+        "fine": {"bbox": {"AP": 50.0, "AP50": 60.0}, "grounding": {"R@1": 80.0, "R@5": 99.0}},
+    }
+    monkeypatch.setattr(
+        pipeline,
+        "run_stage",
+        lambda config, output_dir, *a, **k: stage_results[os.path.basename(output_dir)],
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    pipeline.main(["--output-dir", str(out_dir)])
+    printed = capsys.readouterr().out
+    chance = 100.0 / len(DatasetCatalog.get("shapes_val_captions"))
+    row = next(line for line in printed.splitlines() if line.startswith("retrieval IR@1"))
+    assert row.endswith(f" 2.00  (chance {chance:.2f})")
+    assert "retrieval near chance" in printed and "make demo-vl" in printed
+    assert "(chance" not in pipeline.summary_table(stage_results)  # without a chance level
+    stage_results["coarse"]["retrieval"] = {"TR@1": 40.0, "IR@1": 30.0}
+    pipeline.main(["--output-dir", str(out_dir)])
+    assert "retrieval near chance" not in capsys.readouterr().out
