@@ -16,6 +16,8 @@ fine stage from scratch with the same budget (the ablation). A run killed at any
 
 from __future__ import annotations
 
+import fiber_d2  # noqa: F401  # isort: skip  (imported first: registers FIBER, quiets fvcore)
+
 import argparse
 import json
 import logging

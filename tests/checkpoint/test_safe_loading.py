@@ -125,7 +125,8 @@ def test_coarse_checkpoint_into_the_detector_is_not_partial(coarse_model, fresh,
 
 def test_pre_flight_check_is_quiet_and_still_strict(fine_model, tmp_path):
     """The check before a run loads the file into a meta-device model: no warning per tensor
-    (torch's "copying ... to a meta parameter" for each of them), the same refusal as a real load."""
+    (torch's "copying ... to a meta parameter" for each of them), the same refusal as a real load.
+    """
     path = tmp_path / "weights.pth"
     torch.save({"model": fine_model.state_dict()}, path)
     cfg = load_config(FINE_CFG, ["MODEL.WEIGHTS", str(path), "OUTPUT_DIR", str(tmp_path / "out")])
