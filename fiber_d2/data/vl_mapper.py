@@ -16,6 +16,7 @@ import torch
 from detectron2.config import configurable
 
 from ..text import build_tokenizer
+from .datasets.common import BadRecordError
 from .mapper import memoized
 from .vl_transforms import build_vl_image_transform, read_vl_image
 
@@ -108,7 +109,8 @@ class FusedTaskMapper:
         """(3, S, S) uint8 tensor of a record's image in the configured channel order.
 
         Raises:
-            OSError naming the record's image when it cannot be read.
+            BadRecordError naming the record's image when it cannot be read (a user error: one
+            ``error:`` line from the command-line tools).
         """
         if self._image_cache is None:
             return self._read_image(record, file_key, column)
@@ -125,7 +127,8 @@ class FusedTaskMapper:
         try:
             image = self.transform(read_vl_image(record, file_key, column))
         except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image {record.get(file_key)}: {e}") from None
+            message = " ".join(str(e).split())
+            raise BadRecordError(f"cannot read image {record.get(file_key)}: {message}") from None
         if self.bgr:
             image = image[:, :, ::-1]
         return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from fiber_d2.data import vl_mapper
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 
 
@@ -56,5 +57,5 @@ def test_a_random_training_transform_cannot_be_cached(shapes_tokenizer, tmp_path
     )
     missing = {"file_name": str(tmp_path / "missing.png"), "text": "x"}
     for _ in range(2):  # a failed read is not cached: it fails again, naming the file
-        with pytest.raises(OSError, match="cannot read image .*missing.png"):
+        with pytest.raises(BadRecordError, match="cannot read image .*missing.png"):
             mapper(missing)

@@ -10,6 +10,7 @@ from typing import Iterable, List, Optional, Sequence
 
 __all__ = [
     "BadRecordError",
+    "record_files",
     "RecordFilter",
     "box_problem",
     "span_problem",
@@ -153,17 +154,29 @@ class BadRecordError(ValueError):
     """A one-line, user-facing error about a dataset or one of its records (naming it)."""
 
 
+def record_files(record: dict) -> List[str]:
+    """The image files of a record: ``file_name``, or ``file_name_0``, ``file_name_1``, ... (an
+    NLVR2 pair); none for records whose images live elsewhere (the original's Arrow files)."""
+    if record.get("file_name"):
+        return [record["file_name"]]
+    files = []
+    while record.get(f"file_name_{len(files)}"):
+        files.append(record[f"file_name_{len(files)}"])
+    return files
+
+
 def _first_readable(records: Iterable[dict]) -> tuple[bool, str]:
-    """(True, "") at the first record whose image decodes, else (False, first failure)."""
+    """(True, "") at the first record whose images decode, else (False, first failure)."""
     from detectron2.data.detection_utils import read_image
 
     first = ""
     for record in records:
-        path = record.get("file_name")
-        if not path:
+        paths = record_files(record)
+        if not paths:
             return True, ""  # records without files (nothing to check)
         try:
-            read_image(path, format="RGB")
+            for path in paths:
+                read_image(path, format="RGB")
             return True, ""
         except (OSError, ValueError, SyntaxError) as e:
             first = first or f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
@@ -171,7 +184,7 @@ def _first_readable(records: Iterable[dict]) -> tuple[bool, str]:
 
 
 def _undecodable(records: Iterable[dict]) -> str:
-    """The first record (in dataset order) whose file is missing or does not decode in full.
+    """The first image file (in dataset order) that is missing or does not decode in full.
 
     Truncated files are found too (PIL refuses a truncated image on ``load``). The images are decoded
     in threads (PIL releases the GIL while decoding): a cost of one extra decode per test image,
@@ -191,7 +204,7 @@ def _undecodable(records: Iterable[dict]) -> str:
             return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
         return ""
 
-    paths = [r["file_name"] for r in records if r.get("file_name")]
+    paths = list(dict.fromkeys(path for r in records for path in record_files(r)))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for found in pool.map(problem, paths):
             if found:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 
 __all__ = ["NLVR2DatasetMapper"]
@@ -22,14 +23,14 @@ class NLVR2DatasetMapper(FusedTaskMapper):
         """Map one record.
 
         Raises:
-            OSError: "NLVR2 record <identifier>: cannot read image <file>: ..." (one line).
+            BadRecordError: "NLVR2 record <identifier>: cannot read image <file>: ..." (one line).
         """
         record = copy.copy(dataset_dict)
         name = f"NLVR2 record {record.get('identifier')}"
         for k in (0, 1):
             try:
                 record[f"image_{k}"] = self.image(record, f"file_name_{k}", f"image_{k}")
-            except OSError as e:
-                raise OSError(f"{name}: {e}") from None
+            except BadRecordError as e:
+                raise BadRecordError(f"{name}: {e}") from None
         record.update(self.encode(record["sentence"], name))
         return record

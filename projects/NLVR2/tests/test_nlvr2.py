@@ -13,6 +13,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from nlvr2 import NLVR2DatasetMapper, NLVR2Evaluator, load_nlvr2_json, nlvr2_loss
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.engine.setup import load_config, validate_config
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -92,10 +93,48 @@ def test_missing_image_is_one_line_error_naming_the_record(tmp_path):
     mapper = NLVR2DatasetMapper(load_config(SHAPES, TINY), True)
     record = dict(DatasetCatalog.get("shapes_train_nlvr2")[0])
     record["file_name_1"] = str(tmp_path / "missing-img1.png")
-    with pytest.raises(OSError, match=r"NLVR2 record train-0: cannot read image .*missing-img1"):
+    with pytest.raises(
+        BadRecordError, match=r"NLVR2 record train-0: cannot read image .*missing-img1"
+    ):
         mapper(record)
     ok = mapper(DatasetCatalog.get("shapes_train_nlvr2")[0])
     assert ok["image_0"].shape == ok["image_1"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("where", ["test", "train"])
+def test_missing_image_in_a_run_is_one_error_line(where, tmp_path):
+    """A missing image of a test pair stops the run before OUTPUT_DIR is written (every test
+    image is decoded first); one of a training pair (training reads only one image first) ends
+    the training with the mapper's line naming the record, not a traceback."""
+    name = f"nlvr2_test_missing_image_{where}"
+    source = "shapes_val_nlvr2" if where == "test" else "shapes_train_nlvr2"
+    gone = str(tmp_path / "gone-img1.png")
+
+    def records(source=source):
+        rows = [dict(r) for r in DatasetCatalog.get(source)[:8]]
+        rows[3]["file_name_1"] = gone
+        return rows
+
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, records)
+        MetadataCatalog.get(name).set(evaluator_type="nlvr2")
+    sets = (
+        ["DATASETS.TEST", f"('{name}',)"] if where == "test" else ["DATASETS.TRAIN", f"('{name}',)"]
+    )
+    flags = ["--eval-only"] if where == "test" else []
+    args = default_argument_parser().parse_args(
+        ["--config-file", SHAPES, *flags, *TINY, *sets, "SOLVER.MAX_ITER", "8",
+         "OUTPUT_DIR", str(tmp_path / "out")]
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as err:
+        train_net.main(args)
+    line = str(err.value.code)
+    assert line.startswith("error: ") and "\n" not in line and gone in line
+    if where == "test":
+        assert f"test dataset '{name}'" in line and not (tmp_path / "out").exists()
+    else:
+        record = DatasetCatalog.get("shapes_train_nlvr2")[3]["identifier"]
+        assert f"NLVR2 record {record}: cannot read image" in line
 
 
 def test_official_json_lines_release(tmp_path):

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from vqa import VQADatasetMapper, answer_vocab
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.engine.setup import ConfigError, validate_config
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_missing_image_is_one_line_error_naming_it(tmp_path):
     cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
     mapper = VQADatasetMapper(cfg, False, answers=["yes"])
     record = dict(DatasetCatalog.get("shapes_val_vqa")[0], file_name=str(tmp_path / "gone.png"))
-    with pytest.raises(OSError, match=r"question \d+: cannot read image .*gone.png") as e:
+    with pytest.raises(BadRecordError, match=r"question \d+: cannot read image .*gone.png") as e:
         mapper(record)
     assert "\n" not in str(e.value)
 

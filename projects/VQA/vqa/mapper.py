@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from detectron2.config import configurable
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 
 __all__ = ["VQADatasetMapper", "soft_target"]
@@ -49,14 +50,14 @@ class VQADatasetMapper(FusedTaskMapper):
         """Map one question record.
 
         Raises:
-            OSError naming the question and its image when the image cannot be read.
+            BadRecordError naming the question and its image when the image cannot be read.
         """
         record = copy.copy(dataset_dict)
         name = f"question {record.get('question_id')}"
         try:
             record["image"] = self.image(record)
-        except OSError as e:
-            raise OSError(f"{name}: {e}") from None
+        except BadRecordError as e:
+            raise BadRecordError(f"{name}: {e}") from None
         record.update(self.encode(record["question"], name))
         if "answer_scores" in record:
             record["vqa_targets"] = soft_target(record["answer_scores"], self.index)
