@@ -13,7 +13,7 @@ from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_captioning_config
 from .data import build_caption_mapper, caption_train_records
-from .evaluator import CaptionEvaluator
+from .evaluator import CaptionEvaluator, metric_availability
 
 __all__ = ["CaptionTrainer", "load_captioning_config"]
 
@@ -45,11 +45,15 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
     """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Raises:
-        ConfigError: missing file, unknown key, malformed overrides, unknown stage or decoding.
+        ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding or metric.
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
     if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
         raise ConfigError(f"CAPTION.STAGE must be mle, gold or cider, got {cfg.CAPTION.STAGE!r}")
     if cfg.CAPTION.DECODING not in ("beam", "greedy"):
         raise ConfigError(f"CAPTION.DECODING must be beam or greedy, got {cfg.CAPTION.DECODING!r}")
+    try:
+        metric_availability(cfg.CAPTION.METRICS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg

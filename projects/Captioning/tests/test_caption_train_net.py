@@ -94,6 +94,8 @@ def test_config_errors_are_one_line():
         train_net.load_captioning_config(cfg_file, ["CAPTION.NOPE", "1"])
     with pytest.raises(ConfigError, match="STAGE"):
         train_net.load_captioning_config(cfg_file, ["CAPTION.STAGE", "ppo"])
+    with pytest.raises(ConfigError, match=r"CAPTION.METRICS: unknown \['ROUGE'\]"):
+        train_net.load_captioning_config(cfg_file, ["CAPTION.METRICS", "['BLEU', 'ROUGE']"])
 
 
 def test_empty_training_captions_are_counted_and_skipped(tmp_path, caplog):

@@ -132,6 +132,25 @@ def test_missing_image_is_one_line_error_naming_it(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("content", [None, "{not json", '{"yes": 0}'])
+def test_unusable_answer_vocabulary_is_one_line_before_anything_is_written(content, tmp_path):
+    vocab = tmp_path / "answers.json"
+    if content is not None:
+        vocab.write_text(content)
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *TINY,
+         "VQA.ANSWER_VOCAB", str(vocab), "OUTPUT_DIR", str(tmp_path / "out")]
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as err:
+        train_net.main(args)
+    line = str(err.value.code)
+    assert line.startswith(
+        f"error: VQA.ANSWER_VOCAB {'file not found: ' if content is None else ''}"
+    )
+    assert str(vocab) in line and "\n" not in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_standardisation_needs_two_examples_per_process(monkeypatch):
     path = str(PROJECT / "configs/shapes.yaml")
     cfg = train_net.load_vqa_config(path, TINY)

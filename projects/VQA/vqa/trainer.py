@@ -15,7 +15,7 @@ from fiber_d2.engine.trainer import FIBERTrainer
 from .config import add_vqa_config
 from .evaluator import VQAEvaluator
 from .mapper import VQADatasetMapper
-from .vocab import answer_vocab, drop_unanswerable
+from .vocab import answer_vocab, drop_unanswerable, read_vocab_file
 
 __all__ = ["VQATrainer", "load_vqa_config"]
 
@@ -48,6 +48,10 @@ def load_vqa_config(config_file: str | None, opts: list | None = None) -> CfgNod
     """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Raises:
-        ConfigError: missing file, unknown key, malformed overrides.
+        ConfigError: missing file, unknown key, malformed overrides, an unusable
+            ``VQA.ANSWER_VOCAB`` file.
     """
-    return load_config(config_file, opts, extra_defaults=(add_vqa_config,))
+    cfg = load_config(config_file, opts, extra_defaults=(add_vqa_config,))
+    if cfg.VQA.ANSWER_VOCAB:
+        read_vocab_file(cfg.VQA.ANSWER_VOCAB)  # before the run writes anything
+    return cfg

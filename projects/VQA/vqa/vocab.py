@@ -15,27 +15,41 @@ import os
 
 from detectron2.data import DatasetCatalog
 
+from fiber_d2.engine.setup import ConfigError
+
 from .answers import build_answer_vocab
 
-__all__ = ["answer_vocab", "drop_unanswerable"]
+__all__ = ["answer_vocab", "drop_unanswerable", "read_vocab_file"]
 
 logger = logging.getLogger(__name__)
+
+
+def read_vocab_file(vocab_file: str) -> tuple[str, ...]:
+    """The answers of a ``VQA.ANSWER_VOCAB`` file (a json list of strings, index = class).
+
+    Raises:
+        ConfigError: a missing file, or one that is not a json list of strings (one line).
+    """
+    if not os.path.isfile(vocab_file):
+        raise ConfigError(f"VQA.ANSWER_VOCAB file not found: {vocab_file}")
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            answers = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"VQA.ANSWER_VOCAB {vocab_file}: {' '.join(str(e).split())}") from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ConfigError(f"VQA.ANSWER_VOCAB {vocab_file} must hold a json list of strings")
+    return tuple(answers)
 
 
 @functools.lru_cache(maxsize=4)
 def _vocab(vocab_file: str, datasets: tuple[str, ...], min_count: int) -> tuple[str, ...]:
     if vocab_file:
-        if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"VQA.ANSWER_VOCAB file not found: {vocab_file}")
-        with open(vocab_file, encoding="utf-8") as f:
-            answers = json.load(f)
-        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"VQA.ANSWER_VOCAB {vocab_file} must hold a json list of strings")
-        return tuple(answers)
+        return read_vocab_file(vocab_file)
     records = [r for name in datasets for r in DatasetCatalog.get(name)]
     answers = build_answer_vocab((r for r in records if "multiple_choice_answer" in r), min_count)
     if not answers:
-        raise ValueError(
+        raise ConfigError(
             f"no answer occurs {min_count}+ times in {list(datasets)}; lower VQA.MIN_ANSWER_COUNT"
         )
     logger.info("VQA answer vocabulary: %d answers from %s", len(answers), list(datasets))
