@@ -88,6 +88,9 @@ def load_retrieval_config(config_file: str | None, opts: list | None = None) -> 
     cfg = load_config(config_file, opts, extra_defaults=(add_retrieval_config,))
     if cfg.RETRIEVAL.MODE not in ("itc", "itm"):
         raise ConfigError(f"RETRIEVAL.MODE must be 'itc' or 'itm', got {cfg.RETRIEVAL.MODE!r}")
+    for key in ("RERANK_K", "ITM_BATCH"):
+        if cfg.RETRIEVAL.get(key) < 1:
+            raise ConfigError(f"RETRIEVAL.{key} must be at least 1, got {cfg.RETRIEVAL.get(key)}")
     return cfg
 
 

@@ -45,13 +45,17 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
     """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Raises:
-        ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding or metric.
+        ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding or metric,
+            a beam, length or sample count below 1.
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
     if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
         raise ConfigError(f"CAPTION.STAGE must be mle, gold or cider, got {cfg.CAPTION.STAGE!r}")
     if cfg.CAPTION.DECODING not in ("beam", "greedy"):
         raise ConfigError(f"CAPTION.DECODING must be beam or greedy, got {cfg.CAPTION.DECODING!r}")
+    for key in ("BEAM_SIZE", "MAX_LENGTH", "CIDER_SAMPLES"):
+        if cfg.CAPTION.get(key) < 1:
+            raise ConfigError(f"CAPTION.{key} must be at least 1, got {cfg.CAPTION.get(key)}")
     try:
         metric_availability(cfg.CAPTION.METRICS)
     except ValueError as e:

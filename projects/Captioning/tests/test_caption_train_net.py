@@ -96,6 +96,8 @@ def test_config_errors_are_one_line():
         train_net.load_captioning_config(cfg_file, ["CAPTION.STAGE", "ppo"])
     with pytest.raises(ConfigError, match=r"CAPTION.METRICS: unknown \['ROUGE'\]"):
         train_net.load_captioning_config(cfg_file, ["CAPTION.METRICS", "['BLEU', 'ROUGE']"])
+    with pytest.raises(ConfigError, match="CAPTION.BEAM_SIZE must be at least 1, got 0"):
+        train_net.load_captioning_config(cfg_file, ["CAPTION.BEAM_SIZE", "0"])
 
 
 def test_empty_training_captions_are_counted_and_skipped(tmp_path, caplog):

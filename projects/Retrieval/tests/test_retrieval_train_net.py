@@ -101,6 +101,8 @@ def test_config_errors_are_one_line(tmp_path):
         train_net.load_retrieval_config(cfg_file, ["RETRIEVAL.NOPE", "1"])
     with pytest.raises(ConfigError, match="MODE"):
         train_net.load_retrieval_config(cfg_file, ["RETRIEVAL.MODE", "exhaustive"])
+    with pytest.raises(ConfigError, match="RETRIEVAL.RERANK_K must be at least 1, got 0"):
+        train_net.load_retrieval_config(cfg_file, ["RETRIEVAL.RERANK_K", "0"])
     with pytest.raises(ConfigError, match="not found"):
         train_net.load_retrieval_config(str(tmp_path / "nope.yaml"), [])
     cfg = train_net.load_retrieval_config(cfg_file, [])

@@ -151,6 +151,15 @@ def test_unusable_answer_vocabulary_is_one_line_before_anything_is_written(conte
     assert not (tmp_path / "out").exists()
 
 
+def test_unregistered_vocabulary_dataset_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match=r"VQA.VOCAB_DATASETS: dataset\(s\) \['nope'\] not registered"
+    ):
+        train_net.load_vqa_config(
+            str(PROJECT / "configs/shapes.yaml"), ["VQA.VOCAB_DATASETS", "('nope',)"]
+        )
+
+
 def test_batch_standardisation_needs_two_examples_per_process(monkeypatch):
     path = str(PROJECT / "configs/shapes.yaml")
     cfg = train_net.load_vqa_config(path, TINY)

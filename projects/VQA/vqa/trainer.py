@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 from detectron2.data import (
+    DatasetCatalog,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 
-from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_vqa_config
@@ -49,9 +50,13 @@ def load_vqa_config(config_file: str | None, opts: list | None = None) -> CfgNod
 
     Raises:
         ConfigError: missing file, unknown key, malformed overrides, an unusable
-            ``VQA.ANSWER_VOCAB`` file.
+            ``VQA.ANSWER_VOCAB`` file, an unregistered ``VQA.VOCAB_DATASETS`` name.
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_vqa_config,))
+    known = set(DatasetCatalog.list()) | {str(e[0]) for e in cfg.DATASETS.REGISTER if e}
+    unknown = [n for n in cfg.VQA.VOCAB_DATASETS if n not in known]
+    if unknown:
+        raise ConfigError(f"VQA.VOCAB_DATASETS: dataset(s) {unknown} not registered")
     if cfg.VQA.ANSWER_VOCAB:
         read_vocab_file(cfg.VQA.ANSWER_VOCAB)  # before the run writes anything
     return cfg
