@@ -314,6 +314,27 @@ def test_unknown_config_key(path, out, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH 0 must be a positive multiple"),
+        (["INPUT.MIN_SIZE_TRAIN", "()"], "INPUT.MIN_SIZE_TRAIN is empty"),
+        (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "0"], "MAX_QUERY_LEN 0 must be between 3"),
+        (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "100"], "MAX_POSITION_EMBEDDINGS - 2 = 64"),
+        (["MODEL.FIBER.NUM_FUSION_LAYERS", "9"], "NUM_FUSION_LAYERS 9 is more than the text"),
+        (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE cuda: no CUDA device is available here"),
+    ],
+)
+def test_sizes_and_devices_the_run_cannot_have(override, message, out):
+    """Each was an assertion, a shape error or a driver error from deep inside the first step."""
+    if override[0] == "MODEL.DEVICE" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    before = snapshot(out)
+    line = run_train_net(["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *override])
+    assert message in line
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("path", ["train", "eval"])
 def test_unregistered_dataset(path, out):
     before = snapshot(out)

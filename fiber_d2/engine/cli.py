@@ -58,14 +58,20 @@ logger = logging.getLogger(__name__)
 
 
 def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
-    """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names
-    and paths, the training sets (loadable, one readable image), the test images (present, decode in
-    full) and the checkpoint that will be loaded (safe format, fits the model).
+    """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names,
+    sizes and paths, a CUDA device when the config asks for one, the datasets' annotations, the
+    training sets (one readable image), the test images (present, decode in full) and the
+    checkpoint that will be loaded (safe format, fits the model).
 
     Raises:
         ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
     """
     validate_config(cfg, training=training)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"MODEL.DEVICE {cfg.MODEL.DEVICE}: no CUDA device is available here; use "
+            "MODEL.DEVICE cpu"
+        )
     check_datasets_before_run(
         cfg.DATASETS.TRAIN if training else (),
         cfg.DATASETS.TEST,

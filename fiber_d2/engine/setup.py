@@ -184,12 +184,31 @@ def _key_error_text(e: Exception) -> str:
     return f"{text} (check the spelling against fiber_d2/config.py)"
 
 
+def _check_model_sizes(cfg: CfgNode) -> None:
+    """Sizes the towers cannot be built or run with, as one-line errors (instead of a shape error
+    deep in the first forward)."""
+    text = cfg.MODEL.LANGUAGE_BACKBONE
+    positions = text.MAX_POSITION_EMBEDDINGS - 2  # RoBERTa's positions start after the pad id
+    if not 3 <= text.MAX_QUERY_LEN <= positions:
+        raise ConfigError(
+            f"MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN {text.MAX_QUERY_LEN} must be between 3 (<s>, "
+            f"a token, </s>) and MAX_POSITION_EMBEDDINGS - 2 = {positions}"
+        )
+    fusion = cfg.MODEL.FIBER.NUM_FUSION_LAYERS
+    if fusion > text.NUM_LAYERS:
+        raise ConfigError(
+            f"MODEL.FIBER.NUM_FUSION_LAYERS {fusion} is more than the text tower's "
+            f"MODEL.LANGUAGE_BACKBONE.NUM_LAYERS {text.NUM_LAYERS}"
+        )
+
+
 def validate_config(cfg: CfgNode, *, training: bool) -> None:
     """Check names and paths the run will need, before it writes anything.
 
     Raises:
-        ConfigError: an unregistered dataset, a missing local weights file, or a batch too small for
-            the batch standardisation of ``cls_feats``.
+        ConfigError: an unregistered dataset, a missing local weights file, a text length or
+            fusion depth the towers cannot have, an empty or indivisible batch, no training size, or a batch too small for the batch
+            standardisation of ``cls_feats``.
     """
     names = list(cfg.DATASETS.TEST)
     if training:
@@ -207,6 +226,15 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         raise ConfigError(f"MODEL.WEIGHTS file not found: {weights}")
     if cfg.MODEL.SWIN.WEIGHTS and not os.path.isfile(cfg.MODEL.SWIN.WEIGHTS):
         raise ConfigError(f"MODEL.SWIN.WEIGHTS file not found: {cfg.MODEL.SWIN.WEIGHTS}")
+    _check_model_sizes(cfg)
+    batch, processes = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
+    if training and (batch < 1 or batch % processes):
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {batch} must be a positive multiple of the number of "
+            f"processes ({processes})"
+        )
+    if training and not cfg.INPUT.MIN_SIZE_TRAIN:
+        raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
     per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and per_process < 2:
         raise ConfigError(
