@@ -133,6 +133,15 @@ def test_bad_threshold_dtype_and_options_are_one_line(predictor, bgr):
         predictor([[1, 2, 3]], [NAMES])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available here")
+def test_cuda_device_without_cuda_is_one_line(predictor):
+    """Not torch's driver error from ``model.to("cuda")``; the command-line demo falls back to
+    the CPU with a warning instead."""
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{device}': no CUDA device is available"):
+            FIBERPredictor(model=predictor.model, tokenizer=predictor.tokenizer, device=device)
+
+
 def test_unreadable_image_file_is_one_line(predictor, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")

@@ -113,14 +113,14 @@ def output_paths(inputs: list, out_dir: str) -> list:
 
 def build_predictor(args) -> FIBERPredictor:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: running on the CPU")
+        device = "cpu"
     if args.weights:
         return FIBERPredictor.from_pretrained(
             args.weights, config=args.config_file, device=device, dtype=args.dtype, opts=args.opts
         )
     cfg = load_config(args.config_file or DEFAULT_CONFIG, args.opts)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU")
-        device = "cpu"
     cfg.MODEL.DEVICE = device
     cfg.freeze()
     predictor = FIBERPredictor(cfg)
@@ -158,13 +158,16 @@ def main(argv=None) -> list:
         else:
             prompt, phrases = args.caption, args.phrases
         predictor.encode(prompt, phrases)  # reject a bad prompt before reading any image
+        # the output folders before any image is read: an unwritable one is one line, not a loss
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     except (ConfigError, ValueError, KeyError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"error: {message}")
 
     targets = output_paths(inputs, args.output) if args.output else [None] * len(inputs)
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
     written, skipped, records = [], [], []
     with tqdm(total=len(inputs), unit="img", desc="demo", file=sys.stderr) as bar:
         for start in range(0, len(inputs), args.batch_size):
@@ -204,7 +207,6 @@ def main(argv=None) -> list:
                     written.append(target)
                 bar.update(1)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(records, f)
         print(f"wrote {len(records)} detection(s) to {args.json}")

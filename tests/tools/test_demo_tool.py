@@ -102,11 +102,15 @@ def test_caption_phrases_and_high_threshold_leave_image_unchanged(inputs, tmp_pa
         (["--prompt", "circle", "--opts", "MODEL.NOT_A_KEY", "1"], "MODEL.NOT_A_KEY"),
         (["--prompt", "circle", "--opts", "MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),
         (["--config-file", COARSE_CFG, "--prompt", "circle"], "does not predict boxes"),
+        (["--prompt", "circle", "--json", "{file}/r.json"], "{file}"),  # a file, not a folder
     ],
 )
 def test_bad_input_is_one_error_line(inputs, tmp_path, extra, needle):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     args = ["--config-file", CFG, "--input", str(inputs / "a.png"), "--output", str(tmp_path)]
-    args += [a.replace("{in}", str(inputs)) for a in extra]
+    args += [a.replace("{in}", str(inputs)).replace("{file}", str(a_file)) for a in extra]
+    needle = needle.replace("{file}", str(a_file))
     if "--opts" not in args:
         args += ["--opts", "MODEL.DEVICE", "cpu"]
     with pytest.raises(SystemExit) as e:
