@@ -112,6 +112,22 @@ def run_demo(args: list) -> str:
     return line
 
 
+def error_line(path: str, opts: list, out: Path, tmp_path: Path, error=Exception) -> str:
+    """The one error line of the tiny detector config plus ``opts`` through one path: "train" /
+    "eval" (``tools/train_net.py`` with ``OUTPUT_DIR`` = ``out``), "predict" (``FIBERPredictor``,
+    raising ``error``) or "demo" (``tools/demo.py`` on one blank image)."""
+    if path in ("train", "eval"):
+        flags = ["--eval-only"] if path == "eval" else []
+        return run_train_net(["--config-file", FINE, *flags, "OUTPUT_DIR", str(out), *TINY, *opts])
+    if path == "predict":
+        with pytest.raises(error) as err:
+            FIBERPredictor(load_config(FINE, [*TINY, *opts]))
+        return one_line_error(err.value)
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(image)
+    return run_demo(["--input", str(image), "--prompt", "red circle", "--opts", *TINY, *opts])
+
+
 class _Payload:
     """Unpickling it creates ``path`` (an attacker's side effect)."""
 
@@ -226,22 +242,7 @@ def other_arch(tmp_path):
 @pytest.mark.parametrize("path", ["train", "eval", "predict", "demo"])
 def test_checkpoint_of_another_architecture(path, other_arch, out, tmp_path):
     before = snapshot(out)
-    common = ["OUTPUT_DIR", str(out), *TINY, "MODEL.WEIGHTS", other_arch]
-    if path == "train":
-        line = run_train_net(["--config-file", FINE, *common])
-    elif path == "eval":
-        line = run_train_net(["--config-file", FINE, "--eval-only", *common])
-    elif path == "predict":
-        with pytest.raises(CheckpointError) as err:
-            FIBERPredictor(load_config(FINE, [*TINY, "MODEL.WEIGHTS", other_arch]))
-        line = one_line_error(err.value)
-    else:
-        image = tmp_path / "img.png"
-        Image.new("RGB", (32, 32)).save(image)
-        line = run_demo(
-            ["--input", str(image), "--prompt", "red circle", "--opts", *TINY, "MODEL.WEIGHTS",
-             other_arch]
-        )  # fmt: skip
+    line = error_line(path, ["MODEL.WEIGHTS", other_arch], out, tmp_path, CheckpointError)
     assert other_arch in line and "another architecture" in line
     assert "backbone.bottom_up" in line and "MODEL.WEIGHTS_PARTIAL_OK" in line  # missing groups
     assert snapshot(out) == before
@@ -264,21 +265,7 @@ def test_coarse_checkpoint_is_not_evaluated_as_a_detector(path, coarse_checkpoin
     """Training the fine stage from it is the coarse-to-fine hand-off (the head is the stage's
     own); evaluating or predicting with it would score an untrained head: one line instead."""
     before = snapshot(out)
-    weights = ["MODEL.WEIGHTS", coarse_checkpoint]
-    if path == "eval":
-        line = run_train_net(
-            ["--config-file", FINE, "--eval-only", "OUTPUT_DIR", str(out), *TINY, *weights]
-        )
-    elif path == "predict":
-        with pytest.raises(CheckpointError) as err:
-            FIBERPredictor(load_config(FINE, [*TINY, *weights]))
-        line = one_line_error(err.value)
-    else:
-        image = tmp_path / "img.png"
-        Image.new("RGB", (32, 32)).save(image)
-        line = run_demo(
-            ["--input", str(image), "--prompt", "red circle", "--opts", *TINY, *weights]
-        )
+    line = error_line(path, ["MODEL.WEIGHTS", coarse_checkpoint], out, tmp_path, CheckpointError)
     assert coarse_checkpoint in line and "no detector head" in line
     assert "backbone.fpn_lateral3" in line and "MODEL.WEIGHTS_PARTIAL_OK" in line
     assert snapshot(out) == before
@@ -298,18 +285,7 @@ def test_partial_checkpoint_loads_when_allowed(other_arch, caplog):
 @pytest.mark.parametrize("path", ["train", "eval", "predict", "demo"])
 def test_unknown_config_key(path, out, tmp_path):
     before = snapshot(out)
-    bad = ["MODEL.SWIN.NOT_A_KEY", "1"]
-    if path in ("train", "eval"):
-        flags = ["--eval-only"] if path == "eval" else []
-        line = run_train_net(["--config-file", FINE, *flags, *bad, "OUTPUT_DIR", str(out)])
-    elif path == "predict":
-        with pytest.raises(ConfigError) as err:
-            FIBERPredictor(load_config(FINE, [*TINY, *bad]))
-        line = one_line_error(err.value)
-    else:
-        image = tmp_path / "img.png"
-        Image.new("RGB", (32, 32)).save(image)
-        line = run_demo(["--input", str(image), "--prompt", "circle", "--opts", *TINY, *bad])
+    line = error_line(path, ["MODEL.SWIN.NOT_A_KEY", "1"], out, tmp_path, ConfigError)
     assert "MODEL.SWIN.NOT_A_KEY" in line
     assert snapshot(out) == before
 
