@@ -187,19 +187,30 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the K-shot sampling")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    inputs = find_inputs(args.paths)
+    try:
+        inputs = find_inputs(args.paths)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     if not inputs:
         logger.error("no %s found under %s", INPUT_NAME, args.paths)
         return 1
     for src in tqdm(inputs, desc="ODinW", unit="file"):
-        dst = convert_file(src, args.output_name, args.overwrite)
-        if args.shots and src.parent.name == "train":
-            with open(dst, encoding="utf-8") as f:
-                subset = sample_few_shot(json.load(f), args.shots, args.seed)
-            out = dst.with_name(few_shot_name(args.output_name, args.shots, args.seed))
-            with open(out, "w", encoding="utf-8") as f:
-                json.dump(subset, f, ensure_ascii=False)
-            logger.info("%s: %d-shot subset, %d images", out, args.shots, len(subset["images"]))
+        try:
+            dst = convert_file(src, args.output_name, args.overwrite)
+            if args.shots and src.parent.name == "train":
+                with open(dst, encoding="utf-8") as f:
+                    subset = sample_few_shot(json.load(f), args.shots, args.seed)
+                out = dst.with_name(few_shot_name(args.output_name, args.shots, args.seed))
+                with open(out, "w", encoding="utf-8") as f:
+                    json.dump(subset, f, ensure_ascii=False)
+                n_images = len(subset["images"])
+                logger.info("%s: %d-shot subset, %d images", out, args.shots, n_images)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # an unreadable or odd export
+            detail = str(e)
+            if isinstance(e, KeyError):  # a message of this tool's own, or a bare field name
+                named = e.args and " " in str(e.args[0])
+                detail = str(e.args[0]) if named else f"a record has no field {e}"
+            sys.exit(f"error: {src}: {' '.join(detail.split())}")
     return 0
 
 

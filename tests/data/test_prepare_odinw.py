@@ -54,5 +54,31 @@ def test_main_converts_a_tree(tmp_path):
         "jellyfish",
         "penguin",
     ]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit, match="missing does not exist"):
         prepare_odinw.main([str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "does not exist"),
+        ('{"images": [', "Expecting value"),
+        ('{"images": [], "annotations": []}', "not a COCO detection json: missing 'categories'"),
+        (
+            '{"images": [{"id": 1}], "annotations": [{"id": 1}], "categories": [{"id": 1}]}',
+            "a record has no field 'category_id'",
+        ),
+    ],
+)
+def test_bad_export_is_one_error_line(tmp_path, content, needle):
+    """A missing path or an unreadable Roboflow export: one line naming it, not a traceback."""
+    target = tmp_path / "odinw" / "train" / prepare_odinw.INPUT_NAME
+    if content is not None:
+        target.parent.mkdir(parents=True)
+        target.write_text(content)
+    with pytest.raises(SystemExit) as err:
+        prepare_odinw.main([str(tmp_path / "odinw")])
+    line = str(err.value.code)
+    assert line.startswith("error: ") and needle in line and "\n" not in line
+    if content is not None:
+        assert str(target) in line
