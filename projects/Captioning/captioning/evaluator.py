@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.evaluation.integrity import SeenRecords
 
 __all__ = ["CaptionEvaluator", "caption_metrics", "metric_availability"]
@@ -176,7 +177,7 @@ class CaptionEvaluator(DatasetEvaluator):
             if isinstance(refs, str):
                 refs = [refs]
             if not refs or not any(isinstance(r, str) and r.strip() for r in refs):
-                raise ValueError(
+                raise BadRecordError(  # a user error: one ``error:`` line from train_net
                     f"{self.dataset_name}: image {inp.get('image_id')} ({inp.get('file_name')}) "
                     "has no reference caption"
                 )

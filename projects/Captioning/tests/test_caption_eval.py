@@ -16,6 +16,8 @@ from captioning import (
     references_by_image,
 )
 
+from fiber_d2.data.datasets.common import BadRecordError
+
 TRAIN = [
     {"dataset_name": "d", "image_id": 1, "caption": "a red circle."},
     {"dataset_name": "d", "image_id": 1, "caption": "a red circle left of a blue square"},
@@ -89,7 +91,7 @@ def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_p
         {"image_id": 7, "caption": "a red circle"},
         {"image_id": 8, "caption": "a dog"},
     ]
-    with pytest.raises(ValueError, match=r"image 9 \(x.png\) has no reference caption"):
+    with pytest.raises(BadRecordError, match=r"image 9 \(x.png\) has no reference caption"):
         ev.process([{"image_id": 9, "file_name": "x.png", "captions": ["  "]}], [{"caption": "a"}])
 
 
