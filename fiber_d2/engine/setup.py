@@ -207,8 +207,8 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
 
     Raises:
         ConfigError: an unregistered dataset, a missing local weights file, a text length or
-            fusion depth the towers cannot have, an empty or indivisible batch, no training size, or a batch too small for the batch
-            standardisation of ``cls_feats``.
+            fusion depth the towers cannot have, an empty or indivisible batch, no training size,
+            or a batch too small for the batch standardisation of ``cls_feats``.
     """
     names = list(cfg.DATASETS.TEST)
     if training:

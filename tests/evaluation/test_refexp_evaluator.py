@@ -97,7 +97,7 @@ def test_perfect_and_empty():
 
 
 def test_metrics_file_is_strict_json(tmp_path):
-    """``refexp_results.json`` holds what evaluate() returns; an undefined metric is null, not NaN."""
+    """``refexp_results.json`` holds what evaluate() returns; an undefined metric is null."""
     ev = RefExpEvaluator(ONE, distributed=False, output_dir=str(tmp_path / "a"))
     ev.process([{"image_id": 1}], [{"instances": _instances([(0.3, GT)])}])
     result = ev.evaluate()

@@ -45,8 +45,8 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
     """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Raises:
-        ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding or metric,
-            a beam, length or sample count below 1.
+        ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding
+            or metric, a beam, length or sample count below 1.
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
     if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
