@@ -45,6 +45,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch import nn
 
 from .checkpoint.checkpointer import load_model_weights
+from .engine.setup import check_device_available
 from .inference.images import ImageLike, image_to_array
 from .inference.outputs import (  # nms_keep: still importable from here
     check_selection,
@@ -101,12 +102,6 @@ def _check_detector(meta_architecture: str) -> None:
         )
 
 
-def _check_device(device: Optional[str]) -> None:
-    """A CUDA device where there is none is one line (not the driver's error from ``.to()``)."""
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available here; use device='cpu'")
-
-
 class FIBERPredictor:
     """Single-device inference with text prompts (see the module docstring)."""
 
@@ -150,7 +145,7 @@ class FIBERPredictor:
         if input_format not in ("BGR", "RGB"):
             raise ValueError(f"INPUT.FORMAT must be BGR or RGB, got {input_format!r}")
         self.dtype = resolve_dtype(dtype)
-        _check_device(device)
+        check_device_available(device, f"device {device!r}")  # a ValueError (ConfigError)
         self.model = model.eval() if device is None else model.to(device).eval()
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.aug = T.ResizeShortestEdge([min_size_test, min_size_test], max_size_test)
@@ -236,7 +231,7 @@ class FIBERPredictor:
         _check_detector(cfg.MODEL.META_ARCHITECTURE)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        _check_device(device)
+        check_device_available(device, f"device {device!r}")
         cfg.MODEL.DEVICE = device
         cfg.MODEL.WEIGHTS = ""
         model = build_model(cfg)

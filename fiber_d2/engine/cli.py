@@ -38,7 +38,7 @@ from ..checkpoint.safe_io import CheckpointError, one_line
 from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .memory import apply_mmap_threshold
-from .setup import ConfigError, load_config, validate_config
+from .setup import ConfigError, check_device_available, load_config, validate_config
 
 __all__ = [
     "USER_ERRORS",
@@ -67,11 +67,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
     """
     validate_config(cfg, training=training)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"MODEL.DEVICE {cfg.MODEL.DEVICE}: no CUDA device is available here; use "
-            "MODEL.DEVICE cpu"
-        )
+    check_device_available(cfg.MODEL.DEVICE, f"MODEL.DEVICE {cfg.MODEL.DEVICE}")
     check_datasets_before_run(
         cfg.DATASETS.TRAIN if training else (),
         cfg.DATASETS.TEST,

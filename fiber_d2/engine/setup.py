@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -23,7 +24,9 @@ from .trainer import is_coarse_stage
 
 __all__ = [
     "ConfigError",
+    "check_device_available",
     "load_config",
+    "require_at_least_one",
     "resolve_config_file",
     "register_config_datasets",
     "validate_config",
@@ -184,6 +187,24 @@ def _key_error_text(e: Exception) -> str:
     return f"{text} (check the spelling against fiber_d2/config.py)"
 
 
+def check_device_available(device: str | None, name: str) -> None:
+    """A CUDA ``device`` on a machine without one is one :class:`ConfigError` line naming it
+    (``name``, e.g. "MODEL.DEVICE cuda"), not the driver's error at the first ``.to()``."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{name}: no CUDA device is available here; use cpu")
+
+
+def require_at_least_one(cfg: CfgNode, *keys: str) -> None:
+    """A :class:`ConfigError` naming the first of ``keys`` (dotted names, e.g.
+    ``"CAPTION.BEAM_SIZE"``) whose value is below 1."""
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
 def _check_model_sizes(cfg: CfgNode) -> None:
     """Sizes the towers cannot be built or run with, as one-line errors (instead of a shape error
     deep in the first forward)."""
@@ -235,12 +256,11 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         )
     if training and not cfg.INPUT.MIN_SIZE_TRAIN:
         raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
-    per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-    if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and per_process < 2:
+    if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and batch // processes < 2:
         raise ConfigError(
             "MODEL.COARSE.CLS_BATCH_NORM standardises cls_feats over each process's batch: "
-            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {comm.get_world_size()} "
-            f"process(es) gives {per_process}; it needs at least 2 per process"
+            f"SOLVER.IMS_PER_BATCH {batch} over {processes} process(es) gives "
+            f"{batch // processes}; it needs at least 2 per process"
         )
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # detectron2's AMPTrainer needs CUDA; FIBER's AMP recipes still run (in fp32) on the CPU.

@@ -25,7 +25,7 @@ from retrieval import FalseImageCaptionMapper, ITMRerankRetrievalEvaluator, add_
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.engine.cli import launch_cli, run
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.setup import ConfigError, load_config, require_at_least_one
 from fiber_d2.engine.trainer import FIBERTrainer
 
 logger = logging.getLogger("fiber_d2.retrieval.train_net")
@@ -88,9 +88,7 @@ def load_retrieval_config(config_file: str | None, opts: list | None = None) -> 
     cfg = load_config(config_file, opts, extra_defaults=(add_retrieval_config,))
     if cfg.RETRIEVAL.MODE not in ("itc", "itm"):
         raise ConfigError(f"RETRIEVAL.MODE must be 'itc' or 'itm', got {cfg.RETRIEVAL.MODE!r}")
-    for key in ("RERANK_K", "ITM_BATCH"):
-        if cfg.RETRIEVAL.get(key) < 1:
-            raise ConfigError(f"RETRIEVAL.{key} must be at least 1, got {cfg.RETRIEVAL.get(key)}")
+    require_at_least_one(cfg, "RETRIEVAL.RERANK_K", "RETRIEVAL.ITM_BATCH")
     return cfg
 
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
 
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.setup import ConfigError, load_config, require_at_least_one
 from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_captioning_config
@@ -53,9 +53,7 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
         raise ConfigError(f"CAPTION.STAGE must be mle, gold or cider, got {cfg.CAPTION.STAGE!r}")
     if cfg.CAPTION.DECODING not in ("beam", "greedy"):
         raise ConfigError(f"CAPTION.DECODING must be beam or greedy, got {cfg.CAPTION.DECODING!r}")
-    for key in ("BEAM_SIZE", "MAX_LENGTH", "CIDER_SAMPLES"):
-        if cfg.CAPTION.get(key) < 1:
-            raise ConfigError(f"CAPTION.{key} must be at least 1, got {cfg.CAPTION.get(key)}")
+    require_at_least_one(cfg, "CAPTION.BEAM_SIZE", "CAPTION.MAX_LENGTH", "CAPTION.CIDER_SAMPLES")
     try:
         metric_availability(cfg.CAPTION.METRICS)
     except ValueError as e:
