@@ -104,14 +104,22 @@ class FusedTaskMapper:
         }
 
     def image(
-        self, record: dict, file_key: str = "file_name", column: str = "image"
+        self, record: dict, file_key: str = "file_name", column: str = "image", name: str = ""
     ) -> torch.Tensor:
         """(3, S, S) uint8 tensor of a record's image in the configured channel order.
 
         Raises:
-            BadRecordError naming the record's image when it cannot be read (a user error: one
-            ``error:`` line from the command-line tools).
+            BadRecordError "<name>: cannot read image <file>: ..." when it cannot be read (a user
+            error: one ``error:`` line from the command-line tools).
         """
+        try:
+            return self._cached_image(record, file_key, column)
+        except BadRecordError as e:
+            if not name:
+                raise
+            raise BadRecordError(f"{name}: {e}") from None
+
+    def _cached_image(self, record: dict, file_key: str, column: str) -> torch.Tensor:
         if self._image_cache is None:
             return self._read_image(record, file_key, column)
         key = (

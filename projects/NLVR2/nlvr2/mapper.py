@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 
 __all__ = ["NLVR2DatasetMapper"]
@@ -28,9 +27,6 @@ class NLVR2DatasetMapper(FusedTaskMapper):
         record = copy.copy(dataset_dict)
         name = f"NLVR2 record {record.get('identifier')}"
         for k in (0, 1):
-            try:
-                record[f"image_{k}"] = self.image(record, f"file_name_{k}", f"image_{k}")
-            except BadRecordError as e:
-                raise BadRecordError(f"{name}: {e}") from None
+            record[f"image_{k}"] = self.image(record, f"file_name_{k}", f"image_{k}", name)
         record.update(self.encode(record["sentence"], name))
         return record

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 from detectron2.config import configurable
 
-from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 
 __all__ = ["VQADatasetMapper", "soft_target"]
@@ -54,10 +53,7 @@ class VQADatasetMapper(FusedTaskMapper):
         """
         record = copy.copy(dataset_dict)
         name = f"question {record.get('question_id')}"
-        try:
-            record["image"] = self.image(record)
-        except BadRecordError as e:
-            raise BadRecordError(f"{name}: {e}") from None
+        record["image"] = self.image(record, name=name)
         record.update(self.encode(record["question"], name))
         if "answer_scores" in record:
             record["vqa_targets"] = soft_target(record["answer_scores"], self.index)
