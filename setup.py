@@ -1,10 +1,28 @@
 """Install fiber_d2. Dependency pins live in requirements.txt (with their reasons)."""
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 here = Path(__file__).parent
+
+
+class BuildPyWithConfigs(build_py):
+    """Ship ``configs/`` inside the package (``fiber_d2/model_zoo/configs``), so that a wheel install
+    has the model zoo's and the Demo's configs; a source checkout (and ``pip install -e .``) reads
+    them from the repository (``fiber_d2.model_zoo.repo_root``). The projects' configs and code stay
+    in the checkout."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fiber_d2" / "model_zoo" / "configs"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(here / "configs", target, ignore=shutil.ignore_patterns("*.pyc"))
+
 requirements, deploy = [], []
 for line in (here / "requirements.txt").read_text().splitlines():
     name, _, comment = line.partition("#")
@@ -31,5 +49,6 @@ setup(
         "web-test": ["gradio>=4", "playwright"],
         "deploy": deploy,
     },
+    cmdclass={"build_py": BuildPyWithConfigs},
     license="MIT",
 )

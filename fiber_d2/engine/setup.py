@@ -20,6 +20,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import log_first_n
 
 from ..config import add_fiber_config
+from ..model_zoo.weights import repo_root
 from .trainer import is_coarse_stage
 
 __all__ = [
@@ -82,10 +83,6 @@ def load_config(
     return cfg
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def resolve_config_file(config_file: str) -> str:
     """A config path as given, or relative to the repository (``configs/...`` from any directory),
     or a model-zoo name (``demo``, ``fiber-b/coco``).
@@ -96,7 +93,7 @@ def resolve_config_file(config_file: str) -> str:
     path = os.path.expanduser(config_file)
     if os.path.isfile(path):
         return path
-    packaged = _repo_root() / config_file
+    packaged = repo_root() / config_file
     if not os.path.isabs(config_file) and packaged.is_file():
         return str(packaged)
     from .. import model_zoo
@@ -114,7 +111,7 @@ def _merge_file(cfg: CfgNode, config_file: str) -> None:
     base = data.get("_BASE_") if isinstance(data, dict) else None
     if isinstance(base, str) and not base.startswith(("/", "~", "http://", "https://")):
         beside = Path(config_file).resolve().parent / base
-        packaged = _repo_root() / base
+        packaged = repo_root() / base
         if not beside.is_file() and packaged.is_file():
             cfg.merge_from_file(str(packaged))
             data.pop("_BASE_")

@@ -47,13 +47,18 @@ def config_path(name: str) -> Path:
 
     Raises:
         KeyError: unknown name (the known names are listed).
-        FileNotFoundError: the config file is not next to the package (e.g. a wheel install).
+        FileNotFoundError: the config file is missing (a projects/ config in a wheel install).
     """
     path = repo_root() / entry(name).config
     if not path.is_file():
+        where = (
+            "the projects' configs and code ship with the source checkout, not with the installed "
+            "package: use fiber_d2 from a clone"
+            if entry(name).config.startswith("projects/")
+            else "configs/ lives next to the package in a source checkout and inside it in a wheel"
+        )
         raise FileNotFoundError(
-            f"config {entry(name).config} of {name!r} not found under {repo_root()} "
-            "(use fiber_d2 from a source checkout: configs/ lives next to the package)"
+            f"config {entry(name).config} of {name!r} not found under {repo_root()} ({where})"
         )
     return path
 

@@ -34,6 +34,7 @@ from .catalog import ZooEntry
 __all__ = [
     "fiber_d2_home",
     "repo_root",
+    "source_checkout",
     "weights_path",
     "checkpoint_layout",
     "load_weights",
@@ -51,9 +52,17 @@ def fiber_d2_home() -> Path:
     return Path(os.environ.get("FIBER_D2_HOME") or Path.home() / ".cache" / "fiber_d2").expanduser()
 
 
+def source_checkout() -> Path | None:
+    """The repository root when fiber_d2 runs from a source checkout (or ``pip install -e .``);
+    None for a wheel install."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "configs" / "Base-FIBER.yaml").is_file() else None
+
+
 def repo_root() -> Path:
-    """The directory holding ``configs/`` (the repository root, next to the package)."""
-    return Path(__file__).resolve().parents[2]
+    """The directory holding ``configs/``: the source checkout, else the package's own copy
+    (``fiber_d2/model_zoo``, where ``setup.py`` puts ``configs/`` in a wheel)."""
+    return source_checkout() or Path(__file__).resolve().parent
 
 
 def weights_path(e: ZooEntry) -> Path:
@@ -70,14 +79,13 @@ def weights_path(e: ZooEntry) -> Path:
             f"model-zoo entry {e.name!r} has no released weights: {e.how_to_get}"
         )
     target = fiber_d2_home() / e.folder / e.file_name
-    candidates = [target] + [repo_root() / p for p in e.local_copies]
-    for path in candidates:
+    checkout = source_checkout()
+    local = [checkout / p for p in e.local_copies] if checkout else []
+    for path in [target] + local:
         if path.is_file():
             return path
     source = f"download {e.url}" if e.url else e.how_to_get
-    also = (
-        f" (or {', '.join(str(repo_root() / p) for p in e.local_copies)})" if e.local_copies else ""
-    )
+    also = f" (or {', '.join(str(p) for p in local)})" if local else ""
     raise FileNotFoundError(
         f"model-zoo entry {e.name!r} needs {e.file_name}: {source}, and put it at {target}{also}; "
         "set FIBER_D2_HOME to use another folder"
