@@ -177,6 +177,20 @@ def test_detectron2_default_predictor_points_to_fiber_predictor(bgr):
     assert "\n" not in str(err.value)
 
 
+def test_training_without_text_points_to_fiber_trainer():
+    """What detectron2's DefaultTrainer feeds (its DatasetMapper: image and boxes, no prompt)."""
+    from detectron2.modeling import build_model
+
+    model = build_model(load_config(CFG, TINY)).train()
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 30.0, 30.0]]))
+    inst.gt_classes = torch.tensor([0])
+    batch = [{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "instances": inst}]
+    with pytest.raises(ValueError, match="train with fiber_d2.engine.FIBERTrainer") as err:
+        model(batch)
+    assert "\n" not in str(err.value)
+
+
 def test_draw_grounding_accepts_predictor_output(predictor, bgr):
     inst = Instances((53, 71))
     inst.pred_boxes = Boxes(torch.tensor([[5.0, 5.0, 30.0, 30.0]]))

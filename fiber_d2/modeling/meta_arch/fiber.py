@@ -199,10 +199,18 @@ class FIBER(nn.Module):
         """
         if any("input_ids" not in x for x in batched_inputs):
             # e.g. detectron2's DefaultPredictor, which passes images only
+            # or detectron2's DefaultTrainer, whose DatasetMapper passes images and boxes only
             raise ValueError(
                 "FIBER needs a text prompt with every image ('input_ids', 'attention_mask'"
                 + ("" if self.training else ", 'label_token_map'")
-                + "); for inference use fiber_d2.FIBERPredictor, not detectron2's DefaultPredictor"
+                + "); "
+                + (
+                    "train with fiber_d2.engine.FIBERTrainer (its loaders map the text), not "
+                    "detectron2's DefaultTrainer"
+                    if self.training
+                    else "for inference use fiber_d2.FIBERPredictor, not detectron2's "
+                    "DefaultPredictor"
+                )
             )
         if not self.training:
             return self.inference(batched_inputs)
