@@ -100,3 +100,16 @@ def test_own_dataset_blocks_register_and_train(home, tmp_path):
     out = Path("output/my_dataset")
     assert (out / "model_final.pth").is_file()
     assert "bbox" in json.loads((out / "results.json").read_text())
+
+
+def test_contents_lists_every_section_in_order():
+    text = (ROOT / "README.md").read_text()
+    contents = re.findall(r"^\* \[([^\]]+)\]\(#([^)]+)\)", _section("Contents"), re.M)
+    fence, headings = False, []
+    for line in text.splitlines():
+        fence ^= line.startswith("```")
+        if not fence and line.startswith("## ") and line != "## Contents":
+            headings.append(line[3:])
+    assert [title for title, _ in contents] == headings
+    for title, anchor in contents:  # GitHub's anchors: lower case, spaces to '-', punctuation gone
+        assert anchor == re.sub(r"[^\w -]", "", title.lower()).replace(" ", "-"), title
