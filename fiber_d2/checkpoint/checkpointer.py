@@ -27,6 +27,7 @@ coarse-to-fine hand-off.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -38,7 +39,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .layout import COARSE, FINE, convert_original, original_layout
-from .safe_io import CheckpointError, load_checkpoint_file, one_line
+from .safe_io import CheckpointError, load_checkpoint_file, one_line, write_whole
 
 __all__ = [
     "FIBERCheckpointer",
@@ -147,6 +148,23 @@ def _resize_position_tables(state: dict, model_state: dict) -> dict:
     return state
 
 
+class _WholeFileWrites:
+    """detectron2's path manager, except that a local file opened for writing appears whole or not
+    at all (:func:`write_whole`): a run killed while saving a checkpoint or ``last_checkpoint``
+    leaves the previous ones intact, and ``--resume`` continues from them."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if "w" in mode and "://" not in str(path) and not kwargs:
+            return write_whole(str(path), mode)
+        return self._inner.open(path, mode, **kwargs)
+
+
 class FIBERCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with safe loading, strict weights, on-the-fly conversion of original
     FIBER files and the coarse-to-fine hand-off (see the module docstring)."""
@@ -173,6 +191,7 @@ class FIBERCheckpointer(DetectionCheckpointer):
             save_to_disk, checkpointables: as detectron2's ``DetectionCheckpointer``.
         """
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.path_manager = _WholeFileWrites(self.path_manager)
         self.partial_ok = partial_ok
         self.inference = inference
         self.keep_loaded = False  # pre-flight: keep the raw file for the next load of it
@@ -386,8 +405,18 @@ def weights_to_load(cfg, *, resume: bool) -> str:
     if resume and os.path.isfile(last):
         with open(last) as f:
             name = f.read().strip()
-        if name:
-            return os.path.join(cfg.OUTPUT_DIR, name)
+        if not name:  # written by a run killed mid-write before saves were whole-file
+            saved = sorted(
+                glob.glob(os.path.join(cfg.OUTPUT_DIR, "model_*.pth")), key=os.path.getmtime
+            )
+            newest = (
+                f"; the newest checkpoint there is {os.path.basename(saved[-1])}" if saved else ""
+            )
+            raise CheckpointError(
+                f"{last} is empty: write the name of the checkpoint to resume from in it, or delete "
+                f"it to start from MODEL.WEIGHTS{newest}"
+            )
+        return os.path.join(cfg.OUTPUT_DIR, name)
     return cfg.MODEL.WEIGHTS
 
 

@@ -14,6 +14,7 @@ Every failure is one :class:`CheckpointError` line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -33,6 +34,7 @@ __all__ = [
     "save_checkpoint_file",
     "one_line",
     "torch_load_error",
+    "write_whole",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,27 @@ def torch_load_error(path: str, error: BaseException) -> str:
         )
     reason = (text.strip().splitlines() or [type(error).__name__])[0]
     return f"cannot load {path} with torch.load(weights_only=True): {reason}"
+
+
+@contextlib.contextmanager
+def write_whole(path: str, mode: str = "wb"):
+    """Open ``path`` for writing so that it appears whole or not at all.
+
+    The data go to ``path + ".tmp"``, which replaces ``path`` (``os.replace``, atomic within a
+    folder) once written and synced; an error removes it. A process killed while writing leaves
+    ``path`` as it was (absent, or the previous whole file) and at most a stray ``.tmp`` file.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def save_checkpoint_file(path: str, state_dict: dict, provenance: dict | None = None) -> None:
