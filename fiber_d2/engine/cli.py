@@ -34,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from ..checkpoint.checkpointer import FIBERCheckpointer, check_weights_before_run
-from ..checkpoint.safe_io import CheckpointError, one_line
+from ..checkpoint.safe_io import CheckpointError, one_line, write_whole
 from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .memory import apply_mmap_threshold
@@ -158,7 +158,8 @@ def run(
         logger.error("%s", one_line(e))
         raise SystemExit(f"error: {one_line(e)}") from None
     if comm.is_main_process() and results:
-        with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
+        # whole or not at all: the pipelines take model_final.pth + results.json as "stage done"
+        with write_whole(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
             json.dump(json_safe(results), f, indent=2, allow_nan=False)
     return results
 
