@@ -74,7 +74,10 @@ def test_checkpoints_survive_sigkill_while_saving(tmp_path):
         text=True,
     )
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.5)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "last_checkpoint").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few more saves: the kill lands in one of them, most likely mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     last = (tmp_path / "last_checkpoint").read_text()
