@@ -106,6 +106,23 @@ def setup_cfg(args, *, load: ConfigLoader = load_config, loggers: Sequence[str] 
     return cfg
 
 
+def warn_if_starting_over(output_dir: str) -> bool:
+    """Warn (and return True) when a training run without ``--resume`` is about to overwrite the
+    checkpoints of an earlier run in ``output_dir``, as detectron2 does without a word."""
+    earlier = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.isfile(earlier):
+        return False
+    with open(earlier) as f:
+        last = f.read().strip() or "empty"
+    logger.warning(
+        "OUTPUT_DIR %s holds an earlier run (last_checkpoint: %s); this run starts over and "
+        "overwrites its checkpoints as it goes; --resume continues that run instead",
+        output_dir,
+        last,
+    )
+    return True
+
+
 def run(
     args,
     trainer_cls,
@@ -135,6 +152,8 @@ def run(
             comm.get_local_size(),
             threads,
         )
+    if not args.eval_only and not args.resume:
+        warn_if_starting_over(cfg.OUTPUT_DIR)
     if not args.eval_only:  # a memory saving that costs time; inference gains little from it
         mib = apply_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB)
         logger.info("glibc mmap threshold: %s", f"{mib} MiB" if mib else "glibc's default")

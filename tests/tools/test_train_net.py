@@ -1,6 +1,7 @@
 """tools/train_net.py: one-line errors on bad input, and a 2-process CPU (gloo) run that trains and evaluates."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fiber_d2.engine.cli import cpu_threads_per_process
+from fiber_d2.engine.cli import cpu_threads_per_process, warn_if_starting_over
 from fiber_d2.engine.setup import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +103,12 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {"AP", "AP50"} <= set(results["bbox"])
     assert os.path.isfile(out / "model_final.pth")
+
+
+def test_training_over_an_earlier_run_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.engine.cli"):
+        assert not warn_if_starting_over(str(tmp_path))
+        (tmp_path / "last_checkpoint").write_text("model_0000199.pth")
+        assert warn_if_starting_over(str(tmp_path))
+    (record,) = caplog.records
+    assert "model_0000199.pth" in record.getMessage() and "--resume" in record.getMessage()
