@@ -291,6 +291,32 @@ def test_unknown_config_key(path, out, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text, message",
+    [
+        ("MODEL:\n  DEVICE: [cpu\n", "not valid YAML: expected ',' or ']'"),
+        ("SOLVER:\n  MAX_ITER: abc\n", "Type mismatch"),
+        ("_BASE_: missing.yaml\n", "cannot read"),
+        ("- a\n- b\n", "the top level is keys (KEY: value lines), not list"),
+        ("MODEL: 3\n", "MODEL is a section of keys (KEY: value lines), not int 3"),
+        ("MODEL:\n  SWIN: 4\n", "MODEL.SWIN is a section of keys"),
+    ],
+)
+def test_malformed_config_file(text, message, out, tmp_path):
+    """Each ended in a yaml / detectron2 traceback; now one line naming the file (and the key)."""
+    user = tmp_path / "mine.yaml"
+    user.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(user))
+    assert str(err.value).startswith(f"{user}: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+    if "DEVICE" in text:  # and through the command line, before anything is written
+        before = snapshot(out)
+        line = run_train_net(["--config-file", str(user), "OUTPUT_DIR", str(out)])
+        assert line.startswith(f"error: {user}: not valid YAML")
+        assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH 0 must be a positive multiple"),

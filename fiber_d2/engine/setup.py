@@ -70,6 +70,12 @@ def load_config(
             _merge_file(cfg, config_file)
         except KeyError as e:
             raise ConfigError(f"{config_file}: {_key_error_text(e)}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{config_file}: {_yaml_error_text(e)}") from None
+        except OSError as e:  # a _BASE_ that is not there (read relative to the file naming it)
+            raise ConfigError(f"{config_file}: cannot read {e.filename}: {e.strerror}") from None
+        except (ValueError, TypeError, AssertionError) as e:  # a value of the wrong type
+            raise ConfigError(f"{config_file}: {' '.join(str(e).split())}") from None
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {opts}")
@@ -81,6 +87,14 @@ def load_config(
         raise ConfigError(f"command-line override: {e}") from None
     register_config_datasets(cfg)
     return cfg
+
+
+def _yaml_error_text(e: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: what, and where (file, line, column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at {mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or type(e).__name__
+    return f"not valid YAML: {problem}{where}"
 
 
 def resolve_config_file(config_file: str) -> str:
@@ -103,12 +117,29 @@ def resolve_config_file(config_file: str) -> str:
     raise ConfigError(f"config file not found: {config_file}")
 
 
+def _check_sections(data, node: CfgNode, prefix: str = "") -> None:
+    """A yaml mapping whose keys that are sections in the defaults (``MODEL``, ``MODEL.SWIN``, ...)
+    are mappings too; detectron2's merge fails on anything else with a bare TypeError.
+
+    Raises:
+        ValueError: one line naming the key.
+    """
+    if not isinstance(data, dict):
+        what = f"{prefix.rstrip('.')} is a section of keys" if prefix else "the top level is keys"
+        raise ValueError(f"{what} (KEY: value lines), not {type(data).__name__} {data!r}")
+    for key, value in data.items():
+        default = node.get(key)
+        if isinstance(default, CfgNode):
+            _check_sections(value, default, f"{prefix}{key}.")
+
+
 def _merge_file(cfg: CfgNode, config_file: str) -> None:
     """``merge_from_file``; a ``_BASE_`` that is not next to the file may name a repository config
     (``_BASE_: "configs/Demo/fine_tiny.yaml"`` in a user's yaml anywhere)."""
     with open(config_file) as f:
         data = yaml.safe_load(f) or {}
-    base = data.get("_BASE_") if isinstance(data, dict) else None
+    _check_sections(data, cfg)
+    base = data.get("_BASE_")
     if isinstance(base, str) and not base.startswith(("/", "~", "http://", "https://")):
         beside = Path(config_file).resolve().parent / base
         packaged = repo_root() / base
