@@ -50,7 +50,7 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
-    for name in ("setup.py", "README.md", "requirements.txt"):
+    for name in ("setup.py", "README.md", "requirements.txt", "MANIFEST.in"):
         shutil.copy(ROOT / name, src / name)
     for name in ("fiber_d2", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -75,6 +75,29 @@ def test_wheel_ships_every_config(installed):
     assert (shipped / "Demo" / "fine_tiny.yaml").read_text() == (
         ROOT / "configs" / "Demo" / "fine_tiny.yaml"
     ).read_text()
+
+
+def test_source_distribution_builds_the_same_wheel(installed, tmp_path):
+    """``pip install fiber_d2-<version>.tar.gz``: the sdist holds what setup.py reads and ships."""
+    src = installed.parent / "src"
+    subprocess.run(
+        [sys.executable, "-c", "from setuptools import build_meta as b; b.build_sdist('sdist')"],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    )
+    (sdist,) = (src / "sdist").glob("fiber_d2-*.tar.gz")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + [str(sdist), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("fiber_d2-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = sorted(n for n in z.namelist() if n.endswith(".yaml"))
+    assert len(shipped) == len(list((ROOT / "configs").rglob("*.yaml")))
+    assert "fiber_d2/model_zoo/configs/Demo/fine_tiny.yaml" in shipped
 
 
 def test_model_zoo_and_configs_work_from_a_wheel(installed, tmp_path):
