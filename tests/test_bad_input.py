@@ -290,6 +290,16 @@ def test_unknown_config_key(path, out, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_output_dir_that_cannot_be_written(eval_only, tmp_path):
+    """Was a traceback from detectron2's logger setup (NotADirectoryError / FileNotFoundError)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    flags = ["--eval-only"] if eval_only else []
+    line = run_train_net(["--config-file", FINE, *flags, *TINY, "OUTPUT_DIR", str(blocker / "out")])
+    assert line == f"error: OUTPUT_DIR {blocker / 'out'} cannot be written: Not a directory"
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

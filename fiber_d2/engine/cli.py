@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -60,8 +61,9 @@ logger = logging.getLogger(__name__)
 def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names,
     sizes and paths, a CUDA device when the config asks for one, the datasets' annotations, the
-    training sets (one readable image), the test images (present, decode in full) and the
-    checkpoint that will be loaded (safe format, fits the model).
+    training sets (one readable image), the test images (present, decode in full), the
+    checkpoint that will be loaded (safe format, fits the model) and, last, ``OUTPUT_DIR`` (created
+    when missing, writable).
 
     Raises:
         ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
@@ -74,6 +76,22 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
     )
     check_weights_before_run(cfg, resume=resume, inference=not training)
+    check_output_dir(cfg.OUTPUT_DIR)
+
+
+def check_output_dir(path: str) -> None:
+    """Create ``OUTPUT_DIR`` when missing and make sure a file can be written in it (the last
+    pre-run check, so a run refused earlier leaves no empty folder).
+
+    Raises:
+        ConfigError: one line naming the folder and why.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {path} cannot be written: {e.strerror or e}") from None
 
 
 def cpu_threads_per_process(
