@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+from fiber_d2.engine.cli import check_output_dir
+from fiber_d2.engine.setup import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
 COARSE_CONFIG = ROOT / "configs" / "Demo" / "coarse_tiny_vl.yaml"
@@ -225,7 +228,10 @@ def main(argv=None) -> dict:
     from detectron2.utils.logger import setup_logger
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_output_dir(str(output_dir), "--output-dir")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     for name in ("fiber_d2", "vqa", "nlvr2", "retrieval", "captioning", "image_tower"):
         setup_logger(str(output_dir), name=name, abbrev_name=name)
     setup_logger(str(output_dir))  # detectron2's own

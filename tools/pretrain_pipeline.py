@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+from fiber_d2.engine.cli import check_output_dir
+from fiber_d2.engine.setup import ConfigError
+
 logger = logging.getLogger("fiber_d2.pretrain_pipeline")
 
 TRAIN_NET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_net.py")
@@ -160,6 +163,10 @@ def main(argv=None) -> dict:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s")
+    try:
+        check_output_dir(args.output_dir, "--output-dir")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
     start = time.perf_counter()
     results = {}

@@ -79,9 +79,13 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     check_output_dir(cfg.OUTPUT_DIR)
 
 
-def check_output_dir(path: str) -> None:
+def check_output_dir(path: str, name: str = "OUTPUT_DIR") -> None:
     """Create ``OUTPUT_DIR`` when missing and make sure a file can be written in it (the last
     pre-run check, so a run refused earlier leaves no empty folder).
+
+    Args:
+        path: the folder.
+        name: how the error line names it (a config key or a command-line flag).
 
     Raises:
         ConfigError: one line naming the folder and why.
@@ -91,7 +95,7 @@ def check_output_dir(path: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ConfigError(f"OUTPUT_DIR {path} cannot be written: {e.strerror or e}") from None
+        raise ConfigError(f"{name} {path} cannot be written: {e.strerror or e}") from None
 
 
 def cpu_threads_per_process(

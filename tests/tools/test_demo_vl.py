@@ -85,6 +85,9 @@ def test_runner_list_and_bad_arguments(tmp_path):
         demo_vl.main(["--output-dir", str(tmp_path), "--tasks", "captions"])
     with pytest.raises(SystemExit, match="not found"):
         demo_vl.main(["--output-dir", str(tmp_path), "--coarse-weights", str(tmp_path / "no.pth")])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="^error: --output-dir .*a_file/out cannot be written"):
+        demo_vl.main(["--output-dir", str(tmp_path / "a_file" / "out")])
 
 
 def test_a_two_argument_runner_plugs_in_with_one_line(tmp_path, monkeypatch):

@@ -22,6 +22,17 @@ def test_failed_stage_is_one_error_line(tmp_path):
     assert str(tmp_path / "out" / "coarse" / "log.txt") in message and "--resume" in message
 
 
+def test_unwritable_output_dir_is_one_error_line(tmp_path):
+    pipeline = load_tool("pretrain_pipeline")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--output-dir", str(tmp_path / "a_file" / "out")])
+    assert (
+        err.value.code
+        == f"error: --output-dir {tmp_path}/a_file/out cannot be written: Not a directory"
+    )
+
+
 def test_summary_names_retrieval_chance_and_explains_it(monkeypatch, tmp_path, capsys):
     """Retrieval rows carry the recall of a random ranking (100 / test images); near it, with
     towers from scratch (the Demo), a line says why and where retrieval does learn."""
