@@ -297,7 +297,10 @@ def test_output_dir_that_cannot_be_written(eval_only, tmp_path):
     blocker.write_text("")
     flags = ["--eval-only"] if eval_only else []
     line = run_train_net(["--config-file", FINE, *flags, *TINY, "OUTPUT_DIR", str(blocker / "out")])
-    assert line == f"error: OUTPUT_DIR {blocker / 'out'} cannot be written: Not a directory"
+    expected = (
+        f"error: OUTPUT_DIR {blocker / 'out'} cannot be written: {blocker} is a file, not a folder"
+    )
+    assert line == expected
 
 
 @pytest.mark.parametrize(

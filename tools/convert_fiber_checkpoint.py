@@ -59,6 +59,7 @@ from fiber_d2.checkpoint.safe_io import (
     save_checkpoint_file,
     torch_load_error,
 )
+from fiber_d2.engine.cli import check_output_file
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.modeling.meta_arch import FIBERCoarse
 
@@ -172,6 +173,10 @@ def main(argv=None) -> None:
     # the tool prints the full summary once; the converter's own log line would repeat its first line
     logging.getLogger("fiber_d2.checkpoint.convert").setLevel(logging.WARNING)
     try:
+        check_output_file(args.output, "--output")  # before the (long) conversion
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    try:
         report = convert(args)
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -256,8 +261,6 @@ def convert(args):
         "skipped": {reason: len(keys) for reason, keys in report.skipped_by_reason().items()},
         "missing_in_checkpoint": list(report.missing_in_checkpoint),
     }
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
     save_checkpoint_file(args.output, _compact(converted), provenance)
     logger.info("wrote %d tensors to %s", len(converted), args.output)
     return report

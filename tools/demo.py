@@ -38,6 +38,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
+from fiber_d2.engine.cli import check_output_dir, check_output_file
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, resolve_dtype, split_prompt, to_coco_json
 from fiber_d2.visualize import draw_grounding
@@ -160,9 +161,9 @@ def main(argv=None) -> list:
         predictor.encode(prompt, phrases)  # reject a bad prompt before reading any image
         # the output folders before any image is read: an unwritable one is one line, not a loss
         if args.output:
-            os.makedirs(args.output, exist_ok=True)
+            check_output_dir(args.output, "--output")
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            check_output_file(args.json, "--json")
     except (ConfigError, ValueError, KeyError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"error: {message}")

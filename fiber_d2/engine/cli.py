@@ -90,12 +90,32 @@ def check_output_dir(path: str, name: str = "OUTPUT_DIR") -> None:
     Raises:
         ConfigError: one line naming the folder and why.
     """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{name} {path} cannot be written: {existing} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise ConfigError(f"{name} {path} cannot be written: {e.strerror or e}") from None
+
+
+def check_output_file(path: str, name: str) -> None:
+    """:func:`check_output_dir` for the folder of an output file (``--output x.pth``, ``--json``).
+
+    Raises:
+        ConfigError: one line naming the file, its folder and why.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        check_output_dir(folder, "its folder")
+    except ConfigError as e:
+        raise ConfigError(f"{name} {path}: {e}") from None
+    if os.path.isdir(path):
+        raise ConfigError(f"{name} {path} is a folder; give a file name")
 
 
 def cpu_threads_per_process(

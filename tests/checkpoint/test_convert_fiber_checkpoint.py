@@ -122,6 +122,12 @@ def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path
         tool.main(["--input", str(src), "--output", out, "--use-ema"])
     with pytest.raises(SystemExit, match="must differ"):
         tool.main(["--input", str(src), "--output", str(src)])
+    with pytest.raises(SystemExit) as err:  # checked before the conversion, not after it
+        tool.main(["--input", str(src), "--output", str(garbage / "out.pth")])
+    assert err.value.code == (
+        f"error: --output {garbage}/out.pth: its folder {garbage} cannot be written: "
+        f"{garbage} is a file, not a folder"
+    )
     assert not Path(out).exists()
 
 

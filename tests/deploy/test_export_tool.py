@@ -38,6 +38,17 @@ def test_phrases_need_a_caption(tool, tmp_path):
     assert str(exc.value.code) == "error: --phrases needs --caption"
 
 
+def test_output_that_cannot_be_written_is_one_line(tool, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "onnx"]
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + ["--output", str(blocker / "export"), "--opts", "MODEL.DEVICE", "cpu"])
+    assert exc.value.code == (
+        f"error: --output {blocker}/export cannot be written: {blocker} is a file, not a folder"
+    )
+
+
 def test_benchmark_export_task_refuses_coarse_config():
     bench = load_tool("benchmark")
     argv = ["--config-file", str(ROOT / "configs/Demo/coarse_tiny.yaml"), "--task", "export"]

@@ -102,7 +102,9 @@ def test_caption_phrases_and_high_threshold_leave_image_unchanged(inputs, tmp_pa
         (["--prompt", "circle", "--opts", "MODEL.NOT_A_KEY", "1"], "MODEL.NOT_A_KEY"),
         (["--prompt", "circle", "--opts", "MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),
         (["--config-file", COARSE_CFG, "--prompt", "circle"], "does not predict boxes"),
-        (["--prompt", "circle", "--json", "{file}/r.json"], "{file}"),  # a file, not a folder
+        (["--prompt", "circle", "--json", "{file}/r.json"], "{file} is a file, not a folder"),
+        (["--prompt", "circle", "--json", "{in}"], "is a folder; give a file name"),
+        (["--prompt", "circle", "--output", "{file}/drawn"], "--output {file}/drawn cannot be"),
     ],
 )
 def test_bad_input_is_one_error_line(inputs, tmp_path, extra, needle):

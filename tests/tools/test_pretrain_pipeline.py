@@ -29,7 +29,7 @@ def test_unwritable_output_dir_is_one_error_line(tmp_path):
         pipeline.main(["--output-dir", str(tmp_path / "a_file" / "out")])
     assert (
         err.value.code
-        == f"error: --output-dir {tmp_path}/a_file/out cannot be written: Not a directory"
+        == f"error: --output-dir {tmp_path}/a_file/out cannot be written: {tmp_path}/a_file is a file, not a folder"
     )
 
 

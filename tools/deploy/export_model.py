@@ -30,6 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the enviro
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.deploy.export import FORMATS, check_exportable, export_detector
+from fiber_d2.engine.cli import check_output_dir
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, split_prompt
 from fiber_d2.text import padded_text_length
@@ -96,6 +97,7 @@ def main(argv=None) -> str:
             raise ValueError("--phrases needs --caption")
         cfg = load_config(args.config_file, args.opts)
         check_exportable(cfg, args.format)
+        check_output_dir(args.output, "--output")
         # Export on the CPU: the deformable convolution traces as grid_sample + einsum there (the
         # CUDA path calls torchvision's kernel), and device constants in the graph stay on the CPU.
         cfg.MODEL.DEVICE = "cpu"
