@@ -40,6 +40,14 @@ try:
     FIBERPredictor.from_pretrained("demo", device="cpu")
 except FileNotFoundError as e:
     out["weights_error"] = str(e)
+# Demo weights where the model zoo looks (random here), then the three lines of the README
+import os, numpy as np, torch
+home = Path(os.environ["FIBER_D2_HOME"]) / "demo"
+home.mkdir(parents=True)
+torch.save({"model": build_model(cfg).state_dict()}, home / "model_final.pth")
+predictor = FIBERPredictor.from_pretrained("demo", device="cpu")
+result = predictor(np.zeros((64, 80, 3), dtype=np.uint8), ["red circle", "blue square"])
+out["label_names"] = result["label_names"]
 print(json.dumps(out))
 """
 
@@ -124,3 +132,4 @@ def test_model_zoo_and_configs_work_from_a_wheel(installed, tmp_path):
     # Weights are looked up under FIBER_D2_HOME only: no checkout, so no make-demo output path.
     assert str(tmp_path / "home" / "demo" / "model_final.pth") in out["weights_error"]
     assert "(or " not in out["weights_error"]
+    assert out["label_names"] == ["red circle", "blue square"]  # predicted with the shipped config
