@@ -172,7 +172,7 @@ def test_detectron2_default_predictor_points_to_fiber_predictor(bgr):
     from detectron2.engine import DefaultPredictor
 
     d2 = DefaultPredictor(load_config(CFG, TINY))
-    with pytest.raises(ValueError, match="use fiber_d2.FIBERPredictor") as err:
+    with pytest.raises(ValueError, match="predict with fiber_d2.FIBERPredictor") as err:
         d2(bgr)
     assert "\n" not in str(err.value)
 

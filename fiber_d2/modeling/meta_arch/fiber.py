@@ -208,8 +208,9 @@ class FIBER(nn.Module):
                     "train with fiber_d2.engine.FIBERTrainer (its loaders map the text), not "
                     "detectron2's DefaultTrainer"
                     if self.training
-                    else "for inference use fiber_d2.FIBERPredictor, not detectron2's "
-                    "DefaultPredictor"
+                    else "predict with fiber_d2.FIBERPredictor and evaluate with "
+                    "fiber_d2.engine.FIBERTrainer.build_test_loader's batches, not detectron2's "
+                    "DefaultPredictor or DatasetMapper"
                 )
             )
         if not self.training:
