@@ -112,3 +112,16 @@ def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
     assert len(detector_only) == 6
     assert loaded == len(backbone_keys) - len(detector_only)
     assert loaded > 100
+
+
+def test_detectron2_inference_on_dataset_with_fiber_test_loader(tmp_path):
+    """The README's evaluation lines: stock detectron2 evaluation on FIBERTrainer's test loader."""
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.modeling import build_model
+
+    cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path, "DATASETS.TEST", '("shapes_val_det",)')
+    model = build_model(cfg).eval()
+    loader = FIBERTrainer.build_test_loader(cfg, "shapes_val_det")
+    results = inference_on_dataset(model, loader, COCOEvaluator("shapes_val_det"))
+    for key in ("AP", "AP50", "AP75"):  # numbers, not NaN: every image's boxes were scored
+        assert 0.0 <= results["bbox"][key] <= 100.0, (key, results["bbox"][key])
