@@ -119,7 +119,9 @@ def test_detectron2_inference_on_dataset_with_fiber_test_loader(tmp_path):
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
     from detectron2.modeling import build_model
 
-    cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path, "DATASETS.TEST", '("shapes_val_det",)')
+    # a random model scores below the default threshold: keep every box, so that AP is a number
+    opts = ["DATASETS.TEST", '("shapes_val_det",)', "MODEL.ATSS.INFERENCE_TH", "0.0"]
+    cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path, *opts)
     model = build_model(cfg).eval()
     loader = FIBERTrainer.build_test_loader(cfg, "shapes_val_det")
     results = inference_on_dataset(model, loader, COCOEvaluator("shapes_val_det"))
