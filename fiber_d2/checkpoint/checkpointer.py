@@ -23,6 +23,8 @@ coarse-to-fine hand-off.
   resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
   recomputed by the model.
 * Missing / unexpected keys are summarised per module in one log line each, not one line per tensor.
+* Checkpoints and ``last_checkpoint`` are written whole or not at all (a ``.tmp`` file, synced, then
+  renamed): a run killed while saving keeps its previous checkpoints, and ``--resume`` continues.
 """
 
 from __future__ import annotations
