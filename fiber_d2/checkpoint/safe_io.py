@@ -33,6 +33,7 @@ __all__ = [
     "load_checkpoint_file",
     "save_checkpoint_file",
     "one_line",
+    "replacing",
     "torch_load_error",
     "write_whole",
 ]
@@ -174,19 +175,14 @@ def torch_load_error(path: str, error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def write_whole(path: str, mode: str = "wb"):
-    """Open ``path`` for writing so that it appears whole or not at all.
-
-    The data go to ``path + ".tmp"``, which replaces ``path`` (``os.replace``, atomic within a
-    folder) once written and synced; an error removes it. A process killed while writing leaves
-    ``path`` as it was (absent, or the previous whole file) and at most a stray ``.tmp`` file.
-    """
-    tmp = path + ".tmp"
+def replacing(path: str):
+    """A temporary path beside ``path`` (``<path>.tmp<pid>``) that replaces ``path``
+    (``os.replace``, atomic within a folder) when the block ends without an error; an error removes
+    it. A process killed while writing leaves ``path`` as it was (absent, or the previous whole
+    file) and at most a stray temporary file; writers in other processes do not collide."""
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -194,17 +190,26 @@ def write_whole(path: str, mode: str = "wb"):
         raise
 
 
+@contextlib.contextmanager
+def write_whole(path: str, mode: str = "wb", encoding: str | None = None):
+    """Open ``path`` for writing so that it appears whole or not at all (:func:`replacing`; the data
+    are synced before the rename)."""
+    with replacing(path) as tmp:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def save_checkpoint_file(path: str, state_dict: dict, provenance: dict | None = None) -> None:
     """Write a state dict as ``.safetensors`` (by name) or ``{"model": ..., "__fiber_d2__": ...}``
-    with ``torch.save``; written to ``path + ".tmp"`` first and renamed, so a failure leaves no
-    half-written file.
+    with ``torch.save``; written whole or not at all (:func:`replacing`).
 
     Args:
         path: output file.
         state_dict: name -> tensor.
         provenance: optional JSON-serialisable dict stored with the weights.
     """
-    tmp = path + ".tmp"
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
@@ -214,10 +219,11 @@ def save_checkpoint_file(path: str, state_dict: dict, provenance: dict | None = 
             ptr = v.untyped_storage().data_ptr()
             tensors[k] = v.clone().contiguous() if ptr in storages else v.contiguous()
             storages.add(ptr)
-        save_file(tensors, tmp, metadata=metadata)
+        with replacing(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
     else:
         payload: dict = {"model": state_dict}
         if provenance is not None:
             payload[PROVENANCE_KEY] = provenance
-        torch.save(payload, tmp)
-    os.replace(tmp, path)
+        with write_whole(path) as f:
+            torch.save(payload, f)

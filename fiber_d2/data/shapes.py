@@ -36,6 +36,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw
 
+from ..checkpoint.safe_io import write_whole
+
 __all__ = [
     "COLORS",
     "SHAPE_KINDS",
@@ -282,10 +284,8 @@ def _scene_caption(shapes: List[_Shape]) -> str:
 def write_json(path: Path, obj, indent: Optional[int] = None) -> None:
     """Write ``obj`` as json to a temporary file renamed over ``path``: no reader sees half a file,
     and a process killed while writing leaves ``path`` as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with write_whole(str(path), "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)
-    os.replace(tmp, path)
 
 
 def _generate_split(

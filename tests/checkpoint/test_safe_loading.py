@@ -77,6 +77,7 @@ def test_safetensors_write_and_read(fresh, tmp_path):
     _equal_states(model, state)
     # the converter writes safetensors too, and refuses its own output as input
     assert not (tmp_path / "weights.safetensors.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_original_layout_is_converted_on_the_fly_once(
