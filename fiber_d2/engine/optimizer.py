@@ -108,8 +108,7 @@ def coarse_param_groups(
             lr = base_lr * lr_mult_cross_modal
         else:
             lr = base_lr
-        no_decay = any(s in name for s in _COARSE_NO_DECAY) and "norm_i2t_i" not in name
-        wd = 0.0 if no_decay else weight_decay
+        wd = 0.0 if any(s in name for s in _COARSE_NO_DECAY) else weight_decay
         groups.append({"params": [p], "lr": lr, "weight_decay": wd, "name": name})
     return _merge_groups(groups)
 

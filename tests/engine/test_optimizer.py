@@ -104,6 +104,36 @@ def test_coarse_rule():
     assert got["temp"] == (1e-5, 0.01)
 
 
+def test_coarse_rule_for_task_heads_and_the_query_norm():
+    """Spec coarse §4: the task heads take the head multiplier (the LayerNorm inside them is
+    decayed), ``norm_i2t_i`` the cross-modal one (its weight decayed, its bias not, by the "bias"
+    substring)."""
+    img = "backbone.image_tower.layers.2.blocks.0.attn."
+    m = _named(
+        **{
+            "vqa_classifier.0.weight": (2, 2),
+            "vqa_classifier.1.weight": (2,),
+            "vqa_classifier.1.bias": (2,),
+            "nlvr2_classifier.3.weight": (2, 2),
+            img + "norm_i2t_i.weight": (2,),
+            img + "norm_i2t_i.bias": (2,),
+            "rank_output.weight": (1, 2),
+        }
+    )
+    got = _lr_wd(
+        coarse_param_groups(
+            m, base_lr=1e-5, weight_decay=0.01, lr_mult_cross_modal=5.0, lr_mult_head=10.0
+        )
+    )
+    assert got["vqa_classifier.0.weight"] == pytest.approx((1e-4, 0.01))
+    assert got["vqa_classifier.1.weight"] == pytest.approx((1e-4, 0.01))
+    assert got["vqa_classifier.1.bias"] == pytest.approx((1e-4, 0.0))
+    assert got["nlvr2_classifier.3.weight"] == pytest.approx((1e-4, 0.01))
+    assert got[img + "norm_i2t_i.weight"] == pytest.approx((5e-5, 0.01))
+    assert got[img + "norm_i2t_i.bias"] == pytest.approx((5e-5, 0.0))
+    assert got["rank_output.weight"] == (1e-5, 0.01)
+
+
 def test_full_model_clipping_clips_joint_norm():
     cfg = load_config(
         None,
