@@ -4,43 +4,10 @@ converted weights load into is unchanged), and each switch does what it says."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_coarse import ITC_ONLY, ORIGINAL, caption_batch, tiny_coarse
 
 from fiber_d2.config import add_fiber_config
-from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.meta_arch.coarse_losses import itc_logits, itc_loss
-from fiber_d2.modeling.meta_arch.fiber_coarse import FIBERCoarse
-
-SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
-SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.COARSE.QUEUE_SIZE", "16"]
-ORIGINAL = [
-    "MODEL.COARSE.ITC_TEXT_POOL",
-    "first",
-    "MODEL.COARSE.QUEUE_INIT",
-    "random",
-    "MODEL.COARSE.ITC_BATCH_NORM",
-    "False",
-]
-ITC_ONLY = ["MODEL.COARSE.LOSSES", "['itc']", "MODEL.COARSE.LOSS_WEIGHTS", "[1.0]"]
-
-
-def _model(*opts):
-    torch.manual_seed(0)
-    return FIBERCoarse(load_config("configs/Demo/coarse_tiny.yaml", [*SMALL, *opts]))
-
-
-def _batch(b=4, t=9, size=64):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, 900, (b, t), generator=g)
-    ids[:, 0] = 0
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, 5:] = 0
-    mask[3, 3:] = 0
-    ids[mask == 0] = 1
-    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
-    records = [
-        {"image": images[k], "input_ids": ids[k], "attention_mask": mask[k]} for k in range(b)
-    ]
-    return records, ids, mask
 
 
 def test_defaults_are_the_original_itc():
@@ -53,13 +20,13 @@ def test_defaults_are_the_original_itc():
 
 
 def test_original_settings_add_no_state_and_keep_the_spec_itc():
-    model = _model(*ORIGINAL, *ITC_ONLY).train()
-    switched = _model(*ITC_ONLY, "MODEL.COARSE.ITC_BATCH_NORM", "True")
+    model = tiny_coarse(*ORIGINAL, *ITC_ONLY).train()
+    switched = tiny_coarse(*ITC_ONLY, "MODEL.COARSE.ITC_BATCH_NORM", "True")
     extra = set(switched.state_dict()) - set(model.state_dict())
     assert extra and all(k.startswith(("itc_image_bn.", "itc_text_bn.")) for k in extra)
     assert not any(k.startswith(("itc_image_bn", "itc_text_bn")) for k in model.state_dict())
 
-    records, ids, mask = _batch()
+    records, ids, mask = caption_batch()
     # the spec's text embedding: dense + tanh on the transformed <s> output, L2-normalised
     hidden = model.backbone.forward_text(ids, mask)["hidden"]
     pooler = model.cross_modal_text_pooler_itc
@@ -78,8 +45,8 @@ def test_original_settings_add_no_state_and_keep_the_spec_itc():
 
 
 def test_mean_text_pool_ignores_padding():
-    model = _model(*ITC_ONLY, "MODEL.COARSE.ITC_TEXT_POOL", "mean").eval()
-    _, ids, mask = _batch()
+    model = tiny_coarse(*ITC_ONLY, "MODEL.COARSE.ITC_TEXT_POOL", "mean").eval()
+    _, ids, mask = caption_batch()
     hidden = model.backbone.forward_text(ids, mask)["hidden"]
     x = model.cross_modal_text_transform_itc(hidden)
     m = mask[..., None].float()
@@ -93,8 +60,8 @@ def test_mean_text_pool_ignores_padding():
 
 
 def test_empty_queue_uses_only_enqueued_columns():
-    model = _model(*ITC_ONLY, "MODEL.COARSE.QUEUE_INIT", "empty").train()
-    records, ids, mask = _batch()
+    model = tiny_coarse(*ITC_ONLY, "MODEL.COARSE.QUEUE_INIT", "empty").train()
+    records, ids, mask = caption_batch()
     images = model._images(records)
     f_i, f_t = model.encode_image(images), model.encode_text(ids, mask)
     empty = torch.zeros(f_i.shape[1], 0)
@@ -113,8 +80,8 @@ def test_empty_queue_uses_only_enqueued_columns():
 
 
 def test_batch_norm_standardises_the_itc_embeddings():
-    model = _model(*ITC_ONLY, *ORIGINAL[:2], "MODEL.COARSE.ITC_BATCH_NORM", "True").train()
-    records, ids, mask = _batch()
+    model = tiny_coarse(*ITC_ONLY, *ORIGINAL[:2], "MODEL.COARSE.ITC_BATCH_NORM", "True").train()
+    records, ids, mask = caption_batch()
     hidden = model.backbone.forward_text(ids, mask)["hidden"]
     pooler = model.cross_modal_text_pooler_itc
     first = torch.tanh(pooler.dense(model.cross_modal_text_transform_itc(hidden)[:, 0]))
