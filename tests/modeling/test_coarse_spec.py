@@ -97,3 +97,22 @@ def test_temperature_is_clamped_before_each_step(start, clamped):
         model.temp.fill_(start)
     model(caption_batch()[0])
     assert model.temp.item() == pytest.approx(clamped)
+
+
+def test_zero_gates_fused_forward_is_the_unimodal_one_without_the_last_text_norm():
+    """§1.6 / §1.7: with the gates at their initial 0 the fused forward equals the unimodal one,
+    except that the last text layer's output LayerNorm is skipped (and ``vit_model.norm``, which
+    the coarse model applies itself on the unimodal path only)."""
+    model = tiny_coarse(*ORIGINAL).eval()
+    records, ids, mask = caption_batch()
+    images = model._images(records)
+    backbone = model.backbone
+    assert all(p.item() == 0 for n, p in backbone.named_parameters() if "alpha_" in n)
+    with torch.no_grad():
+        fused_image, fused_text = backbone(images, ids, mask, fuse=True)
+        image, text = backbone.forward_image(images), backbone.forward_text(ids, mask)
+        last_norm = backbone.text_tower.model.encoder.layer[-1].output.LayerNorm
+        normed = last_norm(fused_text["hidden"])
+    assert torch.equal(fused_image["res5"], image["res5"])
+    assert torch.allclose(normed, text["hidden"], atol=1e-6)
+    assert not torch.allclose(fused_text["hidden"], text["hidden"], atol=1e-3)
