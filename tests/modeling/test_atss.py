@@ -280,6 +280,22 @@ def test_losses_match_loop_reference_and_ignore_pad_tokens():
     assert abs(again["loss_dot_product_token"].item() - ref["loss_dot_product_token"]) < 1e-4
 
 
+def test_box_loss_clamps_inverted_predicted_boxes():
+    """Predicted widths / heights below the +1 convention's pixel give x2 < x1 (y2 < y1); the box
+    loss clamps x2 / y2 to at least x1 / y1 before the GIoU (spec 3.5), as the reference does."""
+    text_mask = torch.ones(1, 4, dtype=torch.long)
+    anchors, outputs, targets = _setup(3, [[[3.2, 5.1, 20.7, 17.9]]], text_mask)
+    with torch.no_grad():
+        for r in outputs["box_regression"]:
+            r[:, 2:] = -40.0  # exp(-40 / 5) * 16 px: far below one pixel wide and high
+    losses = ATSSLossComputation(box_coder=LegacyBoxCoder(), topk=3)(
+        anchors, outputs, targets, text_mask
+    )
+    ref = _ref_losses(anchors, outputs, targets, text_mask, topk=3)
+    assert ref["npos"] >= 1
+    assert abs(losses["loss_reg"].item() - ref["loss_reg"]) < 1e-4 * max(1.0, ref["loss_reg"])
+
+
 def test_unmatched_anchor_targets_use_last_token_when_it_is_real():
     text_mask = torch.ones(1, 4, dtype=torch.long)
     anchors, outputs, targets = _setup(1, [[[3.2, 5.1, 20.7, 17.9]]], text_mask)
