@@ -105,6 +105,27 @@ def test_recall_hand_computed():
     assert res["upper_bound-other"] == 100.0
 
 
+def test_a_phrase_of_several_types_counts_in_each():
+    """Flickr30k Entities phrases may carry several types; a phrase's rank counts in every one."""
+    name = NAME + "_types"
+    record = {"image_id": 3, "caption": "c", "task": "grounding"}
+    record["phrases"] = [
+        _phrase([[0, 0, 10, 10]], ["people", "bodyparts"]),  # hit at rank 0
+        _phrase([[20, 20, 30, 30]], "people"),  # missed
+    ]
+    DatasetCatalog.register(name, lambda: [record])
+    try:
+        ev = FlickrRecallEvaluator(name, distributed=False)
+        ev.reset()
+        dets = [(0.9, 0, [0, 0, 10, 10]), (0.8, 1, MISS)]
+        ev.process([{"image_id": 3}], [{"instances": _instances(dets)}])
+        res = ev.evaluate()["grounding"]
+    finally:
+        DatasetCatalog.remove(name)
+    assert res["R@1"] == 50.0
+    assert res["R@1-people"] == 50.0 and res["R@1-bodyparts"] == 100.0
+
+
 def test_perfect_and_empty():
     inputs = [{"image_id": 1}, {"image_id": 2}]
     perfect = []

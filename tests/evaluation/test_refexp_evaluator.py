@@ -69,6 +69,15 @@ def test_giou_and_iou_disagree_on_the_shifted_box():
     assert hits == (False,)
 
 
+def test_giou_of_exactly_the_threshold_is_a_hit():
+    """The criterion is GIoU >= 0.5: the GT's upper half has IoU 50 / 100 and the GT as its hull,
+    so GIoU is exactly 0.5."""
+    half = [0.0, 0.0, 10.0, 5.0]
+    assert _iou_giou(half, GT) == (0.5, 0.5)
+    hits = topk_giou_hits(torch.tensor([half]), torch.tensor([1.0]), torch.tensor([GT]), topk=(1,))
+    assert hits == (True,)
+
+
 def test_precision_hand_computed():
     outputs = [
         [(0.9, GT), (0.1, MISS)],  # 1: top-1 right
