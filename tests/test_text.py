@@ -50,6 +50,8 @@ def test_clean_name():
     assert clean_name("a__b") == "a b"
     assert clean_name("a___b") == "a  b"  # only one level of double spaces collapsed
     assert clean_name("person") == "person"
+    # greedy, as the original's regex: from the first "(" to the last ")"
+    assert clean_name("a_(b)_c_(d)") == "a "
 
 
 def test_build_prompt_spans_and_errors():

@@ -66,6 +66,21 @@ def test_pkl_with_any_other_object_is_refused(tmp_path):
         load_checkpoint_file(str(corrupt))
 
 
+def test_pkl_with_persistent_ids_is_refused(tmp_path):
+    """Pickles that reference outside storage (as torch's legacy format does) are refused, not
+    loaded with holes."""
+
+    class _ExternalArrays(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", "0") if isinstance(obj, np.ndarray) else None
+
+    path = tmp_path / "legacy.pkl"
+    with open(path, "wb") as f:
+        _ExternalArrays(f).dump({"model": {"a": np.zeros(2)}})
+    with pytest.raises(CheckpointError, match="refusing to load .*legacy.pkl: it holds persistent"):
+        load_checkpoint_file(str(path))
+
+
 def test_safetensors_write_and_read(fresh, tmp_path):
     model = fresh.fine()
     state = _random_state(model, 2)
