@@ -166,6 +166,9 @@ def test_sample_num_negatives_distribution():
         0.4 * 83 / 85, abs=0.03
     )
     assert {sample_num_negatives(rng, (0, 0, 1, 0), 85) for _ in range(50)} == {85}
+    # the remaining mass is uniform in 1..85: never 0
+    rest = Counter(sample_num_negatives(rng, (0, 0, 0, 1), 85) for _ in range(2000))
+    assert min(rest) == 1 and max(rest) == 85 and len(rest) > 80
     with pytest.raises(ValueError, match="4 values"):
         sample_num_negatives(rng, (0.5, 0.5), 85)
 
@@ -219,10 +222,40 @@ def test_detection_prompt_control_options(tok):
         shuffle=False,
     )  # fmt: skip
     assert caption == "name2. name7"
+    caption, _, _ = build_detection_prompt(
+        [9, 4, 1, 7, 2], names, rng, random_sample_neg=4, control_prob=(0, 1, 0, 0),
+        tokenizer=tok, shuffle=False,
+    )  # fmt: skip
+    assert caption == "name1. name2. name4. name7. name9"
     with pytest.raises(KeyError, match="12"):
         build_detection_prompt(
             [12], names, rng, random_sample_neg=1, control_prob=(0, 1, 0, 0), tokenizer=tok
         )
+
+
+def test_detection_prompt_budgets(tok):
+    """Spec 4.4: the positives are shuffled before the overflow guard keeps them (so which ones
+    survive varies), and a negative is kept only while the remaining budget stays above 0."""
+    names = [f"name{i}" for i in range(10)]
+    length = prompt_token_lengths(tok, names)[0]
+    assert set(prompt_token_lengths(tok, names)) == {length}
+    rng = random.Random(2)
+    kept_sets = set()
+    for _ in range(20):
+        _, _, kept = build_detection_prompt(
+            [0, 1, 2, 3, 4, 5], names, rng, random_sample_neg=0, control_prob=(0, 1, 0, 0),
+            max_tokens=2 * length, tokenizer=tok,
+        )  # fmt: skip
+        assert len(kept) == 2
+        kept_sets.add(tuple(kept))
+    assert len(kept_sets) > 1
+    # one negative of exactly the budget leaves 0: not kept; one token more and it is
+    for budget, expected in ((length, 0), (length + 1, 1)):
+        _, spans, kept = build_detection_prompt(
+            [], names, rng, random_sample_neg=1, control_prob=(0, 0, 1, 0), max_tokens=budget,
+            tokenizer=tok,
+        )  # fmt: skip
+        assert kept == [] and len(spans) == expected
 
 
 def test_mask_tokens_for_mlm(tok):
