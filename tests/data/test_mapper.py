@@ -188,6 +188,49 @@ def test_grounding_train_and_test(shapes_tokenizer, det_image):
     assert out["label_token_map"].shape == (2, T_LEN)
 
 
+def test_grounding_drops_crowd_and_empty_boxes_with_their_positive_maps(
+    shapes_tokenizer, det_image
+):
+    record = grounding_record(det_image)
+    red, blue = record["annotations"][1], record["annotations"][0]
+    empty = dict(red, bbox=[5, 5, 0.5, 8])  # red's phrase, at most one pixel wide: removed
+    crowd = dict(red, iscrowd=1)
+    record["annotations"] = [crowd, empty, blue, red]
+    out = mapper(shapes_tokenizer, flip=0)(record)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [1, 0]
+    # each kept box keeps its own phrase's tokens
+    assert torch.equal(inst.gt_positive_map, out["label_token_map"][[1, 0]])
+
+
+def test_detection_boxes_are_clipped_to_the_image(shapes_tokenizer, det_image):
+    record = det_record(det_image)
+    # 10 px above and 25 px below the 40-px high image: clipped to rows 0..40
+    record["annotations"] = [
+        {"bbox": [10, -10, 20, 75], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+    ]
+    out = mapper(shapes_tokenizer, flip=0)(record)
+    expected = torch.tensor([[20.0, 0, 60, 80]])  # x2 = x + w; resized by 2
+    assert torch.allclose(out["instances"].gt_boxes.tensor, expected)
+
+
+def test_detection_prompt_budget_leaves_room_for_the_specials(shapes_tokenizer, det_image):
+    """Spec 4.4: the positives' running length may reach MAX_QUERY_LEN - 2 (254 of 256), the
+    two specials' room, not more."""
+    lengths = prompt_token_lengths(shapes_tokenizer, NAMES[:2])
+    for max_query_len, boxes in ((sum(lengths) + 1, 1), (sum(lengths) + 2, 2)):
+        m = mapper(shapes_tokenizer, flip=0, max_query_len=max_query_len)
+        assert len(m(det_record(det_image))["instances"]) == boxes
+
+
+def test_full_prompt_is_shuffled_when_asked(shapes_tokenizer, det_image):
+    m = mapper(shapes_tokenizer, full_prompt_train=True, shuffle_prompt=True)
+    m.rng = random.Random(0)
+    captions = {m(det_record(det_image))["caption"] for _ in range(6)}
+    assert len(captions) > 1
+    assert all(sorted(c.split(". ")) == sorted(NAMES) for c in captions)
+
+
 def test_refexp_is_never_flipped(shapes_tokenizer, det_image):
     out = mapper(shapes_tokenizer, flip=1.0)(grounding_record(det_image, task="refexp"))
     assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([20.0, 10, 60, 40]))
