@@ -29,14 +29,30 @@ from vqa import (
         ("3.5", "3.5"),  # a period inside a number stays
         ("dont know", "don't know"),  # contractions get their apostrophe back
         ("isnt", "isn't"),
+        ("wont", "won't"),
+        ("shouldntve", "shouldn't've"),  # both apostrophes missing
+        ("shouldnt've", "shouldn't've"),  # one of two missing
         ("black-and-white", "black and white"),  # punctuation inside a word -> space
         ("yes !", "yes"),  # punctuation next to a space -> deleted
+        # "-" has a space before it, so every "-" is deleted, also the one inside "t-shirt"
+        ("t-shirt -", "tshirt"),
         ("1,000", "1000"),  # digit-comma-digit: commas deleted
         ("  ten\tdogs ", "10 dogs"),
     ],
 )
 def test_normalisation_rules(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "word, digit",
+    [("none", "0"), ("zero", "0"), ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"),
+     ("five", "5"), ("six", "6"), ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10")],
+)  # fmt: skip
+def test_every_official_number_word_becomes_its_digit(word, digit):
+    """The official table maps none/zero..ten to digits, alone and inside an answer."""
+    assert normalize_answer(word) == digit
+    assert normalize_answer(f"{word.capitalize()} cats") == f"{digit} cats"
 
 
 def test_accuracy_counts_humans_over_leave_one_out_subsets():
@@ -96,6 +112,11 @@ def test_unanswerable_training_questions_are_counted_and_dropped(caplog):
         kept = drop_unanswerable(records, ["yes", "no"])
     assert [r["question_id"] for r in kept] == [1]
     assert "dropped 2 of 3 training questions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        kept = drop_unanswerable(records[:2], ["yes", "no"])
+    assert [r["question_id"] for r in kept] == [1]
+    assert "dropped 1 of 2 training questions" in caplog.text  # a single drop is counted too
 
 
 def test_evaluator_accuracy_per_type_and_submission_file(tmp_path):
@@ -134,6 +155,20 @@ def test_evaluator_accuracy_per_type_and_submission_file(tmp_path):
     ]
 
 
+def test_evaluator_scores_human_answers_first_and_unlisted_answers_zero():
+    """Human answers, when a record has them, are scored with the official accuracy even if soft
+    scores are present too; a soft-score-only record scores 0 for an answer it does not list."""
+    ev = VQAEvaluator("toy", ["yes", "no"], None)
+    ev.reset()
+    inputs = [
+        # deliberately inconsistent soft score: the 10 agreeing humans must decide (accuracy 1)
+        {"question_id": 1, "answers": ["yes"] * 10, "answer_scores": {"yes": 0.3}},
+        {"question_id": 2, "answer_scores": {"no": 0.6}},  # predicted "yes": not listed -> 0
+    ]
+    ev.process(inputs, [{"answer_index": 0}, {"answer_index": 0}])
+    assert ev.evaluate()["vqa"]["accuracy"] == pytest.approx(100 * (1.0 + 0.0) / 2)
+
+
 def test_official_json_release_records(tmp_path):
     import json
 
@@ -148,6 +183,7 @@ def test_official_json_release_records(tmp_path):
     (r,) = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
     assert r["file_name"] == "/coco/COCO_val2014_000000000042.jpg"
     assert r["answer_scores"] == {"2": 1.0, "3": 1.0} and r["answers"] == answers
+    assert r["multiple_choice_answer"] == "2"  # the annotation's own field, not a human answer
     assert r["answer_type"] == "number" and r["question_type"] == "how many"
     (t,) = load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "test2015")
     assert "answers" not in t and t["question_id"] == 420
