@@ -68,6 +68,36 @@ def test_two_independent_fused_passes_feed_the_pair_classifier():
     assert not torch.allclose(logits, swapped)  # the head sees which image is which
 
 
+def test_forward_trains_on_the_record_labels_and_predicts_the_argmax():
+    """Training: mean cross-entropy of the pair logits against each record's label (1 = True),
+    checked by hand; inference: the larger of each record's two logits."""
+    torch.manual_seed(0)
+    model = build_model(load_config(SHAPES, TINY))
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    for label in (1, 0, 0):
+        ids = torch.randint(5, 100, (8,), generator=g)
+        ids[0], ids[-1] = 0, 2
+        pair = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+        batch.append({"image_0": pair[0], "image_1": pair[1], "input_ids": ids,
+                      "attention_mask": torch.ones_like(ids), "label": label})  # fmt: skip
+    model.train()
+    torch.manual_seed(2)
+    loss = model(batch)["loss_nlvr2"]
+    torch.manual_seed(2)
+    logits = model.classify_pairs(model.cls_feats_of(batch, ("image_0", "image_1"))).tolist()
+    hand = sum(
+        math.log(math.exp(a) + math.exp(b)) - (a, b)[x["label"]] for (a, b), x in zip(logits, batch)
+    )
+    assert loss.item() == pytest.approx(hand / 3, rel=1e-5)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch)
+    for out in outputs:
+        a, b = out["nlvr2_logits"].tolist()
+        assert a != b and out["prediction"] == (1 if b > a else 0)
+
+
 def test_evaluator_accuracy(tmp_path):
     ev = NLVR2Evaluator("toy", str(tmp_path))
     ev.reset()
@@ -151,6 +181,17 @@ def test_official_json_lines_release(tmp_path):
     ann.write_text(json.dumps({"identifier": "dev-1-0-0", "sentence": "x", "label": "maybe"}))
     with pytest.raises(ValueError, match=r"dev.json:1: label must be"):
         load_nlvr2_json(str(ann), str(tmp_path), "dev")
+
+
+def test_official_train_split_images_sit_in_their_directory(tmp_path):
+    """train.json rows name a numbered ``directory`` under the train image folder (the release
+    layout ``images/train/<directory>/``); dev / test1 images sit directly in their folder."""
+    ann = tmp_path / "train.json"
+    row = {"identifier": "train-10171-0-0", "directory": 46, "sentence": "x", "label": "True"}
+    ann.write_text(json.dumps(row) + "\n")
+    (r,) = load_nlvr2_json(str(ann), str(tmp_path / "train"), "train")
+    assert r["file_name_0"] == str(tmp_path / "train" / "46" / "train-10171-0-img0.png")
+    assert r["file_name_1"] == str(tmp_path / "train" / "46" / "train-10171-0-img1.png")
 
 
 @pytest.mark.parametrize("name", ["shapes.yaml", "nlvr2.yaml"])
