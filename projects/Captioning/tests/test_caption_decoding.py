@@ -119,3 +119,20 @@ def test_greedy_is_beam_of_one_and_samples_follow_the_rules():
         ends = [i for i, t in enumerate(row) if t in (EOS, PAD)]
         if ends:
             assert all(t == PAD for t in row[ends[0] + 1 :])
+
+
+def test_samples_follow_the_softmax_at_temperature_one():
+    """Empirical first-token frequencies of many samples match softmax(logits) (temperature 1,
+    <mask> banned) of each image, to within 4 standard errors."""
+    model = ToyModel(1)
+    bias = torch.stack([torch.zeros(VOCAB), torch.tensor([0.0, 1.0, -1.0, 0.0, 0.5, 0.0])])
+    n = 3000
+    g = torch.Generator().manual_seed(0)
+    args = dict(bos=BOS, eos=EOS, pad=PAD, banned=[MASK], max_length=2)
+    samples = sample_captions(model.step, model.select, bias, 2, n, generator=g, **args)
+    for b in range(2):
+        logits = model.table[BOS, 0] + bias[b]
+        logits[MASK] = -10000.0
+        expected = torch.softmax(logits, dim=-1)
+        counts = torch.bincount(samples[b * n : (b + 1) * n, 1], minlength=VOCAB).float()
+        assert torch.allclose(counts / n, expected, atol=4 * (0.25 / n) ** 0.5)

@@ -36,6 +36,7 @@ def test_document_frequencies_count_images_not_captions():
     assert df[("circle", "<eos>")] == 2  # normalisation: trailing "." dropped, " <eos>" appended
     assert ("circle.",) not in df
     assert normalise_caption(" a cat. ") == "a cat <eos>"
+    assert normalise_caption("a cat..") == "a cat. <eos>"  # only one trailing "." is dropped
     with pytest.raises(ValueError, match="no training image"):
         build_document_frequency({("d", 9): []})
 
@@ -53,6 +54,28 @@ def test_cider_d_rewards():
     assert alone[0] == pytest.approx(scores[1])
     with pytest.raises(ValueError, match="no reference"):
         scorer.scores(["a blue square"], [[]])
+
+
+def test_cider_d_by_hand():
+    """CIDEr-D (n = 4, sigma = 6, x10) of one candidate, computed by hand from the definition.
+
+    Training: two images whose n-grams the candidate never uses, so every candidate / reference
+    n-gram has document frequency <= 1 and weight log(2) - log(1) = log(2), except the unigram
+    "<eos>" (in both images: weight log(2) - log(2) = 0). With equal weights the cosine of each
+    n-gram order is that of the plain (clipped) counts.
+    """
+    scorer = CiderD.from_references({1: ["x y z"], 2: ["p q r"]})
+    # candidate "a b c d <eos>" against reference "a b c <eos>":
+    # 1-grams: a b c d vs a b c -> 3 / (2 * sqrt(3)); 2-grams: ab bc cd d<eos> vs ab bc c<eos>
+    # -> 2 / (2 * sqrt(3)); 3-grams: abc bcd cd<eos> vs abc bc<eos> -> 1 / (sqrt(3) * sqrt(2));
+    # 4-grams: abcd bcd<eos> vs abc<eos> -> 0. Length 5 vs 4 words: penalty exp(-1 / (2 * 6^2)).
+    cosines = [3 / (2 * math.sqrt(3)), 2 / (2 * math.sqrt(3)), 1 / math.sqrt(6), 0.0]
+    shorter_ref = 10 * sum(cosines) / 4 * math.exp(-1 / 72)
+    (got,) = scorer.scores(["a b c d."], [["a b c."]])
+    assert got == pytest.approx(shorter_ref, rel=1e-9)
+    # an identical reference: cosine 1 for every order, no penalty -> 10; references are averaged
+    (both,) = scorer.scores(["a b c d."], [["a b c.", "a b c d"]])
+    assert both == pytest.approx((shorter_ref + 10.0) / 2, rel=1e-9)
 
 
 def test_training_records_carry_every_caption_of_their_image():
