@@ -91,6 +91,44 @@ def test_k_one_keeps_the_itc_ranking():
     assert metrics["TR@2"] == pytest.approx(100.0) and metrics["IR@2"] == pytest.approx(100.0)
 
 
+def test_itm_scores_each_row_image_with_each_column_caption():
+    """Images processed out of image_id order with 3, 1 and 2 captions; ITC ties everywhere and
+    k covers every pair, so ITM alone ranks: each pair must be scored with the image of its row
+    (sorted image_id) and the caption of its column, which gives TR@1 = IR@1 = 100."""
+    captions = {10: 3, 20: 1, 30: 2}
+    inputs, outputs = [], []
+    for image_id in (30, 10, 20):
+        tag, k = image_id // 10, captions[image_id]
+        inputs.append(
+            {
+                "image_id": image_id,
+                "image": torch.full((3, 2, 2), tag, dtype=torch.uint8),
+                "input_ids": torch.tensor([[tag, 7, 7]] * k),
+                "attention_mask": torch.ones(k, 3, dtype=torch.long),
+            }
+        )
+        outputs.append(
+            {"image_embedding": torch.tensor([1.0, 0.0]), "text_embeddings": torch.ones(k, 2)}
+        )
+    ev = ITMRerankRetrievalEvaluator(
+        "toy", model=_TagModel(), rerank_k=10, topk=(1,), distributed=False
+    )
+    ev.reset()
+    ev.process(inputs[:1], outputs[:1])
+    ev.process(inputs[1:], outputs[1:])
+    metrics = ev.evaluate()["retrieval"]
+    assert metrics["TR@1"] == pytest.approx(100.0) and metrics["IR@1"] == pytest.approx(100.0)
+
+
+def test_rerank_k_below_the_largest_recall_k_is_warned(caplog):
+    with caplog.at_level("WARNING"):
+        ITMRerankRetrievalEvaluator("toy", model=_TagModel(), rerank_k=2, topk=(1, 2))
+    assert "RERANK_K" not in caplog.text
+    with caplog.at_level("WARNING"):
+        ITMRerankRetrievalEvaluator("toy", model=_TagModel(), rerank_k=1, topk=(1, 2))
+    assert "RETRIEVAL.RERANK_K=1 is below the largest recall K=2" in caplog.text
+
+
 def test_missing_inputs_are_named():
     ev = ITMRerankRetrievalEvaluator("toy", model=_TagModel(), distributed=False)
     inputs, outputs = _records()

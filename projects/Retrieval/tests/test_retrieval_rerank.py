@@ -51,6 +51,15 @@ def test_stable_topk_matches_a_python_sort_with_ties():
     assert got.tolist() == expected == [[1, 2, 4], [4, 0, 1]]
 
 
+def test_stable_topk_over_many_rows_and_many_ties():
+    """More rows than one sorting chunk and rows long enough for an unstable sort to reorder ties:
+    every row still matches the Python reference (best first, equal scores lower index first)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (2 * 256 + 5, 150), generator=g).float()
+    got = stable_topk(scores, 40)
+    assert got.tolist() == [_order(row)[:40] for row in scores.tolist()]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_text_retrieval_reorders_only_each_images_top_k(k):
     scorer = _TableScorer(ITM)
