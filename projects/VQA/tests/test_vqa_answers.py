@@ -79,11 +79,16 @@ def test_accuracy_normalises_only_when_humans_disagree():
 
 def test_soft_scores_and_vocabulary():
     assert [answer_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
+    # the annotators' strings are counted as written (the original's soft targets): "Two" and
+    # "two" do not count for the entry "2"
     scores = answer_scores(["Two", "2", "two", "3", "blue", "blue", "blue", "blue", "blue", "x"])
-    assert scores == {"2": 0.9, "3": 0.3, "blue": 1.0, "x": 0.3}
-    records = [{"multiple_choice_answer": a} for a in ["yes"] * 3 + ["No"] * 2 + ["two", "2", "b"]]
-    assert build_answer_vocab(records, 2) == ["yes", "2", "no"]  # count desc, then name
-    assert build_answer_vocab(records, 1) == ["yes", "2", "no", "b"]
+    assert scores == {"2": 0.3, "3": 0.3, "Two": 0.3, "blue": 1.0, "two": 0.3, "x": 0.3}
+    # normalised multiple-choice answers in the order of their first occurrence (the original's
+    # label order), not by count: "no" comes before "yes", "2" ("two") before "b"
+    answers = ["No", "yes", "yes", "two", "yes", "no", "2", "b", ""]
+    records = [{"multiple_choice_answer": a} for a in answers]
+    assert build_answer_vocab(records, 2) == ["no", "yes", "2"]
+    assert build_answer_vocab(records, 1) == ["no", "yes", "2", "b", ""]  # "" counts too
 
 
 def test_soft_target_bce_times_v_against_hand_computation():
@@ -182,13 +187,49 @@ def test_official_json_release_records(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(a))
     (r,) = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
     assert r["file_name"] == "/coco/COCO_val2014_000000000042.jpg"
-    assert r["answer_scores"] == {"2": 1.0, "3": 1.0} and r["answers"] == answers
+    assert r["answer_scores"] == {"2": 0.9, "3": 1.0, "two": 0.6} and r["answers"] == answers
     assert r["multiple_choice_answer"] == "2"  # the annotation's own field, not a human answer
     assert r["answer_type"] == "number" and r["question_type"] == "how many"
     (t,) = load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "test2015")
     assert "answers" not in t and t["question_id"] == 420
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_vqa_json(str(tmp_path / "nope.json"), None, "/coco", "val2014")
+
+
+def test_json_records_follow_the_annotations_order(tmp_path):
+    """The vocabulary's first-occurrence order is the annotations file's, as in the original."""
+    import json
+
+    from vqa import load_vqa_json
+
+    q = {"questions": [{"image_id": 1, "question_id": i, "question": "q"} for i in (1, 2, 3)]}
+    ann = [{"question_id": i, "multiple_choice_answer": m, "answers": [{"answer": m}]}
+           for i, m in ((3, "z"), (1, "x"), (2, "y"))]  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": ann}))
+    records = load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
+    assert [r["question_id"] for r in records] == [3, 1, 2]
+    assert build_answer_vocab(records, 1) == ["z", "x", "y"]
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": ann[:2]}))
+    with pytest.raises(ValueError, match="a.json: no annotation for question_id 2"):
+        load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
+
+
+def test_vocabulary_read_back_from_arrow_labels(caplog):
+    """The original's Arrow rows carry (class index, answer) pairs: the vocabulary is rebuilt in
+    class order; an index no row names keeps its place as a placeholder; conflicts are errors."""
+    from vqa import vocab_from_labels
+
+    records = [
+        {"question_id": 1, "answer_labels": [(2, "blue"), (0, "yes")]},
+        {"question_id": 2, "answer_labels": [(0, "yes"), (3, "2")]},
+    ]
+    with caplog.at_level("WARNING"):
+        assert vocab_from_labels(records) == ["yes", "<label 1>", "blue", "2"]
+    assert "1 of 4 answer labels are named by no record" in caplog.text
+    records.append({"question_id": 3, "answer_labels": [(2, "red")]})
+    with pytest.raises(ValueError, match="question 3: label 2 is 'red' here and 'blue' elsewhere"):
+        vocab_from_labels(records)
 
 
 def test_question_type_prior_against_hand_counts():

@@ -2,7 +2,14 @@
 normalisation and accuracy, and the VQAv2 / shapes datasets. Importing registers the model and datasets.
 """
 
-from .answers import answer_score, answer_scores, build_answer_vocab, normalize_answer, vqa_accuracy
+from .answers import (
+    answer_score,
+    answer_scores,
+    build_answer_vocab,
+    normalize_answer,
+    vocab_from_labels,
+    vqa_accuracy,
+)
 from .config import add_vqa_config
 from .datasets import load_shapes_vqa, load_vqa_arrow, load_vqa_json, register_all_vqa
 from .evaluator import VQAEvaluator
@@ -29,6 +36,7 @@ __all__ = [
     "normalize_answer",
     "register_all_vqa",
     "soft_target",
+    "vocab_from_labels",
     "vqa_accuracy",
     "vqa_loss",
 ]

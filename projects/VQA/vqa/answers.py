@@ -21,6 +21,7 @@ humans disagree, both sides are normalised; then for each of the 10 leave-one-ou
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,10 @@ __all__ = [
     "answer_score",
     "answer_scores",
     "build_answer_vocab",
+    "vocab_from_labels",
 ]
+
+logger = logging.getLogger(__name__)
 
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`"]
 _PUNCT += [",", "?", "!"]
@@ -137,17 +141,54 @@ def answer_score(count: int) -> float:
 
 
 def answer_scores(human_answers: Iterable[str]) -> dict[str, float]:
-    """{normalised answer: soft score} of one question's human answers."""
-    counts = Counter(normalize_answer(a) for a in human_answers)
+    """{answer: soft score} of one question's human answers, counted as the annotators wrote them.
+
+    As the original: its soft targets count the raw answer strings and keep those that are
+    vocabulary entries (which are normalised), so "Two" and "two" count for no entry when the
+    entry is "2".
+    """
+    counts = Counter(human_answers)
     return {a: answer_score(n) for a, n in sorted(counts.items())}
 
 
 def build_answer_vocab(records: Iterable[dict], min_count: int) -> list[str]:
     """Answers (normalised ``multiple_choice_answer``) occurring at least ``min_count`` times.
 
-    Ordered by decreasing count, then alphabetically (deterministic). VQAv2 train2014 + val2014 with
-    ``min_count`` 9 gives the original's 3129 answers.
+    In the order of their first occurrence in ``records``: the original's label order (its counter
+    over the train2014 then val2014 annotations, in file order, with nothing filtered out), which
+    the classifier rows of a converted ``fiber_vqa.ckpt`` follow. VQAv2 train2014 + val2014 with
+    ``min_count`` 9 gives its 3129 answers.
     """
     counts = Counter(normalize_answer(r["multiple_choice_answer"]) for r in records)
-    kept = [(a, n) for a, n in counts.items() if n >= min_count and a]
-    return [a for a, _ in sorted(kept, key=lambda x: (-x[1], x[0]))]
+    return [a for a, n in counts.items() if n >= min_count]
+
+
+def vocab_from_labels(records: Iterable[dict]) -> list[str]:
+    """The vocabulary that the original's Arrow files were written with, read back from the
+    records' ``answer_labels``: (class index, answer) pairs of each question's labelled answers.
+
+    A class index that no record names (no annotator wrote its answer exactly) becomes the
+    placeholder ``"<label i>"``, so that every other class keeps its index; a warning counts them.
+
+    Raises:
+        ValueError: a class index given two different answers (one line).
+    """
+    table: dict[int, str] = {}
+    for r in records:
+        for label, answer in r["answer_labels"]:
+            if table.setdefault(int(label), answer) != answer:
+                raise ValueError(
+                    f"question {r.get('question_id')}: label {label} is {answer!r} here and "
+                    f"{table[int(label)]!r} elsewhere"
+                )
+    size = max(table, default=-1) + 1
+    missing = [i for i in range(size) if i not in table]
+    if missing:
+        logger.warning(
+            "%d of %d answer labels are named by no record (first: %s): placeholders '<label i>'; "
+            "give the original vocabulary as VQA.ANSWER_VOCAB to name them",
+            len(missing),
+            size,
+            missing[:5],
+        )
+    return [table.get(i, f"<label {i}>") for i in range(size)]

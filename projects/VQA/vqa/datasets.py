@@ -2,8 +2,9 @@
 
 Records (one per question): ``file_name`` (or ``arrow_file`` + ``arrow_row`` + ``arrow_column``),
 ``image_id``, ``question_id``, ``question``; with answers also ``answers`` (the 10 human answers, json
-and shapes only), ``answer_scores`` ({normalised answer: soft score}), ``multiple_choice_answer``,
-``answer_type``, ``question_type`` (json and shapes only). Evaluator type "vqa".
+and shapes only), ``answer_scores`` ({answer as given: soft score}), ``multiple_choice_answer``,
+``answer_type``, ``question_type`` (json and shapes only), ``answer_labels`` ((class, answer) pairs;
+Arrow only). Evaluator type "vqa". Json records follow the annotations file's order.
 
 =======================  ============================================================  ==============
 name                     files under ``$DETECTRON2_DATASETS``                          images
@@ -30,7 +31,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from fiber_d2.data.shapes import SPLITS, shapes_root
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
 
-from .answers import answer_scores, normalize_answer
+from .answers import answer_scores
 
 __all__ = [
     "load_vqa_json",
@@ -73,34 +74,39 @@ def load_vqa_json(questions_file: str, annotations_file: str | None, image_root:
         FileNotFoundError: a missing file (named); ValueError: a question without annotation.
     """
     questions = _read_json(questions_file, "questions")["questions"]
-    annotations = {}
-    if annotations_file:
-        for a in _read_json(annotations_file, "annotations")["annotations"]:
-            annotations[a["question_id"]] = a
+    if not annotations_file:
+        return [_question_record(q, image_root, split) for q in questions]
+    by_id = {q["question_id"]: q for q in questions}
+    annotations = _read_json(annotations_file, "annotations")["annotations"]
     records = []
-    for q in questions:
-        r = {
-            "file_name": os.path.join(image_root, f"COCO_{split}_{q['image_id']:012d}.jpg"),
-            "image_id": q["image_id"],
-            "question_id": q["question_id"],
-            "question": q["question"],
-        }
-        if annotations_file:
-            a = annotations.get(q["question_id"])
-            if a is None:
-                raise ValueError(
-                    f"{annotations_file}: no annotation for question_id {q['question_id']}"
-                )
-            human = [x["answer"] for x in a["answers"]]
-            r.update(
+    # in the annotations' order, which the original's answer vocabulary follows
+    for a in annotations:
+        q = by_id.pop(a["question_id"], None)
+        if q is None:
+            raise ValueError(f"{questions_file}: no question for question_id {a['question_id']}")
+        human = [x["answer"] for x in a["answers"]]
+        records.append(
+            dict(
+                _question_record(q, image_root, split),
                 answers=human,
                 answer_scores=answer_scores(human),
                 multiple_choice_answer=a["multiple_choice_answer"],
                 answer_type=a.get("answer_type", ""),
                 question_type=a.get("question_type", ""),
             )
-        records.append(r)
+        )
+    if by_id:
+        raise ValueError(f"{annotations_file}: no annotation for question_id {min(by_id)}")
     return records
+
+
+def _question_record(q: dict, image_root: str, split: str) -> dict:
+    return {
+        "file_name": os.path.join(image_root, f"COCO_{split}_{q['image_id']:012d}.jpg"),
+        "image_id": q["image_id"],
+        "question_id": q["question_id"],
+        "question": q["question"],
+    }
 
 
 def load_vqa_arrow(arrow_file: str):
@@ -125,11 +131,15 @@ def load_vqa_arrow(arrow_file: str):
     rows = table.select(columns).to_pylist()
     records = []
     for row_index, row in enumerate(rows):
-        answers = row.get("answers") or [None] * len(row["questions"])
-        scores = row.get("answer_scores") or [None] * len(row["questions"])
-        for question, qid, labels, label_scores in zip(
-            row["questions"], row["question_id"], answers, scores
-        ):
+        none = [None] * len(row["questions"])
+        per_question = zip(
+            row["questions"],
+            row["question_id"],
+            row.get("answers") or none,
+            row.get("answer_labels") or none,
+            row.get("answer_scores") or none,
+        )
+        for question, qid, answers, labels, scores in per_question:
             r = {
                 "arrow_file": arrow_file,
                 "arrow_row": row_index,
@@ -139,10 +149,12 @@ def load_vqa_arrow(arrow_file: str):
                 "question_id": qid,
                 "question": question,
             }
-            if labels is not None and label_scores is not None:
-                pairs = {normalize_answer(a): float(s) for a, s in zip(labels, label_scores)}
+            if answers is not None and scores is not None:
+                pairs = {a: float(s) for a, s in zip(answers, scores)}
                 r["answer_scores"] = pairs
                 r["multiple_choice_answer"] = max(pairs, key=pairs.get) if pairs else ""
+                if labels is not None:
+                    r["answer_labels"] = [(int(k), a) for k, a in zip(labels, answers)]
             records.append(r)
     return records
 

@@ -2,8 +2,10 @@
 
 ``VQA.ANSWER_VOCAB`` names a json list of answers (index = class); when empty the vocabulary is built
 from the records of ``VQA.VOCAB_DATASETS`` (default: ``DATASETS.TRAIN``) as the original does: the
-normalised ``multiple_choice_answer`` strings seen at least ``VQA.MIN_ANSWER_COUNT`` times (coarse
-spec §5.3; 3129 answers on VQAv2 train2014 + val2014 at 9).
+normalised ``multiple_choice_answer`` strings seen at least ``VQA.MIN_ANSWER_COUNT`` times, in the
+order of their first occurrence (coarse spec §5.3; 3129 answers on VQAv2 train2014 + val2014 at 9,
+in the order of the released checkpoints' classifier rows). The original's Arrow files carry each
+answer's class index, so their vocabulary is read back from them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from detectron2.data import DatasetCatalog
 
 from fiber_d2.engine.setup import ConfigError
 
-from .answers import build_answer_vocab
+from .answers import build_answer_vocab, vocab_from_labels
 
 __all__ = ["answer_vocab", "drop_unanswerable", "read_vocab_file"]
 
@@ -47,7 +49,18 @@ def _vocab(vocab_file: str, datasets: tuple[str, ...], min_count: int) -> tuple[
     if vocab_file:
         return read_vocab_file(vocab_file)
     records = [r for name in datasets for r in DatasetCatalog.get(name)]
-    answers = build_answer_vocab((r for r in records if "multiple_choice_answer" in r), min_count)
+    answered = [r for r in records if "multiple_choice_answer" in r]
+    if answered and all("answer_labels" in r for r in answered):
+        # the original's Arrow files: their rows name each label's answer (MIN_ANSWER_COUNT unused)
+        try:
+            answers = vocab_from_labels(answered)
+        except ValueError as e:
+            raise ConfigError(f"VQA answer vocabulary of {list(datasets)}: {e}") from None
+        logger.info(
+            "VQA answer vocabulary: %d answers from the labels of %s", len(answers), datasets
+        )
+        return tuple(answers)
+    answers = build_answer_vocab(answered, min_count)
     if not answers:
         raise ConfigError(
             f"no answer occurs {min_count}+ times in {list(datasets)}; lower VQA.MIN_ANSWER_COUNT"
