@@ -1,9 +1,12 @@
 """EMA averaging/resume and the stateless weight-decay schedule."""
 
+import types
+
+import pytest
 import torch
 from torch import nn
 
-from fiber_d2.engine.hooks import ModelEMA, weight_decay_multiplier
+from fiber_d2.engine.hooks import ModelEMA, WeightDecayScheduleHook, weight_decay_multiplier
 
 
 def test_ema_average_and_apply():
@@ -29,3 +32,32 @@ def test_weight_decay_schedule():
     assert weight_decay_multiplier(149, ms, 0.5) == 1.0
     assert abs(weight_decay_multiplier(150, ms, 0.5) - 0.1) < 1e-12
     assert abs(weight_decay_multiplier(300, ms, 0.5) - 0.01) < 1e-12
+
+
+def test_ema_weights_the_average_by_decay_and_copies_integer_buffers():
+    m = nn.BatchNorm1d(1)
+    m.weight.data.fill_(0.0)
+    ema = ModelEMA(m, decay=0.75)
+    m.weight.data.fill_(4.0)
+    m.num_batches_tracked.fill_(7)
+    ema.update(m)  # 0.75 * 0 + 0.25 * 4 = 1
+    assert ema.state["weight"].item() == 1.0
+    assert ema.state["num_batches_tracked"].item() == 7  # not averaged: the current count
+    partial = {"decay": 0.75, "state": {"weight": torch.ones(1)}}
+    with pytest.raises(KeyError, match="model_ema checkpoint lacks 4 keys"):
+        ModelEMA(m, decay=0.75).load_state_dict(partial)
+
+
+def test_weight_decay_hook_scales_the_initial_decay_without_compounding():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "weight_decay": 0.01}], lr=0.1)
+    for g in opt.param_groups:
+        g["initial_weight_decay"] = g["weight_decay"]
+    hook = WeightDecayScheduleHook(opt, milestones=(100,), ratio=0.5)
+    hook.trainer = types.SimpleNamespace(iter=60)
+    hook.before_step()
+    hook.before_step()  # the same iteration again (e.g. after a resume): still x0.1, not x0.01
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.001)
+    hook.trainer.iter = 10
+    hook.before_step()
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
