@@ -129,3 +129,54 @@ def test_albef_randaug_ops_and_transforms():
     assert train(image).shape == test(image).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="VL_TRAIN_TRANSFORM"):
         build_vl_image_transform("autoaugment", 32, True)
+
+
+def test_albef_randaug_magnitudes_at_m7():
+    """Spec coarse §5.2 at M = 7: brightness factor 1.36, shear 0.21 (the affine coefficient),
+    translation 7 px."""
+    aug = AlbefRandAugment(2, 7, random.Random(0))
+    grey = Image.fromarray(np.full((20, 20, 3), 100, np.uint8))
+    assert (np.asarray(aug.apply(grey, "Brightness")) == 136).all()
+    line = np.zeros((41, 41, 3), np.uint8)
+    line[:, 20] = 255  # a vertical line through the centre
+    sheared = np.asarray(aug.apply(Image.fromarray(line), "ShearX"))[..., 0]
+    # rows 10 above and below the centre move apart by 2 * 0.21 * 10 = 4.2 px
+    shift = abs(int(sheared[10].argmax()) - int(sheared[30].argmax()))
+    assert 3 <= shift <= 5
+    dot = np.zeros((41, 41, 3), np.uint8)
+    dot[20, 20] = 255
+    moved = np.asarray(aug.apply(Image.fromarray(dot), "TranslateX"))[..., 0]
+    assert np.argwhere(moved == 255).tolist() in ([[20, 13]], [[20, 27]])
+
+
+def test_albef_randaug_applies_each_drawn_op_with_probability_half():
+    class Counting(AlbefRandAugment):
+        calls = 0
+
+        def apply(self, image, op):
+            Counting.calls += 1
+            return image
+
+    aug = Counting(2, 7, random.Random(1))
+    image = Image.new("RGB", (8, 8))
+    for _ in range(1000):
+        aug(image)
+    assert 850 <= Counting.calls <= 1150  # 2 draws x 0.5 x 1000
+
+
+def test_albef_randaug_crop_keeps_half_the_image_and_flips_half_the_time():
+    """RandomResizedCrop at scale (0.5, 1.0) (its aspect ratios 3/4..4/3): a crop keeps at least 61 %
+    of the width, so it always spans both halves of a red-left / blue-right image; the horizontal
+    flip puts blue on the left about half the time."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, :32] = COLORS["red"]
+    image[:, 32:] = COLORS["blue"]
+    train = build_vl_image_transform("albef_randaug", 64, True, random.Random(2))
+    flipped = 0
+    for _ in range(60):
+        out = train(image).astype(int)
+        red, blue = out[..., 0] > out[..., 2] + 40, out[..., 2] > out[..., 0] + 40
+        assert red.any() and blue.any()
+        left = out[28:36, 10:14]  # inside every crop, clear of rotation / translation fill
+        flipped += int(left[..., 2].mean() > left[..., 0].mean())
+    assert 15 <= flipped <= 45
