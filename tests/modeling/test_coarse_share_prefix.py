@@ -3,29 +3,33 @@ the losses and gradients of the original's one-prefix-per-pass step, and really 
 
 import pytest
 import torch
-from test_coarse_itc_switches import _batch as itc_switches_batch
+from tiny_coarse import SMALL, caption_batch
 
 from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.meta_arch.fiber_coarse import FIBERCoarse
 
-SMALL = ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"]
-SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.COARSE.QUEUE_SIZE", "16"]
 # the prefix blocks and layers must be deterministic for the equality (the Demo's settings)
-SMALL += ["MODEL.SWIN.DROP_PATH_RATE", "0.0", "MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT", "0.0"]
-SMALL += ["MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT", "0.0"]
+DETERMINISTIC = [
+    "MODEL.SWIN.DROP_PATH_RATE",
+    "0.0",
+    "MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT",
+    "0.0",
+]
+DETERMINISTIC += ["MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT", "0.0"]
 
 
 def _model(share: bool, *opts) -> FIBERCoarse:
     torch.manual_seed(0)
     cfg = load_config(
-        "configs/Demo/coarse_tiny.yaml", [*SMALL, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts]
+        "configs/Demo/coarse_tiny.yaml",
+        [*SMALL, *DETERMINISTIC, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts],
     )
     return FIBERCoarse(cfg).train()
 
 
 def _batch() -> list[dict]:
-    """The ITC switches' batch (4 captions, two of them padded) with one masked word per caption."""
-    records, ids, _ = itc_switches_batch()
+    """The shared caption batch (4 captions, two of them padded), one masked word per caption."""
+    records, ids, _ = caption_batch()
     for r in records:
         r["mlm_input_ids"] = r["input_ids"].clone()
         r["mlm_input_ids"][2] = 3
