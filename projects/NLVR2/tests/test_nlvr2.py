@@ -145,9 +145,10 @@ def test_missing_image_in_a_run_is_one_error_line(where, tmp_path):
         rows[3]["file_name_1"] = gone
         return rows
 
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, records)
-        MetadataCatalog.get(name).set(evaluator_type="nlvr2")
+    if name in DatasetCatalog.list():  # registered by an earlier run in this process
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, records)
+    MetadataCatalog.get(name).set(evaluator_type="nlvr2")
     sets = (
         ["DATASETS.TEST", f"('{name}',)"] if where == "test" else ["DATASETS.TRAIN", f"('{name}',)"]
     )
