@@ -244,16 +244,18 @@ def test_captions_jsonl(tmp_path, caplog):
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     with caplog.at_level(logging.WARNING):
         train = load_captions(str(path), "/root", "caps")
+    # exact duplicates go; captions stay as written (" a dog " is not "a dog", as in the original)
     assert [(r["image_id"], r["caption"]) for r in train] == [
         (7, "a dog"),
+        (7, " a dog "),
         (7, "a brown dog"),
         (1, "a cat"),
     ]
-    assert train[2]["file_name"] == "/root/b.jpg" and train[2]["height"] == 20
+    assert train[3]["file_name"] == "/root/b.jpg" and train[3]["height"] == 20
     assert "height" not in train[0] and train[0]["task"] == "caption"
     assert "c.jpg" in caplog.text
     evaluation = load_captions(str(path), "/root", "caps", one_per_caption=False)
-    assert [r["captions"] for r in evaluation] == [["a dog", "a brown dog"], ["a cat"]]
+    assert [r["captions"] for r in evaluation] == [["a dog", " a dog ", "a brown dog"], ["a cat"]]
 
 
 def test_captions_karpathy_and_coco(tmp_path):
@@ -286,7 +288,7 @@ def test_captions_karpathy_and_coco(tmp_path):
         "annotations": [{"image_id": 9, "id": 1, "caption": "A plate. "}],
     }
     (rec,) = load_captions(write(tmp_path / "captions_val2017.json", coco), "/v", "c")
-    assert (rec["caption"], rec["image_id"], rec["width"]) == ("A plate.", 9, 5)
+    assert (rec["caption"], rec["image_id"], rec["width"]) == ("A plate. ", 9, 5)
 
 
 def test_builtin_registrations():
@@ -348,3 +350,22 @@ def test_flickr_phrase_types_are_names_and_keys(tmp_path):
     keys = set(ev.evaluate()["grounding"])
     assert {"R@1-clothing", "R@1-people", "R@1-animals"} <= keys
     assert not any("[" in k or "'" in k for k in keys)
+
+
+def test_training_on_a_per_image_caption_set_is_one_line(tmp_path):
+    """A per-image caption registration (an evaluation split) in DATASETS.TRAIN would reach the
+    model as (K, T) captions without MLM inputs; the pre-run check names it instead."""
+    from fiber_d2.data.datasets.common import BadRecordError, check_datasets_before_run
+
+    path = tmp_path / "caps.jsonl"
+    path.write_text(json.dumps({"file_name": "a.jpg", "captions": ["a dog", "a cat"]}) + "\n")
+    per_image = unique("per_image")
+    register_captions(per_image, str(path), str(tmp_path), one_per_caption=False)
+    with pytest.raises(
+        BadRecordError, match=f"training dataset '{per_image}' holds one record per"
+    ):
+        check_datasets_before_run([per_image], [])
+    per_caption = unique("per_caption")
+    register_captions(per_caption, str(path), str(tmp_path))
+    with pytest.raises(BadRecordError, match="none of its 2 images can be read"):
+        check_datasets_before_run([per_caption], [])  # past the check, to the image test

@@ -9,8 +9,9 @@ Accepted files:
 * official COCO captions json: ``images[]`` (``id``, ``file_name``, size) and
   ``annotations[]`` (``image_id``, ``caption``).
 
-Captions are stripped and de-duplicated per image (coarse spec 4); empty captions are skipped and
-counted (one warning with the total). Records::
+Captions are kept as written (the original tokenizes the raw strings, surrounding whitespace
+included) and exact duplicates per image are dropped (coarse spec 4); empty or blank captions are
+skipped and counted (one warning with the total). Records::
 
     {"file_name", "image_id", "height"?, "width"?, "task": "caption", "dataset_name",
      "caption": str}             # one_per_caption=True (training: one sample per caption)
@@ -117,7 +118,7 @@ def load_captions(
             continue
         raw = item.get("captions", item.get("caption"))
         raw = [raw] if isinstance(raw, str) else list(raw or [])
-        captions = list(dict.fromkeys(c.strip() for c in raw if isinstance(c, str) and c.strip()))
+        captions = list(dict.fromkeys(c for c in raw if isinstance(c, str) and c.strip()))
         empty += sum(1 for c in raw if not (isinstance(c, str) and c.strip()))
         if not captions:
             bad.skip(what, "empty caption")

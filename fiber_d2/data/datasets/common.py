@@ -269,6 +269,7 @@ def check_datasets_before_run(
     """Checks made before a run writes anything to its ``OUTPUT_DIR``.
 
     * every dataset's annotations load (a missing or malformed file is one line naming it);
+    * no training dataset is a per-image caption set (evaluation records with all captions);
     * every training dataset has at least one readable image (images are decoded in order until
       one works, so a healthy set costs one decode);
     * with ``check_test_files``, every test image exists and decodes in full (truncated files
@@ -282,6 +283,12 @@ def check_datasets_before_run(
     """
     for name in train:
         records = _load_records(name, "training")
+        if records and isinstance(records[0].get("captions"), list):
+            raise BadRecordError(
+                f"training dataset '{name}' holds one record per image with all its captions (an "
+                "evaluation split); training reads one caption per record: train on a per-caption "
+                "registration (e.g. coco_caption_karpathy_train, which holds Karpathy train + val)"
+            )
         ok, failure = _first_readable(records)
         if not ok:
             raise BadRecordError(
