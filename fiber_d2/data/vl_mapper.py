@@ -9,7 +9,6 @@ each image it has read, as returned, and reads the file only once.
 from __future__ import annotations
 
 import logging
-import random
 
 import numpy as np
 import torch
@@ -61,9 +60,9 @@ class FusedTaskMapper:
                 f"transform is drawn anew for every use), got {train_transform!r}"
             )
         self.is_train = is_train
-        self.transform = build_vl_image_transform(
-            train_transform, image_size, is_train, rng=random.Random()
-        )
+        # flips and RandAugment draw from Python's global generator, which detectron2 seeds from
+        # SEED in each DataLoader worker (a private generator would repeat in every worker)
+        self.transform = build_vl_image_transform(train_transform, image_size, is_train)
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.bgr = image_format == "BGR"
         self.max_query_len = max_query_len

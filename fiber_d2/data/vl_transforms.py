@@ -51,7 +51,7 @@ class AlbefRandAugment:
 
     def __init__(self, n: int = 2, m: int = 7, rng: Optional[random.Random] = None):
         self.n, self.m = n, m
-        self.rng = rng or random.Random()
+        self.rng = rng or random  # default: the global generator (seeded per worker)
 
     def _signed(self, value: float) -> float:
         return value if self.rng.random() < 0.5 else -value
@@ -98,14 +98,15 @@ def build_vl_image_transform(
         name: one of :data:`VL_TRANSFORMS`.
         image_size: S.
         is_train: training (``name``) or evaluation (plain resize).
-        rng: random source of the flip and RandAugment draws (default: a fresh ``random.Random``).
+        rng: random source of the flip and RandAugment draws (default: Python's global generator,
+            which detectron2 seeds from ``SEED`` in every DataLoader worker).
 
     Raises:
         ValueError: an unknown ``name``.
     """
     if name not in VL_TRANSFORMS:
         raise ValueError(f"INPUT.VL_TRAIN_TRANSFORM must be one of {VL_TRANSFORMS}, got {name!r}")
-    rng = rng or random.Random()
+    rng = rng or random
     size = (image_size, image_size)
 
     def resize(image: np.ndarray) -> np.ndarray:

@@ -180,3 +180,23 @@ def test_albef_randaug_crop_keeps_half_the_image_and_flips_half_the_time():
         left = out[28:36, 10:14]  # inside every crop, clear of rotation / translation fill
         flipped += int(left[..., 2].mean() > left[..., 0].mean())
     assert 15 <= flipped <= 45
+
+
+def test_vl_transform_draws_follow_the_seeded_global_generators():
+    """Flips and RandAugment ops draw from Python's global generator (crops from torch's), both of
+    which detectron2 seeds from SEED in every DataLoader worker: seeded alike, the draws repeat;
+    seeded apart, they differ (a private generator would repeat in every worker instead)."""
+    import torch
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    image[10:30, 5:20] = COLORS["red"]
+
+    def draws(seed):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        train = build_vl_image_transform("albef_randaug", 32, True)
+        return [train(image) for _ in range(6)]
+
+    first, again, other = draws(0), draws(0), draws(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
