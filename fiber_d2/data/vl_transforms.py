@@ -29,12 +29,14 @@ __all__ = ["AlbefRandAugment", "build_vl_image_transform", "read_vl_image", "VL_
 
 VL_TRANSFORMS = ("resize", "albef_randaug")
 _FILL = (128, 128, 128)
+_BILINEAR = InterpolationMode.BILINEAR  # the original's warps interpolate linearly
 
 
 class AlbefRandAugment:
     """The original's RandAugment: N ops drawn with replacement, each applied with probability 0.5 at
     magnitude M of 10 (coarse spec §5.2: N = 2, M = 7: rotate +-3M deg, shear +-0.03M, translate +-M px,
-    brightness / sharpness factor 0.1 + 1.8 M / 10 (1.36 at M = 7); fill grey 128)."""
+    brightness / sharpness factor 0.1 + 1.8 M / 10 (1.36 at M = 7); fill grey 128). As in the original,
+    rotations and shears interpolate bilinearly, and shears are about the top-left corner."""
 
     OPS = (
         "Identity",
@@ -70,16 +72,26 @@ class AlbefRandAugment:
             fn = TF.adjust_brightness if op == "Brightness" else TF.adjust_sharpness
             return fn(image, factor)
         if op in ("ShearX", "ShearY"):
+            # about the top-left corner (row / column 0 stays), as the original's affine warp
             shear = math.degrees(math.atan(self._signed(0.03 * m)))
             shear_xy = [shear, 0.0] if op == "ShearX" else [0.0, shear]
-            return TF.affine(image, 0.0, [0, 0], 1.0, shear_xy, fill=_FILL)
+            return TF.affine(
+                image,
+                0.0,
+                [0, 0],
+                1.0,
+                shear_xy,
+                interpolation=_BILINEAR,
+                fill=_FILL,
+                center=[0, 0],
+            )
         if op in ("TranslateX", "TranslateY"):
             t = int(self._signed(float(m)))
             return TF.affine(
                 image, 0.0, [t, 0] if op == "TranslateX" else [0, t], 1.0, [0.0, 0.0], fill=_FILL
             )
         if op == "Rotate":
-            return TF.rotate(image, self._signed(3.0 * m), fill=_FILL)
+            return TF.rotate(image, self._signed(3.0 * m), interpolation=_BILINEAR, fill=_FILL)
         raise KeyError(op)
 
     def __call__(self, image: Image.Image) -> Image.Image:

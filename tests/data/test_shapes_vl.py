@@ -132,17 +132,17 @@ def test_albef_randaug_ops_and_transforms():
 
 
 def test_albef_randaug_magnitudes_at_m7():
-    """Spec coarse §5.2 at M = 7: brightness factor 1.36, shear 0.21 (the affine coefficient),
-    translation 7 px."""
+    """Spec coarse §5.2 at M = 7: brightness factor 1.36, shear 0.21 (the affine coefficient, about
+    the top-left corner as the original's warp), translation 7 px."""
     aug = AlbefRandAugment(2, 7, random.Random(0))
     grey = Image.fromarray(np.full((20, 20, 3), 100, np.uint8))
     assert (np.asarray(aug.apply(grey, "Brightness")) == 136).all()
     line = np.zeros((41, 41, 3), np.uint8)
     line[:, 20] = 255  # a vertical line through the centre
     sheared = np.asarray(aug.apply(Image.fromarray(line), "ShearX"))[..., 0]
-    # rows 10 above and below the centre move apart by 2 * 0.21 * 10 = 4.2 px
-    shift = abs(int(sheared[10].argmax()) - int(sheared[30].argmax()))
-    assert 3 <= shift <= 5
+    # about the top-left corner: row 0 stays, row 30 moves by 0.21 * 30 = 6.3 px
+    assert int(sheared[0].argmax()) == 20
+    assert 5 <= abs(int(sheared[30].argmax()) - 20) <= 7
     dot = np.zeros((41, 41, 3), np.uint8)
     dot[20, 20] = 255
     moved = np.asarray(aug.apply(Image.fromarray(dot), "TranslateX"))[..., 0]
