@@ -184,8 +184,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # keep text padded to MAX_QUERY_LEN (the original); False: each batch runs at its longest
     # prompt rounded up to a multiple of 8 (same outputs on the real tokens, less compute)
     _C.INPUT.PAD_TO_MAX_QUERY_LEN = False
-    # training transform of the fused-cls_feats tasks (VQA, NLVR2; coarse spec §5.2): "resize"
-    # (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip, RandAugment N2 M7)
+    # training transform of the fine-tuning tasks (VQA, NLVR2, retrieval, captioning; coarse spec
+    # §5.2): "resize" (plain S x S bicubic, the original's "albef") or "albef_randaug" (crop, flip,
+    # RandAugment N2 M7)
     _C.INPUT.VL_TRAIN_TRANSFORM = "resize"
     # the VQA / NLVR2 and caption (coarse stage, captioning) mappers: keep each image once read and
     # resized (S x S x 3 bytes per distinct image) instead of decoding it again for every question,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import List, Optional
 
+import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
@@ -17,6 +18,7 @@ from PIL import Image
 
 from ..text import build_tokenizer, mask_tokens_for_mlm, tokenize
 from .mapper import _BadRecordCounter, _read_image, _SkipRecord, _test_error, _to_chw, memoized
+from .vl_transforms import build_vl_image_transform
 
 __all__ = ["CaptionDatasetMapper"]
 
@@ -25,7 +27,7 @@ class CaptionDatasetMapper:
     """Map caption records to the coarse stage's inputs.
 
     Output: ``image`` uint8 (3, S, S) in ``INPUT.FORMAT`` (square bicubic resize, optional
-    flip), ``height``/``width`` of the original, ``image_id``, ``file_name``, ``task``;
+    flip; or ALBEF's RandAugment in training), ``height``/``width`` of the original, ``image_id``, ``file_name``, ``task``;
     a training record (``caption``) gives ``input_ids``/``attention_mask`` (T,) plus
     ``mlm_input_ids``/``mlm_labels`` (T,) (labels -100 where not masked); an evaluation record
     (``captions``, K of them) gives ``input_ids``/``attention_mask`` (K, T).
@@ -43,6 +45,7 @@ class CaptionDatasetMapper:
         flip_prob: float = 0.0,
         mlm_probability: float = 0.15,
         cache_images: bool = False,
+        train_transform: str = "resize",
     ):
         """
         Args:
@@ -54,21 +57,28 @@ class CaptionDatasetMapper:
             flip_prob: horizontal flip probability in training.
             mlm_probability: MLM selection probability (0 disables the MLM fields).
             cache_images: keep each image once read and resized (``INPUT.VL_CACHE_IMAGES``; S x S x
-                3 bytes per distinct image); needs ``flip_prob`` 0 in training.
+                3 bytes per distinct image); needs the deterministic training transform.
+            train_transform: ``INPUT.VL_TRAIN_TRANSFORM``: "resize" (the square resize, flipped
+                with ``flip_prob``) or "albef_randaug" (the original's retrieval and captioning
+                fine-tuning: random crop, flip and RandAugment; ``flip_prob`` unused) in training.
 
         Raises:
-            ValueError: ``cache_images`` with a random flip in training.
+            ValueError: ``cache_images`` with a random training transform; an unknown transform.
         """
-        if cache_images and is_train and flip_prob > 0:
+        random_transform = flip_prob > 0 or train_transform != "resize"
+        if cache_images and is_train and random_transform:
             raise ValueError(
-                "INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0 in training (a random flip "
-                f"is drawn anew for every use), got {flip_prob}"
+                "INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0 and INPUT.VL_TRAIN_TRANSFORM "
+                "'resize' in training (a random transform is drawn anew for every use), got "
+                f"{flip_prob} and {train_transform!r}"
             )
         self.is_train = is_train
         augs: List[T.Augmentation] = [T.Resize((image_size, image_size), interp=Image.BICUBIC)]
         if is_train and flip_prob > 0:
             augs.append(T.RandomFlip(prob=flip_prob, horizontal=True))
         self.augmentations = T.AugmentationList(augs)
+        randaug = build_vl_image_transform(train_transform, image_size, is_train)  # checks the name
+        self._randaug = randaug if is_train and train_transform == "albef_randaug" else None
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.image_format = image_format
         self.max_query_len = max_query_len
@@ -91,6 +101,7 @@ class CaptionDatasetMapper:
                 cfg.MODEL.COARSE.MLM_PROBABILITY if "mlm" in cfg.MODEL.COARSE.LOSSES else 0.0
             ),
             "cache_images": cfg.INPUT.VL_CACHE_IMAGES,
+            "train_transform": cfg.INPUT.VL_TRAIN_TRANSFORM,
         }
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
@@ -136,15 +147,23 @@ class CaptionDatasetMapper:
             out.update(mlm_input_ids=masked, mlm_labels=labels)
         return out
 
+    def augment(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 image in ``INPUT.FORMAT`` -> the (S, S, 3) uint8 input: RandAugment in
+        training with ``train_transform`` "albef_randaug", the square resize (and flip) otherwise.
+        """
+        if self._randaug is not None:
+            return self._randaug(image)
+        aug_input = T.AugInput(image)
+        self.augmentations(aug_input)
+        return aug_input.image
+
     def _image(self, record: dict) -> tuple:
         """The record's (3, S, S) uint8 input image and its original height and width; with the
         image cache, read and resized once per (file, height, width)."""
 
         def read() -> tuple:
             raw = _read_image(record, self.image_format)
-            aug_input = T.AugInput(raw)
-            self.augmentations(aug_input)
-            return _to_chw(aug_input.image), raw.shape[0], raw.shape[1]
+            return _to_chw(self.augment(raw)), raw.shape[0], raw.shape[1]
 
         key = (record.get("file_name"), record.get("height"), record.get("width"))
         image, height, width = memoized(self._image_cache, key, read)

@@ -313,6 +313,29 @@ def test_caption_mapper(shapes_tokenizer, det_image, tmp_path):
     assert evaluation.bad.skipped == 0
 
 
+def test_caption_mapper_albef_randaug_in_training_only(shapes_tokenizer, det_image):
+    """INPUT.VL_TRAIN_TRANSFORM "albef_randaug" (retrieval / captioning fine-tuning, spec §5.2):
+    training images are random crops with RandAugment, evaluation keeps the plain resize."""
+    kwargs = {"image_size": 24, "tokenizer": shapes_tokenizer, "max_query_len": 16}
+    record = {"file_name": det_image, "image_id": 1, "caption": "a red box", "task": "caption"}
+    plain = CaptionDatasetMapper(is_train=False, **kwargs)(record)["image"]
+    assert torch.equal(CaptionDatasetMapper(is_train=True, **kwargs)(record)["image"], plain)
+    random.seed(0)
+    torch.manual_seed(0)
+    train = CaptionDatasetMapper(is_train=True, train_transform="albef_randaug", **kwargs)
+    images = [train(record)["image"] for _ in range(4)]
+    assert all(i.shape == (3, 24, 24) and i.dtype == torch.uint8 for i in images)
+    assert not all(torch.equal(i, plain) for i in images)
+    evaluation = CaptionDatasetMapper(is_train=False, train_transform="albef_randaug", **kwargs)
+    assert torch.equal(evaluation(record)["image"], plain)
+    with pytest.raises(ValueError, match="VL_CACHE_IMAGES needs"):
+        CaptionDatasetMapper(
+            is_train=True, train_transform="albef_randaug", cache_images=True, **kwargs
+        )
+    with pytest.raises(ValueError, match="VL_TRAIN_TRANSFORM must be one of"):
+        CaptionDatasetMapper(is_train=True, train_transform="autoaugment", **kwargs)
+
+
 def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monkeypatch):
     """INPUT.VL_CACHE_IMAGES: each (file, height, width) is read once; the output is the uncached one."""
     from fiber_d2.data import caption_mapper

@@ -83,6 +83,7 @@ def test_project_configs_load_and_follow_the_recipe(name):
         assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER
         assert cfg.SOLVER.BASE_LR == {"mle": 5e-5, "gold": 1e-5, "cider": 1e-6}[stage]
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 5.0
+        assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug"
         previous = {"gold": "coco_mle", "cider": "coco_gold"}.get(stage)
         if previous:
             assert cfg.MODEL.WEIGHTS == f"output/captioning/{previous}/model_final.pth"

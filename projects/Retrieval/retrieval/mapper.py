@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 
@@ -85,9 +84,7 @@ class FalseImageCaptionMapper(CaptionDatasetMapper):
             except (OSError, ValueError, SyntaxError) as e:
                 logger.warning("false image %s is unreadable (%s); drawing another", name, e)
                 continue
-            aug_input = T.AugInput(image)
-            self.augmentations(aug_input)
-            chw = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+            chw = np.ascontiguousarray(self.augment(image).transpose(2, 0, 1))
             out.update(false_image=torch.as_tensor(chw), false_file_name=name)
             return out
         self.bad.skip(dataset_dict, f"{_MAX_DRAWS} unreadable false images in a row")

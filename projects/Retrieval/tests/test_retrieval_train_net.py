@@ -93,6 +93,7 @@ def test_project_configs_load_and_name_registered_datasets(name):
         captions = 439_123 if name.startswith("coco") else 150_070  # Karpathy train + val
         assert cfg.SOLVER.MAX_ITER == 10 * -(-captions // 1024)  # 10 epochs
         assert cfg.DATASETS.TRAIN[0].endswith("_caption_karpathy_train")
+        assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug"
 
 
 def test_config_errors_are_one_line(tmp_path):
