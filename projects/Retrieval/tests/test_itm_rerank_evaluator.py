@@ -40,18 +40,20 @@ IMAGE_EMB = {10: _unit(0), 20: _unit(90), 30: _unit(180)}
 TEXT_EMB = {10: [_unit(80), _unit(10)], 20: [_unit(105)], 30: [_unit(130), _unit(200)]}
 
 
+def _tagged_input(image_id: int, tag: int, k: int) -> dict:
+    """An image filled with ``tag`` and its ``k`` captions, each starting with the token ``tag``."""
+    return {
+        "image_id": image_id,
+        "image": torch.full((3, 2, 2), tag, dtype=torch.uint8),
+        "input_ids": torch.tensor([[tag, 7, 7]] * k),
+        "attention_mask": torch.ones(k, 3, dtype=torch.long),
+    }
+
+
 def _records():
     inputs, outputs = [], []
     for tag, image_id in enumerate((10, 20, 30), start=1):
-        k = len(TEXT_EMB[image_id])
-        inputs.append(
-            {
-                "image_id": image_id,
-                "image": torch.full((3, 2, 2), tag, dtype=torch.uint8),
-                "input_ids": torch.tensor([[tag, 7, 7]] * k),
-                "attention_mask": torch.ones(k, 3, dtype=torch.long),
-            }
-        )
+        inputs.append(_tagged_input(image_id, tag, len(TEXT_EMB[image_id])))
         outputs.append(
             {
                 "image_embedding": torch.tensor(IMAGE_EMB[image_id]),
@@ -98,15 +100,8 @@ def test_itm_scores_each_row_image_with_each_column_caption():
     captions = {10: 3, 20: 1, 30: 2}
     inputs, outputs = [], []
     for image_id in (30, 10, 20):
-        tag, k = image_id // 10, captions[image_id]
-        inputs.append(
-            {
-                "image_id": image_id,
-                "image": torch.full((3, 2, 2), tag, dtype=torch.uint8),
-                "input_ids": torch.tensor([[tag, 7, 7]] * k),
-                "attention_mask": torch.ones(k, 3, dtype=torch.long),
-            }
-        )
+        k = captions[image_id]
+        inputs.append(_tagged_input(image_id, image_id // 10, k))
         outputs.append(
             {"image_embedding": torch.tensor([1.0, 0.0]), "text_embeddings": torch.ones(k, 2)}
         )
