@@ -23,7 +23,8 @@ def add_retrieval_config(cfg: CN) -> CN:
     # pair, then the fused ITM match logit on the top RERANK_K pairs of each image and of each text).
     _C.RETRIEVAL.MODE = "itc"
     # Pairs re-ranked by ITM per image (TR) and per text (IR). UNDETERMINED in the spec (the released
-    # code scores every pair exhaustively); 128 is our choice, the recall K values are at most 10.
+    # code scores every pair exhaustively); 128 is our choice, the recall K values are at most 10. A
+    # value at least the number of texts (25,010 for COCO 5K) scores every pair, as the release does.
     _C.RETRIEVAL.RERANK_K = 128
     # Image-text pairs per fused ITM forward at evaluation (the original scores texts in batches of 64).
     _C.RETRIEVAL.ITM_BATCH = 64
