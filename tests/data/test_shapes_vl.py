@@ -200,3 +200,13 @@ def test_vl_transform_draws_follow_the_seeded_global_generators():
     first, again, other = draws(0), draws(0), draws(1)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_evaluation_transform_is_the_bicubic_square_resize():
+    """Spec coarse §4 / §5.2 ("albef"): a bicubic resize to S x S, the aspect ratio not kept."""
+    g = np.random.default_rng(0)
+    image = g.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    out = build_vl_image_transform("albef_randaug", 16, False)(image)
+    bicubic = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC))
+    bilinear = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(out, bicubic) and not np.array_equal(out, bilinear)
