@@ -27,7 +27,8 @@ class CaptionDatasetMapper:
     """Map caption records to the coarse stage's inputs.
 
     Output: ``image`` uint8 (3, S, S) in ``INPUT.FORMAT`` (square bicubic resize, optional
-    flip; or ALBEF's RandAugment in training), ``height``/``width`` of the original, ``image_id``, ``file_name``, ``task``;
+    flip; or ALBEF's RandAugment in training), ``height``/``width`` of the original, ``image_id``,
+    ``file_name``, ``task``;
     a training record (``caption``) gives ``input_ids``/``attention_mask`` (T,) plus
     ``mlm_input_ids``/``mlm_labels`` (T,) (labels -100 where not masked); an evaluation record
     (``captions``, K of them) gives ``input_ids``/``attention_mask`` (K, T).
@@ -77,8 +78,10 @@ class CaptionDatasetMapper:
         if is_train and flip_prob > 0:
             augs.append(T.RandomFlip(prob=flip_prob, horizontal=True))
         self.augmentations = T.AugmentationList(augs)
-        randaug = build_vl_image_transform(train_transform, image_size, is_train)  # checks the name
-        self._randaug = randaug if is_train and train_transform == "albef_randaug" else None
+        # INPUT.VL_TRAIN_TRANSFORM (an unknown name is an error): in training "albef_randaug"
+        # replaces the augmentation list above; "resize" is what that list already does
+        vl_transform = build_vl_image_transform(train_transform, image_size, is_train)
+        self._randaug = vl_transform if is_train and train_transform == "albef_randaug" else None
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.image_format = image_format
         self.max_query_len = max_query_len
