@@ -181,6 +181,11 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
     _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
+    # dataset images (every mapper) are read as stored, as the original reads them and as the
+    # public datasets' boxes and sizes are given; True turns each image upright by its EXIF
+    # orientation tag first (detectron2's read_image), for datasets annotated on upright photos.
+    # FIBERPredictor always turns a user's photo upright.
+    _C.INPUT.EXIF_ORIENTATION = False
     # keep text padded to MAX_QUERY_LEN (the original); False: each batch runs at its longest
     # prompt rounded up to a multiple of 8 (same outputs on the real tokens, less compute)
     _C.INPUT.PAD_TO_MAX_QUERY_LEN = False

@@ -47,6 +47,7 @@ class CaptionDatasetMapper:
         mlm_probability: float = 0.15,
         cache_images: bool = False,
         train_transform: str = "resize",
+        exif_orientation: bool = False,
     ):
         """
         Args:
@@ -62,6 +63,8 @@ class CaptionDatasetMapper:
             train_transform: ``INPUT.VL_TRAIN_TRANSFORM``: "resize" (the square resize, flipped
                 with ``flip_prob``) or "albef_randaug" (the original's retrieval and captioning
                 fine-tuning: random crop, flip and RandAugment; ``flip_prob`` unused) in training.
+            exif_orientation: turn images upright by their EXIF tag (``INPUT.EXIF_ORIENTATION``;
+                see :func:`~fiber_d2.data.mapper.read_image_file`).
 
         Raises:
             ValueError: ``cache_images`` with a random training transform; an unknown transform.
@@ -84,6 +87,7 @@ class CaptionDatasetMapper:
         self._randaug = vl_transform if is_train and train_transform == "albef_randaug" else None
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.image_format = image_format
+        self.exif_orientation = exif_orientation
         self.max_query_len = max_query_len
         self.mlm_probability = mlm_probability
         self.generator: Optional[torch.Generator] = None  # torch's global RNG by default
@@ -105,6 +109,7 @@ class CaptionDatasetMapper:
             ),
             "cache_images": cfg.INPUT.VL_CACHE_IMAGES,
             "train_transform": cfg.INPUT.VL_TRAIN_TRANSFORM,
+            "exif_orientation": cfg.INPUT.EXIF_ORIENTATION,
         }
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:
@@ -165,7 +170,7 @@ class CaptionDatasetMapper:
         image cache, read and resized once per (file, height, width)."""
 
         def read() -> tuple:
-            raw = _read_image(record, self.image_format)
+            raw = _read_image(record, self.image_format, self.exif_orientation)
             return _to_chw(self.augment(raw)), raw.shape[0], raw.shape[1]
 
         key = (record.get("file_name"), record.get("height"), record.get("width"))

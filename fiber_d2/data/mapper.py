@@ -29,10 +29,11 @@ and the same tensors are shared by every sample (treat them as read-only).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.utils.file_io import PathManager
+from PIL import Image, ImageOps
 
 from ..text import (
     build_detection_prompt,
@@ -54,7 +57,7 @@ from ..text import (
 )
 from .datasets.common import BadRecordError
 
-__all__ = ["GroundingDatasetMapper", "encode_category_prompts", "memoized"]
+__all__ = ["GroundingDatasetMapper", "encode_category_prompts", "memoized", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +121,38 @@ class _UnreadableImage(_SkipRecord):
     """The record's image file is missing, truncated or not an image."""
 
 
-def _read_image(record: dict, image_format: str) -> np.ndarray:
+def read_image_file(
+    file: Union[str, IO[bytes]], image_format: str = "RGB", exif_orientation: bool = False
+) -> np.ndarray:
+    """Decode an image file (a path or an open binary file) to an HWC uint8 array.
+
+    By default the stored pixel grid, as the original reads every dataset (PIL ``open`` then
+    ``convert("RGB")``) and as the public datasets' boxes and sizes (COCO, LVIS, Flickr30k,
+    RefCOCO) are given; detectron2's ``read_image`` first turns the image by its EXIF orientation
+    tag, which for a tagged file rotates the pixels away from their boxes (180 degrees) or swaps
+    height and width (90 degrees).
+
+    Args:
+        file: a path (through detectron2's ``PathManager``) or a binary file object.
+        image_format: "RGB", "BGR" or another format of detectron2's ``convert_PIL_to_numpy``.
+        exif_orientation: turn the image upright by its EXIF tag first (``INPUT.EXIF_ORIENTATION``,
+            for datasets annotated on upright photos).
+
+    Raises:
+        OSError / ValueError / SyntaxError: a missing, truncated or corrupt file.
+    """
+    with contextlib.ExitStack() as stack:
+        if isinstance(file, str):
+            file = stack.enter_context(PathManager.open(file, "rb"))
+        image = stack.enter_context(Image.open(file))
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        return utils.convert_PIL_to_numpy(image, image_format)
+
+
+def _read_image(record: dict, image_format: str, exif_orientation: bool = False) -> np.ndarray:
     try:
-        image = utils.read_image(record["file_name"], format=image_format)
+        image = read_image_file(record["file_name"], image_format, exif_orientation)
     except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise _UnreadableImage(f"cannot read image: {first}") from e
@@ -131,11 +163,13 @@ def _read_image(record: dict, image_format: str) -> np.ndarray:
     return image
 
 
-def _read_test_image(record: dict, image_format: str, as_empty: bool) -> np.ndarray:
+def _read_test_image(
+    record: dict, image_format: str, as_empty: bool, exif_orientation: bool = False
+) -> np.ndarray:
     """The image of a test record; with ``as_empty`` an unreadable one becomes a black image of
     the record's size and the record is flagged ``"unreadable"`` (no predictions are scored)."""
     try:
-        return _read_image(record, image_format)
+        return _read_image(record, image_format, exif_orientation)
     except _UnreadableImage as e:
         if not as_empty:
             raise
@@ -238,6 +272,7 @@ class GroundingDatasetMapper:
         test_prompt: Sequence[str] = (),
         no_flip_tasks: Sequence[str] = ("refexp",),
         unreadable_as_empty: bool = False,
+        exif_orientation: bool = False,
     ):
         """
         Args:
@@ -260,6 +295,8 @@ class GroundingDatasetMapper:
             no_flip_tasks: tasks whose records are never flipped (captions with left/right).
             unreadable_as_empty: test time: an unreadable image is evaluated as an image without
                 predictions instead of raising (see the module docstring).
+            exif_orientation: turn images upright by their EXIF tag (``INPUT.EXIF_ORIENTATION``;
+                see :func:`read_image_file`).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
@@ -279,6 +316,7 @@ class GroundingDatasetMapper:
         self.test_prompt = list(test_prompt)
         self.no_flip_tasks = tuple(no_flip_tasks)
         self.unreadable_as_empty = unreadable_as_empty
+        self.exif_orientation = exif_orientation
         # None: the `random` module, which detectron2 seeds per data-loader worker (a module
         # attribute would make the mapper unpicklable); tests may set a random.Random.
         self.rng: Optional[random.Random] = None
@@ -322,6 +360,7 @@ class GroundingDatasetMapper:
             "default_dataset": dataset_names[0] if len(dataset_names) == 1 else None,
             "test_prompt": [] if is_train else list(cfg.DATASETS.TEST_PROMPT),
             "unreadable_as_empty": cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
+            "exif_orientation": cfg.INPUT.EXIF_ORIENTATION,
         }
 
     # ------------------------------------------------------------------ category names
@@ -501,9 +540,11 @@ class GroundingDatasetMapper:
             if task != "detection" and task not in _GROUNDING_TASKS:
                 raise _SkipRecord(f"task {task!r} is not handled by GroundingDatasetMapper")
             if self.is_train:
-                image = _read_image(record, self.image_format)
+                image = _read_image(record, self.image_format, self.exif_orientation)
             else:
-                image = _read_test_image(record, self.image_format, self.unreadable_as_empty)
+                image = _read_test_image(
+                    record, self.image_format, self.unreadable_as_empty, self.exif_orientation
+                )
             record.setdefault("height", image.shape[0])
             record.setdefault("width", image.shape[1])
             augs = self.augmentations_no_flip if task in self.no_flip_tasks else self.augmentations

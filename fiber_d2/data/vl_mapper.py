@@ -38,6 +38,7 @@ class FusedTaskMapper:
         max_query_len: int = 50,
         train_transform: str = "resize",
         cache_images: bool = False,
+        exif_orientation: bool = False,
     ):
         """
         Args:
@@ -50,6 +51,8 @@ class FusedTaskMapper:
             cache_images: keep each image once read and transformed (``INPUT.VL_CACHE_IMAGES``;
                 S x S x 3 bytes per distinct image: 48 KB at 128 px, 1 MB at 576 px); needs the
                 deterministic "resize" transform in training.
+            exif_orientation: turn images upright by their EXIF tag (``INPUT.EXIF_ORIENTATION``;
+                see :func:`~fiber_d2.data.mapper.read_image_file`).
 
         Raises:
             ValueError: ``cache_images`` with a random training transform.
@@ -66,6 +69,7 @@ class FusedTaskMapper:
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.bgr = image_format == "BGR"
         self.max_query_len = max_query_len
+        self.exif_orientation = exif_orientation
         self.truncated = 0
         # file name, or (Arrow file, row, column) -> the (3, S, S) uint8 image as image() returns it
         self._image_cache: dict | None = {} if cache_images else None
@@ -80,6 +84,7 @@ class FusedTaskMapper:
             "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
             "train_transform": cfg.INPUT.VL_TRAIN_TRANSFORM,
             "cache_images": cfg.INPUT.VL_CACHE_IMAGES,
+            "exif_orientation": cfg.INPUT.EXIF_ORIENTATION,
         }
 
     def encode(self, text: str, record_name: str) -> dict[str, torch.Tensor]:
@@ -132,7 +137,7 @@ class FusedTaskMapper:
 
     def _read_image(self, record: dict, file_key: str, column: str) -> torch.Tensor:
         try:
-            image = self.transform(read_vl_image(record, file_key, column))
+            image = self.transform(read_vl_image(record, file_key, column, self.exif_orientation))
         except (OSError, ValueError) as e:
             message = " ".join(str(e).split())
             raise BadRecordError(f"cannot read image {record.get(file_key)}: {message}") from None

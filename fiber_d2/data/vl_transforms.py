@@ -25,6 +25,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from .mapper import read_image_file
+
 __all__ = ["AlbefRandAugment", "build_vl_image_transform", "read_vl_image", "VL_TRANSFORMS"]
 
 VL_TRANSFORMS = ("resize", "albef_randaug")
@@ -145,17 +147,21 @@ def _arrow_table(path: str):
     return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
-def read_vl_image(record: dict, file_key: str = "file_name", column: str = "image") -> np.ndarray:
+def read_vl_image(
+    record: dict,
+    file_key: str = "file_name",
+    column: str = "image",
+    exif_orientation: bool = False,
+) -> np.ndarray:
     """An RGB HWC uint8 image of ``record``: from ``record[file_key]``, or, when the record has
-    ``arrow_file`` / ``arrow_row``, the encoded bytes in ``column`` of that Arrow row.
+    ``arrow_file`` / ``arrow_row``, the encoded bytes in ``column`` of that Arrow row. As stored,
+    or turned upright by its EXIF tag with ``exif_orientation`` (``INPUT.EXIF_ORIENTATION``; see
+    :func:`fiber_d2.data.mapper.read_image_file`).
 
     Raises:
         OSError / ValueError: a missing or unreadable image (the message names the file).
     """
     if "arrow_file" in record:
         data = _arrow_table(record["arrow_file"]).column(column)[record["arrow_row"]].as_py()
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    path = record[file_key]
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return read_image_file(io.BytesIO(data), "RGB", exif_orientation)
+    return read_image_file(record[file_key], "RGB", exif_orientation)

@@ -3,7 +3,9 @@
 Accepted: BGR uint8 numpy arrays (H, W, 3) (detectron2 / OpenCV order; RGB with
 ``image_format="RGB"``), PIL images, file paths, and uint8 torch tensors (3, H, W) or (H, W, 3)
 (torchvision order: RGB unless ``image_format="BGR"``). Used by
-:class:`fiber_d2.predictor.FIBERPredictor` (``read_image``) and the exported runners.
+:class:`fiber_d2.predictor.FIBERPredictor` (``read_image``) and the exported runners. A file is
+turned upright by its EXIF orientation tag (detectron2's ``read_image``), as a user's photo is
+meant to be seen; dataset images are read as stored (``INPUT.EXIF_ORIENTATION``).
 """
 
 from __future__ import annotations

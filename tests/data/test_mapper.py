@@ -342,7 +342,7 @@ def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monke
 
     reads, read = [], caption_mapper._read_image
     monkeypatch.setattr(
-        caption_mapper, "_read_image", lambda record, fmt: reads.append(1) or read(record, fmt)
+        caption_mapper, "_read_image", lambda record, *a: reads.append(1) or read(record, *a)
     )
     kwargs = {
         "is_train": True,
