@@ -1,8 +1,8 @@
 """``FIBERPredictor``: run the grounding detector on raw images with free-form prompts.
 
 In the spirit of detectron2's ``DefaultPredictor``: it builds the model in eval mode, loads
-``MODEL.WEIGHTS``, resizes with ``ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` and returns
-detectron2 outputs at the original image size. Unlike it, every call also takes a text prompt:
+``MODEL.WEIGHTS``, resizes with ``FIBERResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`` (the
+original's output sizes) and returns detectron2 outputs at the original image size. Unlike it, every call also takes a text prompt:
 
 * a list of category names -> one detection prompt, the names joined by
   ``DATASETS.SEPARATION_TOKENS`` (spec 4.3); label l is name l. A list too long for one prompt
@@ -40,11 +40,11 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import transforms as T
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch import nn
 
 from .checkpoint.checkpointer import load_model_weights
+from .data.resize import FIBERResizeShortestEdge
 from .engine.setup import check_device_available
 from .inference.images import ImageLike, image_to_array
 from .inference.outputs import (  # nms_keep: still importable from here
@@ -125,7 +125,8 @@ class FIBERPredictor:
         Args:
             model: a :class:`FIBER` detector (put in eval mode here).
             tokenizer: a fast tokenizer, or a name for :func:`fiber_d2.text.build_tokenizer`.
-            min_size_test, max_size_test: test-time ``ResizeShortestEdge`` sizes.
+            min_size_test, max_size_test: test-time resize
+                (:class:`~fiber_d2.data.resize.FIBERResizeShortestEdge`) sizes.
             input_format: channel order the model expects ("BGR" or "RGB"); inputs are BGR.
             max_query_len: padded token length T; None: read from the model's text tower
                 (``MAX_QUERY_LEN`` capped by its position table).
@@ -148,7 +149,7 @@ class FIBERPredictor:
         check_device_available(device, f"device {device!r}")  # a ValueError (ConfigError)
         self.model = model.eval() if device is None else model.to(device).eval()
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self.aug = T.ResizeShortestEdge([min_size_test, min_size_test], max_size_test)
+        self.aug = FIBERResizeShortestEdge([min_size_test, min_size_test], max_size_test)
         self.input_format = input_format
         self.max_query_len = max_query_len or _model_query_len(model)
         self.nms_threshold = nms_threshold

@@ -205,11 +205,12 @@ def test_odd_sizes_paths_and_batching(predictor, tmp_path, monkeypatch):
     assert single_b["label_names"] == ["red circle", "blue square"]
     from_path = predictor(str(path), CAPTION)
     _check_output(from_path, 41, 53, 1)
-    # a path is read as the same BGR pixels; resized to the test size (shortest edge 64)
+    # a path is read as the same BGR pixels; resized to the test size (shortest edge 64; the long
+    # side truncated as in the original, 82.7 -> 82, where detectron2 rounds)
     x_path, x_array = predictor.preprocess_image(str(path)), predictor.preprocess_image(c)
     assert torch.equal(x_path["image"], x_array["image"])
     assert (x_path["height"], x_path["width"]) == (41, 53)
-    assert x_path["image"].shape == (3, 64, round(53 * 64 / 41))
+    assert x_path["image"].shape == (3, 64, 82)
 
     calls = []
     forward = predictor.model.forward

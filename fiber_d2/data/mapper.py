@@ -56,6 +56,7 @@ from ..text import (
     tokenize,
 )
 from .datasets.common import BadRecordError
+from .resize import FIBERResizeShortestEdge
 
 __all__ = ["GroundingDatasetMapper", "encode_category_prompts", "memoized", "read_image_file"]
 
@@ -333,7 +334,7 @@ class GroundingDatasetMapper:
             dataset_names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
         if is_train:
             augs = [
-                T.ResizeShortestEdge(
+                FIBERResizeShortestEdge(
                     cfg.INPUT.MIN_SIZE_TRAIN,
                     cfg.INPUT.MAX_SIZE_TRAIN,
                     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
@@ -343,7 +344,7 @@ class GroundingDatasetMapper:
                 augs.append(T.RandomFlip(prob=cfg.INPUT.FLIP_PROB, horizontal=True))
         else:
             augs = [
-                T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+                FIBERResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
             ]
         return {
             "is_train": is_train,

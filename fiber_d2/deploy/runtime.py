@@ -25,10 +25,10 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from detectron2.data import transforms as T
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
+from ..data.resize import FIBERResizeShortestEdge
 from ..predictor import FIBERPredictor
 from ..text import build_tokenizer, padded_text_length, trim_text
 
@@ -153,7 +153,7 @@ class ExportedPredictor(FIBERPredictor):
         self.export_dir = Path(export_dir)
         tokenizer = meta["tokenizer"] if tokenizer is None else tokenizer
         self.tokenizer = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        self.aug = T.ResizeShortestEdge(
+        self.aug = FIBERResizeShortestEdge(
             [meta["min_size_test"], meta["min_size_test"]], meta["max_size_test"]
         )
         self.input_format = meta["input_format"]

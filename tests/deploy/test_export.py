@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fiber_d2  # noqa: F401
+from fiber_d2.data.resize import FIBERResizeShortestEdge
 from fiber_d2.deploy import (
     ExportableFIBER,
     TorchScriptPredictor,
@@ -172,6 +173,15 @@ def test_image_outside_export_range(eager, stub_runner):
     records = _records(eager[1], [(128, 300)], 20, seed=0)
     with pytest.raises(ValueError, match=r"128x320 is outside the exported range \[96, 256\]"):
         stub_runner.detect(records)
+
+
+def test_runner_resizes_as_the_original(stub_runner):
+    """Exported runners size images as FIBERPredictor and the original do (100 x 130 at short side
+    128, long side at most 160: 123 x 159, where detectron2's ResizeShortestEdge gives 123 x 160).
+    """
+    assert type(stub_runner.aug) is FIBERResizeShortestEdge
+    image = np.zeros((100, 130, 3), dtype=np.uint8)
+    assert stub_runner.aug.get_transform(image).apply_image(image).shape[:2] == (123, 159)
 
 
 def test_wrong_runner_for_export(stub_runner):
