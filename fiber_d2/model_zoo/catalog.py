@@ -75,7 +75,8 @@ ENTRIES: Tuple[ZooEntry, ...] = (
         config="configs/Demo/fine_tiny.yaml",
         tokenizer="builtin:shapes",
         task="tiny detector on the built-in shapes world (CPU)",
-        reported={"bbox AP / AP50": "58.9 / 65.3", "grounding R@1": "87.9"},  # make demo, Intel Xeon
+        # make demo on the Intel Xeon kind (README, "Demo status")
+        reported={"bbox AP / AP50": "58.9 / 65.3", "grounding R@1": "87.9"},
         local_copies=("output/demo/fine/model_final.pth",),
         how_to_get="run `make demo` (writes output/demo/fine/model_final.pth)",
     ),
