@@ -67,6 +67,7 @@ class TokenLabelMapper:
         }
         self.num_classes = len(category_names(cfg))
         self.image_format = cfg.INPUT.FORMAT
+        self.exif_orientation = cfg.INPUT.EXIF_ORIENTATION
         self.resize = build_vl_image_transform("resize", self.side, is_train=False)
         self.is_train = is_train
         self._cache: dict | None = {} if is_train and cfg.IMAGE_TOWER.CACHE_INPUTS else None
@@ -78,7 +79,7 @@ class TokenLabelMapper:
         return {**out, "token_labels": dict(out["token_labels"])}
 
     def _map(self, record: dict) -> dict:
-        image = read_vl_image(record)
+        image = read_vl_image(record, exif_orientation=self.exif_orientation)
         height, width = image.shape[:2]
         scale = np.array([self.side / width, self.side / height] * 2)
         anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]

@@ -123,9 +123,9 @@ def test_cached_mapper_reads_each_image_once_and_serves_the_same_inputs(monkeypa
     reads = []
     real_read = mapper_module.read_vl_image
 
-    def counting_read(record):
+    def counting_read(record, **kwargs):
         reads.append(record["image_id"])
-        return real_read(record)
+        return real_read(record, **kwargs)
 
     monkeypatch.setattr(mapper_module, "read_vl_image", counting_read)
     records = DatasetCatalog.get("shapes_train_det")[:2]
@@ -149,6 +149,24 @@ def test_cached_mapper_reads_each_image_once_and_serves_the_same_inputs(monkeypa
     assert len(reads) == 2 + 4  # the uncached mapper reads every time
     # evaluation never caches (each image is seen once)
     assert TokenLabelMapper(cfg, is_train=False)._cache is None
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_mapper_reads_images_with_input_exif_orientation(monkeypatch, value):
+    import image_tower.mapper as mapper_module
+
+    seen = []
+    real_read = mapper_module.read_vl_image
+
+    def recording_read(record, **kwargs):
+        seen.append(kwargs.get("exif_orientation"))
+        return real_read(record, **kwargs)
+
+    monkeypatch.setattr(mapper_module, "read_vl_image", recording_read)
+    opts = TINY + ["INPUT.EXIF_ORIENTATION", str(value)]
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), opts)
+    TokenLabelMapper(cfg, is_train=False)(DatasetCatalog.get("shapes_train_det")[0])
+    assert seen == [value]
 
 
 def test_presence_loss_trains_its_classifier_and_is_evaluated(tmp_path):
