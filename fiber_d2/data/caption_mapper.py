@@ -34,6 +34,10 @@ class CaptionDatasetMapper:
     (``captions``, K of them) gives ``input_ids``/``attention_mask`` (K, T).
     """
 
+    # every image comes out S x S: training batches are not grouped by aspect ratio
+    # (FIBERTrainer.build_train_loader)
+    square_images = True
+
     @configurable
     def __init__(
         self,

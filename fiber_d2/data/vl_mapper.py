@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 class FusedTaskMapper:
     """Image and text encoding for fused-task records (see the module docstring)."""
 
+    # every image comes out S x S: training batches are not grouped by aspect ratio
+    # (FIBERTrainer.build_train_loader)
+    square_images = True
+
     @configurable
     def __init__(
         self,

@@ -148,8 +148,23 @@ class FIBERTrainer(DefaultTrainer):
         return mapper_cls(cfg, is_train)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=cls.build_mapper(cfg, True))
+    def build_train_loader(cls, cfg: CfgNode, dataset=None, mapper=None):
+        """detectron2's training loader over ``dataset`` (default: ``DATASETS.TRAIN``) through
+        ``mapper`` (default: :meth:`build_mapper`).
+
+        ``DATALOADER.ASPECT_RATIO_GROUPING`` applies only where the mapper keeps each image's
+        aspect ratio (the fine-grained stage). A mapper that resizes every image to one square
+        (``mapper.square_images``: the coarse stage and its tasks) gets plain random batches, as
+        the original's image-text loader: grouping by the stored aspect ratio would only bias
+        which images share a batch (ITC and ITM draw their negatives there), and VQA / NLVR2
+        outputs carry no ``height`` / ``width`` to group by.
+        """
+        if mapper is None:
+            mapper = cls.build_mapper(cfg, True)
+        kwargs = {} if dataset is None else {"dataset": dataset}
+        if getattr(mapper, "square_images", False):
+            kwargs["aspect_ratio_grouping"] = False
+        return build_detection_train_loader(cfg, mapper=mapper, **kwargs)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

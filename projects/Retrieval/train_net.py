@@ -16,11 +16,7 @@ import logging
 from collections import OrderedDict
 
 from detectron2.config import CfgNode
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from retrieval import FalseImageCaptionMapper, ITMRerankRetrievalEvaluator, add_retrieval_config
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
@@ -47,7 +43,7 @@ class Trainer(FIBERTrainer):
             return super().build_train_loader(cfg)
         dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         mapper = FalseImageCaptionMapper(cfg, True, dataset_dicts=dataset)
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
+        return super().build_train_loader(cfg, dataset=dataset, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None, model=None):

@@ -127,3 +127,26 @@ def test_detectron2_inference_on_dataset_with_fiber_test_loader(tmp_path):
     results = inference_on_dataset(model, loader, COCOEvaluator("shapes_val_det"))
     for key in ("AP", "AP50", "AP75"):  # numbers, not NaN: every image's boxes were scored
         assert 0.0 <= results["bbox"][key] <= 100.0, (key, results["bbox"][key])
+
+
+def test_train_loader_groups_by_aspect_ratio_only_where_images_keep_it():
+    """Base-FIBER.yaml's DATALOADER.ASPECT_RATIO_GROUPING True reaches every FIBER-B recipe: the
+    detector's batches are grouped; the coarse stage's (square inputs) are plain random batches,
+    as the original's image-text loader."""
+    from detectron2.data.common import AspectRatioGroupedDataset
+
+    small = ["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "builtin:shapes", "DATALOADER.NUM_WORKERS", "0"]
+    small += ["SOLVER.IMS_PER_BATCH", "2"]
+    fine = load_config(
+        "configs/FIBER-B/coco.yaml", [*small, "DATASETS.TRAIN", "('shapes_train_det',)"]
+    )
+    coarse = load_config(
+        "configs/FIBER-B/coarse_pretrain.yaml",
+        [*small, "DATASETS.TRAIN", "('shapes_train_captions',)", "INPUT.IMAGE_SIZE", "64"],
+    )
+    assert fine.DATALOADER.ASPECT_RATIO_GROUPING and coarse.DATALOADER.ASPECT_RATIO_GROUPING
+    assert isinstance(FIBERTrainer.build_train_loader(fine), AspectRatioGroupedDataset)
+    loader = FIBERTrainer.build_train_loader(coarse)
+    assert not isinstance(loader, AspectRatioGroupedDataset)
+    batch = next(iter(loader))
+    assert len(batch) == 2 and all(d["image"].shape == (3, 64, 64) for d in batch)

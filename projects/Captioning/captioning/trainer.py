@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_train_loader
 
 from fiber_d2.engine.setup import ConfigError, load_config, require_at_least_one
 from fiber_d2.engine.trainer import FIBERTrainer
@@ -28,7 +27,7 @@ class CaptionTrainer(FIBERTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = cls.build_mapper(cfg, True)
-        return build_detection_train_loader(cfg, dataset=caption_train_records(cfg), mapper=mapper)
+        return super().build_train_loader(cfg, dataset=caption_train_records(cfg), mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):

@@ -239,3 +239,17 @@ def test_accuracy_by_statement_kind_against_hand_counts():
         "the left / right image contains ...": {"value": 100.0, "baseline": 0.0},
         "the left / right image has more ...s": {"value": 50.0, "baseline": 50.0},
     }
+
+
+def test_real_recipe_trains_on_plain_batches():
+    """nlvr2.yaml inherits DATALOADER.ASPECT_RATIO_GROUPING True from the detector's base config;
+    NLVR2 pairs carry no height / width (square inputs), so the loader must not group them."""
+    cfg = load_config(
+        str(PROJECT / "configs/nlvr2.yaml"),
+        ["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "builtin:shapes", "INPUT.IMAGE_SIZE", "64",
+         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+         "DATASETS.TRAIN", "('shapes_train_nlvr2',)"],
+    )  # fmt: skip
+    assert cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    assert len(batch) == 2 and all(d["image_0"].shape == (3, 64, 64) for d in batch)

@@ -196,3 +196,17 @@ def test_config_errors_are_one_line(tmp_path):
         train_net.load_vqa_config(cfg_file, ["VQA.NOPE", "1"])
     with pytest.raises(ConfigError, match="not found"):
         train_net.load_vqa_config(str(tmp_path / "nope.yaml"), [])
+
+
+def test_real_recipe_trains_on_plain_batches():
+    """vqav2.yaml inherits DATALOADER.ASPECT_RATIO_GROUPING True from the detector's base config;
+    VQA inputs carry no height / width (square images), so the loader must not group them."""
+    cfg = train_net.load_vqa_config(
+        str(PROJECT / "configs/vqav2.yaml"),
+        ["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "builtin:shapes", "INPUT.IMAGE_SIZE", "64",
+         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "VQA.MIN_ANSWER_COUNT", "1",
+         "DATASETS.TRAIN", "('shapes_train_vqa',)", "VQA.VOCAB_DATASETS", "('shapes_train_vqa',)"],
+    )  # fmt: skip
+    assert cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    assert len(batch) == 2 and all(d["image"].shape == (3, 64, 64) for d in batch)

@@ -4,11 +4,7 @@ evaluator; ``load_vqa_config``: fiber_d2's and the project's defaults plus a yam
 from __future__ import annotations
 
 from detectron2.config import CfgNode
-from detectron2.data import (
-    DatasetCatalog,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
 
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.engine.trainer import FIBERTrainer
@@ -35,9 +31,7 @@ class VQATrainer(FIBERTrainer):
     def build_train_loader(cls, cfg):
         records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         records = drop_unanswerable(records, answer_vocab(cfg))
-        return build_detection_train_loader(
-            cfg, dataset=records, mapper=cls.build_mapper(cfg, True)
-        )
+        return super().build_train_loader(cfg, dataset=records)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
