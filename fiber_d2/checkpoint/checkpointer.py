@@ -22,6 +22,9 @@ coarse-to-fine hand-off.
 * Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another
   resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
   recomputed by the model.
+* A run that starts from ``MODEL.WEIGHTS`` (not resuming) keeps its own initialisation of the
+  buffers of modules marked ``fresh_each_run`` (the ITC queue: the original drops the queue when it
+  loads a checkpoint for fine-tuning, coarse spec §5.1); ``--resume`` restores them.
 * Missing / unexpected keys are summarised per module in one log line each, not one line per tensor.
 * Checkpoints and ``last_checkpoint`` are written whole or not at all (a ``.tmp`` file, synced, then
   renamed): a run killed while saving keeps its previous checkpoints, and ``--resume`` continues.
@@ -199,6 +202,7 @@ class FIBERCheckpointer(DetectionCheckpointer):
         self.keep_loaded = False  # pre-flight: keep the raw file for the next load of it
         self._path = ""
         self._coarse_into_detector = False
+        self._fresh_run = False
 
     def _partial_ok(self) -> bool:
         if self.partial_ok is not None:
@@ -274,6 +278,32 @@ class FIBERCheckpointer(DetectionCheckpointer):
         return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
 
     # ------------------------------------------------------------------ loading
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """detectron2's; when it loads ``path`` to start a run (not resuming a checkpoint of
+        ``save_dir``), buffers of ``fresh_each_run`` modules keep the model's initialisation."""
+        self._fresh_run = not (resume and self.has_checkpoint())
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._fresh_run = False
+
+    def _drop_fresh_buffers(self, state: dict) -> dict:
+        """``state`` without the buffers of the model's ``fresh_each_run`` modules."""
+        fresh = {
+            f"{name}.{buf}" if name else buf
+            for name, module in self.model.named_modules()
+            if getattr(module, "fresh_each_run", False)
+            for buf, _ in module.named_buffers(recurse=False)
+        }
+        dropped = sorted(k for k in state if k in fresh)
+        if dropped:
+            logger.info(
+                "%s: %s not loaded; a new run starts with its own (coarse spec §5.1)",
+                self._path,
+                ", ".join(dropped),
+            )
+        return {k: v for k, v in state.items() if k not in fresh}
+
     def load_weights_file(self, path: str):
         """Load only the model weights of ``path`` (no other checkpointables).
 
@@ -302,6 +332,8 @@ class FIBERCheckpointer(DetectionCheckpointer):
                 self._coarse_into_detector = True
             elif state and all(str(k).startswith(_DETECTOR_TOWERS) for k in state):
                 self._coarse_into_detector = True  # towers only: a converted coarse checkpoint
+        if self._fresh_run:
+            checkpoint["model"] = self._drop_fresh_buffers(checkpoint["model"])
         checkpoint["model"] = _resize_position_tables(checkpoint["model"], self.model.state_dict())
         incompatible = super()._load_model(checkpoint)
         self._check_missing(incompatible)

@@ -78,8 +78,12 @@ class FeatureQueue(torch.nn.Module):
     """Ring buffers of image and text embeddings for ITC (``image_queue``/``text_queue`` (D, Q)).
 
     Initialised with ``randn`` and not normalised, like the original; ``queue_total`` counts every
-    enqueued sample (never capped).
+    enqueued sample (never capped). A run that starts from a checkpoint (not resuming) starts with
+    a fresh queue, as the original's fine-tuning load (coarse spec §5.1): ``FIBERCheckpointer``
+    skips the buffers of modules marked ``fresh_each_run``.
     """
+
+    fresh_each_run = True
 
     def __init__(self, dim: int, size: int):
         super().__init__()
