@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from detectron2.data import DatasetCatalog
 
 from fiber_d2.engine.setup import ConfigError, load_config
 
@@ -36,6 +37,9 @@ def test_config_merges(path):
     assert cfg.MODEL.META_ARCHITECTURE in ("FIBER", "FIBERCoarse")
     # Milestones must lie inside the schedule.
     assert all(0 < s < cfg.SOLVER.MAX_ITER for s in cfg.SOLVER.STEPS) or not cfg.SOLVER.STEPS
+    # every dataset it names is one fiber_d2 registers (the run would stop at start-up)
+    registered = set(DatasetCatalog.list())
+    assert set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST) <= registered
 
 
 def test_recipes_follow_the_spec():
