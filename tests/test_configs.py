@@ -54,6 +54,13 @@ def test_recipes_follow_the_spec():
     ref = load_config(str(CONFIG_DIR / "FIBER-B/refcoco.yaml"))
     assert ref.MODEL.FIBER.I2T_QUERY_NORM and ref.INPUT.FLIP_PROB == 0.0
     assert ref.MODEL.ATSS.INFERENCE_TH == 0.0 and ref.MODEL.ATSS.PRE_NMS_TOP_N == 3000
+    # 20 epochs at batch 16 over one record per expression (MDETR's refexp annotations)
+    for name, expressions in (("refcoco", 120624), ("refcocoplus", 120191), ("refcocog", 80512)):
+        cfg = load_config(str(CONFIG_DIR / f"FIBER-B/{name}.yaml"))
+        assert cfg.SOLVER.MAX_ITER == 20 * expressions // cfg.SOLVER.IMS_PER_BATCH
+        assert tuple(cfg.SOLVER.STEPS) == tuple(
+            round(f * cfg.SOLVER.MAX_ITER) for f in (0.67, 0.89)
+        )
     lvis = load_config(str(CONFIG_DIR / "FIBER-B/lvis_minival.yaml"))
     assert lvis.TEST.CHUNKED_EVALUATION == 40 and lvis.TEST.FIXED_AP
 
