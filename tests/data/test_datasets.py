@@ -369,3 +369,20 @@ def test_training_on_a_per_image_caption_set_is_one_line(tmp_path):
     register_captions(per_caption, str(path), str(tmp_path))
     with pytest.raises(BadRecordError, match="none of its 2 images can be read"):
         check_datasets_before_run([per_caption], [])  # past the check, to the image test
+
+
+def test_lvis_categories_are_prompted_by_their_annotation_name():
+    """The original prompts LVIS categories by the json's ``name``; detectron2's class names are
+    the first synonyms, which differ once (id 162: "bull" / "horned_cow")."""
+    from fiber_d2.data.mapper import GroundingDatasetMapper
+    from fiber_d2.engine.setup import load_config
+    from fiber_d2.text import clean_name
+
+    mapper = GroundingDatasetMapper(load_config("configs/Demo/fine_tiny.yaml"), is_train=False)
+    for name in ("lvis_v1_train", "lvis_v1_val", "lvis_v1_minival", "lvis_v1_od_val"):
+        classes = MetadataCatalog.get(name).thing_classes
+        names = mapper.category_names(name)
+        assert classes[161] == "horned_cow" and names[161] == "bull", name
+        assert [n for i, n in enumerate(names) if i != 161] == [
+            clean_name(n) for i, n in enumerate(classes) if i != 161
+        ]

@@ -37,6 +37,7 @@ import logging
 import os
 from typing import Optional
 
+from ...text import clean_name
 from ..shapes import CATEGORY_NAMES, SPLITS, ensure_shapes_world, shapes_files, shapes_root
 from .captions import register_captions
 from .detection import mark_detection_dataset, register_grounding_coco
@@ -63,6 +64,19 @@ _REFEXP_SPLITS = {
     "refcoco+": ("train", "val", "testA", "testB"),
     "refcocog": ("train", "val", "test"),
 }
+
+
+def _lvis_prompts() -> dict[str, str]:
+    """Prompts of the LVIS v1 categories whose detectron2 class name (the first synonym) is not
+    the annotations' ``name``: the original prompts every LVIS category by its ``name`` (one
+    category: 162, "bull", which detectron2 calls "horned_cow")."""
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    return {
+        c["synonyms"][0]: clean_name(c["name"])
+        for c in LVIS_CATEGORIES
+        if c["synonyms"][0] != c["name"]
+    }
 
 
 def register_shapes(
@@ -163,7 +177,8 @@ def register_all_builtin(root: Optional[str] = None) -> None:
             name, get_lvis_instances_meta(name), p("coco", "annotations", file_name), p("coco")
         )
     for name in _MARKED_D2 + ("lvis_v1_minival", "lvis_v1_od_val"):
-        if not mark_detection_dataset(name):
+        prompt = _lvis_prompts() if name.startswith("lvis_v1") else None
+        if not mark_detection_dataset(name, prompt):
             logger.debug("detectron2 dataset %s is not registered; not marked", name)
 
     karpathy = p("coco", "annotations", "dataset_coco.json")
