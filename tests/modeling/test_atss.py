@@ -310,6 +310,21 @@ def test_unmatched_anchor_targets_use_last_token_when_it_is_real():
     assert abs(losses["loss_dot_product_token"].item() - ref["loss_dot_product_token"]) < 1e-4
 
 
+def test_unmatched_anchors_are_marked_only_in_token_column_t_minus_1_of_the_full_length():
+    """The original marks "no object" in column MAX_QUERY_LEN - 1; a batch cut to fewer tokens has
+    no such column (there it would be padding, masked in the loss), so nothing is marked."""
+    text_mask = torch.ones(1, 4, dtype=torch.long)
+    anchors, _, targets = _setup(1, [[[3.2, 5.1, 20.7, 17.9]]], text_mask)
+    for max_query_len, last in ((4, 1.0), (8, 0.0)):
+        loss_fn = ATSSLossComputation(
+            box_coder=LegacyBoxCoder(), topk=3, max_query_len=max_query_len
+        )
+        matched, token_targets, _ = loss_fn.prepare_targets(anchors, targets, 4)
+        unmatched = matched[0] < 0
+        assert unmatched.any()
+        assert (token_targets[0, unmatched] == torch.tensor([0.0, 0.0, 0.0, last])).all()
+
+
 def test_no_positive_batch_gives_zero_losses_with_gradients():
     text_mask = torch.tensor([[1, 1, 0, 0]])
     anchors, outputs, targets = _setup(2, [[]], text_mask)

@@ -64,10 +64,10 @@ def detector():
     return model
 
 
-def _detector_batch(with_instances: bool) -> list[dict]:
+def _detector_batch(with_instances: bool, lengths=LENGTHS) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     batch = []
-    for length, (h, w) in zip(LENGTHS, [(96, 128), (80, 112)]):
+    for length, (h, w) in zip(lengths, [(96, 128), (80, 112)]):
         ids, mask = _ids(length, g)
         label_map = torch.zeros(3, T, dtype=torch.bool)
         label_map[0, 1:3], label_map[1, 3], label_map[2, 4 : length - 1] = True, True, True
@@ -98,14 +98,14 @@ def _capture(model):
     return captured, hooks
 
 
-def _run_detector(model, pad_to_max: bool, train: bool):
+def _run_detector(model, pad_to_max: bool, train: bool, lengths=LENGTHS):
     model.pad_to_max_query_len = pad_to_max
     model.train(train)
     captured, hooks = _capture(model)
     try:
         if train:
             model.zero_grad(set_to_none=True)
-            losses = model(_detector_batch(True))
+            losses = model(_detector_batch(True, lengths))
             sum(losses.values()).backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             return captured, losses, grads
@@ -117,12 +117,12 @@ def _run_detector(model, pad_to_max: bool, train: bool):
             h.remove()
 
 
-def _assert_real_tokens_equal(full: dict, cut: dict, length: int):
+def _assert_real_tokens_equal(full: dict, cut: dict, length: int, lengths=LENGTHS):
     (feats_f, text_f), (feats_c, text_c) = full["backbone"], cut["backbone"]
     assert text_f["hidden"].shape[1] == T and text_c["hidden"].shape[1] == length
     for level in feats_f:  # image side: image-to-text cross-attention masks the padding
         torch.testing.assert_close(feats_c[level], feats_f[level], **TOL)
-    for i, n in enumerate(LENGTHS):  # text side, every real token
+    for i, n in enumerate(lengths):  # text side, every real token
         torch.testing.assert_close(text_c["hidden"][i, :n], text_f["hidden"][i, :n], **TOL)
         torch.testing.assert_close(text_c["embedded"][i], text_f["embedded"][i, :length], **TOL)
     head_f, head_c = full["head"], cut["head"]
@@ -147,10 +147,13 @@ def test_detector_inference_is_equal_on_the_real_tokens(detector):
         assert torch.equal(a.pred_classes, b.pred_classes)
 
 
-def test_detector_losses_and_gradients_are_equal(detector):
-    full, losses_f, grads_f = _run_detector(detector, pad_to_max=True, train=True)
-    cut, losses_c, grads_c = _run_detector(detector, pad_to_max=False, train=True)
-    _assert_real_tokens_equal(full, cut, -(-max(LENGTHS) // 8) * 8)
+# (11, 24): the longest prompt fills the cut batch, whose last column is then its real "</s>",
+# not the padding column T - 1 where the original marks unmatched anchors
+@pytest.mark.parametrize("lengths", [LENGTHS, (11, 24)])
+def test_detector_losses_and_gradients_are_equal(detector, lengths):
+    full, losses_f, grads_f = _run_detector(detector, pad_to_max=True, train=True, lengths=lengths)
+    cut, losses_c, grads_c = _run_detector(detector, pad_to_max=False, train=True, lengths=lengths)
+    _assert_real_tokens_equal(full, cut, -(-max(lengths) // 8) * 8, lengths)
     assert losses_f["loss_dot_product_token"] > 0  # positive maps were cut, not emptied
     for k in losses_f:
         torch.testing.assert_close(losses_c[k], losses_f[k], **TOL)

@@ -293,6 +293,7 @@ class ATSSLossComputation:
         token_loss_weight: float = 1.0,
         reg_loss_weight: float = 2.0,
         centerness_loss_weight: float = 1.0,
+        max_query_len: int | None = None,
     ):
         """
         Args:
@@ -303,6 +304,11 @@ class ATSSLossComputation:
             token_loss_weight: weight of ``loss_dot_product_token``.
             reg_loss_weight: weight of ``loss_reg``.
             centerness_loss_weight: weight of ``loss_centerness``.
+            max_query_len: T of the tokenizer (``MAX_QUERY_LEN``). The original marks unmatched
+                anchors with a 1 in token column T - 1 ("no object"), a padding column unless a
+                prompt fills all T tokens, and the loss masks padding. A batch cut to T' < T
+                tokens (``INPUT.PAD_TO_MAX_QUERY_LEN`` False) has no such column, so nothing is
+                marked there; its last column can be a real token. None: the logits' width is T.
         """
         self.box_coder = box_coder
         self.topk = topk
@@ -311,6 +317,7 @@ class ATSSLossComputation:
         self.token_loss_weight = token_loss_weight
         self.reg_loss_weight = reg_loss_weight
         self.centerness_loss_weight = centerness_loss_weight
+        self.max_query_len = max_query_len
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -323,6 +330,7 @@ class ATSSLossComputation:
             "token_loss_weight": cfg.MODEL.DYHEAD.TOKEN_LOSS_WEIGHT,
             "reg_loss_weight": cfg.MODEL.ATSS.REG_LOSS_WEIGHT,
             "centerness_loss_weight": cfg.MODEL.ATSS.CENTERNESS_LOSS_WEIGHT,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
         }
 
     def prepare_targets(
@@ -352,7 +360,8 @@ class ATSSLossComputation:
             matched = atss_assign(anchors_per_level, gt_boxes, self.topk)
             pos = matched >= 0
             tokens = anchors.new_zeros(anchors.shape[0], num_tokens)
-            tokens[:, -1] = 1.0  # "no object" slot of unmatched anchors
+            if self.max_query_len is None or num_tokens == self.max_query_len:
+                tokens[:, -1] = 1.0  # "no object" slot of unmatched anchors (token T - 1)
             tokens[pos] = (positive_map[matched[pos]] > 0).to(tokens)
             boxes = anchors.new_zeros(anchors.shape[0], 4)
             boxes[pos] = gt_boxes[matched[pos]]
