@@ -405,6 +405,12 @@ class GroundingDatasetMapper:
     def _boxes(self, record: dict, annos: List[dict], image_hw, transforms) -> tuple:
         """Absolute xyxy boxes after clipping, empty-box removal and the transforms.
 
+        The transforms move each box as the original moves its legacy box (x2 = x + w - 1): a
+        resize scales it as it is, a flip mirrors it about ``W - 1`` (``W - x - 1``). The result
+        is that legacy box given back in detectron2's convention (+1 on x2, y2), so
+        ``FIBER.forward``'s ``- 1`` recovers the original's target exactly (scaling x + w instead
+        would move x2 and y2 by ``scale - 1`` pixels).
+
         Returns:
             (boxes float32 array (N', 4) in the augmented image, kept indices into annos).
         """
@@ -420,8 +426,16 @@ class GroundingDatasetMapper:
         keep = np.nonzero((boxes[:, 2] - boxes[:, 0] > 1) & (boxes[:, 3] - boxes[:, 1] > 1))[0]
         if len(keep) < len(annos):
             self.bad.drop_boxes(record, len(annos) - len(keep))
-        boxes = transforms.apply_box(boxes[keep]).astype(np.float32)
-        return boxes.reshape(-1, 4), keep.tolist()
+        boxes = boxes[keep]
+        boxes[:, 2:] -= 1.0  # legacy
+        for t in getattr(transforms, "transforms", [transforms]):
+            boxes = t.apply_box(boxes)
+            if isinstance(t, T.HFlipTransform):
+                boxes[:, 0::2] -= 1.0
+            elif isinstance(t, T.VFlipTransform):
+                boxes[:, 1::2] -= 1.0
+        boxes[:, 2:] += 1.0
+        return boxes.astype(np.float32).reshape(-1, 4), keep.tolist()
 
     # ------------------------------------------------------------------ tasks
     def _detection_test(self, record: dict, out: dict) -> None:

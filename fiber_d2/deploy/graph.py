@@ -3,7 +3,7 @@
 :class:`ExportableFIBER` wraps a :class:`~fiber_d2.modeling.meta_arch.fiber.FIBER` and computes,
 from already normalised and padded images and a tokenised prompt, the detections that
 ``FIBER.inference`` computes (before the rescaling to the original image size, which stays on the
-host with detectron2's ``detector_postprocess``). The post-processing of
+host, :func:`~fiber_d2.modeling.head.postprocess.to_image_frame`). The post-processing of
 :func:`~fiber_d2.modeling.head.ground_inference` is rewritten batch-wise with fixed-shape tensor
 ops, so that one ``torch.jit.trace`` serves every input size (TorchScript, ONNX):
 

@@ -11,7 +11,7 @@ output structure, so switching is one line::
 What stays in Python (the exported graph is :class:`~fiber_d2.deploy.graph.ExportableFIBER`):
 tokenisation and label maps (the predictor's ``encode``: a fast HF tokenizer has no graph form),
 reading and resizing the image, normalising and zero-padding the batch (:func:`graph_inputs`), and
-rescaling the boxes to the original image size (detectron2's ``detector_postprocess``).
+rescaling the boxes to the original image size (``to_image_frame``, as the detector).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..data.resize import FIBERResizeShortestEdge
+from ..modeling.head.postprocess import to_image_frame
 from ..predictor import FIBERPredictor
 from ..text import build_tokenizer, padded_text_length, trim_text
 
@@ -236,13 +236,10 @@ class ExportedPredictor(FIBERPredictor):
 
 
 def _postprocess(result: Instances, record: dict) -> dict:
-    """``FIBER._postprocess``: legacy -> detectron2 boxes, rescaled to the original size."""
-    boxes = result.pred_boxes.tensor.clone()
-    boxes[:, 2:] += 1.0
-    result.pred_boxes = Boxes(boxes)
+    """``FIBER._postprocess``: legacy boxes -> detectron2 boxes on the original image."""
     height = record.get("height", result.image_size[0])
     width = record.get("width", result.image_size[1])
-    return {"instances": detector_postprocess(result, height, width)}
+    return {"instances": to_image_frame(result, height, width)}
 
 
 class ONNXPredictor(ExportedPredictor):

@@ -19,6 +19,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import box_iou
 
+from ..modeling.head.postprocess import original_eval_boxes
 from .gather import gather_records
 from .integrity import SeenRecords, without_predictions, write_metrics
 
@@ -155,7 +156,8 @@ class FlickrRecallEvaluator(DatasetEvaluator):
             if record is None:
                 continue
             phrases = record.get("phrases", [])
-            instances = without_predictions(inp, out)["instances"].to("cpu")
+            # the original compares its legacy boxes scaled to the image (no +1 on x2, y2)
+            instances = original_eval_boxes(without_predictions(inp, out)["instances"].to("cpu"))
             # Tie order is UNDETERMINED in the spec; equal scores keep their input order.
             order = torch.sort(instances.scores, descending=True, stable=True).indices
             boxes = instances.pred_boxes.tensor[order].float()

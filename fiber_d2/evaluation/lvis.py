@@ -21,6 +21,7 @@ from detectron2.evaluation import LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
+from ..modeling.head.postprocess import original_eval_boxes
 from .coco import drop_bad_gt_boxes
 from .integrity import SeenRecords, without_predictions
 
@@ -199,7 +200,11 @@ class FixedAPLVISEvaluator(LVISEvaluator):
             outputs: dicts with "instances" (``pred_boxes`` absolute xyxy at the original image
                 size, ``scores``, ``pred_classes`` contiguous category ids).
         """
-        outputs = [without_predictions(i, o) for i, o in zip(inputs, outputs)]
+        # the original evaluates its legacy boxes scaled to the image (no +1 on x2, y2)
+        outputs = [
+            {**o, "instances": original_eval_boxes(o["instances"])} if "instances" in o else o
+            for o in (without_predictions(i, o) for i, o in zip(inputs, outputs))
+        ]
         for inp in inputs:
             self._seen.add(inp["image_id"])
         if not self._fixed_ap:

@@ -19,6 +19,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.logger import create_small_table
 from torchvision.ops import generalized_box_iou
 
+from ..modeling.head.postprocess import original_eval_boxes
 from .flickr import records_by_image_id
 from .gather import gather_records
 from .integrity import SeenRecords, without_predictions, write_metrics
@@ -134,7 +135,8 @@ class RefExpEvaluator(DatasetEvaluator):
             if image_id not in self._gt:
                 continue  # reported by evaluate() (every rank raises there, none hangs)
             gt_box = refexp_gt_box(self._gt[image_id])
-            instances = without_predictions(inp, out)["instances"].to("cpu")
+            # the original compares its legacy boxes scaled to the image (no +1 on x2, y2)
+            instances = original_eval_boxes(without_predictions(inp, out)["instances"].to("cpu"))
             self._results[image_id] = topk_giou_hits(
                 instances.pred_boxes.tensor, instances.scores, gt_box, self._topk, self._threshold
             )

@@ -88,8 +88,10 @@ def test_detection_train_contract_and_alignment(shapes_tokenizer, det_image, cap
     inst = out["instances"]
     assert inst.image_size == (80, 120)
     assert inst.gt_classes.tolist() == [0, 1]  # crowd and degenerate boxes removed
-    # x2 = x + w, scaled by 2, then flipped in the 120-px wide image: x -> 120 - x
-    expected = torch.tensor([[120 - 60, 10, 120 - 20, 40], [120 - 100, 40, 120 - 70, 60]])
+    # moved as the original moves the legacy box (x2 = x + w - 1): scaled by 2, then mirrored in
+    # the 120-px wide image (x -> 120 - x - 1), given back with +1 on x2, y2: the detectron2 box
+    # (x1, y1, x2, y2) becomes (2 x1, 2 y1, 2 x2 - 1, 2 y2 - 1) before the flip
+    expected = torch.tensor([[120 - 59, 10, 120 - 20, 39], [120 - 99, 40, 120 - 70, 59]])
     assert torch.allclose(inst.gt_boxes.tensor, expected.float())
     hwc = image.permute(1, 2, 0).numpy()  # BGR
     for (x1, y1, x2, y2), colour in zip(expected.tolist(), ("red", "blue")):
@@ -181,7 +183,7 @@ def test_grounding_train_and_test(shapes_tokenizer, det_image):
     assert inst.gt_classes.tolist() == [1, 0]
     assert torch.equal(inst.gt_positive_map, label_map[[1, 0]])
     assert torch.allclose(
-        inst.gt_boxes.tensor, torch.tensor([[20.0, 10, 60, 40], [70, 40, 100, 60]])
+        inst.gt_boxes.tensor, torch.tensor([[20.0, 10, 59, 39], [70, 40, 99, 59]])
     )
     out = mapper(tok, is_train=False, flip=0)(grounding_record(det_image))
     assert "instances" not in out and out["phrases"][1]["boxes"] == [[10, 5, 30, 20]]
@@ -210,7 +212,8 @@ def test_detection_boxes_are_clipped_to_the_image(shapes_tokenizer, det_image):
         {"bbox": [10, -10, 20, 75], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
     ]
     out = mapper(shapes_tokenizer, flip=0)(record)
-    expected = torch.tensor([[20.0, 0, 60, 80]])  # x2 = x + w; resized by 2
+    # clipped to x + w <= 30 (legacy x2 29), y2 <= 40 (39); the legacy box resized by 2, then + 1
+    expected = torch.tensor([[20.0, 0, 59, 79]])
     assert torch.allclose(out["instances"].gt_boxes.tensor, expected)
 
 
@@ -233,9 +236,10 @@ def test_full_prompt_is_shuffled_when_asked(shapes_tokenizer, det_image):
 
 def test_refexp_is_never_flipped(shapes_tokenizer, det_image):
     out = mapper(shapes_tokenizer, flip=1.0)(grounding_record(det_image, task="refexp"))
-    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([20.0, 10, 60, 40]))
+    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([20.0, 10, 59, 39]))
     out = mapper(shapes_tokenizer, flip=1.0)(grounding_record(det_image))
-    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([60.0, 10, 100, 40]))
+    # flipped: the legacy (20, 10, 58, 38) mirrored about 119 is (61, 10, 99, 38), + 1
+    assert torch.allclose(out["instances"].gt_boxes.tensor[0], torch.tensor([61.0, 10, 100, 39]))
 
 
 def test_bad_records_are_skipped(shapes_tokenizer, det_image, tmp_path, caplog):

@@ -224,3 +224,14 @@ def test_copypaste_lines_are_left_to_the_trainer():
     assert lines[2] == "copypaste: 33.3333,50.0000,66.6667,83.3333"
     assert len(lines) == 3
     assert "R@1-clothing" in results["grounding"] and "R@1-people" in results["grounding"]
+
+
+def test_boxes_are_compared_as_the_original_reads_them():
+    """The model's x2, y2 carry the +1 of its output convention; the original compares the legacy
+    box scaled to the image, one pixel shorter: a model box (0, 0, 11, 21) is read as (0, 0, 10, 20),
+    IoU 100 / 200 = 0.5 with the GT (0, 0, 10, 10), a hit, where as given it is 100 / 231."""
+    ev = FlickrRecallEvaluator(ONE, distributed=False)
+    ev.reset()
+    dets = [(0.9, 0, [0, 0, 11, 21]), (0.8, 1, MISS)]
+    ev.process([{"image_id": 1}], [{"instances": _instances(dets)}])
+    assert ev.evaluate()["grounding"]["R@1-people"] == 100.0

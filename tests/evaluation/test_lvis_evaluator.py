@@ -178,3 +178,17 @@ def test_bad_ground_truth_box_is_dropped_as_the_loader_does(tmp_path, caplog, re
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_boxes_are_evaluated_as_the_original_reads_them(registered):
+    """The original evaluates its legacy boxes scaled to the image, one pixel shorter on x2, y2 than
+    the model's output: A's model box (10, 10, 68, 68) is read as (10, 10, 67, 67), IoU 2500 / 3249
+    = 0.77 with the GT (a hit at 6 of the 10 IoU thresholds; as given, 2500 / 3364 = 0.74: 5)."""
+    ev = FixedAPLVISEvaluator(registered, distributed=False, fixed_ap=True)
+    ev.reset()
+    for image_id in (1, 2, 3):
+        dets = [(0.9, 0, [10.0, 10.0, 68.0, 68.0])]
+        if image_id == 1:
+            dets.append((0.8, 1, [100.0, 100.0, 151.0, 151.0]))  # read as B's GT exactly
+        ev.process([{"image_id": image_id}], [{"instances": _instances(dets)}])
+    assert ev.evaluate()["bbox"]["AP"] == pytest.approx((60.0 + 100.0) / 2, abs=1e-6)

@@ -52,11 +52,14 @@ def registered():
 
 
 def _instances(dets):
-    """dets: list of (score, xyxy); classes are arbitrary (not used by the metric)."""
+    """The model's output for dets, a list of (score, xyxy as the original's evaluation reads it:
+    the legacy box scaled to the image); the model adds 1 to x2, y2 (``to_image_frame``), which the
+    evaluator takes off again. Classes are arbitrary (not used by the metric)."""
     inst = Instances((100, 100))
     inst.scores = torch.tensor([d[0] for d in dets], dtype=torch.float32)
     inst.pred_classes = torch.arange(len(dets)) % 3
-    inst.pred_boxes = Boxes(torch.tensor([d[1] for d in dets], dtype=torch.float32).reshape(-1, 4))
+    boxes = torch.tensor([d[1] for d in dets], dtype=torch.float32).reshape(-1, 4)
+    inst.pred_boxes = Boxes(boxes + torch.tensor([0.0, 0.0, 1.0, 1.0]))
     return inst
 
 
@@ -145,3 +148,12 @@ def test_errors():
     ev.process([{"image_id": 77}], [{"instances": _instances([])}])
     with pytest.raises(EvaluationCoverageError, match="not in the dataset .image_id 77"):
         ev.evaluate()
+
+
+def test_boxes_are_compared_as_the_original_reads_them():
+    """The model's box (0, 0, 11, 21) (``_instances`` of (0, 0, 10, 20)) is read as the original's
+    scaled legacy box (0, 0, 10, 20): GIoU 0.5 with the GT, a hit; as given it is 100 / 231."""
+    assert _iou_giou([0.0, 0.0, 10.0, 20.0], GT) == (0.5, 0.5)
+    ev = RefExpEvaluator(ONE, distributed=False)
+    ev.process([{"image_id": 1}], [{"instances": _instances([(0.9, [0.0, 0.0, 10.0, 20.0])])}])
+    assert ev.evaluate()["refexp"]["P@1"] == 100.0

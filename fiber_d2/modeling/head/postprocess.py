@@ -12,7 +12,7 @@ from torchvision.ops import batched_nms
 
 from .atss import LegacyBoxCoder
 
-__all__ = ["label_scores", "ground_inference"]
+__all__ = ["label_scores", "ground_inference", "to_image_frame", "original_eval_boxes"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,3 +177,41 @@ def ground_inference(
         inst.pred_classes = labels
         results.append(inst)
     return results
+
+
+def to_image_frame(result: Instances, height: int, width: int) -> Instances:
+    """Detections in the network input's frame (legacy xyxy, x2 = x + w - 1, clipped to that frame)
+    as detectron2 boxes on the ``height`` x ``width`` image, with the original's arithmetic.
+
+    The original scales the legacy box as it is (maskrcnn-benchmark's ``BoxList.resize``) and counts
+    the last pixel afterwards (its COCO evaluation's width ``x2 - x1 + 1``): scale, then +1 on x2 and
+    y2. Unlike detectron2's ``detector_postprocess`` (+1 first, then scale, clip, drop empty boxes)
+    nothing is clipped or dropped after the scaling, as in the original, so a box on the right or
+    bottom edge can end less than a pixel beyond the image.
+
+    Args:
+        result: ``pred_boxes`` (N, 4) legacy xyxy in the frame of ``result.image_size``, other
+            fields per detection.
+        height, width: size of the image the boxes are wanted on.
+
+    Returns:
+        Instances of ``(height, width)`` with the same fields, boxes scaled.
+    """
+    scale_y, scale_x = height / result.image_size[0], width / result.image_size[1]
+    legacy = result.pred_boxes.tensor
+    boxes = legacy * legacy.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    boxes[:, 2:] += 1.0
+    out = Instances((height, width), **result.get_fields())
+    out.pred_boxes = Boxes(boxes)
+    return out
+
+
+def original_eval_boxes(instances: Instances) -> Instances:
+    """``instances`` with the boxes the original's LVIS, Flickr30k and RefCOCO evaluations read:
+    the legacy boxes scaled to the image, without the +1 that :func:`to_image_frame` (and the
+    original's COCO evaluation) adds on x2 and y2."""
+    boxes = instances.pred_boxes.tensor.clone()
+    boxes[:, 2:] -= 1.0
+    out = Instances(instances.image_size, **instances.get_fields())
+    out.pred_boxes = Boxes(boxes)
+    return out

@@ -12,8 +12,9 @@ Training returns a dict of losses; inference returns ``[{"instances": Instances}
 Visualizer work unchanged.
 
 Box conventions: FIBER's anchors, box coder, ATSS IoUs and NMS use the legacy "+1" convention (a box's
-width is ``x2 - x1 + 1``). The conversion happens here only: ground truth gets ``x2 - 1, y2 - 1``, and
-predictions get ``+1`` back before rescaling.
+width is ``x2 - x1 + 1``). The conversion happens here only, with the original's arithmetic: ground truth
+(moved by the mapper as the original moves legacy boxes) gets ``x2 - 1, y2 - 1``, and predictions are
+rescaled to the image and then get ``+1`` (:func:`~fiber_d2.modeling.head.postprocess.to_image_frame`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList, Instances
 from torch import nn
 
 from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusionPrefix
 from ..head import ATSSLossComputation, GroundingHead, generate_anchors, ground_inference
+from ..head.postprocess import to_image_frame
 
 __all__ = ["FIBER"]
 
@@ -342,9 +343,6 @@ class FIBER(nn.Module):
         return self._text_prefixes[key]
 
     def _postprocess(self, result: Instances, x: dict, image_size) -> dict:
-        boxes = result.pred_boxes.tensor.clone()
-        boxes[:, 2:] += 1.0  # legacy -> detectron2 convention
-        result.pred_boxes = Boxes(boxes)
         height = x.get("height", image_size[0])
         width = x.get("width", image_size[1])
-        return {"instances": detector_postprocess(result, height, width)}
+        return {"instances": to_image_frame(result, height, width)}
