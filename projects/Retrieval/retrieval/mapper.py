@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
+from fiber_d2.data.mapper import read_image_file
 
 __all__ = ["FalseImageCaptionMapper"]
 
@@ -80,7 +80,7 @@ class FalseImageCaptionMapper(CaptionDatasetMapper):
         for _ in range(_MAX_DRAWS):
             name = self.image_files[self.draw_false_index(dataset_dict["file_name"])]
             try:
-                image = utils.read_image(name, format=self.image_format)
+                image = read_image_file(name, self.image_format, self.exif_orientation)
             except (OSError, ValueError, SyntaxError) as e:
                 logger.warning("false image %s is unreadable (%s); drawing another", name, e)
                 continue

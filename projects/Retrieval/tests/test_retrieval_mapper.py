@@ -79,3 +79,21 @@ def test_unreadable_false_images_skip_the_sample(files, tmp_path):
     assert mapper({"file_name": files["a.png"], "image_id": 1, "caption": "red"}) is None
     with pytest.raises(ValueError, match="at least 2 distinct"):
         _mapper(files, pool=[files["a.png"], files["a.png"]])
+
+
+def test_false_images_are_read_as_stored_like_the_positive(tmp_path):
+    """A false image with an EXIF orientation tag is read as stored, as the positive one and the
+    original (PIL open + convert); INPUT.EXIF_ORIENTATION turns both upright."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180 degrees
+    turned, other = str(tmp_path / "turned.png"), str(tmp_path / "other.png")
+    Image.fromarray(pixels).save(turned, exif=exif.tobytes())
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(other)
+    mapper = _mapper({}, pool=[turned, other])
+    record = {"file_name": other, "image_id": 1, "caption": "red"}
+    stored = torch.as_tensor(pixels.transpose(2, 0, 1).copy())
+    assert torch.equal(mapper(record)["false_image"], stored)
+    mapper.exif_orientation = True
+    assert torch.equal(mapper(record)["false_image"], stored.flip(1, 2))
