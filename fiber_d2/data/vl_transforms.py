@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from .mapper import read_image_file
@@ -32,6 +32,26 @@ __all__ = ["AlbefRandAugment", "build_vl_image_transform", "read_vl_image", "VL_
 VL_TRANSFORMS = ("resize", "albef_randaug")
 _FILL = (128, 128, 128)
 _BILINEAR = InterpolationMode.BILINEAR  # the original's warps interpolate linearly
+
+
+def sharpen_wrapping(image: Image.Image, factor: float) -> Image.Image:
+    """The original's Sharpness op: ``smooth + factor * (image - smooth)`` on the interior pixels,
+    with ``smooth`` the 3 x 3 smoothing (1 1 1 / 1 5 1 / 1 1 1, over 13: PIL's ``SMOOTH``), computed
+    in float and cast to uint8 without clipping: values beyond 0..255 wrap around (truncated, then
+    modulo 256), as the original's numpy cast does, where PIL's enhancer clips. Border pixels stay.
+
+    Args:
+        image: an RGB PIL image.
+        factor: blend factor (1.36 at M = 7).
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    if min(pixels.shape[:2]) < 3:
+        return image
+    smooth = np.asarray(image.filter(ImageFilter.SMOOTH), dtype=np.float32)
+    out = pixels.copy()
+    inner = (slice(1, -1), slice(1, -1))
+    out[inner] = smooth[inner] + factor * (pixels[inner] - smooth[inner])
+    return Image.fromarray((np.trunc(out).astype(np.int64) % 256).astype(np.uint8))
 
 
 class AlbefRandAugment:
@@ -69,10 +89,10 @@ class AlbefRandAugment:
             return ImageOps.autocontrast(image)
         if op == "Equalize":
             return ImageOps.equalize(image)
-        if op in ("Brightness", "Sharpness"):
-            factor = 0.1 + 1.8 * m / 10.0
-            fn = TF.adjust_brightness if op == "Brightness" else TF.adjust_sharpness
-            return fn(image, factor)
+        if op == "Brightness":
+            return TF.adjust_brightness(image, 0.1 + 1.8 * m / 10.0)
+        if op == "Sharpness":
+            return sharpen_wrapping(image, 0.1 + 1.8 * m / 10.0)
         if op in ("ShearX", "ShearY"):
             # about the top-left corner (row / column 0 stays), as the original's affine warp
             shear = math.degrees(math.atan(self._signed(0.03 * m)))

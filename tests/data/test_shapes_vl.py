@@ -149,6 +149,21 @@ def test_albef_randaug_magnitudes_at_m7():
     assert np.argwhere(moved == 255).tolist() in ([[20, 13]], [[20, 27]])
 
 
+def test_sharpness_wraps_around_as_the_original():
+    """Factor 1.36 at M = 7 on a 200-grey image with one 250 pixel: the smoothing there is
+    (8 * 200 + 5 * 250) / 13 = 219.2 (219), and 219 + 1.36 * 31 = 261.2 wraps to 261 - 256 = 5
+    (PIL's enhancer clips it to 255); a neighbour, smoothed to 204 (203.8), reads
+    204 + 1.36 * (200 - 204) = 198.6 -> 198; the border stays."""
+    pixels = np.full((5, 5, 3), 200, np.uint8)
+    pixels[2, 2] = 250
+    out = np.asarray(
+        AlbefRandAugment(2, 7, random.Random(0)).apply(Image.fromarray(pixels), "Sharpness")
+    )
+    assert (out[2, 2] == 5).all()
+    assert (out[1, 2] == 198).all() and (out[2, 1] == 198).all()
+    assert (out[0] == 200).all() and (out[:, 0] == 200).all()
+
+
 def test_albef_randaug_applies_each_drawn_op_with_probability_half():
     class Counting(AlbefRandAugment):
         calls = 0
