@@ -29,6 +29,7 @@ def add_captioning_config(cfg: CN) -> CN:
     _C.CAPTION.MAX_LENGTH = 50
     # Decode with cached keys/values (self-attention of the prefix, cross-attention of the image);
     # False re-encodes the whole prefix every step as the original does (same captions, slower).
+    # The CIDEr stage samples in train mode and always re-encodes (dropout drawn anew each step).
     _C.CAPTION.USE_CACHE = True
     # GOLD: a frozen eval-mode snapshot of the model is taken every this many iterations (from 0).
     _C.CAPTION.GOLD_UPDATE_PERIOD = 1000

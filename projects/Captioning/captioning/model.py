@@ -358,9 +358,11 @@ class FIBERCaption(FIBERFusedTask):
                 )
             references.append(list(refs))
         b, n = images.shape[0], self.cider_samples
-        # sampled in train mode (dropout on), as the original
+        # sampled in train mode (dropout on) re-encoding the whole prefix at every step, as the
+        # original: each step draws its own dropout masks (and drop paths), where cached keys /
+        # values would keep those of the step that computed them
         with torch.no_grad():
-            step, select, state = self.decoder(self.encode_image(images))
+            step, select, state = self.decoder(self.encode_image(images), use_cache=False)
             samples = sample_captions(step, select, state, b, n, **self._search_args())
         sample_mask = (samples != self.pad).long()
         repeated = images.repeat_interleave(n, dim=0)

@@ -228,3 +228,23 @@ def test_feature_cache_needs_a_frozen_image_tower_and_serves_the_mle_stage(caplo
     gold = build_model(caption_cfg("MODEL.COARSE.FEATURE_CACHE", "True", "CAPTION.STAGE", "gold"))
     assert gold.feature_cache is None
     assert "serves CAPTION.STAGE 'mle' only; the 'gold' stage" in caplog.text
+
+
+def test_cider_sampling_reencodes_the_prefix_at_every_step(monkeypatch):
+    """The original samples in train mode and re-encodes the prefix at every step, so each step
+    draws its own dropout masks; the key/value cache (CAPTION.USE_CACHE) serves decoding only."""
+    model = build_model(caption_cfg("CAPTION.STAGE", "cider")).train()
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(image_tokens, use_cache=None):
+        asked.append(use_cache)
+        raise Stop
+
+    monkeypatch.setattr(model, "decoder", spy)
+    assert model.use_cache
+    with pytest.raises(Stop):
+        model._cider([{"references": ["a red circle"]}], torch.randn(1, 3, 128, 128), *[None] * 3)
+    assert asked == [False]
