@@ -5,7 +5,7 @@ beam / greedy decoding with a key/value cache, COCO caption metrics. Importing r
 from .cider import CiderD, build_document_frequency, normalise_caption, references_by_image
 from .config import add_captioning_config
 from .data import attach_references, build_caption_mapper, caption_train_records
-from .decoding import beam_search, greedy_search, sample_captions
+from .decoding import beam_search, greedy_search, original_beam_search, sample_captions
 from .evaluator import CaptionEvaluator, caption_metrics, metric_availability
 from .losses import (
     gold_loss,
@@ -38,6 +38,7 @@ __all__ = [
     "load_captioning_config",
     "next_token_labels",
     "normalise_caption",
+    "original_beam_search",
     "references_by_image",
     "reinforce_loss",
     "sample_captions",

@@ -22,7 +22,9 @@ def add_captioning_config(cfg: CN) -> CN:
     # Training objective (coarse spec §5.6): "mle" (cross-entropy), "gold" (GOLD-weighted
     # cross-entropy against a frozen snapshot) or "cider" (0.3 * MLE + 0.7 * CIDEr-D REINFORCE).
     _C.CAPTION.STAGE = "mle"
-    # Decoding at evaluation: "beam" (length-normalised beam search) or "greedy".
+    # Decoding at evaluation: "beam" (the original's length-normalised beam search, with which
+    # released checkpoints were evaluated: a finished hypothesis ranked first ends the search),
+    # "beam_complete" (every hypothesis searched to its end) or "greedy".
     _C.CAPTION.DECODING = "beam"
     _C.CAPTION.BEAM_SIZE = 5  # hypotheses kept per image (original: 5)
     # Longest caption in tokens, <s> included (original: max_text_len = 50, so <= 49 generated).

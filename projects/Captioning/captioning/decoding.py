@@ -20,9 +20,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["beam_search", "greedy_search", "sample_captions", "BANNED_LOGIT"]
+__all__ = [
+    "beam_search",
+    "original_beam_search",
+    "greedy_search",
+    "sample_captions",
+    "BANNED_LOGIT",
+    "DECODINGS",
+]
 
 BANNED_LOGIT = -10000.0
+# CAPTION.DECODING: "beam" the original's beam search, "beam_complete" every hypothesis searched to
+# its end (finished ones keep one place), "greedy"
+DECODINGS = ("beam", "beam_complete", "greedy")
 
 Step = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
 Select = Callable[[Any, torch.Tensor], Any]
@@ -63,7 +73,8 @@ def beam_search(
     max_length: int = 50,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search ranked by cumulative log-probability / number of generated tokens.
+    """Beam search ranked by cumulative log-probability / number of generated tokens, every
+    hypothesis searched to its end (``CAPTION.DECODING`` "beam_complete").
 
     The first step keeps the ``beam_size`` best first tokens; every later step expands each
     hypothesis (a finished one only by pad, at no cost and no length) and keeps the ``beam_size``
@@ -116,6 +127,70 @@ def beam_search(
     top = normalised.argmax(dim=1)
     chosen = torch.arange(batch_size, device=device) * k + top
     return ids[chosen], normalised.gather(1, top[:, None])[:, 0]
+
+
+@torch.no_grad()
+def original_beam_search(
+    step: Step,
+    select: Select,
+    state: Any,
+    batch_size: int,
+    *,
+    bos: int,
+    eos: int,
+    pad: int,
+    banned: Sequence[int] = (),
+    beam_size: int = 5,
+    max_length: int = 50,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original FIBER's beam search (``CAPTION.DECODING`` "beam"), which released caption
+    checkpoints were evaluated with. Ranking, first step and stopping as :func:`beam_search`, but:
+
+    * a finished hypothesis takes part in every later step with each of the V tokens, all at its
+      own score and length (the token written is pad): its copies compete for the K places like
+      any candidate, so once a finished hypothesis ranks first, all K places can become copies of
+      it and the search ends;
+    * place j carries on the length computed for the hypothesis that held place j before the
+      step, not for the one it now continues (the original does not reorder the lengths with the
+      hypotheses);
+    * the answer is place 0 after the last step (the best-ranked candidate of that step).
+
+    Arguments and returns as :func:`beam_search` (the score: the ranking value of the answer).
+    """
+    _check(max_length)
+    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    logits, state = step(state, ids)
+    logp = _log_probs(logits, banned)
+    k = min(beam_size, logp.shape[1])
+    score, token = logp.topk(k, dim=1)  # (B, K), best first
+    ranked = score
+    rows = torch.arange(batch_size, device=device).repeat_interleave(k)
+    state = select(state, rows)
+    ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)
+    score = score.reshape(-1)
+    length = torch.ones_like(score)
+    finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
+    offsets = torch.arange(batch_size, device=device)[:, None] * k
+    while ids.shape[1] < max_length and not bool(finished.all()):
+        logits, state = step(state, ids)
+        open_ = (~finished).float()
+        logp = _log_probs(logits, banned) * open_[:, None]  # a finished row: 0 for every token
+        vocab = logp.shape[1]
+        candidate_length = length + open_
+        total = score[:, None] + logp  # (B*K, V)
+        normalised = (total / (candidate_length[:, None] + 1e-9)).view(batch_size, k * vocab)
+        ranked, best = normalised.topk(k, dim=1)  # (B, K), best first
+        source = (best // vocab + offsets).reshape(-1)
+        token = (best % vocab).reshape(-1)
+        score = total.view(batch_size, k * vocab).gather(1, best).reshape(-1)
+        length = candidate_length  # not candidate_length[source]: as the original
+        token = torch.where(finished[source], torch.full_like(token, pad), token)
+        ids = torch.cat([ids[source], token[:, None]], dim=1)
+        finished = (token == eos) | (token == pad)
+        state = select(state, source)
+    first = torch.arange(batch_size, device=device) * k
+    return ids[first], ranked[:, 0]
 
 
 @torch.no_grad()

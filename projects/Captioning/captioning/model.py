@@ -38,7 +38,7 @@ from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead
 from fiber_d2.text import build_tokenizer
 
 from .cider import CiderD, references_by_image
-from .decoding import beam_search, greedy_search, sample_captions
+from .decoding import DECODINGS, beam_search, greedy_search, original_beam_search, sample_captions
 from .losses import (
     gold_loss,
     gold_weights,
@@ -90,7 +90,7 @@ class FIBERCaption(FIBERFusedTask):
         Args:
             tokenizer: the text tokenizer (special ids, decoding to strings).
             stage: "mle", "gold" or "cider".
-            decoding: "beam" or "greedy".
+            decoding: one of :data:`~captioning.decoding.DECODINGS` (``CAPTION.DECODING``).
             beam_size: beam width K.
             max_length: longest caption in tokens, ``<s>`` included.
             use_cache: decode with cached keys/values.
@@ -107,8 +107,8 @@ class FIBERCaption(FIBERFusedTask):
         """
         if stage not in STAGES:
             raise ValueError(f"CAPTION.STAGE must be one of {STAGES}, got {stage!r}")
-        if decoding not in ("beam", "greedy"):
-            raise ValueError(f"CAPTION.DECODING must be 'beam' or 'greedy', got {decoding!r}")
+        if decoding not in DECODINGS:
+            raise ValueError(f"CAPTION.DECODING must be one of {DECODINGS}, got {decoding!r}")
         if stage == "cider" and cider is None:
             raise ValueError("CAPTION.STAGE 'cider' needs a CIDEr-D scorer (training captions)")
         text_positions = kwargs["backbone"].text_tower.max_len
@@ -292,7 +292,8 @@ class FIBERCaption(FIBERFusedTask):
         decoding = decoding or self.decoding
         if decoding == "greedy":
             return greedy_search(step, select, state, images.shape[0], **self._search_args())
-        ids, _ = beam_search(
+        search = original_beam_search if decoding == "beam" else beam_search
+        ids, _ = search(
             step, select, state, images.shape[0], beam_size=self.beam_size, **self._search_args()
         )
         return ids

@@ -12,6 +12,7 @@ from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_captioning_config
 from .data import build_caption_mapper, caption_train_records
+from .decoding import DECODINGS
 from .evaluator import CaptionEvaluator, metric_availability
 
 __all__ = ["CaptionTrainer", "load_captioning_config"]
@@ -50,8 +51,10 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
     cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
     if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
         raise ConfigError(f"CAPTION.STAGE must be mle, gold or cider, got {cfg.CAPTION.STAGE!r}")
-    if cfg.CAPTION.DECODING not in ("beam", "greedy"):
-        raise ConfigError(f"CAPTION.DECODING must be beam or greedy, got {cfg.CAPTION.DECODING!r}")
+    if cfg.CAPTION.DECODING not in DECODINGS:
+        raise ConfigError(
+            f"CAPTION.DECODING must be one of {', '.join(DECODINGS)}, got {cfg.CAPTION.DECODING!r}"
+        )
     require_at_least_one(cfg, "CAPTION.BEAM_SIZE", "CAPTION.MAX_LENGTH", "CAPTION.CIDER_SAMPLES")
     try:
         metric_availability(cfg.CAPTION.METRICS)

@@ -1,10 +1,11 @@
 """Beam / greedy search and sampling on a tiny fixed model (coarse spec §5.6)."""
 
 import itertools
+import math
 
 import pytest
 import torch
-from captioning import beam_search, greedy_search, sample_captions
+from captioning import beam_search, greedy_search, original_beam_search, sample_captions
 
 BOS, PAD, EOS, MASK = 0, 1, 2, 3
 VOCAB = 6  # 4 specials + two words (4, 5)
@@ -136,3 +137,115 @@ def test_samples_follow_the_softmax_at_temperature_one():
         expected = torch.softmax(logits, dim=-1)
         counts = torch.bincount(samples[b * n : (b + 1) * n, 1], minlength=VOCAB).float()
         assert torch.allclose(counts / n, expected, atol=4 * (0.25 / n) ** 0.5)
+
+
+def _original_reference(model, bias, beam, max_length):
+    """The original's beam search for one image, written out with lists from its rules
+    (``original_beam_search``): finished hypotheses compete with every token at their own score and
+    length; place p keeps the length computed for the hypothesis that held place p before."""
+
+    def logp(tokens):
+        logits = model.step(bias[None], torch.tensor([tokens]))[0][0].clone()
+        logits[MASK] = -10000.0
+        return torch.log_softmax(logits, dim=-1)
+
+    first = logp([BOS])
+    order = sorted(range(VOCAB), key=lambda v: -first[v].item())[:beam]
+    one = torch.tensor(1.0)
+    hyps = [([BOS, v], first[v], one, v in (EOS, PAD)) for v in order]
+    while len(hyps[0][0]) < max_length and not all(h[3] for h in hyps):
+        candidates = []
+        lengths = [length + (0.0 if ended else 1.0) for _, _, length, ended in hyps]
+        for j, (tokens, score, _, ended) in enumerate(hyps):
+            lp = logp(tokens)
+            for v in range(VOCAB):
+                total = score + (0.0 if ended else lp[v])
+                candidates.append(((total / (lengths[j] + 1e-9)).item(), j, v, total))
+        candidates.sort(key=lambda c: -c[0])
+        new = []
+        for place, (_, j, v, total) in enumerate(candidates[:beam]):
+            token = PAD if hyps[j][3] else v
+            new.append((hyps[j][0] + [token], total, lengths[place], token in (EOS, PAD)))
+        hyps = new
+    return hyps[0][0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_original_beam_search_follows_the_original_rules(seed):
+    model = ToyModel(seed)
+    biases = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(seed + 20))
+    for beam, max_length in ((2, 6), (3, 8), (5, 5)):
+        ids, _ = original_beam_search(
+            model.step, model.select, biases, 3, beam_size=beam, max_length=max_length,
+            bos=BOS, eos=EOS, pad=PAD, banned=[MASK],
+        )  # fmt: skip
+        for b in range(3):
+            expected = _original_reference(model, biases[b], beam, max_length)
+            assert ids[b, : len(expected)].tolist() == expected, (beam, max_length, b)
+
+
+class PrefixModel:
+    """Next-token log-probabilities looked up by the whole prefix (missing prefixes: uniform)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def step(self, state, prefix):
+        rows = []
+        for p in prefix.tolist():
+            logits = torch.full((VOCAB,), -30.0)
+            for token, lp in self.table.get(tuple(p), {}).items():
+                logits[token] = lp
+            rows.append(logits)
+        return torch.stack(rows), state
+
+    @staticmethod
+    def select(state, index):
+        return state
+
+
+def _two_tokens(p, a, b):
+    """Logits giving token a probability p and token b 1 - p (every other token ~e^-30 less)."""
+    return {a: math.log(p), b: math.log(1.0 - p)}
+
+
+ARGS = dict(bos=BOS, eos=EOS, pad=PAD, banned=[MASK], beam_size=2, max_length=6)
+A = 4
+
+
+def test_a_finished_hypothesis_ranked_first_ends_the_original_search():
+    """Step 1 ranks the finished "</s>" (log 0.55 = -0.598) above "A A" ((log 0.45 + log 0.6) / 2
+    = -0.655): its copies take both places and the original's search ends with "</s>", where
+    searching every hypothesis to its end finds "A A </s>" at -1.31 / 3 = -0.437."""
+    model = PrefixModel(
+        {
+            (BOS,): _two_tokens(0.55, EOS, A),
+            (BOS, A): _two_tokens(0.6, A, EOS),
+            (BOS, A, A): {EOS: 0.0},
+        }
+    )
+    original, score = original_beam_search(model.step, model.select, None, 1, **ARGS)
+    complete, best = beam_search(model.step, model.select, None, 1, **ARGS)
+    assert original[0, 1:].tolist() == [EOS, PAD] and score.item() == pytest.approx(math.log(0.55))
+    assert complete[0, 1:].tolist() == [A, A, EOS]
+    assert best.item() == pytest.approx((math.log(0.45) + math.log(0.6)) / 3, abs=1e-4)
+
+
+def test_the_original_carries_lengths_by_place():
+    """Step 1 ranks "A A" ((log 0.45 + log 0.8) / 2 = -0.511) first and the finished "</s>"
+    (log 0.55 = -0.598) second; place 0 ("A A") keeps the length of place 0's previous hypothesis
+    ("</s>": 1), place 1 ("</s>") that of "A" (2). Step 2 then ranks "</s>" at -0.598 / 2 above
+    "A A </s>" at -1.022 / 2 and the original's search ends with "</s>"; with lengths carried by
+    hypothesis "A A </s>" wins (-1.022 / 3 = -0.341 against -0.598)."""
+    model = PrefixModel(
+        {
+            (BOS,): _two_tokens(0.55, EOS, A),
+            (BOS, A): _two_tokens(0.8, A, EOS),
+            (BOS, A, A): {EOS: 0.0},
+        }
+    )
+    original, score = original_beam_search(model.step, model.select, None, 1, **ARGS)
+    complete, best = beam_search(model.step, model.select, None, 1, **ARGS)
+    assert original[0, 1].item() == EOS and score.item() == pytest.approx(math.log(0.55) / 2)
+    assert complete[0, 1:].tolist() == [A, A, EOS]
+    assert best.item() == pytest.approx((math.log(0.45) + math.log(0.8)) / 3, abs=1e-4)
