@@ -58,6 +58,23 @@ def _only_pad(logp: torch.Tensor, finished: torch.Tensor, pad: int) -> torch.Ten
     return logp
 
 
+def _first_beams(step, select, state, batch_size, bos, banned, beam_size, device):
+    """The first step of both beam searches: the K best first tokens of each image.
+
+    Returns:
+        (B*K, 2) ids (``<s>``, token), the state repeated K times per image, (B, K) log-probs
+        (best first), K.
+    """
+    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    logits, state = step(state, ids)
+    logp = _log_probs(logits, banned)
+    k = min(beam_size, logp.shape[1])
+    score, token = logp.topk(k, dim=1)  # (B, K), best first
+    rows = torch.arange(batch_size, device=device).repeat_interleave(k)
+    ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)
+    return ids, select(state, rows), score, k
+
+
 @torch.no_grad()
 def beam_search(
     step: Step,
@@ -95,14 +112,9 @@ def beam_search(
         ``max_length``; (B,) its normalised score.
     """
     _check(max_length)
-    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
-    logits, state = step(state, ids)
-    logp = _log_probs(logits, banned)
-    k = min(beam_size, logp.shape[1])
-    score, token = logp.topk(k, dim=1)  # (B, K)
-    rows = torch.arange(batch_size, device=device).repeat_interleave(k)
-    state = select(state, rows)
-    ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)
+    ids, state, score, k = _first_beams(
+        step, select, state, batch_size, bos, banned, beam_size, device
+    )
     score = score.reshape(-1)
     length = torch.ones_like(score)
     finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
@@ -159,15 +171,10 @@ def original_beam_search(
     Arguments and returns as :func:`beam_search` (the score: the ranking value of the answer).
     """
     _check(max_length)
-    ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
-    logits, state = step(state, ids)
-    logp = _log_probs(logits, banned)
-    k = min(beam_size, logp.shape[1])
-    score, token = logp.topk(k, dim=1)  # (B, K), best first
+    ids, state, score, k = _first_beams(
+        step, select, state, batch_size, bos, banned, beam_size, device
+    )
     ranked = score
-    rows = torch.arange(batch_size, device=device).repeat_interleave(k)
-    state = select(state, rows)
-    ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)
     score = score.reshape(-1)
     length = torch.ones_like(score)
     finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
