@@ -206,6 +206,11 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.DATASETS.DISABLE_SHUFFLE = False  # keep category order in training prompts
     _C.DATASETS.FULL_PROMPT_TRAIN = False  # all categories every time (COCO fine-tuning)
     _C.DATASETS.TEST_PROMPT = []  # optional per-category prompt override for evaluation
+    # The original's caption prompts (its DATASETS.CAPTION_PROMPT with USE_CAPTION_PROMPT True, e.g.
+    # ODinW): a list literal of {"prefix": ..., "name": ..., "suffix": ...} per category in label
+    # order; only the name is the category's span. Used at test time and in training with
+    # FULL_PROMPT_TRAIN and DISABLE_SHUFFLE. "": category names.
+    _C.DATASETS.CAPTION_PROMPT = ""
     # COCO-format sets registered when the config is loaded, usable in TRAIN / TEST:
     # [[name, json_file, image_root], ...]; a 4th element {category name: prompt text} overrides
     # that dataset's prompt words (README "Your own dataset").

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = [
+    "PromptEntry",
+    "prompt_text",
     "SHAPES_TOKENIZER",
     "build_tokenizer",
     "clean_name",
@@ -98,28 +100,42 @@ def clean_name(name: str) -> str:
     return name.replace("  ", " ")
 
 
-def build_prompt(names: Sequence[str], separator: str = ". ") -> Tuple[str, List[List[int]]]:
+PromptEntry = Union[str, Tuple[str, str, str]]
+"""A category's prompt text: its name, or ``(prefix, name, suffix)`` (``DATASETS.CAPTION_PROMPT``)
+of which only the name is the category's span."""
+
+
+def prompt_text(entry: PromptEntry) -> str:
+    """The whole text an entry adds to a prompt."""
+    return entry if isinstance(entry, str) else "".join(entry)
+
+
+def build_prompt(
+    names: Sequence[PromptEntry], separator: str = ". "
+) -> Tuple[str, List[List[int]]]:
     """Join names into a caption and record each name's character span.
 
     Args:
-        names: prompt text per entry (already cleaned).
-        separator: text placed between consecutive names (no trailing separator).
+        names: prompt entry per category (already cleaned): a name, or ``(prefix, name, suffix)``,
+            whose span covers the name only (the original's caption prompts).
+        separator: text placed between consecutive entries (no trailing separator).
 
     Returns:
-        ``(caption, spans)`` where ``spans[i] = [start, end)`` locates ``names[i]`` in caption.
+        ``(caption, spans)`` where ``spans[i] = [start, end)`` locates the name of ``names[i]``.
     """
     parts: List[str] = []
     spans: List[List[int]] = []
     pos = 0
-    for i, name in enumerate(names):
+    for i, entry in enumerate(names):
+        prefix, name, suffix = ("", entry, "") if isinstance(entry, str) else entry
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"prompt entry {i} ({name!r}) is empty: it would tokenize to nothing")
+            raise ValueError(f"prompt entry {i} ({entry!r}) is empty: it would tokenize to nothing")
         if i > 0:
             parts.append(separator)
             pos += len(separator)
-        parts.append(name)
-        spans.append([pos, pos + len(name)])
-        pos += len(name)
+        parts.append(prefix + name + suffix)
+        spans.append([pos + len(prefix), pos + len(prefix) + len(name)])
+        pos += len(prefix) + len(name) + len(suffix)
     return "".join(parts), spans
 
 
@@ -225,7 +241,8 @@ def prompt_token_lengths(tokenizer, names: Sequence[str], separator: str = ". ")
         list of ints, one per name.
     """
     lengths = []
-    for i, name in enumerate(names):
+    for i, entry in enumerate(names):
+        name = prompt_text(entry)
         if not name.strip() or not tokenizer.tokenize(name):
             raise ValueError(f"category {i} ({name!r}) tokenizes to nothing")
         lengths.append(len(tokenizer.tokenize(name + separator)))
@@ -260,7 +277,8 @@ def chunk_names(
     chunks: List[List[int]] = []
     current: List[int] = []
     for i, name in enumerate(names):
-        alone = len(tokenizer.tokenize(name)) if name.strip() else 0
+        text = prompt_text(name)
+        alone = len(tokenizer.tokenize(text)) if text.strip() else 0
         if alone == 0:
             raise ValueError(f"category {i} ({name!r}) tokenizes to nothing")
         if alone > budget:

@@ -29,11 +29,12 @@ and the same tensors are shared by every sample (treat them as read-only).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import logging
 import random
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps
 
 from ..text import (
+    PromptEntry,
     build_detection_prompt,
     build_prompt,
     build_tokenizer,
@@ -58,11 +60,47 @@ from ..text import (
 from .datasets.common import BadRecordError
 from .resize import FIBERResizeShortestEdge
 
-__all__ = ["GroundingDatasetMapper", "encode_category_prompts", "memoized", "read_image_file"]
+__all__ = [
+    "GroundingDatasetMapper",
+    "encode_category_prompts",
+    "memoized",
+    "parse_caption_prompt",
+    "read_image_file",
+]
 
 logger = logging.getLogger(__name__)
 
 _GROUNDING_TASKS = ("grounding", "refexp")
+
+
+def parse_caption_prompt(text: str) -> List[Tuple[str, str, str]]:
+    """``DATASETS.CAPTION_PROMPT``: the original's format, a list of ``{"prefix": ..., "name":
+    ..., "suffix": ...}`` per category in label order, as a Python / JSON literal ("" for none).
+
+    Raises:
+        ValueError: not such a list (one line naming the key and the entry).
+    """
+    if not text or not text.strip():
+        return []
+    try:
+        entries = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"DATASETS.CAPTION_PROMPT is not a list literal: {e}") from None
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError("DATASETS.CAPTION_PROMPT must be a list of {prefix, name, suffix} dicts")
+    out = []
+    for i, entry in enumerate(entries):
+        parts = (
+            tuple(entry.get(k) for k in ("prefix", "name", "suffix"))
+            if isinstance(entry, dict)
+            else ()
+        )
+        if len(parts) != 3 or not all(isinstance(p, str) for p in parts):
+            raise ValueError(
+                f"DATASETS.CAPTION_PROMPT entry {i} ({entry!r}) needs string prefix, name, suffix"
+            )
+        out.append(parts)
+    return out
 
 
 def encode_category_prompts(
@@ -271,6 +309,7 @@ class GroundingDatasetMapper:
         category_names: Optional[Mapping[str, Sequence[str]]] = None,
         default_dataset: Optional[str] = None,
         test_prompt: Sequence[str] = (),
+        caption_prompt: Sequence[Tuple[str, str, str]] = (),
         no_flip_tasks: Sequence[str] = ("refexp",),
         unreadable_as_empty: bool = False,
         exif_orientation: bool = False,
@@ -293,6 +332,10 @@ class GroundingDatasetMapper:
                 ``category_prompts`` overrides).
             default_dataset: dataset used for records without a ``dataset_name`` field.
             test_prompt: optional prompt text per category replacing the names at test time.
+            caption_prompt: ``DATASETS.CAPTION_PROMPT`` (:func:`parse_caption_prompt`): per
+                category ``(prefix, name, suffix)`` in label order, replacing the names in
+                training (full prompts in label order only, as the original) and at test time;
+                only the name is the category's span.
             no_flip_tasks: tasks whose records are never flipped (captions with left/right).
             unreadable_as_empty: test time: an unreadable image is evaluated as an image without
                 predictions instead of raising (see the module docstring).
@@ -315,6 +358,14 @@ class GroundingDatasetMapper:
         self.chunk_size = chunk_size
         self.default_dataset = default_dataset
         self.test_prompt = list(test_prompt)
+        self.caption_prompt = [tuple(e) for e in caption_prompt]
+        if self.caption_prompt and self.test_prompt:
+            raise ValueError("set DATASETS.CAPTION_PROMPT or DATASETS.TEST_PROMPT, not both")
+        if self.caption_prompt and is_train and (shuffle_prompt or not full_prompt_train):
+            raise ValueError(
+                "DATASETS.CAPTION_PROMPT in training needs DATASETS.FULL_PROMPT_TRAIN True and "
+                "DATASETS.DISABLE_SHUFFLE True (every category, in label order, as the original)"
+            )
         self.no_flip_tasks = tuple(no_flip_tasks)
         self.unreadable_as_empty = unreadable_as_empty
         self.exif_orientation = exif_orientation
@@ -360,11 +411,28 @@ class GroundingDatasetMapper:
             "chunk_size": cfg.TEST.CHUNKED_EVALUATION,
             "default_dataset": dataset_names[0] if len(dataset_names) == 1 else None,
             "test_prompt": [] if is_train else list(cfg.DATASETS.TEST_PROMPT),
+            "caption_prompt": parse_caption_prompt(cfg.DATASETS.CAPTION_PROMPT),
             "unreadable_as_empty": cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
             "exif_orientation": cfg.INPUT.EXIF_ORIENTATION,
         }
 
     # ------------------------------------------------------------------ category names
+    def prompt_entries(self, dataset_name: Optional[str]) -> List[PromptEntry]:
+        """:meth:`category_names`, or with ``caption_prompt`` its ``(prefix, name, suffix)``
+        entries: the name cleaned in training and as written at test time, as the original."""
+        names = self.category_names(dataset_name)
+        if not self.caption_prompt:
+            return names
+        if len(self.caption_prompt) != len(names):
+            raise ValueError(
+                f"DATASETS.CAPTION_PROMPT has {len(self.caption_prompt)} entries, dataset "
+                f"{dataset_name or self.default_dataset!r} has {len(names)} categories"
+            )
+        return [
+            (prefix, clean_name(name) if self.is_train else name, suffix)
+            for prefix, name, suffix in self.caption_prompt
+        ]
+
     def category_names(self, dataset_name: Optional[str]) -> List[str]:
         """Prompt text per contiguous category id of a detection dataset.
 
@@ -443,7 +511,7 @@ class GroundingDatasetMapper:
         if key not in self._test_inputs:
             enc = encode_category_prompts(
                 self.tokenizer,
-                self.category_names(key),
+                self.prompt_entries(key),
                 max_query_len=self.max_query_len,
                 separator=self.separator,
                 chunk_size=self.chunk_size,
@@ -454,7 +522,7 @@ class GroundingDatasetMapper:
         out.update(self._test_inputs[key])
 
     def _detection_train(self, record: dict, out: dict, image_hw, transforms) -> None:
-        names = self.category_names(record.get("dataset_name"))
+        names = self.prompt_entries(record.get("dataset_name"))
         annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
         for a in annos:
             if not 0 <= a["category_id"] < len(names):

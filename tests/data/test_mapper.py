@@ -17,7 +17,7 @@ from PIL import Image
 from fiber_d2.config import add_fiber_config
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.datasets.common import BadRecordError
-from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.data.mapper import GroundingDatasetMapper, parse_caption_prompt
 from fiber_d2.text import prompt_token_lengths
 
 T_LEN = 32
@@ -369,3 +369,49 @@ def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monke
     assert cached(dict(record, height=41)) is None and cached.bad.skipped == 1
     with pytest.raises(ValueError, match="INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0"):
         CaptionDatasetMapper(**kwargs, flip_prob=0.5, cache_images=True)
+
+
+# the original's format (its ODinW configs), trailing comma included
+CAPTION_PROMPT = (
+    '[{"prefix": " ", "name": "red_box", "suffix": ""}, {"prefix": "", "name": "blue box", '
+    '"suffix": " , which is blue"}, {"prefix": "a ", "name": "green box", "suffix": ""}, '
+    '{"prefix": "", "name": "yellow box", "suffix": ""}, '
+    '{"prefix": "", "name": "pink box", "suffix": " with dots "}, ]'
+)
+
+
+def test_caption_prompt_parsing_and_errors():
+    entries = parse_caption_prompt(CAPTION_PROMPT)
+    assert entries[1] == ("", "blue box", " , which is blue") and len(entries) == 5
+    assert parse_caption_prompt("") == []
+    with pytest.raises(ValueError, match="DATASETS.CAPTION_PROMPT entry 0"):
+        parse_caption_prompt('[{"prefix": "", "name": "x"}]')
+    with pytest.raises(ValueError, match="DATASETS.CAPTION_PROMPT is not a list literal"):
+        parse_caption_prompt("[{")
+    cfg = add_fiber_config(get_cfg())
+    assert cfg.DATASETS.CAPTION_PROMPT == ""  # off by default
+
+
+def test_caption_prompt_spans_cover_the_names_only(shapes_tokenizer, det_image):
+    """Prefix and suffix are in the prompt, only the name is the category's span; names are
+    cleaned in training and kept as written at test time, as the original."""
+    tok, entries = shapes_tokenizer, parse_caption_prompt(CAPTION_PROMPT)
+    test = mapper(tok, is_train=False, flip=0, caption_prompt=entries)(det_record(det_image))
+    assert test["caption"] == (
+        " red_box. blue box , which is blue. a green box. yellow box. pink box with dots "
+    )
+    assert decode_row(tok, test["input_ids"], test["label_token_map"][1]) == "blue box"
+    assert decode_row(tok, test["input_ids"], test["label_token_map"][2]) == "green box"
+    train = mapper(
+        tok, flip=0, caption_prompt=entries, full_prompt_train=True, shuffle_prompt=False
+    )(det_record(det_image))
+    assert train["caption"].startswith(" red box. blue box , which is blue. a green box")
+    label_map = train["label_token_map"]
+    assert decode_row(tok, train["input_ids"], label_map[0]) == "red box"
+    assert decode_row(tok, train["input_ids"], label_map[4]) == "pink box"
+    gt = train["instances"]
+    assert torch.equal(gt.gt_positive_map, label_map[gt.gt_classes])
+    with pytest.raises(ValueError, match="FULL_PROMPT_TRAIN True and DATASETS.DISABLE_SHUFFLE"):
+        mapper(tok, caption_prompt=entries, full_prompt_train=True, shuffle_prompt=True)
+    with pytest.raises(ValueError, match="has 2 entries, dataset 'toy' has 5 categories"):
+        mapper(tok, is_train=False, flip=0, caption_prompt=entries[:2])(det_record(det_image))
