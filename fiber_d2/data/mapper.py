@@ -29,7 +29,6 @@ and the same tensors are shared by every sample (treat them as read-only).
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import logging
@@ -52,100 +51,23 @@ from ..text import (
     build_prompt,
     build_tokenizer,
     char_spans_to_positive_map,
-    chunk_names,
     clean_name,
     prompt_token_lengths,
     tokenize,
 )
 from .datasets.common import BadRecordError
+from .prompts import encode_category_prompts, parse_caption_prompt
 from .resize import FIBERResizeShortestEdge
 
 __all__ = [
     "GroundingDatasetMapper",
-    "encode_category_prompts",
     "memoized",
-    "parse_caption_prompt",
     "read_image_file",
 ]
 
 logger = logging.getLogger(__name__)
 
 _GROUNDING_TASKS = ("grounding", "refexp")
-
-
-def parse_caption_prompt(text: str) -> List[Tuple[str, str, str]]:
-    """``DATASETS.CAPTION_PROMPT``: the original's format, a list of ``{"prefix": ..., "name":
-    ..., "suffix": ...}`` per category in label order, as a Python / JSON literal ("" for none).
-
-    Raises:
-        ValueError: not such a list (one line naming the key and the entry).
-    """
-    if not text or not text.strip():
-        return []
-    try:
-        entries = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as e:
-        raise ValueError(f"DATASETS.CAPTION_PROMPT is not a list literal: {e}") from None
-    if not isinstance(entries, (list, tuple)):
-        raise ValueError("DATASETS.CAPTION_PROMPT must be a list of {prefix, name, suffix} dicts")
-    out = []
-    for i, entry in enumerate(entries):
-        parts = (
-            tuple(entry.get(k) for k in ("prefix", "name", "suffix"))
-            if isinstance(entry, dict)
-            else ()
-        )
-        if len(parts) != 3 or not all(isinstance(p, str) for p in parts):
-            raise ValueError(
-                f"DATASETS.CAPTION_PROMPT entry {i} ({entry!r}) needs string prefix, name, suffix"
-            )
-        out.append(parts)
-    return out
-
-
-def encode_category_prompts(
-    tokenizer,
-    names: Sequence[str],
-    *,
-    max_query_len: int,
-    separator: str = ". ",
-    chunk_size: int = -1,
-    squeeze: bool = False,
-) -> dict:
-    """Tokenize a category list as K prompt chunks with each label's token map (spec 4.3).
-
-    Shared by the test-time detection mapper and :class:`fiber_d2.predictor.FIBERPredictor`.
-
-    Args:
-        tokenizer: a fast tokenizer.
-        names: prompt text per label (L names, label order).
-        max_query_len: padded token length T.
-        separator: joins the names of one prompt.
-        chunk_size: names per prompt (:func:`fiber_d2.text.chunk_names`); <= 0: one prompt.
-        squeeze: when everything fits one prompt (K = 1), drop the chunk axis: ``caption`` str,
-            ``input_ids``/``attention_mask`` (T,), ``label_token_map`` (L, T).
-
-    Returns:
-        dict with ``caption`` (list of K str), ``chunks`` (list of K lists of label indices),
-        ``input_ids``/``attention_mask`` LongTensor (K, T) and ``label_token_map`` BoolTensor
-        (K, L, T) (row l of chunk k is empty unless label l is in chunk k).
-    """
-    chunks = chunk_names(names, chunk_size, tokenizer, max_query_len, separator)
-    prompts = [build_prompt([names[i] for i in c], separator) for c in chunks]
-    enc = tokenize(tokenizer, [p[0] for p in prompts], max_query_len)
-    label_map = torch.zeros(len(chunks), len(names), max_query_len, dtype=torch.bool)
-    for k, (chunk, (_, spans)) in enumerate(zip(chunks, prompts)):
-        rows = char_spans_to_positive_map(enc, [[s] for s in spans], max_query_len, batch_index=k)
-        label_map[k, chunk] = rows
-    out = {
-        "caption": [p[0] for p in prompts],
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "label_token_map": label_map,
-    }
-    if squeeze and len(chunks) == 1:
-        out = {k: v[0] for k, v in out.items()}
-    return {**out, "chunks": chunks}
 
 
 def _record_name(record: dict) -> str:
@@ -332,7 +254,7 @@ class GroundingDatasetMapper:
                 ``category_prompts`` overrides).
             default_dataset: dataset used for records without a ``dataset_name`` field.
             test_prompt: optional prompt text per category replacing the names at test time.
-            caption_prompt: ``DATASETS.CAPTION_PROMPT`` (:func:`parse_caption_prompt`): per
+            caption_prompt: ``DATASETS.CAPTION_PROMPT`` (:func:`~fiber_d2.data.prompts.parse_caption_prompt`): per
                 category ``(prefix, name, suffix)`` in label order, replacing the names in
                 training (full prompts in label order only, as the original) and at test time;
                 only the name is the category's span.

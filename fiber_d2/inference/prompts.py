@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..data.mapper import encode_category_prompts
+from ..data.prompts import encode_category_prompts
 from ..text import char_spans_to_positive_map, tokenize
 
 __all__ = ["split_prompt", "prompt_key", "phrase_spans", "encode_names", "encode_caption"]
@@ -136,7 +136,7 @@ def encode_names(
     separator: str = ". ",
     chunk_size: int = -1,
 ) -> dict:
-    """Text inputs of a category-name prompt (:func:`fiber_d2.data.mapper.encode_category_prompts`).
+    """Text inputs of a category-name prompt (:func:`fiber_d2.data.prompts.encode_category_prompts`).
 
     Args:
         tokenizer: a fast tokenizer.

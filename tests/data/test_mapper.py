@@ -17,7 +17,8 @@ from PIL import Image
 from fiber_d2.config import add_fiber_config
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.datasets.common import BadRecordError
-from fiber_d2.data.mapper import GroundingDatasetMapper, parse_caption_prompt
+from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.data.prompts import parse_caption_prompt
 from fiber_d2.text import prompt_token_lengths
 
 T_LEN = 32

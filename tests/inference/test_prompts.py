@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiber_d2.data.mapper import encode_category_prompts
+from fiber_d2.data.prompts import encode_category_prompts
 from fiber_d2.data.shapes import build_shapes_tokenizer
 from fiber_d2.inference.prompts import (
     encode_caption,

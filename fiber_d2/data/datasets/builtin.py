@@ -66,6 +66,7 @@ _REFEXP_SPLITS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _lvis_prompts() -> dict[str, str]:
     """Prompts of the LVIS v1 categories whose detectron2 class name (the first synonym) is not
     the annotations' ``name``: the original prompts every LVIS category by its ``name`` (one
