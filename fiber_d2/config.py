@@ -218,6 +218,10 @@ def add_fiber_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ solver additions
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
+    # images each process takes per forward / backward pass (the original's per_gpu_batchsize);
+    # when SOLVER.IMS_PER_BATCH gives a process more, an iteration accumulates gradients over
+    # IMS_PER_BATCH / (processes x IMS_PER_DEVICE) passes (fiber_d2.engine.accumulation). 0: one pass
+    _C.SOLVER.IMS_PER_DEVICE = 0
     # torch's fused (one kernel per step) AdamW / SGD: the same update up to rounding, fewer passes
     # over the parameters; off keeps the for-loop arithmetic of the original recipes
     _C.SOLVER.FUSED = False

@@ -61,6 +61,10 @@ def test_recipes_follow_the_spec():
         assert tuple(cfg.SOLVER.STEPS) == tuple(
             round(f * cfg.SOLVER.MAX_ITER) for f in (0.67, 0.89)
         )
+    coarse = load_config(str(CONFIG_DIR / "FIBER-B/coarse_pretrain.yaml"))
+    # 4096 per optimiser step in passes of 8 per process (64 GPUs x 8 x 8 accumulation steps)
+    assert coarse.SOLVER.IMS_PER_BATCH == 4096 and coarse.SOLVER.IMS_PER_DEVICE == 8
+    assert coarse.SOLVER.MAX_ITER == 100000 and coarse.SOLVER.WARMUP_ITERS == 10000
     lvis = load_config(str(CONFIG_DIR / "FIBER-B/lvis_minival.yaml"))
     assert lvis.TEST.CHUNKED_EVALUATION == 40 and lvis.TEST.FIXED_AP
 

@@ -21,6 +21,7 @@ from detectron2.utils.logger import log_first_n
 
 from ..config import add_fiber_config
 from ..model_zoo.weights import repo_root
+from .accumulation import accumulation_steps
 from .trainer import is_coarse_stage
 
 __all__ = [
@@ -284,11 +285,12 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         )
     if training and not cfg.INPUT.MIN_SIZE_TRAIN:
         raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
-    if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and batch // processes < 2:
+    passes = accumulation_steps(cfg, processes) if training else 1
+    if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and batch // processes // passes < 2:
         raise ConfigError(
-            "MODEL.COARSE.CLS_BATCH_NORM standardises cls_feats over each process's batch: "
-            f"SOLVER.IMS_PER_BATCH {batch} over {processes} process(es) gives "
-            f"{batch // processes}; it needs at least 2 per process"
+            "MODEL.COARSE.CLS_BATCH_NORM standardises cls_feats over each process's pass: "
+            f"SOLVER.IMS_PER_BATCH {batch} over {processes} process(es) in {passes} pass(es) "
+            f"gives {batch // processes // passes}; it needs at least 2 per pass"
         )
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         # detectron2's AMPTrainer needs CUDA; FIBER's AMP recipes still run (in fp32) on the CPU.

@@ -21,6 +21,7 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
 from ..checkpoint.checkpointer import FIBERCheckpointer
+from .accumulation import accumulation_steps, with_accumulation
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
 
@@ -76,6 +77,9 @@ class FIBERTrainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         with fiber_ddp():
             super().__init__(cfg)
+        passes = accumulation_steps(cfg, comm.get_world_size())
+        if passes > 1:  # SOLVER.IMS_PER_DEVICE (fiber_d2.engine.accumulation)
+            self._trainer = with_accumulation(self._trainer, passes)
 
     def build_hooks(self):
         cfg = self.cfg
@@ -158,10 +162,16 @@ class FIBERTrainer(DefaultTrainer):
         the original's image-text loader: grouping by the stored aspect ratio would only bias
         which images share a batch (ITC and ITM draw their negatives there), and VQA / NLVR2
         outputs carry no ``height`` / ``width`` to group by.
+
+        Each batch is one pass: ``SOLVER.IMS_PER_BATCH`` over the gradient-accumulation passes
+        (``SOLVER.IMS_PER_DEVICE``; :mod:`fiber_d2.engine.accumulation`).
         """
         if mapper is None:
             mapper = cls.build_mapper(cfg, True)
-        kwargs = {} if dataset is None else {"dataset": dataset}
+        passes = accumulation_steps(cfg, comm.get_world_size())
+        kwargs = {"total_batch_size": cfg.SOLVER.IMS_PER_BATCH // passes}
+        if dataset is not None:
+            kwargs["dataset"] = dataset
         if getattr(mapper, "square_images", False):
             kwargs["aspect_ratio_grouping"] = False
         return build_detection_train_loader(cfg, mapper=mapper, **kwargs)

@@ -204,6 +204,7 @@ def test_project_configs_load(name):
     if name == "nlvr2.yaml":  # coarse spec §5.2 task_finetune_nlvr2
         assert cfg.INPUT.IMAGE_SIZE == 384 and cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50
         assert cfg.SOLVER.IMS_PER_BATCH == 256 and cfg.SOLVER.BASE_LR == 2e-5
+        assert cfg.SOLVER.IMS_PER_DEVICE == 8  # 8 per GPU, accumulated
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
         assert cfg.SOLVER.MAX_ITER == 5 * -(-86_373 // 256)
         assert list(cfg.DATASETS.TEST) == ["nlvr2_dev", "nlvr2_test1"]

@@ -88,6 +88,7 @@ def test_project_configs_load_and_name_registered_datasets(name):
         assert cfg.MODEL.SWIN.WINDOW_SIZE * 32 == cfg.INPUT.IMAGE_SIZE
         assert cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50
         assert cfg.SOLVER.BASE_LR == 2e-5 and cfg.SOLVER.IMS_PER_BATCH == 1024
+        assert cfg.SOLVER.IMS_PER_DEVICE == (8 if itm else 128)  # the README's per_gpu_batchsize
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 5.0
         assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER  # 10 % warmup
         captions = 439_123 if name.startswith("coco") else 150_070  # Karpathy train + val

@@ -184,6 +184,7 @@ def test_project_configs_load(name):
     if name == "vqav2.yaml":  # coarse spec §5.2 task_finetune_vqa
         assert cfg.INPUT.IMAGE_SIZE == 576 and cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50
         assert cfg.SOLVER.IMS_PER_BATCH == 512 and cfg.SOLVER.BASE_LR == 2e-5
+        assert cfg.SOLVER.IMS_PER_DEVICE == 8  # 8 per GPU, accumulated
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
         assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER
         assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug" and cfg.VQA.MIN_ANSWER_COUNT == 9

@@ -1,0 +1,137 @@
+"""Gradient accumulation: one optimiser step over several forward / backward passes.
+
+FIBER's coarse recipes fix the images each GPU takes per pass (``per_gpu_batchsize``, 8 for
+pre-training, VQA, NLVR2, ITM and captioning) and reach the global batch (4,096 for
+pre-training) by accumulating gradients over ``batch / (per_gpu x GPUs)`` passes. The pass size
+is part of the recipe, not only of its memory: ITC's in-batch negatives, ITM's hard negatives and
+the queue's turnover are per pass (coarse spec §3.3-3.4, §8 item 10).
+
+``SOLVER.IMS_PER_DEVICE`` names that pass size. An iteration (``SOLVER.MAX_ITER`` and every
+schedule count them) is still one optimiser step over ``SOLVER.IMS_PER_BATCH`` images: each
+process runs :func:`accumulation_steps` passes of ``IMS_PER_DEVICE`` images, each loss divided by
+the number of passes (the mean over the passes, as the original's trainer), and DDP reduces the
+gradients once, in the last pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = [
+    "accumulation_steps",
+    "with_accumulation",
+    "AccumulatingTrainer",
+    "AccumulatingAMPTrainer",
+]
+
+
+def accumulation_steps(cfg: CfgNode, world_size: int) -> int:
+    """Passes per optimiser step: ``IMS_PER_BATCH / (world_size x IMS_PER_DEVICE)``, or 1.
+
+    One pass when ``SOLVER.IMS_PER_DEVICE`` is 0 or when each process's share of
+    ``SOLVER.IMS_PER_BATCH`` fits in one pass (more processes than the recipe's GPUs).
+
+    Raises:
+        ConfigError: the share is not a multiple of ``IMS_PER_DEVICE``.
+    """
+    from .setup import ConfigError  # setup imports the trainer, which imports this module
+
+    per_process = cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1)
+    per_device = cfg.SOLVER.IMS_PER_DEVICE
+    if per_device < 0:
+        raise ConfigError(f"SOLVER.IMS_PER_DEVICE must be 0 (off) or positive, got {per_device}")
+    if per_device == 0 or per_process <= per_device:
+        return 1
+    if per_process % per_device:
+        raise ConfigError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {world_size} process(es) gives "
+            f"{per_process} per process, not a multiple of SOLVER.IMS_PER_DEVICE {per_device}"
+        )
+    return per_process // per_device
+
+
+class _AccumulationMixin:
+    """``run_step`` over ``accumulation_steps`` passes; the subclasses say how a pass runs its
+    forward (autocast or not), its backward (scaled or not) and the optimiser step."""
+
+    accumulation_steps: int = 1
+
+    def _forward_context(self):
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def run_step(self):
+        assert self.model.training, "the model was switched to eval mode during training"
+        passes = self.accumulation_steps
+        ddp = isinstance(self.model, DistributedDataParallel)
+        self.optimizer.zero_grad()
+        data_time = 0.0
+        mean_losses: dict[str, torch.Tensor] = {}
+        for i in range(passes):
+            start = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time += time.perf_counter() - start
+            # DDP reduces the gradients in the last pass only (all of them, accumulated)
+            sync = contextlib.nullcontext() if not ddp or i == passes - 1 else self.model.no_sync()
+            with sync:
+                with self._forward_context():
+                    loss_dict = self.model(data)
+                    if isinstance(loss_dict, torch.Tensor):
+                        loss_dict = {"total_loss": loss_dict}
+                    loss = sum(loss_dict.values()) / passes
+                self._backward(loss)
+            for name, value in loss_dict.items():
+                value = value.detach() / passes
+                mean_losses[name] = mean_losses[name] + value if name in mean_losses else value
+        self.after_backward()
+        self._write_metrics(mean_losses, data_time)
+        self._optimizer_step()
+
+
+class AccumulatingTrainer(_AccumulationMixin, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` with ``accumulation_steps`` passes per optimiser step."""
+
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int):
+        super().__init__(model, data_loader, optimizer)
+        self.accumulation_steps = accumulation_steps
+
+
+class AccumulatingAMPTrainer(_AccumulationMixin, AMPTrainer):
+    """detectron2's ``AMPTrainer`` with ``accumulation_steps`` passes per optimiser step; the
+    gradient scaler scales every pass and unscales, checks and steps once."""
+
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.accumulation_steps = accumulation_steps
+
+    def _forward_context(self):
+        return torch.autocast("cuda", dtype=self.precision)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.grad_scaler.scale(loss).backward()
+
+    def _optimizer_step(self) -> None:
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+def with_accumulation(trainer: SimpleTrainer, passes: int) -> SimpleTrainer:
+    """``trainer`` (detectron2's ``SimpleTrainer`` or ``AMPTrainer``, not yet run) as its
+    accumulating counterpart over the same model, data loader, optimiser (and gradient scaler)."""
+    if isinstance(trainer, AMPTrainer):
+        return AccumulatingAMPTrainer(
+            trainer.model, trainer.data_loader, trainer.optimizer, passes,
+            grad_scaler=trainer.grad_scaler, precision=trainer.precision,
+        )  # fmt: skip
+    return AccumulatingTrainer(trainer.model, trainer.data_loader, trainer.optimizer, passes)

@@ -1,0 +1,182 @@
+"""Gradient accumulation (``SOLVER.IMS_PER_DEVICE``): pass counts, one optimiser step over several
+passes equal to one step over the whole batch, DDP, and FIBERTrainer's loader and coarse queue."""
+
+import warnings
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils.events import EventStorage
+from two_ranks import run_two_ranks
+
+from fiber_d2.config import add_fiber_config
+from fiber_d2.engine.accumulation import (
+    AccumulatingAMPTrainer,
+    AccumulatingTrainer,
+    accumulation_steps,
+    with_accumulation,
+)
+from fiber_d2.engine.setup import ConfigError, load_config, validate_config
+from fiber_d2.engine.trainer import FIBERTrainer
+
+
+def _solver(batch, per_device):
+    cfg = get_cfg()
+    add_fiber_config(cfg)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.IMS_PER_DEVICE = batch, per_device
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "batch, per_device, world, passes",
+    [
+        (4096, 8, 64, 8),  # the original pre-training: 64 GPUs x 8 x 8 steps
+        (4096, 8, 8, 64),
+        (512, 8, 8, 8),  # VQAv2
+        (1024, 128, 8, 1),  # ITC fine-tuning: no accumulation
+        (1024, 128, 2, 4),
+        (4096, 8, 1024, 1),  # 4 per process already fit in one pass
+        (4096, 0, 1, 1),  # off
+    ],
+)
+def test_accumulation_steps(batch, per_device, world, passes):
+    assert accumulation_steps(_solver(batch, per_device), world) == passes
+
+
+def test_accumulation_steps_bad_values_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"^SOLVER.IMS_PER_BATCH 100 over 1 process\(es\) gives "
+                       r"100 per process, not a multiple of SOLVER.IMS_PER_DEVICE 8$"):  # fmt: skip
+        accumulation_steps(_solver(100, 8), 1)
+    with pytest.raises(ConfigError, match="SOLVER.IMS_PER_DEVICE must be 0"):
+        accumulation_steps(_solver(8, -1), 1)
+    cfg = load_config(
+        "configs/Demo/coarse_tiny.yaml",
+        ["SOLVER.IMS_PER_BATCH", "6", "SOLVER.IMS_PER_DEVICE", "4", "DATASETS.TEST", "()"],
+    )
+    with pytest.raises(ConfigError, match="not a multiple of SOLVER.IMS_PER_DEVICE 4"):
+        validate_config(cfg, training=True)
+    validate_config(cfg, training=False)  # evaluation takes no passes
+
+
+class _Toy(torch.nn.Module):
+    """Two losses, each a mean over the pass's samples (as FIBER's losses are over a batch)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, batch):
+        x = torch.stack([s[0] for s in batch])
+        y = torch.stack([s[1] for s in batch])
+        pred = self.linear(x).squeeze(1)
+        return {"loss_mse": ((pred - y) ** 2).mean(), "loss_l1": 0.5 * (pred - y).abs().mean()}
+
+
+def _samples(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, generator=g), torch.randn((), generator=g)) for _ in range(n)]
+
+
+class _Loader:
+    """Endless batches of ``size`` over ``samples`` in order; counts the batches drawn."""
+
+    def __init__(self, samples, size):
+        self.samples, self.size, self.drawn = samples, size, 0
+
+    def __iter__(self):
+        while True:
+            start = (self.drawn * self.size) % len(self.samples)
+            self.drawn += 1
+            yield self.samples[start : start + self.size]
+
+
+def _one_step(trainer):
+    with EventStorage(0) as storage:
+        trainer.iter = 0
+        trainer.storage = storage
+        trainer.run_step()
+        # detectron2 logs on the main process only
+        logged = {k: storage.history(k).latest() for k in storage.histories()}
+    return [p.detach().clone() for p in trainer.model.parameters()], logged
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_accumulated_passes_take_the_step_of_the_whole_batch(amp):
+    """On the CPU autocast("cuda") and the gradient scaler are off, so the AMP variant's passes
+    must give the fp32 step too (detectron2's AMPTrainer itself refuses to run there)."""
+    if amp and torch.cuda.is_available():
+        pytest.skip("the scaler is live on CUDA; the CPU run checks the passes' arithmetic")
+    samples = _samples(8)
+    base = AMPTrainer if amp else SimpleTrainer
+    with warnings.catch_warnings():  # the CPU disables autocast("cuda") and the grad scaler
+        warnings.simplefilter("ignore")
+        model = _Toy()
+        whole = SimpleTrainer(
+            model, _Loader(samples, 8), torch.optim.SGD(model.parameters(), lr=0.5)
+        )
+        expected, expected_logged = _one_step(whole)
+
+        model = _Toy()
+        loader = _Loader(samples, 2)
+        trainer = with_accumulation(
+            base(model, loader, torch.optim.SGD(model.parameters(), lr=0.5)), 4
+        )
+        assert type(trainer) is (AccumulatingAMPTrainer if amp else AccumulatingTrainer)
+        got, logged = _one_step(trainer)
+    assert loader.drawn == 4  # one iteration took the 4 passes
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    assert logged["loss_mse"] == pytest.approx(expected_logged["loss_mse"], rel=1e-6)
+    assert logged["loss_l1"] == pytest.approx(
+        expected_logged["loss_l1"], rel=1e-6
+    )  # the mean over the passes
+    moved = [p.detach() for p in _Toy().parameters()]
+    assert any(not torch.equal(g, m) for g, m in zip(got, moved))
+
+
+def _ddp_step(rank):
+    """Each rank: 2 passes of 2 of its own 4 samples, DDP; the reference is one step over all 8."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    samples = _samples(8)
+    model = DistributedDataParallel(_Toy())
+    mine = samples[4 * rank : 4 * rank + 4]
+    trainer = AccumulatingTrainer(
+        model, _Loader(mine, 2), torch.optim.SGD(model.parameters(), lr=0.5), 2
+    )
+    got, _ = _one_step(trainer)
+    ref = _Toy()
+    whole = SimpleTrainer(ref, _Loader(samples, 8), torch.optim.SGD(ref.parameters(), lr=0.5))
+    expected, _ = _one_step(whole)
+    return [float((g - e).abs().max()) for g, e in zip(got, expected)]
+
+
+@pytest.mark.long(0.3)
+def test_accumulation_under_ddp_matches_the_global_batch(tmp_path):
+    for rank, diffs in enumerate(run_two_ranks(_ddp_step, tmp_path)):
+        assert max(diffs) < 1e-6, f"rank {rank}: {diffs}"
+
+
+def test_fiber_trainer_takes_passes_of_ims_per_device(tmp_path):
+    """Demo coarse stage, 4 images per iteration in passes of 2: the loader batches 2, and one
+    iteration runs both passes (the ITC queue takes 4 features) with one optimiser step."""
+    opts = [
+        "SOLVER.IMS_PER_BATCH", "4", "SOLVER.IMS_PER_DEVICE", "2", "SOLVER.MAX_ITER", "1",
+        "DATASETS.TEST", "()", "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2", "OUTPUT_DIR", str(tmp_path),
+    ]  # fmt: skip
+    cfg = load_config("configs/Demo/coarse_tiny.yaml", opts)
+    cfg.freeze()
+    trainer = FIBERTrainer(cfg)
+    assert isinstance(trainer._trainer, AccumulatingTrainer)
+    assert trainer._trainer.accumulation_steps == 2
+    assert len(next(iter(trainer._trainer.data_loader))) == 2
+    steps = []
+    optimizer = trainer._trainer.optimizer
+    original_step = optimizer.step
+    optimizer.step = lambda *a, **k: steps.append(1) or original_step(*a, **k)
+    trainer.train()
+    assert trainer.iter == 1 and len(steps) == 1
+    assert int(trainer.model.queue.queue_total) == 4
