@@ -222,6 +222,12 @@ def add_fiber_config(cfg: CN) -> CN:
     # when SOLVER.IMS_PER_BATCH gives a process more, an iteration accumulates gradients over
     # IMS_PER_BATCH / (processes x IMS_PER_DEVICE) passes (fiber_d2.engine.accumulation). 0: one pass
     _C.SOLVER.IMS_PER_DEVICE = 0
+    # epoch-based schedule (fiber_d2.engine.schedule): when > 0, training sets MAX_ITER from this many
+    # epochs of the training records as loaded (after the loader's filtering), STEPS at each of
+    # STEP_FRACTIONS x MAX_ITER and, when WARMUP_FRACTION > 0, WARMUP_ITERS at that fraction
+    _C.SOLVER.MAX_EPOCHS = 0  # whole epochs, as the original's recipes
+    _C.SOLVER.STEP_FRACTIONS = ()
+    _C.SOLVER.WARMUP_FRACTION = 0.0
     # torch's fused (one kernel per step) AdamW / SGD: the same update up to rounding, fewer passes
     # over the parameters; off keeps the for-loop arithmetic of the original recipes
     _C.SOLVER.FUSED = False

@@ -39,6 +39,7 @@ from ..checkpoint.safe_io import CheckpointError, one_line, write_whole
 from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .memory import apply_mmap_threshold
+from .schedule import resolve_epoch_schedule
 from .setup import ConfigError, check_device_available, load_config, validate_config
 
 __all__ = [
@@ -180,6 +181,8 @@ def run(
     try:
         cfg = load(args.config_file, args.opts)
         check_before_run(cfg, training=not args.eval_only, resume=args.resume)
+        if not args.eval_only:  # SOLVER.MAX_EPOCHS -> MAX_ITER, before config.yaml is written
+            resolve_epoch_schedule(cfg, trainer_cls, comm.get_world_size())
     except USER_ERRORS as e:
         raise SystemExit(f"error: {one_line(e)}") from None
     cfg.freeze()

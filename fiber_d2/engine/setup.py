@@ -286,6 +286,28 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
     if training and not cfg.INPUT.MIN_SIZE_TRAIN:
         raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
     passes = accumulation_steps(cfg, processes) if training else 1
+    s = cfg.SOLVER
+    if training and s.MAX_EPOCHS > 0 and s.MAX_ITER != 0:
+        raise ConfigError(
+            f"SOLVER.MAX_EPOCHS {s.MAX_EPOCHS} and SOLVER.MAX_ITER {s.MAX_ITER} are both set: "
+            "MAX_ITER 0 counts the schedule in epochs, MAX_EPOCHS 0 trains MAX_ITER iterations"
+        )
+    if training and s.MAX_EPOCHS == 0 and s.MAX_ITER < 1:
+        raise ConfigError(
+            f"SOLVER.MAX_ITER {s.MAX_ITER}: give the iterations, or SOLVER.MAX_EPOCHS to count them"
+        )
+    if s.MAX_EPOCHS < 0 or not 0 <= s.WARMUP_FRACTION < 1:
+        raise ConfigError(
+            f"SOLVER.MAX_EPOCHS {s.MAX_EPOCHS} must be >= 0 and SOLVER.WARMUP_FRACTION "
+            f"{s.WARMUP_FRACTION} in [0, 1)"
+        )
+    if any(not 0 < f < 1 for f in s.STEP_FRACTIONS) or list(s.STEP_FRACTIONS) != sorted(
+        s.STEP_FRACTIONS
+    ):
+        raise ConfigError(
+            f"SOLVER.STEP_FRACTIONS {tuple(s.STEP_FRACTIONS)}: increasing fractions of MAX_ITER "
+            "in (0, 1)"
+        )
     if training and cfg.MODEL.COARSE.CLS_BATCH_NORM and batch // processes // passes < 2:
         raise ConfigError(
             "MODEL.COARSE.CLS_BATCH_NORM standardises cls_feats over each process's pass: "

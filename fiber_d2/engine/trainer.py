@@ -16,7 +16,11 @@ from collections.abc import Iterator
 import detectron2.engine.defaults as d2_defaults
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
@@ -152,8 +156,17 @@ class FIBERTrainer(DefaultTrainer):
         return mapper_cls(cfg, is_train)
 
     @classmethod
+    def train_records(cls, cfg: CfgNode) -> list[dict]:
+        """The records the training loader draws from: ``DATASETS.TRAIN`` as detectron2 loads it
+        (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). A project whose training drops records (e.g.
+        VQA's unanswerable questions) overrides this; ``SOLVER.MAX_EPOCHS`` counts epochs of it."""
+        return get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode, dataset=None, mapper=None):
-        """detectron2's training loader over ``dataset`` (default: ``DATASETS.TRAIN``) through
+        """detectron2's training loader over ``dataset`` (default: :meth:`train_records`) through
         ``mapper`` (default: :meth:`build_mapper`).
 
         ``DATALOADER.ASPECT_RATIO_GROUPING`` applies only where the mapper keeps each image's
@@ -170,8 +183,7 @@ class FIBERTrainer(DefaultTrainer):
             mapper = cls.build_mapper(cfg, True)
         passes = accumulation_steps(cfg, comm.get_world_size())
         kwargs = {"total_batch_size": cfg.SOLVER.IMS_PER_BATCH // passes}
-        if dataset is not None:
-            kwargs["dataset"] = dataset
+        kwargs["dataset"] = cls.train_records(cfg) if dataset is None else dataset
         if getattr(mapper, "square_images", False):
             kwargs["aspect_ratio_grouping"] = False
         return build_detection_train_loader(cfg, mapper=mapper, **kwargs)

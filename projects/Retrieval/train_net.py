@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog
 from retrieval import FalseImageCaptionMapper, ITMRerankRetrievalEvaluator, add_retrieval_config
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
@@ -41,7 +41,7 @@ class Trainer(FIBERTrainer):
     def build_train_loader(cls, cfg):
         if cfg.MODEL.META_ARCHITECTURE != ITM_META_ARCH:
             return super().build_train_loader(cfg)
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        dataset = cls.train_records(cfg)
         mapper = FalseImageCaptionMapper(cfg, True, dataset_dicts=dataset)
         return super().build_train_loader(cfg, dataset=dataset, mapper=mapper)
 

@@ -15,6 +15,7 @@ __all__ = [
     "box_problem",
     "span_problem",
     "check_datasets_before_run",
+    "serve_once",
 ]
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def _undecodable(records: Iterable[dict]) -> str:
     return ""
 
 
-def _serve_once(name: str, records: List[dict]) -> None:
+def serve_once(name: str, records: List[dict]) -> None:
     """Let the next ``DatasetCatalog.get(name)`` return ``records`` without reading them again;
     the registered loader is back in place right after."""
     from detectron2.data import DatasetCatalog
@@ -295,7 +296,7 @@ def check_datasets_before_run(
                 f"training dataset '{name}': none of its {len(records)} images can be read "
                 f"(first: {failure})"
             )
-        _serve_once(name, records)
+        serve_once(name, records)
     for name in test:
         records = _load_records(name, "test")
         problem = _undecodable(records) if check_test_files else None
@@ -304,4 +305,4 @@ def check_datasets_before_run(
                 f"test dataset '{name}': cannot read image {problem} (every test image is "
                 "evaluated; TEST.UNREADABLE_IMAGE_AS_EMPTY True counts it without predictions)"
             )
-        _serve_once(name, records)
+        serve_once(name, records)

@@ -26,9 +26,8 @@ class CaptionTrainer(FIBERTrainer):
         return build_caption_mapper(cfg, is_train)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        mapper = cls.build_mapper(cfg, True)
-        return super().build_train_loader(cfg, dataset=caption_train_records(cfg), mapper=mapper)
+    def train_records(cls, cfg):
+        return caption_train_records(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):

@@ -79,9 +79,9 @@ def test_project_configs_load_and_follow_the_recipe(name):
         assert cfg.CAPTION.STAGE == stage
         assert cfg.INPUT.IMAGE_SIZE == 576 and cfg.MODEL.SWIN.WINDOW_SIZE == 18
         assert cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN == 50 and cfg.CAPTION.MAX_LENGTH == 50
-        assert cfg.SOLVER.IMS_PER_BATCH == 512 and cfg.SOLVER.MAX_ITER == 8580
+        assert cfg.SOLVER.IMS_PER_BATCH == 512 and cfg.SOLVER.MAX_EPOCHS == 10
         assert cfg.SOLVER.IMS_PER_DEVICE == 8  # per_gpu_batchsize 8, accumulated
-        assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER
+        assert cfg.SOLVER.WARMUP_FRACTION == 0.1
         assert cfg.SOLVER.BASE_LR == {"mle": 5e-5, "gold": 1e-5, "cider": 1e-6}[stage]
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 5.0
         assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug"

@@ -206,7 +206,8 @@ def test_project_configs_load(name):
         assert cfg.SOLVER.IMS_PER_BATCH == 256 and cfg.SOLVER.BASE_LR == 2e-5
         assert cfg.SOLVER.IMS_PER_DEVICE == 8  # 8 per GPU, accumulated
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
-        assert cfg.SOLVER.MAX_ITER == 5 * -(-86_373 // 256)
+        # 5 epochs counted at start-up (tests/engine/test_schedule.py), 10 % warmup
+        assert cfg.SOLVER.MAX_EPOCHS == 5 and cfg.SOLVER.WARMUP_FRACTION == 0.1
         assert list(cfg.DATASETS.TEST) == ["nlvr2_dev", "nlvr2_test1"]
 
 

@@ -186,7 +186,7 @@ def test_project_configs_load(name):
         assert cfg.SOLVER.IMS_PER_BATCH == 512 and cfg.SOLVER.BASE_LR == 2e-5
         assert cfg.SOLVER.IMS_PER_DEVICE == 8  # 8 per GPU, accumulated
         assert cfg.SOLVER.LR_MULT_CROSS_MODAL == 5.0 and cfg.SOLVER.LR_MULT_HEAD == 50.0
-        assert cfg.SOLVER.WARMUP_ITERS * 10 == cfg.SOLVER.MAX_ITER
+        assert cfg.SOLVER.MAX_EPOCHS == 10 and cfg.SOLVER.WARMUP_FRACTION == 0.1
         assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug" and cfg.VQA.MIN_ANSWER_COUNT == 9
         assert list(cfg.DATASETS.TRAIN) == ["vqav2_train", "vqav2_val"]
 
@@ -211,3 +211,20 @@ def test_real_recipe_trains_on_plain_batches():
     assert cfg.DATALOADER.ASPECT_RATIO_GROUPING
     batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
     assert len(batch) == 2 and all(d["image"].shape == (3, 64, 64) for d in batch)
+
+
+def test_max_epochs_counts_the_questions_left_after_the_drop():
+    """SOLVER.MAX_EPOCHS counts epochs of the answerable questions, as the original's schedule
+    counts its filtered training set."""
+    from detectron2.data import get_detection_dataset_dicts
+    from vqa.trainer import VQATrainer
+
+    from fiber_d2.engine.schedule import resolve_epoch_schedule
+
+    opts = ["VQA.MIN_ANSWER_COUNT", "40", "SOLVER.MAX_EPOCHS", "2", "SOLVER.IMS_PER_BATCH", "8"]
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), opts)
+    questions = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    kept = VQATrainer.train_records(cfg)
+    assert 0 < len(kept) < len(questions)
+    resolve_epoch_schedule(cfg, VQATrainer, 1)
+    assert cfg.SOLVER.MAX_ITER == 2 * len(kept) // 8

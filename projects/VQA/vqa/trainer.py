@@ -28,10 +28,9 @@ class VQATrainer(FIBERTrainer):
         return VQADatasetMapper(cfg, is_train, answers=answer_vocab(cfg))
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def train_records(cls, cfg):
         records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
-        records = drop_unanswerable(records, answer_vocab(cfg))
-        return super().build_train_loader(cfg, dataset=records)
+        return drop_unanswerable(records, answer_vocab(cfg))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
