@@ -220,7 +220,7 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
     # images each process takes per forward / backward pass (the original's per_gpu_batchsize);
     # when SOLVER.IMS_PER_BATCH gives a process more, an iteration accumulates gradients over
-    # IMS_PER_BATCH / (processes x IMS_PER_DEVICE) passes (fiber_d2.engine.accumulation). 0: one pass
+    # IMS_PER_BATCH / (processes x IMS_PER_DEVICE) passes (fiber_d2.engine.train_step). 0: one pass
     _C.SOLVER.IMS_PER_DEVICE = 0
     # epoch-based schedule (fiber_d2.engine.schedule): when > 0, training sets MAX_ITER from this many
     # epochs of the training records as loaded (after the loader's filtering), STEPS at each of

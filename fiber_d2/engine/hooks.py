@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from detectron2.engine import HookBase
 
+from .train_step import step_was_skipped
+
 __all__ = ["ModelEMA", "EMAHook", "WeightDecayScheduleHook", "weight_decay_multiplier"]
 
 logger = logging.getLogger(__name__)
@@ -67,14 +69,15 @@ class ModelEMA:
 
 
 class EMAHook(HookBase):
-    """Update a :class:`ModelEMA` after every training step."""
+    """Update a :class:`ModelEMA` after every optimiser step (not after a skipped batch)."""
 
     def __init__(self, ema: ModelEMA, model: torch.nn.Module):
         self.ema = ema
         self.model = model
 
     def after_step(self):
-        self.ema.update(self.model)
+        if not step_was_skipped(self.trainer):
+            self.ema.update(self.model)
 
 
 def weight_decay_multiplier(iteration: int, milestones: Sequence[int], ratio: float) -> float:
@@ -87,14 +90,24 @@ def weight_decay_multiplier(iteration: int, milestones: Sequence[int], ratio: fl
 
 
 class WeightDecayScheduleHook(HookBase):
-    """Set every param group's weight decay to its initial value times :func:`weight_decay_multiplier`."""
+    """Set every param group's weight decay to its initial value times :func:`weight_decay_multiplier`
+    of the LR scheduler's step count (as FIBER reads ``scheduler.last_epoch``; it lags the iteration
+    by the skipped batches), or of the iteration without a scheduler."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, milestones: Sequence[int], ratio: float):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        milestones: Sequence[int],
+        ratio: float,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ):
         self.optimizer = optimizer
         self.milestones = tuple(milestones)
         self.ratio = ratio
+        self.scheduler = scheduler
 
     def before_step(self):
-        mult = weight_decay_multiplier(self.trainer.iter, self.milestones, self.ratio)
+        position = self.trainer.iter if self.scheduler is None else self.scheduler.last_epoch
+        mult = weight_decay_multiplier(position, self.milestones, self.ratio)
         for g in self.optimizer.param_groups:
             g["weight_decay"] = g["initial_weight_decay"] * mult

@@ -32,7 +32,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 
 from ..data.datasets.common import serve_once
-from .accumulation import accumulation_steps
+from .train_step import accumulation_steps
 
 __all__ = ["epoch_schedule", "resolve_epoch_schedule"]
 

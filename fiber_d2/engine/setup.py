@@ -21,7 +21,7 @@ from detectron2.utils.logger import log_first_n
 
 from ..config import add_fiber_config
 from ..model_zoo.weights import repo_root
-from .accumulation import accumulation_steps
+from .train_step import accumulation_steps
 from .trainer import is_coarse_stage
 
 __all__ = [

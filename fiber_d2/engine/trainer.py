@@ -25,9 +25,9 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
 from ..checkpoint.checkpointer import FIBERCheckpointer
-from .accumulation import accumulation_steps, with_accumulation
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
+from .train_step import accumulation_steps, step_was_skipped, with_fiber_step
 
 __all__ = ["FIBERTrainer", "fiber_ddp", "is_coarse_stage"]
 
@@ -66,6 +66,19 @@ def fiber_ddp() -> Iterator[None]:
         d2_defaults.create_ddp_model = original
 
 
+class _LRSchedulerUnlessSkipped(hooks.LRScheduler):
+    """detectron2's LR-scheduler hook, with no scheduler step for a skipped batch (as FIBER)."""
+
+    def after_step(self):
+        if not step_was_skipped(self.trainer):
+            super().after_step()
+
+
+# checkpoints key each hook's state by its class's qualified name: keep detectron2's, so that
+# --resume of a run saved by detectron2's hook (or this one) restores the scheduler
+_LRSchedulerUnlessSkipped.__qualname__ = hooks.LRScheduler.__qualname__
+
+
 class FIBERTrainer(DefaultTrainer):
     """DefaultTrainer for both FIBER stages (see module docstring).
 
@@ -81,9 +94,10 @@ class FIBERTrainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         with fiber_ddp():
             super().__init__(cfg)
-        passes = accumulation_steps(cfg, comm.get_world_size())
-        if passes > 1:  # SOLVER.IMS_PER_DEVICE (fiber_d2.engine.accumulation)
-            self._trainer = with_accumulation(self._trainer, passes)
+        # gradient accumulation (SOLVER.IMS_PER_DEVICE) and skipped batches (fiber_d2.engine.train_step)
+        self._trainer = with_fiber_step(
+            self._trainer, accumulation_steps(cfg, comm.get_world_size())
+        )
 
     def build_hooks(self):
         cfg = self.cfg
@@ -91,7 +105,10 @@ class FIBERTrainer(DefaultTrainer):
         self.checkpointer = FIBERCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        ret = super().build_hooks()
+        ret = [
+            _LRSchedulerUnlessSkipped() if type(h) is hooks.LRScheduler else h
+            for h in super().build_hooks()
+        ]
         model = self._trainer.model
         extra = []
         self.ema = None
@@ -108,6 +125,7 @@ class FIBERTrainer(DefaultTrainer):
                     self._trainer.optimizer,
                     cfg.SOLVER.STEPS,
                     cfg.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO,
+                    scheduler=self.scheduler,
                 )
             )
         # EMA must be updated before the checkpointer saves it in after_step.
@@ -177,7 +195,7 @@ class FIBERTrainer(DefaultTrainer):
         outputs carry no ``height`` / ``width`` to group by.
 
         Each batch is one pass: ``SOLVER.IMS_PER_BATCH`` over the gradient-accumulation passes
-        (``SOLVER.IMS_PER_DEVICE``; :mod:`fiber_d2.engine.accumulation`).
+        (``SOLVER.IMS_PER_DEVICE``; :mod:`fiber_d2.engine.train_step`).
         """
         if mapper is None:
             mapper = cls.build_mapper(cfg, True)

@@ -61,3 +61,19 @@ def test_weight_decay_hook_scales_the_initial_decay_without_compounding():
     hook.trainer.iter = 10
     hook.before_step()
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
+
+
+def test_weight_decay_hook_follows_the_scheduler_steps_when_given():
+    """FIBER reads the LR scheduler's count, which lags the iteration by the skipped batches."""
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "weight_decay": 0.01}], lr=0.1)
+    for g in opt.param_groups:
+        g["initial_weight_decay"] = g["weight_decay"]
+    scheduler = types.SimpleNamespace(last_epoch=49)
+    hook = WeightDecayScheduleHook(opt, milestones=(100,), ratio=0.5, scheduler=scheduler)
+    hook.trainer = types.SimpleNamespace(iter=60)  # 11 batches skipped so far
+    hook.before_step()
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
+    scheduler.last_epoch = 50
+    hook.before_step()
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.001)

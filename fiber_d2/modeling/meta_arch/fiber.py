@@ -79,8 +79,9 @@ class FIBER(nn.Module):
             anchor_sizes, anchor_strides: one square anchor per location and level.
             pixel_mean, pixel_std: input normalisation (in ``INPUT.FORMAT`` channel order).
             score_threshold, pre_nms_top_n, nms_threshold, detections_per_img, score_agg: inference.
-            max_neg_per_batch: batches whose share of images without boxes exceeds this contribute no
-                gradient (FIBER skips them).
+            max_neg_per_batch: a batch whose share of images without boxes exceeds this is skipped,
+                as FIBER skips it: its losses are zeroed (the graph stays whole for DDP) and
+                ``batch_skipped`` tells the trainer to take no optimiser step.
             pad_to_max_query_len: run text at its tokenized length T; False cuts each batch to
                 :func:`fiber_d2.text.padded_text_length` (same outputs on the real tokens).
             prefix_reuse: chunked prompts (K, T) run the text-independent image prefix once per
@@ -105,6 +106,7 @@ class FIBER(nn.Module):
         self.detections_per_img = detections_per_img
         self.score_agg = score_agg
         self.max_neg_per_batch = max_neg_per_batch
+        self.batch_skipped = False  # set by every training forward
         self.pad_to_max_query_len = pad_to_max_query_len
         self.prefix_reuse = prefix_reuse
         if chunk_batch_size < 1:
@@ -235,8 +237,12 @@ class FIBER(nn.Module):
         if zero is not None:
             losses["loss_centerness"] = losses["loss_centerness"] + zero
         num_empty = sum(int(t["gt_boxes"].shape[0] == 0) for t in targets)
-        if num_empty == len(targets) or num_empty > self.max_neg_per_batch * len(targets):
-            # FIBER skips such batches: keep the graph, drop the gradient signal.
+        self.batch_skipped = num_empty == len(targets) or num_empty > self.max_neg_per_batch * len(
+            targets
+        )
+        if self.batch_skipped:
+            # FIBER skips such batches: keep the graph, drop the gradient signal; the trainer
+            # takes no optimiser step for it (fiber_d2.engine.train_step)
             losses = {k: v * 0.0 for k, v in losses.items()}
         return losses
 

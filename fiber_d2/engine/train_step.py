@@ -1,16 +1,24 @@
-"""Gradient accumulation: one optimiser step over several forward / backward passes.
+"""FIBER's training step: gradient accumulation over passes, and no step for a skipped batch.
 
-FIBER's coarse recipes fix the images each GPU takes per pass (``per_gpu_batchsize``, 8 for
-pre-training, VQA, NLVR2, ITM and captioning) and reach the global batch (4,096 for
-pre-training) by accumulating gradients over ``batch / (per_gpu x GPUs)`` passes. The pass size
-is part of the recipe, not only of its memory: ITC's in-batch negatives, ITM's hard negatives and
-the queue's turnover are per pass (coarse spec §3.3-3.4, §8 item 10).
-
+**Accumulation.** FIBER's coarse recipes fix the images each GPU takes per pass
+(``per_gpu_batchsize``, 8 for pre-training, VQA, NLVR2, ITM and captioning) and reach the global
+batch (4,096 for pre-training) by accumulating gradients over ``batch / (per_gpu x GPUs)`` passes.
+The pass size is part of the recipe, not only of its memory: ITC's in-batch negatives, ITM's hard
+negatives and the queue's turnover are per pass (coarse spec §3.3-3.4, §8 item 10).
 ``SOLVER.IMS_PER_DEVICE`` names that pass size. An iteration (``SOLVER.MAX_ITER`` and every
 schedule count them) is still one optimiser step over ``SOLVER.IMS_PER_BATCH`` images: each
 process runs :func:`accumulation_steps` passes of ``IMS_PER_DEVICE`` images, each loss divided by
 the number of passes (the mean over the passes, as the original's trainer), and DDP reduces the
 gradients once, in the last pass.
+
+**Skipped batches.** The fine-grained original skips a batch with too many images without boxes
+(``SOLVER.MAX_NEG_PER_BATCH``) before its forward: no optimiser step, no LR-scheduler step, no EMA
+update, while the iteration count moves on. A model that sets ``batch_skipped`` in its training
+forward (``FIBER``; its losses are then zero, so the graph stays whole for DDP) gets the same here:
+:class:`StepTrainer` takes no optimiser step for the iteration and sets ``step_skipped``, which the
+LR-scheduler, EMA and weight-decay hooks read (:func:`step_was_skipped`). Under DDP a batch skipped
+by any process is skipped by all, so every process takes the same steps (the original's per-GPU
+``continue`` leaves that undefined; our choice). The ``skipped_steps`` metric counts them.
 """
 
 from __future__ import annotations
@@ -19,15 +27,19 @@ import contextlib
 import time
 
 import torch
+import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "accumulation_steps",
-    "with_accumulation",
-    "AccumulatingTrainer",
-    "AccumulatingAMPTrainer",
+    "with_fiber_step",
+    "step_was_skipped",
+    "StepTrainer",
+    "AMPStepTrainer",
 ]
 
 
@@ -56,11 +68,24 @@ def accumulation_steps(cfg: CfgNode, world_size: int) -> int:
     return per_process // per_device
 
 
-class _AccumulationMixin:
-    """``run_step`` over ``accumulation_steps`` passes; the subclasses say how a pass runs its
-    forward (autocast or not), its backward (scaled or not) and the optimiser step."""
+def step_was_skipped(trainer) -> bool:
+    """True when the iteration that just ran took no optimiser step (a skipped batch);
+    ``trainer`` is a ``DefaultTrainer`` (its ``_trainer``) or the step trainer itself."""
+    return bool(getattr(getattr(trainer, "_trainer", trainer), "step_skipped", False))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class _StepMixin:
+    """``run_step`` over ``accumulation_steps`` passes, with no optimiser step for a skipped batch;
+    the subclasses say how a pass runs its forward (autocast or not), its backward (scaled or not)
+    and the optimiser step."""
 
     accumulation_steps: int = 1
+    step_skipped: bool = False
+    skipped_steps: int = 0
 
     def _forward_context(self):
         return contextlib.nullcontext()
@@ -71,6 +96,13 @@ class _AccumulationMixin:
     def _optimizer_step(self) -> None:
         self.optimizer.step()
 
+    def _any_process(self, flag: bool) -> bool:
+        if comm.get_world_size() == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=next(self.model.parameters()).device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
         passes = self.accumulation_steps
@@ -78,6 +110,7 @@ class _AccumulationMixin:
         self.optimizer.zero_grad()
         data_time = 0.0
         mean_losses: dict[str, torch.Tensor] = {}
+        skipped = False
         for i in range(passes):
             start = time.perf_counter()
             data = next(self._data_loader_iter)
@@ -91,27 +124,35 @@ class _AccumulationMixin:
                         loss_dict = {"total_loss": loss_dict}
                     loss = sum(loss_dict.values()) / passes
                 self._backward(loss)
+            skipped = skipped or bool(getattr(_unwrap(self.model), "batch_skipped", False))
             for name, value in loss_dict.items():
                 value = value.detach() / passes
                 mean_losses[name] = mean_losses[name] + value if name in mean_losses else value
         self.after_backward()
+        self.step_skipped = self._any_process(skipped)
+        if self.step_skipped:
+            self.skipped_steps += 1
+            get_event_storage().put_scalar(
+                "skipped_steps", self.skipped_steps, smoothing_hint=False
+            )
+            return  # no metrics of zeroed losses, no optimiser step
         self._write_metrics(mean_losses, data_time)
         self._optimizer_step()
 
 
-class AccumulatingTrainer(_AccumulationMixin, SimpleTrainer):
-    """detectron2's ``SimpleTrainer`` with ``accumulation_steps`` passes per optimiser step."""
+class StepTrainer(_StepMixin, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` with FIBER's step (see the module docstring)."""
 
-    def __init__(self, model, data_loader, optimizer, accumulation_steps: int):
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int = 1):
         super().__init__(model, data_loader, optimizer)
         self.accumulation_steps = accumulation_steps
 
 
-class AccumulatingAMPTrainer(_AccumulationMixin, AMPTrainer):
-    """detectron2's ``AMPTrainer`` with ``accumulation_steps`` passes per optimiser step; the
-    gradient scaler scales every pass and unscales, checks and steps once."""
+class AMPStepTrainer(_StepMixin, AMPTrainer):
+    """detectron2's ``AMPTrainer`` with FIBER's step; the gradient scaler scales every pass and
+    unscales, checks, steps and updates once per optimiser step (not at all for a skipped one)."""
 
-    def __init__(self, model, data_loader, optimizer, accumulation_steps: int, **kwargs):
+    def __init__(self, model, data_loader, optimizer, accumulation_steps: int = 1, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.accumulation_steps = accumulation_steps
 
@@ -126,12 +167,13 @@ class AccumulatingAMPTrainer(_AccumulationMixin, AMPTrainer):
         self.grad_scaler.update()
 
 
-def with_accumulation(trainer: SimpleTrainer, passes: int) -> SimpleTrainer:
+def with_fiber_step(trainer: SimpleTrainer, passes: int = 1) -> SimpleTrainer:
     """``trainer`` (detectron2's ``SimpleTrainer`` or ``AMPTrainer``, not yet run) as its
-    accumulating counterpart over the same model, data loader, optimiser (and gradient scaler)."""
+    counterpart with FIBER's step over the same model, data loader, optimiser (and gradient
+    scaler); with ``passes`` = 1 and no skipped batch it computes exactly what detectron2's does."""
     if isinstance(trainer, AMPTrainer):
-        return AccumulatingAMPTrainer(
+        return AMPStepTrainer(
             trainer.model, trainer.data_loader, trainer.optimizer, passes,
             grad_scaler=trainer.grad_scaler, precision=trainer.precision,
         )  # fmt: skip
-    return AccumulatingTrainer(trainer.model, trainer.data_loader, trainer.optimizer, passes)
+    return StepTrainer(trainer.model, trainer.data_loader, trainer.optimizer, passes)

@@ -1,23 +1,25 @@
-"""Gradient accumulation (``SOLVER.IMS_PER_DEVICE``): pass counts, one optimiser step over several
-passes equal to one step over the whole batch, DDP, and FIBERTrainer's loader and coarse queue."""
+"""FIBER's training step: gradient accumulation (``SOLVER.IMS_PER_DEVICE``: pass counts, one
+optimiser step over several passes equal to one step over the whole batch, DDP, FIBERTrainer's loader
+and coarse queue) and skipped batches (no optimiser, LR-scheduler or EMA step; DDP)."""
 
 import warnings
 
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import EventStorage
 from two_ranks import run_two_ranks
 
 from fiber_d2.config import add_fiber_config
-from fiber_d2.engine.accumulation import (
-    AccumulatingAMPTrainer,
-    AccumulatingTrainer,
-    accumulation_steps,
-    with_accumulation,
-)
 from fiber_d2.engine.setup import ConfigError, load_config, validate_config
+from fiber_d2.engine.train_step import (
+    AMPStepTrainer,
+    StepTrainer,
+    accumulation_steps,
+    with_fiber_step,
+)
 from fiber_d2.engine.trainer import FIBERTrainer
 
 
@@ -120,10 +122,10 @@ def test_accumulated_passes_take_the_step_of_the_whole_batch(amp):
 
         model = _Toy()
         loader = _Loader(samples, 2)
-        trainer = with_accumulation(
+        trainer = with_fiber_step(
             base(model, loader, torch.optim.SGD(model.parameters(), lr=0.5)), 4
         )
-        assert type(trainer) is (AccumulatingAMPTrainer if amp else AccumulatingTrainer)
+        assert type(trainer) is (AMPStepTrainer if amp else StepTrainer)
         got, logged = _one_step(trainer)
     assert loader.drawn == 4  # one iteration took the 4 passes
     for g, e in zip(got, expected):
@@ -143,9 +145,7 @@ def _ddp_step(rank):
     samples = _samples(8)
     model = DistributedDataParallel(_Toy())
     mine = samples[4 * rank : 4 * rank + 4]
-    trainer = AccumulatingTrainer(
-        model, _Loader(mine, 2), torch.optim.SGD(model.parameters(), lr=0.5), 2
-    )
+    trainer = StepTrainer(model, _Loader(mine, 2), torch.optim.SGD(model.parameters(), lr=0.5), 2)
     got, _ = _one_step(trainer)
     ref = _Toy()
     whole = SimpleTrainer(ref, _Loader(samples, 8), torch.optim.SGD(ref.parameters(), lr=0.5))
@@ -170,7 +170,7 @@ def test_fiber_trainer_takes_passes_of_ims_per_device(tmp_path):
     cfg = load_config("configs/Demo/coarse_tiny.yaml", opts)
     cfg.freeze()
     trainer = FIBERTrainer(cfg)
-    assert isinstance(trainer._trainer, AccumulatingTrainer)
+    assert isinstance(trainer._trainer, StepTrainer)
     assert trainer._trainer.accumulation_steps == 2
     assert len(next(iter(trainer._trainer.data_loader))) == 2
     steps = []
@@ -180,3 +180,97 @@ def test_fiber_trainer_takes_passes_of_ims_per_device(tmp_path):
     trainer.train()
     assert trainer.iter == 1 and len(steps) == 1
     assert int(trainer.model.queue.queue_total) == 4
+
+
+class _SkipToy(_Toy):
+    """Sets ``batch_skipped`` as FIBER does when a sample of the pass says so (its 3rd field)."""
+
+    def forward(self, batch):
+        self.batch_skipped = any(bool(s[2]) for s in batch)
+        losses = super().forward([s[:2] for s in batch])
+        return {k: v * 0.0 for k, v in losses.items()} if self.batch_skipped else losses
+
+
+def _flagged(n, skip_at=(), seed=1):
+    return [(x, y, i in skip_at) for i, (x, y) in enumerate(_samples(n, seed))]
+
+
+def test_a_skipped_batch_takes_no_optimiser_step():
+    model = _SkipToy()
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    # passes of 2: the first step's second pass holds a skipped sample, the second step none
+    trainer = StepTrainer(model, _Loader(_flagged(8, skip_at=(3,)), 2), optimizer, 2)
+    got, logged = _one_step(trainer)
+    assert trainer.step_skipped and trainer.skipped_steps == 1
+    assert all(torch.equal(g, s) for g, s in zip(got, start))  # no momentum, no weight decay
+    assert not optimizer.state  # AdamW never stepped
+    assert logged == {"skipped_steps": 1}  # the zeroed losses are not logged
+    got, logged = _one_step(trainer)
+    assert not trainer.step_skipped and trainer.skipped_steps == 1
+    assert any(not torch.equal(g, s) for g, s in zip(got, start))
+    assert "loss_mse" in logged
+
+
+def _ddp_skip(rank):
+    """Rank 0's batch is skipped, rank 1's is not: neither process steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_SkipToy())
+    start = [p.detach().clone() for p in model.parameters()]
+    samples = _flagged(4, skip_at=(0,) if rank == 0 else ())
+    trainer = StepTrainer(
+        model, _Loader(samples, 2), torch.optim.SGD(model.parameters(), lr=0.5), 1
+    )
+    got, _ = _one_step(trainer)
+    return {
+        "skipped": trainer.step_skipped,
+        "moved": any(not torch.equal(g, s) for g, s in zip(got, start)),
+    }
+
+
+@pytest.mark.long(0.3)
+def test_a_batch_skipped_on_one_process_is_skipped_on_all(tmp_path):
+    for rank, result in enumerate(run_two_ranks(_ddp_skip, tmp_path)):
+        assert result == {"skipped": True, "moved": False}, f"rank {rank}: {result}"
+
+
+NO_BOXES = "train_step_test_no_boxes"  # shapes images with their boxes removed
+if NO_BOXES not in DatasetCatalog.list():
+    DatasetCatalog.register(
+        NO_BOXES,
+        lambda: [dict(r, annotations=[]) for r in DatasetCatalog.get("shapes_train_det")[:4]],
+    )
+    _meta = MetadataCatalog.get("shapes_train_det").as_dict()
+    _meta.pop("name")
+    MetadataCatalog.get(NO_BOXES).set(**_meta)
+
+
+def test_fiber_trainer_skips_batches_without_boxes_entirely(tmp_path):
+    """The Demo detector on images without boxes (every batch skipped, as FIBER skips it): the
+    iterations run, but no optimiser, LR-scheduler or EMA step is taken."""
+    opts = [
+        "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.EMA.ENABLED", "True", "DATASETS.TRAIN", f"('{NO_BOXES}',)",
+        "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "DATASETS.TEST", "()",
+        "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path),
+    ]  # fmt: skip
+    cfg = load_config("configs/Demo/fine_tiny.yaml", opts)
+    cfg.freeze()
+    trainer = FIBERTrainer(cfg)
+    assert isinstance(trainer._trainer, StepTrainer) and trainer._trainer.accumulation_steps == 1
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for (
+        v
+    ) in trainer.ema.state.values():  # an average away from the weights: an update would move it
+        if v.dtype.is_floating_point:
+            v.zero_()
+    ema_start = {k: v.clone() for k, v in trainer.ema.state.items()}
+    trainer.train()
+    assert trainer.iter == 2 and trainer._trainer.skipped_steps == 2
+    assert all(torch.equal(v, start[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(v, ema_start[k]) for k, v in trainer.ema.state.items())
+    assert trainer.scheduler.last_epoch == 0  # the LR schedule waits, as FIBER's
+    # the scheduler's state is saved under detectron2's hook name (resumes of earlier runs)
+    assert "LRScheduler" in trainer.state_dict()["hooks"]
