@@ -75,6 +75,29 @@ def _first_beams(step, select, state, batch_size, bos, banned, beam_size, device
     return ids, select(state, rows), score, k
 
 
+def _beam_start(ids, score, eos, pad):
+    """Flat (B*K,) scores, lengths (1) and finished flags of the first beams, and (B, 1) row
+    offsets of each image's K places."""
+    batch_size, k = score.shape
+    finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
+    offsets = torch.arange(batch_size, device=ids.device)[:, None] * k
+    score = score.reshape(-1)
+    return score, torch.ones_like(score), finished, offsets
+
+
+def _pick(total, normalised, offsets):
+    """The K best of each image's K*V candidates by ``normalised`` (B, K*V), from the cumulative
+    log-probs ``total`` (B*K, V): their ranking values (B, K); source rows, tokens and cumulative
+    scores (B*K,)."""
+    vocab = total.shape[1]
+    k = normalised.shape[1] // vocab
+    ranked, best = normalised.topk(k, dim=1)
+    source = (best // vocab + offsets).reshape(-1)
+    token = (best % vocab).reshape(-1)
+    score = total.view(-1, k * vocab).gather(1, best).reshape(-1)
+    return ranked, source, token, score
+
+
 @torch.no_grad()
 def beam_search(
     step: Step,
@@ -115,21 +138,14 @@ def beam_search(
     ids, state, score, k = _first_beams(
         step, select, state, batch_size, bos, banned, beam_size, device
     )
-    score = score.reshape(-1)
-    length = torch.ones_like(score)
-    finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
-    offsets = torch.arange(batch_size, device=device)[:, None] * k
+    score, length, finished, offsets = _beam_start(ids, score, eos, pad)
     while ids.shape[1] < max_length and not bool(finished.all()):
         logits, state = step(state, ids)
         logp = _only_pad(_log_probs(logits, banned), finished, pad)
-        vocab = logp.shape[1]
         new_length = length + (~finished).float()
         total = score[:, None] + logp  # (B*K, V)
-        normalised = (total / new_length[:, None]).view(batch_size, k * vocab)
-        best = normalised.topk(k, dim=1).indices  # (B, K)
-        source = (best // vocab + offsets).reshape(-1)
-        token = (best % vocab).reshape(-1)
-        score = total.view(batch_size, k * vocab).gather(1, best).reshape(-1)
+        normalised = (total / new_length[:, None]).view(batch_size, -1)
+        _, source, token, score = _pick(total, normalised, offsets)
         length = new_length[source]
         was_finished = finished[source]
         ids = torch.cat([ids[source], token[:, None]], dim=1)
@@ -175,22 +191,15 @@ def original_beam_search(
         step, select, state, batch_size, bos, banned, beam_size, device
     )
     ranked = score
-    score = score.reshape(-1)
-    length = torch.ones_like(score)
-    finished = (ids[:, -1] == eos) | (ids[:, -1] == pad)
-    offsets = torch.arange(batch_size, device=device)[:, None] * k
+    score, length, finished, offsets = _beam_start(ids, score, eos, pad)
     while ids.shape[1] < max_length and not bool(finished.all()):
         logits, state = step(state, ids)
         open_ = (~finished).float()
         logp = _log_probs(logits, banned) * open_[:, None]  # a finished row: 0 for every token
-        vocab = logp.shape[1]
         candidate_length = length + open_
         total = score[:, None] + logp  # (B*K, V)
-        normalised = (total / (candidate_length[:, None] + 1e-9)).view(batch_size, k * vocab)
-        ranked, best = normalised.topk(k, dim=1)  # (B, K), best first
-        source = (best // vocab + offsets).reshape(-1)
-        token = (best % vocab).reshape(-1)
-        score = total.view(batch_size, k * vocab).gather(1, best).reshape(-1)
+        normalised = (total / (candidate_length[:, None] + 1e-9)).view(batch_size, -1)
+        ranked, source, token, score = _pick(total, normalised, offsets)  # ranked: best first
         length = candidate_length  # not candidate_length[source]: as the original
         token = torch.where(finished[source], torch.full_like(token, pad), token)
         ids = torch.cat([ids[source], token[:, None]], dim=1)
