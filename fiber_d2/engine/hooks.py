@@ -9,15 +9,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from detectron2.engine import HookBase
 
-from .train_step import step_was_skipped
+from .train_step import step_was_skipped, unwrap_model
 
 __all__ = ["ModelEMA", "EMAHook", "WeightDecayScheduleHook", "weight_decay_multiplier"]
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 class ModelEMA:
@@ -31,12 +27,12 @@ class ModelEMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"SOLVER.EMA.DECAY must be in [0, 1), got {decay}")
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+        self.state = {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """Blend the current weights of ``model`` into the average."""
-        for k, v in _unwrap(model).state_dict().items():
+        for k, v in unwrap_model(model).state_dict().items():
             avg = self.state[k]
             if avg.dtype.is_floating_point:
                 avg.mul_(self.decay).add_(v.detach().to(avg.dtype), alpha=1.0 - self.decay)
@@ -46,7 +42,7 @@ class ModelEMA:
     @contextlib.contextmanager
     def apply_to(self, model: torch.nn.Module) -> Iterator[None]:
         """Temporarily load the averaged weights into ``model`` (e.g. for evaluation)."""
-        target = _unwrap(model)
+        target = unwrap_model(model)
         backup = {k: v.detach().clone() for k, v in target.state_dict().items()}
         target.load_state_dict(self.state)
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "accumulation_steps",
     "with_fiber_step",
     "step_was_skipped",
+    "unwrap_model",
     "StepTrainer",
     "AMPStepTrainer",
 ]
@@ -74,8 +75,10 @@ def step_was_skipped(trainer) -> bool:
     return bool(getattr(getattr(trainer, "_trainer", trainer), "step_skipped", False))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper, or ``model`` itself."""
+    wrappers = (DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 class _StepMixin:
@@ -124,7 +127,7 @@ class _StepMixin:
                         loss_dict = {"total_loss": loss_dict}
                     loss = sum(loss_dict.values()) / passes
                 self._backward(loss)
-            skipped = skipped or bool(getattr(_unwrap(self.model), "batch_skipped", False))
+            skipped = skipped or bool(getattr(unwrap_model(self.model), "batch_skipped", False))
             for name, value in loss_dict.items():
                 value = value.detach() / passes
                 mean_losses[name] = mean_losses[name] + value if name in mean_losses else value

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from detectron2.evaluation.evaluator import inference_context
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from fiber_d2.engine.train_step import unwrap_model
 
 __all__ = ["ITMPairScorer", "stable_topk", "topk_rerank"]
 
@@ -106,10 +107,6 @@ def topk_rerank(
     return sim_tr, sim_ir
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 class ITMPairScorer:
     """Scores image-text pairs with a coarse model's ITM head (column 1, "match", of ``itm_logits``).
 
@@ -144,7 +141,7 @@ class ITMPairScorer:
             )
         if batch_size < 1:
             raise ValueError(f"ITM batch size must be >= 1, got {batch_size}")
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self.images = images
         self.input_ids = input_ids
         self.attention_mask = attention_mask
