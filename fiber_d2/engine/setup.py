@@ -301,9 +301,8 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
             f"SOLVER.MAX_EPOCHS {s.MAX_EPOCHS} must be >= 0 and SOLVER.WARMUP_FRACTION "
             f"{s.WARMUP_FRACTION} in [0, 1)"
         )
-    if any(not 0 < f < 1 for f in s.STEP_FRACTIONS) or list(s.STEP_FRACTIONS) != sorted(
-        s.STEP_FRACTIONS
-    ):
+    fractions = list(s.STEP_FRACTIONS)
+    if fractions != sorted(fractions) or any(not 0 < f < 1 for f in fractions):
         raise ConfigError(
             f"SOLVER.STEP_FRACTIONS {tuple(s.STEP_FRACTIONS)}: increasing fractions of MAX_ITER "
             "in (0, 1)"

@@ -100,7 +100,9 @@ class _StepMixin:
         self.optimizer.step()
 
     def _any_process(self, flag: bool) -> bool:
-        if comm.get_world_size() == 1:
+        # a model that never skips (no ``batch_skipped``, the same on every process) needs no
+        # collective per iteration
+        if comm.get_world_size() == 1 or not hasattr(unwrap_model(self.model), "batch_skipped"):
             return flag
         t = torch.tensor([int(flag)], device=next(self.model.parameters()).device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
