@@ -146,6 +146,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.COARSE.MLM_PROBABILITY = 0.15  # MLM token selection probability
     _C.MODEL.COARSE.LOSS_WEIGHTS = [1.0, 1.0, 1.0]  # ITC, ITM, MLM
     _C.MODEL.COARSE.LOSSES = ["itc", "itm", "mlm"]  # objectives switched on
+    # ITM hard negatives: "queue" (the original: this process's batch, then the queued samples,
+    # whose uint8 images and token ids the queue keeps: 4096 x 3 x S x S bytes, 1.8 GB at 384 px)
+    # or "batch" (the batch gathered over all processes; no input queue)
+    _C.MODEL.COARSE.ITM_NEGATIVES = "queue"
     # Switches for from-scratch towers (configs/Demo only); the defaults are the original's.
     _C.MODEL.COARSE.ITC_TEXT_POOL = "first"  # ITC text pooling: "first" (<s>) or "mean" (tokens)
     _C.MODEL.COARSE.QUEUE_INIT = "random"  # ITC queue: "random" (randn) or "empty" (filled part)

@@ -81,7 +81,8 @@ as many as fit); ``label_token_map`` (L, T); for training ``instances`` with --b
 ``gt_boxes``, ``gt_classes``, ``gt_positive_map`` (G, T). Coarse: uint8 ``image`` (3, S, S),
 S = ``INPUT.IMAGE_SIZE`` (the caption mapper's square resize); a caption filling 3/4 of T;
 ``mlm_input_ids``/``mlm_labels`` from ``mask_tokens_for_mlm``. ITM draws hard negatives from the
-batch: coarse training needs --batch >= 2.
+batch and the queue; with ``MODEL.COARSE.ITM_NEGATIVES batch`` (the batch only) coarse training needs
+--batch >= 2.
 
 Weights are random (tower ``WEIGHTS`` are never loaded) unless ``MODEL.WEIGHTS`` is a local file;
 with random weights few detections pass the score threshold, so NMS costs less than when trained.
@@ -112,6 +113,7 @@ from fiber_d2.benchmark import (
 )
 from fiber_d2.engine.memory import apply_mmap_threshold, mmap_threshold_mb
 from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.trainer import is_coarse_stage
 
 __all__ = ["SPEED_TARGETS_MS", "TASKS", "main", "setup_cfg"]
 
@@ -141,6 +143,10 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     # Speed does not depend on the pretrained tower weights: never fetch them.
     cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS = ""
     cfg.MODEL.SWIN.WEIGHTS = ""
+    height, width = args.height or args.width, args.width or args.height
+    if is_coarse_stage(cfg) and height and height == width:
+        # the caption mapper's square size (the ITM input queue holds images of it)
+        cfg.INPUT.IMAGE_SIZE = height
     if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS} (local files only)")
     cfg.freeze()

@@ -230,10 +230,11 @@ def model_inputs(cfg: CfgNode, args: argparse.Namespace, train: bool) -> tuple[l
     """The synthetic batch and the (padded) size the model runs at."""
     height, width = input_size(cfg, args)
     if is_coarse_stage(cfg):
-        if train and "itm" in cfg.MODEL.COARSE.LOSSES and args.batch < 2:
+        batch_negatives = cfg.MODEL.COARSE.ITM_NEGATIVES == "batch"
+        if train and "itm" in cfg.MODEL.COARSE.LOSSES and batch_negatives and args.batch < 2:
             raise ValueError(
-                f"coarse --task train with ITM needs --batch >= 2 (hard negatives come from the "
-                f"batch), got --batch {args.batch}"
+                f"coarse --task train with ITM_NEGATIVES 'batch' needs --batch >= 2 (hard negatives"
+                f" come from the batch), got --batch {args.batch}"
             )
         return coarse_batch(cfg, args.batch, height, width, train), height, width
     batch = detector_batch(cfg, args.batch, height, width, args.boxes)

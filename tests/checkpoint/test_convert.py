@@ -195,10 +195,15 @@ def test_coarse_layout_into_fiber_coarse(coarse_model, fresh, originals, load_fi
     )
 
     queues = sorted(k for k in model_state if k.startswith("queue."))
+    # the feature queue and the ITM input queue (uint8 images here, float32 in the original): the
+    # original's queues are dropped and the model keeps its fresh ones
     assert queues == [
+        "queue.image_input_queue",
         "queue.image_queue",
         "queue.queue_ptr",
         "queue.queue_total",
+        "queue.text_input_mask_queue",
+        "queue.text_input_queue",
         "queue.text_queue",
     ]
     assert sorted(converted) == sorted(set(model_state) - set(queues))

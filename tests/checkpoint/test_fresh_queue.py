@@ -1,5 +1,6 @@
-"""A run started from a checkpoint begins with a fresh ITC queue, as the original's fine-tuning
-load (coarse spec §5.1: queue buffers dropped, ``temp`` kept); ``--resume`` restores the queue."""
+"""A run started from a checkpoint begins with a fresh ITC queue (its embeddings and the inputs ITM
+draws negatives from), as the original's fine-tuning load (coarse spec §5.1: queue buffers dropped,
+``temp`` kept); ``--resume`` restores the queue."""
 
 import torch
 
@@ -13,6 +14,7 @@ class _Coarse(torch.nn.Module):
         self.temp = torch.nn.Parameter(torch.tensor(0.07))
         self.proj = torch.nn.Linear(4, 4)
         self.queue = FeatureQueue(4, 8)
+        self.queue.hold_inputs(image_size=2, text_length=5, pad_token_id=1)
 
 
 def _saved(tmp_path):
@@ -20,7 +22,12 @@ def _saved(tmp_path):
     source = _Coarse()
     with torch.no_grad():
         source.temp.fill_(0.05)
-        source.queue.enqueue(torch.ones(3, 4), torch.ones(3, 4))  # ptr 3, total 3
+        inputs = (
+            torch.full((3, 3, 2, 2), 7, dtype=torch.uint8),
+            torch.full((3, 4), 9),
+            torch.ones(3, 4),
+        )
+        source.queue.enqueue(torch.ones(3, 4), torch.ones(3, 4), inputs)  # ptr 3, total 3
     path = str(tmp_path / "coarse.pth")
     torch.save({"model": source.state_dict()}, path)
     return source, path
@@ -39,6 +46,7 @@ def test_a_new_run_keeps_its_own_queue_and_loads_the_rest(tmp_path):
     assert int(model.queue.queue_ptr) == 0 and not torch.equal(
         model.queue.image_queue, source.queue.image_queue
     )
+    assert model.queue.image_input_queue.sum() == 0 and model.queue.text_input_mask_queue.sum() == 0
 
 
 def test_resume_restores_the_queue(tmp_path):
@@ -52,3 +60,4 @@ def test_resume_restores_the_queue(tmp_path):
     other = _Coarse()
     FIBERCheckpointer(other).load(str(tmp_path / "model_0000009.pth"))
     assert int(other.queue.queue_total) == 3
+    assert other.queue.image_input_queue[:3].eq(7).all() and other.queue.text_input_queue[0, 3] == 9

@@ -1,7 +1,10 @@
-"""Two gloo processes: ITM hard negatives come from the batch gathered over both ranks."""
+"""Two gloo processes: ITM hard negatives come from the batch gathered over both ranks, or from the
+queue of the inputs gathered over both."""
 
 import pytest
 import torch
+from tiny_coarse import caption_batch, tiny_coarse
+from torch.nn.parallel import DistributedDataParallel
 from two_ranks import run_two_ranks
 
 from fiber_d2.engine.setup import load_config
@@ -45,3 +48,30 @@ def _itm_pairs(rank):
 def test_itm_negatives_gathered_across_two_processes(tmp_path):
     for rank, result in enumerate(run_two_ranks(_itm_pairs, tmp_path)):
         assert result["seen_other_rank"], f"rank {rank} never drew a negative from the other rank"
+
+
+def _queue_steps(rank):
+    """Two DDP steps of ITC + ITM with queued negatives; each sample's image is 10 * rank + k."""
+    itc_itm = ["MODEL.COARSE.LOSSES", "['itc', 'itm']", "MODEL.COARSE.LOSS_WEIGHTS", "[1.0, 1.0]"]
+    model = tiny_coarse(*itc_itm).train()
+    ddp = DistributedDataParallel(model, device_ids=None, **model.ddp_kwargs)
+    for step in range(2):
+        records, _, _ = caption_batch()
+        for k, r in enumerate(records):
+            r["image"] = torch.full_like(r["image"], 100 * step + 10 * rank + k)
+        sum(ddp(records).values()).backward()
+    q = model.queue
+    return {
+        "images": q.image_input_queue[: q.filled, 0, 0, 0].tolist(),
+        "ids": q.text_input_queue[: q.filled].tolist(),
+        "features": q.image_queue[:, : q.filled].tolist(),
+    }
+
+
+@pytest.mark.long(0.5)
+def test_the_itm_input_queue_holds_every_rank_samples_in_the_same_slots(tmp_path):
+    """Each rank enqueues the inputs gathered over both, so the queues agree without DDP's buffer
+    broadcast (they are left out of it)."""
+    zero, one = run_two_ranks(_queue_steps, tmp_path)
+    assert zero["images"] == [0, 1, 2, 3, 10, 11, 12, 13, 100, 101, 102, 103, 110, 111, 112, 113]
+    assert zero == one

@@ -16,13 +16,16 @@ DETERMINISTIC = [
     "0.0",
 ]
 DETERMINISTIC += ["MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT", "0.0"]
+# ITM's pairs reuse the shared prefixes when its negatives come from the batch; queued negatives
+# (the default) need passes of their own
+BATCH_NEGATIVES = ["MODEL.COARSE.ITM_NEGATIVES", "batch"]
 
 
 def _model(share: bool, *opts) -> FIBERCoarse:
     torch.manual_seed(0)
     cfg = load_config(
         "configs/Demo/coarse_tiny.yaml",
-        [*SMALL, *DETERMINISTIC, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts],
+        [*SMALL, *DETERMINISTIC, *BATCH_NEGATIVES, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts],
     )
     return FIBERCoarse(cfg).train()
 

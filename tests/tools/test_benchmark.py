@@ -319,7 +319,11 @@ def test_peak_memory_sees_a_large_allocation():
     [
         (["--config-file", FINE, "MODEL.SWIN.NOT_A_KEY", "1"], "MODEL.SWIN.NOT_A_KEY"),
         (["--config-file", "configs/nope.yaml"], "configs/nope.yaml"),
-        (["--config-file", COARSE, "--task", "train", "--batch", "1"], "--batch >= 2"),
+        (
+            ["--config-file", COARSE, "--task", "train", "--batch", "1"]
+            + ["MODEL.COARSE.ITM_NEGATIVES", "batch"],
+            "--batch >= 2",
+        ),
         (["--config-file", FINE, "--device", "cpu", "--amp-dtype", "fp16"], "fp16"),
         (["--config-file", FINE, "--iters", "0"], "--iters"),
         (["--config-file", FINE, "MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),

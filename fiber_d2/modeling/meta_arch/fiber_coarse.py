@@ -8,10 +8,11 @@ Batched inputs (from ``CaptionDatasetMapper``): ``image`` uint8 (3, S, S); ``inp
 (T,) for training (one caption) or (k, T) at evaluation (all captions of the image); ``mlm_input_ids`` and
 ``mlm_labels`` (T,) for MLM.
 
-Hard negatives for ITM: the original samples them from a queue of raw past inputs (a 7 GB image buffer
-at 384 px). fiber_d2 samples them, with the same ITC-softmax weights, from the current batch gathered over
-all ranks: the same "global" mining over fewer candidates, without the raw-input queue. The ITC feature
-queue is kept as specified.
+Hard negatives for ITM (§3.4, ``MODEL.COARSE.ITM_NEGATIVES``): "queue", the original's, draws them with
+the ITC logits' softmax from this process's batch followed by the queued samples, whose inputs the queue
+keeps beside their embeddings (uint8 images: 1.8 GB per process at 384 px instead of the original's
+7.25 GB of float32); "batch" draws them from the current batch gathered over all ranks, without that
+memory.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class FIBERCoarse(nn.Module):
     #   MODEL.COARSE.CLS_BATCH_NORM that an --eval-only run of model_final.pth reads (the ITC
     #   queues are equal on all ranks anyway).
     ddp_kwargs = {"find_unused_parameters": True, "broadcast_buffers": True}
+    # ITM with hard negatives (§3.4); a subclass training ITM otherwise (random negatives) sets False,
+    # and keeps no raw-input queue
+    HARD_NEGATIVE_ITM = True
 
     @configurable
     def __init__(
@@ -139,6 +143,10 @@ class FIBERCoarse(nn.Module):
         queue_init: str = "random",
         itc_batch_norm: bool = False,
         share_prefix: bool = False,
+        itm_negatives: str = "queue",
+        image_size: int = 384,
+        max_query_len: int = 40,
+        pad_token_id: int = 1,
     ):
         """
         Args:
@@ -163,7 +171,13 @@ class FIBERCoarse(nn.Module):
                 captions once for ITC and ITM, instead of once per pass as the original does. The
                 losses and gradients are the same up to rounding when the prefix has no randomness;
                 with stochastic depth or dropout there, the passes share one sample of it (the
-                original draws one per pass). ITM pairs use the shared prefixes on one process only.
+                original draws one per pass). ITM pairs use the shared prefixes on one process
+                with ``itm_negatives`` "batch" only.
+            itm_negatives: where ITM's hard negatives come from: "queue" (the original: this
+                process's batch, then the queued samples, whose inputs the queue keeps) or "batch"
+                (the batch gathered over all ranks; no input queue).
+            image_size, max_query_len, pad_token_id: the input queue's image size S, text length
+                T and pad id (``itm_negatives`` "queue").
         """
         super().__init__()
         unknown = set(losses) - {"itc", "itm", "mlm"}
@@ -189,6 +203,10 @@ class FIBERCoarse(nn.Module):
                 f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
             )
         self.queue_init = queue_init
+        if itm_negatives not in ("queue", "batch"):
+            raise ValueError(
+                f"MODEL.COARSE.ITM_NEGATIVES must be 'queue' or 'batch', got {itm_negatives!r}"
+            )
         self._build_heads(
             image_dim=image_dim,
             text_dim=text_dim,
@@ -200,6 +218,12 @@ class FIBERCoarse(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self._init_new_modules()
+        if itm_negatives == "queue" and self.HARD_NEGATIVE_ITM and "itm" in self.losses:
+            self.queue.hold_inputs(image_size, max_query_len, pad_token_id)
+            # equal on every rank (each enqueues the gathered batch): not broadcast by DDP
+            self._ddp_params_and_buffers_to_ignore = [
+                f"queue.{name}" for name in FeatureQueue.INPUT_BUFFERS
+            ]
 
     def _build_heads(
         self,
@@ -254,6 +278,10 @@ class FIBERCoarse(nn.Module):
             "queue_init": c.QUEUE_INIT,
             "itc_batch_norm": c.ITC_BATCH_NORM,
             "share_prefix": c.SHARE_PREFIX,
+            "itm_negatives": c.ITM_NEGATIVES,
+            "image_size": cfg.INPUT.IMAGE_SIZE,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "pad_token_id": cfg.MODEL.LANGUAGE_BACKBONE.PAD_TOKEN_ID,
         }
 
     def _text_length(self, mask: torch.Tensor, all_ranks: bool = False) -> int:
@@ -270,12 +298,19 @@ class FIBERCoarse(nn.Module):
         return self.pixel_mean.device
 
     # ------------------------------------------------------------------ encoders
-    def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
+    def _raw_images(self, batched_inputs: list[dict]) -> torch.Tensor:
+        """The records' images as the mapper gives them, stacked: (B, 3, S, S) on the device."""
         sizes = {tuple(x["image"].shape) for x in batched_inputs}
         if len(sizes) != 1:
             raise ValueError(f"images must share one size (INPUT.IMAGE_SIZE), got {sizes}")
-        images = torch.stack([x["image"] for x in batched_inputs]).to(self.device).float()
-        return (images - self.pixel_mean) / self.pixel_std
+        return torch.stack([x["image"] for x in batched_inputs]).to(self.device)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Mapper images (B, 3, S, S) -> normalised float images."""
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
+        return self._normalize(self._raw_images(batched_inputs))
 
     @staticmethod
     def _tokens(image_features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -355,11 +390,13 @@ class FIBERCoarse(nn.Module):
         Inference: per record ``{"image_embedding": (D,), "text_embeddings": (k, D)}``."""
         if not self.training:
             return self.inference(batched_inputs)
-        images = self._images(batched_inputs)
-        ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
-        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
-        length = self._text_length(mask, all_ranks=True)
-        ids, mask = trim_text(length, ids, mask)
+        raw = self._raw_images(batched_inputs)
+        images = self._normalize(raw)
+        full_ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
+        full_mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        length = self._text_length(full_mask, all_ranks=True)
+        ids, mask = trim_text(length, full_ids, full_mask)
+        inputs = (raw, ids, mask) if self.queue_holds_inputs else None
         losses = {}
         # the image prefix and the captions' text prefix, once for every pass (share_prefix;
         # MLM alone runs one pass, so there is nothing to share)
@@ -390,11 +427,63 @@ class FIBERCoarse(nn.Module):
             if "itc" in self.losses:
                 losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
             if "itm" in self.losses:
-                losses["loss_itm"] = self._itm_loss(images, ids, mask, f_i, f_t, shared)
-                losses["loss_itm"] = losses["loss_itm"] * self.loss_weights["itm"]
+                if inputs is not None:
+                    pairs = self.itm_queue_pairs(*inputs, sim_i2t, sim_t2i)
+                    loss = F.cross_entropy(
+                        self.itm_logits(*self._pair_inputs(*pairs[:3])), pairs[3]
+                    )
+                else:
+                    loss = self._itm_loss(images, ids, mask, f_i, f_t, shared)
+                losses["loss_itm"] = loss * self.loss_weights["itm"]
             with torch.no_grad():
-                q.enqueue(_gather_cat(f_i.detach()), _gather_cat(f_t.detach()))
+                gathered = None if inputs is None else tuple(_gather_cat(x) for x in inputs)
+                q.enqueue(_gather_cat(f_i.detach()), _gather_cat(f_t.detach()), gathered)
         return losses
+
+    @property
+    def queue_holds_inputs(self) -> bool:
+        """ITM's hard negatives come from the queue (``itm_negatives`` "queue")."""
+        queue = getattr(self, "queue", None)
+        return queue is not None and queue.holds_inputs
+
+    @torch.no_grad()
+    def itm_queue_pairs(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs, the
+        negatives drawn from the pool [this process's B samples ; the queued samples] (§3.4).
+
+        The weights are softmax over the ITC logits' columns of that pool (the queue's first
+        ``filled`` slots, the only ones holding inputs); a sample's own pair is never drawn. The
+        queued samples are those of earlier passes on every rank: this pass's are enqueued after.
+
+        Args:
+            images: (B, 3, S, S) uint8 mapper images; ids, mask: (B, T') their captions.
+            sim_i2t, sim_t2i: (B, B + Q') logits of :func:`itc_logits` against this queue.
+
+        Returns:
+            images (3B, 3, S, S) uint8, ids and mask (3B, T), labels (3B,) with 1 for the positives.
+        """
+        b = images.shape[0]
+        n = b + self.queue.filled
+        positive = torch.arange(b, device=images.device)
+        neg_text = sample_hard_negatives(sim_i2t[:, :n], positive)
+        neg_image = sample_hard_negatives(sim_t2i[:, :n], positive)
+        image_rows = torch.cat([positive, positive, neg_image])
+        text_rows = torch.cat([positive, neg_text, positive])
+        pairs = self.queue.take_inputs(image_rows, text_rows, images, ids, mask)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
+        return (*pairs, labels)
+
+    def _pair_inputs(self, images, ids, mask):
+        """Pairs of :meth:`itm_queue_pairs` as model inputs: normalised images, texts cut to their
+        padded length."""
+        return (self._normalize(images), *trim_text(self._text_length(mask), ids, mask))
 
     def _itm_loss(self, images, ids, mask, f_i, f_t, prefix=None) -> torch.Tensor:
         """ITM cross-entropy over the pairs of :meth:`itm_pairs`; with ``prefix`` (these inputs'

@@ -48,6 +48,8 @@ def random_negative_labels(
 class FIBERRetrievalITM(FIBERCoarse):
     """FIBERCoarse whose training objective is random-negative ITM only (see module docstring)."""
 
+    HARD_NEGATIVE_ITM = False  # random negatives: no raw-input queue
+
     @configurable
     def __init__(self, **kwargs):
         """

@@ -62,6 +62,7 @@ def _batch(n, seed=0):
 
 def test_training_step_pairs_positives_with_own_image_and_negatives_with_false_image(model):
     assert isinstance(model, FIBERRetrievalITM)
+    assert not model.queue.holds_inputs  # random negatives: no raw-input queue to fill
     batch = _batch(5)
     captured = {}
     original = model.itm_logits
