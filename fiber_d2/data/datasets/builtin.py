@@ -6,7 +6,9 @@ Nothing is read at import: only names, paths and metadata are registered.
 name                            annotation file (under the datasets root)   evaluator_type
 ==============================  ==========================================  ===============
 flickr30k_separateGT_{train,    mdetr_annotations/final_flickr_separateGT_  flickr
-val,test}                       {split}.json
+val,test}                       {split}.json; val / test evaluate against
+                                flickr30k/flickr30k/{Annotations,Sentences}
+                                when present (the Entities release)
 refcoco_{train,val,testA,       mdetr_annotations/finetune_refcoco_         refexp
 testB}, refcoco+_{...},         {split}.json (refcoco+ / refcocog alike)
 refcocog_{train,val,test}
@@ -41,9 +43,15 @@ from ...text import clean_name
 from ..shapes import CATEGORY_NAMES, SPLITS, ensure_shapes_world, shapes_files, shapes_root
 from .captions import register_captions
 from .detection import mark_detection_dataset, register_grounding_coco
+from .flickr_entities import entities_ground_truth, has_entities
 from .mdetr import register_mdetr_grounding
 
-__all__ = ["register_shapes", "register_all_builtin", "SHAPES_LARGE_NUM_TRAIN"]
+__all__ = [
+    "register_shapes",
+    "register_flickr30k",
+    "register_all_builtin",
+    "SHAPES_LARGE_NUM_TRAIN",
+]
 
 SHAPES_LARGE_NUM_TRAIN = 2048
 
@@ -78,6 +86,39 @@ def _lvis_prompts() -> dict[str, str]:
         for c in LVIS_CATEGORIES
         if c["synonyms"][0] != c["name"]
     }
+
+
+def register_flickr30k(root: str, prefix: str = "flickr30k_separateGT") -> None:
+    """Register ``{prefix}_{train,val,test}``: MDETR's Flickr30k json under ``root``; the val and
+    test phrases evaluate against the Entities files under ``root/flickr30k/flickr30k`` when there.
+
+    Args:
+        root: datasets root.
+        prefix: name prefix.
+    """
+    entities = os.path.join(root, "flickr30k", "flickr30k")
+    for split in ("train", "val", "test"):
+        register_mdetr_grounding(
+            f"{prefix}_{split}",
+            os.path.join(root, "mdetr_annotations", f"final_flickr_separateGT_{split}.json"),
+            os.path.join(root, "flickr30k", "flickr30k_images", split),
+            "grounding",
+            finish=None if split == "train" else functools.partial(_flickr_ground_truth, entities),
+        )
+
+
+def _flickr_ground_truth(root: str, records: list[dict]) -> list[dict]:
+    """The Flickr30k evaluation sets' phrases with the Entities files' boxes and types, as the
+    original evaluates (:mod:`.flickr_entities`); MDETR's when ``root`` lacks them."""
+    if not has_entities(root):
+        logger.warning(
+            "Flickr30k Entities Annotations/ and Sentences/ not found under %s: phrase ground truth"
+            " from MDETR's json (boxes of IoU >= 0.95 within a sentence kept once, phrase types"
+            " 'unknown'); the original evaluates against the Entities files",
+            root,
+        )
+        return records
+    return entities_ground_truth(records, root)
 
 
 def register_shapes(
@@ -140,13 +181,7 @@ def register_all_builtin(root: Optional[str] = None) -> None:
         return os.path.join(root, *parts)
 
     ann = p("mdetr_annotations")
-    for split in ("train", "val", "test"):
-        register_mdetr_grounding(
-            f"flickr30k_separateGT_{split}",
-            os.path.join(ann, f"final_flickr_separateGT_{split}.json"),
-            p("flickr30k", "flickr30k_images", split),
-            "grounding",
-        )
+    register_flickr30k(root)
     for dataset, splits in _REFEXP_SPLITS.items():
         for split in splits:
             register_mdetr_grounding(

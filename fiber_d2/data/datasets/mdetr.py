@@ -220,6 +220,7 @@ def register_mdetr_grounding(
     *,
     evaluator_type: Optional[str] = None,
     prepare: Optional[Callable[[], object]] = None,
+    finish: Optional[Callable[[List[dict]], List[dict]]] = None,
 ) -> None:
     """Register an MDETR-format set (Flickr30k separate-GT, RefCOCO/+/g, GoldG, shapes).
 
@@ -230,6 +231,8 @@ def register_mdetr_grounding(
         task: "grounding" (Flickr-style phrases) or "refexp" (one box per expression).
         evaluator_type: defaults to "flickr" for grounding and "refexp" for refexp.
         prepare: optional callable run before loading (e.g. generating the data).
+        finish: optional callable given the loaded records, returning the records to serve (e.g.
+            the Flickr30k Entities ground truth).
     """
     if task not in MDETR_TASKS:
         raise ValueError(f"task {task!r} is not one of {MDETR_TASKS}")
@@ -237,7 +240,8 @@ def register_mdetr_grounding(
     def load() -> List[dict]:
         if prepare is not None:
             prepare()
-        return load_mdetr_json(json_file, image_root, name, task)
+        records = load_mdetr_json(json_file, image_root, name, task)
+        return records if finish is None else finish(records)
 
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
