@@ -163,6 +163,16 @@ def test_mismatches_and_missing_files_name_the_record_and_file(flickr, tmp_path)
     records[0]["original_image_id"] = 7
     with pytest.raises(ValueError, match=r"Entities file missing: .*Sentences/7.txt"):
         entities_ground_truth(records, str(root))
+    xml = root / "Annotations" / "42.xml"
+    xml.write_text(XML.replace("<name>2</name>", "<name>two</name>"))
+    with pytest.raises(ValueError, match=r"42.xml: entity name 'two' is not an entity id"):
+        read_entity_boxes(str(xml))
+    xml.write_text(XML.replace("<ymin>30</ymin>", "<ymin>3O</ymin>"))
+    with pytest.raises(ValueError, match=r"42.xml: a bndbox has a missing or non-numeric"):
+        read_entity_boxes(str(xml))
+    xml.write_text(XML[:-20])
+    with pytest.raises(ValueError, match=r"42.xml: not readable XML"):
+        read_entity_boxes(str(xml))
     (root / "Sentences" / "42.txt").write_text("[/EN#1/people A man is here .\n")
     with pytest.raises(ValueError, match=r"42.txt:1: a phrase is not closed"):
         read_sentences(str(root / "Sentences" / "42.txt"))

@@ -79,7 +79,8 @@ def read_entity_boxes(path: str) -> dict[int, list[list[float]]]:
         absent.
 
     Raises:
-        ValueError: unreadable XML or a box with a missing / non-numeric coordinate, naming the file.
+        ValueError: unreadable XML, a box with a missing / non-numeric coordinate or an entity
+            name that is not an id, naming the file.
     """
     try:
         root = ET.parse(path).getroot()
@@ -95,6 +96,8 @@ def read_entity_boxes(path: str) -> dict[int, list[list[float]]]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: a bndbox has a missing or non-numeric coordinate") from e
         for name in obj.findall("name"):
+            if not (name.text or "").strip().isdigit():
+                raise ValueError(f"{path}: entity name {name.text!r} is not an entity id")
             boxes.setdefault(int(name.text), []).append(xyxy)
     return boxes
 
