@@ -96,7 +96,6 @@ class FeatureQueue(torch.nn.Module):
         self.register_buffer("text_queue", torch.randn(dim, size))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("queue_total", torch.zeros(1, dtype=torch.long))
-        self.pad_token_id = 1
 
     def hold_inputs(self, image_size: int, text_length: int, pad_token_id: int) -> None:
         """Also keep each enqueued sample's inputs in the slot of its embeddings (coarse spec §3.3).
