@@ -143,3 +143,23 @@ def test_only_queued_negatives_keep_inputs():
     assert not tiny_coarse(*ORIGINAL, *itc).queue.holds_inputs
     with pytest.raises(ValueError, match="MODEL.COARSE.ITM_NEGATIVES must be"):
         tiny_coarse("MODEL.COARSE.ITM_NEGATIVES", "gathered")
+
+
+def test_a_queue_saved_without_inputs_restarts_empty(caplog):
+    """Resuming a run saved without the input queue: its filled slots have no inputs to draw."""
+    old = FeatureQueue(dim=2, size=4)
+    old.enqueue(torch.ones(3, 2), torch.ones(3, 2))
+    q = FeatureQueue(dim=2, size=4)
+    q.hold_inputs(image_size=2, text_length=3, pad_token_id=1)
+    fresh = {k: v.clone() for k, v in q.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        missing = q.load_state_dict(old.state_dict(), strict=False).missing_keys
+    assert "no ITM input queue" in caplog.text and q.filled == 0
+    assert all(torch.equal(v, fresh[k]) for k, v in q.state_dict().items())
+    assert "queue_total" in missing
+    # a queue saved with its inputs loads whole
+    q.enqueue(torch.ones(2, 2), torch.ones(2, 2), _inputs([5, 6]))
+    other = FeatureQueue(dim=2, size=4)
+    other.hold_inputs(image_size=2, text_length=3, pad_token_id=1)
+    other.load_state_dict(q.state_dict())
+    assert other.filled == 2 and other.image_input_queue[1, 0, 0, 0] == 6

@@ -4,10 +4,14 @@ for image-text matching (ITM), and masked language modelling (MLM). Spec: coarse
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["itc_logits", "itc_loss", "sample_hard_negatives", "mlm_loss", "FeatureQueue"]
+
+logger = logging.getLogger(__name__)
 
 
 def itc_logits(
@@ -119,6 +123,19 @@ class FeatureQueue(torch.nn.Module):
         )
         self.register_buffer("text_input_mask_queue", torch.zeros(size, text_length).long())
         self.pad_token_id = pad_token_id
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A queue saved without inputs (``ITM_NEGATIVES "batch"``, or before the input queue
+        existed) restarts empty when this one holds inputs: its filled slots would have none."""
+        saved = [k for k in state_dict if k.startswith(prefix)]
+        if self.holds_inputs and saved and prefix + "image_input_queue" not in state_dict:
+            logger.warning(
+                "%squeue: the checkpoint has no ITM input queue; the ITC queue restarts empty",
+                prefix,
+            )
+            for k in saved:
+                del state_dict[k]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def holds_inputs(self) -> bool:
