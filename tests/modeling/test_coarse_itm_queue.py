@@ -104,20 +104,22 @@ def test_a_training_step_draws_from_the_queue_then_enqueues_its_inputs(monkeypat
     model = _queued_model(*no_dropout, *itc_itm)
     records, ids, mask = caption_batch()
     seen = {}
-    original = model.itm_queue_pairs
+    original = model.itm_queue_rows
 
     def spy(*args):
         seen["filled"] = model.queue.filled
-        seen["pairs"] = original(*args)
-        return seen["pairs"]
+        seen["rows"] = original(*args)
+        return seen["rows"]
 
-    monkeypatch.setattr(model, "itm_queue_pairs", spy)
+    monkeypatch.setattr(model, "itm_queue_rows", spy)
     losses = model(records)
     assert seen["filled"] == 3  # this step's samples are not in the pool yet
     # the loss is the ITM head's cross-entropy on the drawn pairs
-    images, pair_ids, pair_mask, labels = seen["pairs"]
+    image_rows, text_rows, labels = seen["rows"]
+    raw = torch.stack([r["image"] for r in records])
+    pairs = model.queue.take_inputs(image_rows, text_rows, raw, ids, mask)
     with torch.no_grad():
-        logits = model.itm_logits(*model._pair_inputs(images, pair_ids, pair_mask))
+        logits = model.itm_logits(*model._pair_inputs(*pairs))
     torch.testing.assert_close(losses["loss_itm"].detach(), F.cross_entropy(logits, labels))
     assert losses["loss_itm"].requires_grad
     # then the step's samples are queued, inputs beside their embeddings

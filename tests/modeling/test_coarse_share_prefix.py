@@ -16,18 +16,29 @@ DETERMINISTIC = [
     "0.0",
 ]
 DETERMINISTIC += ["MODEL.LANGUAGE_BACKBONE.ATTENTION_DROPOUT", "0.0"]
-# ITM's pairs reuse the shared prefixes when its negatives come from the batch; queued negatives
-# (the default) need passes of their own
+# ITM's hard negatives from the batch (its pairs are rows of the shared prefixes) or, the default,
+# from the batch and the queue (the queued images' prefixes run for the pairs)
 BATCH_NEGATIVES = ["MODEL.COARSE.ITM_NEGATIVES", "batch"]
 
 
-def _model(share: bool, *opts) -> FIBERCoarse:
+def _model(share: bool, *opts, negatives: str = "batch") -> FIBERCoarse:
+    """The tiny coarse model; with queued negatives, 4 samples already queued (the same in every
+    model built here)."""
     torch.manual_seed(0)
     cfg = load_config(
         "configs/Demo/coarse_tiny.yaml",
-        [*SMALL, *DETERMINISTIC, *BATCH_NEGATIVES, "MODEL.COARSE.SHARE_PREFIX", str(share), *opts],
+        [*SMALL, *DETERMINISTIC, "MODEL.COARSE.ITM_NEGATIVES", negatives]
+        + ["MODEL.COARSE.SHARE_PREFIX", str(share), *opts],
     )
-    return FIBERCoarse(cfg).train()
+    model = FIBERCoarse(cfg).train()
+    if model.queue_holds_inputs:
+        g = torch.Generator().manual_seed(3)
+        dim = model.queue.image_queue.shape[0]
+        features = torch.nn.functional.normalize(torch.randn(4, dim, generator=g), dim=-1)
+        records, ids, mask = caption_batch()
+        images = torch.randint(0, 256, (4, 3, 64, 64), generator=g, dtype=torch.uint8)
+        model.queue.enqueue(features, features.flip(0), (images, ids.flip(0), mask.flip(0)))
+    return model
 
 
 def _batch() -> list[dict]:
@@ -50,17 +61,25 @@ def _losses_and_grads(model: FIBERCoarse, batch: list[dict]):
 
 
 @pytest.mark.parametrize(
-    "losses",
-    [["itc", "itm", "mlm"], ["itc", "mlm"]],
-    ids=["itc+itm+mlm", "itc+mlm"],
+    "losses,negatives",
+    [(["itc", "itm", "mlm"], "batch"), (["itc", "itm", "mlm"], "queue"), (["itc", "mlm"], "batch")],
+    ids=["itc+itm+mlm", "itc+itm+mlm-queued-negatives", "itc+mlm"],
 )
-def test_shared_prefix_gives_the_per_pass_losses_and_gradients(losses):
+def test_shared_prefix_gives_the_per_pass_losses_and_gradients(losses, negatives, monkeypatch):
     opts = ["MODEL.COARSE.LOSSES", str(losses)]
     opts += ["MODEL.COARSE.LOSS_WEIGHTS", str([1.0] * len(losses))]
     batch = _batch()
-    ref_losses, ref_grads = _losses_and_grads(_model(False, *opts), batch)
-    shared = _model(True, *opts)
+    ref_losses, ref_grads = _losses_and_grads(_model(False, *opts, negatives=negatives), batch)
+    shared = _model(True, *opts, negatives=negatives)
+    if negatives == "queue":  # the pairs hold queued images and texts, and batch ones
+        drawn = shared.itm_queue_rows
+        rows = {}
+        monkeypatch.setattr(shared, "itm_queue_rows", lambda *a: rows.setdefault("rows", drawn(*a)))
     got_losses, got_grads = _losses_and_grads(shared, batch)
+    if negatives == "queue":
+        image_rows, text_rows, _ = rows["rows"]
+        assert (image_rows[8:] >= 4).any() and (image_rows[8:] < 4).any()
+        assert (text_rows[4:8] >= 4).any()
     assert set(got_losses) == {f"loss_{k}" for k in losses}
     for k, v in ref_losses.items():
         torch.testing.assert_close(got_losses[k], v, rtol=1e-6, atol=1e-6)

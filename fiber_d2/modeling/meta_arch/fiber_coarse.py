@@ -171,8 +171,9 @@ class FIBERCoarse(nn.Module):
                 captions once for ITC and ITM, instead of once per pass as the original does. The
                 losses and gradients are the same up to rounding when the prefix has no randomness;
                 with stochastic depth or dropout there, the passes share one sample of it (the
-                original draws one per pass). ITM pairs use the shared prefixes on one process
-                with ``itm_negatives`` "batch" only.
+                original draws one per pass). ITM's pairs take the batch images' rows of the
+                shared image prefix (queued negatives' images and the pairs' texts run their own);
+                with ``itm_negatives`` "batch", on one process, they are rows of both prefixes.
             itm_negatives: where ITM's hard negatives come from: "queue" (the original: this
                 process's batch, then the queued samples, whose inputs the queue keeps) or "batch"
                 (the batch gathered over all ranks; no input queue).
@@ -428,10 +429,7 @@ class FIBERCoarse(nn.Module):
                 losses["loss_itc"] = itc_loss(sim_i2t, sim_t2i) * self.loss_weights["itc"]
             if "itm" in self.losses:
                 if inputs is not None:
-                    pairs = self.itm_queue_pairs(*inputs, sim_i2t, sim_t2i)
-                    loss = F.cross_entropy(
-                        self.itm_logits(*self._pair_inputs(*pairs[:3])), pairs[3]
-                    )
+                    loss = self._queue_itm_loss(*inputs, sim_i2t, sim_t2i, shared)
                 else:
                     loss = self._itm_loss(images, ids, mask, f_i, f_t, shared)
                 losses["loss_itm"] = loss * self.loss_weights["itm"]
@@ -447,6 +445,34 @@ class FIBERCoarse(nn.Module):
         return queue is not None and queue.holds_inputs
 
     @torch.no_grad()
+    def itm_queue_rows(
+        self, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs, as
+        rows of the pool [this process's B samples ; the queued samples] (§3.4).
+
+        The negatives are drawn with softmax over the ITC logits' columns of that pool (the
+        queue's first ``filled`` slots, the only ones holding inputs); a sample's own pair is never
+        drawn. The queued samples are those of earlier passes on every rank: this pass's are
+        enqueued after.
+
+        Args:
+            sim_i2t, sim_t2i: (B, B + Q') logits of :func:`itc_logits` against this queue.
+
+        Returns:
+            image rows (3B,), text rows (3B,), labels (3B,) with 1 for the positives.
+        """
+        b = sim_i2t.shape[0]
+        n = b + self.queue.filled
+        positive = torch.arange(b, device=sim_i2t.device)
+        neg_text = sample_hard_negatives(sim_i2t[:, :n], positive)
+        neg_image = sample_hard_negatives(sim_t2i[:, :n], positive)
+        image_rows = torch.cat([positive, positive, neg_image])
+        text_rows = torch.cat([positive, neg_text, positive])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(sim_i2t.device)
+        return image_rows, text_rows, labels
+
+    @torch.no_grad()
     def itm_queue_pairs(
         self,
         images: torch.Tensor,
@@ -455,12 +481,7 @@ class FIBERCoarse(nn.Module):
         sim_i2t: torch.Tensor,
         sim_t2i: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs, the
-        negatives drawn from the pool [this process's B samples ; the queued samples] (§3.4).
-
-        The weights are softmax over the ITC logits' columns of that pool (the queue's first
-        ``filled`` slots, the only ones holding inputs); a sample's own pair is never drawn. The
-        queued samples are those of earlier passes on every rank: this pass's are enqueued after.
+        """The pairs of :meth:`itm_queue_rows` as inputs.
 
         Args:
             images: (B, 3, S, S) uint8 mapper images; ids, mask: (B, T') their captions.
@@ -469,16 +490,51 @@ class FIBERCoarse(nn.Module):
         Returns:
             images (3B, 3, S, S) uint8, ids and mask (3B, T), labels (3B,) with 1 for the positives.
         """
-        b = images.shape[0]
-        n = b + self.queue.filled
-        positive = torch.arange(b, device=images.device)
-        neg_text = sample_hard_negatives(sim_i2t[:, :n], positive)
-        neg_image = sample_hard_negatives(sim_t2i[:, :n], positive)
-        image_rows = torch.cat([positive, positive, neg_image])
-        text_rows = torch.cat([positive, neg_text, positive])
+        image_rows, text_rows, labels = self.itm_queue_rows(sim_i2t, sim_t2i)
+        return (*self.queue.take_inputs(image_rows, text_rows, images, ids, mask), labels)
+
+    def _queue_itm_loss(self, images, ids, mask, sim_i2t, sim_t2i, shared=None) -> torch.Tensor:
+        """ITM cross-entropy over the pairs of :meth:`itm_queue_rows`. With ``shared`` (this
+        batch's :meth:`~FusedSwinRoberta.forward_prefix`) the batch images' prefixes are its rows
+        and only the queued images' prefixes run here; the pairs' texts run their prefix here."""
+        image_rows, text_rows, labels = self.itm_queue_rows(sim_i2t, sim_t2i)
         pairs = self.queue.take_inputs(image_rows, text_rows, images, ids, mask)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
-        return (*pairs, labels)
+        pair_images, pair_ids, pair_mask = self._pair_inputs(*pairs)
+        if shared is None:
+            logits = self.itm_logits(pair_images, pair_ids, pair_mask)
+        else:
+            prefix = self._pair_prefix(shared, image_rows, pair_images, pair_ids, pair_mask)
+            logits = self.itm_score(self.fused(None, None, None, prefix)["cls_feats"])
+        return F.cross_entropy(logits, labels)
+
+    def _pair_prefix(
+        self,
+        shared: FusionPrefix,
+        image_rows: torch.Tensor,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> FusionPrefix:
+        """The pairs' prefix: rows of ``shared`` for images of this batch (``image_rows`` < B), the
+        image prefix of the queued ones (rows of ``images``, (P, 3, S, S) normalised), and the text
+        prefix of the (P, T) pair texts."""
+        b = shared.image.shape[0]
+        rows = image_rows.clamp(max=b - 1)
+        x = shared.image[rows]
+        outputs = {k: v[rows] for k, v in shared.image_outputs.items()}
+        queued = (image_rows >= b).nonzero().flatten()
+        if len(queued):
+            queued_x, queued_outputs = self.backbone.forward_image_prefix(images[queued])
+            x = x.index_copy(0, queued, queued_x)
+            outputs = {k: v.index_copy(0, queued, queued_outputs[k]) for k, v in outputs.items()}
+        hidden, layer_mask, text_mask = self.backbone.forward_text_prefix(ids, mask)
+        return FusionPrefix(
+            image=x,
+            text=hidden,
+            text_layer_mask=layer_mask,
+            attention_mask=text_mask,
+            image_outputs=outputs,
+        )
 
     def _pair_inputs(self, images, ids, mask):
         """Pairs of :meth:`itm_queue_pairs` as model inputs: normalised images, texts cut to their
