@@ -393,10 +393,10 @@ class FIBERCoarse(nn.Module):
             return self.inference(batched_inputs)
         raw = self._raw_images(batched_inputs)
         images = self._normalize(raw)
-        full_ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
-        full_mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
-        length = self._text_length(full_mask, all_ranks=True)
-        ids, mask = trim_text(length, full_ids, full_mask)
+        ids = torch.stack([x["input_ids"] for x in batched_inputs]).to(self.device)
+        mask = torch.stack([x["attention_mask"] for x in batched_inputs]).to(self.device)
+        length = self._text_length(mask, all_ranks=True)
+        ids, mask = trim_text(length, ids, mask)
         inputs = (raw, ids, mask) if self.queue_holds_inputs else None
         losses = {}
         # the image prefix and the captions' text prefix, once for every pass (share_prefix;
