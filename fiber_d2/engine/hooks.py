@@ -16,24 +16,41 @@ __all__ = ["ModelEMA", "EMAHook", "WeightDecayScheduleHook", "weight_decay_multi
 logger = logging.getLogger(__name__)
 
 
+def _run_state_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the modules marked ``fresh_each_run`` (the coarse stage's queues): state
+    of the run, not weights."""
+    prefixes = [
+        name + "." for name, m in model.named_modules() if getattr(m, "fresh_each_run", False)
+    ]
+    return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+
 class ModelEMA:
-    """Exponential moving average over the whole state dict (parameters and floating buffers).
+    """Exponential moving average over the state dict (parameters and floating buffers).
 
     ``ema = decay * ema + (1 - decay) * current`` after every optimizer step (FIBER: decay 0.999).
-    Checkpointable: detectron2's checkpointer saves it as ``model_ema`` and ``--resume`` restores it.
+    The buffers of modules marked ``fresh_each_run`` (the coarse stage's queues, up to 1.8 GB of
+    ITM inputs) are run state: they are neither averaged nor copied, and the averaged weights are
+    used with the model's own. Checkpointable: detectron2's checkpointer saves it as ``model_ema``
+    and ``--resume`` restores it.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"SOLVER.EMA.DECAY must be in [0, 1), got {decay}")
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in unwrap_model(model).state_dict().items()}
+        model = unwrap_model(model)
+        self._run_state = _run_state_keys(model)
+        self.state = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if k not in self._run_state
+        }
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """Blend the current weights of ``model`` into the average."""
-        for k, v in unwrap_model(model).state_dict().items():
-            avg = self.state[k]
+        current = unwrap_model(model).state_dict()
+        for k, avg in self.state.items():
+            v = current[k]
             if avg.dtype.is_floating_point:
                 avg.mul_(self.decay).add_(v.detach().to(avg.dtype), alpha=1.0 - self.decay)
             else:
@@ -43,12 +60,22 @@ class ModelEMA:
     def apply_to(self, model: torch.nn.Module) -> Iterator[None]:
         """Temporarily load the averaged weights into ``model`` (e.g. for evaluation)."""
         target = unwrap_model(model)
-        backup = {k: v.detach().clone() for k, v in target.state_dict().items()}
-        target.load_state_dict(self.state)
+        backup = {k: v.detach().clone() for k, v in target.state_dict().items() if k in self.state}
+        self._load(target, self.state)
         try:
             yield
         finally:
-            target.load_state_dict(backup)
+            self._load(target, backup)
+
+    def _load(self, target: torch.nn.Module, state: dict) -> None:
+        """Load the averaged keys; every other key must be run state."""
+        result = target.load_state_dict(state, strict=False)
+        unexpected = set(result.missing_keys) - self._run_state
+        if unexpected or result.unexpected_keys:
+            raise KeyError(
+                f"EMA state does not fit the model: missing {sorted(unexpected)[:3]}, "
+                f"unexpected {sorted(result.unexpected_keys)[:3]}"
+            )
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "state": self.state}

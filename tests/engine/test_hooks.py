@@ -77,3 +77,30 @@ def test_weight_decay_hook_follows_the_scheduler_steps_when_given():
     scheduler.last_epoch = 50
     hook.before_step()
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.001)
+
+
+def test_ema_leaves_the_queues_to_the_run():
+    """The coarse stage's queues (modules marked fresh_each_run) are run state: not averaged, not
+    copied, and the model keeps its own while the averaged weights are applied."""
+    from fiber_d2.modeling.meta_arch.coarse_losses import FeatureQueue
+
+    m = nn.Module()
+    m.proj = nn.Linear(1, 1, bias=False)
+    m.queue = FeatureQueue(dim=2, size=3)
+    m.queue.hold_inputs(image_size=2, text_length=2, pad_token_id=1)
+    m.proj.weight.data.fill_(0.0)
+    ema = ModelEMA(m, decay=0.5)
+    assert set(ema.state) == {"proj.weight"}
+    m.proj.weight.data.fill_(2.0)
+    images = torch.full((1, 3, 2, 2), 9, dtype=torch.uint8)
+    m.queue.enqueue(
+        torch.ones(1, 2), torch.ones(1, 2), (images, torch.ones(1, 2), torch.ones(1, 2))
+    )
+    ema.update(m)
+    m.queue.enqueue(
+        torch.ones(1, 2), torch.ones(1, 2), (images, torch.ones(1, 2), torch.ones(1, 2))
+    )
+    with ema.apply_to(m):  # the averaged weights with the live queue (2 samples)
+        assert m.proj.weight.item() == 1.0 and m.queue.queue_total.item() == 2
+        assert m.queue.image_input_queue[:2].eq(9).all()
+    assert m.proj.weight.item() == 2.0
