@@ -29,72 +29,12 @@ from torch import nn
 
 from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusedSwinRoberta, FusionPrefix
+from .coarse_heads import ITMHead, MLMHead, Pooler, init_head
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
-__all__ = ["FIBERCoarse", "init_head"]
+__all__ = ["FIBERCoarse"]
 
 logger = logging.getLogger(__name__)
-
-
-def init_head(module: nn.Module) -> None:
-    """Normal(0, 0.02) Linear weights, zero biases, unit LayerNorms (the original's init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-class Pooler(nn.Module):
-    """Dense + tanh on one token (``pool="first"``) or on the token mean (``pool="mean"``; over the
-    tokens where ``mask`` is 1 when a mask is given)."""
-
-    def __init__(self, dim: int, pool: str):
-        super().__init__()
-        if pool not in ("first", "mean"):
-            raise ValueError(f"pooling must be 'first' or 'mean', got {pool!r}")
-        self.dense = nn.Linear(dim, dim)
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D), mask: optional (B, N) -> (B, D)."""
-        if self.pool == "first":
-            pooled = x[:, 0]
-        elif mask is None:
-            pooled = x.mean(dim=1)
-        else:
-            m = mask.to(x.dtype).unsqueeze(-1)
-            pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        return torch.tanh(self.dense(pooled))
-
-
-class MLMHead(nn.Module):
-    """``transform`` (dense, GELU, LayerNorm eps 1e-12) then an untied ``decoder`` plus ``bias``."""
-
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__()
-        self.transform = nn.Module()
-        self.transform.dense = nn.Linear(dim, dim)
-        self.transform.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
-        self.decoder = nn.Linear(dim, vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) -> logits (B, T, V)."""
-        h = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
-        return self.decoder(h) + self.bias
-
-
-class _ITMHead(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc = nn.Linear(dim, 2)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 def _gather_cat(x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +180,7 @@ class FIBERCoarse(nn.Module):
         (``itm_score``, ``mlm_score``, ``temp``, the ITC batch norms and queue). A subclass with
         other heads overrides it; all of them then get :meth:`_init_new_modules` (the random draws
         follow the order in which modules are built here)."""
-        self.itm_score = _ITMHead(2 * text_dim)
+        self.itm_score = ITMHead(2 * text_dim)
         self.mlm_score = MLMHead(text_dim, vocab_size)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
         self.itc_image_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..backbone.fused import FusionPrefix
-from .fiber_coarse import FIBERCoarse, init_head
+from .coarse_heads import init_head
+from .fiber_coarse import FIBERCoarse
 
 __all__ = ["FIBERFusedTask", "task_head", "init_head"]
 

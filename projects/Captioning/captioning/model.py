@@ -34,7 +34,7 @@ from torch import nn
 
 from fiber_d2.modeling.backbone.causal_text import TextKVCache
 from fiber_d2.modeling.meta_arch import FIBERFusedTask
-from fiber_d2.modeling.meta_arch.fiber_coarse import MLMHead
+from fiber_d2.modeling.meta_arch.coarse_heads import MLMHead
 from fiber_d2.text import build_tokenizer
 
 from .cider import CiderD, references_by_image
