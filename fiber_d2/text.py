@@ -346,10 +346,12 @@ def build_detection_prompt(
     """Turn one detection sample into a grounding prompt ("optimized for OD", spec 4.4).
 
     1. Positive-overflow guard: the distinct positive labels are shuffled and kept while the
-       running BPE length of ``"<name>. "`` stays <= ``max_tokens``.
+       running BPE length of ``"<name>. "`` stays <= ``max_tokens``. That running length, the
+       first label that did not fit included, is L_pos.
     2. The number of negatives n comes from ``control_prob`` (:func:`sample_num_negatives`).
     3. n classes are drawn without replacement from all classes; positives are discarded.
-    4. Negatives are kept in order while the remaining budget stays > 0.
+    4. Negatives are kept in order while the remaining budget (``max_tokens`` - L_pos minus
+       each negative's length) stays > 0.
     5. Negatives + kept positives are shuffled together (sorted by id if ``shuffle`` is False)
        and joined with ``separator``.
 
@@ -397,10 +399,13 @@ def build_detection_prompt(
     kept: List[int] = []
     used = 0
     for c in positives:
-        if used + length_of(c) > max_tokens:
+        # The original adds a label's length before testing it, so when the positives
+        # overflow, the length that bounds the negatives below counts the first label
+        # that did not fit too (spec 4.4 calls L_pos "the kept length"; this is the code's).
+        used += length_of(c)
+        if used > max_tokens:
             break
         kept.append(c)
-        used += length_of(c)
 
     n = min(sample_num_negatives(rng, control_prob, random_sample_neg), num_classes)
     positive_set = set(positives)

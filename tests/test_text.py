@@ -258,6 +258,25 @@ def test_detection_prompt_budgets(tok):
         assert kept == [] and len(spans) == expected
 
 
+def test_detection_prompt_overflow_counts_the_first_dropped_positive(tok):
+    """Spec 4.4 as the original codes it: when the positives overflow, the length that bounds the
+    negatives includes the first positive that did not fit, so a negative that would fit in
+    what the kept positives leave is not added."""
+    names = [" ".join([f"name{i}"] * 4) for i in range(3)] + ["name3"]
+    lengths = prompt_token_lengths(tok, names)
+    long_, short = lengths[0], lengths[3]
+    assert set(lengths[:3]) == {long_} and long_ > short + 1
+    budget = 2 * long_ + short + 1  # two positives and the negative fit; three positives do not
+    for positives, expected_negative in (([0, 1], True), ([0, 1, 2], False)):
+        _, spans, kept = build_detection_prompt(
+            positives, names, random.Random(0), random_sample_neg=4, control_prob=(0, 0, 1, 0),
+            max_tokens=budget, tokenizer=tok,
+        )  # fmt: skip
+        # every class is drawn; the positives among them are discarded, name 3 is the negative
+        assert len(kept) == 2 and set(spans) - set(kept) <= {3}
+        assert (3 in spans) == expected_negative, (positives, spans)
+
+
 def test_mask_tokens_for_mlm(tok):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, len(tok), (64, 40), generator=gen)
