@@ -348,7 +348,8 @@ def build_detection_prompt(
     1. Positive-overflow guard: the distinct positive labels are shuffled and kept while the
        running BPE length of ``"<name>. "`` stays <= ``max_tokens``. That running length, the
        first label that did not fit included, is L_pos.
-    2. The number of negatives n comes from ``control_prob`` (:func:`sample_num_negatives`).
+    2. The number of negatives n comes from ``control_prob`` (:func:`sample_num_negatives`),
+       with ``random_sample_neg`` capped by the number of classes.
     3. n classes are drawn without replacement from all classes; positives are discarded.
     4. Negatives are kept in order while the remaining budget (``max_tokens`` - L_pos minus
        each negative's length) stays > 0.
@@ -407,7 +408,9 @@ def build_detection_prompt(
             break
         kept.append(c)
 
-    n = min(sample_num_negatives(rng, control_prob, random_sample_neg), num_classes)
+    # the original caps the "full" count by the number of classes before its options draw from
+    # it, so the uniform option reads 1..min(random_sample_neg, num_classes)
+    n = sample_num_negatives(rng, control_prob, min(random_sample_neg, num_classes))
     positive_set = set(positives)
     negatives = [c for c in rng.sample(range(num_classes), n) if c not in positive_set]
     budget = max_tokens - used

@@ -277,6 +277,21 @@ def test_detection_prompt_overflow_counts_the_first_dropped_positive(tok):
         assert (3 in spans) == expected_negative, (positives, spans)
 
 
+def test_detection_prompt_uniform_negatives_capped_by_the_classes(tok):
+    """Spec 4.4 step 2 as the original codes it: with fewer classes than RANDOM_SAMPLE_NEG the
+    uniform option draws n from 1..#classes (not 1..85 then capped, which is nearly always all)."""
+    names = [f"name{i}" for i in range(12)]
+    rng = random.Random(0)
+    counts = Counter()
+    for _ in range(600):
+        _, spans, _ = build_detection_prompt(
+            [], names, rng, random_sample_neg=85, control_prob=(0, 0, 0, 1), tokenizer=tok
+        )
+        counts[len(spans)] += 1
+    assert set(counts) == set(range(1, 13))
+    assert max(counts.values()) < 600 * 0.2  # each count about 1/12; capped after: 12 in 87 %
+
+
 def test_mask_tokens_for_mlm(tok):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, len(tok), (64, 40), generator=gen)
