@@ -170,6 +170,14 @@ def torch_load_error(path: str, error: BaseException) -> str:
             f"refusing to load {path}: it holds {refused.group(1)}, not only tensors and plain "
             f"containers (torch.load weights_only=True; safe formats: {SAFE_FORMATS})"
         )
+    # any other refusal of torch's restricted unpickler (a corrupt file, or not a checkpoint):
+    # its detail, without the advice to load it unrestricted that heads torch's message
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:
+        return (
+            f"cannot load {path} with torch.load(weights_only=True): not a readable checkpoint "
+            f"(corrupt, or another kind of file; the unpickler: {unpickler.group(1).strip()})"
+        )
     reason = (text.strip().splitlines() or [type(error).__name__])[0]
     return f"cannot load {path} with torch.load(weights_only=True): {reason}"
 

@@ -66,6 +66,18 @@ def test_pkl_with_any_other_object_is_refused(tmp_path):
         load_checkpoint_file(str(corrupt))
 
 
+def test_a_file_that_is_no_checkpoint_gets_one_line_without_unsafe_advice(tmp_path):
+    """torch's refusal starts with advice to load the file unrestricted; the error gives the
+    unpickler's detail instead, on one line naming the file."""
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(str(junk))
+    message = str(err.value)
+    assert str(junk) in message and "not a readable checkpoint" in message
+    assert "\n" not in message and "False" not in message and "arbitrary code" not in message
+
+
 def test_pkl_with_persistent_ids_is_refused(tmp_path):
     """Pickles that reference outside storage (as torch's legacy format does) are refused, not
     loaded with holes."""
