@@ -362,7 +362,7 @@ class FIBERCoarse(nn.Module):
             q = self.queue
             image_queue, text_queue = q.image_queue, q.text_queue
             if self.queue_init == "empty":  # only the columns written so far
-                filled = int(min(q.queue_total.item(), image_queue.shape[1]))
+                filled = q.filled
                 image_queue, text_queue = image_queue[:, :filled], text_queue[:, :filled]
             sim_i2t, sim_t2i = itc_logits(f_i, f_t, image_queue, text_queue, self.temp)
             if "itc" in self.losses:
