@@ -6,7 +6,8 @@
 
 torchvision's ``RandAugment`` differs from the original's (it always applies its ops, draws from
 another op list including Posterize/Solarize/Color/Contrast and uses other magnitude scales), so the
-original's variant is written here on torchvision's functional ops.
+original's variant is written here: numpy lookup tables and OpenCV's affine warps, computed as the
+original computes them (OpenCV and PIL warps differ by half a pixel and in their interpolation).
 
 Images are HWC uint8 numpy arrays in and out (the mappers' format). :func:`read_vl_image` reads one
 from a file or from a row of one of the original's Arrow files (coarse spec §7).
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import random
 from typing import Callable, Optional
 
+import cv2
 import numpy as np
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from .mapper import read_image_file
@@ -31,34 +31,121 @@ __all__ = ["AlbefRandAugment", "build_vl_image_transform", "read_vl_image", "VL_
 
 VL_TRANSFORMS = ("resize", "albef_randaug")
 _FILL = (128, 128, 128)
-_BILINEAR = InterpolationMode.BILINEAR  # the original's warps interpolate linearly
 
 
-def sharpen_wrapping(image: Image.Image, factor: float) -> Image.Image:
-    """The original's Sharpness op: ``smooth + factor * (image - smooth)`` on the interior pixels,
-    with ``smooth`` the 3 x 3 smoothing (1 1 1 / 1 5 1 / 1 1 1, over 13: PIL's ``SMOOTH``), computed
-    in float and cast to uint8 without clipping: values beyond 0..255 wrap around (truncated, then
-    modulo 256), as the original's numpy cast does, where PIL's enhancer clips. Border pixels stay.
+def _per_channel(image: np.ndarray, lut_of: Callable[[np.ndarray], Optional[np.ndarray]]):
+    """Maps each channel of an HWC uint8 image through the 256-entry table that ``lut_of(channel)``
+    returns; a channel for which it returns None stays."""
+    out = image.copy()
+    for c in range(image.shape[2]):
+        lut = lut_of(image[..., c])
+        if lut is not None:
+            out[..., c] = lut[image[..., c]]
+    return out
 
-    Args:
-        image: an RGB PIL image.
-        factor: blend factor (1.36 at M = 7).
-    """
-    pixels = np.asarray(image, dtype=np.float32)
-    if min(pixels.shape[:2]) < 3:
+
+def autocontrast(image: np.ndarray) -> np.ndarray:
+    """The original's AutoContrast (cutoff 0): a channel with values ``lo..hi`` (``hi > lo``) goes
+    through ``v * s + o``, ``s = 255 / (hi - lo)``, clipped to 0..255 and truncated. The original
+    writes the offset ``o`` as ``-lo * s`` with ``lo`` a numpy uint8 scalar, whose negation wraps
+    around: ``o = ((256 - lo) % 256) * s``. So a channel whose minimum is 0 is stretched to 0..255,
+    as PIL's ``autocontrast`` would, while any other non-constant channel becomes 255 everywhere.
+    The released checkpoints were fine-tuned with that, so it is kept; a constant channel stays."""
+
+    def lut(channel):
+        lo, hi = int(channel.min()), int(channel.max())
+        if hi <= lo:
+            return None
+        scale = 255 / (hi - lo)
+        table = np.arange(256) * scale + ((256 - lo) % 256) * scale
+        return np.clip(table, 0, 255).astype(np.uint8)
+
+    return _per_channel(image, lut)
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """The original's Equalize (PIL's rule): per channel, with ``step`` the pixel count outside the
+    last occupied histogram bin, floor-divided by 255, value ``v`` maps to
+    ``(step // 2 + #pixels below v) // step``, clipped to 255; a channel with ``step`` 0 stays."""
+
+    def lut(channel):
+        hist = np.bincount(channel.ravel(), minlength=256)
+        occupied = hist[hist > 0]
+        step = int(occupied[:-1].sum()) // 255
+        if step == 0:
+            return None
+        below = np.concatenate([[0], np.cumsum(hist)[:-1]])
+        return np.clip((step // 2 + below) // step, 0, 255).astype(np.uint8)
+
+    return _per_channel(image, lut)
+
+
+def brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """``v * factor`` in float32, clipped to 0..255 and truncated (the original's table)."""
+    table = np.arange(256, dtype=np.float32) * np.float32(factor)
+    return np.clip(table, 0, 255).astype(np.uint8)[image]
+
+
+def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """The original's Sharpness: ``smooth + factor * (image - smooth)`` on the interior pixels, with
+    ``smooth`` the 3 x 3 smoothing (1 1 1 / 1 5 1 / 1 1 1, over 13; OpenCV's ``filter2D``, rounded to
+    uint8), computed in float32 and cast to uint8 without clipping: values beyond 0..255 wrap around
+    (truncated, then modulo 256), as the original's numpy cast does on x86. Border pixels stay.
+    Factor 0 returns the smoothed image and 1 the image, as the original's special cases do."""
+    kernel = np.ones((3, 3), np.float32)
+    kernel[1, 1] = 5.0
+    smooth = cv2.filter2D(image, -1, kernel / 13.0)
+    if factor == 0.0:
+        return smooth
+    if factor == 1.0 or min(image.shape[:2]) < 3:
         return image
-    smooth = np.asarray(image.filter(ImageFilter.SMOOTH), dtype=np.float32)
-    out = pixels.copy()
+    out = image.astype(np.float32)
     inner = (slice(1, -1), slice(1, -1))
-    out[inner] = smooth[inner] + factor * (pixels[inner] - smooth[inner])
-    return Image.fromarray((np.trunc(out).astype(np.int64) % 256).astype(np.uint8))
+    blur = smooth[inner].astype(np.float32)
+    out[inner] = blur + np.float32(factor) * (out[inner] - blur)
+    return (np.trunc(out).astype(np.int64) % 256).astype(np.uint8)
+
+
+def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """OpenCV's affine warp (``matrix`` 2 x 3 maps input to output pixel coordinates; bilinear, the
+    outside filled with grey 128), as all of the original's geometric ops."""
+    h, w = image.shape[:2]
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (w, h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=_FILL,
+    )
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Counter-clockwise by ``degrees`` about (W / 2, H / 2) in OpenCV's pixel coordinates (pixel
+    centres at integers, so half a pixel off PIL's centre)."""
+    h, w = image.shape[:2]
+    return warp(image, cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0))
+
+
+def shear(image: np.ndarray, factor: float, axis: str) -> np.ndarray:
+    """``x' = x + factor * y`` (axis "x") or ``y' = y + factor * x`` (axis "y"): about the top-left
+    corner, whose row / column stays."""
+    a, b = (factor, 0.0) if axis == "x" else (0.0, factor)
+    return warp(image, np.float32([[1, a, 0], [b, 1, 0]]))
+
+
+def translate(image: np.ndarray, offset: float, axis: str) -> np.ndarray:
+    """Content moves by ``-offset`` px along ``axis`` (the original's sign; its draws are symmetric)."""
+    dx, dy = (-offset, 0.0) if axis == "x" else (0.0, -offset)
+    return warp(image, np.float32([[1, 0, dx], [0, 1, dy]]))
 
 
 class AlbefRandAugment:
-    """The original's RandAugment: N ops drawn with replacement, each applied with probability 0.5 at
-    magnitude M of 10 (coarse spec §5.2: N = 2, M = 7: rotate +-3M deg, shear +-0.03M, translate +-M px,
-    brightness / sharpness factor 0.1 + 1.8 M / 10 (1.36 at M = 7); fill grey 128). As in the original,
-    rotations and shears interpolate bilinearly, and shears are about the top-left corner."""
+    """The original's RandAugment (ALBEF's, on HWC uint8 arrays): N ops drawn with replacement, each
+    applied with probability 0.5 at magnitude M of 10 (coarse spec §5.2: N = 2, M = 7: rotate
+    +-30 M / 10 deg, shear +-0.3 M / 10, translate +-10 M / 10 px, brightness / sharpness factor
+    1.8 M / 10 + 0.1 (1.36 at M = 7); fill grey 128). Each op computes as the original's does,
+    OpenCV warps included (:func:`autocontrast` keeps the original's overflow)."""
 
     OPS = (
         "Identity",
@@ -80,43 +167,30 @@ class AlbefRandAugment:
     def _signed(self, value: float) -> float:
         return value if self.rng.random() < 0.5 else -value
 
-    def apply(self, image: Image.Image, op: str) -> Image.Image:
-        """Apply one op at magnitude ``self.m`` to a PIL image."""
-        m = self.m
+    def apply(self, image: np.ndarray, op: str) -> np.ndarray:
+        """Apply one op at magnitude ``self.m`` to an HWC uint8 array (the magnitudes are written
+        as the original computes them, so that they round alike)."""
+        level = self.m / 10
         if op == "Identity":
             return image
         if op == "AutoContrast":
-            return ImageOps.autocontrast(image)
+            return autocontrast(image)
         if op == "Equalize":
-            return ImageOps.equalize(image)
+            return equalize(image)
         if op == "Brightness":
-            return TF.adjust_brightness(image, 0.1 + 1.8 * m / 10.0)
+            return brightness(image, level * 1.8 + 0.1)
         if op == "Sharpness":
-            return sharpen_wrapping(image, 0.1 + 1.8 * m / 10.0)
+            return sharpness(image, level * 1.8 + 0.1)
         if op in ("ShearX", "ShearY"):
-            # about the top-left corner (row / column 0 stays), as the original's affine warp
-            shear = math.degrees(math.atan(self._signed(0.03 * m)))
-            shear_xy = [shear, 0.0] if op == "ShearX" else [0.0, shear]
-            return TF.affine(
-                image,
-                0.0,
-                [0, 0],
-                1.0,
-                shear_xy,
-                interpolation=_BILINEAR,
-                fill=_FILL,
-                center=[0, 0],
-            )
+            return shear(image, self._signed(level * 0.3), op[-1].lower())
         if op in ("TranslateX", "TranslateY"):
-            t = int(self._signed(float(m)))
-            return TF.affine(
-                image, 0.0, [t, 0] if op == "TranslateX" else [0, t], 1.0, [0.0, 0.0], fill=_FILL
-            )
+            return translate(image, self._signed(level * 10.0), op[-1].lower())
         if op == "Rotate":
-            return TF.rotate(image, self._signed(3.0 * m), interpolation=_BILINEAR, fill=_FILL)
+            return rotate(image, self._signed(level * 30))
         raise KeyError(op)
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image) -> np.ndarray:
+        image = np.asarray(image)
         for op in self.rng.choices(self.OPS, k=self.n):
             if self.rng.random() < 0.5:
                 image = self.apply(image, op)
@@ -155,7 +229,7 @@ def build_vl_image_transform(
         pil = crop(Image.fromarray(image))
         if rng.random() < 0.5:
             pil = ImageOps.mirror(pil)
-        return np.asarray(randaug(pil))
+        return randaug(pil)
 
     return albef_randaug
 
