@@ -253,9 +253,9 @@ def resize_relative_position_table(table: torch.Tensor, num_rows: int) -> torch.
     """Resize a Swin relative-position bias table to another window (coarse spec §5.1).
 
     The table is viewed as (heads, 2w-1, 2w-1), interpolated bicubically to (2w'-1, 2w'-1) and
-    flattened back. UNDETERMINED in the spec: ``align_corners``; the chosen value is False (PyTorch's
-    default for a plain ``interpolate(mode="bicubic")`` call), which keeps the zero-offset centre entry
-    exactly.
+    flattened back, rows in (row, column) order of the new grid. The spec leaves ``align_corners``
+    open; the original's ``swin_adapt_position_encoding`` (coarse_grained/fiber/modules/swin_helpers.py)
+    calls ``interpolate(mode="bicubic")`` without it, i.e. False, as here.
 
     Args:
         table: ((2w-1)^2, heads).
