@@ -113,6 +113,49 @@ def test_drop_block_only_in_training_and_only_on_p3_p4():
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
+def test_drop_block_feeds_the_output_conv_only_not_the_top_down_path():
+    """As the original's FPN: the merged map of a level is dropped on its way into that level's
+    3 x 3 output conv, while the map passed down to the next finer level stays whole. A stand-in
+    that doubles its input and records it: P3's merged map is lateral(res3) + up(P4's merged map),
+    not up(twice that)."""
+
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x)
+            return 2 * x
+
+    fpn = _fpn().eval()
+    fpn.drop_block = Record()
+    images, ids, mask = _inputs()
+    with torch.no_grad():
+        feats, _ = fpn(images, ids, mask)
+        bottom_up, _ = fpn.bottom_up(images, ids, mask)
+        merged4, merged3 = fpn.drop_block.seen
+        lateral3 = fpn.lateral_convs[2](bottom_up[fpn.in_features[0]])
+        up = F.interpolate(merged4, size=lateral3.shape[-2:], mode="nearest")
+        torch.testing.assert_close(merged3, lateral3 + up)
+        torch.testing.assert_close(feats["p3"], fpn.output_convs[2](2 * merged3))
+
+
+def test_drop_block_counts_in_float32_under_half_precision():
+    """90,000 positions of one fp16 map: the kept count passes fp16's 65,504, where an fp16 count
+    turned the rescale into 0 and the whole map into zeros. The same draws on fp32 input give the
+    same output."""
+    drop = DropBlock2d(0.3, 3).train()
+    x = torch.rand(1, 2, 300, 300, generator=torch.Generator().manual_seed(0)) + 0.5
+    torch.manual_seed(1)
+    half = drop(x.half())
+    torch.manual_seed(1)
+    full = drop(x)
+    assert half.dtype == torch.float32  # the float32 mask promotes it, as the original's does
+    assert torch.isfinite(half).all() and (half != 0).float().mean() > 0.5
+    torch.testing.assert_close(half, full, rtol=1e-3, atol=1e-3)
+
+
 def test_drop_block_keep_rate_shared_mask_and_rescale():
     p, block = 0.3, 3
     gamma = p / block**2

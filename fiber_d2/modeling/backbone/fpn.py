@@ -31,7 +31,10 @@ class DropBlock2d(nn.Module):
     ``block_size`` squares by max-pooling, and one spatial mask per image is shared by all
     channels; the output is rescaled by (mask elements / kept elements) over the whole batch.
     ``torchvision.ops.drop_block2d`` differs (per-channel masks, edge-corrected rate), hence this
-    module. Identity in eval mode.
+    module. The mask and its count are float32, as in the original, so that a half-precision input
+    (autocast) cannot overflow the count (fp16 ends at 65,504 kept positions, fewer than a batch of
+    8 P3 maps at 1333 x 800 holds); a half input therefore comes out float32, as the original's
+    does. Identity in eval mode.
     """
 
     def __init__(self, p: float = 0.3, block_size: int = 3):
@@ -59,7 +62,7 @@ class DropBlock2d(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         gamma = self.p / self.block_size**2
-        seeds = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < gamma).to(x.dtype)
+        seeds = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device) < gamma).float()
         dropped = F.max_pool2d(seeds, self.block_size, stride=1, padding=self.block_size // 2)
         if self.block_size % 2 == 0:
             dropped = dropped[:, :, :-1, :-1]
@@ -155,9 +158,10 @@ class FIBERFPN(FPN):
         for idx in range(1, len(self.lateral_convs)):
             lateral = self.lateral_convs[idx](bottom_up[self.in_features[-idx - 1]])
             prev = lateral + F.interpolate(prev, size=lateral.shape[-2:], mode="nearest")
-            if self.drop_block is not None:
-                prev = self.drop_block(prev)
-            results.insert(0, self.output_convs[idx](prev))
+            # DropBlock reaches this level's output conv only; the top-down map passed on to the
+            # next level stays whole, as in the original
+            dropped = prev if self.drop_block is None else self.drop_block(prev)
+            results.insert(0, self.output_convs[idx](dropped))
         results.extend(self.top_block(results[self._out_features.index(self.top_block.in_feature)]))
         features = dict(zip(self._out_features, results))
         mask = text["mask"]
