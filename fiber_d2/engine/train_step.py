@@ -168,6 +168,11 @@ class AMPStepTrainer(_StepMixin, AMPTrainer):
         self.grad_scaler.scale(loss).backward()
 
     def _optimizer_step(self) -> None:
+        # Unscale first: a fused optimizer (SOLVER.FUSED) would otherwise receive the scaled
+        # gradients and unscale them inside its kernel, after SOLVER.CLIP_GRADIENTS had clipped them
+        # at the scaled norm (65,536 x the true one at the initial scale). For the for-loop
+        # optimizers this is the unscale GradScaler.step does itself.
+        self.grad_scaler.unscale_(self.optimizer)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 

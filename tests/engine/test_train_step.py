@@ -138,6 +138,35 @@ def test_accumulated_passes_take_the_step_of_the_whole_batch(amp):
     assert any(not torch.equal(g, m) for g, m in zip(got, moved))
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_amp_clipping_sees_unscaled_gradients_with_a_fused_optimizer(optimizer):
+    """Full-model clipping at norm 1 under a live gradient scaler (2^16; the CPU's GradScaler):
+    a fused optimizer takes the same step as the for-loop one, with the clipped gradients at their
+    true norm (3.23 here, so clipped to 1). A fused optimizer unscales inside its kernel, so
+    without the trainer's unscale the clip saw 65,536 x the norm and the step shrank to 1 / 65,536.
+    """
+    from fiber_d2.engine.optimizer import _with_full_model_clipping
+
+    def step(fused):
+        model = _Toy()
+        clipped = _with_full_model_clipping(optimizer, 1.0)
+        opt = clipped(model.parameters(), lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        with warnings.catch_warnings():  # the CPU disables autocast("cuda")
+            warnings.simplefilter("ignore")
+            trainer = AMPStepTrainer(model, _Loader(_samples(8), 8), opt, grad_scaler=scaler)
+            params, _ = _one_step(trainer)
+        norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        return params, norm
+
+    loop, loop_norm = step(False)
+    fused, fused_norm = step(True)
+    assert loop_norm.item() == pytest.approx(1.0, rel=1e-5)  # clipped, unscaled
+    assert fused_norm.item() == pytest.approx(loop_norm.item(), rel=1e-5)
+    for f, e in zip(fused, loop):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+
+
 def _ddp_step(rank):
     """Each rank: 2 passes of 2 of its own 4 samples, DDP; the reference is one step over all 8."""
     from torch.nn.parallel import DistributedDataParallel
