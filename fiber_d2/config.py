@@ -251,6 +251,10 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.SOLVER.EMA = CN()
     _C.SOLVER.EMA.ENABLED = False  # keep an exponential moving average of the weights
     _C.SOLVER.EMA.DECAY = 0.999  # EMA decay per iteration
+    # evaluate the averaged weights during and at the end of training (the original's
+    # USE_EMA_FOR_MONITOR); off: the raw weights, which the original evaluates and which
+    # model_final.pth holds as "model" (--eval-only reads those); the average is saved as "model_ema"
+    _C.SOLVER.EMA.USE_FOR_EVAL = False
     _C.SOLVER.MAX_NEG_PER_BATCH = 0.1  # skip batches whose share of box-less images exceeds this
 
     # ------------------------------------------------------------------ test additions

@@ -32,7 +32,9 @@ class ModelEMA:
     The buffers of modules marked ``fresh_each_run`` (the coarse stage's queues, up to 1.8 GB of
     ITM inputs) are run state: they are neither averaged nor copied, and the averaged weights are
     used with the model's own. Checkpointable: detectron2's checkpointer saves it as ``model_ema``
-    and ``--resume`` restores it.
+    and ``--resume`` restores it. :class:`EMAHook` restarts it from the model's weights when training
+    starts unless it was restored, so that it averages from the weights the run loaded
+    (``MODEL.WEIGHTS``), as the original builds its average after loading them.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
@@ -44,6 +46,14 @@ class ModelEMA:
         self.state = {
             k: v.detach().clone() for k, v in model.state_dict().items() if k not in self._run_state
         }
+        self.restored = False  # set by load_state_dict (a resumed run)
+
+    @torch.no_grad()
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start the average again from the current weights of ``model``."""
+        current = unwrap_model(model).state_dict()
+        for k, avg in self.state.items():
+            avg.copy_(current[k])
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -89,14 +99,21 @@ class ModelEMA:
         for k, v in state["state"].items():
             if k in self.state:
                 self.state[k].copy_(v)
+        self.restored = True
 
 
 class EMAHook(HookBase):
-    """Update a :class:`ModelEMA` after every optimiser step (not after a skipped batch)."""
+    """Update a :class:`ModelEMA` after every optimiser step (not after a skipped batch). When
+    training starts, an average that was not restored from a checkpoint restarts from the model's
+    weights: the hook is built before ``resume_or_load`` loads ``MODEL.WEIGHTS``."""
 
     def __init__(self, ema: ModelEMA, model: torch.nn.Module):
         self.ema = ema
         self.model = model
+
+    def before_train(self):
+        if not self.ema.restored:
+            self.ema.reset(self.model)
 
     def after_step(self):
         if not step_was_skipped(self.trainer):

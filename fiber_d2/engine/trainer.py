@@ -116,9 +116,10 @@ class FIBERTrainer(DefaultTrainer):
             self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY)
             self.checkpointer.add_checkpointable("model_ema", self.ema)
             extra.append(EMAHook(self.ema, model))
-            for h in ret:  # evaluate the averaged weights, as FIBER does
-                if isinstance(h, hooks.EvalHook):
-                    h._func = self._wrap_with_ema(h._func)
+            if cfg.SOLVER.EMA.USE_FOR_EVAL:  # else the raw weights, as the original evaluates
+                for h in ret:
+                    if isinstance(h, hooks.EvalHook):
+                        h._func = self._wrap_with_ema(h._func)
         if cfg.SOLVER.WEIGHT_DECAY_SCHEDULE:
             extra.append(
                 WeightDecayScheduleHook(

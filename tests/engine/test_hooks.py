@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from fiber_d2.engine.hooks import ModelEMA, WeightDecayScheduleHook, weight_decay_multiplier
+from fiber_d2.engine.hooks import (
+    EMAHook,
+    ModelEMA,
+    WeightDecayScheduleHook,
+    weight_decay_multiplier,
+)
 
 
 def test_ema_average_and_apply():
@@ -24,6 +29,22 @@ def test_ema_average_and_apply():
     restored = ModelEMA(m, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert torch.equal(restored.state["weight"], ema.state["weight"])
+
+
+def test_ema_hook_restarts_an_unrestored_average_from_the_loaded_weights():
+    """Built before the weights are loaded, the average restarts from them when training starts;
+    an average restored from a checkpoint (``--resume``) is kept."""
+    m = nn.Linear(1, 1, bias=False)
+    m.weight.data.fill_(0.0)
+    fresh, resumed = ModelEMA(m, decay=0.5), ModelEMA(m, decay=0.5)
+    saved = ModelEMA(m, decay=0.5)
+    saved.state["weight"].fill_(7.0)
+    resumed.load_state_dict(saved.state_dict())
+    m.weight.data.fill_(4.0)  # what resume_or_load loaded
+    EMAHook(fresh, m).before_train()
+    EMAHook(resumed, m).before_train()
+    assert fresh.state["weight"].item() == 4.0
+    assert resumed.state["weight"].item() == 7.0
 
 
 def test_weight_decay_schedule():

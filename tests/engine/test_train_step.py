@@ -290,11 +290,11 @@ def test_fiber_trainer_skips_batches_without_boxes_entirely(tmp_path):
     trainer = FIBERTrainer(cfg)
     assert isinstance(trainer._trainer, StepTrainer) and trainer._trainer.accumulation_steps == 1
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    for (
-        v
-    ) in trainer.ema.state.values():  # an average away from the weights: an update would move it
+    # an average away from the weights, as a resumed run restores it: an update would move it
+    for v in trainer.ema.state.values():
         if v.dtype.is_floating_point:
             v.zero_()
+    trainer.ema.restored = True
     ema_start = {k: v.clone() for k, v in trainer.ema.state.items()}
     trainer.train()
     assert trainer.iter == 2 and trainer._trainer.skipped_steps == 2

@@ -150,3 +150,52 @@ def test_train_loader_groups_by_aspect_ratio_only_where_images_keep_it():
     assert not isinstance(loader, AspectRatioGroupedDataset)
     batch = next(iter(loader))
     assert len(batch) == 2 and all(d["image"].shape == (3, 64, 64) for d in batch)
+
+
+def _ema_run(tmp_path, monkeypatch, *extra):
+    """Two iterations of the tiny detector with EMA from a MODEL.WEIGHTS file whose ``head.bias0``
+    is 3 above a fresh model's; the weights the final evaluation sees are recorded."""
+    fresh = FIBERTrainer.build_model(_cfg("configs/Demo/fine_tiny.yaml", tmp_path / "w"))
+    state = fresh.state_dict()
+    state["head.bias0"] = state["head.bias0"] + 3.0
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": state}, weights)
+    seen = []
+
+    def test(cls, cfg, model, evaluators=None):
+        seen.append(model.state_dict()["head.bias0"].clone())
+        return {}
+
+    monkeypatch.setattr(FIBERTrainer, "test", classmethod(test))
+    cfg = _cfg(
+        "configs/Demo/fine_tiny.yaml",
+        tmp_path / "run",
+        "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.EMA.ENABLED", "True",
+        "MODEL.WEIGHTS", str(weights), *extra,
+    )  # fmt: skip
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return state["head.bias0"], trainer, seen
+
+
+def test_ema_averages_from_the_loaded_weights_and_evaluation_reads_the_raw_ones(
+    tmp_path, monkeypatch
+):
+    """As the original: the average starts from MODEL.WEIGHTS (its hook was built before they were
+    loaded, and held the fresh model's 3-lower bias), and the evaluation at the end of training
+    reads the raw weights, which model_final.pth holds as "model"."""
+    loaded, trainer, seen = _ema_run(tmp_path, monkeypatch)
+    raw = trainer.model.state_dict()["head.bias0"]
+    ema = trainer.ema.state["head.bias0"]
+    # two steps at decay 0.999 keep the average within 0.002 x the steps' change of the loaded value
+    assert (ema - loaded).abs().max() <= 0.002 * (raw - loaded).abs().max() + 1e-6
+    assert len(seen) == 1 and torch.equal(seen[0], raw)
+
+
+def test_ema_for_evaluation_when_asked(tmp_path, monkeypatch):
+    """``SOLVER.EMA.USE_FOR_EVAL`` (the original's USE_EMA_FOR_MONITOR): the evaluation reads the
+    average."""
+    _, trainer, seen = _ema_run(tmp_path, monkeypatch, "SOLVER.EMA.USE_FOR_EVAL", "True")
+    assert len(seen) == 1 and torch.equal(seen[0], trainer.ema.state["head.bias0"])
+    assert not torch.equal(seen[0], trainer.model.state_dict()["head.bias0"])
