@@ -552,6 +552,21 @@ def test_bad_box_is_dropped_and_the_image_kept(kind, box, tmp_path, tiny_cfg, ca
     assert len(out["instances"]) == 1
 
 
+def test_box_far_beyond_the_image_is_kept_and_clipped(tmp_path, tiny_cfg):
+    """As the original, which clamps boxes to the image and drops only those left empty: a box
+    reaching 30 px past the right edge of a 60 px wide image is kept, and training sees it clipped
+    to the image: legacy x2 = 59 (the last column), scaled with the image, in the mapper's frame
+    (legacy + 1, as the kept box's legacy x2 = 24 shows)."""
+    name = _coco(tmp_path, "far_box", [[5, 5, 20, 20], [30, 5, 60, 20]])
+    records = DatasetCatalog.get(name)
+    assert len(records[0]["annotations"]) == 2
+    out = GroundingDatasetMapper(tiny_cfg, is_train=True, dataset_names=[name])(records[0])
+    boxes, scale = out["instances"].gt_boxes.tensor, out["image"].shape[-1] / 60
+    assert len(boxes) == 2
+    assert boxes[0, 2].item() == pytest.approx(24 * scale + 1, abs=1e-4)
+    assert boxes[1, 2].item() == pytest.approx(59 * scale + 1, abs=1e-4)
+
+
 def _mdetr(tmp_path, name, caption, spans):
     Image.new("RGB", (60, 50)).save(tmp_path / "g.jpg")
     data = {

@@ -5,7 +5,7 @@ bookkeeping of :mod:`.integrity` and the dataset loaders' box rule.
 * An input flagged ``"unreadable"`` (``TEST.UNREADABLE_IMAGE_AS_EMPTY``) counts with no predictions;
   its ground truth stays in the denominator.
 * Ground-truth boxes that the dataset loaders drop (:func:`~fiber_d2.data.datasets.common.box_problem`:
-  not finite, empty, outside the image or far beyond it) are dropped from the json's ground truth
+  not finite, empty or outside the image) are dropped from the json's ground truth
   too, with one counted warning, so training and evaluation see the same boxes and an image with one
   bad box keeps its other boxes.
 """

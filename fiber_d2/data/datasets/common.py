@@ -98,11 +98,12 @@ class RecordFilter:
 def box_problem(xyxy: Sequence[float], width: float, height: float) -> Optional[str]:
     """Why an absolute xyxy box cannot belong to a ``width`` x ``height`` image, or None.
 
-    A box is bad when a coordinate is not finite, when its width or height is not positive,
-    when it does not overlap the image at all, or when it extends beyond the image by more than
-    10 % of the image side (small overhangs are common in real annotations and are clipped by the
-    mapper). The loaders drop bad boxes (the image is kept) and the COCO evaluator drops the same
-    boxes from its ground truth, so training and evaluation agree.
+    A box is bad when a coordinate is not finite, when its width or height is not positive, or
+    when it does not overlap the image at all. A box that extends beyond the image is usable, however
+    far: the mapper clips it to the image, as the original clamps it (its grounding and detection
+    loaders remove only the boxes that clamping leaves empty). The loaders drop bad boxes (the image
+    is kept) and the COCO evaluator drops the same boxes from its ground truth, so training and
+    evaluation agree.
 
     Args:
         xyxy: (x1, y1, x2, y2).
@@ -117,16 +118,8 @@ def box_problem(xyxy: Sequence[float], width: float, height: float) -> Optional[
     x1, y1, x2, y2 = (float(v) for v in xyxy)
     if x2 <= x1 or y2 <= y1:
         return f"box {[x1, y1, x2, y2]} has a non-positive width or height"
-    tx, ty = 0.1 * width, 0.1 * height
     if max(x1, x2) <= 0 or max(y1, y2) <= 0 or min(x1, x2) >= width or min(y1, y2) >= height:
         return f"box {[x1, y1, x2, y2]} lies outside the {width}x{height} image"
-    if (
-        min(x1, x2) < -tx
-        or min(y1, y2) < -ty
-        or max(x1, x2) > width + tx
-        or max(y1, y2) > height + ty
-    ):
-        return f"box {[x1, y1, x2, y2]} extends far beyond the {width}x{height} image"
     return None
 
 

@@ -32,7 +32,7 @@ def finish_detection_records(
     """Tag detectron2 detection dicts for fiber_d2, drop bad boxes and bad records.
 
     A record is skipped (with a warning) when it has no file name or size. A box that is not
-    usable (:func:`box_problem`: not finite, empty, outside the image or far beyond it) is dropped
+    usable (:func:`box_problem`: not finite, empty or outside the image) is dropped
     with a counted warning naming the file, and the image is kept with its other boxes; the COCO
     evaluator drops the same boxes from its ground truth.
 
