@@ -19,11 +19,19 @@ forward (``FIBER``; its losses are then zero, so the graph stays whole for DDP) 
 LR-scheduler, EMA and weight-decay hooks read (:func:`step_was_skipped`). Under DDP a batch skipped
 by any process is skipped by all, so every process takes the same steps (the original's per-GPU
 ``continue`` leaves that undefined; our choice). The ``skipped_steps`` metric counts them.
+
+**Non-finite losses under AMP.** The original's AMP trainer goes on past an iteration whose loss is
+NaN or infinite (the gradient scaler skips that update and lowers its scale), where detectron2
+stops the run. :class:`AMPStepTrainer` does the same as the original: the iteration is logged as a
+warning and counted (``nonfinite_steps``), the scaler skips the update, and the run goes on; only
+``max_nonfinite_in_a_row`` such iterations in a row (a diverged run) stop it. Without AMP a
+non-finite loss stops the run, as in detectron2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -42,6 +50,9 @@ __all__ = [
     "StepTrainer",
     "AMPStepTrainer",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 def accumulation_steps(cfg: CfgNode, world_size: int) -> int:
@@ -89,6 +100,12 @@ class _StepMixin:
     accumulation_steps: int = 1
     step_skipped: bool = False
     skipped_steps: int = 0
+    nonfinite_steps: int = 0
+    max_nonfinite_in_a_row: int = 100
+    _nonfinite_in_a_row: int = 0
+
+    def _tolerates_nonfinite(self) -> bool:
+        return False
 
     def _forward_context(self):
         return contextlib.nullcontext()
@@ -99,14 +116,43 @@ class _StepMixin:
     def _optimizer_step(self) -> None:
         self.optimizer.step()
 
-    def _any_process(self, flag: bool) -> bool:
+    def _any_process(self, flag: bool, always: bool = False) -> bool:
         # a model that never skips (no ``batch_skipped``, the same on every process) needs no
-        # collective per iteration
-        if comm.get_world_size() == 1 or not hasattr(unwrap_model(self.model), "batch_skipped"):
+        # collective per iteration, unless ``always``
+        never = not hasattr(unwrap_model(self.model), "batch_skipped")
+        if comm.get_world_size() == 1 or (never and not always):
             return flag
         t = torch.tensor([int(flag)], device=next(self.model.parameters()).device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Under AMP, an iteration whose loss is not finite on some process: counted, warned, its
+        update left to the gradient scaler (which skips it); True when that happened."""
+        if not self._tolerates_nonfinite():
+            return False
+        bad = not all(bool(torch.isfinite(v).all()) for v in losses.values())
+        if not self._any_process(bad, always=True):
+            self._nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        values = {k: round(float(v), 4) for k, v in losses.items()}
+        if self._nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"loss not finite for {self._nonfinite_in_a_row} iterations in a row under AMP "
+                f"(iteration {self.iter}): {values}"
+            )
+        logger.warning(
+            "Iteration %d: loss not finite under AMP (%s); the gradient scaler skips this update",
+            self.iter,
+            values,
+        )
+        get_event_storage().put_scalar(
+            "nonfinite_steps", self.nonfinite_steps, smoothing_hint=False
+        )
+        self._optimizer_step()  # finds the non-finite gradients: no update, a lower scale
+        return True
 
     def run_step(self):
         assert self.model.training, "the model was switched to eval mode during training"
@@ -141,6 +187,8 @@ class _StepMixin:
                 "skipped_steps", self.skipped_steps, smoothing_hint=False
             )
             return  # no metrics of zeroed losses, no optimiser step
+        if self._skip_nonfinite(mean_losses):
+            return
         self._write_metrics(mean_losses, data_time)
         self._optimizer_step()
 
@@ -163,6 +211,9 @@ class AMPStepTrainer(_StepMixin, AMPTrainer):
 
     def _forward_context(self):
         return torch.autocast("cuda", dtype=self.precision)
+
+    def _tolerates_nonfinite(self) -> bool:
+        return self.grad_scaler.is_enabled()
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.grad_scaler.scale(loss).backward()

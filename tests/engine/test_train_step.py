@@ -167,6 +167,45 @@ def test_amp_clipping_sees_unscaled_gradients_with_a_fused_optimizer(optimizer):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
 
 
+def test_a_nonfinite_loss_under_amp_is_skipped_by_the_scaler_and_the_run_goes_on():
+    """The original's AMP trainer goes on past a NaN / infinite loss; so does the AMP step (a live
+    CPU GradScaler): that iteration leaves the weights as they were, halves the scale and is
+    counted, and the next one trains. ``max_nonfinite_in_a_row`` of them stop the run; without AMP
+    the first one does, as in detectron2."""
+    bad = [(torch.randn(3), torch.tensor(float("inf")))] * 8
+    good = _samples(8)
+
+    def trainer(amp, samples, max_in_a_row=100):
+        model = _Toy()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loader = _Loader(samples, 8)
+        if not amp:
+            return StepTrainer(model, loader, opt)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        t = AMPStepTrainer(model, loader, opt, grad_scaler=scaler)
+        t.max_nonfinite_in_a_row = max_in_a_row
+        return t
+
+    with warnings.catch_warnings():  # the CPU disables autocast("cuda")
+        warnings.simplefilter("ignore")
+        t = trainer(True, bad + good)
+        start = [p.detach().clone() for p in t.model.parameters()]
+        after_bad, _ = _one_step(t)
+        assert t.nonfinite_steps == 1 and t.grad_scaler.get_scale() == 2.0**15
+        assert all(torch.equal(a, b) for a, b in zip(after_bad, start))
+        after_good, logged = _one_step(t)
+        assert any(not torch.equal(a, b) for a, b in zip(after_good, start))
+        assert t.nonfinite_steps == 1 and t._nonfinite_in_a_row == 0
+        assert torch.isfinite(torch.tensor(logged["total_loss"]))
+
+        t = trainer(True, bad, max_in_a_row=2)
+        _one_step(t)
+        with pytest.raises(FloatingPointError, match="not finite for 2 iterations in a row"):
+            _one_step(t)
+        with pytest.raises(FloatingPointError):
+            _one_step(trainer(False, bad))
+
+
 def _ddp_step(rank):
     """Each rank: 2 passes of 2 of its own 4 samples, DDP; the reference is one step over all 8."""
     from torch.nn.parallel import DistributedDataParallel
