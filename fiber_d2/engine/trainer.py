@@ -176,12 +176,17 @@ class FIBERTrainer(DefaultTrainer):
 
     @classmethod
     def train_records(cls, cfg: CfgNode) -> list[dict]:
-        """The records the training loader draws from: ``DATASETS.TRAIN`` as detectron2 loads it
-        (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``). A project whose training drops records (e.g.
-        VQA's unanswerable questions) overrides this; ``SOLVER.MAX_EPOCHS`` counts epochs of it."""
-        return get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
+        """The records the training loader draws from: ``DATASETS.TRAIN`` as detectron2 loads it,
+        with ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` applying the original's rule
+        (:func:`~fiber_d2.data.datasets.common.filter_training_images`) instead of detectron2's. A
+        project whose training drops records (e.g. VQA's unanswerable questions) overrides this;
+        ``SOLVER.MAX_EPOCHS`` counts epochs of it."""
+        from ..data.datasets.common import filter_training_images
+
+        records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            records = filter_training_images(records)
+        return records
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode, dataset=None, mapper=None):

@@ -386,3 +386,43 @@ def test_lvis_categories_are_prompted_by_their_annotation_name():
         assert [n for i, n in enumerate(names) if i != 161] == [
             clean_name(n) for i, n in enumerate(classes) if i != 161
         ]
+
+
+def test_training_images_are_filtered_as_the_original_filters_them(tmp_path):
+    """maskrcnn-benchmark's rule, through ``FIBERTrainer.train_records``: an image with only crowd
+    boxes is kept (a negative once the mapper drops them) and one whose boxes are all at most 1 px
+    wide or tall is removed; detectron2's ``filter_empty`` does the reverse. Images without
+    annotations are removed by both."""
+    from fiber_d2.data.datasets.common import filter_training_images
+    from fiber_d2.engine.setup import load_config
+    from fiber_d2.engine.trainer import FIBERTrainer
+
+    def record(image_id, *boxes):
+        annotations = [
+            {"bbox": list(b), "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": c}
+            for *b, c in boxes
+        ]
+        return {"image_id": image_id, "file_name": f"{image_id}.jpg", "annotations": annotations}
+
+    records = [
+        record("normal", (5, 5, 20, 20, 0)),
+        record("crowd_only", (5, 5, 20, 20, 1)),
+        record("tiny_only", (5, 5, 1, 20, 0), (9, 9, 30, 0.5, 0)),
+        record("none"),
+        record("tiny_and_normal", (5, 5, 1, 20, 0), (9, 9, 30, 4, 0)),
+    ]
+    kept = [r["image_id"] for r in filter_training_images(records)]
+    assert kept == ["normal", "crowd_only", "tiny_and_normal"]
+    assert filter_training_images([{"image_id": 1, "caption": "a"}]) == [
+        {"image_id": 1, "caption": "a"}
+    ]  # captions carry no annotations
+
+    name = "filter_like_the_original"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [dict(r) for r in records])
+    MetadataCatalog.get(name).set(thing_classes=["thing"])
+    cfg = load_config("configs/Demo/fine_tiny.yaml", ["DATASETS.TRAIN", f"('{name}',)"])
+    assert [r["image_id"] for r in FIBERTrainer.train_records(cfg)] == kept
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    assert len(FIBERTrainer.train_records(cfg)) == 5

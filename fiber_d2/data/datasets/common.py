@@ -14,6 +14,7 @@ __all__ = [
     "RecordFilter",
     "box_problem",
     "span_problem",
+    "filter_training_images",
     "check_datasets_before_run",
     "serve_once",
 ]
@@ -142,6 +143,44 @@ def span_problem(spans, text: str) -> Optional[str]:
         if not (isinstance(s, int) and isinstance(e, int)) or not 0 <= s < e <= len(text):
             return f"span {list(span)} is outside the caption (length {len(text)})"
     return None
+
+
+def filter_training_images(records: List[dict]) -> List[dict]:
+    """The training images the original keeps (maskrcnn-benchmark's ``has_valid_annotation``, used by
+    its detection and grounding datasets): those with at least one annotation, crowd ones included
+    (an image with only crowd boxes trains as a negative once the mapper drops them), unless every
+    box is at most 1 px wide or tall. detectron2's ``filter_empty`` keeps the latter and drops the
+    former. Records without ``annotations`` (captions) are kept.
+
+    Args:
+        records: detectron2 records with ``annotations`` (``bbox`` and ``bbox_mode``).
+
+    Returns:
+        the kept records, in order.
+    """
+    from detectron2.structures import BoxMode
+
+    def usable(record: dict) -> bool:
+        annotations = record.get("annotations")
+        if annotations is None:
+            return True
+        if not annotations:
+            return False
+        sizes = []
+        for a in annotations:
+            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYWH_ABS)
+            sizes.append(box[2:])
+        return not all(any(side <= 1 for side in wh) for wh in sizes)
+
+    kept = [r for r in records if usable(r)]
+    if len(kept) < len(records):
+        logger.info(
+            "Training images: removed %d of %d without annotations or with only boxes of at most "
+            "1 px (as the original)",
+            len(records) - len(kept),
+            len(records),
+        )
+    return kept
 
 
 class BadRecordError(ValueError):
