@@ -4,11 +4,9 @@ in the original key layout, convert and load into projects/VQA's ``FIBERVQA`` an
 another window loads into a task model with its relative-position tables resized (coarse spec §5.1).
 """
 
-import functools
 import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,11 +53,21 @@ def _task_model(project, *opts):
     return build_model(cfg).eval()
 
 
-@functools.lru_cache(maxsize=1)
-def _vocab_file():
-    path = Path(tempfile.mkdtemp()) / "answers.json"
+_VOCAB: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vocab(tmp_path_factory):
+    """The tiny VQA answer vocabulary, in pytest's temporary folder (cleaned up by pytest)."""
+    path = tmp_path_factory.mktemp("vocab") / "answers.json"
     path.write_text(json.dumps(["yes", "no", "2", "red", "circle", "0", "blue"]))
-    return path
+    _VOCAB[:] = [path]
+    yield
+    _VOCAB.clear()
+
+
+def _vocab_file() -> Path:
+    return _VOCAB[0]
 
 
 def _released_layout(model_state, seed):
