@@ -131,7 +131,7 @@ class _StepMixin:
         update left to the gradient scaler (which skips it); True when that happened."""
         if not self._tolerates_nonfinite():
             return False
-        bad = not all(bool(torch.isfinite(v).all()) for v in losses.values())
+        bad = not bool(torch.isfinite(torch.stack(list(losses.values()))).all())  # one sync
         if not self._any_process(bad, always=True):
             self._nonfinite_in_a_row = 0
             return False

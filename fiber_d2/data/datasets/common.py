@@ -160,17 +160,21 @@ def filter_training_images(records: List[dict]) -> List[dict]:
     """
     from detectron2.structures import BoxMode
 
+    def larger_than_a_pixel(a: dict) -> bool:
+        box, mode = a["bbox"], a["bbox_mode"]
+        if mode == BoxMode.XYXY_ABS:
+            w, h = box[2] - box[0], box[3] - box[1]
+        elif mode == BoxMode.XYWH_ABS:
+            w, h = box[2], box[3]
+        else:
+            w, h = BoxMode.convert(list(box), mode, BoxMode.XYWH_ABS)[2:]
+        return w > 1 and h > 1
+
     def usable(record: dict) -> bool:
         annotations = record.get("annotations")
         if annotations is None:
             return True
-        if not annotations:
-            return False
-        sizes = []
-        for a in annotations:
-            box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYWH_ABS)
-            sizes.append(box[2:])
-        return not all(any(side <= 1 for side in wh) for wh in sizes)
+        return any(larger_than_a_pixel(a) for a in annotations)
 
     kept = [r for r in records if usable(r)]
     if len(kept) < len(records):
