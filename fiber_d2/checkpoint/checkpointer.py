@@ -44,7 +44,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .layout import COARSE, FINE, convert_original, original_layout
-from .safe_io import CheckpointError, load_checkpoint_file, one_line, write_whole
+from .safe_io import (
+    CheckpointError,
+    load_checkpoint_file,
+    one_line,
+    remove_stale_temporaries,
+    write_whole,
+)
 
 __all__ = [
     "FIBERCheckpointer",
@@ -280,8 +286,13 @@ class FIBERCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------ loading
     def resume_or_load(self, path: str, *, resume: bool = True):
         """detectron2's; when it loads ``path`` to start a run (not resuming a checkpoint of
-        ``save_dir``), buffers of ``fresh_each_run`` modules keep the model's initialisation."""
+        ``save_dir``), buffers of ``fresh_each_run`` modules keep the model's initialisation. When
+        it resumes, the temporary files of saves a kill interrupted are removed first."""
         self._fresh_run = not (resume and self.has_checkpoint())
+        if not self._fresh_run and self.save_to_disk:
+            # a run killed while saving left "<file>.tmp<pid>", each as big as a checkpoint
+            for stale in remove_stale_temporaries(self.save_dir):
+                logger.info("Removed %s, left by a killed save", stale)
         try:
             return super().resume_or_load(path, resume=resume)
         finally:

@@ -33,6 +33,7 @@ __all__ = [
     "load_checkpoint_file",
     "save_checkpoint_file",
     "one_line",
+    "remove_stale_temporaries",
     "replacing",
     "torch_load_error",
     "write_whole",
@@ -196,6 +197,44 @@ def replacing(path: str):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+_TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files (:func:`replacing`) that killed writers left in ``folder``: those
+    whose writing process no longer runs on this machine. A live writer's file is kept.
+
+    Args:
+        folder: the folder (e.g. a run's ``OUTPUT_DIR``); missing is fine.
+
+    Returns:
+        the paths removed.
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            match = _TEMPORARY.match(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            pid = int(match["pid"])
+            if pid == os.getpid() or _process_runs(pid):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a pid out of range
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -79,6 +79,25 @@ class _LRSchedulerUnlessSkipped(hooks.LRScheduler):
 _LRSchedulerUnlessSkipped.__qualname__ = hooks.LRScheduler.__qualname__
 
 
+class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
+    """detectron2's periodic checkpointer, which also writes ``model_final`` when a run ends without
+    a step: a run killed after its last periodic checkpoint but before ``model_final`` was whole
+    resumes at ``MAX_ITER``, where detectron2's hook (it saves in ``after_step`` only) would leave
+    the stage without its final weights on every later ``--resume``."""
+
+    def after_train(self):
+        # detectron2's loop leaves trainer.iter at MAX_ITER (or one past it when no step ran)
+        # only when training finished without an exception
+        finished = self.trainer.iter >= self.trainer.max_iter
+        final = os.path.join(self.checkpointer.save_dir, f"{self.file_prefix}_final.pth")
+        if finished and comm.is_main_process() and not os.path.isfile(final):
+            logger.info(
+                "The run ended at iteration %d without %s: writing it", self.max_iter, final
+            )
+            self.checkpointer.save(f"{self.file_prefix}_final", iteration=self.max_iter - 1)
+        super().after_train()
+
+
 class FIBERTrainer(DefaultTrainer):
     """DefaultTrainer for both FIBER stages (see module docstring).
 
@@ -109,6 +128,15 @@ class FIBERTrainer(DefaultTrainer):
             _LRSchedulerUnlessSkipped() if type(h) is hooks.LRScheduler else h
             for h in super().build_hooks()
         ]
+        for i, h in enumerate(ret):
+            if type(h) is hooks.PeriodicCheckpointer:
+                ret[i] = _PeriodicCheckpointerWithFinal(
+                    h.checkpointer,
+                    h.period,
+                    max_iter=h.max_iter,
+                    max_to_keep=h.max_to_keep,
+                    file_prefix=h.file_prefix,
+                )
         model = self._trainer.model
         extra = []
         self.ema = None

@@ -1,5 +1,9 @@
 """FIBERTrainer end to end on the tiny config: resume after an interruption, coarse-to-fine hand-off."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from detectron2.engine import HookBase
@@ -82,6 +86,43 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert (tmp_path / "model_final.pth").is_file()
     final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 5
+
+
+def test_resume_after_a_kill_before_model_final_writes_it(tmp_path):
+    """Killed after the last periodic checkpoint, while model_final was being written: the resumed
+    run has no step left and still writes model_final (and removes the killed save's temporary)."""
+    cfg = _cfg(
+        "configs/Demo/coarse_tiny.yaml",
+        tmp_path,
+        "SOLVER.MAX_ITER",
+        "4",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+    )
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    final = tmp_path / "model_final.pth"
+    last = torch.load(tmp_path / "model_0000003.pth", map_location="cpu", weights_only=True)
+    # the state a SIGKILL in the middle of model_final's save leaves: a partial temporary file of
+    # the dead writer, last_checkpoint naming the periodic checkpoint of the same iteration
+    final.unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"model_final.pth.tmp{dead.pid}"
+    stale.write_bytes(b"partial")
+    live = tmp_path / f"model_final.pth.tmp{os.getppid()}"  # a writer still running: kept
+    live.write_bytes(b"in progress")
+
+    resumed = FIBERTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 4 and not stale.exists() and live.exists()
+    resumed.train()
+    saved = torch.load(final, map_location="cpu", weights_only=True)
+    assert saved["iteration"] == 3
+    for k, v in last["model"].items():
+        assert torch.equal(saved["model"][k], v), k
 
 
 def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
