@@ -295,12 +295,43 @@ def test_output_dir_that_cannot_be_written(eval_only, tmp_path):
     """Was a traceback from detectron2's logger setup (NotADirectoryError / FileNotFoundError)."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    flags = ["--eval-only"] if eval_only else []
+    # an evaluation of untrained weights must be asked for (below)
+    flags = ["--eval-only", "MODEL.WEIGHTS_PARTIAL_OK", "True"] if eval_only else []
     line = run_train_net(["--config-file", FINE, *flags, *TINY, "OUTPUT_DIR", str(blocker / "out")])
     expected = (
         f"error: OUTPUT_DIR {blocker / 'out'} cannot be written: {blocker} is a file, not a folder"
     )
     assert line == expected
+
+
+def test_eval_only_without_weights(out):
+    """Was an evaluation of a randomly initialised model, written to results.json with exit 0."""
+    before = snapshot(out)
+    line = run_train_net(["--config-file", FINE, "--eval-only", *TINY, "OUTPUT_DIR", str(out)])
+    assert line.startswith("error: --eval-only without weights") and "MODEL.WEIGHTS" in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD 0 must be at least 1"),
+        (["SOLVER.STEPS", "(4, 2)"], "SOLVER.STEPS (4, 2) must be increasing iterations"),
+        (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR -1.0 must be >= 0"),
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS -1 must be >= 0"),
+        (["MODEL.META_ARCHITECTURE", "Foo"], "MODEL.META_ARCHITECTURE 'Foo' is not registered"),
+        (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
+        (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),
+        (["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "/nonexistent/tokenizer"], "TOKENIZER: cannot load"),
+    ],
+)
+def test_run_settings_that_failed_after_the_start(override, message, out):
+    """Each was a traceback from detectron2, torch or transformers after config.yaml and log.txt
+    were written; now one line naming the key, OUTPUT_DIR untouched."""
+    before = snapshot(out)
+    line = run_train_net(["--config-file", FINE, *TINY, "OUTPUT_DIR", str(out), *override])
+    assert line.startswith("error: ") and message in line, line
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize(
@@ -707,8 +738,11 @@ def test_truncated_test_image_in_a_run(tmp_path, out):
     line = run_train_net(args)
     assert "cut.jpg" in line and "TEST.UNREADABLE_IMAGE_AS_EMPTY" in line
     assert snapshot(out) == before
+    untrained = ["MODEL.WEIGHTS_PARTIAL_OK", "True"]  # the model's weights do not matter here
     results = train_net.main(
-        default_argument_parser().parse_args([*args, "TEST.UNREADABLE_IMAGE_AS_EMPTY", "True"])
+        default_argument_parser().parse_args(
+            [*args, "TEST.UNREADABLE_IMAGE_AS_EMPTY", "True", *untrained]
+        )
     )
     assert set(results["bbox"]) >= {"AP", "AP50"}  # both images evaluated exactly once
     text = (out / "results.json").read_text()

@@ -475,14 +475,21 @@ def check_weights_before_run(cfg, *, resume: bool, inference: bool = False) -> N
     Args:
         cfg: the run's config (``MODEL.WEIGHTS``, ``OUTPUT_DIR``, ``MODEL.WEIGHTS_PARTIAL_OK``).
         resume: the run continues from ``OUTPUT_DIR``'s last checkpoint when there is one.
-        inference: the run evaluates the loaded model (``--eval-only``): a head that training
-            would add must be in the file (see :class:`FIBERCheckpointer`).
+        inference: the run evaluates the loaded model (``--eval-only``): there must be weights
+            to load, and a head that training would add must be in the file (see
+            :class:`FIBERCheckpointer`).
 
     Raises:
         CheckpointError: one line naming the file.
     """
     path = weights_to_load(cfg, resume=resume)
     if not path:
+        if inference and not cfg.MODEL.WEIGHTS_PARTIAL_OK:
+            raise CheckpointError(
+                "--eval-only without weights would score a randomly initialised model: set "
+                "MODEL.WEIGHTS (or --resume with a checkpoint in OUTPUT_DIR); "
+                "MODEL.WEIGHTS_PARTIAL_OK True evaluates it anyway"
+            )
         return
     if "://" not in path and not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -40,7 +40,13 @@ from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .memory import apply_mmap_threshold
 from .schedule import resolve_epoch_schedule
-from .setup import ConfigError, check_device_available, load_config, validate_config
+from .setup import (
+    ConfigError,
+    check_device_available,
+    check_tokenizer_available,
+    load_config,
+    validate_config,
+)
 
 __all__ = [
     "USER_ERRORS",
@@ -62,7 +68,7 @@ logger = logging.getLogger(__name__)
 def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names,
     sizes and paths, a CUDA device when the config asks for one, the datasets' annotations, the
-    training sets (one readable image), the test images (present, decode in full), the
+    training sets (one readable image), the test images (present, decode in full), the tokenizer, the
     checkpoint that will be loaded (safe format, fits the model) and, last, ``OUTPUT_DIR`` (created
     when missing, writable).
 
@@ -76,6 +82,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         cfg.DATASETS.TEST,
         check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
     )
+    check_tokenizer_available(cfg)
     check_weights_before_run(cfg, resume=resume, inference=not training)
     check_output_dir(cfg.OUTPUT_DIR)
 

@@ -21,12 +21,14 @@ from detectron2.utils.logger import log_first_n
 
 from ..config import add_fiber_config
 from ..model_zoo.weights import repo_root
+from ..text import build_tokenizer
 from .train_step import accumulation_steps
 from .trainer import is_coarse_stage
 
 __all__ = [
     "ConfigError",
     "check_device_available",
+    "check_tokenizer_available",
     "load_config",
     "require_at_least_one",
     "resolve_config_file",
@@ -219,7 +221,13 @@ def _key_error_text(e: Exception) -> str:
 def check_device_available(device: str | None, name: str) -> None:
     """A CUDA ``device`` on a machine without one is one :class:`ConfigError` line naming it
     (``name``, e.g. "MODEL.DEVICE cuda"), not the driver's error at the first ``.to()``."""
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+    if device is None:
+        return
+    try:
+        torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{name}: not a torch device (cpu, cuda, cuda:N, ...)") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{name}: no CUDA device is available here; use cpu")
 
 
@@ -250,6 +258,42 @@ def _check_model_sizes(cfg: CfgNode) -> None:
             f"MODEL.FIBER.NUM_FUSION_LAYERS {fusion} is more than the text tower's "
             f"MODEL.LANGUAGE_BACKBONE.NUM_LAYERS {text.NUM_LAYERS}"
         )
+
+
+def _check_run_settings(cfg: CfgNode, *, training: bool) -> None:
+    """Settings detectron2 or torch would reject with a traceback after the run has started."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in META_ARCH_REGISTRY:
+        known = ", ".join(sorted(name for name, _ in META_ARCH_REGISTRY))
+        raise ConfigError(f"MODEL.META_ARCHITECTURE {arch!r} is not registered; known: {known}")
+    if cfg.DATALOADER.NUM_WORKERS < 0:
+        raise ConfigError(f"DATALOADER.NUM_WORKERS {cfg.DATALOADER.NUM_WORKERS} must be >= 0")
+    if min(cfg.INPUT.MIN_SIZE_TRAIN, default=1) < 1 or cfg.INPUT.MIN_SIZE_TEST < 0:
+        raise ConfigError(
+            f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)} and INPUT.MIN_SIZE_TEST "
+            f"{cfg.INPUT.MIN_SIZE_TEST} must be positive sizes"
+        )
+    if not training:
+        return
+    s = cfg.SOLVER
+    if s.CHECKPOINT_PERIOD < 1:
+        raise ConfigError(f"SOLVER.CHECKPOINT_PERIOD {s.CHECKPOINT_PERIOD} must be at least 1")
+    if s.BASE_LR < 0:
+        raise ConfigError(f"SOLVER.BASE_LR {s.BASE_LR} must be >= 0")
+    steps = list(s.STEPS)
+    if any(b <= a for a, b in zip(steps, steps[1:])) or any(x < 0 for x in steps):
+        raise ConfigError(f"SOLVER.STEPS {tuple(steps)} must be increasing iterations")
+
+
+def check_tokenizer_available(cfg: CfgNode) -> None:
+    """The configured tokenizer loads (a hub name needs network or the hub cache), as one
+    :class:`ConfigError` line instead of a traceback from the first mapper."""
+    try:
+        build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"MODEL.LANGUAGE_BACKBONE.TOKENIZER: {e}") from None
 
 
 def validate_config(cfg: CfgNode, *, training: bool) -> None:
@@ -285,6 +329,7 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         )
     if training and not cfg.INPUT.MIN_SIZE_TRAIN:
         raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
+    _check_run_settings(cfg, training=training)
     passes = accumulation_steps(cfg, processes) if training else 1
     s = cfg.SOLVER
     if training and s.MAX_EPOCHS > 0 and s.MAX_ITER != 0:

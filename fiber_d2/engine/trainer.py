@@ -85,10 +85,20 @@ class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
     resumes at ``MAX_ITER``, where detectron2's hook (it saves in ``after_step`` only) would leave
     the stage without its final weights on every later ``--resume``."""
 
+    def before_train(self):
+        super().before_train()
+        if self.trainer.start_iter > self.max_iter:
+            logger.warning(
+                "The checkpoint resumed is at iteration %d, past SOLVER.MAX_ITER %d: nothing to "
+                "train, and no model_final is written",
+                self.trainer.start_iter - 1,
+                self.max_iter,
+            )
+
     def after_train(self):
         # detectron2's loop leaves trainer.iter at MAX_ITER (or one past it when no step ran)
         # only when training finished without an exception
-        finished = self.trainer.iter >= self.trainer.max_iter
+        finished = self.trainer.iter >= self.max_iter >= self.trainer.start_iter
         final = os.path.join(self.checkpointer.save_dir, f"{self.file_prefix}_final.pth")
         if finished and comm.is_main_process() and not os.path.isfile(final):
             logger.info(
