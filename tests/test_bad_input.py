@@ -714,6 +714,22 @@ def test_training_set_without_a_readable_image(tmp_path, out):
     assert snapshot(out) == before
 
 
+def test_missing_training_image_stops_before_the_output_dir(tmp_path, out):
+    """Was found only when the loader reached it: a skipped record here, a run stopped mid-way by
+    the image-text tasks' mappers (VQA, NLVR2, captions), losing the work since the last checkpoint.
+    """
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _register_images(tmp_path, "bad_input_missing_train", ["ok.jpg", "gone.jpg", "gone2.jpg"])
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_missing_train',)",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "training dataset 'bad_input_missing_train': 2 image file(s) not found" in line
+    assert "gone.jpg" in line
+    assert snapshot(out) == before
+
+
 def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])

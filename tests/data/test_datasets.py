@@ -367,7 +367,7 @@ def test_training_on_a_per_image_caption_set_is_one_line(tmp_path):
         check_datasets_before_run([per_image], [])
     per_caption = unique("per_caption")
     register_captions(per_caption, str(path), str(tmp_path))
-    with pytest.raises(BadRecordError, match="none of its 2 images can be read"):
+    with pytest.raises(BadRecordError, match=r"1 image file\(s\) not found, first .*a.jpg"):
         check_datasets_before_run([per_caption], [])  # past the check, to the image test
 
 

@@ -307,8 +307,9 @@ def check_datasets_before_run(
 
     * every dataset's annotations load (a missing or malformed file is one line naming it);
     * no training dataset is a per-image caption set (evaluation records with all captions);
-    * every training dataset has at least one readable image (images are decoded in order until
-      one works, so a healthy set costs one decode);
+    * every training image file exists (one ``stat`` each), and every training dataset has at least
+      one readable image (images are decoded in order until one works, so a healthy set costs one
+      decode);
     * with ``check_test_files``, every test image exists and decodes in full (truncated files
       included), so a bad test image stops the run before its ``OUTPUT_DIR`` is touched.
 
@@ -325,6 +326,13 @@ def check_datasets_before_run(
                 f"training dataset '{name}' holds one record per image with all its captions (an "
                 "evaluation split); training reads one caption per record: train on a per-caption "
                 "registration (e.g. coco_caption_karpathy_train, which holds Karpathy train + val)"
+            )
+        missing = [p for p in dict.fromkeys(f for r in records for f in record_files(r))
+                   if not os.path.isfile(p)]  # fmt: skip
+        if missing:  # the mappers of the image-text tasks would stop the run when they reach it
+            raise BadRecordError(
+                f"training dataset '{name}': {len(missing)} image file(s) not found, first "
+                f"{missing[0]} (fix the path under DETECTRON2_DATASETS or drop their records)"
             )
         ok, failure = _first_readable(records)
         if not ok:
