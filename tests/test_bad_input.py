@@ -394,7 +394,10 @@ def test_unregistered_dataset(path, out):
 
 
 @pytest.mark.parametrize("path", ["train", "eval"])
-@pytest.mark.parametrize("problem", ["missing", "not JSON", "no file_name"])
+@pytest.mark.parametrize(
+    "problem",
+    ["missing", "not JSON", "no file_name", "a list", "duplicate ids", "unknown category"],
+)
 def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     """A registered set whose annotation file is gone or broken: one line naming the set and the
     file, before OUTPUT_DIR is touched (with TEST.UNREADABLE_IMAGE_AS_EMPTY too)."""
@@ -407,6 +410,17 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
         categories = [{"id": 1, "name": "circle"}]
         json_file.write_text(
             json.dumps({"images": [image], "annotations": [], "categories": categories})
+        )
+    elif problem == "a list":  # pycocotools' assertion
+        json_file.write_text("[]")
+    elif problem in ("duplicate ids", "unknown category"):  # an assertion, a KeyError sentence
+        image = {"id": 1, "file_name": "a.png", "height": 10, "width": 10}
+        box = {"image_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0, "category_id": 1}
+        boxes = [dict(box, id=1), dict(box, id=1 if problem == "duplicate ids" else 2)]
+        boxes[1]["category_id"] = 1 if problem == "duplicate ids" else 7
+        categories = [{"id": 1, "name": "circle"}]
+        json_file.write_text(
+            json.dumps({"images": [image], "annotations": boxes, "categories": categories})
         )
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
@@ -424,6 +438,10 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     assert str(json_file) in line
     if problem == "no file_name":
         assert "a record has no field 'file_name'" in line
+    if problem == "duplicate ids":
+        assert "are not unique" in line
+    if problem == "unknown category":
+        assert "category_id=7" in line and "no field" not in line
     assert snapshot(out) == before
 
 
@@ -739,6 +757,20 @@ def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
          "OUTPUT_DIR", str(out), *TINY]
     )  # fmt: skip
     assert "test dataset 'bad_input_missing_test'" in line and "gone.jpg" in line
+    assert snapshot(out) == before
+
+
+def test_test_image_of_another_size_stops_before_the_output_dir(tmp_path, out):
+    """Was found by the evaluation after the whole run (the mapper refuses it)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    Image.new("RGB", (64, 48)).save(tmp_path / "other.jpg")  # 48 high, the record says 64
+    _register_images(tmp_path, "bad_input_other_size", ["ok.jpg", "other.jpg"])
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "--eval-only", "DATASETS.TEST", "('bad_input_other_size',)",
+         "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "other.jpg: the image is 48x64 (height x width), the record says 64x64" in line
     assert snapshot(out) == before
 
 

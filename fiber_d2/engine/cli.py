@@ -81,6 +81,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         cfg.DATASETS.TRAIN if training else (),
         cfg.DATASETS.TEST,
         check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
+        exif_orientation=cfg.INPUT.EXIF_ORIENTATION,
     )
     check_tokenizer_available(cfg)
     check_weights_before_run(cfg, resume=resume, inference=not training)

@@ -426,3 +426,18 @@ def test_training_images_are_filtered_as_the_original_filters_them(tmp_path):
     assert [r["image_id"] for r in FIBERTrainer.train_records(cfg)] == kept
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
     assert len(FIBERTrainer.train_records(cfg)) == 5
+
+
+def test_a_box_of_three_numbers_is_dropped_with_its_image_kept(caplog):
+    """detectron2's BoxMode.convert asserts on a box of 3 numbers: that was a traceback."""
+    from detectron2.structures import BoxMode
+
+    from fiber_d2.data.datasets.detection import finish_detection_records
+
+    good = {"bbox": [1, 1, 4, 4], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+    bad = dict(good, bbox=[1, 1, 4])
+    record = {"file_name": "a.png", "image_id": 1, "height": 10, "width": 10}
+    with caplog.at_level("WARNING"):
+        kept = finish_detection_records([dict(record, annotations=[good, bad])], "three", "a.json")
+    assert len(kept) == 1 and kept[0]["annotations"] == [good]
+    assert "unusable bbox [1, 1, 4]" in caplog.text

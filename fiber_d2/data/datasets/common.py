@@ -220,8 +220,15 @@ def _first_readable(records: Iterable[dict]) -> tuple[bool, str]:
     return False, first
 
 
-def _undecodable(records: Iterable[dict]) -> str:
-    """The first image file (in dataset order) that is missing or does not decode in full.
+# record tasks of the detector's mapper, which refuses an image whose size is not the record's
+FINE_TASKS = ("detection", "grounding", "refexp")
+
+
+def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str:
+    """The first image file (in dataset order) that is missing, does not decode in full, or, for a
+    detector record (:data:`FINE_TASKS`), whose size (after the EXIF turn with
+    ``exif_orientation``, as the mapper reads it) is not the record's ``width`` x ``height``: the
+    evaluation would stop at it after the whole run.
 
     Truncated files are found too (PIL refuses a truncated image on ``load``). The images are decoded
     in threads (PIL releases the GIL while decoding): a cost of one extra decode per test image,
@@ -229,21 +236,33 @@ def _undecodable(records: Iterable[dict]) -> str:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    def problem(path: str) -> str:
+    def problem(item) -> str:
+        path, size = item
         if not os.path.isfile(path):
             return f"{path}: no such file"
         try:
             with Image.open(path) as im:
                 im.load()
+                stored = im.size
+                if exif_orientation:
+                    stored = ImageOps.exif_transpose(im).size
         except (OSError, ValueError, SyntaxError) as e:
             return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        if size is not None and size != stored:
+            (w, h), (rw, rh) = stored, size
+            return f"{path}: the image is {h}x{w} (height x width), the record says {rh}x{rw}"
         return ""
 
-    paths = list(dict.fromkeys(path for r in records for path in record_files(r)))
+    sizes: dict = {}
+    for r in records:
+        # the detector's records are checked against their size (its mapper refuses another)
+        fine = r.get("task") in FINE_TASKS and r.get("width") and r.get("height")
+        for path in record_files(r):
+            sizes.setdefault(path, (int(r["width"]), int(r["height"])) if fine else None)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for found in pool.map(problem, paths):
+        for found in pool.map(problem, sizes.items()):
             if found:
                 return found
     return ""
@@ -283,10 +302,16 @@ def _load_records(name: str, role: str) -> list:
         return DatasetCatalog.get(name)
     except BadRecordError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        # TypeError / AssertionError: pycocotools' and detectron2's checks of a malformed file
+        # (a top-level list, duplicate annotation ids, image ids of mixed types, ...)
         source = MetadataCatalog.get(name).get("json_file", "")
-        if isinstance(e, KeyError):  # a hand-made file without a field the format requires
+        text = e.args[0] if isinstance(e, KeyError) and e.args else None
+        if isinstance(text, str) and " " not in text.strip():
+            # a hand-made file without a field the format requires
             detail = f"a record has no field {e}"
+        elif isinstance(e, KeyError):  # a KeyError that carries a sentence (detectron2's)
+            detail = " ".join(str(text).split())
         else:
             detail = " ".join(str(e).split()) or type(e).__name__
         if source and source not in detail:
@@ -301,7 +326,11 @@ def _load_records(name: str, role: str) -> list:
 
 
 def check_datasets_before_run(
-    train: Sequence[str], test: Sequence[str], *, check_test_files: bool = True
+    train: Sequence[str],
+    test: Sequence[str],
+    *,
+    check_test_files: bool = True,
+    exif_orientation: bool = False,
 ) -> None:
     """Checks made before a run writes anything to its ``OUTPUT_DIR``.
 
@@ -311,7 +340,9 @@ def check_datasets_before_run(
       one readable image (images are decoded in order until one works, so a healthy set costs one
       decode);
     * with ``check_test_files``, every test image exists and decodes in full (truncated files
-      included), so a bad test image stops the run before its ``OUTPUT_DIR`` is touched.
+      included), and a detector record's image has the record's size (``exif_orientation``: as
+      ``INPUT.EXIF_ORIENTATION`` turns it), so a bad test image stops the run before its
+      ``OUTPUT_DIR`` is touched.
 
     Each set's records are handed to the run's first ``DatasetCatalog.get`` instead of being
     loaded twice.
@@ -343,7 +374,7 @@ def check_datasets_before_run(
         serve_once(name, records)
     for name in test:
         records = _load_records(name, "test")
-        problem = _undecodable(records) if check_test_files else None
+        problem = _undecodable(records, exif_orientation) if check_test_files else None
         if problem:
             raise BadRecordError(
                 f"test dataset '{name}': cannot read image {problem} (every test image is "

@@ -56,8 +56,8 @@ def finish_detection_records(
             try:
                 box = BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS)
                 problem = box_problem(box, r["width"], r["height"])
-            except (KeyError, TypeError, ValueError) as e:
-                problem = f"unusable bbox ({e!r})"
+            except (KeyError, TypeError, ValueError, AssertionError) as e:  # e.g. 3 numbers
+                problem = f"unusable bbox {a.get('bbox')!r} ({type(e).__name__})"
             if problem:
                 problems.append(problem)
             else:
