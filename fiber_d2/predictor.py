@@ -44,6 +44,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torch import nn
 
 from .checkpoint.checkpointer import load_model_weights
+from .checkpoint.safe_io import CheckpointError
 from .data.resize import FIBERResizeShortestEdge
 from .engine.setup import check_device_available
 from .inference.images import ImageLike, image_to_array
@@ -209,6 +210,7 @@ class FIBERPredictor:
 
         resolve_dtype(dtype)  # fail before building anything
         name = os.fspath(name_or_path)
+        assumed = False  # the architecture defaulted for a local file
         if name in model_zoo.names():
             entry = model_zoo.entry(name)
             if entry.stage != "fine":
@@ -220,6 +222,7 @@ class FIBERPredictor:
             cfg = model_zoo.get_config(name, opts)
         elif os.path.isfile(os.path.expanduser(name)):
             weights = os.path.expanduser(name)
+            assumed = not config
             config = config or "fiber-b/coco"
             if config in model_zoo.names():
                 cfg = model_zoo.get_config(config, opts)
@@ -236,7 +239,15 @@ class FIBERPredictor:
         cfg.MODEL.DEVICE = device
         cfg.MODEL.WEIGHTS = ""
         model = build_model(cfg)
-        model_zoo.load_weights(model, weights)
+        try:
+            model_zoo.load_weights(model, weights)
+        except ValueError as e:  # CheckpointError and the layout check's
+            if not assumed:
+                raise
+            raise CheckpointError(
+                f"{e} (no config was given, so fiber-b/coco's FIBER-B detector was assumed: name "
+                "the config the file was trained with, config= / --config-file)"
+            ) from None
         return cls(
             model=model,
             tokenizer=build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),

@@ -198,3 +198,23 @@ def test_draw_grounding_accepts_predictor_output(predictor, bgr):
     inst.pred_classes = torch.tensor([1])
     picture = fiber_d2.draw_grounding(bgr[:, :, ::-1], inst, NAMES, 0.5)
     assert min(picture.shape[:2]) >= 512
+
+
+def test_a_local_file_of_another_architecture_without_config_names_the_config(tmp_path):
+    """Without ``config`` a local file is taken for FIBER-B; a Demo checkpoint then failed with a
+    hint to load it partially (a random model), not to name its config."""
+    from detectron2.modeling import build_model
+
+    from fiber_d2 import model_zoo
+
+    cfg = model_zoo.get_config("demo")
+    cfg.MODEL.DEVICE = "cpu"
+    path = tmp_path / "mine.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    with pytest.raises(ValueError) as err:
+        FIBERPredictor.from_pretrained(path, device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "no config was given" in message and "config= / --config-file" in message
+    predictor = FIBERPredictor.from_pretrained(path, config="demo", device="cpu")  # named: loads
+    assert predictor.model.training is False
