@@ -748,6 +748,19 @@ def test_missing_training_image_stops_before_the_output_dir(tmp_path, out):
     assert snapshot(out) == before
 
 
+def test_training_set_without_boxes_is_one_line(tmp_path, out):
+    """Was detectron2's TrainingSampler error (size 0) after the filter of empty images."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _register_images(tmp_path, "bad_input_no_boxes", ["ok.jpg"])
+    data = json.loads((tmp_path / "bad_input_no_boxes.json").read_text())
+    (tmp_path / "bad_input_no_boxes.json").write_text(json.dumps(dict(data, annotations=[])))
+    line = run_train_net(
+        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_no_boxes',)",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "bad_input_no_boxes" in line and "no image with a usable box" in line
+
+
 def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])
