@@ -62,7 +62,18 @@ def load_nlvr2_json(annotation_file: str, image_root: str, split: str) -> list[d
             where = f"{annotation_file}:{line_no}"
             try:
                 row = json.loads(line)
-                identifier = row["identifier"]
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: an NLVR2 record is a json object, not {row!r:.40}")
+                identifier, sentence = row["identifier"], row["sentence"]
+                if not isinstance(identifier, str) or "-" not in identifier:
+                    raise ValueError(
+                        f"{where}: identifier must be a string like 'train-10171-0-0', got "
+                        f"{identifier!r}"
+                    )
+                if not isinstance(sentence, str) or not sentence.strip():
+                    raise ValueError(
+                        f"{where}: sentence must be a non-empty string, got {sentence!r}"
+                    )
                 stem = identifier.rsplit("-", 1)[0]
                 folder = (
                     os.path.join(image_root, str(row["directory"]))
@@ -73,7 +84,7 @@ def load_nlvr2_json(annotation_file: str, image_root: str, split: str) -> list[d
                     {
                         "file_name_0": os.path.join(folder, f"{stem}-img0.png"),
                         "file_name_1": os.path.join(folder, f"{stem}-img1.png"),
-                        "sentence": row["sentence"],
+                        "sentence": sentence,
                         "label": _label(row["label"], where),
                         "identifier": identifier,
                     }

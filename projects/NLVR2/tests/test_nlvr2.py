@@ -184,6 +184,23 @@ def test_official_json_lines_release(tmp_path):
         load_nlvr2_json(str(ann), str(tmp_path), "dev")
 
 
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ([1, 2], "dev.json:1: an NLVR2 record is a json object"),
+        ({"identifier": 7, "sentence": "x", "label": "True"}, "dev.json:1: identifier must be"),
+        ({"identifier": "dev-1-0-0", "sentence": None, "label": "True"}, "dev.json:1: sentence"),
+    ],
+)
+def test_malformed_record_is_one_line_naming_the_line(row, message, tmp_path):
+    """Each was a TypeError / AttributeError traceback, or transformers' error at the first batch."""
+    ann = tmp_path / "dev.json"
+    ann.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        load_nlvr2_json(str(ann), str(tmp_path), "dev")
+    assert "\n" not in str(err.value)
+
+
 def test_official_train_split_images_sit_in_their_directory(tmp_path):
     """train.json rows name a numbered ``directory`` under the train image folder (the release
     layout ``images/train/<directory>/``); dev / test1 images sit directly in their folder."""

@@ -201,6 +201,37 @@ def test_official_json_release_records(tmp_path):
         load_vqa_json(str(tmp_path / "nope.json"), None, "/coco", "val2014")
 
 
+@pytest.mark.parametrize(
+    "question, answers, message",
+    [
+        ({"image_id": "42", "question": "q"}, None, "q.json: question_id 420: .*image_id must be"),
+        ({"image_id": 42, "question": None}, None, "q.json: question_id 420: .*question must be"),
+        ({"image_id": 42}, None, "q.json: question_id 420: bad record \\(no field 'question'"),
+        ({"image_id": 42, "question": "q"}, "yes", "a.json: question_id 420: bad record"),
+    ],
+)
+def test_malformed_json_release_record_names_file_and_question(
+    question, answers, message, tmp_path
+):
+    """Each was a traceback (TypeError, format errors, transformers' error at the first batch) or
+    a line naming neither the file nor the question."""
+    import json
+
+    from vqa import load_vqa_json
+
+    q = {"questions": [dict(question, question_id=420)]}
+    ann = {"question_id": 420, "multiple_choice_answer": "yes",
+           "answers": answers if answers is not None else [{"answer": "yes"}]}  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [ann]}))
+    with pytest.raises(ValueError, match=message) as err:
+        load_vqa_json(str(tmp_path / "q.json"), str(tmp_path / "a.json"), "/coco", "val2014")
+    assert "\n" not in str(err.value)
+    (tmp_path / "q.json").write_text(json.dumps([q]))
+    with pytest.raises(ValueError, match="q.json: not a VQA questions file"):
+        load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "val2014")
+
+
 def test_json_records_follow_the_annotations_order(tmp_path):
     """The vocabulary's first-occurrence order is the annotations file's, as in the original."""
     import json

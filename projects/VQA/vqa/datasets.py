@@ -73,34 +73,66 @@ def load_vqa_json(questions_file: str, annotations_file: str | None, image_root:
     Raises:
         FileNotFoundError: a missing file (named); ValueError: a question without annotation.
     """
-    questions = _read_json(questions_file, "questions")["questions"]
+    questions = _entries(questions_file, "questions")
     if not annotations_file:
-        return [_question_record(q, image_root, split) for q in questions]
-    by_id = {q["question_id"]: q for q in questions}
-    annotations = _read_json(annotations_file, "annotations")["annotations"]
+        return [
+            _checked(questions_file, q, lambda q=q: _question_record(q, image_root, split))
+            for q in questions
+        ]
+    by_id = {_checked(questions_file, q, lambda q=q: q["question_id"]): q for q in questions}
+    annotations = _entries(annotations_file, "annotations")
     records = []
     # in the annotations' order, which the original's answer vocabulary follows
     for a in annotations:
-        q = by_id.pop(a["question_id"], None)
+        q = by_id.pop(_checked(annotations_file, a, lambda a=a: a["question_id"]), None)
         if q is None:
             raise ValueError(f"{questions_file}: no question for question_id {a['question_id']}")
-        human = [x["answer"] for x in a["answers"]]
-        records.append(
-            dict(
-                _question_record(q, image_root, split),
-                answers=human,
-                answer_scores=answer_scores(human),
-                multiple_choice_answer=a["multiple_choice_answer"],
-                answer_type=a.get("answer_type", ""),
-                question_type=a.get("question_type", ""),
-            )
-        )
+        question = _checked(questions_file, q, lambda q=q: _question_record(q, image_root, split))
+        records.append(_checked(annotations_file, a, lambda a=a, q=question: _answered(q, a)))
     if by_id:
         raise ValueError(f"{annotations_file}: no annotation for question_id {min(by_id)}")
     return records
 
 
+def _entries(path: str, key: str) -> list:
+    """The list under ``key`` of an official VQA json (one line naming the file if it is not)."""
+    data = _read_json(path, key)
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{path}: not a VQA {key} file (no {key!r} list at the top level)")
+    return data[key]
+
+
+def _checked(path: str, entry, build):
+    """``build()``, with a malformed entry as one ``ValueError`` line naming the file and its
+    ``question_id``."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        qid = entry.get("question_id") if isinstance(entry, dict) else None
+        detail = f"no field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ValueError(f"{path}: question_id {qid}: bad record ({detail})") from None
+
+
+def _answered(question: dict, a: dict) -> dict:
+    """A question record with its annotation's human answers and their soft scores."""
+    human = [x["answer"] for x in a["answers"]]
+    if not all(isinstance(x, str) for x in human):
+        raise ValueError(f"answers must be strings, got {human!r}")
+    return dict(
+        question,
+        answers=human,
+        answer_scores=answer_scores(human),
+        multiple_choice_answer=a["multiple_choice_answer"],
+        answer_type=a.get("answer_type", ""),
+        question_type=a.get("question_type", ""),
+    )
+
+
 def _question_record(q: dict, image_root: str, split: str) -> dict:
+    if not isinstance(q["image_id"], int):
+        raise ValueError(f"image_id must be an integer, got {q['image_id']!r}")
+    if not isinstance(q["question"], str) or not q["question"].strip():
+        raise ValueError(f"question must be a non-empty string, got {q['question']!r}")
     return {
         "file_name": os.path.join(image_root, f"COCO_{split}_{q['image_id']:012d}.jpg"),
         "image_id": q["image_id"],
