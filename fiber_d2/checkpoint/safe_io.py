@@ -180,7 +180,27 @@ def torch_load_error(path: str, error: BaseException) -> str:
             f"(corrupt, or another kind of file; the unpickler: {unpickler.group(1).strip()})"
         )
     reason = (text.strip().splitlines() or [type(error).__name__])[0]
+    kind = _file_kind(path)
+    if kind:
+        reason = f"{kind} ({reason})"
     return f"cannot load {path} with torch.load(weights_only=True): {reason}"
+
+
+def _file_kind(path: str) -> str:
+    """What a file that torch could not load looks like, from its first bytes ("" if unknown):
+    torch writes a zip archive (a legacy file starts as a pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+    except OSError:
+        return ""
+    if head.startswith(b"PK"):
+        return f"a truncated or damaged torch zip archive ({size} bytes)"
+    if head[:1] != b"\x80":
+        return "not a torch checkpoint (neither torch's zip format nor a pickle)"
+    return ""
 
 
 @contextlib.contextmanager

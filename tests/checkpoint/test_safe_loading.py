@@ -198,3 +198,20 @@ def test_converter_refusals(fine_model, originals, tmp_path, capsys):
         )  # fmt: skip
     assert not target.exists() and not (tmp_path / "j.pth").exists()
     assert "shape mismatch" in capsys.readouterr().err  # the report is printed first
+
+
+def test_a_file_torch_cannot_read_is_named_for_what_it_looks_like(tmp_path):
+    """torch's own reason for a text file was a bare number ("101")."""
+    from fiber_d2.checkpoint.safe_io import CheckpointError, load_checkpoint_file
+
+    text = tmp_path / "notes.pth"
+    text.write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint") as err:
+        load_checkpoint_file(str(text))
+    assert str(text) in str(err.value) and "\n" not in str(err.value)
+    whole = tmp_path / "whole.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match="truncated or damaged torch zip archive"):
+        load_checkpoint_file(str(cut))
