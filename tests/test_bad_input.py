@@ -761,6 +761,18 @@ def test_training_set_without_boxes_is_one_line(tmp_path, out):
     assert "bad_input_no_boxes" in line and "no image with a usable box" in line
 
 
+def test_training_set_whose_every_record_is_skipped_is_one_line(tmp_path, out):
+    """Was random.sample's "Sample larger than population" traceback from detectron2's loader."""
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (48, 64)).save(tmp_path / name)  # the records say 64x64
+    _register_images(tmp_path, "bad_input_every_record_skipped", ["a.jpg", "b.jpg"])
+    line = run_train_net(
+        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_every_record_skipped',)",
+         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "every one of the 2 training records was skipped by the mapper" in line
+
+
 def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])

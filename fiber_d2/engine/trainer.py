@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import detectron2.engine.defaults as d2_defaults
 import torch
@@ -106,6 +106,36 @@ class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
             )
             self.checkpointer.save(f"{self.file_prefix}_final", iteration=self.max_iter - 1)
         super().after_train()
+
+
+class _StopWhenEverySkipped:
+    """A training mapper that raises one :class:`BadRecordError` line once it has skipped (returned
+    None for) as many records in a row as the dataset holds.
+
+    detectron2's loader retries a skipped record with another one it has not seen fail, so that
+    many skips in a row means that every record was skipped, where the loader's next draw would
+    fail with ``random.sample``'s "Sample larger than population" traceback.
+    """
+
+    def __init__(self, mapper: Callable, num_records: int):
+        self.mapper = mapper
+        self.num_records = num_records
+        self.skipped_in_a_row = 0
+
+    def __call__(self, record: dict):
+        out = self.mapper(record)
+        if out is not None:
+            self.skipped_in_a_row = 0
+            return out
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.num_records:
+            from ..data.datasets.common import BadRecordError
+
+            raise BadRecordError(
+                f"every one of the {self.num_records} training records was skipped by the mapper "
+                "(the reasons are in the warnings above)"
+            )
+        return None
 
 
 class FIBERTrainer(DefaultTrainer):
@@ -253,6 +283,8 @@ class FIBERTrainer(DefaultTrainer):
         kwargs["dataset"] = cls.train_records(cfg) if dataset is None else dataset
         if getattr(mapper, "square_images", False):
             kwargs["aspect_ratio_grouping"] = False
+        with contextlib.suppress(TypeError):  # a dataset without a length keeps the bare mapper
+            mapper = _StopWhenEverySkipped(mapper, len(kwargs["dataset"]))
         return build_detection_train_loader(cfg, mapper=mapper, **kwargs)
 
     @classmethod
