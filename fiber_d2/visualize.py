@@ -4,8 +4,8 @@ Boxes are labelled with the phrase or category name of their label and the score
 colour (detectron2's colormap, indexed by label), so the boxes of one phrase match. Readable at any
 input size:
 
-* small images are upscaled (shorter side at least ``min_size``, 512 by default) before drawing, so the
-  text is not larger than the picture;
+* small images are upscaled (shorter side at least ``min_size``, 512 by default, longer side at most
+  :data:`MAX_DRAWN_SIDE`) before drawing, so the text is not larger than the picture;
 * labels are placed greedily in score order (above the box, inside its top, below it, then moved down)
   so that the labels of overlapping boxes do not cover each other, and are kept inside the image;
 * :func:`side_by_side` puts the ground truth and the prediction next to each other under titles.
@@ -68,10 +68,18 @@ def grounding_labels(
     return out
 
 
+# Longest side of an upscaled drawing (automatic, or asked for with --scale): a 1 x 300 image with
+# its shorter side brought to 512 is a 512 x 153,600 canvas, which took minutes to draw.
+MAX_DRAWN_SIDE = 4096
+
+
 def upscale_factor(height: int, width: int, min_size: int) -> float:
-    """Factor >= 1 that brings the shorter side to ``min_size`` (1 when already there)."""
-    short = min(height, width)
-    return max(1.0, float(min_size) / short) if short > 0 and min_size > 0 else 1.0
+    """Factor >= 1 that brings the shorter side to ``min_size`` (1 when already there), at most
+    the factor that brings the longer side to :data:`MAX_DRAWN_SIDE`."""
+    short, long = min(height, width), max(height, width)
+    if short <= 0 or min_size <= 0:
+        return 1.0
+    return max(1.0, min(float(min_size) / short, MAX_DRAWN_SIDE / long))
 
 
 def _overlap(a: Rect, b: Rect) -> bool:
@@ -195,6 +203,11 @@ def draw_grounding(
     if scale is not None:
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
+        if scale > 1.0 and max(height, width) * scale > MAX_DRAWN_SIDE:
+            raise ValueError(
+                f"scale {scale} would draw the {height}x{width} image at "
+                f"{round(height * scale)}x{round(width * scale)}; at most {MAX_DRAWN_SIDE} px a side"
+            )
         min_size = round(min(height, width) * scale)
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -86,6 +86,17 @@ def test_small_images_are_upscaled_to_a_readable_size(image):
     assert draw_grounding(big, _instances([], [], [], (600, 700)), ["x"]).shape == big.shape
 
 
+def test_a_thin_image_is_not_upscaled_past_the_drawing_limit():
+    """A 1 x 300 image brought to a 512 shorter side was a 512 x 153,600 canvas (minutes)."""
+    from fiber_d2.visualize import MAX_DRAWN_SIDE
+
+    thin = np.full((1, 300, 3), 128, np.uint8)
+    drawn = draw_grounding(thin, _instances([[0, 0, 50, 1]], [0.9], [0], (1, 300)), ["x"])
+    assert drawn.shape[1] == MAX_DRAWN_SIDE and drawn.shape[0] < 20
+    with pytest.raises(ValueError, match="at most 4096 px a side"):
+        draw_grounding(thin, _instances([], [], [], (1, 300)), ["x"], scale=1000.0)
+
+
 def test_labels_of_overlapping_boxes_do_not_cover_each_other():
     boxes = np.array([[10, 10, 80, 80], [12, 12, 82, 82], [11, 14, 79, 81]], dtype=float)
     sizes = [(120.0, 18.0)] * 3
