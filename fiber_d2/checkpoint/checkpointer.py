@@ -346,6 +346,7 @@ class FIBERCheckpointer(DetectionCheckpointer):
         if self._fresh_run:
             checkpoint["model"] = self._drop_fresh_buffers(checkpoint["model"])
         checkpoint["model"] = _resize_position_tables(checkpoint["model"], self.model.state_dict())
+        _warn_non_finite(checkpoint["model"], self._path)
         incompatible = super()._load_model(checkpoint)
         self._check_missing(incompatible)
         return incompatible
@@ -463,6 +464,28 @@ def weights_to_load(cfg, *, resume: bool) -> str:
             )
         return os.path.join(cfg.OUTPUT_DIR, name)
     return cfg.MODEL.WEIGHTS
+
+
+def _warn_non_finite(state: dict, name: str) -> None:
+    """Warn when floating-point tensors of a state dict hold NaN or infinite values (a diverged
+    run's weights): the model would load them and predict nothing, without a word."""
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and v.device.type != "meta"
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        logger.warning(
+            "%s: %d of %d tensors hold NaN or infinite values (first: %s); the model will not "
+            "predict anything useful with them",
+            name,
+            len(bad),
+            len(state),
+            bad[0],
+        )
 
 
 def check_weights_before_run(cfg, *, resume: bool, inference: bool = False) -> None:

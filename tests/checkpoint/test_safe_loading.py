@@ -215,3 +215,20 @@ def test_a_file_torch_cannot_read_is_named_for_what_it_looks_like(tmp_path):
     cut.write_bytes(whole.read_bytes()[:1500])
     with pytest.raises(CheckpointError, match="truncated or damaged torch zip archive"):
         load_checkpoint_file(str(cut))
+
+
+def test_weights_with_nan_are_warned(tmp_path, caplog):
+    """A diverged run's weights loaded without a word, and the model then predicted nothing."""
+    model = torch.nn.Linear(2, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["bias"][0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save({"model": state}, path)
+    with caplog.at_level(logging.WARNING):
+        FIBERCheckpointer(model).load(str(path))
+    assert "1 of 2 tensors hold NaN or infinite values (first: bias)" in caplog.text
+    caplog.clear()
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, path)  # finite: no warning
+    with caplog.at_level(logging.WARNING):
+        FIBERCheckpointer(model).load(str(path))
+    assert "NaN" not in caplog.text
