@@ -773,6 +773,23 @@ def test_training_set_whose_every_record_is_skipped_is_one_line(tmp_path, out):
     assert "every one of the 2 training records was skipped by the mapper" in line
 
 
+def test_prompt_override_of_no_category_is_one_line(tmp_path, out):
+    """A misspelt category name in a DATASETS.REGISTER prompt override was silently ignored."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _register_images(tmp_path, "bad_input_prompt_typo", ["ok.jpg"])
+    json_file = tmp_path / "bad_input_prompt_typo.json"
+    entry = f"[['bad_input_prompt_typo_cfg', '{json_file}', '{tmp_path}', {{'red circel': 'a'}}]]"
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "DATASETS.REGISTER", entry,
+         "DATASETS.TRAIN", "('bad_input_prompt_typo_cfg',)", "DATASETS.TEST", "()",
+         "OUTPUT_DIR", str(out), *TINY]
+    )  # fmt: skip
+    assert "the prompt override names 'red circel', which is not a category" in line
+    assert "'red circle'" in line and str(json_file) in line
+    assert snapshot(out) == before
+
+
 def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .common import RecordFilter, box_problem
+from .common import BadRecordError, RecordFilter, box_problem
 
 __all__ = [
     "load_grounding_coco_json",
@@ -44,6 +44,7 @@ def finish_detection_records(
     Returns:
         the valid records with ``"task": "detection"`` and ``"dataset_name"`` added.
     """
+    _check_prompt_names(dataset_name, source)
     bad = RecordFilter(dataset_name, source)
     kept = []
     for r in records:
@@ -69,6 +70,21 @@ def finish_detection_records(
         r["dataset_name"] = dataset_name
         kept.append(r)
     return bad.finish(kept)
+
+
+def _check_prompt_names(dataset_name: str, source: str) -> None:
+    """A prompt override (``category_prompts``) naming no category of the dataset is one
+    :class:`BadRecordError` line: the mapper would silently keep the category's own name."""
+    meta = MetadataCatalog.get(dataset_name)
+    prompts = meta.get("category_prompts", None) or {}
+    classes = meta.get("thing_classes", None)
+    unknown = [name for name in prompts if classes is not None and name not in classes]
+    if unknown:
+        shown = ", ".join(repr(c) for c in classes[:8]) + (", ..." if len(classes) > 8 else "")
+        raise BadRecordError(
+            f"{source or dataset_name}: the prompt override names {unknown[0]!r}, which is not a "
+            f"category of dataset '{dataset_name}' (its categories: {shown})"
+        )
 
 
 def load_grounding_coco_json(json_file: str, image_root: str, dataset_name: str) -> List[dict]:
