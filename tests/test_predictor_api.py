@@ -218,3 +218,17 @@ def test_a_local_file_of_another_architecture_without_config_names_the_config(tm
     assert "no config was given" in message and "config= / --config-file" in message
     predictor = FIBERPredictor.from_pretrained(path, config="demo", device="cpu")  # named: loads
     assert predictor.model.training is False
+
+
+def test_a_coarse_stage_checkpoint_is_refused_by_the_predictor(tmp_path):
+    """The predictor loaded a coarse-stage file into the detector as a training hand-off (its FPN
+    and head left random) without a word."""
+    from detectron2.modeling import build_model
+
+    from fiber_d2.engine.setup import load_config
+
+    cfg = load_config("configs/Demo/coarse_tiny.yaml", ["MODEL.DEVICE", "cpu"])
+    path = tmp_path / "coarse.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    with pytest.raises(ValueError, match="coarse-stage checkpoint has no detector head"):
+        FIBERPredictor.from_pretrained(path, config="demo", device="cpu")

@@ -33,7 +33,24 @@ META_ARCH_TARGET = {"FIBER": FINE, "FIBERCoarse": COARSE}
 _FINE_PREFIXES = ("fusion_backbone.", "rpn.")
 _COARSE_PREFIXES = ("vit_model.", "text_transformer.")
 # keys of fiber_d2's own models (detector, coarse model, their heads)
-_D2_PREFIXES = ("backbone.", "head.", "image_norm.", "itm_score.", "mlm_score.", "cross_modal_")
+# top-level modules of fiber_d2's models: the detector, the coarse stage, its task models and the
+# Demo's image-tower pre-training
+_D2_PREFIXES = (
+    "backbone.",
+    "head.",
+    "image_norm.",
+    "itm_score.",
+    "mlm_score.",
+    "cross_modal_",
+    "queue.",
+    "itc_image_bn.",
+    "itc_text_bn.",
+    "cls_bn.",
+    "vqa_classifier.",
+    "nlvr2_classifier.",
+    "rank_output.",
+    "classifiers.",
+)
 
 
 def _keys(checkpoint: Mapping, use_ema: bool = False) -> list[str]:

@@ -149,7 +149,8 @@ def _cache(path: Path, converted: Dict[str, Tensor]) -> Path | None:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]:
-    """Load a local weights file of either layout into ``model`` (see the module docstring).
+    """Load a local weights file of either layout into ``model`` (see the module docstring), to
+    be used as loaded: every head the model predicts with must be in the file.
 
     Reading, strict-weights checks and the coarse-to-fine hand-off are
     :class:`~fiber_d2.checkpoint.FIBERCheckpointer`'s; this adds the conversion cache.
@@ -168,7 +169,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    checkpointer = FIBERCheckpointer(model, partial_ok=False)
+    # the model is used as loaded (the predictor, model_zoo.get): a file without the head it
+    # predicts with (e.g. a coarse-stage checkpoint given to a detector) is refused
+    checkpointer = FIBERCheckpointer(model, partial_ok=False, inference=True)
     cache = _cache_path(path)
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
         logger.info("loading %s (converted from %s)", cache, path)

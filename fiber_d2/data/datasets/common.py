@@ -202,6 +202,14 @@ def record_files(record: dict) -> List[str]:
     return files
 
 
+def _record_label(record: dict) -> str:
+    """How a message names a record: its NLVR2 identifier, VQA question or image id."""
+    for key, label in (("identifier", "NLVR2 record"), ("question_id", "question")):
+        if key in record:
+            return f"{label} {record[key]}"
+    return f"image {record.get('image_id', '?')}"
+
+
 def _first_readable(records: Iterable[dict]) -> tuple[bool, str]:
     """(True, "") at the first record whose images decode, else (False, first failure)."""
     from detectron2.data.detection_utils import read_image
@@ -358,12 +366,13 @@ def check_datasets_before_run(
                 "evaluation split); training reads one caption per record: train on a per-caption "
                 "registration (e.g. coco_caption_karpathy_train, which holds Karpathy train + val)"
             )
-        missing = [p for p in dict.fromkeys(f for r in records for f in record_files(r))
-                   if not os.path.isfile(p)]  # fmt: skip
+        missing = {f: r for r in records for f in record_files(r) if not os.path.isfile(f)}
         if missing:  # the mappers of the image-text tasks would stop the run when they reach it
+            path, record = next(iter(missing.items()))
             raise BadRecordError(
                 f"training dataset '{name}': {len(missing)} image file(s) not found, first "
-                f"{missing[0]} (fix the path under DETECTRON2_DATASETS or drop their records)"
+                f"{path} ({_record_label(record)}; fix the path under DETECTRON2_DATASETS or drop "
+                "the records)"
             )
         ok, failure = _first_readable(records)
         if not ok:

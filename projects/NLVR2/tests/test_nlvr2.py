@@ -133,9 +133,9 @@ def test_missing_image_is_one_line_error_naming_the_record(tmp_path):
 
 @pytest.mark.parametrize("where", ["test", "train"])
 def test_missing_image_in_a_run_is_one_error_line(where, tmp_path):
-    """A missing image of a test pair stops the run before OUTPUT_DIR is written (every test
-    image is decoded first); one of a training pair (training reads only one image first) ends
-    the training with the mapper's line naming the record, not a traceback."""
+    """A missing image of a test or a training pair stops the run before OUTPUT_DIR is written
+    (every test image is decoded first, every training image file looked up), one line naming the
+    file and the record; a training image that cannot be decoded is the mapper's line (above)."""
     name = f"nlvr2_test_missing_image_{where}"
     source = "shapes_val_nlvr2" if where == "test" else "shapes_train_nlvr2"
     gone = str(tmp_path / "gone-img1.png")
@@ -161,11 +161,13 @@ def test_missing_image_in_a_run_is_one_error_line(where, tmp_path):
         train_net.main(args)
     line = str(err.value.code)
     assert line.startswith("error: ") and "\n" not in line and gone in line
+    assert not (tmp_path / "out").exists()  # found before the run starts
     if where == "test":
-        assert f"test dataset '{name}'" in line and not (tmp_path / "out").exists()
+        assert f"test dataset '{name}'" in line
     else:
         record = DatasetCatalog.get("shapes_train_nlvr2")[3]["identifier"]
-        assert f"NLVR2 record {record}: cannot read image" in line
+        assert f"training dataset '{name}': 1 image file(s) not found" in line
+        assert f"NLVR2 record {record}" in line
 
 
 def test_official_json_lines_release(tmp_path):
