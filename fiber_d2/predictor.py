@@ -240,7 +240,7 @@ class FIBERPredictor:
         cfg.MODEL.WEIGHTS = ""
         model = build_model(cfg)
         try:
-            model_zoo.load_weights(model, weights)
+            model_zoo.load_weights(model, weights, inference=True)
         except ValueError as e:  # CheckpointError and the layout check's
             if not assumed:
                 raise

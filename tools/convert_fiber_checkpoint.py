@@ -232,6 +232,12 @@ def convert(args):
             )
     original = load_original(args.input)
     stage = detect_stage(original, args.use_ema) if args.stage == "auto" else args.stage
+    detected = original_layout(original, use_ema=args.use_ema)
+    if args.stage != "auto" and detected is not None and detected != stage:
+        raise ValueError(
+            f"{args.input} is a {detected}-grained checkpoint by its key names, not --stage "
+            f"{stage} (the default, auto, reads the stage from them)"
+        )
     target = args.target or (target_of(meta_arch) if meta_arch else None) or stage
     if stage == "fine" and target != "fine":
         raise ValueError(

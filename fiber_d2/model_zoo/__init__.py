@@ -132,5 +132,5 @@ def get(
         cfg.MODEL.DEVICE if torch.cuda.is_available() or cfg.MODEL.DEVICE == "cpu" else "cpu"
     )
     model = build_model(cfg)
-    load_weights(model, path)
+    load_weights(model, path, inference=True)
     return model.eval()

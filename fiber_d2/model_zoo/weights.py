@@ -148,9 +148,10 @@ def _cache(path: Path, converted: Dict[str, Tensor]) -> Path | None:
     return cache
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]:
-    """Load a local weights file of either layout into ``model`` (see the module docstring), to
-    be used as loaded: every head the model predicts with must be in the file.
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, inference: bool = False
+) -> Tuple[list, list]:
+    """Load a local weights file of either layout into ``model`` (see the module docstring).
 
     Reading, strict-weights checks and the coarse-to-fine hand-off are
     :class:`~fiber_d2.checkpoint.FIBERCheckpointer`'s; this adds the conversion cache.
@@ -158,6 +159,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]
     Args:
         model: a built ``FIBER`` or ``FIBERCoarse`` model.
         path: a ``.pth`` / ``.pt`` / ``.ckpt`` / ``.safetensors`` file.
+        inference: the model is used as loaded (the predictor, :func:`get`): every head it
+            predicts with must be in the file, where training may start from a file without the
+            head its stage adds (a coarse-stage file given to the detector).
 
     Returns:
         ``(missing, unexpected)`` keys of the final ``load_state_dict``.
@@ -169,9 +173,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Tuple[list, list]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    # the model is used as loaded (the predictor, model_zoo.get): a file without the head it
-    # predicts with (e.g. a coarse-stage checkpoint given to a detector) is refused
-    checkpointer = FIBERCheckpointer(model, partial_ok=False, inference=True)
+    checkpointer = FIBERCheckpointer(model, partial_ok=False, inference=inference)
     cache = _cache_path(path)
     if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
         logger.info("loading %s (converted from %s)", cache, path)

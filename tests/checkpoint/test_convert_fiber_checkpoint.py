@@ -120,6 +120,9 @@ def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path
         tool.main(["--input", str(src), "--output", out, "--stage", "fine", "--target", "coarse"])
     with pytest.raises(SystemExit, match="no 'model_ema'"):
         tool.main(["--input", str(src), "--output", out, "--use-ema"])
+    # a forced stage that the key names contradict wrote a partial file with exit 0
+    with pytest.raises(SystemExit, match="is a coarse-grained checkpoint by its key names, not"):
+        tool.main(["--input", str(src), "--output", out, "--stage", "fine"])
     with pytest.raises(SystemExit, match="must differ"):
         tool.main(["--input", str(src), "--output", str(src)])
     with pytest.raises(SystemExit) as err:  # checked before the conversion, not after it
