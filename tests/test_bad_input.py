@@ -313,28 +313,6 @@ def test_eval_only_without_weights(out):
 
 
 @pytest.mark.parametrize(
-    "override, message",
-    [
-        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD 0 must be at least 1"),
-        (["SOLVER.STEPS", "(4, 2)"], "SOLVER.STEPS (4, 2) must be increasing iterations"),
-        (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR -1.0 must be >= 0"),
-        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS -1 must be >= 0"),
-        (["MODEL.META_ARCHITECTURE", "Foo"], "MODEL.META_ARCHITECTURE 'Foo' is not registered"),
-        (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
-        (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),
-        (["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "/nonexistent/tokenizer"], "TOKENIZER: cannot load"),
-    ],
-)
-def test_run_settings_that_failed_after_the_start(override, message, out):
-    """Each was a traceback from detectron2, torch or transformers after config.yaml and log.txt
-    were written; now one line naming the key, OUTPUT_DIR untouched."""
-    before = snapshot(out)
-    line = run_train_net(["--config-file", FINE, *TINY, "OUTPUT_DIR", str(out), *override])
-    assert line.startswith("error: ") and message in line, line
-    assert snapshot(out) == before
-
-
-@pytest.mark.parametrize(
     "text, message",
     [
         ("MODEL:\n  DEVICE: [cpu\n", "not valid YAML: expected ',' or ']'"),
@@ -369,11 +347,21 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "100"], "MAX_POSITION_EMBEDDINGS - 2 = 64"),
         (["MODEL.FIBER.NUM_FUSION_LAYERS", "9"], "NUM_FUSION_LAYERS 9 is more than the text"),
         (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE cuda: no CUDA device is available here"),
+        # settings that failed in detectron2, torch or transformers once the run had started
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD 0 must be at least 1"),
+        (["SOLVER.STEPS", "(4, 2)"], "SOLVER.STEPS (4, 2) must be increasing iterations"),
+        (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR -1.0 must be >= 0"),
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS -1 must be >= 0"),
+        (["MODEL.META_ARCHITECTURE", "Foo"], "MODEL.META_ARCHITECTURE 'Foo' is not registered"),
+        (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
+        (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),
+        (["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "/nonexistent/tokenizer"], "TOKENIZER: cannot load"),
     ],
 )
 def test_sizes_and_devices_the_run_cannot_have(override, message, out):
-    """Each was an assertion, a shape error or a driver error from deep inside the first step."""
-    if override[0] == "MODEL.DEVICE" and torch.cuda.is_available():
+    """Each was an assertion, a shape error, a driver error from deep inside the first step, or a
+    traceback after config.yaml and log.txt were written; now one line naming the key."""
+    if override == ["MODEL.DEVICE", "cuda"] and torch.cuda.is_available():
         pytest.skip("a CUDA device is available here")
     before = snapshot(out)
     line = run_train_net(["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *override])
@@ -718,15 +706,18 @@ def _register_images(tmp_path, name, files):
     register_grounding_coco(name, str(tmp_path / f"{name}.json"), str(tmp_path))
 
 
+def train_line(name: str, out: Path) -> str:
+    """The error line of a training run on the registered set ``name`` alone."""
+    args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    return run_train_net(["--config-file", FINE, *args, *TINY])
+
+
 def test_training_set_without_a_readable_image(tmp_path, out):
     _truncated_jpeg(tmp_path / "t1.jpg")
     (tmp_path / "t2.jpg").write_bytes(b"not an image")
     _register_images(tmp_path, "bad_input_unreadable_train", ["t1.jpg", "t2.jpg"])
     before = snapshot(out)
-    line = run_train_net(
-        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_unreadable_train',)",
-         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
-    )  # fmt: skip
+    line = train_line("bad_input_unreadable_train", out)
     assert "training dataset 'bad_input_unreadable_train'" in line
     assert "none of its 2 images can be read" in line and "t1.jpg" in line
     assert snapshot(out) == before
@@ -739,10 +730,7 @@ def test_missing_training_image_stops_before_the_output_dir(tmp_path, out):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
     _register_images(tmp_path, "bad_input_missing_train", ["ok.jpg", "gone.jpg", "gone2.jpg"])
     before = snapshot(out)
-    line = run_train_net(
-        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_missing_train',)",
-         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
-    )  # fmt: skip
+    line = train_line("bad_input_missing_train", out)
     assert "training dataset 'bad_input_missing_train': 2 image file(s) not found" in line
     assert "gone.jpg" in line
     assert snapshot(out) == before
@@ -754,10 +742,7 @@ def test_training_set_without_boxes_is_one_line(tmp_path, out):
     _register_images(tmp_path, "bad_input_no_boxes", ["ok.jpg"])
     data = json.loads((tmp_path / "bad_input_no_boxes.json").read_text())
     (tmp_path / "bad_input_no_boxes.json").write_text(json.dumps(dict(data, annotations=[])))
-    line = run_train_net(
-        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_no_boxes',)",
-         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
-    )  # fmt: skip
+    line = train_line("bad_input_no_boxes", out)
     assert "bad_input_no_boxes" in line and "no image with a usable box" in line
 
 
@@ -766,10 +751,7 @@ def test_training_set_whose_every_record_is_skipped_is_one_line(tmp_path, out):
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (48, 64)).save(tmp_path / name)  # the records say 64x64
     _register_images(tmp_path, "bad_input_every_record_skipped", ["a.jpg", "b.jpg"])
-    line = run_train_net(
-        ["--config-file", FINE, "DATASETS.TRAIN", "('bad_input_every_record_skipped',)",
-         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out), *TINY]
-    )  # fmt: skip
+    line = train_line("bad_input_every_record_skipped", out)
     assert "every one of the 2 training records was skipped by the mapper" in line
 
 
@@ -790,29 +772,22 @@ def test_prompt_override_of_no_category_is_one_line(tmp_path, out):
     assert snapshot(out) == before
 
 
-def test_missing_test_image_stops_before_the_output_dir(tmp_path, out):
+@pytest.mark.parametrize("problem", ["missing", "another size"])
+def test_bad_test_image_stops_before_the_output_dir(problem, tmp_path, out):
+    """A test image that is missing, or (found by the evaluation after the whole run, as the mapper
+    refuses it) not of its record's size: one line naming it, OUTPUT_DIR untouched."""
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
-    _register_images(tmp_path, "bad_input_missing_test", ["ok.jpg", "gone.jpg"])
+    if problem == "another size":
+        Image.new("RGB", (64, 48)).save(tmp_path / "bad.jpg")  # 48 high, the record says 64
+    _register_images(tmp_path, "bad_input_bad_test_image", ["ok.jpg", "bad.jpg"])
     before = snapshot(out)
     line = run_train_net(
-        ["--config-file", FINE, "--eval-only", "DATASETS.TEST", "('bad_input_missing_test',)",
+        ["--config-file", FINE, "--eval-only", "DATASETS.TEST", "('bad_input_bad_test_image',)",
          "OUTPUT_DIR", str(out), *TINY]
     )  # fmt: skip
-    assert "test dataset 'bad_input_missing_test'" in line and "gone.jpg" in line
-    assert snapshot(out) == before
-
-
-def test_test_image_of_another_size_stops_before_the_output_dir(tmp_path, out):
-    """Was found by the evaluation after the whole run (the mapper refuses it)."""
-    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
-    Image.new("RGB", (64, 48)).save(tmp_path / "other.jpg")  # 48 high, the record says 64
-    _register_images(tmp_path, "bad_input_other_size", ["ok.jpg", "other.jpg"])
-    before = snapshot(out)
-    line = run_train_net(
-        ["--config-file", FINE, "--eval-only", "DATASETS.TEST", "('bad_input_other_size',)",
-         "OUTPUT_DIR", str(out), *TINY]
-    )  # fmt: skip
-    assert "other.jpg: the image is 48x64 (height x width), the record says 64x64" in line
+    assert "test dataset 'bad_input_bad_test_image'" in line and "bad.jpg" in line
+    if problem == "another size":
+        assert "the image is 48x64 (height x width), the record says 64x64" in line
     assert snapshot(out) == before
 
 
