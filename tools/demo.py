@@ -118,6 +118,8 @@ def build_predictor(args) -> FIBERPredictor:
         logger.warning("CUDA is not available: running on the CPU")
         device = "cpu"
     if args.weights:
+        if "MODEL.WEIGHTS" in args.opts[::2]:
+            raise ValueError("give the weights once: --weights or --opts MODEL.WEIGHTS, not both")
         return FIBERPredictor.from_pretrained(
             args.weights, config=args.config_file, device=device, dtype=args.dtype, opts=args.opts
         )

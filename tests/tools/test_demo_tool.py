@@ -202,6 +202,7 @@ def test_runs_from_another_directory_with_relative_config(inputs, weights, tmp_p
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--weights", "fiber-b/cocoo"], "known names: demo"),
         (["--weights", "fiber-b/coco"], "model_0072500.pth"),
+        (["--weights", "demo", "--opts", "MODEL.WEIGHTS", "x.pth"], "give the weights once"),
     ],
 )
 def test_bad_options_are_one_line(inputs, tmp_path, extra, needle, monkeypatch):
