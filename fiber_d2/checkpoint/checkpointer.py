@@ -346,7 +346,8 @@ class FIBERCheckpointer(DetectionCheckpointer):
         if self._fresh_run:
             checkpoint["model"] = self._drop_fresh_buffers(checkpoint["model"])
         checkpoint["model"] = _resize_position_tables(checkpoint["model"], self.model.state_dict())
-        _warn_non_finite(checkpoint["model"], self._path)
+        if not self.keep_loaded:  # the pre-flight load (keep_loaded) leaves it to the run's load
+            _warn_non_finite(checkpoint["model"], self._path)
         incompatible = super()._load_model(checkpoint)
         self._check_missing(incompatible)
         return incompatible

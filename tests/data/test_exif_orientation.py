@@ -151,3 +151,20 @@ def test_predictor_turns_a_photo_file_upright(tmp_path, pixels):
 
     turned = save(tmp_path / "photo.png", pixels, orientation=3)
     np.testing.assert_array_equal(image_to_array(turned, "RGB"), pixels[::-1, ::-1])
+
+
+@pytest.mark.parametrize("orientation", [None, 3, 6, 8])
+def test_pre_run_size_check_reads_the_size_as_the_mapper_does(tmp_path, pixels, orientation):
+    """A test record's size is compared with the image as the detector's mapper will read it:
+    as stored, or turned upright with INPUT.EXIF_ORIENTATION (orientations 5-8 swap the sides)."""
+    from fiber_d2.data.datasets.common import _undecodable
+
+    path = save(tmp_path / "a.jpg", pixels, orientation)
+    turned = orientation in (6, 8)
+    stored = {"file_name": path, "task": "detection", "height": H, "width": W}
+    upright = dict(stored, height=W, width=H) if turned else stored
+    assert _undecodable([stored], exif_orientation=False) == ""
+    assert _undecodable([upright], exif_orientation=True) == ""
+    if turned:
+        assert "the record says 60x40" in _undecodable([upright], exif_orientation=False)
+        assert "the record says 40x60" in _undecodable([stored], exif_orientation=True)

@@ -244,7 +244,7 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image, ImageOps
+    from PIL import ExifTags, Image
 
     def problem(item) -> str:
         path, size = item
@@ -254,8 +254,9 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
             with Image.open(path) as im:
                 im.load()
                 stored = im.size
-                if exif_orientation:
-                    stored = ImageOps.exif_transpose(im).size
+                # EXIF orientations 5-8 turn the image by 90 degrees (no need to turn its pixels)
+                if exif_orientation and im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+                    stored = stored[::-1]
         except (OSError, ValueError, SyntaxError) as e:
             return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
         if size is not None and size != stored:
@@ -366,9 +367,13 @@ def check_datasets_before_run(
                 "evaluation split); training reads one caption per record: train on a per-caption "
                 "registration (e.g. coco_caption_karpathy_train, which holds Karpathy train + val)"
             )
-        missing = {f: r for r in records for f in record_files(r) if not os.path.isfile(f)}
+        first_record: dict = {}  # each file once (a grounding set has a record per caption)
+        for r in records:
+            for f in record_files(r):
+                first_record.setdefault(f, r)
+        missing = [f for f in first_record if not os.path.isfile(f)]
         if missing:  # the mappers of the image-text tasks would stop the run when they reach it
-            path, record = next(iter(missing.items()))
+            path, record = missing[0], first_record[missing[0]]
             raise BadRecordError(
                 f"training dataset '{name}': {len(missing)} image file(s) not found, first "
                 f"{path} ({_record_label(record)}; fix the path under DETECTRON2_DATASETS or drop "
