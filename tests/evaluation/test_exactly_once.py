@@ -134,7 +134,11 @@ def test_one_process(names, kind, scenario):
 
 
 def _ranked_evaluations(rank, folder):
-    names = register(Path(folder), suffix="_ddp")
+    # each rank writes its own copy of the annotation files: two processes writing one file while
+    # the other reads it would race
+    own = Path(folder) / f"data{rank}"
+    own.mkdir()
+    names = register(own, suffix="_ddp")
     results = {}
     for kind in KINDS:
         for scenario, per_rank in SCENARIOS.items():
