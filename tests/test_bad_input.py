@@ -369,6 +369,58 @@ def test_sizes_and_devices_the_run_cannot_have(override, message, out):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(
+    "problem", ["corrupt", "another tower", "text sizes", "text init", "text folder"]
+)
+def test_tower_weights_checked_before_the_run(problem, out, tmp_path):
+    """The towers' own pretrained weights were read by the model's build, after config.yaml and
+    log.txt were written (a traceback for the text tower); now one line before anything."""
+    from transformers import RobertaConfig
+
+    from fiber_d2.engine.setup import check_tower_weights_available
+    from fiber_d2.modeling.backbone.swin import SwinImageTower
+
+    cfg = load_config(FINE, TINY)
+    swin = tmp_path / "swin.pth"
+    torch.save({"model": SwinImageTower(cfg).imagenet_state_dict()}, swin)
+    text = tmp_path / "text"
+    lang = cfg.MODEL.LANGUAGE_BACKBONE
+    RobertaConfig(hidden_size=lang.HIDDEN_SIZE, num_hidden_layers=lang.NUM_LAYERS).save_pretrained(
+        text
+    )
+    random_init_only = [  # FINE's random-init settings, which pretrained text weights cannot take
+        "MODEL.LANGUAGE_BACKBONE.POSITION_INIT_SCALE", "1.0",
+        "MODEL.LANGUAGE_BACKBONE.INITIALIZER_RANGE", "0.02",
+    ]  # fmt: skip
+    fitting = load_config(FINE, [*TINY, "MODEL.SWIN.WEIGHTS", str(swin)])
+    check_tower_weights_available(fitting)  # the control: files that fit pass
+    fitting = load_config(
+        FINE, [*TINY, *random_init_only, "MODEL.LANGUAGE_BACKBONE.WEIGHTS", str(text)]
+    )
+    check_tower_weights_available(fitting)
+    if problem == "corrupt":
+        swin.write_bytes(b"not a checkpoint")
+        override, message = ["MODEL.SWIN.WEIGHTS", str(swin)], "not a readable checkpoint"
+    elif problem == "another tower":
+        wide = load_config(FINE, [*TINY, "MODEL.SWIN.EMBED_DIM", "48"])
+        torch.save({"model": SwinImageTower(wide).imagenet_state_dict()}, swin)
+        override, message = ["MODEL.SWIN.WEIGHTS", str(swin)], "does not fit the tower"
+    elif problem == "text sizes":
+        RobertaConfig(hidden_size=32, num_hidden_layers=lang.NUM_LAYERS).save_pretrained(text)
+        override = [*random_init_only, "MODEL.LANGUAGE_BACKBONE.WEIGHTS", str(text)]
+        message = f"have (hidden, layers) = (32, {lang.NUM_LAYERS})"
+    elif problem == "text init":
+        override = ["MODEL.LANGUAGE_BACKBONE.WEIGHTS", str(text)]
+        message = "MODEL.LANGUAGE_BACKBONE.POSITION_INIT_SCALE 0.0 applies to a random init only"
+    else:
+        override = [*random_init_only, "MODEL.LANGUAGE_BACKBONE.WEIGHTS", str(tmp_path / "none")]
+        message = "no such directory"
+    before = snapshot(out)
+    line = run_train_net(["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *override])
+    assert line.startswith("error: ") and message in line, line
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("path", ["train", "eval"])
 def test_unregistered_dataset(path, out):
     before = snapshot(out)

@@ -79,7 +79,7 @@ PARTIAL_LOAD_TOLERANCE = 0.01
 _PRELOADED: dict[str, tuple[tuple[int, int], object]] = {}
 _LOGGED_CONVERSIONS: set[str] = set()
 # torch's per-tensor UserWarning when a state dict is loaded into a model on the meta device
-_META_COPY_WARNING = r".*copying from a non-meta parameter in the checkpoint to a meta parameter"
+META_COPY_WARNING = r".*copying from a non-meta parameter in the checkpoint to a meta parameter"
 
 
 def _signature(path: str) -> tuple[int, int]:
@@ -541,5 +541,5 @@ def check_weights_before_run(cfg, *, resume: bool, inference: bool = False) -> N
     with warnings.catch_warnings():
         # Copying into meta tensors is a no-op by design here (only keys and shapes are checked);
         # torch warns once per tensor about it, a few hundred lines on every run with weights.
-        warnings.filterwarnings("ignore", message=_META_COPY_WARNING, category=UserWarning)
+        warnings.filterwarnings("ignore", message=META_COPY_WARNING, category=UserWarning)
         checkpointer.load(path, checkpointables=[])

@@ -44,6 +44,7 @@ from .setup import (
     ConfigError,
     check_device_available,
     check_tokenizer_available,
+    check_tower_weights_available,
     load_config,
     validate_config,
 )
@@ -69,6 +70,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names,
     sizes and paths, a CUDA device when the config asks for one, the datasets' annotations, the
     training sets (one readable image), the test images (present, decode in full), the tokenizer, the
+    towers' own pretrained weights (MODEL.SWIN.WEIGHTS, MODEL.LANGUAGE_BACKBONE.WEIGHTS), the
     checkpoint that will be loaded (safe format, fits the model) and, last, ``OUTPUT_DIR`` (created
     when missing, writable).
 
@@ -84,6 +86,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         exif_orientation=cfg.INPUT.EXIF_ORIENTATION,
     )
     check_tokenizer_available(cfg)
+    check_tower_weights_available(cfg)
     check_weights_before_run(cfg, resume=resume, inference=not training)
     check_output_dir(cfg.OUTPUT_DIR)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.logger import log_first_n
 
+from ..checkpoint.checkpointer import META_COPY_WARNING
+from ..checkpoint.safe_io import one_line
 from ..config import add_fiber_config
 from ..model_zoo.weights import repo_root
 from ..text import build_tokenizer
@@ -29,6 +32,7 @@ __all__ = [
     "ConfigError",
     "check_device_available",
     "check_tokenizer_available",
+    "check_tower_weights_available",
     "load_config",
     "require_at_least_one",
     "resolve_config_file",
@@ -294,6 +298,58 @@ def check_tokenizer_available(cfg: CfgNode) -> None:
         build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER)
     except (OSError, ValueError) as e:
         raise ConfigError(f"MODEL.LANGUAGE_BACKBONE.TOKENIZER: {e}") from None
+
+
+def check_tower_weights_available(cfg: CfgNode) -> None:
+    """The towers' own pretrained weights load and fit, checked before the run writes anything
+    (the model's build reads them only after ``config.yaml`` and ``log.txt`` are written).
+
+    ``MODEL.SWIN.WEIGHTS`` is read safely and loaded into an image tower built on the meta device
+    (keys and shapes only); ``MODEL.LANGUAGE_BACKBONE.WEIGHTS`` must name a loadable RoBERTa config
+    (a local directory, or a hub name in the hub cache when offline) of the configured sizes, with
+    the random-init-only keys at their defaults.
+
+    Raises:
+        ConfigError, CheckpointError: one line naming the key and the file.
+    """
+    lang = cfg.MODEL.LANGUAGE_BACKBONE
+    if lang.WEIGHTS:
+        for key, default in (("POSITION_INIT_SCALE", 1.0), ("INITIALIZER_RANGE", 0.02)):
+            if lang[key] != default:
+                raise ConfigError(
+                    f"MODEL.LANGUAGE_BACKBONE.{key} {lang[key]} applies to a random init only; "
+                    f"MODEL.LANGUAGE_BACKBONE.WEIGHTS {lang.WEIGHTS!r} are loaded as they are "
+                    f"(set it to {default})"
+                )
+        from transformers import AutoConfig
+
+        if lang.WEIGHTS.startswith(("/", ".", "~")) and not os.path.isdir(lang.WEIGHTS):
+            raise ConfigError(
+                f"MODEL.LANGUAGE_BACKBONE.WEIGHTS {lang.WEIGHTS!r}: no such directory (a local "
+                f"save_pretrained directory or a hub name)"
+            )
+        try:
+            text_config = AutoConfig.from_pretrained(lang.WEIGHTS)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"MODEL.LANGUAGE_BACKBONE.WEIGHTS {lang.WEIGHTS!r} cannot be loaded: {one_line(e)}"
+            ) from None
+        got = (text_config.hidden_size, text_config.num_hidden_layers)
+        if got != (lang.HIDDEN_SIZE, lang.NUM_LAYERS):
+            raise ConfigError(
+                f"MODEL.LANGUAGE_BACKBONE.WEIGHTS {lang.WEIGHTS!r} have (hidden, layers) = {got}; "
+                f"MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE / NUM_LAYERS ask for "
+                f"{(lang.HIDDEN_SIZE, lang.NUM_LAYERS)}"
+            )
+    if cfg.MODEL.SWIN.WEIGHTS:
+        from ..modeling.backbone.swin import SwinImageTower
+
+        with torch.device("meta"):
+            tower = SwinImageTower(cfg, weights="")
+        with warnings.catch_warnings():
+            # copying into meta tensors is a no-op by design (keys and shapes are what is checked)
+            warnings.filterwarnings("ignore", message=META_COPY_WARNING, category=UserWarning)
+            tower.load_imagenet_checkpoint(cfg.MODEL.SWIN.WEIGHTS)
 
 
 def validate_config(cfg: CfgNode, *, training: bool) -> None:
