@@ -485,6 +485,46 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("problem", ["one id, two names", "two ids, one name"])
+def test_categories_sharing_an_id_or_a_name(problem, out, tmp_path, caplog):
+    """detectron2's loader gave both categories of one id the last one's name and its boxes (a
+    silent relabelling); now one line naming the id. Two ids of one name are kept, with a warning:
+    their prompts read the same."""
+    name = f"bad_input_categories_{problem.replace(' ', '_').replace(',', '')}"
+    json_file = tmp_path / "annotations.json"
+    image = {"id": 1, "file_name": "a.png", "height": 10, "width": 10}
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    box = {"image_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}
+    if problem == "one id, two names":
+        categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "cone"}]
+        categories.append({"id": 2, "name": "square"})
+    else:
+        categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "circle"}]
+    boxes = [dict(box, id=1, category_id=1), dict(box, id=2, category_id=2)]
+    json_file.write_text(
+        json.dumps({"images": [image], "annotations": boxes, "categories": categories})
+    )
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_grounding_coco(name, str(json_file), str(tmp_path))
+    if problem == "two ids, one name":
+        with caplog.at_level(logging.WARNING):
+            records = DatasetCatalog.get(name)
+        assert [a["category_id"] for a in records[0]["annotations"]] == [0, 1]
+        assert f"{json_file}: 1 category name(s) are used by more than one" in caplog.text
+        assert "'circle'" in caplog.text
+        return
+    before = snapshot(out)
+    args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    line = run_train_net(["--config-file", FINE, *args, *TINY])
+    assert line == (
+        f"error: {json_file}: category id 2 is given to more than one category (1 repeated id(s) "
+        f"in 'categories'); each needs its own id"
+    )
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- images
 def _truncated_jpeg(path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)

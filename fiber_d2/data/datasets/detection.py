@@ -44,6 +44,7 @@ def finish_detection_records(
     Returns:
         the valid records with ``"task": "detection"`` and ``"dataset_name"`` added.
     """
+    _check_categories(dataset_name, source)
     _check_prompt_names(dataset_name, source)
     bad = RecordFilter(dataset_name, source)
     kept = []
@@ -70,6 +71,42 @@ def finish_detection_records(
         r["dataset_name"] = dataset_name
         kept.append(r)
     return bad.finish(kept)
+
+
+def _check_categories(dataset_name: str, source: str) -> None:
+    """Categories as detectron2's COCO loader left them in the metadata.
+
+    Two categories with one id: the loader keeps the last one's name for both and its boxes go to
+    it, a silent relabelling, so it is one :class:`BadRecordError` line naming the id. Two ids with
+    one name: both keep their boxes but read as the same phrase in the prompt, so the model cannot
+    tell them apart; a warning names it.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("thing_classes", None)
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    if not classes:
+        return
+    if id_map is not None and len(id_map) < len(classes):
+        # the loader enumerates the sorted ids with repeats: a repeated id maps to its last index
+        unused = sorted(set(range(len(classes))) - set(id_map.values()))
+        repeated = next(i for i, c in sorted(id_map.items(), key=lambda kv: kv[1]) if c > unused[0])
+        raise BadRecordError(
+            f"{source or dataset_name}: category id {repeated} is given to more than one category "
+            f"({len(classes) - len(id_map)} repeated id(s) in 'categories'); each needs its own id"
+        )
+    seen, repeated_names = set(), []
+    for name in classes:
+        if name in seen and name not in repeated_names:
+            repeated_names.append(name)
+        seen.add(name)
+    if repeated_names:
+        logger.warning(
+            "%s: %d category name(s) are used by more than one category id, first %r: their "
+            "prompts read the same, so the model cannot tell them apart",
+            source or dataset_name,
+            len(repeated_names),
+            repeated_names[0],
+        )
 
 
 def _check_prompt_names(dataset_name: str, source: str) -> None:
