@@ -108,6 +108,70 @@ class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
         super().after_train()
 
 
+class _EvalHookCatchingUp(hooks.EvalHook):
+    """detectron2's evaluation hook, which also reruns a periodic evaluation that a killed run did
+    not finish.
+
+    The periodic checkpoint of an evaluation iteration is written just before that evaluation, so
+    a run killed during it resumes after it and would never evaluate that iteration. Each finished
+    evaluation writes the iteration of the weights it evaluated to ``OUTPUT_DIR/last_evaluation``
+    (main process, whole or not at all); a run resumed from an evaluation iteration's checkpoint
+    that the file does not name evaluates those weights first, logged at that iteration.
+    """
+
+    FILE = "last_evaluation"
+
+    def __init__(self, eval_period: int, eval_function: Callable, output_dir: str, **kwargs):
+        super().__init__(eval_period, eval_function, **kwargs)
+        self.path = os.path.join(output_dir, self.FILE)
+        self._weights_iteration = -1  # the iteration whose weights the next evaluation reads
+
+    def _evaluated_iteration(self) -> int | None:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _do_eval(self):
+        super()._do_eval()
+        if comm.is_main_process():
+            from ..checkpoint.safe_io import write_whole
+
+            with write_whole(self.path, "w") as f:
+                f.write(f"{self._weights_iteration}\n")
+
+    def before_train(self):
+        resumed_after = self.trainer.start_iter - 1  # the iteration of the checkpoint resumed
+        due = self._period > 0 and resumed_after >= 0 and (resumed_after + 1) % self._period == 0
+        if not due or resumed_after + 1 >= self.trainer.max_iter:  # the final evaluation follows
+            return
+        if self._evaluated_iteration() == resumed_after:
+            return
+        logger.info(
+            "The evaluation of iteration %d did not finish before the run stopped: running it",
+            resumed_after,
+        )
+        storage = self.trainer.storage
+        storage.iter = self._weights_iteration = resumed_after
+        try:
+            self._do_eval()
+        finally:
+            storage.iter = self.trainer.start_iter
+
+    def after_step(self):
+        self._weights_iteration = self.trainer.iter
+        super().after_step()
+
+    def after_train(self):
+        # detectron2's loop ends at MAX_ITER, or one past it when a resumed run had no step left:
+        # the final evaluation is logged at MAX_ITER and reads the weights of MAX_ITER - 1 either way
+        storage = self.trainer.storage
+        storage.iter = min(storage.iter, self.trainer.max_iter)
+        self._weights_iteration = storage.iter - 1
+        super().after_train()
+
+
 class _StopWhenEverySkipped:
     """A training mapper that raises one :class:`BadRecordError` line once it has skipped (returned
     None for) as many records in a row as the dataset holds.
@@ -176,6 +240,10 @@ class FIBERTrainer(DefaultTrainer):
                     max_iter=h.max_iter,
                     max_to_keep=h.max_to_keep,
                     file_prefix=h.file_prefix,
+                )
+            elif type(h) is hooks.EvalHook:
+                ret[i] = _EvalHookCatchingUp(
+                    h._period, h._func, cfg.OUTPUT_DIR, eval_after_train=h._eval_after_train
                 )
         model = self._trainer.model
         extra = []

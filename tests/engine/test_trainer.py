@@ -10,7 +10,7 @@ from detectron2.engine import HookBase
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
 from fiber_d2.engine.setup import load_config
-from fiber_d2.engine.trainer import FIBERTrainer
+from fiber_d2.engine.trainer import FIBERTrainer, _EvalHookCatchingUp
 
 TINY = [
     "SOLVER.IMS_PER_BATCH",
@@ -123,6 +123,60 @@ def test_resume_after_a_kill_before_model_final_writes_it(tmp_path):
     assert saved["iteration"] == 3
     for k, v in last["model"].items():
         assert torch.equal(saved["model"][k], v), k
+
+
+def _recording_evaluation(trainer, calls, interrupt_at=None):
+    """Replace the trainer's evaluation with one that records the iteration it is logged at (and
+    raises _Interrupt when called at ``interrupt_at``, like a SIGKILL during it)."""
+    (hook,) = [h for h in trainer._hooks if isinstance(h, _EvalHookCatchingUp)]
+
+    def evaluate():
+        at = trainer.storage.iter
+        if at == interrupt_at:
+            raise _Interrupt
+        calls.append(at)
+        return {"probe": {"weights_sum": float(sum(p.sum() for p in trainer.model.parameters()))}}
+
+    hook._func = evaluate
+
+
+def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
+    """A periodic evaluation runs right after its iteration's checkpoint: a run killed during it
+    resumes after it. The resumed run evaluates that checkpoint first; an evaluation that finished
+    before the kill is not repeated."""
+    cfg = _cfg(
+        "configs/Demo/coarse_tiny.yaml",
+        tmp_path,
+        *("SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"),
+    )
+    first = []
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    _recording_evaluation(trainer, first, interrupt_at=3)
+    with pytest.raises(_Interrupt):
+        trainer.train()
+    assert first == [1] and (tmp_path / "model_0000003.pth").is_file()
+    assert (tmp_path / "last_evaluation").read_text() == "1\n"
+
+    second = []
+    resumed = FIBERTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 4
+    resumed.register_hooks([_KillAt(6)])  # killed after the evaluation of 5, before checkpoint 7
+    _recording_evaluation(resumed, second)
+    with pytest.raises(_Interrupt):
+        resumed.train()
+    assert second == [3, 5]  # the interrupted evaluation first, at its own iteration
+    assert (tmp_path / "last_evaluation").read_text() == "5\n"
+
+    third = []
+    again = FIBERTrainer(cfg)
+    again.resume_or_load(resume=True)
+    assert again.start_iter == 6
+    _recording_evaluation(again, third)
+    again.train()
+    assert third == [8]  # 5 finished before the kill: only the final evaluation (of weights 7)
+    assert (tmp_path / "last_evaluation").read_text() == "7\n"
 
 
 def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
