@@ -178,6 +178,14 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     assert third == [8]  # 5 finished before the kill: only the final evaluation (of weights 7)
     assert (tmp_path / "last_evaluation").read_text() == "7\n"
 
+    fourth = []  # resumed with no step left: the final evaluation again, at MAX_ITER (not 9)
+    last = FIBERTrainer(cfg)
+    last.resume_or_load(resume=True)
+    assert last.start_iter == 8
+    _recording_evaluation(last, fourth)
+    last.train()
+    assert fourth == [8] and (tmp_path / "last_evaluation").read_text() == "7\n"
+
 
 def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
     coarse_dir, fine_dir = tmp_path / "coarse", tmp_path / "fine"
