@@ -43,7 +43,9 @@ try:
     from detectron2.modeling import META_ARCH_REGISTRY, build_model
     from detectron2.utils.logger import setup_logger
 except ImportError as e:  # pragma: no cover
-    sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+    sys.exit(
+        f"error: detectron2 is not importable ({e}); run `make test` or see README 'Troubleshooting the detectron2 install'."
+    )
 from fvcore.nn import FlopCountAnalysis, flop_count_table, parameter_count_table
 from fvcore.nn.jit_handles import get_shape
 

@@ -42,7 +42,9 @@ try:
     # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
     import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover
-    sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+    sys.exit(
+        f"error: detectron2 is not importable ({e}); run `make test` or see README 'Troubleshooting the detectron2 install'."
+    )
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 

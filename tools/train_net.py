@@ -14,7 +14,9 @@ import sys
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
-    sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+    sys.exit(
+        f"error: detectron2 is not importable ({e}); run `make test` or see README 'Troubleshooting the detectron2 install'."
+    )
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.engine.cli import launch_cli, run

@@ -26,7 +26,9 @@ try:
     import numpy as np
     from detectron2.utils.logger import setup_logger
 except ImportError as e:  # pragma: no cover - exercised only without the environment
-    sys.exit(f"error: detectron2 is not importable ({e}); run `make test` or see README 'Install'.")
+    sys.exit(
+        f"error: detectron2 is not importable ({e}); run `make test` or see README 'Troubleshooting the detectron2 install'."
+    )
 
 import fiber_d2  # noqa: F401  (registers FIBER's components)
 from fiber_d2.deploy.export import FORMATS, check_exportable, export_detector
