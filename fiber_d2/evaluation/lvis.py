@@ -22,7 +22,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 
 from ..modeling.head.postprocess import original_eval_boxes
-from .coco import drop_bad_gt_boxes
+from .coco import check_unique_image_ids, drop_bad_gt_boxes
 from .integrity import SeenRecords, without_predictions
 
 __all__ = ["FixedAPLVISEvaluator", "keep_topk_per_category"]
@@ -173,6 +173,9 @@ class FixedAPLVISEvaluator(LVISEvaluator):
         self._seen = SeenRecords(dataset_name, "FixedAPLVISEvaluator", distributed)
         # the loaders' box rule, as in FIBERCOCOEvaluator: training and evaluation see the same boxes
         api = getattr(self, "_lvis_api", None)
+        if api is not None:
+            source = self._metadata.get("json_file", "")
+            check_unique_image_ids(api.dataset, api.imgs, dataset_name, source)
         if api is not None and drop_bad_gt_boxes(api.dataset, api.imgs, dataset_name):
             api._create_index()
 

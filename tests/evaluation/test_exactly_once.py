@@ -10,6 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from two_ranks import run_two_ranks
 
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.evaluation import EvaluationCoverageError
 from fiber_d2.evaluation.coco import FIBERCOCOEvaluator
 from fiber_d2.evaluation.flickr import FlickrRecallEvaluator
@@ -37,8 +38,10 @@ EXPECTED = {
 }
 
 
-def _coco_json(path, bad_box=False):
+def _coco_json(path, bad_box=False, repeated_image=False):
     images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in IDS]
+    if repeated_image:  # a fifth image with image 3's id
+        images.append({"id": 3, "width": 100, "height": 100, "file_name": "5.jpg"})
     xywh = [BOX[0], BOX[1], BOX[2] - BOX[0], BOX[3] - BOX[1]]
     anns = [
         {"id": i, "image_id": i, "category_id": 1, "bbox": xywh, "area": 900.0, "iscrowd": 0}
@@ -188,3 +191,31 @@ def test_coco_ground_truth_drops_the_boxes_the_loader_drops(tmp_path, caplog):
     for i in IDS:
         ev.process([{"image_id": i}], [output("coco", i)])
     assert ev.evaluate()["bbox"]["AP50"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("kind", ["coco", "lvis"])
+def test_ground_truth_with_one_id_for_two_images(kind, tmp_path):
+    """pycocotools and the LVIS API keep the last image of an id, with the boxes of both: the
+    scores silently read one image's boxes on another. Now one line naming the file and the id."""
+    name = f"xo_{kind}_repeated_image"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: [{"image_id": i} for i in IDS])
+    json_file = _coco_json(tmp_path / "repeated.json", repeated_image=True)
+    MetadataCatalog.get(name).set(
+        json_file=json_file, thing_classes=["thing"], thing_dataset_id_to_contiguous_id={1: 0}
+    )
+    with pytest.raises(BadRecordError) as err:
+        build(kind, name, distributed=False)
+    assert str(err.value) == (
+        f"{json_file}: image id 3 is given to more than one image (1 repeated id(s) in 'images'); "
+        "each image needs its own id"
+    )
+    MetadataCatalog.remove(name)  # the control: the same file without the repeat evaluates
+    MetadataCatalog.get(name).set(
+        json_file=_coco_json(tmp_path / "once.json"),
+        thing_classes=["thing"],
+        thing_dataset_id_to_contiguous_id={1: 0},
+    )
+    assert evaluate(kind, name, IDS, distributed=False) == "ok"
