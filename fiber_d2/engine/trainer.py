@@ -357,8 +357,14 @@ class FIBERTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """detectron2's test loader over ``dataset_name`` through :meth:`build_mapper`. A detection
+        record without a ``dataset_name`` field (e.g. one of detectron2's ``register_coco_instances``)
+        is prompted with ``dataset_name``'s categories, whatever ``DATASETS.TEST`` lists."""
+        mapper = cls.build_mapper(cfg, False)
+        if hasattr(mapper, "default_dataset"):
+            mapper.default_dataset = dataset_name
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=cls.build_mapper(cfg, False), batch_size=cls.test_batch_size
+            cfg, dataset_name, mapper=mapper, batch_size=cls.test_batch_size
         )
 
     @staticmethod

@@ -1,5 +1,6 @@
 """FIBERTrainer end to end on the tiny config: resume after an interruption, coarse-to-fine hand-off."""
 
+import json
 import os
 import subprocess
 import sys
@@ -302,3 +303,31 @@ def test_ema_for_evaluation_when_asked(tmp_path, monkeypatch):
     _, trainer, seen = _ema_run(tmp_path, monkeypatch, "SOLVER.EMA.USE_FOR_EVAL", "True")
     assert len(seen) == 1 and torch.equal(seen[0], trainer.ema.state["head.bias0"])
     assert not torch.equal(seen[0], trainer.model.state_dict()["head.bias0"])
+
+
+def test_test_loader_prompts_with_the_dataset_it_loads(tmp_path):
+    """A set registered with detectron2's register_coco_instances has records without a
+    ``dataset_name`` field: they were prompted with DATASETS.TEST's only set (another set's
+    categories, silently) or failed when it listed none or two."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    for name, classes in (("own_animals", ["dog", "cat"]), ("own_fruit", ["apple", "pear"])):
+        categories = [{"id": i + 1, "name": c} for i, c in enumerate(classes)]
+        box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "area": 64}
+        image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(
+                {"images": [image], "annotations": [dict(box, iscrowd=0)], "categories": categories}
+            )
+        )
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, str(tmp_path / f"{name}.json"), str(tmp_path))
+    for test_sets in ("('own_fruit',)", "()", "('own_fruit', 'own_animals')"):
+        cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path / "out", "DATASETS.TEST", test_sets)
+        (batch,) = list(FIBERTrainer.build_test_loader(cfg, "own_animals"))
+        assert "dog" in batch[0]["caption"] and "apple" not in batch[0]["caption"], test_sets
