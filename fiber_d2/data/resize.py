@@ -34,7 +34,9 @@ class FIBERResizeShortestEdge(T.ResizeShortestEdge):
         short, long = min(oldh, oldw), max(oldh, oldw)
         size = short_edge_length
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            # at least 1: the original's rounding gives 0 past an aspect ratio of 2 * max_size
+            # (1 x 513 at max_size 256), which no resize can produce; such an image keeps its side
+            size = max(1, int(round(max_size * short / long)))
         if short == size:
             return oldh, oldw
         if oldw < oldh:

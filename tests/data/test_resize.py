@@ -45,6 +45,16 @@ def test_range_sampling_draws_the_short_side_as_detectron2():
     assert sizes == {(700, 933), (701, 934)}  # 933.33 and 934.67, truncated
 
 
+@pytest.mark.parametrize("old", [(1, 513), (3, 2000), (2000, 1)])
+def test_extreme_aspect_ratios_keep_a_side_of_one(old):
+    """Past an aspect ratio of 2 * max_size the original's rounding gives a side of 0, and PIL
+    refused the resize ("height and width must be > 0")."""
+    image = np.zeros((*old, 3), dtype=np.uint8)
+    resized = FIBERResizeShortestEdge((144,), 256, "choice").get_transform(image).apply_image(image)
+    assert min(resized.shape[:2]) == 1
+    assert max(resized.shape[:2]) == int(max(old) / min(old))
+
+
 def test_short_side_zero_is_no_resize():
     image = np.zeros((30, 47, 3), dtype=np.uint8)
     assert isinstance(
