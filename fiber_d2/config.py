@@ -16,8 +16,11 @@ def add_fiber_config(cfg: CN) -> CN:
         cfg: a detectron2 config, usually ``detectron2.config.get_cfg()``.
 
     Returns:
-        the same ``cfg``, for chaining.
+        the same ``cfg``, for chaining. A config that already has the keys is returned as it is:
+        a second call would set every key back to its default, values merged from a file included.
     """
+    if "FIBER" in cfg.MODEL:
+        return cfg
     _C = cfg
     # ------------------------------------------------------------------ model: overall
     _C.MODEL.META_ARCHITECTURE = "FIBER"

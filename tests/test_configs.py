@@ -87,3 +87,19 @@ def test_unknown_key_is_a_one_line_error(tmp_path):
 def test_missing_file_is_named():
     with pytest.raises(ConfigError, match="does/not/exist.yaml"):
         load_config("does/not/exist.yaml")
+
+
+def test_add_fiber_config_twice_keeps_what_was_merged():
+    """A second call set every fiber key back to its default (the FIBER-B sizes), silently."""
+    from detectron2.config import get_cfg
+
+    from fiber_d2.config import add_fiber_config
+
+    cfg = add_fiber_config(get_cfg())
+    cfg.merge_from_file(str(CONFIG_DIR / "Demo/fine_tiny.yaml"))
+    merged = cfg.dump()
+    assert add_fiber_config(cfg) is cfg and cfg.dump() == merged
+    assert (
+        cfg.MODEL.FIBER.NUM_FUSION_LAYERS
+        != add_fiber_config(get_cfg()).MODEL.FIBER.NUM_FUSION_LAYERS
+    )

@@ -73,6 +73,16 @@ def test_train_with_odd_sizes_and_an_empty_image(model):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_a_prompt_without_boxes_in_training_mode_says_to_call_eval(model):
+    """build_model returns a model in training mode; called for inference it asked for
+    'instances' without saying why."""
+    model.train()
+    sample = _sample(64, 64, [], [])
+    del sample["instances"]
+    with pytest.raises(ValueError, match=r"training inputs need 'instances'.*call model\.eval\(\)"):
+        model([sample])
+
+
 def test_inference_returns_instances_at_the_original_size(model):
     model.eval()
     batch = [_sample(97, 131, [], []), _sample(75, 61, [], [])]

@@ -219,7 +219,10 @@ class FIBER(nn.Module):
         if not self.training:
             return self.inference(batched_inputs)
         if any("instances" not in x for x in batched_inputs):
-            raise ValueError("training inputs need 'instances' (gt_boxes, gt_positive_map)")
+            raise ValueError(
+                "training inputs need 'instances' (gt_boxes, gt_positive_map); for inference "
+                "call model.eval() first"
+            )
         images = self.preprocess_image(batched_inputs)
         ids, mask = self._stack_text(batched_inputs)
         outputs, anchors = self._run(images.tensor, ids, mask)
