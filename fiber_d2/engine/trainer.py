@@ -215,6 +215,9 @@ class FIBERTrainer(DefaultTrainer):
     test_batch_size: int = 1
 
     def __init__(self, cfg: CfgNode):
+        from .setup import register_config_datasets  # setup imports this module
+
+        register_config_datasets(cfg)  # DATASETS.REGISTER, for a config not made by load_config
         with fiber_ddp():
             super().__init__(cfg)
         # gradient accumulation (SOLVER.IMS_PER_DEVICE) and skipped batches (fiber_d2.engine.train_step)
@@ -360,6 +363,9 @@ class FIBERTrainer(DefaultTrainer):
         """detectron2's test loader over ``dataset_name`` through :meth:`build_mapper`. A detection
         record without a ``dataset_name`` field (e.g. one of detectron2's ``register_coco_instances``)
         is prompted with ``dataset_name``'s categories, whatever ``DATASETS.TEST`` lists."""
+        from .setup import register_config_datasets
+
+        register_config_datasets(cfg)
         mapper = cls.build_mapper(cfg, False)
         if hasattr(mapper, "default_dataset"):
             mapper.default_dataset = dataset_name

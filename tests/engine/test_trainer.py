@@ -331,3 +331,27 @@ def test_test_loader_prompts_with_the_dataset_it_loads(tmp_path):
         cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path / "out", "DATASETS.TEST", test_sets)
         (batch,) = list(FIBERTrainer.build_test_loader(cfg, "own_animals"))
         assert "dog" in batch[0]["caption"] and "apple" not in batch[0]["caption"], test_sets
+
+
+def test_a_plain_detectron2_config_registers_its_datasets(tmp_path):
+    """DATASETS.REGISTER was read only by fiber_d2's load_config: a config made with
+    add_fiber_config + merge_from_file (README, own code) named sets that were not registered."""
+    from detectron2.config import get_cfg
+    from PIL import Image
+
+    from fiber_d2.config import add_fiber_config
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "area": 64, "iscrowd": 0}
+    categories = [{"id": 1, "name": "traffic cone"}]
+    (tmp_path / "own.json").write_text(
+        json.dumps({"images": [image], "annotations": [box], "categories": categories})
+    )
+    cfg = add_fiber_config(get_cfg())
+    cfg.merge_from_file("configs/Demo/fine_tiny.yaml")
+    entry = ["own_registered", str(tmp_path / "own.json"), str(tmp_path), {"traffic cone": "cone"}]
+    cfg.DATASETS.REGISTER = [entry]
+    cfg.DATASETS.TEST = ("own_registered",)
+    (batch,) = list(FIBERTrainer.build_test_loader(cfg, "own_registered"))
+    assert batch[0]["caption"].startswith("cone")
