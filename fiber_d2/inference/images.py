@@ -30,7 +30,8 @@ def image_to_array(
 
     Args:
         image: a uint8 numpy array (H, W, 3), a PIL image, a file path, or a uint8 torch
-            tensor (3, H, W) or (H, W, 3).
+            tensor (3, H, W) or (H, W, 3); grayscale arrays and tensors (H, W), (H, W, 1) or
+            (1, H, W) are repeated over the three channels.
         input_format: the model's channel order (``INPUT.FORMAT``): "BGR" or "RGB".
         image_format: channel order of an array / tensor: "BGR" or "RGB"; None: BGR for
             numpy arrays (OpenCV / detectron2), RGB for tensors (torchvision).
@@ -60,12 +61,17 @@ def image_to_array(
         array = image.detach().cpu()
         if array.ndim == 3 and array.shape[0] == 3 and array.shape[2] != 3:
             array = array.permute(1, 2, 0)
+        elif array.ndim == 3 and array.shape[0] == 1 and array.shape[2] != 1:
+            array = array[0]  # (1, H, W) grayscale
         image = array.numpy()
     elif not isinstance(image, np.ndarray):
         raise ValueError(
             f"image must be a numpy array, PIL image, path or tensor, got {type(image)}"
         )
     order = order or "BGR"
+    if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)):
+        # grayscale (H, W) or (H, W, 1): the same value in every channel, as PIL's "L" converts
+        return np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
             f"image must be a BGR uint8 array (H, W, 3) (RGB with image_format='RGB'), "

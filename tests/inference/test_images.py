@@ -34,6 +34,10 @@ def test_every_input_kind_gives_the_model_order(rgb, model_format, tmp_path):
         assert got.dtype == np.uint8 and np.array_equal(got, want), i
     gray = Image.fromarray(rgb).convert("L")  # other PIL modes are converted to RGB first
     assert np.array_equal(image_to_array(gray, model_format), np.stack([np.asarray(gray)] * 3, 2))
+    # grayscale arrays and tensors read as the PIL "L" image does (they were refused)
+    plain = np.asarray(gray)
+    for image in (plain, plain[:, :, None], torch.from_numpy(plain), torch.from_numpy(plain)[None]):
+        assert np.array_equal(image_to_array(image, model_format), np.stack([plain] * 3, 2))
 
 
 def test_bad_images_raise_one_line(tmp_path):
@@ -44,7 +48,9 @@ def test_bad_images_raise_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot read image .*bad.png"):
         image_to_array(bad, "BGR")
     with pytest.raises(ValueError, match="BGR uint8 array"):
-        image_to_array(np.zeros((4, 4), np.uint8), "BGR")
+        image_to_array(np.zeros((4, 4), np.float32), "BGR")
+    with pytest.raises(ValueError, match="BGR uint8 array"):
+        image_to_array(np.zeros((4, 4, 2), np.uint8), "BGR")
     with pytest.raises(ValueError, match="BGR uint8 array"):
         image_to_array(np.zeros((4, 4, 3), np.float32), "BGR")
     with pytest.raises(ValueError, match="image_format must be"):
