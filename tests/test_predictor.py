@@ -163,7 +163,7 @@ def test_bad_prompts_raise_clear_errors(predictor, prompt, phrases, needle):
 
 def test_bad_images_and_batches_raise(predictor, tmp_path):
     with pytest.raises(ValueError, match="BGR uint8"):
-        predictor(np.zeros((8, 8), np.uint8), NAMES)
+        predictor(np.zeros((8, 8, 2), np.uint8), NAMES)  # grayscale (8, 8) is accepted
     with pytest.raises(ValueError, match="BGR uint8"):
         predictor(np.zeros((8, 8, 3), np.float32), NAMES)
     with pytest.raises(FileNotFoundError, match="nope.png"):
