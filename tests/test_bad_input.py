@@ -485,6 +485,26 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_reader_without_its_optional_dependency_is_one_line(tmp_path):
+    """The original's Arrow files need pyarrow, which fiber_d2 does not install: its ImportError
+    was a traceback from the pre-run check."""
+    from fiber_d2.data.datasets.common import load_records
+
+    name = "bad_input_needs_pyarrow"
+    arrow = tmp_path / "vqav2_train.arrow"
+
+    def load():
+        raise ImportError(f"reading {arrow} needs pyarrow (pip install pyarrow)")
+
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, load)
+    with pytest.raises(BadRecordError) as err:
+        load_records(name, "training")
+    line = one_line_error(err.value)
+    assert line.startswith(f"training dataset '{name}': cannot load its annotations")
+    assert f"reading {arrow} needs pyarrow" in line
+
+
 @pytest.mark.parametrize("problem", ["one id, two names", "two ids, one name"])
 def test_categories_sharing_an_id_or_a_name(problem, out, tmp_path, caplog):
     """detectron2's loader gave both categories of one id the last one's name and its boxes (a
@@ -880,6 +900,32 @@ def test_bad_test_image_stops_before_the_output_dir(problem, tmp_path, out):
     assert "test dataset 'bad_input_bad_test_image'" in line and "bad.jpg" in line
     if problem == "another size":
         assert "the image is 48x64 (height x width), the record says 64x64" in line
+    assert snapshot(out) == before
+
+
+def test_unreadable_as_empty_only_where_the_evaluator_counts_it(tmp_path, out):
+    """The image-text evaluators score every image: the pre-run error suggested
+    TEST.UNREADABLE_IMAGE_AS_EMPTY for them too, and with it set the run stopped at the same image,
+    with the same advice, after building the model."""
+    _truncated_jpeg(tmp_path / "cut.jpg")
+    _register_images(tmp_path, "bad_input_truncated_retrieval", ["cut.jpg"])
+    meta = MetadataCatalog.get("bad_input_truncated_retrieval").as_dict()
+    MetadataCatalog.remove("bad_input_truncated_retrieval")
+    meta.pop("name")
+    MetadataCatalog.get("bad_input_truncated_retrieval").set(
+        **dict(meta, evaluator_type="retrieval")
+    )
+    before = snapshot(out)
+    args = ["--config-file", FINE, "--eval-only", "DATASETS.TEST",
+            "('bad_input_truncated_retrieval',)", "OUTPUT_DIR", str(out), *TINY]  # fmt: skip
+    line = run_train_net(args)
+    assert "cut.jpg" in line and "UNREADABLE_IMAGE_AS_EMPTY" not in line
+    line = run_train_net([*args, "TEST.UNREADABLE_IMAGE_AS_EMPTY", "True"])
+    assert line == (
+        "error: TEST.UNREADABLE_IMAGE_AS_EMPTY applies to the evaluators coco, lvis, flickr, refexp; "
+        "test dataset 'bad_input_truncated_retrieval' (evaluator 'retrieval') evaluates every "
+        "image: fix or drop the unreadable ones"
+    )
     assert snapshot(out) == before
 
 

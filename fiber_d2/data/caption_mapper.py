@@ -140,7 +140,7 @@ class CaptionDatasetMapper:
             enc = tokenize(self.tokenizer, texts, self.max_query_len)
         except (_SkipRecord, ValueError, KeyError) as e:
             if not self.is_train:
-                raise _test_error(record, e) from None
+                raise _test_error(record, e, as_empty_hint=False) from None
             self.bad.skip(record, str(e))
             return None
         out = dict(record)

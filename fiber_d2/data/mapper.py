@@ -140,12 +140,14 @@ def _read_test_image(
         return np.zeros((h, w, 3), dtype=np.uint8)
 
 
-def _test_error(record: dict, error: Exception) -> BadRecordError:
-    """The one-line error of a test record that cannot be evaluated."""
+def _test_error(record: dict, error: Exception, as_empty_hint: bool = True) -> BadRecordError:
+    """The one-line error of a test record that cannot be evaluated (``as_empty_hint``: for an
+    unreadable image, name ``TEST.UNREADABLE_IMAGE_AS_EMPTY``, which only the detection and
+    grounding evaluators support)."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     hint = (
         " (TEST.UNREADABLE_IMAGE_AS_EMPTY True evaluates it as an image without predictions)"
-        if isinstance(error, _UnreadableImage)
+        if as_empty_hint and isinstance(error, _UnreadableImage)
         else ""
     )
     return BadRecordError(f"cannot evaluate {_record_name(record)}: {text}{hint}")

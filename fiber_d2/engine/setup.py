@@ -386,6 +386,20 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
     if training and not cfg.INPUT.MIN_SIZE_TRAIN:
         raise ConfigError("INPUT.MIN_SIZE_TRAIN is empty: name at least one training size")
     _check_run_settings(cfg, training=training)
+    if cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY:
+        from ..data.datasets.common import (
+            UNREADABLE_AS_EMPTY_EVALUATORS,
+            counts_unreadable_as_empty,
+        )
+
+        for name in cfg.DATASETS.TEST:
+            if not counts_unreadable_as_empty(name):
+                kind = MetadataCatalog.get(name).get("evaluator_type", None)
+                raise ConfigError(
+                    f"TEST.UNREADABLE_IMAGE_AS_EMPTY applies to the evaluators "
+                    f"{', '.join(UNREADABLE_AS_EMPTY_EVALUATORS)}; test dataset '{name}' "
+                    f"(evaluator {kind!r}) evaluates every image: fix or drop the unreadable ones"
+                )
     passes = accumulation_steps(cfg, processes) if training else 1
     s = cfg.SOLVER
     if training and s.MAX_EPOCHS > 0 and s.MAX_ITER != 0:

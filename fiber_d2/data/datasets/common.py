@@ -16,6 +16,8 @@ __all__ = [
     "span_problem",
     "filter_training_images",
     "check_datasets_before_run",
+    "counts_unreadable_as_empty",
+    "load_records",
     "serve_once",
 ]
 
@@ -296,14 +298,27 @@ def serve_once(name: str, records: List[dict]) -> None:
     DatasetCatalog.register(name, load_once)
 
 
-def _load_records(name: str, role: str) -> list:
+# the evaluators that score an unreadable test image as one without predictions
+# (TEST.UNREADABLE_IMAGE_AS_EMPTY): the detection and grounding ones
+UNREADABLE_AS_EMPTY_EVALUATORS = ("coco", "lvis", "flickr", "refexp")
+
+
+def counts_unreadable_as_empty(name: str) -> bool:
+    """Whether the evaluator of test dataset ``name`` can count an unreadable image as one without
+    predictions (``TEST.UNREADABLE_IMAGE_AS_EMPTY``)."""
+    from detectron2.data import MetadataCatalog
+
+    return MetadataCatalog.get(name).get("evaluator_type", None) in UNREADABLE_AS_EMPTY_EVALUATORS
+
+
+def load_records(name: str, role: str) -> list:
     """``DatasetCatalog.get(name)``; an annotation file that is missing or unreadable (not JSON, a
     folder, no permission, a record without a required field) is one :class:`BadRecordError` line
     naming the dataset and the file.
 
     Args:
         name: registered dataset.
-        role: "training" or "test", for the message.
+        role: what the set is for ("training", "test", ...), for the message.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -311,9 +326,10 @@ def _load_records(name: str, role: str) -> list:
         return DatasetCatalog.get(name)
     except BadRecordError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, ImportError) as e:
         # TypeError / AssertionError: pycocotools' and detectron2's checks of a malformed file
-        # (a top-level list, duplicate annotation ids, image ids of mixed types, ...)
+        # (a top-level list, duplicate annotation ids, image ids of mixed types, ...);
+        # ImportError: a reader's optional dependency (pyarrow for the original's Arrow files)
         source = MetadataCatalog.get(name).get("json_file", "")
         text = e.args[0] if isinstance(e, KeyError) and e.args else None
         if isinstance(text, str) and " " not in text.strip():
@@ -360,7 +376,7 @@ def check_datasets_before_run(
         BadRecordError: one line naming the dataset (and a file).
     """
     for name in train:
-        records = _load_records(name, "training")
+        records = load_records(name, "training")
         if records and isinstance(records[0].get("captions"), list):
             raise BadRecordError(
                 f"training dataset '{name}' holds one record per image with all its captions (an "
@@ -387,11 +403,16 @@ def check_datasets_before_run(
             )
         serve_once(name, records)
     for name in test:
-        records = _load_records(name, "test")
+        records = load_records(name, "test")
         problem = _undecodable(records, exif_orientation) if check_test_files else None
         if problem:
+            hint = (
+                "; TEST.UNREADABLE_IMAGE_AS_EMPTY True counts it without predictions"
+                if counts_unreadable_as_empty(name)
+                else ""
+            )
             raise BadRecordError(
                 f"test dataset '{name}': cannot read image {problem} (every test image is "
-                "evaluated; TEST.UNREADABLE_IMAGE_AS_EMPTY True counts it without predictions)"
+                f"evaluated{hint})"
             )
         serve_once(name, records)

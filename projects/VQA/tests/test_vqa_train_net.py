@@ -160,6 +160,28 @@ def test_unregistered_vocabulary_dataset_is_a_config_error():
         )
 
 
+def test_vocabulary_set_that_cannot_load_is_one_line_naming_answer_vocab(tmp_path):
+    """--eval-only checks only the test sets before the run, and the vocabulary's sets (the
+    training answers) were read by the model's build: a missing file was a traceback there."""
+    name = "vqa_test_vocab_missing"
+    missing = tmp_path / "v2_mscoco_train2014_annotations.json"
+
+    def load():
+        raise FileNotFoundError(f"VQA annotations file not found: {missing}")
+
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, load)
+    cfg = train_net.load_vqa_config(
+        str(PROJECT / "configs/shapes.yaml"), [*TINY, "VQA.VOCAB_DATASETS", f"('{name}',)"]
+    )
+    with pytest.raises(ConfigError) as err:
+        answer_vocab(cfg)
+    line = str(err.value)
+    assert f"answer-vocabulary dataset '{name}'" in line and str(missing) in line
+    assert line.endswith("give the checkpoint's answer list as VQA.ANSWER_VOCAB")
+    assert "\n" not in line
+
+
 def test_batch_standardisation_needs_two_examples_per_process(monkeypatch):
     path = str(PROJECT / "configs/shapes.yaml")
     cfg = train_net.load_vqa_config(path, TINY)

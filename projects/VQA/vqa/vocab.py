@@ -15,8 +15,7 @@ import json
 import logging
 import os
 
-from detectron2.data import DatasetCatalog
-
+from fiber_d2.data.datasets.common import BadRecordError, load_records
 from fiber_d2.engine.setup import ConfigError
 
 from .answers import build_answer_vocab, vocab_from_labels
@@ -48,7 +47,14 @@ def read_vocab_file(vocab_file: str) -> tuple[str, ...]:
 def _vocab(vocab_file: str, datasets: tuple[str, ...], min_count: int) -> tuple[str, ...]:
     if vocab_file:
         return read_vocab_file(vocab_file)
-    records = [r for name in datasets for r in DatasetCatalog.get(name)]
+    try:
+        records = [r for name in datasets for r in load_records(name, "answer-vocabulary")]
+    except BadRecordError as e:
+        raise ConfigError(
+            f"{e}; the answer vocabulary is counted in VQA.VOCAB_DATASETS (default "
+            "DATASETS.TRAIN): to evaluate without those files, give the checkpoint's answer list "
+            "as VQA.ANSWER_VOCAB"
+        ) from None
     answered = [r for r in records if "multiple_choice_answer" in r]
     if answered and all("answer_labels" in r for r in answered):
         # the original's Arrow files: their rows name each label's answer (MIN_ANSWER_COUNT unused)
