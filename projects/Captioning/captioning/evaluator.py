@@ -216,6 +216,12 @@ class CaptionEvaluator(DatasetEvaluator):
             {k: p["caption"] for k, p in unique.items()},
             self.metrics,
         )
+        # every score on one line: detectron2's copypaste lines leave out names with a "-" (BLEU-4)
+        logger.info(
+            "%s: %s",
+            self.dataset_name,
+            ", ".join(f"{m} {v:.2f}" for m, v in scores.items()) or "no metric computed",
+        )
         if skipped:
             logger.info(
                 "%s: skipped metrics: %s",

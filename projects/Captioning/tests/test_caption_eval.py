@@ -1,6 +1,7 @@
 """CIDEr-D rewards with training document frequencies, the caption metrics and the evaluator."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -100,15 +101,18 @@ def test_caption_metrics_and_skips():
     assert "BLEU" in run and ("SPICE" in run) != ("SPICE" in skipped)
 
 
-def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path):
+def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path, caplog):
     ev = CaptionEvaluator("toy_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False)
     ev.reset()
     ev.process(
         [{"image_id": 7, "captions": ["a red circle"]}, {"image_id": 8, "captions": ["a cat"]}],
         [{"caption": "a red circle"}, {"caption": "a dog"}],
     )
-    res = ev.evaluate()["caption"]
+    with caplog.at_level(logging.INFO):
+        res = ev.evaluate()["caption"]
     assert set(res) == {"BLEU-4", "CIDEr"} and np.isfinite(list(res.values())).all()
+    # the log names BLEU-4, which detectron2's copypaste lines leave out
+    assert f"toy_captions: BLEU-4 {res['BLEU-4']:.2f}, CIDEr {res['CIDEr']:.2f}" in caplog.text
     written = json.loads((tmp_path / "caption.json").read_text())
     assert written == [
         {"image_id": 7, "caption": "a red circle"},

@@ -94,6 +94,8 @@ def test_project_configs_load_and_name_registered_datasets(name):
         # the counts on the Karpathy train + val captions: tests/engine/test_schedule.py
         assert cfg.DATASETS.TRAIN[0].endswith("_caption_karpathy_train")
         assert cfg.INPUT.VL_TRAIN_TRANSFORM == "albef_randaug"
+        # every tower tensor comes from MODEL.WEIGHTS: no roberta-base download (offline: an error)
+        assert cfg.MODEL.LANGUAGE_BACKBONE.WEIGHTS == "" and cfg.MODEL.SWIN.WEIGHTS == ""
 
 
 def test_config_errors_are_one_line(tmp_path):
