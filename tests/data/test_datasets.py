@@ -19,6 +19,7 @@ from fiber_d2.data.datasets import (
     register_grounding_coco,
     register_mdetr_grounding,
 )
+from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.mapper import GroundingDatasetMapper
 from fiber_d2.evaluation import FlickrRecallEvaluator
 
@@ -289,6 +290,10 @@ def test_captions_karpathy_and_coco(tmp_path):
     }
     (rec,) = load_captions(write(tmp_path / "captions_val2017.json", coco), "/v", "c")
     assert (rec["caption"], rec["image_id"], rec["width"]) == ("A plate. ", 9, 5)
+    # a COCO captions file where a Karpathy split file belongs: no item has a split, so every
+    # record was dropped ("no valid record (0 skipped)"); now said as such
+    with pytest.raises(BadRecordError, match=r"no item of .*captions_val2017.json has a 'split'"):
+        load_captions(str(tmp_path / "captions_val2017.json"), "/v", "c", splits=["train"])
 
 
 def test_builtin_registrations():

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .common import RecordFilter
+from .common import BadRecordError, RecordFilter
 
 __all__ = ["load_captions", "register_captions"]
 
@@ -105,7 +105,13 @@ def load_captions(
     Returns:
         list of caption records.
     """
-    items = _read_jsonl(path) if path.endswith(".jsonl") else _from_json(path)
+    items = list(_read_jsonl(path) if path.endswith(".jsonl") else _from_json(path))
+    if splits is not None and items and not any("split" in item for item in items):
+        raise BadRecordError(
+            f"dataset {dataset_name!r}: no item of {path} has a 'split' (the Karpathy "
+            f"dataset_*.json release has one per image: {', '.join(splits)}, ...); is it another "
+            "caption file?"
+        )
     bad = RecordFilter(dataset_name, path)
     records = []
     empty = 0  # empty caption strings dropped

@@ -90,6 +90,11 @@ def load_nlvr2_json(annotation_file: str, image_root: str, split: str) -> list[d
                     }
                 )
             except (json.JSONDecodeError, KeyError) as e:
+                if isinstance(e, json.JSONDecodeError) and line.lstrip().startswith("["):
+                    raise ValueError(
+                        f"{where}: the NLVR2 release is json lines (one json object per line), "
+                        "not a json list spread over lines"
+                    ) from None
                 raise ValueError(f"{where}: bad NLVR2 record ({type(e).__name__}: {e})") from None
     return records
 

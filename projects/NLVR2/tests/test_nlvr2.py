@@ -203,6 +203,19 @@ def test_malformed_record_is_one_line_naming_the_line(row, message, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_json_list_instead_of_json_lines_is_named(tmp_path):
+    """A dev.json rewritten as one indented json list read as a JSONDecodeError of line 1."""
+    ann = tmp_path / "dev.json"
+    row = {"identifier": "dev-1-0-0", "sentence": "x", "label": "True"}
+    ann.write_text(json.dumps([row, row], indent=1))
+    with pytest.raises(ValueError) as err:
+        load_nlvr2_json(str(ann), str(tmp_path), "dev")
+    assert str(err.value) == (
+        f"{ann}:1: the NLVR2 release is json lines (one json object per line), not a json list "
+        "spread over lines"
+    )
+
+
 def test_official_train_split_images_sit_in_their_directory(tmp_path):
     """train.json rows name a numbered ``directory`` under the train image folder (the release
     layout ``images/train/<directory>/``); dev / test1 images sit directly in their folder."""
