@@ -496,8 +496,9 @@ def test_a_reader_without_its_optional_dependency_is_one_line(tmp_path):
     def load():
         raise ImportError(f"reading {arrow} needs pyarrow (pip install pyarrow)")
 
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, load)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, load)
     with pytest.raises(BadRecordError) as err:
         load_records(name, "training")
     line = one_line_error(err.value)

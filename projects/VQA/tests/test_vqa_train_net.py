@@ -169,8 +169,9 @@ def test_vocabulary_set_that_cannot_load_is_one_line_naming_answer_vocab(tmp_pat
     def load():
         raise FileNotFoundError(f"VQA annotations file not found: {missing}")
 
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, load)
+    if name in DatasetCatalog.list():  # this test also runs through tests/test_projects.py
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, load)
     cfg = train_net.load_vqa_config(
         str(PROJECT / "configs/shapes.yaml"), [*TINY, "VQA.VOCAB_DATASETS", f"('{name}',)"]
     )
