@@ -61,6 +61,17 @@ def snapshot(folder: Path) -> dict:
     }
 
 
+def register_coco_file(name: str, json_file: Path, data: dict | None = None) -> None:
+    """Register (afresh) the COCO-format set ``name`` of ``json_file``, written from ``data`` when
+    given; its images are read beside the file."""
+    if data is not None:
+        json_file.write_text(json.dumps(data))
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_grounding_coco(name, str(json_file), str(json_file.parent))
+
+
 @pytest.fixture()
 def out(tmp_path):
     """An existing OUTPUT_DIR holding the files of an earlier run."""
@@ -462,10 +473,7 @@ def test_annotation_file_missing_or_malformed(problem, path, out, tmp_path):
         json_file.write_text(
             json.dumps({"images": [image], "annotations": boxes, "categories": categories})
         )
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_grounding_coco(name, str(json_file), str(tmp_path))
+    register_coco_file(name, json_file)
     before = snapshot(out)
     if path == "train":
         args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"]
@@ -522,13 +530,8 @@ def test_categories_sharing_an_id_or_a_name(problem, out, tmp_path, caplog):
     else:
         categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "circle"}]
     boxes = [dict(box, id=1, category_id=1), dict(box, id=2, category_id=2)]
-    json_file.write_text(
-        json.dumps({"images": [image], "annotations": boxes, "categories": categories})
-    )
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_grounding_coco(name, str(json_file), str(tmp_path))
+    data = {"images": [image], "annotations": boxes, "categories": categories}
+    register_coco_file(name, json_file, data)
     if problem == "two ids, one name":
         with caplog.at_level(logging.WARNING):
             records = DatasetCatalog.get(name)
@@ -678,11 +681,7 @@ def _coco(tmp_path, name, boxes):
         ],
         "categories": [{"id": 1, "name": "thing"}],
     }
-    (tmp_path / f"{name}.json").write_text(json.dumps(data))
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_grounding_coco(name, str(tmp_path / f"{name}.json"), str(tmp_path))
+    register_coco_file(name, tmp_path / f"{name}.json", data)
     return name
 
 
