@@ -314,7 +314,10 @@ def check_tower_weights_available(cfg: CfgNode) -> None:
     """
     lang = cfg.MODEL.LANGUAGE_BACKBONE
     if lang.WEIGHTS:
-        for key, default in (("POSITION_INIT_SCALE", 1.0), ("INITIALIZER_RANGE", 0.02)):
+        from ..modeling.backbone.roberta import RANDOM_INIT_DEFAULTS
+
+        for name, default in RANDOM_INIT_DEFAULTS.items():
+            key = name.upper()  # the config key of the tower's argument
             if lang[key] != default:
                 raise ConfigError(
                     f"MODEL.LANGUAGE_BACKBONE.{key} {lang[key]} applies to a random init only; "

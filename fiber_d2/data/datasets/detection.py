@@ -9,6 +9,7 @@ prompt. Metadata gains ``fiber_task = "detection"`` and ``category_prompts``, an
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Callable, Dict, List, Mapping, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -89,16 +90,12 @@ def _check_categories(dataset_name: str, source: str) -> None:
     if id_map is not None and len(id_map) < len(classes):
         # the loader enumerates the sorted ids with repeats: a repeated id maps to its last index
         unused = sorted(set(range(len(classes))) - set(id_map.values()))
-        repeated = next(i for i, c in sorted(id_map.items(), key=lambda kv: kv[1]) if c > unused[0])
+        repeated = min(i for i, c in id_map.items() if c > unused[0])
         raise BadRecordError(
             f"{source or dataset_name}: category id {repeated} is given to more than one category "
             f"({len(classes) - len(id_map)} repeated id(s) in 'categories'); each needs its own id"
         )
-    seen, repeated_names = set(), []
-    for name in classes:
-        if name in seen and name not in repeated_names:
-            repeated_names.append(name)
-        seen.add(name)
+    repeated_names = [name for name, count in Counter(classes).items() if count > 1]
     if repeated_names:
         logger.warning(
             "%s: %d category name(s) are used by more than one category id, first %r: their "

@@ -23,9 +23,12 @@ from transformers.models.roberta.modeling_roberta import RobertaAttention, Rober
 from .causal_text import TextKVCache, causal_text_forward
 from .swin import fused_block_dims
 
-__all__ = ["FusedRobertaLayer", "RobertaTextTower"]
+__all__ = ["RANDOM_INIT_DEFAULTS", "FusedRobertaLayer", "RobertaTextTower"]
 
 logger = logging.getLogger(__name__)
+
+# settings of the random init (argument: RoBERTa's default), which pretrained weights cannot take
+RANDOM_INIT_DEFAULTS = {"position_init_scale": 1.0, "initializer_range": 0.02}
 
 
 class FusedRobertaLayer(RobertaLayer):
@@ -195,10 +198,9 @@ class RobertaTextTower(nn.Module):
             "attention_probs_dropout_prob": attention_dropout,
             "attn_implementation": attn_implementation,
         }
-        for name, value, default in (
-            ("position_init_scale", position_init_scale, 1.0),
-            ("initializer_range", initializer_range, 0.02),
-        ):
+        given = {"position_init_scale": position_init_scale, "initializer_range": initializer_range}
+        for name, default in RANDOM_INIT_DEFAULTS.items():
+            value = given[name]
             if weights and value != default:
                 raise ValueError(
                     f"{name} {value} applies to a random init only; "
