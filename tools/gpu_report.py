@@ -10,7 +10,8 @@ reuse; and the device path's parity with the original implementation on identica
 
 Every measurement is a ``tools/benchmark.py`` run in a fresh process (so each has its own peak
 memory, and an out-of-memory batch ends only its own process), and the script prints each record as
-a JSON line, then a markdown table (also written to ``--out``):
+a JSON line as soon as it has it (a report stopped part-way keeps what it has measured), then a
+markdown table (also written to ``--out``):
 
 * ``train``: one full training iteration (forward, losses, backward, optimizer step) under autocast
   (``--amp-dtype``, default bf16) at ``--batch`` images, then at twice that, four times, ... up to
@@ -116,16 +117,29 @@ def _bench(args: argparse.Namespace, task: str, batch: int, iters: int, *extra: 
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def forward_macs(args: argparse.Namespace) -> int:
-    """Multiply-adds of one image's forward pass (``tools/analyze_model.py --tasks flop``)."""
+def forward_macs(args: argparse.Namespace) -> int | None:
+    """Multiply-adds of one image's forward pass (``tools/analyze_model.py --tasks flop``); None,
+    with a line on stderr, when that fails (the report then has no MFU column values)."""
     cmd = [sys.executable, str(ANALYZE), "--config-file", args.config_file, "--tasks", "flop"]
     cmd += [*_size_flags(args), *args.opts]
     print("# " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, check=True).stdout
-    match = re.search(r"^total_flops: ([0-9.]+)$", out, re.M)
-    if match is None:
-        raise RuntimeError("tools/analyze_model.py printed no 'total_flops: N' line")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    match = re.search(r"^total_flops: ([0-9.]+)$", proc.stdout, re.M)
+    if proc.returncode != 0 or match is None:
+        tail = (proc.stderr.strip().splitlines() or ["printed no 'total_flops: N' line"])[-1]
+        print(
+            f"# flops failed (exit status {proc.returncode}): {tail}", file=sys.stderr, flush=True
+        )
+        return None
     return int(float(match.group(1)))
+
+
+def _printed(records: list[dict]) -> list[dict]:
+    """``records``, each printed as a JSON line at once: a report stopped part-way (a device's time
+    limit) keeps the figures it has taken."""
+    for r in records:
+        print(json.dumps(r), flush=True)
+    return records
 
 
 def mfu(macs: int, images_per_s: float, peak_tflops: float) -> float:
@@ -177,10 +191,10 @@ def report(args: argparse.Namespace) -> dict:
         args.amp_dtype = "bf16" if args.device == "cuda" else "none"
     out: dict = {"train": [], "inference": [], "lvis": [], "macs": None, "parity": "not run"}
     if "train" not in skip:
-        out["train"] += _bench(args, "train", args.batch, args.iters)
+        out["train"] += _printed(_bench(args, "train", args.batch, args.iters))
         batch = args.batch * 2
         while "search" not in skip and out["train"] and batch <= args.max_batch:
-            records = _bench(args, "train", batch, args.search_iters)
+            records = _printed(_bench(args, "train", batch, args.search_iters))
             if not records:
                 break
             out["train"] += records
@@ -189,17 +203,15 @@ def report(args: argparse.Namespace) -> dict:
         out["macs"] = forward_macs(args)
     if "inference" not in skip:
         for batch in sorted({1, args.batch}):
-            out["inference"] += _bench(args, "inference", batch, args.iters)
+            out["inference"] += _printed(_bench(args, "inference", batch, args.iters))
     if "lvis" not in skip:
         extra = ("--names", str(args.names), "--chunk", str(args.chunk), "--reference")
-        out["lvis"] = _bench(args, "lvis-eval", 1, max(1, args.iters // 2), *extra)
+        out["lvis"] = _printed(_bench(args, "lvis-eval", 1, max(1, args.iters // 2), *extra))
     if "parity" not in skip:
         out["parity"] = run_parity(args)
     records = out["train"] + out["inference"] + out["lvis"]
-    device_name = records[0]["device_name"] if records else args.device
+    device_name = next((r["device_name"] for r in records if "device_name" in r), args.device)
     peak = peak_tflops(args, device_name)
-    for r in records:
-        print(json.dumps(r), flush=True)
     lines = [f"{device_name}, `{args.config_file}`, autocast {args.amp_dtype}", ""]
     head = ["measurement", "batch x size", "dtype", "ms", "images/s", "peak MB"]
     head += [f"MFU (peak {peak:g} TFLOP/s)"] if peak else []

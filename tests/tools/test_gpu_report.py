@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def test_parity_step_passes_on_the_cpu(monkeypatch):
     assert "10 passed" in status  # 5 tests x (features off, on)
 
 
+def _record(task, batch):
+    return dict(
+        task=task,
+        batch=batch,
+        height=64,
+        width=64,
+        dtype="bf16",
+        ms_median=10.0,
+        images_per_s=batch * 100.0,
+        peak_mem_mb=1.0,
+        device_name="NVIDIA H200",
+    )
+
+
 def test_failed_benchmark_ends_the_batch_search(monkeypatch):
     calls = []
 
@@ -94,19 +109,7 @@ def test_failed_benchmark_ends_the_batch_search(monkeypatch):
         calls.append((task, batch))
         if batch >= 8:  # "out of memory"
             return []
-        return [
-            dict(
-                task=task,
-                batch=batch,
-                height=64,
-                width=64,
-                dtype="bf16",
-                ms_median=10.0,
-                images_per_s=batch * 100.0,
-                peak_mem_mb=1.0,
-                device_name="NVIDIA H200",
-            )
-        ]
+        return [_record(task, batch)]
 
     monkeypatch.setattr(gpu_report, "_bench", fake_bench)
     monkeypatch.setattr(sys, "argv", ["gpu_report.py"])
@@ -116,3 +119,31 @@ def test_failed_benchmark_ends_the_batch_search(monkeypatch):
     assert [r["batch"] for r in result["train"]] == [2, 4]
     assert result["peak_tflops"] == 989.4  # by the device name and dtype
     assert "largest training batch that ran: 4" in result["table"]
+
+
+def test_records_are_printed_as_they_come(monkeypatch, capsys):
+    """A report stopped part-way (a device's time limit) has printed the figures it took."""
+
+    def fake_bench(args, task, batch, iters, *extra):
+        if batch > 2:
+            raise KeyboardInterrupt  # the run is stopped during the second measurement
+        return [_record(task, batch)]
+
+    monkeypatch.setattr(gpu_report, "_bench", fake_bench)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_report.main(["--device", "cpu", "--batch", "2", "--skip", "flops,parity,lvis"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [_record("train", 2)]
+
+
+def test_failed_flop_count_leaves_the_mfu_out(monkeypatch, tmp_path, capsys):
+    """tools/analyze_model.py failing costs the MFU values, not the report."""
+    monkeypatch.setattr(gpu_report, "_bench", lambda args, task, batch, *rest: [_record(task, 2)])
+    monkeypatch.setattr(gpu_report, "ANALYZE", tmp_path / "missing.py")
+    argv = ["--device", "cpu", "--amp-dtype", "bf16", "--batch", "2", "--max-batch", "2"]
+    result = gpu_report.main([*argv, "--skip", "parity,lvis,inference"])
+    assert result["macs"] is None
+    (train_row,) = [line for line in result["table"].splitlines() if "training step" in line]
+    assert train_row.endswith("|  |")  # the MFU column is there (the peak is known), empty
+    assert "forward multiply-adds" not in result["table"]
+    assert "# flops failed (exit status 2)" in capsys.readouterr().err
