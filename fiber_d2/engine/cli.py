@@ -56,6 +56,7 @@ __all__ = [
     "setup_cfg",
     "run",
     "launch_cli",
+    "hide_gpus_from_cpu_workers",
 ]
 
 ConfigLoader = Callable[[str, list], CfgNode]
@@ -239,14 +240,25 @@ def run(
     return results
 
 
+def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:
+    """Let a multi-process CPU run (``--num-gpus N MODEL.DEVICE cpu``) start on a machine that has
+    GPUs: detectron2's ``launch`` picks NCCL and asserts N <= the GPU count whenever CUDA is
+    visible, whatever ``MODEL.DEVICE`` says, and NCCL cannot carry the CPU tensors of DDP and the
+    gathers. The spawned workers inherit ``CUDA_VISIBLE_DEVICES=""`` and use gloo instead."""
+    if world_size > 1 and cfg.MODEL.DEVICE == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
     """Parse detectron2's standard arguments, reject a bad config with one ``error:`` line before
     any worker starts, then ``launch`` ``main(args)`` on ``--num-gpus`` processes."""
     args = default_argument_parser().parse_args()
     try:
-        validate_config(load(args.config_file, args.opts), training=not args.eval_only)
+        cfg = load(args.config_file, args.opts)
+        validate_config(cfg, training=not args.eval_only)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    hide_gpus_from_cpu_workers(cfg, args.num_gpus * args.num_machines)
     try:
         launch(
             main,
