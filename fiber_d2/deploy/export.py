@@ -154,7 +154,7 @@ def export_detector(
 
     Args:
         cfg: the model's config (written next to the export).
-        model: a FIBER detector (eval mode is set here).
+        model: a FIBER detector on the CPU (eval mode is set here).
         fmt: ``"onnx"`` or ``"torchscript"``.
         output_dir: directory receiving the model file, ``fiber_export.json`` and ``config.yaml``.
         records: sample inputs, as the predictor prepares them (``image`` uint8 (3, h, w) resized,
@@ -171,6 +171,13 @@ def export_detector(
         ValueError: unsupported config or format, or a sample outside the requested ranges.
     """
     check_exportable(cfg, fmt)
+    if model.device.type != "cpu":
+        # On CUDA the DyHead's deformable conv is torchvision's kernel, which the exporters do not
+        # translate, and the graph would keep CUDA constants.
+        raise ValueError(
+            f"export_detector needs the model on the CPU, got {model.device}: export "
+            "model.to('cpu') (tools/deploy/export_model.py sets MODEL.DEVICE cpu itself)"
+        )
     div = model.backbone.size_divisibility
     default_low, default_high = default_side_range(cfg, div)
     low = default_low if min_side is None else int(min_side)

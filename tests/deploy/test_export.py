@@ -8,6 +8,7 @@ all act. Exported-vs-eager parity: test_export_parity.py.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime  # noqa: F401  (the deploy extra is part of the test environment)
@@ -20,6 +21,7 @@ from fiber_d2.deploy import (
     ExportableFIBER,
     TorchScriptPredictor,
     check_exportable,
+    export_detector,
     graph_inputs,
 )
 from fiber_d2.deploy.graph import label_scores_batched
@@ -200,3 +202,11 @@ def test_coarse_config_is_refused():
     cfg = load_config(FINE_CFG, TINY + ["MODEL.SWIN.SHIFT_SINGLE_WINDOW", "False"])
     with pytest.raises(ValueError, match="SHIFT_SINGLE_WINDOW False cannot be exported"):
         check_exportable(cfg, "torchscript")
+
+
+def test_a_model_off_the_cpu_is_refused(tmp_path):
+    cfg = load_config(FINE_CFG, TINY)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="needs the model on the CPU, got cuda:0"):
+        export_detector(cfg, on_gpu, "onnx", tmp_path, [])
+    assert not any(tmp_path.iterdir())
