@@ -65,6 +65,14 @@ def test_hard_negatives_follow_similarity():
     assert (picks == 1).float().mean() > 0.9
 
 
+def test_hard_negatives_refuse_non_finite_similarities():
+    for bad in (float("nan"), float("inf")):
+        sim = torch.zeros(2, 3)
+        sim[1, 2] = bad
+        with pytest.raises(FloatingPointError, match="ITC similarities are NaN or \\+inf"):
+            sample_hard_negatives(sim, torch.tensor([0, 1]))
+
+
 def test_mlm_ignores_unmasked_tokens():
     logits = torch.randn(1, 3, 5, requires_grad=True)
     labels = torch.tensor([[-100, 2, -100]])

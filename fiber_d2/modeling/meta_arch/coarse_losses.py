@@ -63,6 +63,12 @@ def sample_hard_negatives(
         return positive_index.clone()
     # The original adds 1e-9 after zeroing the positive, leaving it a tiny chance; here it has none.
     weights = sim.float().softmax(dim=1) + 1e-9
+    if not torch.isfinite(weights).all():
+        # torch.multinomial would stop with a device-side assert on CUDA
+        raise FloatingPointError(
+            "ITM hard negatives: the ITC similarities are NaN or +inf (the model diverged, or "
+            "fp16 overflowed)"
+        )
     weights[torch.arange(sim.shape[0], device=sim.device), positive_index] = 0.0
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 

@@ -42,7 +42,15 @@ def _log_probs(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
     logits = logits.float().clone()
     if banned:
         logits[:, list(banned)] = BANNED_LOGIT
-    return torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)
+    if torch.isnan(logp).any():
+        # NaN (or +inf) logits, e.g. an fp16 overflow under autocast: torch.multinomial would stop
+        # with a device-side assert on CUDA, top-k would pick garbage
+        raise FloatingPointError(
+            "caption decoding: the decoder's logits are NaN or +inf (an fp16 overflow? decode in "
+            "bf16 or fp32)"
+        )
+    return logp
 
 
 def _check(max_length: int) -> None:

@@ -122,6 +122,21 @@ def test_greedy_is_beam_of_one_and_samples_follow_the_rules():
             assert all(t == PAD for t in row[ends[0] + 1 :])
 
 
+def test_non_finite_logits_stop_decoding_with_one_line():
+    model = ToyModel(4)
+    args = dict(bos=BOS, eos=EOS, pad=PAD, banned=[MASK], max_length=5)
+    for bad in (float("nan"), float("inf")):
+        bias = torch.zeros(2, VOCAB)
+        bias[1, 4] = bad  # a word (column 3, <mask>, is banned and overwritten)
+        for decode, extra in (
+            (sample_captions, dict(num_samples=3)),
+            (greedy_search, {}),
+            (beam_search, dict(beam_size=2)),
+        ):
+            with pytest.raises(FloatingPointError, match="logits are NaN or \\+inf"):
+                decode(model.step, model.select, bias, 2, **extra, **args)
+
+
 def test_samples_follow_the_softmax_at_temperature_one():
     """Empirical first-token frequencies of many samples match softmax(logits) (temperature 1,
     <mask> banned) of each image, to within 4 standard errors."""
