@@ -176,6 +176,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # FIBER-B at 576 px), so a new (image, text) input with a seen image runs only the text prefix and
     # the fused top; same outputs up to rounding
     _C.MODEL.COARSE.IMAGE_PREFIX_CACHE = False
+    # the memory both caches may hold together, on the model's device (FIBER-B's image prefixes of
+    # the 123K VQAv2 images would take 320 GB); once full they stop growing, with a warning
+    _C.MODEL.COARSE.FEATURE_CACHE_MAX_MB = 2048
 
     # ------------------------------------------------------------------ input
     _C.INPUT.FORMAT = "BGR"

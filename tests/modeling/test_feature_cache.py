@@ -145,3 +145,26 @@ def test_a_trainable_or_random_backbone_is_refused(opts, needs):
 def test_the_image_prefix_cache_needs_the_feature_cache():
     with pytest.raises(ValueError, match="IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE"):
         _task(*FROZEN, *PREFIX)
+
+
+def test_a_full_cache_stops_growing_and_keeps_the_outputs(caplog):
+    records, keys = _records(), ("image_0", "image_1")
+    unbounded = _task(*FROZEN, *CACHE).eval()
+    with torch.no_grad():
+        expected = unbounded.cls_feats_of(records, keys)
+    entry = next(iter(unbounded.feature_cache.values()))
+    size = entry.numel() * entry.element_size()
+    assert unbounded.cache_bytes == 6 * size
+    model = _task(*FROZEN, *CACHE, "MODEL.COARSE.FEATURE_CACHE_MAX_MB", "1").eval()
+    assert model.cache_max_bytes == 2**20
+    model.cache_max_bytes = int(4.5 * size)  # room for 4 entries
+    rows = _count_backbone_rows(model)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        for _ in range(2):
+            out = model.cls_feats_of(records, keys)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert len(model.feature_cache) == 4 and model.cache_bytes == 4 * size
+    assert rows == [6, 2]  # the second call runs the backbone for the 2 inputs left out only
+    assert caplog.text.count("the feature caches are full") == 1
+    with pytest.raises(ValueError, match="FEATURE_CACHE_MAX_MB must be > 0"):
+        _task(*FROZEN, *CACHE, "MODEL.COARSE.FEATURE_CACHE_MAX_MB", "0")

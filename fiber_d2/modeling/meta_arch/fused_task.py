@@ -20,6 +20,7 @@ Also here: :func:`task_head`, the original's head shape (Linear, LayerNorm, GELU
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from .coarse_heads import init_head
 from .fiber_coarse import FIBERCoarse
 
 __all__ = ["FIBERFusedTask", "task_head", "init_head"]
+
+logger = logging.getLogger(__name__)
 
 
 def task_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -62,6 +65,7 @@ class FIBERFusedTask(FIBERCoarse):
         cls_batch_norm: bool = False,
         feature_cache: bool = False,
         image_prefix_cache: bool = False,
+        cache_max_mb: int = 2048,
         **kwargs,
     ):
         """
@@ -85,6 +89,9 @@ class FIBERFusedTask(FIBERCoarse):
                 (MODEL.COARSE.IMAGE_PREFIX_CACHE): the (S/16)^2 x C3 input of the first fused block
                 (Swin's third stage), 32 KB per image for the Demo at 128 px, about 2.6 MB for
                 FIBER-B at 576 px. Only :meth:`cls_feats_of` reads it.
+            cache_max_mb: the memory both caches may hold together, on the model's device
+                (MODEL.COARSE.FEATURE_CACHE_MAX_MB). Once full they stop growing (a warning says so
+                once) and inputs not cached yet run the backbone every time they come.
             kwargs: the arguments of :class:`FIBERCoarse` (its ``losses`` are ignored).
         """
         kwargs["losses"], kwargs["loss_weights"] = [], {}
@@ -116,6 +123,11 @@ class FIBERFusedTask(FIBERCoarse):
                     "(MODEL.FIBER.NUM_FUSION_LAYERS > 0)"
                 )
             self.image_prefix_cache = {}
+        if cache_max_mb <= 0:
+            raise ValueError(f"MODEL.COARSE.FEATURE_CACHE_MAX_MB must be > 0, got {cache_max_mb}")
+        self.cache_max_bytes = int(cache_max_mb * 2**20)
+        self.cache_bytes = 0  # held by both caches
+        self._cache_full_warned = False
 
     def _check_cacheable(self) -> None:
         """The cache holds outputs of :attr:`CACHED_MODULE`: it must be a function of its input."""
@@ -142,13 +154,26 @@ class FIBERFusedTask(FIBERCoarse):
         row of each digest not cached yet); it runs once per call, without gradient."""
         cache = self.feature_cache if cache is None else cache
         new = {d: i for i, d in reversed(list(enumerate(digests))) if d not in cache}
+        uncached = {}  # entries computed but left out of a full cache
         if new:
             rows = sorted(new.values())
             with torch.no_grad():
                 entries = compute(rows)
             for i, entry in zip(rows, entries):
-                cache[digests[i]] = entry.clone()
-        return torch.stack([cache[d] for d in digests])
+                size = entry.numel() * entry.element_size()
+                if self.cache_bytes + size <= self.cache_max_bytes:
+                    cache[digests[i]] = entry.clone()
+                    self.cache_bytes += size
+                    continue
+                uncached[digests[i]] = entry
+                if not self._cache_full_warned:
+                    self._cache_full_warned = True
+                    logger.warning(
+                        "the feature caches are full (%.0f MB, MODEL.COARSE.FEATURE_CACHE_MAX_MB): "
+                        "inputs not cached yet run the backbone every time",
+                        self.cache_bytes / 2**20,
+                    )
+        return torch.stack([uncached[d] if d in uncached else cache[d] for d in digests])
 
     @classmethod
     def from_config(cls, cfg):
@@ -156,6 +181,7 @@ class FIBERFusedTask(FIBERCoarse):
         ret["cls_batch_norm"] = cfg.MODEL.COARSE.CLS_BATCH_NORM
         ret["feature_cache"] = cfg.MODEL.COARSE.FEATURE_CACHE
         ret["image_prefix_cache"] = cfg.MODEL.COARSE.IMAGE_PREFIX_CACHE
+        ret["cache_max_mb"] = cfg.MODEL.COARSE.FEATURE_CACHE_MAX_MB
         return ret
 
     def images(self, batched_inputs: list[dict], key: str = "image") -> torch.Tensor:
