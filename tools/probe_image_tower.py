@@ -94,7 +94,7 @@ class PresenceProbe(torch.nn.Module):
         self.register_buffer("pixel_std", model.pixel_std.clone(), False)
         self.stage, self.pool = stage, pool
         with torch.no_grad():
-            probe = torch.zeros(1, 3, image_size, image_size)
+            probe = torch.zeros(1, 3, image_size, image_size, device=model.pixel_mean.device)
             features = self.backbone.forward_image(probe)
         if stage not in features:
             raise ValueError(f"--stage {stage!r} is not one of {sorted(features)}")
@@ -161,8 +161,9 @@ class ControlProbe(torch.nn.Module):
 def label_accuracy(probe: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of the (image, category) presence labels predicted right."""
     probe.eval()
+    device = next(probe.parameters()).device
     with torch.no_grad():
-        pred = torch.cat([probe(x[i : i + 64]) for i in range(0, len(x), 64)]) > 0
+        pred = torch.cat([probe(x[i : i + 64].to(device)).cpu() for i in range(0, len(x), 64)]) > 0
     probe.train()
     return float((pred.float() == y).float().mean())
 
@@ -180,6 +181,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             load_model_weights(model, cfg, inference=False)  # only its features are read
         probe = PresenceProbe(model, args.stage, args.pool, size)
         del model
+    probe.to(cfg.MODEL.DEVICE)  # the data stays on the CPU; each batch is moved
     root = world_root(args.num_train, args.world)
     x_train, y_train = presence_data(root, "train", size)
     x_val, y_val = presence_data(root, "val", size)
@@ -192,7 +194,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     records = []
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(x_train), (args.batch,), generator=g)
-        loss = F.binary_cross_entropy_with_logits(probe(x_train[idx]), y_train[idx])
+        logits = probe(x_train[idx].to(cfg.MODEL.DEVICE))
+        loss = F.binary_cross_entropy_with_logits(logits, y_train[idx].to(logits.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
