@@ -234,6 +234,12 @@ class ITMRerankRetrievalEvaluator(RetrievalEvaluator):
                 batch_size=self._itm_batch,
             )
             pairs = job["pairs"].long()
+            logger.info(
+                "ITM re-ranking on rank %d: %d pairs of %d images",
+                comm.get_rank(),
+                pairs.shape[1],
+                len(job["image_ids"]),
+            )
             return scorer(pairs[0], pairs[1])
         except Exception as e:  # the main process raises it with the rank, after the gather
             logger.exception("ITM re-ranking failed")
