@@ -119,13 +119,18 @@ class ITMRerankRetrievalEvaluator(RetrievalEvaluator):
                 )
             self._pair_inputs[image_id] = (inp["image"].cpu(), ids, mask)
 
+    @property
+    def _multi_process(self) -> bool:
+        """Whether the ranks share the scoring (a distributed evaluation with more than one rank)."""
+        return self._distributed and comm.get_world_size() > 1
+
     def evaluate(self) -> OrderedDict:
         """The base class's evaluation, with the ITM pairs scored by every rank in a multi-process run.
 
         Returns:
             ``OrderedDict(retrieval=...)`` on the main process, ``{}`` elsewhere.
         """
-        if not self._distributed or comm.get_world_size() == 1:
+        if not self._multi_process:
             self._texts = {i: (ids, mask) for i, (_, ids, mask) in self._pair_inputs.items()}
             return super().evaluate()
         comm.synchronize()
@@ -162,7 +167,7 @@ class ITMRerankRetrievalEvaluator(RetrievalEvaluator):
         mask = torch.cat([self._texts[i][1] for i in self.image_ids])
         if ids.shape[0] != sim.shape[1]:
             raise ValueError(f"{ids.shape[0]} tokenised texts for {sim.shape[1]} score columns")
-        if not self._distributed or comm.get_world_size() == 1:
+        if not self._multi_process:
             images = torch.stack([self._pair_inputs[i][0] for i in self.image_ids])
             scorer = ITMPairScorer(self._model, images, ids, mask, batch_size=self._itm_batch)
         else:
