@@ -549,6 +549,32 @@ def test_categories_sharing_an_id_or_a_name(problem, out, tmp_path, caplog):
     assert snapshot(out) == before
 
 
+def test_images_sharing_an_id(out, tmp_path):
+    """Two images of one id (two files concatenated whose ids overlap): detectron2's loader kept
+    the second file name and gave it the boxes of both, a silent mislabelling; now one line naming
+    the file, the id and both images, before the run touches OUTPUT_DIR."""
+    name = "bad_input_images_sharing_an_id"
+    json_file = tmp_path / "merged.json"
+    for file_name in ("a.png", "b.png"):
+        Image.new("RGB", (10, 10)).save(tmp_path / file_name)
+    images = [{"id": 1, "file_name": f, "height": 10, "width": 10} for f in ("a.png", "b.png")]
+    box = {"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}
+    data = {
+        "images": images,
+        "annotations": [dict(box, id=1), dict(box, id=2)],
+        "categories": [{"id": 1, "name": "circle"}],
+    }
+    register_coco_file(name, json_file, data)
+    before = snapshot(out)
+    args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    line = run_train_net(["--config-file", FINE, *args, *TINY])
+    assert line == (
+        f"error: {json_file}: image id 1 is given to more than one image (a.png and b.png); each "
+        "image needs its own id"
+    )
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------- images
 def _truncated_jpeg(path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)

@@ -294,6 +294,12 @@ def test_captions_karpathy_and_coco(tmp_path):
     # record was dropped ("no valid record (0 skipped)"); now said as such
     with pytest.raises(BadRecordError, match=r"no item of .*captions_val2017.json has a 'split'"):
         load_captions(str(tmp_path / "captions_val2017.json"), "/v", "c", splits=["train"])
+    # two images of one id: both would get the captions of both
+    coco["images"].append({"id": 9, "file_name": "y.jpg"})
+    coco["annotations"].append({"image_id": 9, "id": 2, "caption": "A cup."})
+    merged = write(tmp_path / "merged.json", coco)
+    with pytest.raises(BadRecordError, match=r"merged.json: image id 9 is given to more than one "):
+        load_captions(merged, "/v", "c")
 
 
 def test_builtin_registrations():

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .common import BadRecordError, RecordFilter
+from .common import BadRecordError, RecordFilter, check_unique_image_ids
 
 __all__ = ["load_captions", "register_captions"]
 
@@ -66,6 +66,7 @@ def _from_json(path: str) -> Iterator[dict]:
         return
     if "annotations" not in data:
         raise KeyError(f"{path}: neither Karpathy 'sentences' nor COCO caption 'annotations'")
+    check_unique_image_ids(images, path)
     by_image: Dict[object, List[str]] = defaultdict(list)
     for a in data["annotations"]:
         by_image[a["image_id"]].append(a.get("caption", ""))

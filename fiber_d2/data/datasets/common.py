@@ -14,6 +14,7 @@ __all__ = [
     "RecordFilter",
     "box_problem",
     "span_problem",
+    "check_unique_image_ids",
     "filter_training_images",
     "check_datasets_before_run",
     "counts_unreadable_as_empty",
@@ -145,6 +146,26 @@ def span_problem(spans, text: str) -> Optional[str]:
         if not (isinstance(s, int) and isinstance(e, int)) or not 0 <= s < e <= len(text):
             return f"span {list(span)} is outside the caption (length {len(text)})"
     return None
+
+
+def check_unique_image_ids(images: Iterable[dict], source: str) -> None:
+    """Two entries of a COCO-format ``images`` list with one ``id`` (e.g. two files concatenated
+    whose ids overlap): pycocotools and the caption reader keep one file name for the id and give it
+    the annotations of both, a silent mislabelling, so it is one :class:`BadRecordError` line.
+
+    Args:
+        images: the file's ``images`` entries (``id``, ``file_name``).
+        source: the file, for the message.
+    """
+    first_name: dict = {}
+    for image in images:
+        image_id, name = image.get("id"), image.get("file_name")
+        if image_id in first_name:
+            raise BadRecordError(
+                f"{source}: image id {image_id!r} is given to more than one image "
+                f"({first_name[image_id]} and {name}); each image needs its own id"
+            )
+        first_name[image_id] = name
 
 
 def filter_training_images(records: List[dict]) -> List[dict]:
