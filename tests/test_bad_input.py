@@ -29,7 +29,7 @@ from tool_scripts import load_tool
 import fiber_d2  # noqa: F401
 from fiber_d2.checkpoint import CheckpointError
 from fiber_d2.data.datasets import register_grounding_coco, register_mdetr_grounding
-from fiber_d2.data.datasets.common import BadRecordError
+from fiber_d2.data.datasets.common import IMAGE_READ_ERRORS, BadRecordError
 from fiber_d2.data.mapper import GroundingDatasetMapper
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor
@@ -593,6 +593,10 @@ def make_image(kind: str, folder: Path) -> tuple[str, bool]:
         return str(path), False
     if kind == "missing file":
         return str(folder / "missing.jpg"), False
+    if kind == OVER_THE_PIXEL_LIMIT:  # with Image.MAX_IMAGE_PIXELS lowered (over_the_limit)
+        path = folder / "bomb.png"
+        Image.new("RGB", (40, 30)).save(path)
+        return str(path), False
     path = folder / f"{kind.replace(' ', '_')}.png"
     if kind == "grayscale PNG":
         Image.new("L", (40, 30), 128).save(path)
@@ -605,8 +609,13 @@ def make_image(kind: str, folder: Path) -> tuple[str, bool]:
     return str(path), True
 
 
+# an image PIL refuses to decode (DecompressionBombError: over twice Image.MAX_IMAGE_PIXELS), which
+# was a traceback: made of an ordinary image with the limit lowered
+OVER_THE_PIXEL_LIMIT = "image over PIL's pixel limit"
+
 IMAGE_KINDS = [
     "truncated JPEG",
+    OVER_THE_PIXEL_LIMIT,
     "non-image .jpg",
     "missing file",
     "grayscale PNG",
@@ -621,6 +630,18 @@ def tiny_cfg():
     cfg = load_config(FINE, [*TINY, "INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", "64"])
     cfg.freeze()
     return cfg
+
+
+@pytest.fixture
+def over_the_limit(monkeypatch):
+    """Lowers PIL's pixel limit for the image kind OVER_THE_PIXEL_LIMIT (the 40 x 30 image is over
+    twice 500 pixels)."""
+
+    def lower(kind):
+        if kind == OVER_THE_PIXEL_LIMIT:
+            monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+
+    return lower
 
 
 def _det_record(path, size=None):
@@ -640,13 +661,14 @@ def _size(path):
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError):
+    except IMAGE_READ_ERRORS:
         return None
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
-def test_image_in_training(kind, tmp_path, tiny_cfg, caplog):
+def test_image_in_training(kind, tmp_path, tiny_cfg, caplog, over_the_limit):
     path, readable = make_image(kind, tmp_path)
+    over_the_limit(kind)
     mapper = GroundingDatasetMapper(tiny_cfg, is_train=True)
     with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
         result = mapper(_det_record(path, _size(path)))
@@ -659,8 +681,9 @@ def test_image_in_training(kind, tmp_path, tiny_cfg, caplog):
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS)
-def test_image_in_evaluation(kind, tmp_path, tiny_cfg):
+def test_image_in_evaluation(kind, tmp_path, tiny_cfg, over_the_limit):
     path, readable = make_image(kind, tmp_path)
+    over_the_limit(kind)
     mapper = GroundingDatasetMapper(tiny_cfg, is_train=False)
     record = _det_record(path, _size(path))
     if readable:
@@ -686,8 +709,9 @@ def predictor():
 
 
 @pytest.mark.parametrize("kind", [k for k in IMAGE_KINDS if k != "5000x5000 image"])
-def test_image_in_prediction(kind, tmp_path, predictor):
+def test_image_in_prediction(kind, tmp_path, predictor, over_the_limit):
     path, readable = make_image(kind, tmp_path)
+    over_the_limit(kind)
     if readable:
         result = predictor(path, ["red circle", "blue square"])
         assert result["instances"].image_size == tuple(reversed(_size(path)))

@@ -55,7 +55,7 @@ from ..text import (
     prompt_token_lengths,
     tokenize,
 )
-from .datasets.common import BadRecordError
+from .datasets.common import IMAGE_READ_ERRORS, BadRecordError
 from .prompts import encode_category_prompts, parse_caption_prompt
 from .resize import FIBERResizeShortestEdge
 
@@ -114,7 +114,7 @@ def read_image_file(
 def _read_image(record: dict, image_format: str, exif_orientation: bool = False) -> np.ndarray:
     try:
         image = read_image_file(record["file_name"], image_format, exif_orientation)
-    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt file
+    except IMAGE_READ_ERRORS as e:  # missing, truncated, corrupt or too large
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise _UnreadableImage(f"cannot read image: {first}") from e
     h, w = image.shape[:2]

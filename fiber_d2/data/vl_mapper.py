@@ -15,7 +15,7 @@ import torch
 from detectron2.config import configurable
 
 from ..text import build_tokenizer
-from .datasets.common import BadRecordError
+from .datasets.common import IMAGE_READ_ERRORS, BadRecordError
 from .mapper import memoized
 from .vl_transforms import build_vl_image_transform, read_vl_image
 
@@ -142,7 +142,7 @@ class FusedTaskMapper:
     def _read_image(self, record: dict, file_key: str, column: str) -> torch.Tensor:
         try:
             image = self.transform(read_vl_image(record, file_key, column, self.exif_orientation))
-        except (OSError, ValueError) as e:
+        except IMAGE_READ_ERRORS as e:
             message = " ".join(str(e).split())
             raise BadRecordError(f"cannot read image {record.get(file_key)}: {message}") from None
         if self.bgr:

@@ -18,9 +18,23 @@ import torch
 from detectron2.data import detection_utils as utils
 from PIL import Image
 
+from ..data.datasets.common import IMAGE_READ_ERRORS
+
 __all__ = ["ImageLike", "image_to_array"]
 
 ImageLike = Union[np.ndarray, str, os.PathLike, Image.Image, torch.Tensor]
+
+# PIL modes of more than 8 bits per pixel: converting them to RGB clips every value above 255, so a
+# 16-bit photo would be read as a white image
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _check_eight_bit(mode: str) -> None:
+    if mode in _WIDE_MODES:
+        raise ValueError(
+            f"its pixels are {mode} (16-bit or float), which 8-bit RGB would clip to white; save "
+            "it as an 8-bit image"
+        )
 
 
 def image_to_array(
@@ -40,7 +54,8 @@ def image_to_array(
         uint8 array (H, W, 3), possibly a flipped view of ``image``.
 
     Raises:
-        FileNotFoundError: a missing file. ValueError: an unreadable file or a wrong array.
+        FileNotFoundError: a missing file. ValueError: an unreadable file (a 16-bit or float one
+        too) or a wrong array.
     """
     if image_format not in (None, "BGR", "RGB"):
         raise ValueError(f"image_format must be 'BGR' or 'RGB', got {image_format!r}")
@@ -49,10 +64,16 @@ def image_to_array(
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
         try:
+            with Image.open(path) as header:  # reads the header only
+                _check_eight_bit(header.mode)
             return utils.read_image(path, format=input_format)
-        except (OSError, ValueError, SyntaxError) as e:
+        except IMAGE_READ_ERRORS as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
     if isinstance(image, Image.Image):
+        try:
+            _check_eight_bit(image.mode)
+        except ValueError as e:
+            raise ValueError(f"cannot read the PIL image: {e}") from None
         array = np.asarray(image.convert("RGB"))
         return array[:, :, ::-1] if input_format == "BGR" else array
     order = image_format

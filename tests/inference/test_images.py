@@ -57,3 +57,21 @@ def test_bad_images_raise_one_line(tmp_path):
         image_to_array(np.zeros((4, 4, 3), np.uint8), "BGR", "HSV")
     with pytest.raises(ValueError, match="numpy array, PIL image, path or tensor"):
         image_to_array([[1, 2, 3]], "BGR")
+
+
+def test_images_too_large_to_decode_or_wider_than_eight_bits(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (an image over twice ``Image.MAX_IMAGE_PIXELS``) was a
+    traceback, none of the read errors caught; a 16-bit PNG read as a white image, no word."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (20, 20)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: over twice the limit
+    with pytest.raises(ValueError, match=r"cannot read image .*big.png: .*decompression bomb"):
+        image_to_array(path, "BGR")
+    monkeypatch.undo()
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((6, 8), 4000, np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    with pytest.raises(ValueError, match=r"cannot read image .*deep.png: its pixels are I.*16-bit"):
+        image_to_array(deep, "BGR")
+    with pytest.raises(ValueError, match=r"cannot read the PIL image: its pixels are F"):
+        image_to_array(Image.new("F", (4, 4)), "BGR")

@@ -8,8 +8,11 @@ import math
 import os
 from typing import Iterable, List, Optional, Sequence
 
+from PIL import Image
+
 __all__ = [
     "BadRecordError",
+    "IMAGE_READ_ERRORS",
     "record_files",
     "RecordFilter",
     "box_problem",
@@ -23,6 +26,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# what reading an image file raises when it is missing, truncated, corrupt or too large to decode
+# (PIL's DecompressionBombError, above twice Image.MAX_IMAGE_PIXELS, is none of the others)
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class RecordFilter:
@@ -246,7 +253,7 @@ def _first_readable(records: Iterable[dict]) -> tuple[bool, str]:
             for path in paths:
                 read_image(path, format="RGB")
             return True, ""
-        except (OSError, ValueError, SyntaxError) as e:
+        except IMAGE_READ_ERRORS as e:
             first = first or f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
     return False, first
 
@@ -267,7 +274,7 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import ExifTags, Image
+    from PIL import ExifTags
 
     def problem(item) -> str:
         path, size = item
@@ -280,7 +287,7 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
                 # EXIF orientations 5-8 turn the image by 90 degrees (no need to turn its pixels)
                 if exif_orientation and im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
                     stored = stored[::-1]
-        except (OSError, ValueError, SyntaxError) as e:
+        except IMAGE_READ_ERRORS as e:
             return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
         if size is not None and size != stored:
             (w, h), (rw, rh) = stored, size

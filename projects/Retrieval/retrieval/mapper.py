@@ -17,6 +17,7 @@ import torch
 from detectron2.config import configurable
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
+from fiber_d2.data.datasets.common import IMAGE_READ_ERRORS
 from fiber_d2.data.mapper import read_image_file
 
 __all__ = ["FalseImageCaptionMapper"]
@@ -81,7 +82,7 @@ class FalseImageCaptionMapper(CaptionDatasetMapper):
             name = self.image_files[self.draw_false_index(dataset_dict["file_name"])]
             try:
                 image = read_image_file(name, self.image_format, self.exif_orientation)
-            except (OSError, ValueError, SyntaxError) as e:
+            except IMAGE_READ_ERRORS as e:
                 logger.warning("false image %s is unreadable (%s); drawing another", name, e)
                 continue
             chw = np.ascontiguousarray(self.augment(image).transpose(2, 0, 1))
