@@ -183,7 +183,9 @@ def draw_grounding(
         threshold: minimum score of a drawn box.
         max_label_chars: longer names are shortened in the drawing.
         min_size: small images are upscaled so their shorter side is at least this (0: never).
-        scale: an explicit output size factor instead (``--scale`` of tools/demo.py).
+        scale: an explicit output size factor instead (``--scale`` of tools/demo.py). Without it, an
+            image larger than :data:`MAX_DRAWN_SIDE` a side is drawn scaled down to it (drawing a
+            6000 x 5800 photo at full size took 5 GB).
 
     Returns:
         uint8 RGB array, the image (upscaled, see ``min_size``) with labelled boxes.
@@ -200,6 +202,8 @@ def draw_grounding(
             f"instances are for a {instances.image_size[0]}x{instances.image_size[1]} image, "
             f"the image is {height}x{width}"
         )
+    if scale is None and max(height, width) > MAX_DRAWN_SIDE:
+        scale = MAX_DRAWN_SIDE / max(height, width)
     if scale is not None:
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")

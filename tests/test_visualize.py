@@ -97,6 +97,19 @@ def test_a_thin_image_is_not_upscaled_past_the_drawing_limit():
         draw_grounding(thin, _instances([], [], [], (1, 300)), ["x"], scale=1000.0)
 
 
+def test_a_large_photo_is_drawn_at_the_drawing_limit():
+    """A 6000 x 5800 photo was drawn at full size (5 GB); now at MAX_DRAWN_SIDE a side, the boxes
+    scaled with it."""
+    from fiber_d2.visualize import MAX_DRAWN_SIDE
+
+    long = np.full((100, 2 * MAX_DRAWN_SIDE, 3), 128, np.uint8)
+    box = [[1000, 20, 3000, 80]]
+    drawn = draw_grounding(long, _instances(box, [0.9], [0], (100, 2 * MAX_DRAWN_SIDE)), ["x"])
+    assert drawn.shape == (50, MAX_DRAWN_SIDE, 3)
+    changed = (drawn != 128).any(axis=2)
+    assert changed[20:35, 499:502].any() and not changed[20:35, 480:490].any()  # edge at x=500
+
+
 def test_labels_of_overlapping_boxes_do_not_cover_each_other():
     boxes = np.array([[10, 10, 80, 80], [12, 12, 82, 82], [11, 14, 79, 81]], dtype=float)
     sizes = [(120.0, 18.0)] * 3

@@ -106,9 +106,9 @@ def output_paths(inputs: list, out_dir: str) -> list:
     for i, path in enumerate(inputs):
         stem, ext = os.path.splitext(os.path.basename(path))
         ext = ext if ext.lower() in (".png", ".jpg", ".jpeg", ".bmp") else ".png"
-        name = stem + ext
-        if name in used:
-            name = f"{stem}_{i}{ext}"
+        name, k = stem + ext, i
+        while name in used:  # another input's name, or a suffixed one already given out
+            name, k = f"{stem}_{k}{ext}", k + 1
         used.add(name)
         names.append(os.path.join(out_dir, name))
     return names
@@ -205,12 +205,17 @@ def main(argv=None) -> list:
                         records.append(dict(r, file_name=os.path.basename(path)))
                 if target is not None:
                     rgb = np.ascontiguousarray(array if rgb_model else array[:, :, ::-1])
-                    drawn = draw_grounding(
-                        rgb, inst, out["label_names"], args.threshold, scale=args.scale
-                    )
+                    try:
+                        drawn = draw_grounding(
+                            rgb, inst, out["label_names"], args.threshold, scale=args.scale
+                        )
+                    except ValueError as e:  # e.g. --scale drawing it over MAX_DRAWN_SIDE
+                        sys.exit(f"error: {path}: {e}")
                     Image.fromarray(drawn).save(target)
                     written.append(target)
                 bar.update(1)
+    if skipped and len(skipped) == len(inputs):  # before --json: no empty result file
+        sys.exit(f"error: none of the {len(inputs)} input image(s) could be read: {skipped[0]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f)
@@ -219,8 +224,6 @@ def main(argv=None) -> list:
         print(f"wrote {len(written)} image(s) to {args.output}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
-        if len(skipped) == len(inputs):
-            sys.exit(f"error: none of the {len(inputs)} input image(s) could be read: {skipped[0]}")
     return written
 
 

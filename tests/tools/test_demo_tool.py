@@ -212,3 +212,32 @@ def test_bad_options_are_one_line(inputs, tmp_path, extra, needle, monkeypatch):
         demo.main(args)
     message = str(e.value.code)
     assert message.startswith("error:") and needle in message and "\n" not in message
+
+
+def test_output_names_stay_unique():
+    """d2/a.png's drawing replaced d1/a_2.png's: the suffixed name was not checked."""
+    names = demo.output_paths(["d1/a.png", "d1/a_2.png", "d2/a.png", "d3/a.png"], "out")
+    assert names == ["out/a.png", "out/a_2.png", "out/a_3.png", "out/a_4.png"]
+
+
+def test_a_scale_too_large_for_an_image_is_one_line(inputs, weights, tmp_path):
+    """--scale 100 drew past the drawing limit: a traceback after the forward pass."""
+    args = ["--config-file", CFG, "--input", str(inputs / "a.png"), "--prompt", "circle"]
+    args += ["--output", str(tmp_path), "--scale", "100", "--opts", *OPTS, "MODEL.WEIGHTS", weights]
+    with pytest.raises(SystemExit) as e:
+        demo.main(args)
+    message = str(e.value.code)
+    assert message.startswith(f"error: {inputs / 'a.png'}: scale 100.0 would draw the 61x83 image")
+    assert "\n" not in message
+
+
+def test_no_readable_input_writes_no_json(folder_with_corrupt_image, weights, tmp_path):
+    """With every input unreadable the run ends in an error line, and wrote an empty --json
+    before it."""
+    js = tmp_path / "results.json"
+    args = ["--config-file", CFG, "--input", str(folder_with_corrupt_image / "b.png")]
+    args += ["--prompt", "circle", "--json", str(js), "--opts", *OPTS, "MODEL.WEIGHTS", weights]
+    with pytest.raises(SystemExit) as e:
+        demo.main(args)
+    assert str(e.value.code).startswith("error: none of the 1 input image(s) could be read")
+    assert not js.exists()
