@@ -31,6 +31,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ..checkpoint.safe_io import replacing, write_whole
 from ..modeling.meta_arch.fiber import FIBER
 from .graph import ExportableFIBER
 from .runtime import METADATA_FILE, graph_inputs
@@ -112,6 +113,30 @@ def trace_graph(wrapper: ExportableFIBER, inputs: tuple) -> torch.jit.ScriptModu
     return traced
 
 
+def _export_onnx(wrapper: ExportableFIBER, inputs: tuple, path: str, opset: int) -> None:
+    """``torch.onnx.export`` of the graph to ``path`` (TorchScript-based exporter)."""
+    from .onnx_ops import register_onnx_symbolics
+
+    register_onnx_symbolics(opset)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # every advanced index of the graph is non-negative (anchor / candidate / relative
+        # position indices), the case the exporter's Gather-based translation handles
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(
+            wrapper,
+            inputs,
+            path,
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=_DYNAMIC_AXES,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
 def _metadata(cfg: CfgNode, fmt: str, model: FIBER, ranges: dict) -> dict:
     lang = cfg.MODEL.LANGUAGE_BACKBONE
     return {
@@ -187,6 +212,10 @@ def export_detector(
             f"image side range [{low}, {high}] must hold multiples of the size divisibility {div}, "
             f"with the minimum at least {_MIN_SIDE_UNITS * div}"
         )
+    if max_batch < 1:
+        raise ValueError(
+            f"the largest batch (max_batch, --max-batch) must be at least 1, got {max_batch}"
+        )
     wrapper = ExportableFIBER(model).eval()
     mean, std = model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()
     inputs = graph_inputs(records, mean, std, div, model.pad_to_max_query_len)
@@ -205,32 +234,23 @@ def export_detector(
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
-    if fmt == "torchscript":
-        trace_graph(wrapper, inputs).save(str(path))
-    else:
-        from .onnx_ops import register_onnx_symbolics
-
-        register_onnx_symbolics(opset)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            # every advanced index of the graph is non-negative (anchor / candidate / relative
-            # position indices), the case the exporter's Gather-based translation handles
-            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-            torch.onnx.export(
-                wrapper,
-                inputs,
-                str(path),
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_axes=_DYNAMIC_AXES,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
     ranges = {"min_side": low, "max_side": high, "max_text_len": max_text, "max_batch": max_batch}
     meta = _metadata(cfg, fmt, model, ranges)
-    (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (out_dir / "config.yaml").write_text(cfg.dump())
+    # Each file appears whole (``replacing``); the metadata, which the runners read first, goes
+    # before the others and comes back last, so a failed or killed export over an earlier one
+    # leaves a folder the runners refuse rather than a new graph with an old metadata file.
+    (out_dir / METADATA_FILE).unlink(missing_ok=True)
+    try:
+        with replacing(str(path)) as tmp:
+            if fmt == "torchscript":
+                trace_graph(wrapper, inputs).save(tmp)
+            else:
+                _export_onnx(wrapper, inputs, tmp, opset)
+        with write_whole(str(out_dir / "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        with write_whole(str(out_dir / METADATA_FILE), "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        raise OSError(f"cannot write the export in {out_dir}: {e}") from e
     logger.info("exported %s (%s) to %s", type(model).__name__, fmt, path)
     return path

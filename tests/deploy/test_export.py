@@ -210,3 +210,26 @@ def test_a_model_off_the_cpu_is_refused(tmp_path):
     with pytest.raises(ValueError, match="needs the model on the CPU, got cuda:0"):
         export_detector(cfg, on_gpu, "onnx", tmp_path, [])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_export_leaves_no_mixed_folder(eager, tmp_path, monkeypatch):
+    """An export that failed while writing (a full disk) left a truncated model file beside the
+    earlier export's metadata, which the runners then read. Now the files appear whole, the
+    metadata last, and the error names the folder."""
+    import fiber_d2.deploy.export as export
+
+    cfg, predictor = eager
+    (tmp_path / "model.ts").write_bytes(b"the earlier export")
+    (tmp_path / METADATA_FILE).write_text("{}")
+    records = _records(predictor, [(128, 160)], 20, seed=0)
+
+    def full_disk(wrapper, inputs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(export, "trace_graph", full_disk)
+    with pytest.raises(OSError, match=f"cannot write the export in {tmp_path}: .*File too large"):
+        export_detector(cfg, predictor.model, "torchscript", tmp_path, records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ts"]  # no metadata, no temporary
+    assert (tmp_path / "model.ts").read_bytes() == b"the earlier export"
+    with pytest.raises(ValueError, match="max_batch, --max-batch"):
+        export_detector(cfg, predictor.model, "torchscript", tmp_path, records, max_batch=0)

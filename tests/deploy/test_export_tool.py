@@ -74,3 +74,26 @@ def test_export_and_verify(tool, tmp_path, capsys):
         assert line["ok"] and line["same_detections"] and line["detections"] > 0
         assert line["unseen_size"] and line["unseen_text_len"]
     assert len({(tuple(x["padded_size"]), x["text_len"]) for x in lines}) == 4
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--prompt", ""], "contains no category name"),  # was exported with the prompt "object"
+        (["--opts", "MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),
+    ],
+)
+def test_a_refused_export_leaves_no_folder(tool, tmp_path, extra, needle):
+    """The tool created --output first, so a refused export left an empty folder."""
+    from test_export import TINY
+
+    argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "onnx"]
+    argv += ["--output", str(tmp_path / "export")]
+    opts = ["--opts", *TINY]
+    if extra[0] == "--opts":
+        opts, extra = opts + extra[1:], []
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv + extra + opts)
+    message = str(exc.value.code)
+    assert message.startswith("error:") and needle in message
+    assert not (tmp_path / "export").exists()

@@ -17,6 +17,7 @@ export on two other image sizes and two other prompt lengths and prints one JSON
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -82,7 +83,7 @@ def sample_record(predictor: FIBERPredictor, args: argparse.Namespace, seed: int
     if args.caption:
         text = predictor.encode(args.caption, args.phrases)
     else:
-        prompt = args.prompt or "object"
+        prompt = "object" if args.prompt is None else args.prompt
         text = predictor.encode(split_prompt(prompt, predictor.separator))
     if text["input_ids"].dim() != 1:
         raise ValueError("the sample prompt needs several chunks; export with a shorter --prompt")
@@ -93,7 +94,7 @@ def sample_record(predictor: FIBERPredictor, args: argparse.Namespace, seed: int
 
 def main(argv=None) -> str:
     args = get_parser().parse_args(argv)
-    setup_logger(name="fiber_d2")
+    created = not os.path.exists(args.output)
     try:
         if args.phrases and not args.caption:
             raise ValueError("--phrases needs --caption")
@@ -118,6 +119,9 @@ def main(argv=None) -> str:
         if args.verify:
             ok = verify(predictor, args, path.parent, record)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        if created:  # the folder this run made, unless something was written in it
+            with contextlib.suppress(OSError):
+                os.rmdir(args.output)
         sys.exit(f"error: {e}")
     print(os.fspath(path))
     if args.verify and not ok:
@@ -158,4 +162,7 @@ def _padded_size(record: dict, predictor: FIBERPredictor) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
+    # Only as a script, so that in-process callers (tests) keep their own logging set-up; INFO: the
+    # tracer's warnings (hundreds of lines) go to the debug log
+    setup_logger(name="fiber_d2").setLevel(logging.INFO)
     main(sys.argv[1:])
