@@ -191,8 +191,9 @@ class ExportedPredictor(FIBERPredictor):
         if not (low <= height <= high and low <= width <= high):
             raise ValueError(
                 f"padded image size {height}x{width} is outside the exported range [{low}, {high}] "
-                f"per side ({self.model_path}); resize the image, or re-export with --min-side / "
-                "--max-side"
+                f"per side ({self.model_path}); the runner resizes as the model does, so re-export "
+                "with a wider --min-side / --max-side range, or pad a very elongated image to a "
+                "squarer shape"
             )
         if images.shape[0] > meta["max_batch"]:
             raise ValueError(
