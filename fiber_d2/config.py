@@ -264,7 +264,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.SOLVER.MAX_NEG_PER_BATCH = 0.1  # skip batches whose share of box-less images exceeds this
 
     # ------------------------------------------------------------------ test additions
-    _C.TEST.EVAL_TASK = "detection"  # detection | grounding | refexp | retrieval
+    # not read: each test dataset's evaluator_type chooses its evaluator; kept so that the configs
+    # that runs wrote before its removal from the shipped configs still load
+    _C.TEST.EVAL_TASK = "detection"
     _C.TEST.CHUNKED_EVALUATION = -1  # categories per prompt chunk (LVIS: 40), -1 = one prompt
     # chunked prompts: image prefix once per image, text prefix once per chunk (cached until the
     # model next changes mode), fused top + FPN + head per chunk; False: whole model per chunk

@@ -40,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 from PIL import Image
 from tqdm import tqdm
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir, check_output_file
 from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.predictor import FIBERPredictor, resolve_dtype, split_prompt, to_coco_json
@@ -217,7 +218,7 @@ def main(argv=None) -> list:
     if skipped and len(skipped) == len(inputs):  # before --json: no empty result file
         sys.exit(f"error: none of the {len(inputs)} input image(s) could be read: {skipped[0]}")
     if args.json:
-        with open(args.json, "w") as f:
+        with write_whole(args.json, "w") as f:
             json.dump(records, f)
         print(f"wrote {len(records)} detection(s) to {args.json}")
     if args.output:

@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir
 from fiber_d2.engine.setup import ConfigError
 
@@ -259,7 +260,7 @@ def main(argv=None) -> dict:
         "total_seconds": total,
         "tasks": rows,
     }
-    with open(output_dir / "summary.json", "w") as f:
+    with write_whole(str(output_dir / "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     footer = (
         f"\nimage tower: {tower_seconds / 60:.1f} min; coarse stage: {coarse_seconds / 60:.1f} min; "

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir
 from fiber_d2.engine.setup import ConfigError
 
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
             args.visualize,
         )
     results["minutes"] = round((time.perf_counter() - start) / 60, 2)
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    with write_whole(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(results, f, indent=2)
     chance, scratch = None, False
     if not args.skip_coarse:

@@ -15,37 +15,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 from detectron2.evaluation import COCOEvaluator
 
-from ..data.datasets.common import BadRecordError, box_problem
+from ..data.datasets.common import box_problem, check_unique_image_ids
 from .integrity import SeenRecords, without_predictions
 
 __all__ = ["FIBERCOCOEvaluator", "check_unique_image_ids", "drop_bad_gt_boxes"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_unique_image_ids(dataset: dict, images: dict, name: str, source: str = "") -> None:
-    """A ground-truth file that gives one id to two images is one :class:`BadRecordError` line.
-
-    pycocotools, the LVIS API and detectron2's loaders index the images by id and keep the last
-    entry, with the boxes of both: the scores would silently read one image's boxes on another.
-
-    Args:
-        dataset: the json dict (``images``).
-        images: the API's image id -> image entry index built from it.
-        name: the dataset name; source: its file, for the message.
-    """
-    entries = dataset.get("images", [])
-    if len(entries) == len(images):
-        return
-    repeated = [i for i, n in Counter(img.get("id") for img in entries).items() if n > 1]
-    raise BadRecordError(
-        f"{source or name}: image id {repeated[0]} is given to more than one image "
-        f"({len(repeated)} repeated id(s) in 'images'); each image needs its own id"
-    )
 
 
 def drop_bad_gt_boxes(dataset: dict, images: dict, name: str) -> bool:
@@ -99,12 +78,8 @@ class FIBERCOCOEvaluator(COCOEvaluator):
         super().__init__(dataset_name, *args, distributed=distributed, **kwargs)
         self._seen = SeenRecords(dataset_name, "COCOEvaluator", distributed)
         if getattr(self, "_do_evaluation", False):
-            check_unique_image_ids(
-                self._coco_api.dataset,
-                self._coco_api.imgs,
-                dataset_name,
-                self._metadata.get("json_file", ""),
-            )
+            source = self._metadata.get("json_file", "") or dataset_name
+            check_unique_image_ids(self._coco_api.dataset.get("images", []), source)
             self._drop_bad_gt_boxes()
 
     def _drop_bad_gt_boxes(self) -> None:

@@ -25,6 +25,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..checkpoint.safe_io import write_whole
+
 __all__ = [
     "EvaluationCoverageError",
     "SeenRecords",
@@ -84,6 +86,13 @@ def check_exactly_once(
     Raises:
         EvaluationCoverageError: one line with the counts and a few ids of each kind.
     """
+    repeated = [i for i, n in Counter(expected).items() if n > 1]
+    if repeated:  # each of its records counts as one evaluation of the id: say so, not "twice"
+        raise EvaluationCoverageError(
+            f"{evaluator} on '{dataset_name}' ({len(expected)} records): the dataset gives "
+            f"{len(repeated)} {key}(s) to more than one record ({key} {_examples(repeated)}); each "
+            "record needs its own"
+        )
     counts = Counter(seen)
     wanted = set(expected)
     problems = []
@@ -180,6 +189,6 @@ def write_metrics(output: dict, output_dir: str | None, file_name: str) -> dict:
     given) and return a deep copy of it, what ``DatasetEvaluator.evaluate`` hands to the trainer."""
     if output_dir:
         PathManager.mkdirs(output_dir)
-        with PathManager.open(os.path.join(output_dir, file_name), "w") as f:
+        with write_whole(os.path.join(output_dir, file_name), "w") as f:
             json.dump(json_safe(output), f, allow_nan=False)
     return copy.deepcopy(output)

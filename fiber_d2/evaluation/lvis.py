@@ -174,8 +174,8 @@ class FixedAPLVISEvaluator(LVISEvaluator):
         # the loaders' box rule, as in FIBERCOCOEvaluator: training and evaluation see the same boxes
         api = getattr(self, "_lvis_api", None)
         if api is not None:
-            source = self._metadata.get("json_file", "")
-            check_unique_image_ids(api.dataset, api.imgs, dataset_name, source)
+            source = self._metadata.get("json_file", "") or dataset_name
+            check_unique_image_ids(api.dataset.get("images", []), source)
         if api is not None and drop_bad_gt_boxes(api.dataset, api.imgs, dataset_name):
             api._create_index()
 

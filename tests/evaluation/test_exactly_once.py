@@ -209,8 +209,8 @@ def test_ground_truth_with_one_id_for_two_images(kind, tmp_path):
     with pytest.raises(BadRecordError) as err:
         build(kind, name, distributed=False)
     assert str(err.value) == (
-        f"{json_file}: image id 3 is given to more than one image (1 repeated id(s) in 'images'); "
-        "each image needs its own id"
+        f"{json_file}: image id 3 is given to more than one image (3.jpg and 5.jpg); each image "
+        "needs its own id"
     )
     MetadataCatalog.remove(name)  # the control: the same file without the repeat evaluates
     MetadataCatalog.get(name).set(
@@ -219,3 +219,37 @@ def test_ground_truth_with_one_id_for_two_images(kind, tmp_path):
         thing_dataset_id_to_contiguous_id={1: 0},
     )
     assert evaluate(kind, name, IDS, distributed=False) == "ok"
+
+
+def test_metrics_files_appear_whole(tmp_path, monkeypatch):
+    """An evaluator's metrics file was written in place: a run killed (or a disk full) in the middle
+    left a truncated file. Now it appears whole or not at all, and an earlier one stays."""
+    import json
+
+    import fiber_d2.evaluation.integrity as integrity
+
+    integrity.write_metrics({"AP": 1.0}, str(tmp_path), "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"AP": 1.0}
+
+    def dies_midway(obj, f, **kwargs):
+        f.write('{"AP": ')
+        raise KeyboardInterrupt  # a kill, as far as the writer can tell
+
+    monkeypatch.setattr(integrity.json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        integrity.write_metrics({"AP": 2.0}, str(tmp_path), "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"AP": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_a_dataset_giving_one_id_to_two_records_is_said_so():
+    """A dataset that repeats a record id read "(3 records): 1 evaluated more than once" for its
+    four records: the evaluation was blamed for the dataset."""
+    from fiber_d2.evaluation.integrity import check_exactly_once
+
+    with pytest.raises(EvaluationCoverageError) as err:
+        check_exactly_once("d", [1, 2, 2, 3], [1, 2, 2, 3], "X", key="question_id")
+    assert str(err.value) == (
+        "X on 'd' (4 records): the dataset gives 1 question_id(s) to more than one record "
+        "(question_id 2); each record needs its own"
+    )

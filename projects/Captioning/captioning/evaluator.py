@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.evaluation.integrity import SeenRecords
 
@@ -204,7 +205,7 @@ class CaptionEvaluator(DatasetEvaluator):
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "caption.json")
-            with open(path, "w", encoding="utf-8") as f:
+            with write_whole(path, "w", encoding="utf-8") as f:
                 json.dump(
                     [{"image_id": _json_id(k), "caption": p["caption"]} for k, p in unique.items()],
                     f,

@@ -9,6 +9,7 @@ import os
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.evaluation.integrity import SeenRecords
 
 __all__ = ["NLVR2Evaluator"]
@@ -46,7 +47,7 @@ class NLVR2Evaluator(DatasetEvaluator):
             return {}
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "predictions.json"), "w") as f:
+            with write_whole(os.path.join(self.output_dir, "predictions.json"), "w") as f:
                 names = ("False", "True")
                 json.dump([{"identifier": r["identifier"], "prediction": names[r["prediction"]]}
                            for r in rows], f)  # fmt: skip

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.evaluation.integrity import SeenRecords
 
 from .answers import vqa_accuracy
@@ -72,7 +73,7 @@ class VQAEvaluator(DatasetEvaluator):
         if self.output_dir:
             os.makedirs(self.output_dir, exist_ok=True)
             path = os.path.join(self.output_dir, "vqa_submit.json")
-            with open(path, "w", encoding="utf-8") as f:
+            with write_whole(path, "w", encoding="utf-8") as f:
                 json.dump(
                     [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows], f
                 )
