@@ -549,29 +549,65 @@ def test_categories_sharing_an_id_or_a_name(problem, out, tmp_path, caplog):
     assert snapshot(out) == before
 
 
-def test_images_sharing_an_id(out, tmp_path):
+@pytest.mark.parametrize("problem", ["no categories", "empty categories", "ids of two types"])
+def test_categories_missing_or_ids_of_two_types(problem, out, tmp_path):
+    """Were detectron2's words for them: "min() arg is an empty sequence", "a record has no field
+    'categories'" (a top-level list), "'<' not supported between instances of 'str' and 'int'"."""
+    name = f"bad_input_{problem.replace(' ', '_')}"
+    json_file = tmp_path / "annotations.json"
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    images = [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}]
+    data = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "circle"}]}
+    if problem == "no categories":
+        del data["categories"]
+    elif problem == "empty categories":
+        data["categories"] = []
+    else:
+        images.append({"id": "2", "file_name": "b.png", "height": 10, "width": 10})
+    register_coco_file(name, json_file, data)
+    before = snapshot(out)
+    args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
+    line = run_train_net(["--config-file", FINE, *args, *TINY])
+    if problem == "ids of two types":
+        assert line == (
+            f"error: {json_file}: image ids mix types (int, str); give every image an id of one type"
+        )
+    else:
+        assert line == (
+            f"error: {json_file}: the 'categories' list is missing or empty; a detection file "
+            "names at least one category"
+        )
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("problem", ["one id, two images", "one image, two ids"])
+def test_images_sharing_an_id_or_a_file(problem, out, tmp_path):
     """Two images of one id (two files concatenated whose ids overlap): detectron2's loader kept
-    the second file name and gave it the boxes of both, a silent mislabelling; now one line naming
-    the file, the id and both images, before the run touches OUTPUT_DIR."""
-    name = "bad_input_images_sharing_an_id"
+    the second file name and gave it the boxes of both, a silent mislabelling. One file under two
+    ids: trained (or evaluated) twice, the second time without its boxes. Now one line naming the
+    file and both entries, before the run touches OUTPUT_DIR."""
+    name = f"bad_input_images_{problem.replace(' ', '_').replace(',', '')}"
     json_file = tmp_path / "merged.json"
     for file_name in ("a.png", "b.png"):
         Image.new("RGB", (10, 10)).save(tmp_path / file_name)
-    images = [{"id": 1, "file_name": f, "height": 10, "width": 10} for f in ("a.png", "b.png")]
-    box = {"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}
+    if problem == "one id, two images":
+        entries = [(1, "a.png"), (1, "b.png")]
+        expected = "image id 1 is given to more than one image (a.png and b.png); each image needs"
+    else:
+        entries = [(1, "a.png"), (2, "a.png")]
+        expected = "image a.png is listed twice, as ids 1 and 2; list each image once"
+    images = [{"id": i, "file_name": f, "height": 10, "width": 10} for i, f in entries]
+    box = {"category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}
     data = {
         "images": images,
-        "annotations": [dict(box, id=1), dict(box, id=2)],
+        "annotations": [dict(box, id=1, image_id=1), dict(box, id=2, image_id=entries[1][0])],
         "categories": [{"id": 1, "name": "circle"}],
     }
     register_coco_file(name, json_file, data)
     before = snapshot(out)
     args = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)]
     line = run_train_net(["--config-file", FINE, *args, *TINY])
-    assert line == (
-        f"error: {json_file}: image id 1 is given to more than one image (a.png and b.png); each "
-        "image needs its own id"
-    )
+    assert line.startswith(f"error: {json_file}: {expected}")
     assert snapshot(out) == before
 
 
@@ -904,8 +940,10 @@ def test_training_set_without_boxes_is_one_line(tmp_path, out):
     _register_images(tmp_path, "bad_input_no_boxes", ["ok.jpg"])
     data = json.loads((tmp_path / "bad_input_no_boxes.json").read_text())
     (tmp_path / "bad_input_no_boxes.json").write_text(json.dumps(dict(data, annotations=[])))
+    before = snapshot(out)
     line = train_line("bad_input_no_boxes", out)
     assert "bad_input_no_boxes" in line and "no image with a usable box" in line
+    assert snapshot(out) == before  # found before the run: config.yaml and log.txt as they were
 
 
 def test_training_set_whose_every_record_is_skipped_is_one_line(tmp_path, out):

@@ -85,6 +85,7 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
         cfg.DATASETS.TEST,
         check_test_files=not cfg.TEST.UNREADABLE_IMAGE_AS_EMPTY,
         exif_orientation=cfg.INPUT.EXIF_ORIENTATION,
+        filter_empty_annotations=training and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
     )
     check_tokenizer_available(cfg)
     check_tower_weights_available(cfg)

@@ -320,16 +320,13 @@ class FIBERTrainer(DefaultTrainer):
         (:func:`~fiber_d2.data.datasets.common.filter_training_images`) instead of detectron2's. A
         project whose training drops records (e.g. VQA's unanswerable questions) overrides this;
         ``SOLVER.MAX_EPOCHS`` counts epochs of it."""
-        from ..data.datasets.common import BadRecordError, filter_training_images
+        from ..data.datasets.common import filter_training_images, no_usable_box
 
         records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
             records = filter_training_images(records)
             if not records:
-                raise BadRecordError(
-                    f"training datasets {tuple(cfg.DATASETS.TRAIN)}: no image with a usable box "
-                    "(DATALOADER.FILTER_EMPTY_ANNOTATIONS drops images without one)"
-                )
+                raise no_usable_box(cfg.DATASETS.TRAIN)
         return records
 
     @classmethod

@@ -39,9 +39,13 @@ def drop_bad_gt_boxes(dataset: dict, images: dict, name: str) -> bool:
     Returns:
         whether anything was dropped (the caller re-indexes its API object).
     """
-    kept, dropped, files = [], 0, set()
+    kept, dropped, files, orphans = [], 0, set(), []
     for a in dataset.get("annotations", []):
-        img = images.get(a.get("image_id"), {})
+        if a.get("image_id") not in images:  # not scored: COCOeval reads the listed images only
+            orphans.append(a.get("image_id"))
+            kept.append(a)
+            continue
+        img = images[a["image_id"]]
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
             problem = box_problem([x, y, x + w, y + h], img["width"], img["height"])
@@ -52,6 +56,14 @@ def drop_bad_gt_boxes(dataset: dict, images: dict, name: str) -> bool:
             files.add(img.get("file_name", img.get("coco_url", a.get("image_id"))))
             continue
         kept.append(a)
+    if orphans:
+        logger.warning(
+            "%s: %d ground-truth box(es) name an image id that 'images' does not list (first: %r); "
+            "the evaluation ignores them",
+            name,
+            len(orphans),
+            orphans[0],
+        )
     if not dropped:
         return False
     logger.warning(

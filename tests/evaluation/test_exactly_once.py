@@ -253,3 +253,22 @@ def test_a_dataset_giving_one_id_to_two_records_is_said_so():
         "X on 'd' (4 records): the dataset gives 1 question_id(s) to more than one record "
         "(question_id 2); each record needs its own"
     )
+
+
+def test_boxes_of_an_unlisted_image_are_named_as_such(caplog):
+    """A ground-truth box whose image id 'images' does not list was reported as "not finite, empty
+    or outside the image" and dropped; COCOeval never reads it, so it is kept and named."""
+    import logging
+
+    from fiber_d2.evaluation.coco import drop_bad_gt_boxes
+
+    images = {1: {"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}}
+    boxes = [{"image_id": 1, "bbox": BOX}, {"image_id": 99, "bbox": BOX}]
+    dataset = {"annotations": list(boxes)}
+    with caplog.at_level(logging.WARNING):
+        assert not drop_bad_gt_boxes(dataset, images, "d")
+    assert dataset["annotations"] == boxes
+    assert "d: 1 ground-truth box(es) name an image id that 'images' does not list (first: 99)" in (
+        caplog.text
+    )
+    assert "outside the image" not in caplog.text

@@ -19,6 +19,7 @@ __all__ = [
     "span_problem",
     "check_unique_image_ids",
     "filter_training_images",
+    "no_usable_box",
     "check_datasets_before_run",
     "counts_unreadable_as_empty",
     "load_records",
@@ -157,22 +158,32 @@ def span_problem(spans, text: str) -> Optional[str]:
 
 def check_unique_image_ids(images: Iterable[dict], source: str) -> None:
     """Two entries of a COCO-format ``images`` list with one ``id`` (e.g. two files concatenated
-    whose ids overlap): pycocotools and the caption reader keep one file name for the id and give it
-    the annotations of both, a silent mislabelling, so it is one :class:`BadRecordError` line.
+    whose ids overlap): pycocotools, the LVIS API and the caption reader keep one file name for the
+    id and give it the annotations of both, a silent mislabelling. One ``file_name`` under two ids:
+    the image is trained, or evaluated, twice (with the boxes of one entry only, the other's
+    predictions count as false positives). Either is one :class:`BadRecordError` line.
 
     Args:
-        images: the file's ``images`` entries (``id``, ``file_name``).
+        images: the file's ``images`` entries (``id``, ``file_name``; LVIS has no file names).
         source: the file, for the message.
     """
-    first_name: dict = {}
+    name_of: dict = {}
+    id_of: dict = {}
     for image in images:
         image_id, name = image.get("id"), image.get("file_name")
-        if image_id in first_name:
+        if image_id in name_of:
             raise BadRecordError(
                 f"{source}: image id {image_id!r} is given to more than one image "
-                f"({first_name[image_id]} and {name}); each image needs its own id"
+                f"({name_of[image_id]} and {name}); each image needs its own id"
             )
-        first_name[image_id] = name
+        if name is not None and name in id_of:
+            raise BadRecordError(
+                f"{source}: image {name} is listed twice, as ids {id_of[name]!r} and {image_id!r}; "
+                "list each image once"
+            )
+        name_of[image_id] = name
+        if name is not None:
+            id_of[name] = image_id
 
 
 def filter_training_images(records: List[dict]) -> List[dict]:
@@ -378,16 +389,27 @@ def load_records(name: str, role: str) -> list:
         ) from e
 
 
+def no_usable_box(train: Sequence[str]) -> "BadRecordError":
+    """The error of training sets of which :func:`filter_training_images` keeps no image."""
+    return BadRecordError(
+        f"training datasets {tuple(train)}: no image with a usable box "
+        "(DATALOADER.FILTER_EMPTY_ANNOTATIONS drops images without one)"
+    )
+
+
 def check_datasets_before_run(
     train: Sequence[str],
     test: Sequence[str],
     *,
     check_test_files: bool = True,
     exif_orientation: bool = False,
+    filter_empty_annotations: bool = False,
 ) -> None:
     """Checks made before a run writes anything to its ``OUTPUT_DIR``.
 
     * every dataset's annotations load (a missing or malformed file is one line naming it);
+    * with ``filter_empty_annotations`` (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``), the training sets
+      keep at least one image (:func:`filter_training_images`), as the training loader needs;
     * no training dataset is a per-image caption set (evaluation records with all captions);
     * every training image file exists (one ``stat`` each), and every training dataset has at least
       one readable image (images are decoded in order until one works, so a healthy set costs one
@@ -403,6 +425,7 @@ def check_datasets_before_run(
     Raises:
         BadRecordError: one line naming the dataset (and a file).
     """
+    kept_any = not filter_empty_annotations
     for name in train:
         records = load_records(name, "training")
         if records and isinstance(records[0].get("captions"), list):
@@ -429,7 +452,10 @@ def check_datasets_before_run(
                 f"training dataset '{name}': none of its {len(records)} images can be read "
                 f"(first: {failure})"
             )
+        kept_any = kept_any or bool(filter_training_images(records))
         serve_once(name, records)
+    if train and not kept_any:
+        raise no_usable_box(train)
     for name in test:
         records = load_records(name, "test")
         problem = _undecodable(records, exif_orientation) if check_test_files else None

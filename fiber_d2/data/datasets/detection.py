@@ -49,7 +49,6 @@ def finish_detection_records(
     """
     _check_categories(dataset_name, source)
     _check_prompt_names(dataset_name, source)
-    _check_image_ids(source)
     bad = RecordFilter(dataset_name, source)
     kept = []
     for r in records:
@@ -109,16 +108,35 @@ def _check_categories(dataset_name: str, source: str) -> None:
         )
 
 
-def _check_image_ids(source: str) -> None:
-    """Images sharing an id in the COCO-format (or LVIS) file ``source``: detectron2's loaders keep
-    one of them and give it the boxes of all (:func:`check_unique_image_ids`). The loaders do not
-    return the file's image list, so it is read once more here: about 6 s for 200 MB on a 2-core
-    machine, once per process and run. A source that is not a local json file is not checked."""
+def _check_coco_file(source: str) -> None:
+    """What detectron2's COCO and LVIS loaders would take wrongly, or explain in another library's
+    words, found in one more read of the file ``source`` before they run: a ``categories`` list that
+    is missing or empty ("min() arg is an empty sequence"), image ids of mixed types ("'<' not
+    supported between ..."), an image id given to two images or an image listed under two ids
+    (:func:`check_unique_image_ids`). The read costs about 6 s for 200 MB on a 2-core machine, once
+    per process and run. A source that is not a local json file is left to the loader.
+
+    Raises:
+        BadRecordError: one line naming the file.
+    """
     if not source.endswith(".json") or not os.path.isfile(source):
         return
     with open(source, encoding="utf-8") as f:
         data = json.load(f)
-    check_unique_image_ids(data.get("images", []) if isinstance(data, dict) else [], source)
+    if not isinstance(data, dict):
+        return  # the loader's own error names the file
+    if not data.get("categories"):
+        raise BadRecordError(
+            f"{source}: the 'categories' list is missing or empty; a detection file names at least "
+            "one category"
+        )
+    images = data.get("images", [])
+    kinds = sorted({type(image.get("id")).__name__ for image in images})
+    if len(kinds) > 1:
+        raise BadRecordError(
+            f"{source}: image ids mix types ({', '.join(kinds)}); give every image an id of one type"
+        )
+    check_unique_image_ids(images, source)
 
 
 def _check_prompt_names(dataset_name: str, source: str) -> None:
@@ -150,6 +168,7 @@ def load_grounding_coco_json(json_file: str, image_root: str, dataset_name: str)
     """
     from detectron2.data.datasets import load_coco_json
 
+    _check_coco_file(json_file)
     records = load_coco_json(json_file, image_root, dataset_name)
     return finish_detection_records(records, dataset_name, json_file)
 
@@ -212,8 +231,9 @@ def mark_detection_dataset(name: str, prompt: Optional[Mapping[str, str]] = None
         return True
 
     def load() -> List[dict]:
-        meta = MetadataCatalog.get(name)
-        return finish_detection_records(loader(), name, meta.get("json_file", ""))
+        source = MetadataCatalog.get(name).get("json_file", "")
+        _check_coco_file(source)
+        return finish_detection_records(loader(), name, source)
 
     load._fiber_marked = True
     DatasetCatalog.remove(name)
