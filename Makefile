@@ -30,7 +30,7 @@ demo-vl: env
 # The browser demo (tools/web_demo.py) in real headless Chromium: installs the optional extras
 # (Gradio, Playwright) into .venv and Chromium from the system packages when missing, then runs the test.
 web-test: env
-	$(PY) -m pip install -q 'gradio>=4' playwright
+	$(PY) -m pip install -q 'gradio>=5' playwright
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(apt-get update && apt-get install -y chromium) || \
 		echo "web-test: could not install Chromium; the browser test will be skipped"

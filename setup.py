@@ -45,8 +45,8 @@ setup(
     # (Gradio); "web-test" adds Playwright, which drives the page in headless Chromium (make web-test);
     # "deploy": ONNX export and the onnxruntime runner (the "[deploy]" lines of requirements.txt).
     extras_require={
-        "web": ["gradio>=4"],
-        "web-test": ["gradio>=4", "playwright"],
+        "web": ["gradio>=5"],
+        "web-test": ["gradio>=5", "playwright"],
         "deploy": deploy,
     },
     cmdclass={"build_py": BuildPyWithConfigs},

@@ -17,7 +17,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the demo
 
@@ -52,16 +52,26 @@ def _import_gradio():
     return gr
 
 
+# longest error text shown in the page (a 200,000-character category name came back whole)
+MAX_MESSAGE_CHARS = 500
+
+
 def predict(
     predictor: FIBERPredictor,
-    image_rgb: Optional[np.ndarray],
+    image: Union[str, np.ndarray, None],
     mode: str,
     text: str,
     phrases_text: str,
     threshold: float,
 ):
-    """One request: returns (drawn RGB image or None, table rows, status markdown)."""
-    if image_rgb is None:
+    """One request: returns (drawn RGB image or None, table rows, status markdown).
+
+    Args:
+        image: the uploaded file's path, read as :meth:`FIBERPredictor.read_image` reads files
+            (an unreadable, 16-bit or oversized file is an error message, not a white image or a
+            server-side traceback); or an RGB uint8 array (H, W, 3 or 4).
+    """
+    if image is None:
         return None, [], "Upload an image first."
     text = (text or "").strip()
     try:
@@ -70,16 +80,24 @@ def predict(
             prompt = text
         else:
             prompt, phrases = split_prompt(text, predictor.separator), None
-        image = np.ascontiguousarray(image_rgb[:, :, :3]).astype(np.uint8)
-        result = predictor(image, prompt, phrases=phrases, image_format="RGB", threshold=threshold)
-    except ValueError as e:
-        return None, [], f"**Error:** {e}"
+        if isinstance(image, np.ndarray):
+            array, order = np.ascontiguousarray(image[..., :3]), "RGB"
+        else:
+            array, order = predictor.read_image(image), predictor.input_format
+        result = predictor(array, prompt, phrases=phrases, image_format=order, threshold=threshold)
+    except (OSError, ValueError) as e:
+        message = str(e)
+        if isinstance(image, (str, os.PathLike)):  # the server's upload folder stays private
+            message = message.replace(os.fspath(image), os.path.basename(image))
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + " ..."
+        return None, [], f"**Error:** {message}"
     inst = result["instances"].to("cpu")
     rows: List[list] = [
         [label, round(float(s), 3), *[round(float(v), 1) for v in box]]
         for label, s, box in zip(result["pred_labels"], inst.scores, inst.pred_boxes.tensor)
     ]
-    drawn = predictor.draw(image, result, threshold=threshold, image_format="RGB")
+    drawn = predictor.draw(array, result, threshold=threshold, image_format=order)
     return drawn, rows, f"{len(rows)} detection(s) with score >= {threshold:.2f}"
 
 
@@ -90,11 +108,16 @@ def build_app(predictor: FIBERPredictor, *, note: str = "", threshold: float = 0
     def run(image, mode, text, phrases_text, thr):
         return predict(predictor, image, mode, text, phrases_text, float(thr))
 
-    with gr.Blocks(title="FIBER grounding demo") as app:
+    # uploads older than an hour are removed, hourly and when the server stops
+    with gr.Blocks(title="FIBER grounding demo", delete_cache=(3600, 3600)) as app:
         gr.Markdown("## FIBER: open-vocabulary detection and phrase grounding" + note)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="numpy", label="image", elem_id="input-image")
+                # the file undecoded: Gradio's own decoding turned a 16-bit image white and an
+                # unreadable one into an empty error; fiber_d2 reads it (predict)
+                image = gr.File(
+                    label="image", file_types=["image"], type="filepath", elem_id="input-image"
+                )
                 mode = gr.Radio(["categories", "caption"], value="categories", label="prompt type")
                 text = gr.Textbox(
                     label="categories separated by '. ' (or a caption)",
@@ -145,14 +168,24 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
     parser.add_argument("--port", type=int, default=7860, help=f"port on {HOST}")
+    parser.add_argument(
+        "--max-upload-mb", type=int, default=50, help="larger uploads are refused (HTTP 413)"
+    )
     args = parser.parse_args(argv)
+    if args.max_upload_mb < 1:
+        sys.exit(f"error: --max-upload-mb must be at least 1, got {args.max_upload_mb}")
     _import_gradio()
     try:
         predictor, note = build_predictor(args.weights, args.config_file, args.device, args.dtype)
     except (ConfigError, ValueError, KeyError, OSError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
     app = build_app(predictor, note=note)
-    app.launch(server_name=HOST, server_port=args.port, share=False)
+    app.launch(
+        server_name=HOST,
+        server_port=args.port,
+        share=False,
+        max_file_size=f"{args.max_upload_mb}mb",
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,30 @@ def test_predict_returns_drawing_table_and_clear_errors(predictor):
     assert web_demo.predict(predictor, None, "categories", "x", "", 0.3)[2].startswith("Upload")
 
 
+def test_uploaded_files_are_read_by_fiber_d2(predictor, tmp_path):
+    """The page decoded uploads with Gradio: a 16-bit PNG came out white (no detections, no word)
+    and an unreadable file was an empty error with the traceback in the server log. Now the file is
+    read as the predictor reads files, and the error names it without the server's folder."""
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(image).save(path)
+    from_file = web_demo.predict(predictor, str(path), "categories", "red circle", "", 0.0)
+    from_array = web_demo.predict(predictor, image, "categories", "red circle", "", 0.0)
+    assert from_file[1] == from_array[1] and from_file[2] == from_array[2]
+    assert np.array_equal(from_file[0], from_array[0])
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((60, 80), 4000, np.uint16)).save(deep)
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    for bad, reason in [(deep, "16-bit"), (notes, "cannot read image notes.png")]:
+        drawn, rows, status = web_demo.predict(predictor, str(bad), "categories", "x", "", 0.3)
+        assert drawn is None and rows == [] and status.startswith("**Error:**")
+        assert reason in status and str(tmp_path) not in status
+    long_name = "x" * 5000
+    status = web_demo.predict(predictor, str(path), "categories", long_name, "", 0.3)[2]
+    assert status.startswith("**Error:**") and len(status) < 600
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
