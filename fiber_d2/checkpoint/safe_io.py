@@ -165,7 +165,9 @@ def torch_load_error(path: str, error: BaseException) -> str:
     """One line for a failed ``torch.load(weights_only=True)``: the refused global when that is
     the cause (torch's own message spans many lines and suggests unsafe loading)."""
     text = _ANSI.sub("", str(error))
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    # torch's two wordings: "Unsupported global: GLOBAL X" (not allow-listed) and "Trying to load
+    # unsupported GLOBAL X whose module Y is blocked" (os.system and the like)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL ([^\s,]+)", text, re.IGNORECASE)
     if refused:
         return (
             f"refusing to load {path}: it holds {refused.group(1)}, not only tensors and plain "

@@ -232,3 +232,29 @@ def test_weights_with_nan_are_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         FIBERCheckpointer(model).load(str(path))
     assert "NaN" not in caplog.text
+
+
+class _System:
+    """Unpickling it would run a shell command (it is never unpickled here)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_a_blocked_module_is_named_as_refused(tmp_path):
+    """torch words a global of a blocked module (os.system) differently from one off its allow-list:
+    the file was reported as "a truncated or damaged torch zip archive", with torch's advice to load
+    it with weights_only=False. Now it is refused by name, without that advice."""
+    import torch
+
+    from fiber_d2.checkpoint import CheckpointError, load_checkpoint_file
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": _System()}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(str(path))
+    message = str(err.value)
+    assert message.startswith(f"refusing to load {path}: it holds ") and ".system" in message
+    assert "weights_only set to False" not in message and "damaged" not in message
