@@ -183,6 +183,9 @@ def main(argv=None) -> None:
     except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"error: {args.input}: {msg}" if args.input not in str(msg) else f"error: {msg}")
+    except OSError as e:  # e.g. a full disk while writing (the output appears whole or not at all)
+        where = e.filename or f"--output {args.output}"
+        sys.exit(f"error: {where}: cannot be written: {e.strerror or e}")
     print(report.summary())
     print(f"wrote {args.output}")
 

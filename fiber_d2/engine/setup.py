@@ -445,13 +445,15 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
             cfg.freeze()
 
 
-def tool_image_size(cfg: CfgNode, height: int = 0, width: int = 0) -> tuple[int, int]:
+def tool_image_size(
+    cfg: CfgNode, height: int | None = None, width: int | None = None
+) -> tuple[int, int]:
     """(H, W) of the synthetic images of the benchmark and analysis tools.
 
     Args:
         cfg: the config; its stage gives the default (coarse: ``INPUT.IMAGE_SIZE`` square,
             fine: ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MAX_SIZE_TEST``).
-        height, width: explicit sizes (``--height`` / ``--width``); 0 takes the default.
+        height, width: explicit sizes (``--height`` / ``--width``); None takes the default.
 
     Raises:
         ValueError: a non-positive size.
@@ -460,7 +462,8 @@ def tool_image_size(cfg: CfgNode, height: int = 0, width: int = 0) -> tuple[int,
         default = (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
     else:
         default = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    height, width = height or default[0], width or default[1]
+    height = default[0] if height is None else height  # 0 is a size given, and refused
+    width = default[1] if width is None else width
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got --height {height} --width {width}")
     return height, width

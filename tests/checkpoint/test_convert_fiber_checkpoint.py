@@ -90,6 +90,23 @@ def test_without_config(fine_model, originals, tmp_path):
     assert sorted(saved["model"]) == sorted(expected)
 
 
+def test_a_full_disk_is_one_line(fine_model, originals, tmp_path, monkeypatch):
+    """Writing the output failed with an OSError traceback (the write was already whole or
+    nothing: the temporary file is removed)."""
+    original, _, _ = originals.make_fine(fine_model.state_dict(), seed=14)
+    src, out = tmp_path / "in.pth", tmp_path / "out.pth"
+    torch.save(original, src)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tool, "save_checkpoint_file", full_disk)
+    with pytest.raises(SystemExit) as err:
+        tool.main(["--input", str(src), "--output", str(out), "--stage", "fine"])
+    assert err.value.code == f"error: --output {out}: cannot be written: No space left on device"
+    assert not out.exists()
+
+
 def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path):
     out = str(tmp_path / "out.pth")
     missing = str(tmp_path / "nope.pth")

@@ -83,3 +83,15 @@ def test_bad_key_is_a_one_line_error_with_nonzero_exit(capsys):
     assert isinstance(message, str) and message.startswith("error:")
     assert "MODEL.DYHEAD.NOT_A_KEY" in message and "\n" not in message
     assert "total_parameters" not in capsys.readouterr().out
+
+
+def test_a_zero_size_is_refused_not_replaced_by_the_default():
+    """``--height 0`` was read as "not given" and measured at the configured size, while ``-5`` was
+    refused."""
+    from fiber_d2.engine.setup import load_config, tool_image_size
+
+    cfg = load_config(str(ROOT / "configs/Demo/fine_tiny.yaml"), [])
+    assert tool_image_size(cfg) == (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    assert tool_image_size(cfg, 64) == (64, cfg.INPUT.MAX_SIZE_TEST)
+    with pytest.raises(ValueError, match="image size must be positive, got --height 0"):
+        tool_image_size(cfg, 0)
