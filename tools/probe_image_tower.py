@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 from PIL import Image
 
-from fiber_d2.checkpoint import load_model_weights
+from fiber_d2.checkpoint import CheckpointError, load_model_weights
 from fiber_d2.data.shapes import CATEGORY_NAMES, ensure_shapes_world, shapes_files, shapes_root
 from fiber_d2.data.vl_transforms import build_vl_image_transform
-from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.model_zoo.weights import fiber_d2_home
 
 logger = logging.getLogger("fiber_d2.probe_image_tower")
@@ -240,7 +240,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = _parser().parse_args(argv)
     if not os.path.isfile(args.config_file):
         sys.exit(f"error: config file not found: {args.config_file}")
-    return run(args)
+    for flag in ("steps", "batch", "eval_period", "num_train"):
+        if getattr(args, flag) < 1:
+            sys.exit(
+                f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
+    try:
+        return run(args)
+    except (
+        ConfigError,
+        CheckpointError,
+        ValueError,
+        OSError,
+    ) as e:  # a bad key, weights, stage, world
+        sys.exit(f"error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

@@ -56,10 +56,25 @@ def test_bigger_world_extends_the_default_one(tmp_path):
         assert (root / name).read_bytes() == (default / name).read_bytes(), name
 
 
-def test_unknown_stage_is_one_clear_error():
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--stage", "res9"], "error: --stage 'res9' is not one of"),
+        (["--eval-period", "0"], "error: --eval-period must be at least 1, got 0"),
+        (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+        (["--batch", "0"], "error: --batch must be at least 1, got 0"),
+        (["MODEL.FOO", "1"], "MODEL.FOO"),
+        (["MODEL.WEIGHTS", "/no/such.pth"], "/no/such.pth"),
+    ],
+)
+def test_bad_input_is_one_error_line(extra, needle):
+    """Each was a traceback (ZeroDivisionError for --eval-period 0); --steps 0 printed nothing."""
     tool = _tool()
-    with pytest.raises(ValueError, match="--stage 'res9'"):
-        tool.main(["--config-file", COARSE, "--steps", "1", "--stage", "res9", *SMALL])
+    flags, opts = (extra, []) if extra[0].startswith("--") else ([], extra)
+    with pytest.raises(SystemExit) as err:  # config overrides come last (argparse REMAINDER)
+        tool.main(["--config-file", COARSE, "--steps", "1", *flags, *SMALL, *opts])
+    message = str(err.value.code)
+    assert message.startswith("error:") and needle in message and "\n" not in message
 
 
 @pytest.mark.parametrize("control", ["cnn", "timm-swin"])
