@@ -28,7 +28,7 @@ import time
 
 from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir
-from fiber_d2.engine.setup import ConfigError
+from fiber_d2.engine.setup import ConfigError, load_config
 
 logger = logging.getLogger("fiber_d2.pretrain_pipeline")
 
@@ -61,10 +61,11 @@ def run_stage(
         try:
             subprocess.run(cmd, check=True)
         except subprocess.CalledProcessError as e:  # the stage printed its own error above
+            log = os.path.join(output_dir, "log.txt")
+            seen = f"; its log: {log}" if os.path.isfile(log) else ""
             sys.exit(
-                f"error: stage {config} failed (exit status {e.returncode}; its log: "
-                f"{os.path.join(output_dir, 'log.txt')}); once the cause is fixed, --resume "
-                "continues from its last checkpoint"
+                f"error: stage {config} failed (exit status {e.returncode}{seen}); once the cause "
+                "is fixed, --resume continues from its last checkpoint"
             )
     with open(results_file) as f:
         return json.load(f)
@@ -117,7 +118,6 @@ def visualize(
     from detectron2.data import DatasetCatalog
     from detectron2.utils.colormap import colormap
 
-    from fiber_d2.engine.setup import load_config
     from fiber_d2.predictor import FIBERPredictor
     from fiber_d2.visualize import draw_boxes, draw_grounding, side_by_side
 
@@ -164,7 +164,14 @@ def main(argv=None) -> dict:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s")
-    try:
+    try:  # both stages' configs before the first one trains (the fine one ran only after it)
+        if args.num_gpus < 1 or args.visualize < 0:
+            raise ConfigError(
+                f"--num-gpus must be at least 1 and --visualize at least 0, got {args.num_gpus} "
+                f"and {args.visualize}"
+            )
+        for config in ([] if args.skip_coarse else [args.coarse_config]) + [args.fine_config]:
+            load_config(config, list(args.opts))
         check_output_dir(args.output_dir, "--output-dir")
     except ConfigError as e:
         sys.exit(f"error: {e}")
@@ -201,8 +208,6 @@ def main(argv=None) -> dict:
         json.dump(results, f, indent=2)
     chance, scratch = None, False
     if not args.skip_coarse:
-        from fiber_d2.engine.setup import load_config
-
         coarse_cfg = load_config(args.coarse_config, list(args.opts))
         chance, scratch = retrieval_chance(coarse_cfg), towers_from_scratch(coarse_cfg)
     print(f"\nfiber_d2 coarse-to-fine summary ({args.output_dir}, {results['minutes']} min)")

@@ -13,13 +13,28 @@ import fiber_d2  # noqa: F401  (registers the shapes datasets)
 
 def test_failed_stage_is_one_error_line(tmp_path):
     pipeline = load_tool("pretrain_pipeline")
-    missing = tmp_path / "missing.yaml"
+    coarse = os.path.join(
+        os.path.dirname(pipeline.TRAIN_NET), "..", "configs/Demo/coarse_tiny.yaml"
+    )
+    opts = ["DATASETS.TRAIN", "('no_such_dataset',)"]  # refused by the stage's own pre-run check
     with pytest.raises(SystemExit) as err:
-        pipeline.main(["--coarse-config", str(missing), "--output-dir", str(tmp_path / "out")])
+        pipeline.main(["--coarse-config", coarse, "--output-dir", str(tmp_path / "out"), *opts])
     message = str(err.value.code)
     assert "\n" not in message
-    assert message.startswith(f"error: stage {missing} failed (exit status 1")
-    assert str(tmp_path / "out" / "coarse" / "log.txt") in message and "--resume" in message
+    assert message.startswith(f"error: stage {coarse} failed (exit status 1")
+    assert "--resume" in message and "log.txt" not in message  # the stage wrote no log
+
+
+@pytest.mark.parametrize("which", ["--coarse-config", "--fine-config"])
+def test_a_missing_config_is_found_before_any_stage(which, tmp_path):
+    """A missing fine config was found after the whole coarse stage had trained."""
+    pipeline = load_tool("pretrain_pipeline")
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as err:
+        pipeline.main([which, str(missing), "--output-dir", str(tmp_path / "out")])
+    message = str(err.value.code)
+    assert message.startswith("error:") and str(missing) in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_dir_is_one_error_line(tmp_path):
