@@ -377,6 +377,15 @@ def bench_caption(cfg: CfgNode, args: argparse.Namespace) -> dict:
     (re-encoding / cached), ``image_ms_median`` (the image encoding, the same for both),
     ``caption_tokens``, ``rows``.
     """
+    if not is_coarse_stage(cfg):  # the caption model is the coarse family's: its image size
+        raise ValueError(
+            "--task caption needs a coarse-stage config (e.g. configs/Demo/coarse_tiny.yaml)"
+        )
+    if args.height is not None or args.width is not None:
+        raise ValueError(
+            "--task caption encodes square images of INPUT.IMAGE_SIZE: give that as a config "
+            "override (INPUT.IMAGE_SIZE 384) instead of --height / --width"
+        )
     if _CAPTION_PROJECT not in sys.path:
         sys.path.insert(0, _CAPTION_PROJECT)
     from captioning import add_captioning_config  # noqa: F401  (registers FIBERCaption)

@@ -435,3 +435,19 @@ def test_perf_quiet_script_runs_valid_benchmark_commands(tmp_path):
         ("inference", 512, 512),
         ("lvis-eval", None, None),
     ]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--config-file", FINE], "--task caption needs a coarse-stage config"),
+        (["--config-file", COARSE, "--height", "64"], "instead of --height / --width"),
+    ],
+)
+def test_caption_task_refuses_what_it_would_ignore(extra, needle):
+    """The caption task measured a captioning model built from a detector config, and at the
+    config's square size whatever --height / --width said, without a word."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--task", "caption", "--device", "cpu", *extra])
+    message = str(exc.value.code)
+    assert message.startswith("error:") and needle in message and "\n" not in message
