@@ -287,7 +287,8 @@ def add_fiber_config(cfg: CN) -> CN:
     # ------------------------------------------------------------------ process
     # Training on the CPU (glibc): allocations of at least this many MiB get their own mmap, so freed
     # activations leave the resident set (fiber_d2.engine.memory; FIBER-B 800x1333 forward + backward
-    # peak 4.9 -> 3.8 GB for 1.14x the time); 0 keeps glibc's dynamic default. Applied by train_net
-    # (not --eval-only: inference only pays the time) and by tools/benchmark.py's training tasks.
+    # peak 4.9 -> 3.8 GB for 1.14x the time); 0 keeps glibc's dynamic default, 32 is glibc's largest.
+    # Applied by train_net (not --eval-only: inference only pays the time) and by
+    # tools/benchmark.py's training tasks.
     _C.CPU_MMAP_THRESHOLD_MB = 8
     return cfg

@@ -363,6 +363,7 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.STEPS", "(4, 2)"], "SOLVER.STEPS (4, 2) must be increasing iterations"),
         (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR -1.0 must be >= 0"),
         (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS -1 must be >= 0"),
+        (["CPU_MMAP_THRESHOLD_MB", "64"], "CPU_MMAP_THRESHOLD_MB must be between 0"),
         (["MODEL.META_ARCHITECTURE", "Foo"], "MODEL.META_ARCHITECTURE 'Foo' is not registered"),
         (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
         (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),

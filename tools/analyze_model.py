@@ -49,7 +49,8 @@ except ImportError as e:  # pragma: no cover
 from fvcore.nn import FlopCountAnalysis, flop_count_table, parameter_count_table
 from fvcore.nn.jit_handles import get_shape
 
-from fiber_d2.engine.setup import ConfigError, load_config, tool_image_size
+from fiber_d2.checkpoint.safe_io import one_line
+from fiber_d2.engine.setup import ConfigError, is_out_of_memory, load_config, tool_image_size
 from fiber_d2.engine.trainer import is_coarse_stage
 
 __all__ = ["build_analysis_model", "flop_report", "main", "parameter_report"]
@@ -192,7 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         if task == "parameter":
             print(parameter_report(model, args.max_depth))
         else:
-            print(flop_report(model, cfg, *size))
+            try:
+                print(flop_report(model, cfg, *size))
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                sys.exit(
+                    f"error: --tasks flop at {size[0]}x{size[1]}: out of memory: {one_line(e)}"
+                )
 
 
 if __name__ == "__main__":

@@ -111,8 +111,9 @@ from fiber_d2.benchmark import (
     bench_train_fwd_bwd,
     reference_cfg,
 )
-from fiber_d2.engine.memory import apply_mmap_threshold, mmap_threshold_mb
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.checkpoint.safe_io import one_line
+from fiber_d2.engine.memory import apply_mmap_threshold, check_mmap_threshold, mmap_threshold_mb
+from fiber_d2.engine.setup import ConfigError, is_out_of_memory, load_config
 from fiber_d2.engine.trainer import is_coarse_stage
 
 __all__ = ["SPEED_TARGETS_MS", "TASKS", "main", "setup_cfg"]
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
-        if args.mmap_threshold_mb is not None and args.mmap_threshold_mb < 0:
-            raise ValueError(f"--mmap-threshold-mb must be >= 0, got {args.mmap_threshold_mb}")
+        if args.mmap_threshold_mb is not None:
+            check_mmap_threshold(args.mmap_threshold_mb, "--mmap-threshold-mb")
         if min(args.names, args.chunk) < 1:
             raise ValueError(f"need --names, --chunk >= 1; got {args.names}, {args.chunk}")
         if args.threads:
@@ -271,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = TASKS[args.task](cfg, args)
     except (ConfigError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        sys.exit(f"error: --task {args.task} at batch {args.batch}: out of memory: {one_line(e)}")
     return _finish(args, cfg, result)
 
 

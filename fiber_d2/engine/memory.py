@@ -20,13 +20,32 @@ import ctypes.util
 import logging
 import os
 
-__all__ = ["set_mmap_threshold", "mmap_threshold_mb", "apply_mmap_threshold", "MMAP_ENV"]
+__all__ = [
+    "set_mmap_threshold",
+    "mmap_threshold_mb",
+    "apply_mmap_threshold",
+    "check_mmap_threshold",
+    "MMAP_ENV",
+    "MAX_MMAP_THRESHOLD_MB",
+]
 
 logger = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it (bytes) at process start
 _current_mb: float | None = None
+# glibc's largest mmap threshold on 64-bit systems (HEAP_MAX_SIZE / 2); mallopt refuses more.
+MAX_MMAP_THRESHOLD_MB = 32
+
+
+def check_mmap_threshold(mib: float, name: str = "CPU_MMAP_THRESHOLD_MB") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless 0 <= ``mib`` <= :data:`MAX_MMAP_THRESHOLD_MB`
+    (NaN included): a value glibc would refuse is an error, not a silently kept default."""
+    if not 0 <= mib <= MAX_MMAP_THRESHOLD_MB:
+        raise ValueError(
+            f"{name} must be between 0 (glibc's default) and {MAX_MMAP_THRESHOLD_MB} MiB "
+            f"(glibc's largest mmap threshold), got {mib}"
+        )
 
 
 def set_mmap_threshold(mib: float) -> None:

@@ -25,6 +25,7 @@ from ..checkpoint.safe_io import one_line
 from ..config import add_fiber_config
 from ..model_zoo.weights import repo_root
 from ..text import build_tokenizer
+from .memory import check_mmap_threshold
 from .train_step import accumulation_steps
 from .trainer import is_coarse_stage
 
@@ -281,6 +282,10 @@ def _check_run_settings(cfg: CfgNode, *, training: bool) -> None:
         )
     if not training:
         return
+    try:
+        check_mmap_threshold(cfg.CPU_MMAP_THRESHOLD_MB)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     s = cfg.SOLVER
     if s.CHECKPOINT_PERIOD < 1:
         raise ConfigError(f"SOLVER.CHECKPOINT_PERIOD {s.CHECKPOINT_PERIOD} must be at least 1")
@@ -443,6 +448,14 @@ def validate_config(cfg: CfgNode, *, training: bool) -> None:
         cfg.SOLVER.AMP.ENABLED = False
         if was_frozen:
             cfg.freeze()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: torch's ``OutOfMemoryError`` (an accelerator) or
+    the CPU allocator's ``RuntimeError`` ("can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def tool_image_size(

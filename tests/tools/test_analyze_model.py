@@ -95,3 +95,14 @@ def test_a_zero_size_is_refused_not_replaced_by_the_default():
     assert tool_image_size(cfg, 64) == (64, cfg.INPUT.MAX_SIZE_TEST)
     with pytest.raises(ValueError, match="image size must be positive, got --height 0"):
         tool_image_size(cfg, 0)
+
+
+def test_a_size_that_cannot_be_allocated_is_one_line(capsys):
+    """An input larger than any address space ended in the CPU allocator's RuntimeError traceback."""
+    side = str(10**7)  # 3 x 1e14 floats: more than a 47-bit address space, on any machine
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--config-file", FINE, "--tasks", "flop", "--height", side, "--width", side])
+    message = exc.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert message.startswith(f"error: --tasks flop at {side}x{side}: out of memory:")
+    assert "total_flops" not in capsys.readouterr().out
