@@ -13,7 +13,9 @@ shapes world with 2,048 images (``projects/ImageTower/configs/shapes.yaml`` into
 checkpoint is ``--coarse-weights``, else ``<output-dir>/coarse/model_final.pth`` when present, else it
 is trained here from that tower (``configs/Demo/coarse_tiny_vl.yaml``). ``--ablation`` also runs every
 task from scratch (the paper's claim in miniature). Trailing ``KEY VALUE`` overrides apply to every
-task. Results: stdout, ``<output-dir>/summary.{json,md}``, ``<output-dir>/<task>/pictures/*.png``.
+task; those that say where and how a run executes (:data:`RUN_KEYS`: ``MODEL.DEVICE``,
+``SOLVER.AMP.ENABLED``, ``DATALOADER.NUM_WORKERS``) reach the image tower's and the coarse stage's
+training too, so ``MODEL.DEVICE cuda`` runs every stage on the GPU. Results: stdout, ``<output-dir>/summary.{json,md}``, ``<output-dir>/<task>/pictures/*.png``.
 
 A finished image tower or coarse stage is always reused. ``--resume`` continues an interrupted run: the
 stage that was training resumes from its last checkpoint (``--resume`` of its ``train_net.py``), and a
@@ -58,6 +60,10 @@ RUNNERS = [
     ("captioning", "Captioning", "captioning.shapes_demo"),
 ]
 
+# Overrides that say where and how a run executes, not what it learns: besides every task they reach
+# the image tower's and the coarse stage's training (the rest are the tasks' alone).
+RUN_KEYS = ("MODEL.DEVICE", "SOLVER.AMP.ENABLED", "DATALOADER.NUM_WORKERS")
+
 RESULT_FILE = "result.json"  # a finished task's row, in its output folder
 
 logger = logging.getLogger("fiber_d2.demo_vl")
@@ -82,10 +88,16 @@ def _train(cmd: list[str], what: str, resume: bool = False) -> float:
     return time.perf_counter() - start
 
 
+def run_overrides(opts: list[str]) -> list[str]:
+    """The ``KEY VALUE`` pairs of ``opts`` whose key is one of :data:`RUN_KEYS`, in order."""
+    return [x for k, v in zip(opts[0::2], opts[1::2]) if k in RUN_KEYS for x in (k, v)]
+
+
 def image_tower_weights(
-    explicit: str | None, output_dir: Path, resume: bool = False
+    explicit: str | None, output_dir: Path, resume: bool = False, opts: list[str] = ()
 ) -> tuple[str, float]:
-    """(path of the pre-trained Swin tower, seconds spent training it here: 0 when reused)."""
+    """(path of the pre-trained Swin tower, seconds spent training it here: 0 when reused);
+    ``opts``: the demo's overrides (those of :data:`RUN_KEYS` apply)."""
     if explicit:
         if not os.path.isfile(explicit):
             sys.exit(f"error: --swin-weights file not found: {explicit}")
@@ -96,15 +108,20 @@ def image_tower_weights(
         logger.info("Reusing %s", final)
         return str(final), 0.0
     cmd = [sys.executable, str(TOWER_TRAIN_NET), "--config-file", str(TOWER_CONFIG)]
-    seconds = _train(cmd + ["OUTPUT_DIR", str(out)], "the image tower", resume)
+    cmd += run_overrides(list(opts)) + ["OUTPUT_DIR", str(out)]
+    seconds = _train(cmd, "the image tower", resume)
     return str(final), seconds
 
 
 def coarse_checkpoint(
-    explicit: str | None, swin_weights: str | None, output_dir: Path, resume: bool = False
+    explicit: str | None,
+    swin_weights: str | None,
+    output_dir: Path,
+    resume: bool = False,
+    opts: list[str] = (),
 ) -> tuple[str, float, float]:
     """(path of the coarse checkpoint, seconds spent on the image tower and on the coarse stage
-    here: 0 when reused)."""
+    here: 0 when reused); ``opts``: the demo's overrides (those of :data:`RUN_KEYS` apply)."""
     if explicit:
         if not os.path.isfile(explicit):
             sys.exit(f"error: --coarse-weights file not found: {explicit}")
@@ -114,9 +131,9 @@ def coarse_checkpoint(
     if final.is_file():
         logger.info("Reusing %s", final)
         return str(final), 0.0, 0.0
-    tower, tower_seconds = image_tower_weights(swin_weights, output_dir, resume)
+    tower, tower_seconds = image_tower_weights(swin_weights, output_dir, resume, opts)
     cmd = [sys.executable, str(TRAIN_NET), "--config-file", str(COARSE_CONFIG)]
-    cmd += ["MODEL.SWIN.WEIGHTS", tower, "OUTPUT_DIR", str(out)]
+    cmd += ["MODEL.SWIN.WEIGHTS", tower, *run_overrides(list(opts)), "OUTPUT_DIR", str(out)]
     return str(final), tower_seconds, _train(cmd, "the coarse stage", resume)
 
 
@@ -238,7 +255,7 @@ def main(argv=None) -> dict:
     setup_logger(str(output_dir))  # detectron2's own
     start = time.perf_counter()
     weights, tower_seconds, coarse_seconds = coarse_checkpoint(
-        args.coarse_weights, args.swin_weights, output_dir, args.resume
+        args.coarse_weights, args.swin_weights, output_dir, args.resume, args.opts
     )
     rows = []
     for name, project, module in RUNNERS:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -144,6 +145,24 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
     assert summary["coarse_weights"] == str(out / "coarse" / "model_final.pth")
     assert summary["image_tower_seconds"] == 60.0 and summary["coarse_seconds"] == 60.0
     assert "image tower: 1.0 min; coarse stage: 1.0 min" in (out / "summary.md").read_text()
+    assert "MODEL.DEVICE" not in tower_cmd + coarse_cmd
+    # where and how the stages run follows the overrides (MODEL.DEVICE cuda trained both stages on
+    # the CPU); what the tasks alone learn does not reach them
+    commands.clear()
+    for stage in ("image_tower", "coarse"):
+        shutil.rmtree(out / stage)
+    opts = ["MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "5", "SOLVER.AMP.ENABLED", "True"]
+    demo_vl.main(["--output-dir", str(out), "--tasks", "", *opts])
+    for _, cmd in commands:
+        assert cmd[-6:] == [
+            "MODEL.DEVICE",
+            "cuda",
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "OUTPUT_DIR",
+            cmd[-1],
+        ]
+        assert "SOLVER.MAX_ITER" not in cmd
     # a second run reuses both; an explicit tower is used instead of training one
     commands.clear()
     demo_vl.main(["--output-dir", str(out), "--tasks", ""])
