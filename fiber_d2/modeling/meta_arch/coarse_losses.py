@@ -63,12 +63,19 @@ def sample_hard_negatives(
         return positive_index.clone()
     # The original adds 1e-9 after zeroing the positive, leaving it a tiny chance; here it has none.
     weights = sim.float().softmax(dim=1) + 1e-9
-    if not torch.isfinite(weights).all():
-        # torch.multinomial would stop with a device-side assert on CUDA
-        raise FloatingPointError(
-            "ITM hard negatives: the ITC similarities are NaN or +inf (the model diverged, or "
-            "fp16 overflowed)"
+    bad_rows = ~torch.isfinite(weights).all(dim=1)
+    if bad_rows.any():
+        # NaN or +inf similarities (fp16 overflow, or a diverged model): torch.multinomial would stop
+        # the run (a device-side assert on CUDA). Those rows draw uniformly; their ITC loss is not
+        # finite either, so the trainer decides: under AMP the step is skipped and the run goes on,
+        # without AMP detectron2 stops it (fiber_d2.engine.train_step).
+        logger.warning(
+            "ITM hard negatives: the ITC similarities of %d of %d samples are NaN or +inf; their "
+            "negatives are drawn uniformly",
+            int(bad_rows.sum()),
+            sim.shape[0],
         )
+        weights[bad_rows] = 1.0
     weights[torch.arange(sim.shape[0], device=sim.device), positive_index] = 0.0
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
