@@ -54,6 +54,10 @@ def _import_gradio():
 
 # longest error text shown in the page (a 200,000-character category name came back whole)
 MAX_MESSAGE_CHARS = 500
+# Category names one request may ask for (--max-categories): LVIS's 1,203, the largest vocabulary
+# FIBER is evaluated with. Requests run one at a time, and a longer list (run in prompt chunks) would
+# hold the server for minutes on a CPU (3,000 names: about 250 s) while every other request waits.
+MAX_CATEGORIES = 1203
 
 
 def predict(
@@ -63,10 +67,12 @@ def predict(
     text: str,
     phrases_text: str,
     threshold: float,
+    max_categories: Optional[int] = MAX_CATEGORIES,
 ):
     """One request: returns (drawn RGB image or None, table rows, status markdown).
 
     Args:
+        max_categories: more category names than this are refused (None: no limit).
         image: the uploaded file's path, read as :meth:`FIBERPredictor.read_image` reads files
             (an unreadable, 16-bit or oversized file is an error message, not a white image or a
             server-side traceback); or an RGB uint8 array (H, W, 3 or 4).
@@ -80,6 +86,11 @@ def predict(
             prompt = text
         else:
             prompt, phrases = split_prompt(text, predictor.separator), None
+            if max_categories is not None and len(prompt) > max_categories:
+                raise ValueError(
+                    f"{len(prompt)} categories; this server takes at most {max_categories} per "
+                    "request (--max-categories)"
+                )
         if isinstance(image, np.ndarray):
             array, order = np.ascontiguousarray(image[..., :3]), "RGB"
         else:
@@ -101,12 +112,18 @@ def predict(
     return drawn, rows, f"{len(rows)} detection(s) with score >= {threshold:.2f}"
 
 
-def build_app(predictor: FIBERPredictor, *, note: str = "", threshold: float = 0.3):
+def build_app(
+    predictor: FIBERPredictor,
+    *,
+    note: str = "",
+    threshold: float = 0.3,
+    max_categories: Optional[int] = MAX_CATEGORIES,
+):
     """The Gradio Blocks app around ``predictor`` (not launched)."""
     gr = _import_gradio()
 
     def run(image, mode, text, phrases_text, thr):
-        return predict(predictor, image, mode, text, phrases_text, float(thr))
+        return predict(predictor, image, mode, text, phrases_text, float(thr), max_categories)
 
     # uploads older than an hour are removed, hourly and when the server stops
     with gr.Blocks(title="FIBER grounding demo", delete_cache=(3600, 3600)) as app:
@@ -171,15 +188,23 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--max-upload-mb", type=int, default=50, help="larger uploads are refused (HTTP 413)"
     )
+    parser.add_argument(
+        "--max-categories",
+        type=int,
+        default=MAX_CATEGORIES,
+        help="category names one request may ask for (requests run one at a time)",
+    )
     args = parser.parse_args(argv)
     if args.max_upload_mb < 1:
         sys.exit(f"error: --max-upload-mb must be at least 1, got {args.max_upload_mb}")
+    if args.max_categories < 1:
+        sys.exit(f"error: --max-categories must be at least 1, got {args.max_categories}")
     _import_gradio()
     try:
         predictor, note = build_predictor(args.weights, args.config_file, args.device, args.dtype)
     except (ConfigError, ValueError, KeyError, OSError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
-    app = build_app(predictor, note=note)
+    app = build_app(predictor, note=note, max_categories=args.max_categories)
     app.launch(
         server_name=HOST,
         server_port=args.port,

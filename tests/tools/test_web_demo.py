@@ -87,6 +87,16 @@ def test_uploaded_files_are_read_by_fiber_d2(predictor, tmp_path):
     long_name = "x" * 5000
     status = web_demo.predict(predictor, str(path), "categories", long_name, "", 0.3)[2]
     assert status.startswith("**Error:**") and len(status) < 600
+    # a vocabulary over --max-categories is refused before the model runs (a 3,000-name request
+    # held the one-at-a-time server for about 250 s on a CPU)
+    four = "red circle. blue square. green circle. red square"
+    status = web_demo.predict(predictor, str(path), "categories", four, "", 0.3, 3)[2]
+    assert status == (
+        "**Error:** 4 categories; this server takes at most 3 per request (--max-categories)"
+    )
+    assert web_demo.predict(predictor, str(path), "categories", four, "", 0.0, 4)[1] != []
+    with pytest.raises(SystemExit, match="--max-categories must be at least 1"):
+        web_demo.main(["--max-categories", "0"])
 
 
 def _free_port() -> int:
