@@ -1,5 +1,6 @@
 """Install fiber_d2. Dependency pins live in requirements.txt (with their reasons)."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -23,13 +24,20 @@ class BuildPyWithConfigs(build_py):
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(here / "configs", target, ignore=shutil.ignore_patterns("*.pyc"))
 
-requirements, deploy = [], []
+
+# requirements.txt's lines, tagged in their comments (see its head): "[pip: SPEC]" replaces an exact
+# pin of the project environment by a range; "[deploy]" / "[captioning]" lines are optional extras.
+EXTRAS = ("deploy", "captioning")
+requirements, extras = [], {name: [] for name in EXTRAS}
 for line in (here / "requirements.txt").read_text().splitlines():
-    name, _, comment = line.partition("#")
-    if not name.strip() or line.startswith(("pytest", "ruff", "black")):
+    spec, _, comment = (part.strip() for part in line.partition("#"))
+    if not spec or spec.startswith(("pytest", "ruff")):  # test tooling (black: detectron2's)
         continue
-    # "[deploy]" lines: ONNX export / onnxruntime, optional (pip install fiber_d2[deploy])
-    (deploy if "[deploy]" in comment else requirements).append(name.strip())
+    pip_range = re.search(r"\[pip: ([^\]]+)\]", comment)
+    if pip_range:
+        spec = re.split(r"[=<>!~]", spec, maxsplit=1)[0] + pip_range.group(1)
+    extra = next((name for name in EXTRAS if f"[{name}]" in comment), None)
+    (extras[extra] if extra else requirements).append(spec)
 
 setup(
     name="fiber_d2",
@@ -43,12 +51,9 @@ setup(
     install_requires=requirements,
     # Optional extras (not core dependencies): `pip install fiber_d2[web]` for tools/web_demo.py
     # (Gradio); "web-test" adds Playwright, which drives the page in headless Chromium (make web-test);
-    # "deploy": ONNX export and the onnxruntime runner (the "[deploy]" lines of requirements.txt).
-    extras_require={
-        "web": ["gradio>=5"],
-        "web-test": ["gradio>=5", "playwright"],
-        "deploy": deploy,
-    },
+    # "deploy": ONNX export and the onnxruntime runner; "captioning": the caption metrics of
+    # projects/Captioning (the tagged lines of requirements.txt).
+    extras_require={"web": ["gradio>=5"], "web-test": ["gradio>=5", "playwright"], **extras},
     cmdclass={"build_py": BuildPyWithConfigs},
     license="MIT",
 )

@@ -133,3 +133,22 @@ def test_model_zoo_and_configs_work_from_a_wheel(installed, tmp_path):
     assert str(tmp_path / "home" / "demo" / "model_final.pth") in out["weights_error"]
     assert "(or " not in out["weights_error"]
     assert out["label_names"] == ["red circle", "blue square"]  # predicted with the shipped config
+
+
+def test_package_metadata_takes_ranges_not_the_environment_pins(installed):
+    """``pip install .`` into a user's environment: the exact pins of this project's environment
+    (torch, torchvision, Pillow) replaced the user's torch (and the detectron2 built against it);
+    the package asks for ranges, keeps detectron2's runtime needs (black: LazyConfig.to_py) and
+    makes the checkout's caption metrics an extra."""
+    (meta,) = installed.glob("fiber_d2-*.dist-info/METADATA")
+    requires = [ln.split(":", 1)[1].strip() for ln in meta.read_text().splitlines()
+                if ln.startswith("Requires-Dist:")]  # fmt: skip
+    assert requires and not [r for r in requires if "==" in r.split(";")[0]]
+    pinned = [ln.split("==")[0] for ln in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in ln.split("#")[0]]  # fmt: skip
+    assert {"torch", "torchvision", "Pillow"} <= set(pinned)
+    for name in pinned:
+        assert any(r.startswith(name + ">=") for r in requires), name
+    assert "black" in requires
+    assert 'pycocoevalcap; extra == "captioning"' in requires
+    assert 'onnxruntime>=1.20; extra == "deploy"' in requires
