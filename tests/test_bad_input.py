@@ -315,6 +315,22 @@ def test_output_dir_that_cannot_be_written(eval_only, tmp_path):
     assert line == expected
 
 
+def test_a_repository_base_resolves_at_every_level(tmp_path):
+    """``_BASE_: "configs/Demo/fine_tiny.yaml"`` worked only in the file given; a yaml based on that
+    yaml failed with "cannot read configs/Demo/fine_tiny.yaml", naming neither file that asked."""
+    (tmp_path / "a.yaml").write_text(
+        '_BASE_: "configs/Demo/fine_tiny.yaml"\nSOLVER:\n  MAX_ITER: 7\n'
+    )
+    (tmp_path / "b.yaml").write_text('_BASE_: "a.yaml"\nSOLVER:\n  BASE_LR: 0.5\n')
+    cfg = load_config(str(tmp_path / "b.yaml"))
+    reference = load_config(FINE, ["SOLVER.MAX_ITER", "7", "SOLVER.BASE_LR", "0.5"])
+    assert cfg.dump() == reference.dump()
+    (tmp_path / "a.yaml").write_text('_BASE_: "configs/Demo/no_such.yaml"\n')
+    with pytest.raises(ConfigError, match=r"b.yaml: cannot read configs/Demo/no_such.yaml \(the "
+                       r"_BASE_ of .*a.yaml\): No such file"):  # fmt: skip
+        load_config(str(tmp_path / "b.yaml"))
+
+
 def test_eval_only_without_weights(out):
     """Was an evaluation of a randomly initialised model, written to results.json with exit 0."""
     before = snapshot(out)
@@ -328,7 +344,9 @@ def test_eval_only_without_weights(out):
     [
         ("MODEL:\n  DEVICE: [cpu\n", "not valid YAML: expected ',' or ']'"),
         ("SOLVER:\n  MAX_ITER: abc\n", "Type mismatch"),
-        ("_BASE_: missing.yaml\n", "cannot read"),
+        ("_BASE_: missing.yaml\n", "cannot read missing.yaml (the _BASE_ of "),
+        ("_BASE_: [a.yaml]\n", "_BASE_ must be a yaml file name, got ['a.yaml']"),
+        ("_BASE_: mine.yaml\n", "_BASE_ cycle: "),
         ("- a\n- b\n", "the top level is keys (KEY: value lines), not list"),
         ("MODEL: 3\n", "MODEL is a section of keys (KEY: value lines), not int 3"),
         ("MODEL:\n  SWIN: 4\n", "MODEL.SWIN is a section of keys"),

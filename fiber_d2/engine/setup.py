@@ -141,22 +141,37 @@ def _check_sections(data, node: CfgNode, prefix: str = "") -> None:
             _check_sections(value, default, f"{prefix}{key}.")
 
 
-def _merge_file(cfg: CfgNode, config_file: str) -> None:
-    """``merge_from_file``; a ``_BASE_`` that is not next to the file may name a repository config
-    (``_BASE_: "configs/Demo/fine_tiny.yaml"`` in a user's yaml anywhere)."""
+def _merge_file(cfg: CfgNode, config_file: str, chain: tuple[str, ...] = ()) -> None:
+    """``merge_from_file`` with every ``_BASE_`` resolved at every level: beside the file naming it,
+    else as a repository config (``_BASE_: "configs/Demo/fine_tiny.yaml"`` in a user's yaml
+    anywhere, or in a yaml based on that one).
+
+    Raises:
+        FileNotFoundError: a ``_BASE_`` found neither way (its ``filename`` names the file asking).
+        ValueError: a ``_BASE_`` that is not a file name, or a cycle of them.
+    """
+    here = str(Path(config_file).resolve())
+    if here in chain:
+        raise ValueError("_BASE_ cycle: " + " -> ".join([*chain, here]))
     with open(config_file) as f:
         data = yaml.safe_load(f) or {}
     _check_sections(data, cfg)
-    base = data.get("_BASE_")
-    if isinstance(base, str) and not base.startswith(("/", "~", "http://", "https://")):
-        beside = Path(config_file).resolve().parent / base
-        packaged = repo_root() / base
-        if not beside.is_file() and packaged.is_file():
-            cfg.merge_from_file(str(packaged))
-            data.pop("_BASE_")
-            cfg.merge_from_other_cfg(CfgNode(data))
-            return
-    cfg.merge_from_file(config_file)
+    base = data.pop("_BASE_", None)
+    if base is None:
+        cfg.merge_from_file(config_file)
+        return
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"_BASE_ must be a yaml file name, got {base!r}")
+    beside = Path(config_file).resolve().parent / os.path.expanduser(base)
+    packaged = repo_root() / base
+    if not beside.is_file() and not os.path.isabs(base) and packaged.is_file():
+        beside = packaged
+    if not beside.is_file():
+        raise FileNotFoundError(
+            2, "No such file or directory", f"{base} (the _BASE_ of {config_file})"
+        )
+    _merge_file(cfg, str(beside), (*chain, here))
+    cfg.merge_from_other_cfg(CfgNode(data))
 
 
 def register_config_datasets(cfg: CfgNode, *, check_files: bool = False) -> list[str]:
