@@ -67,7 +67,8 @@ def test_hard_negatives_follow_similarity():
 
 def test_hard_negatives_of_non_finite_similarities_are_drawn_uniformly(caplog):
     """NaN / +inf similarities (fp16 overflow) stopped the run here, even under AMP, where the
-    trainer skips a non-finite step and goes on; such rows now draw uniformly, never the positive."""
+    trainer skips a non-finite step and goes on; such rows now draw uniformly, never the positive.
+    """
     g = torch.Generator().manual_seed(0)
     for bad in (float("nan"), float("inf")):
         sim = torch.zeros(2, 3)
