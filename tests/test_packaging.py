@@ -132,6 +132,9 @@ def test_model_zoo_and_configs_work_from_a_wheel(installed, tmp_path):
     # Weights are looked up under FIBER_D2_HOME only: no checkout, so no make-demo output path.
     assert str(tmp_path / "home" / "demo" / "model_final.pth") in out["weights_error"]
     assert "(or " not in out["weights_error"]
+    assert (
+        "`make demo` in a clone of the fiber_d2 repository" in out["weights_error"]
+    )  # no Makefile here
     assert out["label_names"] == ["red circle", "blue square"]  # predicted with the shipped config
 
 

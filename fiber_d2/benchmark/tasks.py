@@ -386,6 +386,11 @@ def bench_caption(cfg: CfgNode, args: argparse.Namespace) -> dict:
             "--task caption encodes square images of INPUT.IMAGE_SIZE: give that as a config "
             "override (INPUT.IMAGE_SIZE 384) instead of --height / --width"
         )
+    if not os.path.isdir(_CAPTION_PROJECT):  # a wheel install: the projects stay in the checkout
+        raise ValueError(
+            "--task caption runs projects/Captioning, which ships with the source checkout of "
+            f"fiber_d2, not with the installed package ({_CAPTION_PROJECT} not found)"
+        )
     if _CAPTION_PROJECT not in sys.path:
         sys.path.insert(0, _CAPTION_PROJECT)
     from captioning import add_captioning_config  # noqa: F401  (registers FIBERCaption)

@@ -78,7 +78,8 @@ ENTRIES: Tuple[ZooEntry, ...] = (
         # make demo on the Intel Xeon kind (README, "Demo status")
         reported={"bbox AP / AP50": "57.0 / 62.8", "grounding R@1": "84.0"},
         local_copies=("output/demo/fine/model_final.pth",),
-        how_to_get="run `make demo` (writes output/demo/fine/model_final.pth)",
+        how_to_get="run `make demo` in a clone of the fiber_d2 repository (writes "
+        "output/demo/fine/model_final.pth)",
     ),
     # ------------------------------------------------------------------ fine-grained (detector)
     ZooEntry(

@@ -454,6 +454,18 @@ def test_caption_task_refuses_what_it_would_ignore(extra, needle):
     assert message.startswith("error:") and needle in message and "\n" not in message
 
 
+def test_caption_task_without_the_projects_is_one_line(monkeypatch, tmp_path):
+    """In a wheel install (no projects/ folder) the caption task ended in a bare
+    "No module named 'captioning'"."""
+    from fiber_d2.benchmark import tasks
+
+    monkeypatch.setattr(tasks, "_CAPTION_PROJECT", str(tmp_path / "projects" / "Captioning"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--task", "caption", "--device", "cpu", "--config-file", COARSE])
+    assert str(exc.value.code).startswith("error: --task caption runs projects/Captioning, which ")
+    assert "ships with the source checkout" in str(exc.value.code)
+
+
 def test_out_of_memory_is_one_line():
     """A batch that cannot be allocated ended in the allocator's RuntimeError traceback."""
     side = str(10**7)  # more than a 47-bit address space, on any machine
