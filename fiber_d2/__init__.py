@@ -17,6 +17,14 @@ warnings.filterwarnings(
     "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
 )
 
+try:
+    import detectron2  # noqa: E402,F401
+except ImportError as e:  # not on PyPI: a plain `pip install` of fiber_d2 does not bring it
+    raise ImportError(
+        f"fiber_d2 needs detectron2, which is not importable ({e}); detectron2 is not on PyPI: "
+        "see the README, 'Troubleshooting the detectron2 install'"
+    ) from e
+
 from . import data, evaluation, model_zoo, modeling  # noqa: E402,F401  (registers components)
 from .config import add_fiber_config  # noqa: E402
 from .data.datasets import register_grounding_coco  # noqa: E402

@@ -155,3 +155,14 @@ def test_package_metadata_takes_ranges_not_the_environment_pins(installed):
     assert "black" in requires
     assert 'pycocoevalcap; extra == "captioning"' in requires
     assert 'onnxruntime>=1.20; extra == "deploy"' in requires
+
+
+def test_import_without_detectron2_says_where_to_get_it():
+    """detectron2 is not on PyPI, so a plain pip install leaves it out; ``import fiber_d2`` ended in
+    a bare "No module named 'detectron2'"."""
+    probe = "import sys; sys.modules['detectron2'] = None; import fiber_d2"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: fiber_d2 needs detectron2, which is not importable")
+    assert "Troubleshooting the detectron2 install" in last
