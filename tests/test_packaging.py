@@ -58,7 +58,7 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
-    for name in ("setup.py", "README.md", "requirements.txt", "MANIFEST.in"):
+    for name in ("setup.py", "README.md", "requirements.txt", "MANIFEST.in", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for name in ("fiber_d2", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
