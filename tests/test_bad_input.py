@@ -386,6 +386,25 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
         (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),
         (["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "/nonexistent/tokenizer"], "TOKENIZER: cannot load"),
+        # choices and ranges, refused by the build of the model, the optimizer or a batch (a
+        # traceback, some after a whole training run), or silently accepted
+        (["MODEL.DYHEAD.SCORE_AGG", "max"], "MODEL.DYHEAD.SCORE_AGG must be one of MEAN, MAX; got"),
+        (["INPUT.MIN_SIZE_TRAIN_SAMPLING", "random"], "MIN_SIZE_TRAIN_SAMPLING must be one of"),
+        (["SOLVER.OPTIMIZER", "ADAM"], "SOLVER.OPTIMIZER must be one of ADAMW, SGD; got 'ADAM'"),
+        (["SOLVER.PARAM_GROUP_RULE", "medium"], "SOLVER.PARAM_GROUP_RULE must be one of"),
+        (["SOLVER.LR_SCHEDULER_NAME", "Cosine"], "SOLVER.LR_SCHEDULER_NAME must be one of"),
+        (["SOLVER.WARMUP_METHOD", "cosine"], "SOLVER.WARMUP_METHOD must be one of linear"),
+        (["INPUT.FORMAT", "rgb"], "INPUT.FORMAT must be one of BGR, RGB; got 'rgb'"),
+        (["SOLVER.BETAS", "(0.9,)"], "SOLVER.BETAS must be two values in [0, 1)"),
+        (["SOLVER.EMA.DECAY", "1.5"], "SOLVER.EMA.DECAY must be between 0 and 1, got 1.5"),
+        (["INPUT.FLIP_PROB", "1.5"], "INPUT.FLIP_PROB must be between 0 and 1"),
+        (["MODEL.ATSS.NMS_TH", "1.5"], "MODEL.ATSS.NMS_TH must be between 0 and 1"),
+        (["MODEL.DYHEAD.TOKEN_ALPHA", "2.0"], "TOKEN_ALPHA must be between 0 and 1 (or -1)"),
+        (["MODEL.COARSE.MLM_PROBABILITY", "1.5"], "MLM_PROBABILITY must be between 0 and 1"),
+        (["INPUT.MAX_SIZE_TEST", "0"], "INPUT.MAX_SIZE_TEST 0 must be a positive size"),
+        (["DATASETS.CONTROL_PROB", "(0.5, 0.5)"], "CONTROL_PROB must be 4 probabilities"),
+        (["DATASETS.CONTROL_PROB", "(0.5, 0.5, 0.5, 0.0)"], "summing to at most 1"),
+        (["DATASETS.RANDOM_SAMPLE_NEG", "-1"], "DATASETS.RANDOM_SAMPLE_NEG -1 must be >= 0"),
     ],
 )
 def test_sizes_and_devices_the_run_cannot_have(override, message, out):

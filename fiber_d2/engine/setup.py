@@ -280,6 +280,82 @@ def _check_model_sizes(cfg: CfgNode) -> None:
         )
 
 
+# Keys with a fixed set of values (compared as given; SOLVER.OPTIMIZER in any case), and keys that are
+# probabilities: checked before a run writes anything. Each was otherwise refused only when the model,
+# the optimizer or a batch was built (MODEL.DYHEAD.SCORE_AGG: after a whole training run, by its final
+# evaluation), with messages that did not always name the key, or silently accepted.
+CHOICES = {
+    "MODEL.DYHEAD.SCORE_AGG": ("MEAN", "MAX"),
+    "INPUT.FORMAT": ("BGR", "RGB"),
+}
+TRAINING_CHOICES = {
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
+    "SOLVER.OPTIMIZER": ("ADAMW", "SGD"),
+    "SOLVER.PARAM_GROUP_RULE": ("fine", "coarse"),
+    "SOLVER.LR_SCHEDULER_NAME": (
+        "WarmupMultiStepLR",
+        "WarmupCosineLR",
+        "WarmupStepWithFixedGammaLR",
+        "WarmupLinearDecayLR",
+    ),
+    "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+}
+PROBABILITIES = ("MODEL.ATSS.INFERENCE_TH", "MODEL.ATSS.NMS_TH")
+TRAINING_PROBABILITIES = (
+    "INPUT.FLIP_PROB",
+    "INPUT.CAPTION_FLIP_PROB",
+    "MODEL.FPN.DROP_BLOCK_PROB",
+    "MODEL.COARSE.MLM_PROBABILITY",
+    "SOLVER.EMA.DECAY",
+)
+
+
+def _value(cfg: CfgNode, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_values(cfg: CfgNode, *, training: bool) -> None:
+    """:data:`CHOICES` and :data:`PROBABILITIES` (and their training-only tables), the test size,
+    and the prompt-sampling settings of training."""
+    choices = {**CHOICES, **(TRAINING_CHOICES if training else {})}
+    for key, allowed in choices.items():
+        value = _value(cfg, key)
+        given = value.upper() if key == "SOLVER.OPTIMIZER" and isinstance(value, str) else value
+        if given not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    for key in PROBABILITIES + (TRAINING_PROBABILITIES if training else ()):
+        value = _value(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+    if cfg.INPUT.MAX_SIZE_TEST < 1:
+        raise ConfigError(f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} must be a positive size")
+    if not training:
+        return
+    if cfg.INPUT.MAX_SIZE_TRAIN < 1:
+        raise ConfigError(
+            f"INPUT.MAX_SIZE_TRAIN {cfg.INPUT.MAX_SIZE_TRAIN} must be a positive size"
+        )
+    alpha = cfg.MODEL.DYHEAD.TOKEN_ALPHA  # torchvision's focal loss: -1 turns the weighting off
+    if alpha != -1 and not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"MODEL.DYHEAD.TOKEN_ALPHA must be between 0 and 1 (or -1), got {alpha}")
+    betas = tuple(cfg.SOLVER.BETAS)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"SOLVER.BETAS must be two values in [0, 1), got {betas}")
+    control = tuple(cfg.DATASETS.CONTROL_PROB)
+    if len(control) != 4 or min(control) < 0 or sum(control) > 1.0 + 1e-6:
+        raise ConfigError(
+            "DATASETS.CONTROL_PROB must be 4 probabilities (>= 0, summing to at most 1), got "
+            f"{control}"
+        )
+    if cfg.DATASETS.RANDOM_SAMPLE_NEG < 0:
+        raise ConfigError(
+            f"DATASETS.RANDOM_SAMPLE_NEG {cfg.DATASETS.RANDOM_SAMPLE_NEG} must be >= 0"
+        )
+
+
 def _check_run_settings(cfg: CfgNode, *, training: bool) -> None:
     """Settings detectron2 or torch would reject with a traceback after the run has started."""
     from detectron2.modeling import META_ARCH_REGISTRY
@@ -295,6 +371,7 @@ def _check_run_settings(cfg: CfgNode, *, training: bool) -> None:
             f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)} and INPUT.MIN_SIZE_TEST "
             f"{cfg.INPUT.MIN_SIZE_TEST} must be positive sizes"
         )
+    _check_values(cfg, training=training)
     if not training:
         return
     try:
