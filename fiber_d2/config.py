@@ -143,7 +143,6 @@ def add_fiber_config(cfg: CN) -> CN:
 
     # ------------------------------------------------------------------ coarse-grained stage
     _C.MODEL.COARSE = CN()
-    _C.MODEL.COARSE.EMBED_DIM = 768  # ITC embedding width
     _C.MODEL.COARSE.TEMPERATURE = 0.07  # initial learnable ITC temperature
     _C.MODEL.COARSE.QUEUE_SIZE = 4096  # ITC feature queue length
     _C.MODEL.COARSE.MLM_PROBABILITY = 0.15  # MLM token selection probability
@@ -187,7 +186,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.INPUT.MAX_SIZE_TRAIN = 1333
     _C.INPUT.MIN_SIZE_TEST = 800
     _C.INPUT.MAX_SIZE_TEST = 1333
-    _C.INPUT.SIZE_DIVISIBILITY = 32  # batch padding multiple
+    # the synthetic image sizes of tools/benchmark.py and tools/analyze_model.py are padded to this;
+    # the models pad to their image tower's own multiple (Swin: patch size x 2 per patch merging, 32)
+    _C.INPUT.SIZE_DIVISIBILITY = 32
     _C.INPUT.FLIP_PROB = 0.5  # horizontal flip probability (0 for referring expressions)
     _C.INPUT.IMAGE_SIZE = 384  # square resize of the coarse stage
     _C.INPUT.CAPTION_FLIP_PROB = 0.0  # horizontal flip of caption data (coarse pretraining: none)
@@ -276,7 +277,9 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.TEST.AMP_DTYPE = (
         "bfloat16"  # autocast dtype of TEST.AMP: bfloat16 (CPU/GPU) or float16 (GPU)
     )
-    _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1  # score columns for phrase labels, -1 = dataset
+    # The original's width of the score tensor of phrase labels (fine spec §4.2: 100 for Flickr30k,
+    # 3000 for LVIS); not read: fiber_d2 sizes it by the prompt's labels, which gives the same scores.
+    _C.TEST.MDETR_STYLE_AGGREGATE_CLASS_NUM = -1
     _C.TEST.FIXED_AP = False  # LVIS Fixed AP: top-k per class over the dataset, no per-image cap
     _C.TEST.FIXED_AP_TOPK = 10000  # detections kept per class with FIXED_AP
     _C.TEST.FLICKR_GT_TYPE = "separate"  # Flickr30k GT boxes: "separate" (ANY-box) or "merged"

@@ -315,6 +315,18 @@ def test_output_dir_that_cannot_be_written(eval_only, tmp_path):
     assert line == expected
 
 
+def test_a_coarse_image_size_the_image_tower_cannot_take(out):
+    """INPUT.IMAGE_SIZE 100 failed in the first forward pass with advice about SIZE_DIVISIBILITY,
+    which the coarse stage does not read."""
+    coarse = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", coarse, "OUTPUT_DIR", str(out), "INPUT.IMAGE_SIZE", "100"]
+    )
+    assert line.startswith("error: INPUT.IMAGE_SIZE 100 must be a positive multiple of 32")
+    assert snapshot(out) == before
+
+
 def test_a_repository_base_resolves_at_every_level(tmp_path):
     """``_BASE_: "configs/Demo/fine_tiny.yaml"`` worked only in the file given; a yaml based on that
     yaml failed with "cannot read configs/Demo/fine_tiny.yaml", naming neither file that asked."""

@@ -251,13 +251,19 @@ def check_device_available(device: str | None, name: str) -> None:
         raise ConfigError(f"{name}: no CUDA device is available here; use cpu")
 
 
+def _value(cfg: CfgNode, key: str):
+    """The value of a dotted key (``"CAPTION.BEAM_SIZE"``)."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def require_at_least_one(cfg: CfgNode, *keys: str) -> None:
     """A :class:`ConfigError` naming the first of ``keys`` (dotted names, e.g.
     ``"CAPTION.BEAM_SIZE"``) whose value is below 1."""
     for key in keys:
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
+        value = _value(cfg, key)
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
 
@@ -310,13 +316,6 @@ TRAINING_PROBABILITIES = (
 )
 
 
-def _value(cfg: CfgNode, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def _check_values(cfg: CfgNode, *, training: bool) -> None:
     """:data:`CHOICES` and :data:`PROBABILITIES` (and their training-only tables), the test size,
     and the prompt-sampling settings of training."""
@@ -330,6 +329,15 @@ def _check_values(cfg: CfgNode, *, training: bool) -> None:
         value = _value(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+    swin = cfg.MODEL.SWIN
+    divisor = swin.PATCH_SIZE * 2 ** (len(swin.DEPTHS) - 1)
+    if is_coarse_stage(cfg) and (
+        cfg.INPUT.IMAGE_SIZE < 1 or cfg.INPUT.IMAGE_SIZE % max(divisor, 1)
+    ):
+        raise ConfigError(
+            f"INPUT.IMAGE_SIZE {cfg.INPUT.IMAGE_SIZE} must be a positive multiple of {divisor} "
+            "(MODEL.SWIN.PATCH_SIZE, then an even map for every patch merging)"
+        )
     if cfg.INPUT.MAX_SIZE_TEST < 1:
         raise ConfigError(f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} must be a positive size")
     if not training:

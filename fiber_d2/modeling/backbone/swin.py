@@ -292,7 +292,7 @@ class SwinImageTower(SwinTransformer):
             raise ValueError(
                 f"image size {height}x{width} is not supported: both sides must be positive multiples "
                 f"of {div} (patch {self.patch_size}, then an even map for every patch merging); pad the "
-                f"batch to SIZE_DIVISIBILITY {div}"
+                f"images to a multiple of {div} (the detector does: ImageList.from_tensors)"
             )
         return self.patch_embed(images)
 

@@ -45,7 +45,8 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
 
     Raises:
         ConfigError: missing file, unknown key, malformed overrides, unknown stage, decoding
-            or metric, a beam, length or sample count below 1.
+            or metric, a beam, length, sample count or GOLD update period below 1, a CIDEr mix or
+            GOLD weight bound outside [0, 1].
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_captioning_config,))
     if cfg.CAPTION.STAGE not in ("mle", "gold", "cider"):
@@ -54,7 +55,16 @@ def load_captioning_config(config_file: str | None, opts: list | None = None) ->
         raise ConfigError(
             f"CAPTION.DECODING must be one of {', '.join(DECODINGS)}, got {cfg.CAPTION.DECODING!r}"
         )
-    require_at_least_one(cfg, "CAPTION.BEAM_SIZE", "CAPTION.MAX_LENGTH", "CAPTION.CIDER_SAMPLES")
+    require_at_least_one(
+        cfg,
+        "CAPTION.BEAM_SIZE",
+        "CAPTION.MAX_LENGTH",
+        "CAPTION.CIDER_SAMPLES",
+        "CAPTION.GOLD_UPDATE_PERIOD",
+    )
+    for key in ("CIDER_ALPHA", "GOLD_MIN_WEIGHT"):
+        if not 0.0 <= cfg.CAPTION[key] <= 1.0:
+            raise ConfigError(f"CAPTION.{key} must be between 0 and 1, got {cfg.CAPTION[key]}")
     try:
         metric_availability(cfg.CAPTION.METRICS)
     except ValueError as e:

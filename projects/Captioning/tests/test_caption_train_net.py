@@ -100,6 +100,13 @@ def test_config_errors_are_one_line():
         train_net.load_captioning_config(cfg_file, ["CAPTION.METRICS", "['BLEU', 'ROUGE']"])
     with pytest.raises(ConfigError, match="CAPTION.BEAM_SIZE must be at least 1, got 0"):
         train_net.load_captioning_config(cfg_file, ["CAPTION.BEAM_SIZE", "0"])
+    # a ZeroDivisionError at the GOLD stage's first iteration; mixes outside [0, 1] trained on
+    with pytest.raises(ConfigError, match="CAPTION.GOLD_UPDATE_PERIOD must be at least 1, got 0"):
+        train_net.load_captioning_config(cfg_file, ["CAPTION.GOLD_UPDATE_PERIOD", "0"])
+    with pytest.raises(ConfigError, match="CAPTION.CIDER_ALPHA must be between 0 and 1, got 1.5"):
+        train_net.load_captioning_config(cfg_file, ["CAPTION.CIDER_ALPHA", "1.5"])
+    with pytest.raises(ConfigError, match="CAPTION.GOLD_MIN_WEIGHT must be between 0 and 1"):
+        train_net.load_captioning_config(cfg_file, ["CAPTION.GOLD_MIN_WEIGHT", "-0.1"])
 
 
 def test_empty_training_captions_are_counted_and_skipped(tmp_path, caplog):

@@ -12,7 +12,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 from fiber_d2.checkpoint import save_checkpoint_file
-from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.setup import ConfigError, load_config
 from fiber_d2.engine.trainer import FIBERTrainer
 
 from .config import add_image_tower_config
@@ -65,6 +65,17 @@ def load_image_tower_config(config_file: str | None, opts: list | None = None) -
     """fiber_d2's and the project's defaults, a yaml file and ``KEY VALUE`` overrides.
 
     Raises:
-        ConfigError: missing file, unknown key, malformed overrides.
+        ConfigError: missing file, unknown key, malformed overrides, an ``IMAGE_TOWER.EXPORT_NAME``
+            that is not a file name, a negative ``IMAGE_TOWER.PRESENCE_WEIGHT``.
     """
-    return load_config(config_file, opts, extra_defaults=(add_image_tower_config,))
+    cfg = load_config(config_file, opts, extra_defaults=(add_image_tower_config,))
+    name = cfg.IMAGE_TOWER.EXPORT_NAME
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ConfigError(
+            f"IMAGE_TOWER.EXPORT_NAME must be a file name (written in OUTPUT_DIR), got {name!r}"
+        )
+    if cfg.IMAGE_TOWER.PRESENCE_WEIGHT < 0:
+        raise ConfigError(
+            f"IMAGE_TOWER.PRESENCE_WEIGHT {cfg.IMAGE_TOWER.PRESENCE_WEIGHT} must be >= 0"
+        )
+    return cfg

@@ -99,6 +99,18 @@ def test_evaluator_counts_tokens_and_presence_labels_by_hand():
     assert res == {"res5_object_acc": 50.0, "res5_background_acc": 50.0, "presence_acc": 50.0}
 
 
+def test_export_name_and_presence_weight_are_checked_before_training():
+    """EXPORT_NAME "" trained to the end, then failed writing the export (NotADirectoryError)."""
+    from fiber_d2.engine.setup import ConfigError
+
+    cfg_file = str(PROJECT / "configs/shapes.yaml")
+    for bad in ("", "sub/w.pth", ".."):
+        with pytest.raises(ConfigError, match="IMAGE_TOWER.EXPORT_NAME must be a file name"):
+            train_net.load_image_tower_config(cfg_file, ["IMAGE_TOWER.EXPORT_NAME", bad])
+    with pytest.raises(ConfigError, match="IMAGE_TOWER.PRESENCE_WEIGHT -1.0 must be >= 0"):
+        train_net.load_image_tower_config(cfg_file, ["IMAGE_TOWER.PRESENCE_WEIGHT", "-1.0"])
+
+
 def test_mapper_scales_boxes_to_the_square_image():
     cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
     record = DatasetCatalog.get("shapes_train_det")[0]
