@@ -417,6 +417,18 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5)"], "CONTROL_PROB must be 4 probabilities"),
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5, 0.5, 0.0)"], "summing to at most 1"),
         (["DATASETS.RANDOM_SAMPLE_NEG", "-1"], "DATASETS.RANDOM_SAMPLE_NEG -1 must be >= 0"),
+        # sizes the model's build refused with a traceback (some without naming the key)
+        (["MODEL.FIBER.NUM_FUSION_LAYERS", "-1"], "MODEL.FIBER.NUM_FUSION_LAYERS -1 must be >= 0"),
+        (["MODEL.SWIN.WINDOW_SIZE", "0"], "MODEL.SWIN.WINDOW_SIZE 0 must be at least 1"),
+        (["MODEL.SWIN.PATCH_SIZE", "0"], "MODEL.SWIN.PATCH_SIZE 0 must be at least 1"),
+        (["MODEL.SWIN.OUT_FEATURES", "['res6']"], "OUT_FEATURES ['res6'] are not stage outputs"),
+        (["MODEL.SWIN.OUT_NORM", "[True]"], "need one value per stage of DEPTHS"),
+        (["MODEL.SWIN.NUM_HEADS", "[3, 8, 16, 32]"], "MODEL.SWIN.NUM_HEADS[0] 3 must divide"),
+        (["MODEL.LANGUAGE_BACKBONE.NUM_HEADS", "5"], "must be a positive multiple of NUM_HEADS 5"),
+        (["MODEL.DYHEAD.CHANNELS", "0"], "MODEL.DYHEAD.CHANNELS 0 must be a positive multiple"),
+        (["MODEL.DYHEAD.NUM_GROUPS", "7"], "multiple of NUM_GROUPS 7 (GroupNorm)"),
+        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "MODEL.PIXEL_MEAN must have 3 values"),
+        (["MODEL.ATSS.ANCHOR_SIZES", "[64]"], "need one value per FPN level: 5"),
     ],
 )
 def test_sizes_and_devices_the_run_cannot_have(override, message, out):

@@ -284,6 +284,61 @@ def _check_model_sizes(cfg: CfgNode) -> None:
             f"MODEL.FIBER.NUM_FUSION_LAYERS {fusion} is more than the text tower's "
             f"MODEL.LANGUAGE_BACKBONE.NUM_LAYERS {text.NUM_LAYERS}"
         )
+    if fusion < 0:
+        raise ConfigError(f"MODEL.FIBER.NUM_FUSION_LAYERS {fusion} must be >= 0")
+    if text.HIDDEN_SIZE < 1 or text.NUM_HEADS < 1 or text.HIDDEN_SIZE % text.NUM_HEADS:
+        raise ConfigError(
+            f"MODEL.LANGUAGE_BACKBONE.HIDDEN_SIZE {text.HIDDEN_SIZE} must be a positive multiple of "
+            f"NUM_HEADS {text.NUM_HEADS}"
+        )
+    for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
+        if len(_value(cfg, key)) != 3:
+            raise ConfigError(f"{key} must have 3 values (B, G, R), got {list(_value(cfg, key))}")
+    _check_swin_sizes(cfg.MODEL.SWIN)
+    if is_coarse_stage(cfg):
+        return
+    head = cfg.MODEL.DYHEAD
+    if head.CHANNELS < 1 or head.NUM_GROUPS < 1 or head.CHANNELS % head.NUM_GROUPS:
+        raise ConfigError(
+            f"MODEL.DYHEAD.CHANNELS {head.CHANNELS} must be a positive multiple of NUM_GROUPS "
+            f"{head.NUM_GROUPS} (GroupNorm)"
+        )
+    levels = len(cfg.MODEL.FPN.IN_FEATURES) + 2  # the FPN's inputs, then P6 and P7
+    atss = cfg.MODEL.ATSS
+    if not len(atss.ANCHOR_SIZES) == len(atss.ANCHOR_STRIDES) == levels:
+        raise ConfigError(
+            f"MODEL.ATSS.ANCHOR_SIZES {list(atss.ANCHOR_SIZES)} and ANCHOR_STRIDES "
+            f"{list(atss.ANCHOR_STRIDES)} need one value per FPN level: {levels} "
+            f"(MODEL.FPN.IN_FEATURES, then P6 and P7)"
+        )
+
+
+def _check_swin_sizes(swin: CfgNode) -> None:
+    """``MODEL.SWIN``'s sizes as one-line errors (they failed in timm's or our build)."""
+    stages = len(swin.DEPTHS)
+    for key in ("PATCH_SIZE", "EMBED_DIM", "WINDOW_SIZE"):
+        if swin[key] < 1:
+            raise ConfigError(f"MODEL.SWIN.{key} {swin[key]} must be at least 1")
+    if not stages or min(swin.DEPTHS) < 1:
+        raise ConfigError(f"MODEL.SWIN.DEPTHS {list(swin.DEPTHS)} must be blocks per stage, >= 1")
+    if len(swin.NUM_HEADS) != stages or len(swin.OUT_NORM) != stages:
+        raise ConfigError(
+            f"MODEL.SWIN.NUM_HEADS {list(swin.NUM_HEADS)} and OUT_NORM {list(swin.OUT_NORM)} need "
+            f"one value per stage of DEPTHS {list(swin.DEPTHS)}"
+        )
+    for i, heads in enumerate(swin.NUM_HEADS):
+        width = swin.EMBED_DIM * 2**i
+        if heads < 1 or width % heads:
+            raise ConfigError(
+                f"MODEL.SWIN.NUM_HEADS[{i}] {heads} must divide stage {i + 1}'s width {width} "
+                "(EMBED_DIM x 2 per stage)"
+            )
+    names = [f"res{i + 2}" for i in range(stages)]
+    unknown = [f for f in swin.OUT_FEATURES if f not in names]
+    if unknown:
+        raise ConfigError(
+            f"MODEL.SWIN.OUT_FEATURES {unknown} are not stage outputs; this Swin has {names}"
+        )
 
 
 # Keys with a fixed set of values (compared as given; SOLVER.OPTIMIZER in any case), and keys that are
