@@ -60,7 +60,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # stage outputs (strides 4-32)
     # Per-output LayerNorm ("norm0" is Identity in FIBER's RETINANET variant).
     _C.MODEL.SWIN.OUT_NORM = [False, True, True, True]
-    # Freeze patch-embed (0) and also the first N stages (N>=1); -1 nothing (fine-tuning), 1 = pretrain.
+    # Freeze patch-embed (0) and also the first N stages (N>=1; more than the stages: all); -1 nothing
+    # (fine-tuning), 1 = pretrain.
     _C.MODEL.SWIN.FREEZE_AT = -1
     _C.MODEL.SWIN.USE_CHECKPOINT = False  # activation checkpointing of stages 1-3 blocks
     # In inference (eval mode, no gradients), window self-attention through torch's
@@ -139,7 +140,8 @@ def add_fiber_config(cfg: CN) -> CN:
     _C.MODEL.ATSS.INFERENCE_TH = 0.05  # score threshold before the centerness product
     _C.MODEL.ATSS.PRE_NMS_TOP_N = 1000  # candidates per level and image
     _C.MODEL.ATSS.NMS_TH = 0.6  # class-aware NMS IoU
-    _C.MODEL.ATSS.DETECTIONS_PER_IMG = 100  # final detections per image (per prompt chunk)
+    # final detections per image (per prompt chunk); 0 or less keeps every one after NMS
+    _C.MODEL.ATSS.DETECTIONS_PER_IMG = 100
 
     # ------------------------------------------------------------------ coarse-grained stage
     _C.MODEL.COARSE = CN()
@@ -268,7 +270,9 @@ def add_fiber_config(cfg: CN) -> CN:
     # not read: each test dataset's evaluator_type chooses its evaluator; kept so that the configs
     # that runs wrote before its removal from the shipped configs still load
     _C.TEST.EVAL_TASK = "detection"
-    _C.TEST.CHUNKED_EVALUATION = -1  # categories per prompt chunk (LVIS: 40), -1 = one prompt
+    # categories per prompt chunk (LVIS: 40); 0 or less: as many names as fit in MAX_QUERY_LEN
+    # (one prompt for a short vocabulary, several chunks for a long one)
+    _C.TEST.CHUNKED_EVALUATION = -1
     # chunked prompts: image prefix once per image, text prefix once per chunk (cached until the
     # model next changes mode), fused top + FPN + head per chunk; False: whole model per chunk
     _C.TEST.PREFIX_REUSE = True
