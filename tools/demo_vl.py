@@ -17,7 +17,9 @@ task; those that say where and how a run executes (:data:`RUN_KEYS`: ``MODEL.DEV
 ``SOLVER.AMP.ENABLED``, ``DATALOADER.NUM_WORKERS``) reach the image tower's and the coarse stage's
 training too, so ``MODEL.DEVICE cuda`` runs every stage on the GPU. Results: stdout, ``<output-dir>/summary.{json,md}``, ``<output-dir>/<task>/pictures/*.png``.
 
-A finished image tower or coarse stage is always reused. ``--resume`` continues an interrupted run: the
+A finished image tower or coarse stage is always reused (finished: its ``model_final.pth`` is the
+last checkpoint its run saved and ``results.json`` was written after it, so neither a final whose
+evaluation was killed nor an earlier run's files count). ``--resume`` continues an interrupted run: the
 stage that was training resumes from its last checkpoint (``--resume`` of its ``train_net.py``), and a
 task whose ``<output-dir>/<task>/result.json`` records the same coarse checkpoint and overrides is not
 run again (a task interrupted part-way runs again: it has no checkpoints in between).
@@ -42,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+from fiber_d2.checkpoint import run_finished
 from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir
 from fiber_d2.engine.setup import ConfigError
@@ -104,7 +107,7 @@ def image_tower_weights(
         return explicit, 0.0
     out = output_dir / "image_tower"
     final = out / "swin_weights.pth"
-    if final.is_file():
+    if final.is_file() and run_finished(str(out)):  # exported by a run that finished
         logger.info("Reusing %s", final)
         return str(final), 0.0
     cmd = [sys.executable, str(TOWER_TRAIN_NET), "--config-file", str(TOWER_CONFIG)]
@@ -128,7 +131,7 @@ def coarse_checkpoint(
         return explicit, 0.0, 0.0
     out = output_dir / "coarse"
     final = out / "model_final.pth"
-    if final.is_file():
+    if run_finished(str(out)):  # not an unevaluated final, nor an earlier run's
         logger.info("Reusing %s", final)
         return str(final), 0.0, 0.0
     tower, tower_seconds = image_tower_weights(swin_weights, output_dir, resume, opts)

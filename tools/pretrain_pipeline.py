@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from fiber_d2.checkpoint import run_finished
 from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.engine.cli import check_output_dir
 from fiber_d2.engine.setup import ConfigError, load_config
@@ -49,9 +50,10 @@ def run_stage(
     config: str, output_dir: str, opts: list[str], *, resume: bool, num_gpus: int
 ) -> dict:
     """Run one ``train_net.py`` stage in a subprocess; returns its ``results.json``."""
-    final = os.path.join(output_dir, "model_final.pth")
     results_file = os.path.join(output_dir, "results.json")
-    if resume and os.path.isfile(final) and os.path.isfile(results_file):
+    # finished by this run: a final that last_checkpoint names, evaluated after it (files of an
+    # earlier run that this one started over from are not)
+    if resume and run_finished(output_dir):
         logger.info("Stage %s already finished in %s; not repeated.", config, output_dir)
     else:
         cmd = [sys.executable, TRAIN_NET, "--config-file", config, "--num-gpus", str(num_gpus)]

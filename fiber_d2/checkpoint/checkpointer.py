@@ -61,6 +61,8 @@ __all__ = [
     "summarize_keys",
     "weights_to_load",
     "check_weights_before_run",
+    "final_is_current",
+    "run_finished",
 ]
 
 logger = logging.getLogger(__name__)
@@ -287,9 +289,10 @@ class FIBERCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True):
         """detectron2's; when it loads ``path`` to start a run (not resuming a checkpoint of
         ``save_dir``), buffers of ``fresh_each_run`` modules keep the model's initialisation. When
-        it resumes, the temporary files of saves a kill interrupted are removed first."""
+        starts or resumes a run, the temporary files of saves a kill interrupted are removed first
+        (also when the kill came before the first checkpoint was whole)."""
         self._fresh_run = not (resume and self.has_checkpoint())
-        if not self._fresh_run and self.save_to_disk:
+        if self.save_to_disk:
             # a run killed while saving left "<file>.tmp<pid>", each as big as a checkpoint
             for stale in remove_stale_temporaries(self.save_dir):
                 logger.info("Removed %s, left by a killed save", stale)
@@ -442,6 +445,32 @@ def load_model_weights(model: torch.nn.Module, cfg, *, inference: bool = True) -
         raise CheckpointError(f"MODEL.WEIGHTS file not found: {weights}")
     FIBERCheckpointer(model, partial_ok=cfg.MODEL.WEIGHTS_PARTIAL_OK, inference=inference).load(
         weights
+    )
+
+
+def final_is_current(output_dir: str, prefix: str = "model") -> bool:
+    """Whether ``output_dir/<prefix>_final.pth`` is the last checkpoint its run saved (what
+    ``last_checkpoint`` names), not a file left by an earlier run that a later run, started over
+    in the same folder, has not yet replaced."""
+    final = os.path.join(output_dir, f"{prefix}_final.pth")
+    last = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.isfile(final):
+        return False
+    if not os.path.isfile(last):  # no pointer: nothing newer was saved
+        return True
+    with open(last) as f:
+        return f.read().strip() == os.path.basename(final)
+
+
+def run_finished(output_dir: str) -> bool:
+    """Whether the training run in ``output_dir`` finished: its ``model_final.pth`` is current
+    (:func:`final_is_current`) and its final evaluation (``results.json``) was written after it."""
+    results = os.path.join(output_dir, "results.json")
+    final = os.path.join(output_dir, "model_final.pth")
+    return (
+        final_is_current(output_dir)
+        and os.path.isfile(results)
+        and os.path.getmtime(results) >= os.path.getmtime(final)
     )
 
 

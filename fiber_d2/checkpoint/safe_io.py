@@ -225,8 +225,9 @@ _TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporary files (:func:`replacing`) that killed writers left in ``folder``: those
-    whose writing process no longer runs on this machine. A live writer's file is kept.
+    """Remove the temporary files (:func:`replacing`) that killed writers left in ``folder`` and
+    its subfolders (e.g. ``inference/``): those whose writing process no longer runs on this
+    machine. A live writer's file is kept.
 
     Args:
         folder: the folder (e.g. a run's ``OUTPUT_DIR``); missing is fine.
@@ -235,17 +236,18 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         the paths removed.
     """
     removed = []
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for entry in os.scandir(folder):
-            match = _TEMPORARY.match(entry.name)
-            if match is None or not entry.is_file(follow_symlinks=False):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            match = _TEMPORARY.match(name)
+            path = os.path.join(root, name)
+            if match is None or os.path.islink(path):
                 continue
             pid = int(match["pid"])
             if pid == os.getpid() or _process_runs(pid):
                 continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(entry.path)
+                os.unlink(path)
+                removed.append(path)
     return removed
 
 

@@ -24,7 +24,7 @@ from detectron2.data import (
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
-from ..checkpoint.checkpointer import FIBERCheckpointer
+from ..checkpoint.checkpointer import FIBERCheckpointer, final_is_current
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
 from .train_step import accumulation_steps, step_was_skipped, with_fiber_step
@@ -100,7 +100,10 @@ class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
         # only when training finished without an exception
         finished = self.trainer.iter >= self.max_iter >= self.trainer.start_iter
         final = os.path.join(self.checkpointer.save_dir, f"{self.file_prefix}_final.pth")
-        if finished and comm.is_main_process() and not os.path.isfile(final):
+        # an existing final that last_checkpoint does not name is an earlier run's (this one
+        # started over in the same folder and was killed before replacing it)
+        current = final_is_current(self.checkpointer.save_dir, self.file_prefix)
+        if finished and comm.is_main_process() and not current:
             logger.info(
                 "The run ended at iteration %d without %s: writing it", self.max_iter, final
             )

@@ -126,6 +126,48 @@ def test_resume_after_a_kill_before_model_final_writes_it(tmp_path):
         assert torch.equal(saved["model"][k], v), k
 
 
+def test_an_earlier_runs_final_is_replaced_and_temporaries_go_on_any_start(tmp_path):
+    """A finished run's folder, started over without --resume and killed while the new run's
+    model_final was being written: --resume kept the earlier run's model_final.pth (any file
+    there counted as this run's). And a kill before the first checkpoint was whole left its
+    temporary file for good (only a resume from a checkpoint removed them, and only at the top)."""
+    from fiber_d2.checkpoint import final_is_current
+
+    cfg = _cfg("configs/Demo/coarse_tiny.yaml", tmp_path, "SOLVER.MAX_ITER", "4")
+    cfg.defrost()
+    cfg.SOLVER.CHECKPOINT_PERIOD = 2
+    cfg.freeze()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "inference").mkdir()
+    stale = [tmp_path / f"model_0000001.pth.tmp{dead.pid}"]
+    stale.append(tmp_path / "inference" / f"results.json.tmp{dead.pid}")
+    for path in stale:
+        path.write_bytes(b"partial")
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)  # a fresh start, no checkpoint yet
+    assert not any(path.exists() for path in stale)
+    trainer.train()
+    final = tmp_path / "model_final.pth"
+    last = torch.load(tmp_path / "model_0000003.pth", map_location="cpu", weights_only=True)
+    earlier = torch.load(final, map_location="cpu", weights_only=True)
+    earlier["model"] = {
+        k: v + 1 if v.is_floating_point() else v for k, v in earlier["model"].items()
+    }
+    torch.save(earlier, final)  # the earlier run's weights, not yet replaced by this run's
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    assert not final_is_current(str(tmp_path))
+
+    resumed = FIBERTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 4
+    resumed.train()
+    saved = torch.load(final, map_location="cpu", weights_only=True)
+    for k, v in last["model"].items():
+        assert torch.equal(saved["model"][k], v), k
+    assert final_is_current(str(tmp_path))
+
+
 def _recording_evaluation(trainer, calls, interrupt_at=None):
     """Replace the trainer's evaluation with one that records the iteration it is logged at (and
     raises _Interrupt when called at ``interrupt_at``, like a SIGKILL during it)."""

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -27,11 +28,15 @@ SMALL_INPUT = ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 
 
 def _write_stage_output(cmd) -> None:
-    """What a finished training stage leaves: the tower export or the coarse model_final.pth."""
+    """What a finished training stage leaves: model_final.pth (named by last_checkpoint), then the
+    tower's export, then results.json."""
     out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
     out.mkdir(parents=True, exist_ok=True)
-    name = "swin_weights.pth" if "ImageTower" in cmd[1] else "model_final.pth"
-    (out / name).write_bytes(b"")
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    if "ImageTower" in cmd[1]:
+        (out / "swin_weights.pth").write_bytes(b"")
+    (out / "results.json").write_text("{}")
 
 
 @pytest.mark.long(1)
@@ -167,6 +172,17 @@ def test_pipeline_trains_the_image_tower_then_the_coarse_stage_from_it(tmp_path,
     commands.clear()
     demo_vl.main(["--output-dir", str(out), "--tasks", ""])
     assert commands == []
+    # not finished, so not reused: a final whose evaluation was killed (results.json older than it),
+    # an earlier run's files in a folder a new run started over in (last_checkpoint names another)
+    os.utime(out / "coarse" / "results.json", (0, 0))
+    demo_vl.main(["--output-dir", str(out), "--tasks", ""])
+    assert [w for w, _ in commands] == ["the coarse stage"]
+    commands.clear()
+    (out / "image_tower" / "last_checkpoint").write_text("model_0000499.pth")
+    (out / "coarse" / "last_checkpoint").write_text("model_0000099.pth")
+    demo_vl.main(["--output-dir", str(out), "--tasks", ""])
+    assert [w for w, _ in commands] == ["the image tower", "the coarse stage"]
+    commands.clear()
     (out / "coarse" / "model_final.pth").unlink()
     tower = tmp_path / "my_swin.pth"
     tower.write_bytes(b"")

@@ -73,3 +73,29 @@ def test_summary_names_retrieval_chance_and_explains_it(monkeypatch, tmp_path, c
     stage_results["coarse"]["retrieval"] = {"TR@1": 40.0, "IR@1": 30.0}
     pipeline.main(["--output-dir", str(out_dir)])
     assert "retrieval near chance" not in capsys.readouterr().out
+
+
+def test_resume_repeats_a_stage_whose_files_are_an_earlier_runs(monkeypatch, tmp_path):
+    """--resume counted any model_final.pth + results.json as this run's finished stage: a run
+    started over in a finished folder and killed at its first checkpoint was reported with the
+    earlier run's figures, and its own checkpoints were never resumed."""
+    import json
+
+    pipeline = load_tool("pretrain_pipeline")
+    launched = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    out = tmp_path / "coarse"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"")
+    (out / "results.json").write_text(json.dumps({"earlier": 1}))
+    (out / "last_checkpoint").write_text("model_final.pth")
+    assert pipeline.run_stage("c.yaml", str(out), [], resume=True, num_gpus=1) == {"earlier": 1}
+    assert launched == []  # finished: not repeated
+    (out / "last_checkpoint").write_text("model_0000099.pth")  # the new run's first checkpoint
+    pipeline.run_stage("c.yaml", str(out), [], resume=True, num_gpus=1)
+    assert len(launched) == 1 and "--resume" in launched[0]
+    # a final whose evaluation was killed (results.json older than it) runs again too
+    (out / "last_checkpoint").write_text("model_final.pth")
+    os.utime(out / "results.json", (0, 0))
+    pipeline.run_stage("c.yaml", str(out), [], resume=True, num_gpus=1)
+    assert len(launched) == 2
