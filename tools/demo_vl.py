@@ -286,7 +286,8 @@ def main(argv=None) -> dict:
         f"\nimage tower: {tower_seconds / 60:.1f} min; coarse stage: {coarse_seconds / 60:.1f} min; "
         f"total: {total / 60:.1f} min\n"
     )
-    (output_dir / "summary.md").write_text(table + "\n" + footer)
+    with write_whole(str(output_dir / "summary.md"), "w") as f:
+        f.write(table + "\n" + footer)
     print(table + footer)
     return summary
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog
 from PIL import Image, ImageDraw
 
+from fiber_d2.checkpoint.safe_io import write_whole
 from fiber_d2.data.shapes import CATEGORY_NAMES
 from fiber_d2.engine.shapes_demo import seed_task, task_result
 
@@ -171,6 +172,7 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
         coarse_weights=coarse_weights,
         caption_json=str(caption_json),
     )
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with write_whole(str(output_dir / "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     logger.info("captioning on shapes: %s", json.dumps(summary))
     return summary
