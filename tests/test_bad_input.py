@@ -417,6 +417,11 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5)"], "CONTROL_PROB must be 4 probabilities"),
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5, 0.5, 0.0)"], "summing to at most 1"),
         (["DATASETS.RANDOM_SAMPLE_NEG", "-1"], "DATASETS.RANDOM_SAMPLE_NEG -1 must be >= 0"),
+        (["TEST.AMP_DTYPE", "fp16"], "TEST.AMP_DTYPE must be one of bfloat16, float16"),
+        (["TEST.FLICKR_GT_TYPE", "merge"], "TEST.FLICKR_GT_TYPE must be one of separate, merged"),
+        (["SOLVER.MAX_NEG_PER_BATCH", "2.0"], "SOLVER.MAX_NEG_PER_BATCH must be between 0 and 1"),
+        (["SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO", "2.0"], "SCHEDULE_RATIO must be between 0 and 1"),
+        (["DATASETS.SEPARATION_TOKENS", "''"], "DATASETS.SEPARATION_TOKENS is empty"),
         # sizes the model's build refused with a traceback (some without naming the key)
         (["MODEL.FIBER.NUM_FUSION_LAYERS", "-1"], "MODEL.FIBER.NUM_FUSION_LAYERS -1 must be >= 0"),
         (["MODEL.SWIN.WINDOW_SIZE", "0"], "MODEL.SWIN.WINDOW_SIZE 0 must be at least 1"),

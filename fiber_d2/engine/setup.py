@@ -348,6 +348,8 @@ def _check_swin_sizes(swin: CfgNode) -> None:
 CHOICES = {
     "MODEL.DYHEAD.SCORE_AGG": ("MEAN", "MAX"),
     "INPUT.FORMAT": ("BGR", "RGB"),
+    "TEST.AMP_DTYPE": ("bfloat16", "float16"),
+    "TEST.FLICKR_GT_TYPE": ("separate", "merged"),
 }
 TRAINING_CHOICES = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
@@ -368,6 +370,8 @@ TRAINING_PROBABILITIES = (
     "MODEL.FPN.DROP_BLOCK_PROB",
     "MODEL.COARSE.MLM_PROBABILITY",
     "SOLVER.EMA.DECAY",
+    "SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO",
+    "SOLVER.MAX_NEG_PER_BATCH",
 )
 
 
@@ -393,6 +397,8 @@ def _check_values(cfg: CfgNode, *, training: bool) -> None:
             f"INPUT.IMAGE_SIZE {cfg.INPUT.IMAGE_SIZE} must be a positive multiple of {divisor} "
             "(MODEL.SWIN.PATCH_SIZE, then an even map for every patch merging)"
         )
+    if not cfg.DATASETS.SEPARATION_TOKENS:
+        raise ConfigError("DATASETS.SEPARATION_TOKENS is empty: category names would run together")
     if cfg.INPUT.MAX_SIZE_TEST < 1:
         raise ConfigError(f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} must be a positive size")
     if not training:
