@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 
+from ..modeling.head.postprocess import SCORE_AGGREGATIONS
 from .memory import check_mmap_threshold
+from .optimizer import OPTIMIZERS, PARAM_GROUP_RULES
 from .trainer import is_coarse_stage
 
 __all__ = [
@@ -125,15 +127,15 @@ def _check_swin_sizes(swin: CfgNode) -> None:
 # the optimizer or a batch was built (MODEL.DYHEAD.SCORE_AGG: after a whole training run, by its final
 # evaluation), with messages that did not always name the key, or silently accepted.
 CHOICES = {
-    "MODEL.DYHEAD.SCORE_AGG": ("MEAN", "MAX"),
+    "MODEL.DYHEAD.SCORE_AGG": SCORE_AGGREGATIONS,
     "INPUT.FORMAT": ("BGR", "RGB"),
     "TEST.AMP_DTYPE": ("bfloat16", "float16"),
     "TEST.FLICKR_GT_TYPE": ("separate", "merged"),
 }
 TRAINING_CHOICES = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
-    "SOLVER.OPTIMIZER": ("ADAMW", "SGD"),
-    "SOLVER.PARAM_GROUP_RULE": ("fine", "coarse"),
+    "SOLVER.OPTIMIZER": OPTIMIZERS,
+    "SOLVER.PARAM_GROUP_RULE": PARAM_GROUP_RULES,
     "SOLVER.LR_SCHEDULER_NAME": (
         "WarmupMultiStepLR",
         "WarmupCosineLR",

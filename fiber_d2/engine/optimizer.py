@@ -24,9 +24,18 @@ from typing import Any
 import torch
 from detectron2.config import CfgNode
 
-__all__ = ["build_fiber_optimizer", "fiber_param_groups", "coarse_param_groups"]
+__all__ = [
+    "build_fiber_optimizer",
+    "fiber_param_groups",
+    "coarse_param_groups",
+    "OPTIMIZERS",
+    "PARAM_GROUP_RULES",
+]
 
 logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("ADAMW", "SGD")  # SOLVER.OPTIMIZER (any case)
+PARAM_GROUP_RULES = ("fine", "coarse")  # SOLVER.PARAM_GROUP_RULE
 
 _NORM_SUBSTRINGS = ("norm", "Norm", ".bn.")
 _COARSE_CROSS_MODAL = ("cross_modal", "i2t", "t2i")
@@ -167,7 +176,7 @@ def build_fiber_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.O
         )
     else:
         raise ValueError(
-            f"SOLVER.PARAM_GROUP_RULE must be 'fine' or 'coarse', got {s.PARAM_GROUP_RULE!r}"
+            f"SOLVER.PARAM_GROUP_RULE must be one of {PARAM_GROUP_RULES}, got {s.PARAM_GROUP_RULE!r}"
         )
     if not groups:
         raise ValueError("The model has no trainable parameters.")
@@ -178,7 +187,7 @@ def build_fiber_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.O
     elif name == "SGD":
         optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {s.OPTIMIZER!r}")
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {s.OPTIMIZER!r}")
     if s.FUSED:
         kwargs["fused"] = True
 

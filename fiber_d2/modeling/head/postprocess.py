@@ -17,6 +17,10 @@ __all__ = ["label_scores", "ground_inference", "to_image_frame", "original_eval_
 logger = logging.getLogger(__name__)
 
 
+# token -> label score aggregations (MODEL.DYHEAD.SCORE_AGG)
+SCORE_AGGREGATIONS = ("MEAN", "MAX")
+
+
 def label_scores(probs: Tensor, label_token_map: Tensor, score_agg: str = "MEAN") -> Tensor:
     """Aggregate per-token probabilities into per-label scores.
 
@@ -43,7 +47,7 @@ def label_scores(probs: Tensor, label_token_map: Tensor, score_agg: str = "MEAN"
             if row.any():
                 scores[:, label] = probs[:, row].amax(dim=1)
         return scores
-    raise ValueError(f"unknown score_agg '{score_agg}', expected MEAN or MAX")
+    raise ValueError(f"unknown score_agg '{score_agg}', expected {' or '.join(SCORE_AGGREGATIONS)}")
 
 
 def _level_candidates(
