@@ -448,18 +448,25 @@ def load_model_weights(model: torch.nn.Module, cfg, *, inference: bool = True) -
     )
 
 
+def _last_checkpoint_name(output_dir: str) -> str | None:
+    """What ``output_dir/last_checkpoint`` (detectron2's pointer to the newest save) names; None
+    without the file."""
+    last = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.isfile(last):
+        return None
+    with open(last) as f:
+        return f.read().strip()
+
+
 def final_is_current(output_dir: str, prefix: str = "model") -> bool:
     """Whether ``output_dir/<prefix>_final.pth`` is the last checkpoint its run saved (what
     ``last_checkpoint`` names), not a file left by an earlier run that a later run, started over
     in the same folder, has not yet replaced."""
-    final = os.path.join(output_dir, f"{prefix}_final.pth")
-    last = os.path.join(output_dir, "last_checkpoint")
-    if not os.path.isfile(final):
+    final = f"{prefix}_final.pth"
+    if not os.path.isfile(os.path.join(output_dir, final)):
         return False
-    if not os.path.isfile(last):  # no pointer: nothing newer was saved
-        return True
-    with open(last) as f:
-        return f.read().strip() == os.path.basename(final)
+    name = _last_checkpoint_name(output_dir)
+    return name is None or name == final  # no pointer: nothing newer was saved
 
 
 def run_finished(output_dir: str) -> bool:
@@ -478,9 +485,8 @@ def weights_to_load(cfg, *, resume: bool) -> str:
     """The file a run will load: the last checkpoint of ``OUTPUT_DIR`` when resuming and one
     exists (as detectron2's ``resume_or_load``), else ``MODEL.WEIGHTS`` ("" for none)."""
     last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    if resume and os.path.isfile(last):
-        with open(last) as f:
-            name = f.read().strip()
+    name = _last_checkpoint_name(cfg.OUTPUT_DIR) if resume else None
+    if name is not None:
         if not name:  # written by a run killed mid-write before saves were whole-file
             saved = sorted(
                 glob.glob(os.path.join(cfg.OUTPUT_DIR, "model_*.pth")), key=os.path.getmtime
