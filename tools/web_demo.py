@@ -72,10 +72,10 @@ def predict(
     """One request: returns (drawn RGB image or None, table rows, status markdown).
 
     Args:
-        max_categories: more category names than this are refused (None: no limit).
         image: the uploaded file's path, read as :meth:`FIBERPredictor.read_image` reads files
             (an unreadable, 16-bit or oversized file is an error message, not a white image or a
             server-side traceback); or an RGB uint8 array (H, W, 3 or 4).
+        max_categories: more category names than this are refused (None: no limit).
     """
     if image is None:
         return None, [], "Upload an image first."
