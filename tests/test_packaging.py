@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -58,7 +59,14 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
-    for name in ("setup.py", "README.md", "requirements.txt", "MANIFEST.in", "LICENSE"):
+    for name in (
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "requirements.txt",
+        "MANIFEST.in",
+        "LICENSE",
+    ):
         shutil.copy(ROOT / name, src / name)
     for name in ("fiber_d2", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -86,15 +94,24 @@ def test_wheel_ships_every_config(installed):
 
 
 def test_source_distribution_builds_the_same_wheel(installed, tmp_path):
-    """``pip install fiber_d2-<version>.tar.gz``: the sdist holds what setup.py reads and ships."""
+    """``pip install fiber_d2-<version>.tar.gz``: the sdist, built by the backend pyproject.toml
+    names (what ``python -m build`` and pip use), holds what setup.py reads and ships."""
+    tomllib = pytest.importorskip("tomllib")
     src = installed.parent / "src"
+    system = tomllib.loads((src / "pyproject.toml").read_text())["build-system"]
+    backend = system["build-backend"]
     subprocess.run(
-        [sys.executable, "-c", "from setuptools import build_meta as b; b.build_sdist('sdist')"],
+        [sys.executable, "-c", f"import {backend} as b; b.build_sdist('sdist')"],
         cwd=src,
         check=True,
         capture_output=True,
     )
     (sdist,) = (src / "sdist").glob("fiber_d2-*.tar.gz")
+    with tarfile.open(sdist) as t:
+        packed = {
+            Path(n).relative_to(sdist.name[: -len(".tar.gz")]).as_posix() for n in t.getnames()
+        }
+    assert {"pyproject.toml", "setup.py", "requirements.txt", "README.md", "LICENSE"} <= packed
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
         + [str(sdist), "-w", str(tmp_path)],
