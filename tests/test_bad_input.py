@@ -434,6 +434,12 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["MODEL.DYHEAD.NUM_GROUPS", "7"], "multiple of NUM_GROUPS 7 (GroupNorm)"),
         (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "MODEL.PIXEL_MEAN must have 3 values"),
         (["MODEL.ATSS.ANCHOR_SIZES", "[64]"], "need one value per FPN level: 5"),
+        # anchors at other strides than the FPN levels' were placed off the features, silently
+        (
+            ["MODEL.ATSS.ANCHOR_STRIDES", "[4, 8, 16, 32, 64]"],
+            "ANCHOR_STRIDES [4, 8, 16, 32, 64] must be the strides of the FPN levels, finest first: "
+            "[8, 16, 32, 64, 128]",
+        ),
     ],
 )
 def test_sizes_and_devices_the_run_cannot_have(override, message, out):

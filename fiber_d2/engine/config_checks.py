@@ -92,6 +92,21 @@ def check_model_sizes(cfg: CfgNode) -> None:
             f"{list(atss.ANCHOR_STRIDES)} need one value per FPN level: {levels} "
             f"(MODEL.FPN.IN_FEATURES, then P6 and P7)"
         )
+    swin_outputs = [f"res{i + 2}" for i in range(len(cfg.MODEL.SWIN.DEPTHS))]
+    if cfg.MODEL.BACKBONE.NAME != "build_fiber_swin_roberta_fpn_backbone" or not set(
+        cfg.MODEL.FPN.IN_FEATURES
+    ) <= set(swin_outputs):
+        return  # another backbone, or unknown inputs (the FPN names them when it is built)
+    # res_k has stride PATCH_SIZE * 2**(k - 2); P6 and P7 halve the last input twice
+    strides = [cfg.MODEL.SWIN.PATCH_SIZE * 2 ** (int(f[3:]) - 2) for f in cfg.MODEL.FPN.IN_FEATURES]
+    strides += [strides[-1] * 2, strides[-1] * 4]
+    if list(atss.ANCHOR_STRIDES) != strides:
+        raise ConfigError(
+            f"MODEL.ATSS.ANCHOR_STRIDES {list(atss.ANCHOR_STRIDES)} must be the strides of the FPN "
+            f"levels, finest first: {strides} (MODEL.FPN.IN_FEATURES "
+            f"{list(cfg.MODEL.FPN.IN_FEATURES)} with MODEL.SWIN.PATCH_SIZE {cfg.MODEL.SWIN.PATCH_SIZE}, "
+            "then P6 and P7)"
+        )
 
 
 def _check_swin_sizes(swin: CfgNode) -> None:

@@ -128,3 +128,27 @@ def test_chunked_prompts_pool_detections(model):
     finally:
         model.score_threshold = 0.05
     assert set(inst.pred_classes.tolist()) == {0, 2}
+
+
+def test_the_fpn_may_start_at_res2():
+    """MODEL.FPN.IN_FEATURES with res2 (stride 4) adds a P2 level; the detector used to feed the head
+    a fixed p3..p7 and failed in its first forward ("expected 6 feature levels, got 5")."""
+    cfg = load_config(
+        "configs/Demo/fine_tiny.yaml",
+        [
+            *("MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2"),
+            *("MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", str(T)),
+            *("MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']"),
+            *("MODEL.ATSS.ANCHOR_SIZES", "[16, 32, 64, 128, 256, 512]"),
+            *("MODEL.ATSS.ANCHOR_STRIDES", "[4, 8, 16, 32, 64, 128]"),
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.in_features == ["p2", "p3", "p4", "p5", "p6", "p7"]
+    losses = model([_sample(64, 96, [[10, 12, 40, 50]], [[1, 2]])])
+    assert torch.isfinite(sum(losses.values()))
+    model.eval()
+    with torch.no_grad():
+        (result,) = model([_sample(64, 96, [], [])])
+    assert result["instances"].image_size == (128, 192)  # the original size, twice the input

@@ -121,11 +121,13 @@ class FIBER(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
         return {
             "backbone": backbone,
             "head": GroundingHead(cfg),
             "loss": ATSSLossComputation(cfg),
-            "in_features": ["p3", "p4", "p5", "p6", "p7"],
+            # every FPN level, finest first (p3..p7 for FIBER's res3..res5 inputs)
+            "in_features": sorted(shapes, key=lambda name: shapes[name].stride),
             "anchor_sizes": cfg.MODEL.ATSS.ANCHOR_SIZES,
             "anchor_strides": cfg.MODEL.ATSS.ANCHOR_STRIDES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
