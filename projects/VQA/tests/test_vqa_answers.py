@@ -27,6 +27,7 @@ from vqa import (
         ("an apple or one pear", "apple or 1 pear"),
         ("a dog.", "dog"),  # sentence period dropped
         ("3.5", "3.5"),  # a period inside a number stays
+        ("." * 40 + "x", "." * 8 + "x"),  # at most 32 periods go (the official tool's count slip)
         ("dont know", "don't know"),  # contractions get their apostrophe back
         ("isnt", "isn't"),
         ("wont", "won't"),
@@ -75,9 +76,13 @@ def test_accuracy_normalises_only_when_humans_disagree():
     # humans disagree -> both sides normalised: "two" matches "2", "Dog." matches "dog"
     assert vqa_accuracy("two", ["2"] * 5 + ["3"] * 5) == pytest.approx(1.0)
     assert vqa_accuracy("Dog.", ["dog"] * 4 + ["cat"] * 6) == pytest.approx(1.0)
-    # humans agree -> no normalisation (official), only case and surrounding whitespace
+    # humans agree -> no normalisation (official), not even case; only surrounding whitespace
     assert vqa_accuracy("two", ["2"] * 10) == 0.0
-    assert vqa_accuracy(" YES ", ["yes"] * 10) == 1.0
+    assert vqa_accuracy(" yes ", ["yes\n"] * 10) == 1.0
+    assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["Yes"] * 10) == 1.0
+    # humans disagree -> case folds with the rest of the normalisation
+    assert vqa_accuracy("yes", ["Yes"] * 5 + ["yes"] * 2 + ["no"] * 3) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         vqa_accuracy("x", [])
 

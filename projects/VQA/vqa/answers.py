@@ -16,7 +16,7 @@ below: every form with exactly one of its apostrophes missing maps to the full f
 gives exactly the official table's entries (those that change a word).
 
 Accuracy of one predicted answer against the 10 human answers (official): answers are stripped; when the
-humans disagree, both sides are normalised; then for each of the 10 leave-one-out subsets of 9 humans
+humans disagree, both sides are normalised, else neither (not even lower-cased); exact matches; then for each of the 10 leave-one-out subsets of 9 humans
 ``min(#matches / 3, 1)``, averaged.
 """
 
@@ -98,7 +98,8 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    # at most 32 periods: the official tool passes re.UNICODE (32) where sub() takes its count
+    return _PERIOD_STRIP.sub("", out, count=32)
 
 
 def process_digit_article(text: str) -> str:
@@ -130,8 +131,9 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     if len(set(gts)) > 1:
         gts = [normalize_answer(a) for a in gts]
         pred = normalize_answer(pred)
-    pred = pred.lower()
-    matches = [g.lower() == pred for g in gts]
+    # exact strings, as the official tool: when the humans agree, neither side is normalised, so
+    # not lower-cased either ("yes" scores 0 against ten "Yes")
+    matches = [g == pred for g in gts]
     accs = []
     for i in range(len(gts)):
         others = sum(matches) - matches[i]
