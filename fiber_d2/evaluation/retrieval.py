@@ -81,6 +81,14 @@ def retrieval_recall(
         raise ValueError(f"image row {missing} has no caption in text_to_image")
     if not topk or min(topk) <= 0:
         raise ValueError(f"topk must be positive integers, got {topk}")
+    for name, scores in (("sim", sim), ("sim_t2i", sim_t2i)):
+        # a NaN compares false with everything: its pair would rank first, a hit
+        bad = int(torch.isnan(scores).sum())
+        if bad:
+            raise ValueError(
+                f"{name} holds {bad} NaN score(s) of {scores.numel()} (non-finite embeddings, e.g. "
+                "an fp16 overflow): no recall can be computed"
+            )
 
     # TR: rank every caption inside its own image's row; an image keeps its best caption.
     text_rank = torch.empty(n_txt, dtype=torch.long, device=sim.device)

@@ -96,6 +96,20 @@ def test_bad_inputs():
         retrieval_recall(SIM, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="N_img, N_txt"):
         retrieval_recall(SIM[0], TEXT_TO_IMAGE)
+    # a NaN row compared false with every score: its captions ranked first, counted as hits
+    nan = SIM.clone()
+    nan[0] = float("nan")
+    with pytest.raises(ValueError, match=r"sim holds 5 NaN score\(s\) of 15"):
+        retrieval_recall(nan, TEXT_TO_IMAGE)
+    with pytest.raises(ValueError, match="sim_t2i holds 5 NaN"):
+        retrieval_recall(SIM, TEXT_TO_IMAGE, sim_t2i=nan)
+    # infinities rank like any number
+    inf = SIM.clone()
+    inf[0, 2], inf[1, 2] = float("inf"), float("-inf")
+    tr, ir = _reference_recall(inf, TEXT_TO_IMAGE, (1, 5))
+    recall = retrieval_recall(inf, TEXT_TO_IMAGE, (1, 5))
+    assert recall["TR@1"] == tr[1] != retrieval_recall(SIM, TEXT_TO_IMAGE, (1,))["TR@1"]
+    assert [recall["IR@1"], recall["TR@5"], recall["IR@5"]] == pytest.approx([ir[1], tr[5], ir[5]])
 
 
 def _outputs(ids, dim=4, swap=()):
