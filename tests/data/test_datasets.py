@@ -302,6 +302,92 @@ def test_captions_karpathy_and_coco(tmp_path):
         load_captions(merged, "/v", "c")
 
 
+def test_caption_files_of_the_wrong_shape_are_one_line(tmp_path, caplog):
+    """Values of another json type than the format's were AttributeError tracebacks; one id for two
+    Karpathy entries merged their reference captions; captions of an image id that 'images' does
+    not list were dropped without a word."""
+    entry = {"filepath": "val2014", "filename": "a.jpg", "cocoid": 5, "split": "test"}
+    sentences = [{"raw": "A cat."}]
+    karpathy = write(tmp_path / "k.json", {"images": [{**entry, "sentences": "A dog."}]})
+    with pytest.raises(
+        BadRecordError, match=r"k.json: 'images\[0\].sentences' must be a list, got"
+    ):
+        load_captions(karpathy, "/c", "k")
+    twice = [
+        {**entry, "sentences": sentences},
+        {**entry, "filename": "b.jpg", "sentences": sentences},
+    ]
+    karpathy = write(tmp_path / "k.json", {"images": twice})
+    with pytest.raises(BadRecordError, match=r"k.json: image id 5 is given to more than one image"):
+        load_captions(karpathy, "/c", "k")
+    coco = {"images": ["x.jpg"], "annotations": []}
+    with pytest.raises(BadRecordError, match=r"c.json: images\[0\] must be a json object, got str"):
+        load_captions(write(tmp_path / "c.json", coco), "/c", "c")
+    coco = {"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": {"image_id": 1}}
+    with pytest.raises(BadRecordError, match=r"c.json: 'annotations' must be a list, got a dict"):
+        load_captions(write(tmp_path / "c.json", coco), "/c", "c")
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(json.dumps({"file_name": "a.jpg", "caption": "a"}) + "\n" + '["b.jpg"]\n')
+    with pytest.raises(
+        BadRecordError, match=r"c.jsonl:2: a line must be one json object per image"
+    ):
+        load_captions(str(lines), "/c", "c")
+    coco = {
+        "images": [{"id": 1, "file_name": "x.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "a"}, {"image_id": "1", "caption": "b"}],
+    }
+    with caplog.at_level(logging.WARNING):
+        (record,) = load_captions(write(tmp_path / "c.json", coco), "/c", "c")
+    assert record["caption"] == "a"
+    assert "captions of 1 image id(s) that 'images' does not list are not used (first: '1')" in (
+        caplog.text
+    )
+
+
+def test_a_value_of_another_json_type_is_one_line_naming_the_file(tmp_path):
+    """An AttributeError from a reader (a string where the format has an object) was a traceback
+    through load_records; now one line naming the dataset's file."""
+    from fiber_d2.data.datasets.common import load_records
+
+    name = unique("attribute_error")
+    path = tmp_path / "odd.json"
+
+    def load():
+        return [record.get("file_name") for record in ["a.jpg"]]
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(json_file=str(path))
+    with pytest.raises(BadRecordError) as err:
+        load_records(name, "test")
+    assert str(err.value) == (
+        f"test dataset '{name}': cannot load its annotations: {path}: a value is not of the type the "
+        "format requires ('str' object has no attribute 'get')"
+    )
+
+
+def test_mdetr_files_of_the_wrong_shape_are_one_line(tmp_path, caplog):
+    image = {"id": 0, "file_name": "a.jpg", "height": 10, "width": 10, "caption": "a dog"}
+    for data, message in [
+        (["images"], r"m.json: no 'images' list"),
+        ({"images": {"0": image}}, r"m.json: 'images' must be a list, got a dict"),
+        ({"images": [image, "b.jpg"]}, r"m.json: images\[1\] must be a json object, got str"),
+        ({"images": [image], "annotations": [3]}, r"m.json: annotations\[0\] must be a json"),
+    ]:
+        with pytest.raises((BadRecordError, KeyError), match=message):
+            load_mdetr_json(write(tmp_path / "m.json", data), "/x", "m", "grounding")
+    box = {"id": 1, "image_id": 0, "bbox": [1, 1, 4, 4], "tokens_positive": [[0, 5]]}
+    boxes = [box, {**box, "id": 2, "image_id": 7}]
+    with caplog.at_level(logging.WARNING):
+        (record,) = load_mdetr_json(
+            write(tmp_path / "m.json", {"images": [image], "annotations": boxes}), "/x", "m",
+            "grounding",
+        )  # fmt: skip
+    assert len(record["annotations"]) == 1
+    assert "boxes of 1 image id(s) that 'images' does not list are not used (first: 7)" in (
+        caplog.text
+    )
+
+
 def test_builtin_registrations():
     expected = {
         "flickr30k_separateGT_val": ("flickr", "final_flickr_separateGT_val.json"),

@@ -185,3 +185,30 @@ def test_without_the_entities_folder_the_json_serves_with_a_warning(flickr, tmp_
         out = _flickr_ground_truth(str(tmp_path / "absent"), records)
     assert out is records and out[0]["phrases"][2]["boxes"] == [DOG_B]
     assert "Flickr30k Entities Annotations/ and Sentences/ not found" in caplog.text
+
+
+def test_boxes_that_are_no_boxes_are_left_out_with_a_warning(flickr, caplog):
+    """An inverted or non-finite bndbox was kept as ground truth (the MDETR json's loader drops
+    such boxes); a zero-height one stays, as the original keeps every box of the file."""
+    root, _ = flickr
+    xml = root / "Annotations" / "42.xml"
+    inverted = "<xmin>150</xmin><ymin>10</ymin><xmax>110</xmax><ymax>90</ymax>"
+    xml.write_text(
+        XML.replace("<xmin>110</xmin><ymin>10</ymin><xmax>150</xmax><ymax>90</ymax>", inverted)
+        .replace("<ymin>30</ymin>", "<ymin>nan</ymin>")
+        .replace(f"<ymax>{DOG_B[3]}</ymax>", f"<ymax>{DOG_B[1]}</ymax>")
+    )
+    with caplog.at_level(logging.WARNING):
+        boxes = read_entity_boxes(str(xml))
+    assert boxes == {3: [DOG_A, [0, 0, 100, 0]]}  # DOG_B, zero height
+    assert "42.xml: 2 box(es) left out of the ground truth" in caplog.text
+    assert "(first: [150.0, 10.0, 110.0, 90.0])" in caplog.text
+
+
+def test_a_sentences_file_that_is_not_utf8_names_its_line(flickr):
+    """The decode error named no file (the evaluation blamed the MDETR json)."""
+    root, _ = flickr
+    path = root / "Sentences" / "42.txt"
+    path.write_bytes(SENTENCES.encode() + b"[/EN#2/clothing Caf\xe9] .\n")
+    with pytest.raises(ValueError, match=r"42.txt:3: not UTF-8 text \(invalid continuation byte"):
+        read_sentences(str(path))

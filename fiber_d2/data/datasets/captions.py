@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .common import BadRecordError, RecordFilter, check_unique_image_ids
+from .common import BadRecordError, RecordFilter, check_unique_image_ids, json_object_list
 
 __all__ = ["load_captions", "register_captions"]
 
@@ -46,6 +46,11 @@ def _read_jsonl(path: str) -> Iterator[dict]:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: invalid json line ({e})") from e
+                if not isinstance(item, dict):
+                    raise BadRecordError(
+                        f"{path}:{line_no}: a line must be one json object per image, got a "
+                        f"{type(item).__name__}"
+                    )
                 yield item
 
 
@@ -55,21 +60,41 @@ def _from_json(path: str) -> Iterator[dict]:
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise KeyError(f"{path}: expected an 'images' list (Karpathy or COCO captions json)")
+    json_object_list(images, "images", path)
     if images and "sentences" in images[0]:  # Karpathy split file
-        for img in images:
-            yield {
-                "file_name": os.path.join(img.get("filepath", ""), img["filename"]),
-                "image_id": img.get("cocoid", img.get("imgid")),
-                "split": img.get("split"),
-                "captions": [s.get("raw", "") for s in img.get("sentences", [])],
-            }
+        items = []
+        for index, img in enumerate(images):
+            sentences = json_object_list(
+                img.get("sentences", []), f"images[{index}].sentences", path
+            )
+            items.append(
+                {
+                    "file_name": os.path.join(img.get("filepath", ""), img["filename"]),
+                    "image_id": img.get("cocoid", img.get("imgid", index)),
+                    "split": img.get("split"),
+                    "captions": [s.get("raw", "") for s in sentences],
+                }
+            )
+        # one id for two entries would merge their reference captions in the evaluation
+        check_unique_image_ids(
+            ({"id": item["image_id"], "file_name": item["file_name"]} for item in items), path
+        )
+        yield from items
         return
     if "annotations" not in data:
         raise KeyError(f"{path}: neither Karpathy 'sentences' nor COCO caption 'annotations'")
     check_unique_image_ids(images, path)
     by_image: Dict[object, List[str]] = defaultdict(list)
-    for a in data["annotations"]:
+    for a in json_object_list(data["annotations"], "annotations", path):
         by_image[a["image_id"]].append(a.get("caption", ""))
+    orphans = set(by_image) - {img.get("id") for img in images}
+    if orphans:
+        logger.warning(
+            "%s: captions of %d image id(s) that 'images' does not list are not used (first: %r)",
+            path,
+            len(orphans),
+            sorted(orphans, key=repr)[0],
+        )
     for img in images:
         item = {
             "file_name": img["file_name"],

@@ -18,6 +18,7 @@ __all__ = [
     "box_problem",
     "span_problem",
     "check_unique_image_ids",
+    "json_object_list",
     "filter_training_images",
     "no_usable_box",
     "check_datasets_before_run",
@@ -154,6 +155,20 @@ def span_problem(spans, text: str) -> Optional[str]:
         if not (isinstance(s, int) and isinstance(e, int)) or not 0 <= s < e <= len(text):
             return f"span {list(span)} is outside the caption (length {len(text)})"
     return None
+
+
+def json_object_list(entries: object, what: str, path: str) -> list:
+    """``entries`` (a file's ``images`` or ``annotations``) as a list of json objects, or one
+    :class:`BadRecordError` line naming the file and the first entry that is not one."""
+    if not isinstance(entries, list):
+        raise BadRecordError(f"{path}: '{what}' must be a list, got a {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise BadRecordError(
+                f"{path}: {what}[{index}] must be a json object, got {type(entry).__name__} "
+                f"{entry!r:.60}"
+            )
+    return entries
 
 
 def check_unique_image_ids(images: Iterable[dict], source: str) -> None:
@@ -365,15 +380,26 @@ def load_records(name: str, role: str) -> list:
         return DatasetCatalog.get(name)
     except BadRecordError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AssertionError, ImportError) as e:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        AssertionError,
+        ImportError,
+    ) as e:
         # TypeError / AssertionError: pycocotools' and detectron2's checks of a malformed file
         # (a top-level list, duplicate annotation ids, image ids of mixed types, ...);
+        # AttributeError: a value of another json type than the format's (a string for a list);
         # ImportError: a reader's optional dependency (pyarrow for the original's Arrow files)
         source = MetadataCatalog.get(name).get("json_file", "")
         text = e.args[0] if isinstance(e, KeyError) and e.args else None
         if isinstance(text, str) and " " not in text.strip():
             # a hand-made file without a field the format requires
             detail = f"a record has no field {e}"
+        elif isinstance(e, AttributeError):
+            detail = f"a value is not of the type the format requires ({e})"
         elif isinstance(e, KeyError):  # a KeyError that carries a sentence (detectron2's)
             detail = " ".join(str(text).split())
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 
@@ -41,8 +42,12 @@ def read_sentences(path: str) -> list[list[dict]]:
         ValueError: a malformed phrase, naming the file and line.
     """
     sentences = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason})") from e
             if not line.strip():
                 continue
             phrases, words = [], None
@@ -78,6 +83,10 @@ def read_entity_boxes(path: str) -> dict[int, list[list[float]]]:
         ``{entity id: [[xmin, ymin, xmax, ymax], ...]}`` in file order; entities without a box are
         absent.
 
+    A box with a coordinate that is not finite, or with xmax < xmin or ymax < ymin, is no box: it is
+    left out, with one warning per file (the MDETR json's loader drops such boxes too). Boxes of zero
+    width or height are kept, as the original's evaluation keeps every box of the file.
+
     Raises:
         ValueError: unreadable XML, a box with a missing / non-numeric coordinate or an entity
             name that is not an id, naming the file.
@@ -87,6 +96,7 @@ def read_entity_boxes(path: str) -> dict[int, list[list[float]]]:
     except ET.ParseError as e:
         raise ValueError(f"{path}: not readable XML ({e})") from e
     boxes: dict[int, list[list[float]]] = {}
+    bad = []
     for obj in root.iter("object"):
         box = obj.find("bndbox")
         if box is None or len(box) == 0:
@@ -95,10 +105,21 @@ def read_entity_boxes(path: str) -> dict[int, list[list[float]]]:
             xyxy = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: a bndbox has a missing or non-numeric coordinate") from e
+        if not all(math.isfinite(v) for v in xyxy) or xyxy[2] < xyxy[0] or xyxy[3] < xyxy[1]:
+            bad.append(xyxy)
+            continue
         for name in obj.findall("name"):
             if not (name.text or "").strip().isdigit():
                 raise ValueError(f"{path}: entity name {name.text!r} is not an entity id")
             boxes.setdefault(int(name.text), []).append(xyxy)
+    if bad:
+        logger.warning(
+            "%s: %d box(es) left out of the ground truth: a coordinate is not finite or a side is "
+            "negative (first: %s)",
+            path,
+            len(bad),
+            bad[0],
+        )
     return boxes
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .common import RecordFilter, box_problem, span_problem
+from .common import RecordFilter, box_problem, json_object_list, span_problem
 
 __all__ = ["MDETR_TASKS", "load_mdetr_json", "register_mdetr_grounding"]
 
@@ -184,11 +184,20 @@ def load_mdetr_json(
         raise ValueError(f"task {task!r} is not one of {MDETR_TASKS}")
     with open(json_file, encoding="utf-8") as f:
         data = json.load(f)
-    if "images" not in data:
+    if not isinstance(data, dict) or "images" not in data:
         raise KeyError(f"{json_file}: no 'images' list; not an MDETR/COCO-format json")
+    json_object_list(data["images"], "images", json_file)
     anns_by_entry: Dict[object, List[dict]] = defaultdict(list)
-    for a in data.get("annotations", []):
+    for a in json_object_list(data.get("annotations", []), "annotations", json_file):
         anns_by_entry[a["image_id"]].append(a)
+    orphans = set(anns_by_entry) - {entry.get("id") for entry in data["images"]}
+    if orphans:
+        logger.warning(
+            "%s: boxes of %d image id(s) that 'images' does not list are not used (first: %r)",
+            json_file,
+            len(orphans),
+            sorted(orphans, key=repr)[0],
+        )
     bad = RecordFilter(dataset_name, json_file)
     ids = set()
     records = []
