@@ -6,7 +6,12 @@ FIBER fine-grained spec. Derived yaml files under ``configs/`` change only a few
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_fiber_config"]
+__all__ = ["add_fiber_config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error: a key's value the run cannot have. The tools
+    print it as one ``error:`` line (:mod:`fiber_d2.engine.cli`)."""
 
 
 def add_fiber_config(cfg: CN) -> CN:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 
+from ..config import ConfigError
 from ..modeling.head.postprocess import SCORE_AGGREGATIONS
 from .memory import check_mmap_threshold
 from .optimizer import OPTIMIZERS, PARAM_GROUP_RULES
@@ -24,10 +25,6 @@ __all__ = [
     "config_value",
     "require_at_least_one",
 ]
-
-
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration error."""
 
 
 def config_value(cfg: CfgNode, key: str):

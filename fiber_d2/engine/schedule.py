@@ -31,6 +31,7 @@ import math
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 
+from ..config import ConfigError
 from ..data.datasets.common import serve_once
 from .train_step import accumulation_steps
 
@@ -46,7 +47,6 @@ def epoch_schedule(cfg: CfgNode, num_records: int, world_size: int) -> dict:
     Raises:
         ConfigError: the schedule would have no iteration.
     """
-    from .setup import ConfigError  # setup imports the trainer, which imports this module
 
     s = cfg.SOLVER
     epochs, batch = s.MAX_EPOCHS, s.IMS_PER_BATCH

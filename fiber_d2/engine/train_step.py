@@ -42,6 +42,8 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ConfigError
+
 __all__ = [
     "accumulation_steps",
     "with_fiber_step",
@@ -64,7 +66,6 @@ def accumulation_steps(cfg: CfgNode, world_size: int) -> int:
     Raises:
         ConfigError: the share is not a multiple of ``IMS_PER_DEVICE``.
     """
-    from .setup import ConfigError  # setup imports the trainer, which imports this module
 
     per_process = cfg.SOLVER.IMS_PER_BATCH // max(world_size, 1)
     per_device = cfg.SOLVER.IMS_PER_DEVICE

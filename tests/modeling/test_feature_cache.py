@@ -5,6 +5,7 @@ backbone's part of each (image, text) input and runs the backbone only for input
 import pytest
 import torch
 
+from fiber_d2.config import ConfigError
 from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.meta_arch import FIBERFusedTask
 
@@ -137,13 +138,14 @@ def test_the_image_prefix_runs_once_per_image_whatever_the_text():
     ],
 )
 def test_a_trainable_or_random_backbone_is_refused(opts, needs):
-    with pytest.raises(ValueError, match="MODEL.COARSE.FEATURE_CACHE") as err:
+    """A ConfigError: the tools print it as one line (it was a traceback from the model's build)."""
+    with pytest.raises(ConfigError, match="MODEL.COARSE.FEATURE_CACHE") as err:
         _task(*opts, *CACHE)
     assert needs in str(err.value)
 
 
 def test_the_image_prefix_cache_needs_the_feature_cache():
-    with pytest.raises(ValueError, match="IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE"):
+    with pytest.raises(ConfigError, match="IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE"):
         _task(*FROZEN, *PREFIX)
 
 
@@ -166,5 +168,5 @@ def test_a_full_cache_stops_growing_and_keeps_the_outputs(caplog):
     assert len(model.feature_cache) == 4 and model.cache_bytes == 4 * size
     assert rows == [6, 2]  # the second call runs the backbone for the 2 inputs left out only
     assert caplog.text.count("the feature caches are full") == 1
-    with pytest.raises(ValueError, match="FEATURE_CACHE_MAX_MB must be > 0"):
+    with pytest.raises(ConfigError, match="FEATURE_CACHE_MAX_MB must be > 0"):
         _task(*FROZEN, *CACHE, "MODEL.COARSE.FEATURE_CACHE_MAX_MB", "0")

@@ -25,6 +25,7 @@ import logging
 import torch
 from torch import nn
 
+from ...config import ConfigError
 from ..backbone.fused import FusionPrefix
 from .coarse_heads import init_head
 from .fiber_coarse import FIBERCoarse
@@ -114,17 +115,17 @@ class FIBERFusedTask(FIBERCoarse):
         self.image_prefix_cache: dict[bytes, torch.Tensor] | None = None
         if image_prefix_cache:
             if not feature_cache:
-                raise ValueError(
+                raise ConfigError(
                     "MODEL.COARSE.IMAGE_PREFIX_CACHE needs MODEL.COARSE.FEATURE_CACHE True"
                 )
             if not self.backbone.schedule:
-                raise ValueError(
+                raise ConfigError(
                     "MODEL.COARSE.IMAGE_PREFIX_CACHE needs fusion layers "
                     "(MODEL.FIBER.NUM_FUSION_LAYERS > 0)"
                 )
             self.image_prefix_cache = {}
         if cache_max_mb <= 0:
-            raise ValueError(f"MODEL.COARSE.FEATURE_CACHE_MAX_MB must be > 0, got {cache_max_mb}")
+            raise ConfigError(f"MODEL.COARSE.FEATURE_CACHE_MAX_MB must be > 0, got {cache_max_mb}")
         self.cache_max_bytes = int(cache_max_mb * 2**20)
         self.cache_bytes = 0  # held by both caches
         self._cache_full_warned = False
@@ -134,13 +135,13 @@ class FIBERFusedTask(FIBERCoarse):
         name, module = self.CACHED_MODULE, self.get_submodule(self.CACHED_MODULE)
         trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         if trainable:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.COARSE.FEATURE_CACHE needs a frozen {name} ({self.CACHED_FREEZE}); "
                 f"{len(trainable)} of its parameters train, e.g. {name}.{trainable[0]}"
             )
         dropout = [n for n, m in module.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
         if dropout:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.COARSE.FEATURE_CACHE needs a {name} without dropout "
                 "(MODEL.LANGUAGE_BACKBONE.HIDDEN_DROPOUT / ATTENTION_DROPOUT 0); "
                 f"dropout at {name}.{dropout[0]}"
