@@ -213,20 +213,26 @@ def test_official_json_release_records(tmp_path):
         ({"image_id": 42, "question": None}, None, "q.json: question_id 420: .*question must be"),
         ({"image_id": 42}, None, "q.json: question_id 420: bad record \\(no field 'question'"),
         ({"image_id": 42, "question": "q"}, "yes", "a.json: question_id 420: bad record"),
+        ({"image_id": 42, "question": "q"}, {"multiple_choice_answer": 2},
+         "a.json: question_id 420: .*multiple_choice_answer must be a string, got 2"),
     ],
-)
+)  # fmt: skip
 def test_malformed_json_release_record_names_file_and_question(
     question, answers, message, tmp_path
 ):
-    """Each was a traceback (TypeError, format errors, transformers' error at the first batch) or
-    a line naming neither the file nor the question."""
+    """Each was a traceback (TypeError, format errors, transformers' error at the first batch, an
+    AttributeError building the answer vocabulary) or a line naming neither the file nor the
+    question. ``answers``: the annotation's answers, or a dict of annotation fields to set."""
     import json
 
     from vqa import load_vqa_json
 
     q = {"questions": [dict(question, question_id=420)]}
-    ann = {"question_id": 420, "multiple_choice_answer": "yes",
-           "answers": answers if answers is not None else [{"answer": "yes"}]}  # fmt: skip
+    ann = {"question_id": 420, "multiple_choice_answer": "yes", "answers": [{"answer": "yes"}]}
+    if isinstance(answers, dict):
+        ann.update(answers)
+    elif answers is not None:
+        ann["answers"] = answers
     (tmp_path / "q.json").write_text(json.dumps(q))
     (tmp_path / "a.json").write_text(json.dumps({"annotations": [ann]}))
     with pytest.raises(ValueError, match=message) as err:

@@ -118,6 +118,10 @@ def _answered(question: dict, a: dict) -> dict:
     human = [x["answer"] for x in a["answers"]]
     if not all(isinstance(x, str) for x in human):
         raise ValueError(f"answers must be strings, got {human!r}")
+    if not isinstance(a["multiple_choice_answer"], str):
+        raise ValueError(
+            f"multiple_choice_answer must be a string, got {a['multiple_choice_answer']!r}"
+        )
     return dict(
         question,
         answers=human,
