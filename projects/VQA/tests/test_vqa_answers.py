@@ -243,6 +243,48 @@ def test_malformed_json_release_record_names_file_and_question(
         load_vqa_json(str(tmp_path / "q.json"), None, "/coco", "val2014")
 
 
+@pytest.mark.parametrize("which", ["questions", "annotations"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"questions": [{"image_id": 1, "question_id": 1, "quest', "is not valid json"),
+        ("", "is empty"),
+        ("\n \n", "is empty"),
+        ("{not json}", "is not valid json"),
+        (b'{"questions": "\xff"}', "is not UTF-8 text"),
+        (None, "is a directory"),
+    ],
+)
+def test_unreadable_json_file_is_one_line_naming_it(which, content, message, tmp_path):
+    """A truncated, empty or invalid questions or annotations file was json's error, naming
+    neither file; a folder read as "file not found"."""
+    import json
+
+    from vqa import load_vqa_json
+
+    files = {"questions": tmp_path / "q.json", "annotations": tmp_path / "a.json"}
+    files["questions"].write_text(
+        json.dumps({"questions": [{"image_id": 1, "question_id": 1, "question": "q"}]})
+    )
+    files["annotations"].write_text(
+        json.dumps({"annotations": [{"question_id": 1, "multiple_choice_answer": "yes",
+                                     "answers": [{"answer": "yes"}]}]})
+    )  # fmt: skip
+    bad = files[which]
+    if content is None:
+        bad.unlink()
+        bad.mkdir()
+    elif isinstance(content, bytes):
+        bad.write_bytes(content)
+    else:
+        bad.write_text(content)
+    with pytest.raises((ValueError, OSError)) as err:
+        load_vqa_json(str(files["questions"]), str(files["annotations"]), "/coco", "val2014")
+    line = str(err.value)
+    assert str(bad) in line and message in line and f"VQA {which} file" in line
+    assert "\n" not in line
+
+
 def test_json_records_follow_the_annotations_order(tmp_path):
     """The vocabulary's first-occurrence order is the annotations file's, as in the original."""
     import json

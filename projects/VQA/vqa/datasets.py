@@ -55,10 +55,27 @@ VQA_JSON_SPLITS = {
 
 
 def _read_json(path: str, what: str):
+    """The json in ``path``; a missing, empty or invalid file is one line naming it."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"VQA {what} file {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQA {what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or data.isspace():
+        raise ValueError(f"{path}: the VQA {what} file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: the VQA {what} file is not UTF-8 text (byte {data[e.start]:#x} at offset "
+            f"{e.start})"
+        ) from None
+    del data
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:  # a truncated or hand-edited file
+        raise ValueError(f"{path}: the VQA {what} file is not valid json ({e})") from None
 
 
 def load_vqa_json(questions_file: str, annotations_file: str | None, image_root: str, split: str):
