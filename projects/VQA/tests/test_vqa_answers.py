@@ -285,6 +285,55 @@ def test_unreadable_json_file_is_one_line_naming_it(which, content, message, tmp
     assert "\n" not in line
 
 
+def _write_vqa_json(tmp_path, questions, annotations):
+    """q.json / a.json of ``questions`` / ``annotations`` (an annotation: (question_id, answer))."""
+    import json
+
+    q = {"questions": [{"image_id": 1, "question_id": i, "question": "q"} for i in questions]}
+    ann = [{"question_id": i, "multiple_choice_answer": m, "answers": [{"answer": m}]}
+           for i, m in annotations]  # fmt: skip
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": ann}))
+    return str(tmp_path / "q.json"), str(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize("with_answers", [True, False])
+def test_duplicate_question_id_in_the_questions_file_is_one_line(with_answers, tmp_path):
+    """The later question silently replaced the earlier (or, without answers, both were kept)."""
+    from vqa import load_vqa_json
+
+    q, a = _write_vqa_json(tmp_path, [1, 2, 1], [(1, "x"), (2, "y")])
+    with pytest.raises(ValueError) as err:
+        load_vqa_json(q, a if with_answers else None, "/coco", "val2014")
+    assert str(err.value) == f"{q}: question_id 1 is given to more than one question"
+
+
+def test_duplicate_question_id_in_the_annotations_file_is_named_as_such(tmp_path):
+    """It blamed the questions file ("no question for question_id 1")."""
+    from vqa import load_vqa_json
+
+    q, a = _write_vqa_json(tmp_path, [1, 2], [(1, "x"), (2, "y"), (1, "z")])
+    with pytest.raises(ValueError) as err:
+        load_vqa_json(q, a, "/coco", "val2014")
+    assert str(err.value) == f"{a}: question_id 1 is annotated more than once"
+
+
+@pytest.mark.parametrize("which", ["questions", "annotations"])
+def test_question_id_that_is_not_an_int_is_one_line_naming_the_file(which, tmp_path):
+    """A list was "unhashable type: 'list'", naming no file."""
+    from vqa import load_vqa_json
+
+    questions, annotations = [[1, 2]], [([1, 2], "x")]
+    if which == "annotations":
+        questions = [1]
+    q, a = _write_vqa_json(tmp_path, questions, annotations)
+    with pytest.raises(ValueError) as err:
+        load_vqa_json(q, a, "/coco", "val2014")
+    bad = q if which == "questions" else a
+    assert str(err.value).startswith(f"{bad}: question_id [1, 2]: ")
+    assert str(err.value).endswith("question_id must be an int, got [1, 2])")
+
+
 def test_json_records_follow_the_annotations_order(tmp_path):
     """The vocabulary's first-occurrence order is the annotations file's, as in the original."""
     import json

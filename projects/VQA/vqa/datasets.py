@@ -88,22 +88,36 @@ def load_vqa_json(questions_file: str, annotations_file: str | None, image_root:
         split: the COCO file-name split (``COCO_<split>_<id:012d>.jpg``).
 
     Raises:
-        FileNotFoundError: a missing file (named); ValueError: a question without annotation.
+        FileNotFoundError / IsADirectoryError: a missing file or a folder (named); ValueError: one
+        line naming the file (and the question_id): an empty or invalid file, a malformed record,
+        a question_id given twice, a question without annotation or the reverse.
     """
     questions = _entries(questions_file, "questions")
+    by_id = {}
+    for q in questions:
+        qid = _checked(questions_file, q, lambda q=q: _question_id(q))
+        if qid in by_id:
+            raise ValueError(
+                f"{questions_file}: question_id {qid} is given to more than one question"
+            )
+        by_id[qid] = q
     if not annotations_file:
         return [
             _checked(questions_file, q, lambda q=q: _question_record(q, image_root, split))
             for q in questions
         ]
-    by_id = {_checked(questions_file, q, lambda q=q: q["question_id"]): q for q in questions}
     annotations = _entries(annotations_file, "annotations")
     records = []
+    answered = set()
     # in the annotations' order, which the original's answer vocabulary follows
     for a in annotations:
-        q = by_id.pop(_checked(annotations_file, a, lambda a=a: a["question_id"]), None)
+        qid = _checked(annotations_file, a, lambda a=a: _question_id(a))
+        if qid in answered:
+            raise ValueError(f"{annotations_file}: question_id {qid} is annotated more than once")
+        q = by_id.pop(qid, None)
         if q is None:
-            raise ValueError(f"{questions_file}: no question for question_id {a['question_id']}")
+            raise ValueError(f"{questions_file}: no question for question_id {qid}")
+        answered.add(qid)
         question = _checked(questions_file, q, lambda q=q: _question_record(q, image_root, split))
         records.append(_checked(annotations_file, a, lambda a=a, q=question: _answered(q, a)))
     if by_id:
@@ -128,6 +142,14 @@ def _checked(path: str, entry, build):
         qid = entry.get("question_id") if isinstance(entry, dict) else None
         detail = f"no field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise ValueError(f"{path}: question_id {qid}: bad record ({detail})") from None
+
+
+def _question_id(entry: dict) -> int:
+    """The entry's ``question_id`` (an int in the release)."""
+    qid = entry["question_id"]
+    if not isinstance(qid, int) or isinstance(qid, bool):
+        raise ValueError(f"question_id must be an int, got {qid!r}")
+    return qid
 
 
 def _answered(question: dict, a: dict) -> dict:
