@@ -215,6 +215,8 @@ def test_official_json_release_records(tmp_path):
         ({"image_id": 42, "question": "q"}, "yes", "a.json: question_id 420: bad record"),
         ({"image_id": 42, "question": "q"}, {"multiple_choice_answer": 2},
          "a.json: question_id 420: .*multiple_choice_answer must be a string, got 2"),
+        ({"image_id": 42, "question": "q"}, {"image_id": 43},
+         "a.json: question_id 420: .*image_id 43 differs from its question's image_id 42"),
     ],
 )  # fmt: skip
 def test_malformed_json_release_record_names_file_and_question(
@@ -228,7 +230,8 @@ def test_malformed_json_release_record_names_file_and_question(
     from vqa import load_vqa_json
 
     q = {"questions": [dict(question, question_id=420)]}
-    ann = {"question_id": 420, "multiple_choice_answer": "yes", "answers": [{"answer": "yes"}]}
+    ann = {"question_id": 420, "image_id": question.get("image_id"), "multiple_choice_answer": "yes",
+           "answers": [{"answer": "yes"}]}  # fmt: skip
     if isinstance(answers, dict):
         ann.update(answers)
     elif answers is not None:

@@ -157,6 +157,11 @@ def _answered(question: dict, a: dict) -> dict:
     human = [x["answer"] for x in a["answers"]]
     if not all(isinstance(x, str) for x in human):
         raise ValueError(f"answers must be strings, got {human!r}")
+    if "image_id" in a and a["image_id"] != question["image_id"]:
+        raise ValueError(
+            f"image_id {a['image_id']!r} differs from its question's image_id "
+            f"{question['image_id']!r}"
+        )
     if not isinstance(a["multiple_choice_answer"], str):
         raise ValueError(
             f"multiple_choice_answer must be a string, got {a['multiple_choice_answer']!r}"
