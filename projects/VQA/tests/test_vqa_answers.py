@@ -300,6 +300,24 @@ def _write_vqa_json(tmp_path, questions, annotations):
     return str(tmp_path / "q.json"), str(tmp_path / "a.json")
 
 
+@pytest.mark.parametrize("which", ["questions", "annotations"])
+def test_json_file_without_records_is_one_line(which, tmp_path):
+    """It loaded as 0 records; the run then stopped at detectron2's "Dataset is empty" traceback."""
+    from vqa import load_vqa_json
+
+    q, a = _write_vqa_json(tmp_path, [] if which == "questions" else [1], [])
+    with pytest.raises(ValueError) as err:
+        load_vqa_json(q, a, "/coco", "val2014")
+    bad = q if which == "questions" else a
+    assert (
+        str(err.value)
+        == f"{bad}: the VQA {which} file holds no records (its {which!r} list is empty)"
+    )
+    if which == "questions":
+        with pytest.raises(ValueError, match="holds no records"):
+            load_vqa_json(q, None, "/coco", "test2015")
+
+
 @pytest.mark.parametrize("with_answers", [True, False])
 def test_duplicate_question_id_in_the_questions_file_is_one_line(with_answers, tmp_path):
     """The later question silently replaced the earlier (or, without answers, both were kept)."""

@@ -130,6 +130,8 @@ def _entries(path: str, key: str) -> list:
     data = _read_json(path, key)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: not a VQA {key} file (no {key!r} list at the top level)")
+    if not data[key]:
+        raise ValueError(f"{path}: the VQA {key} file holds no records (its {key!r} list is empty)")
     return data[key]
 
 
