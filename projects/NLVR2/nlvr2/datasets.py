@@ -50,16 +50,29 @@ def load_nlvr2_json(annotation_file: str, image_root: str, split: str) -> list[d
     """Records of an official NLVR2 ``{train,dev,test1}.json`` (json lines).
 
     Raises:
-        FileNotFoundError / ValueError with one line naming the file and the record.
+        FileNotFoundError / IsADirectoryError / ValueError with one line naming the file and the
+        line (a bad record, a byte that is not UTF-8), or saying that the file holds no records.
     """
+    if os.path.isdir(annotation_file):
+        raise IsADirectoryError(
+            f"NLVR2 annotation file {annotation_file} is a directory, not a file"
+        )
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"NLVR2 annotation file not found: {annotation_file}")
     records = []
-    with open(annotation_file, encoding="utf-8") as f:
+    # a byte that is not UTF-8 is kept as a lone surrogate, to name its line (below)
+    with open(annotation_file, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
+            where = f"{annotation_file}:{line_no}"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte {ord(line[e.start]) - 0xDC00:#x} at column "
+                    f"{e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{annotation_file}:{line_no}"
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
@@ -96,6 +109,8 @@ def load_nlvr2_json(annotation_file: str, image_root: str, split: str) -> list[d
                         "not a json list spread over lines"
                     ) from None
                 raise ValueError(f"{where}: bad NLVR2 record ({type(e).__name__}: {e})") from None
+    if not records:
+        raise ValueError(f"{annotation_file}: the NLVR2 file holds no records (no json line)")
     return records
 
 

@@ -216,6 +216,35 @@ def test_a_json_list_instead_of_json_lines_is_named(tmp_path):
     )
 
 
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """It was "'utf-8' codec can't decode byte 0xe9 ...", naming neither the file nor the line."""
+    ann = tmp_path / "dev.json"
+    good = json.dumps({"identifier": "dev-1-0-0", "sentence": "x", "label": "True"})
+    ann.write_bytes(
+        (good + "\n").encode() * 2 + b'{"identifier": "dev-2-0-0", "sentence": "caf\xe9"}\n'
+    )
+    with pytest.raises(ValueError) as err:
+        load_nlvr2_json(str(ann), str(tmp_path), "dev")
+    assert str(err.value) == f"{ann}:3: not UTF-8 text (byte 0xe9 at column 45)"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_a_file_without_records_is_one_line(content, tmp_path):
+    """It loaded as 0 records; the run then stopped at detectron2's "Dataset is empty" traceback."""
+    ann = tmp_path / "dev.json"
+    ann.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_nlvr2_json(str(ann), str(tmp_path), "dev")
+    assert str(err.value) == f"{ann}: the NLVR2 file holds no records (no json line)"
+
+
+def test_a_folder_for_the_annotation_file_is_named_as_one(tmp_path):
+    """It was reported as "file not found"."""
+    with pytest.raises(IsADirectoryError) as err:
+        load_nlvr2_json(str(tmp_path), str(tmp_path), "dev")
+    assert str(err.value) == f"NLVR2 annotation file {tmp_path} is a directory, not a file"
+
+
 def test_official_train_split_images_sit_in_their_directory(tmp_path):
     """train.json rows name a numbered ``directory`` under the train image folder (the release
     layout ``images/train/<directory>/``); dev / test1 images sit directly in their folder."""
