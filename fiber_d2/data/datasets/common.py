@@ -24,6 +24,7 @@ __all__ = [
     "check_datasets_before_run",
     "counts_unreadable_as_empty",
     "load_records",
+    "read_arrow_rows",
     "serve_once",
 ]
 
@@ -413,6 +414,50 @@ def load_records(name: str, role: str) -> list:
         raise BadRecordError(
             f"{role} dataset '{name}': cannot load its annotations: {detail}"
         ) from e
+
+
+def _open_arrow(path: str):
+    """The table of an Arrow IPC file (pyarrow is optional: imported here)."""
+    import pyarrow as pa
+
+    with pa.memory_map(path, "r") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def read_arrow_rows(path: str, required: Sequence[str], read: Sequence[str], what: str) -> list:
+    """The rows of one of the original's Arrow files (coarse spec §7), as dicts of the columns in
+    ``read`` that the file has. A missing file, a folder, an empty or truncated file, a file without
+    one of the ``required`` columns, or pyarrow not installed is one line naming the file.
+
+    Args:
+        path: the ``.arrow`` file.
+        required: the columns the file must have (image columns too: checked, not read).
+        read: the columns returned (those the file lacks are left out of the rows).
+        what: the dataset kind ("VQA", "NLVR2"), for the messages.
+
+    Raises:
+        FileNotFoundError / IsADirectoryError / ValueError / ImportError naming the file.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} arrow file {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} arrow file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the {what} arrow file is empty")
+    try:
+        table = _open_arrow(path)
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid ("Not an Arrow file") / IOError
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{path}: not a readable {what} arrow file ({detail})") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{path}: the {what} arrow file has no column {', '.join(missing)} (it has "
+            f"{', '.join(table.column_names) or 'none'})"
+        )
+    return table.select([c for c in read if c in table.column_names]).to_pylist()
 
 
 def no_usable_box(train: Sequence[str]) -> "BadRecordError":

@@ -28,6 +28,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from fiber_d2.data.datasets.common import read_arrow_rows
 from fiber_d2.data.shapes import SPLITS, shapes_root
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
 
@@ -196,48 +197,72 @@ def load_vqa_arrow(arrow_file: str):
 
     Images stay in the file (records point at ``arrow_file`` / ``arrow_row``). Arrow rows carry the
     original's processed answers (label strings and soft scores), not the 10 human answers; the
-    ``multiple_choice_answer`` is the highest-scoring label.
+    ``multiple_choice_answer`` is the highest-scoring label. Test files have empty answer lists.
 
     Raises:
-        FileNotFoundError / ImportError with one line naming the file or the missing package.
+        FileNotFoundError / IsADirectoryError / ValueError / ImportError with one line naming the
+        file (and the row) or the missing package.
     """
-    if not os.path.isfile(arrow_file):
-        raise FileNotFoundError(f"VQA arrow file not found: {arrow_file}")
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise ImportError(f"reading {arrow_file} needs pyarrow (pip install pyarrow)") from None
-    with pa.memory_map(arrow_file, "r") as source:
-        table = pa.ipc.open_file(source).read_all()
-    columns = [c for c in table.column_names if c != "image"]
-    rows = table.select(columns).to_pylist()
+    rows = read_arrow_rows(
+        arrow_file,
+        required=("image", "questions", "question_id", "image_id"),
+        read=("questions", "question_id", "image_id", "answers", "answer_labels", "answer_scores"),
+        what="VQA",
+    )
     records = []
     for row_index, row in enumerate(rows):
-        none = [None] * len(row["questions"])
-        per_question = zip(
-            row["questions"],
-            row["question_id"],
-            row.get("answers") or none,
-            row.get("answer_labels") or none,
-            row.get("answer_scores") or none,
-        )
-        for question, qid, answers, labels, scores in per_question:
-            r = {
-                "arrow_file": arrow_file,
-                "arrow_row": row_index,
-                "arrow_column": "image",
-                "file_name": f"{arrow_file}#{row_index}",
-                "image_id": row["image_id"],
-                "question_id": qid,
-                "question": question,
-            }
-            if answers is not None and scores is not None:
-                pairs = {a: float(s) for a, s in zip(answers, scores)}
-                r["answer_scores"] = pairs
-                r["multiple_choice_answer"] = max(pairs, key=pairs.get) if pairs else ""
-                if labels is not None:
-                    r["answer_labels"] = [(int(k), a) for k, a in zip(labels, answers)]
-            records.append(r)
+        try:
+            records.extend(_arrow_row_records(arrow_file, row_index, row))
+        except (TypeError, ValueError) as e:
+            detail = " ".join(str(e).split())
+            if not isinstance(e, ValueError):
+                detail = f"bad row ({type(e).__name__}: {detail})"
+            raise ValueError(f"{arrow_file} row {row_index}: {detail}") from None
+    if not records:
+        raise ValueError(f"{arrow_file}: the VQA arrow file holds no records ({len(rows)} rows)")
+    return records
+
+
+def _arrow_row_records(arrow_file: str, row_index: int, row: dict) -> list:
+    """The records of one Arrow row (one image, its questions); lists of unequal length raise."""
+    questions = row["questions"]
+    per_question = {"question_id": row["question_id"]}
+    for key in ("answers", "answer_labels", "answer_scores"):
+        if row.get(key):  # empty or absent in test files
+            per_question[key] = row[key]
+    for key, values in per_question.items():
+        if len(values) != len(questions):
+            raise ValueError(f"{len(questions)} question(s) but {len(values)} in {key}")
+    none = [None] * len(questions)
+    records = []
+    for question, qid, answers, labels, scores in zip(
+        questions,
+        per_question["question_id"],
+        per_question.get("answers", none),
+        per_question.get("answer_labels", none),
+        per_question.get("answer_scores", none),
+    ):
+        r = {
+            "arrow_file": arrow_file,
+            "arrow_row": row_index,
+            "arrow_column": "image",
+            "file_name": f"{arrow_file}#{row_index}",
+            "image_id": row["image_id"],
+            "question_id": qid,
+            "question": question,
+        }
+        if answers is not None and scores is not None:
+            for key, values in (("answer_scores", scores), ("answer_labels", labels)):
+                if values is not None and len(values) != len(answers):
+                    raise ValueError(
+                        f"question_id {qid}: {len(answers)} answer(s) but {len(values)} in {key}"
+                    )
+            pairs = {a: float(s) for a, s in zip(answers, scores)}
+            r["answer_scores"] = pairs
+            r["multiple_choice_answer"] = max(pairs, key=pairs.get) if pairs else ""
+            if labels is not None:
+                r["answer_labels"] = [(int(k), a) for k, a in zip(labels, answers)]
+        records.append(r)
     return records
 
 
