@@ -28,6 +28,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from fiber_d2.data.datasets.common import read_arrow_rows
 from fiber_d2.data.shapes import SPLITS, shapes_root
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
 
@@ -119,20 +120,27 @@ def load_nlvr2_arrow(arrow_file: str) -> list[dict]:
     ``questions`` and ``answers`` lists; images stay in the file).
 
     Raises:
-        FileNotFoundError / ImportError with one line naming the file or the missing package.
+        FileNotFoundError / IsADirectoryError / ValueError / ImportError with one line naming the
+        file (and the row) or the missing package.
     """
-    if not os.path.isfile(arrow_file):
-        raise FileNotFoundError(f"NLVR2 arrow file not found: {arrow_file}")
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise ImportError(f"reading {arrow_file} needs pyarrow (pip install pyarrow)") from None
-    with pa.memory_map(arrow_file, "r") as source:
-        table = pa.ipc.open_file(source).read_all()
-    rows = table.select(["questions", "answers", "identifier"]).to_pylist()
+    rows = read_arrow_rows(
+        arrow_file,
+        required=("image_0", "image_1", "questions", "answers", "identifier"),
+        read=("questions", "answers", "identifier"),
+        what="NLVR2",
+    )
     records = []
     for row_index, row in enumerate(rows):
-        for k, (sentence, answer) in enumerate(zip(row["questions"], row["answers"])):
+        where = f"{arrow_file} row {row_index}"
+        questions, answers = row["questions"], row["answers"]
+        if not isinstance(questions, list) or not isinstance(answers, list):
+            raise ValueError(
+                f"{where}: questions and answers must be lists, got {questions!r:.40} and "
+                f"{answers!r:.40}"
+            )
+        if len(answers) != len(questions):
+            raise ValueError(f"{where}: {len(questions)} question(s) but {len(answers)} answer(s)")
+        for k, (sentence, answer) in enumerate(zip(questions, answers)):
             records.append(
                 {
                     "arrow_file": arrow_file,
@@ -140,10 +148,12 @@ def load_nlvr2_arrow(arrow_file: str) -> list[dict]:
                     "file_name_0": f"{arrow_file}#{row_index}/image_0",
                     "file_name_1": f"{arrow_file}#{row_index}/image_1",
                     "sentence": sentence,
-                    "label": _label(answer, f"{arrow_file} row {row_index}"),
+                    "label": _label(answer, where),
                     "identifier": f"{row['identifier']}#{k}",
                 }
             )
+    if not records:
+        raise ValueError(f"{arrow_file}: the NLVR2 arrow file holds no records ({len(rows)} rows)")
     return records
 
 
