@@ -454,7 +454,8 @@ def test_sizes_and_devices_the_run_cannot_have(override, message, out):
 
 
 @pytest.mark.parametrize(
-    "problem", ["corrupt", "another tower", "text sizes", "text init", "text folder"]
+    "problem",
+    ["corrupt", "another tower", "another depth", "text sizes", "text init", "text folder"],
 )
 def test_tower_weights_checked_before_the_run(problem, out, tmp_path):
     """The towers' own pretrained weights were read by the model's build, after config.yaml and
@@ -489,6 +490,11 @@ def test_tower_weights_checked_before_the_run(problem, out, tmp_path):
         wide = load_config(FINE, [*TINY, "MODEL.SWIN.EMBED_DIM", "48"])
         torch.save({"model": SwinImageTower(wide).imagenet_state_dict()}, swin)
         override, message = ["MODEL.SWIN.WEIGHTS", str(swin)], "does not fit the tower"
+    elif problem == "another depth":  # was an AttributeError traceback from timm's remapping
+        deep = load_config(FINE, [*TINY, "MODEL.SWIN.DEPTHS", "[2, 2, 4, 2]"])
+        torch.save({"model": SwinImageTower(deep).imagenet_state_dict()}, swin)
+        override = ["MODEL.SWIN.WEIGHTS", str(swin)]
+        message = f"{swin} does not fit the tower (MODEL.SWIN sizes: DEPTHS [2, 2, 2, 2]): "
     elif problem == "text sizes":
         RobertaConfig(hidden_size=32, num_hidden_layers=lang.NUM_LAYERS).save_pretrained(text)
         override = [*random_init_only, "MODEL.LANGUAGE_BACKBONE.WEIGHTS", str(text)]

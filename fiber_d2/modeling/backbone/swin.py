@@ -405,7 +405,16 @@ class SwinImageTower(SwinTransformer):
         state = load_checkpoint_file(path)
         if not isinstance(state, dict):
             raise CheckpointError(f"MODEL.SWIN.WEIGHTS {path}: not a state dict")
-        state = checkpoint_filter_fn(state, self)
+        try:
+            state = checkpoint_filter_fn(state, self)
+        except (AttributeError, KeyError, IndexError, RuntimeError, ValueError) as e:
+            # timm's remapping walks this tower's modules by the file's keys: another depth or
+            # stage count fails there (e.g. "Sequential has no attribute '4'")
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(
+                f"MODEL.SWIN.WEIGHTS {path} does not fit the tower (MODEL.SWIN sizes: DEPTHS "
+                f"{list(self.depths)}): {reason}"
+            ) from None
         last = len(self.depths) - 1
         last_norm = getattr(self, f"norm{last}")
         converted = {}
