@@ -53,6 +53,13 @@ def test_recipes_follow_the_spec():
     assert pre.SOLVER.IMS_PER_BATCH == 64 and pre.SOLVER.MAX_ITER == 800000
     assert tuple(pre.SOLVER.STEPS) == (536000, 712000)
     assert pre.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and pre.SOLVER.EMA.ENABLED
+    assert pre.SOLVER.WARMUP_ITERS == 2000 and not pre.MODEL.FIBER.I2T_QUERY_NORM  # fusion v2
+    # the refexp variant: fusion v3, a 5,000-iteration warmup, the rest as the pretraining
+    pre_ref = load_config(str(CONFIG_DIR / "FIBER-B/fine_pretrain_refexp.yaml"))
+    assert pre_ref.MODEL.FIBER.I2T_QUERY_NORM and pre_ref.SOLVER.WARMUP_ITERS == 5000
+    pre_ref.defrost()
+    pre_ref.MODEL.FIBER.I2T_QUERY_NORM, pre_ref.SOLVER.WARMUP_ITERS = False, 2000
+    assert pre_ref == pre
     coco = load_config(str(CONFIG_DIR / "FIBER-B/coco.yaml"))
     assert coco.SOLVER.BASE_LR == 1e-5 and coco.SOLVER.WEIGHT_DECAY == 1e-4
     assert not coco.SOLVER.CLIP_GRADIENTS.ENABLED and coco.SOLVER.AMP.ENABLED
