@@ -183,6 +183,12 @@ def build_fiber_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.O
 
     name = s.OPTIMIZER.upper()
     if name == "ADAMW":
+        # torch's AdamW for both stages. The original's coarse stage uses the AdamW of transformers
+        # (since removed there), which adds eps before the bias correction of the second moment
+        # (an effective eps / sqrt(1 - beta2^t): 7x at the first step with beta2 0.98, 1.01x by
+        # step 1000) and decays the weights after the update instead of before (a difference of
+        # lr x weight decay x the update). Both matter only in the first few hundred steps, which
+        # the coarse recipes spend in a 10 % warmup from 0.
         optimizer_cls, kwargs = torch.optim.AdamW, {"betas": tuple(s.BETAS), "eps": s.EPS}
     elif name == "SGD":
         optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV}
