@@ -31,8 +31,10 @@ try:
     # first: registers FIBER's components and quiets fvcore's import-time TorchScript warning
     import fiber_d2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without the environment
+    missing = e.name or "detectron2"
     sys.exit(
-        f"error: detectron2 is not importable ({e}); run `make test` or see README 'Troubleshooting the detectron2 install'."
+        f"error: {missing} is not importable ({e}); run this with the environment's python "
+        "(.venv/bin/python, made by `make env`) or see README 'Troubleshooting the detectron2 install'."
     )
 import numpy as np
 import torch

@@ -59,13 +59,21 @@ def test_benchmark_export_task_refuses_coarse_config():
     )
 
 
-def test_export_and_verify(tool, tmp_path, capsys):
+@pytest.mark.parametrize("sample", ["random", "square"])
+def test_export_and_verify(tool, tmp_path, capsys, sample):
     """The tool exports the tiny detector and --verify finds eager's detections on two image
-    sizes and two prompt lengths other than the sample's."""
+    sizes and two prompt lengths other than the sample's. A square sample image: one of the two
+    checked sizes was the sample's (a square) before."""
+    import numpy as np
+    from PIL import Image
     from test_export import TINY
 
     argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format", "torchscript"]
     argv += ["--output", str(tmp_path), "--prompt", "red circle. blue square", "--verify"]
+    if sample == "square":
+        pixels = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "sample.png")
+        argv += ["--sample-image", str(tmp_path / "sample.png")]
     path = tool.main(argv + ["--opts", *TINY])
     assert Path(path) == tmp_path / "model.ts" and (tmp_path / "fiber_export.json").is_file()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]

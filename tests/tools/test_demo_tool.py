@@ -241,3 +241,20 @@ def test_no_readable_input_writes_no_json(folder_with_corrupt_image, weights, tm
         demo.main(args)
     assert str(e.value.code).startswith("error: none of the 1 input image(s) could be read")
     assert not js.exists()
+
+
+def test_without_the_environment_it_names_the_missing_module(tmp_path):
+    """Run by a python without fiber_d2 (no site-packages here), the message blamed detectron2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "tools" / "demo.py"), "--help"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: fiber_d2 is not importable (No module named 'fiber_d2')")
+    assert ".venv/bin/python" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -131,23 +131,31 @@ def main(argv=None) -> str:
 
 def verify(predictor: FIBERPredictor, args: argparse.Namespace, export_dir, record: dict) -> bool:
     """``--verify``: eager vs the export on two random images whose resized, padded sizes differ
-    from the sample's (the test size transposed and a square) and the two --verify-prompts."""
+    from the sample's and from each other (the first two of: the test size upright, lying, a square,
+    and between those) and the two --verify-prompts."""
     from fiber_d2.deploy import ONNXPredictor, TorchScriptPredictor
     from fiber_d2.deploy.verify import verify_export
 
     runner = {"onnx": ONNXPredictor, "torchscript": TorchScriptPredictor}[args.format](export_dir)
-    short, long = predictor.aug.short_edge_length[0], predictor.aug.max_size
-    rng = np.random.default_rng(1)
-    images = [
-        rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(long, short), (short, short)]
-    ]
-    results = verify_export(predictor, runner, images, list(args.verify_prompts))
     sample = {
         "padded_size": list(_padded_size(record, predictor)),
         "text_len": padded_text_length(
             record["attention_mask"], predictor.model.pad_to_max_query_len
         ),
     }
+    short, long = predictor.aug.short_edge_length[0], predictor.aug.max_size
+    middle = (short + long) // 2
+    shapes, seen = [], [sample["padded_size"]]
+    for h, w in [(long, short), (short, long), (short, short), (middle, short), (short, middle)]:
+        padded = list(
+            _padded_size(predictor.preprocess_image(np.zeros((h, w, 3), np.uint8)), predictor)
+        )
+        if padded not in seen and len(shapes) < 2:
+            shapes.append((h, w))
+            seen.append(padded)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    results = verify_export(predictor, runner, images, list(args.verify_prompts))
     for result in results:
         result["unseen_size"] = result["padded_size"] != sample["padded_size"]
         result["unseen_text_len"] = result["text_len"] != sample["text_len"]
