@@ -31,7 +31,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .common import BadRecordError, RecordFilter, check_unique_image_ids, json_object_list
+from .common import (
+    BadRecordError,
+    RecordFilter,
+    check_unique_image_ids,
+    json_object_list,
+    warn_unlisted_image_ids,
+)
 
 __all__ = ["load_captions", "register_captions"]
 
@@ -87,14 +93,7 @@ def _from_json(path: str) -> Iterator[dict]:
     by_image: Dict[object, List[str]] = defaultdict(list)
     for a in json_object_list(data["annotations"], "annotations", path):
         by_image[a["image_id"]].append(a.get("caption", ""))
-    orphans = set(by_image) - {img.get("id") for img in images}
-    if orphans:
-        logger.warning(
-            "%s: captions of %d image id(s) that 'images' does not list are not used (first: %r)",
-            path,
-            len(orphans),
-            sorted(orphans, key=repr)[0],
-        )
+    warn_unlisted_image_ids(path, by_image, images, "captions")
     for img in images:
         item = {
             "file_name": img["file_name"],

@@ -19,6 +19,7 @@ __all__ = [
     "span_problem",
     "check_unique_image_ids",
     "json_object_list",
+    "warn_unlisted_image_ids",
     "filter_training_images",
     "no_usable_box",
     "check_datasets_before_run",
@@ -170,6 +171,27 @@ def json_object_list(entries: object, what: str, path: str) -> list:
                 f"{entry!r:.60}"
             )
     return entries
+
+
+def warn_unlisted_image_ids(path: str, image_ids: Iterable, images: list, what: str) -> None:
+    """One warning counting the ``image_ids`` (those of a file's annotations) that no entry of its
+    ``images`` list has: their ``what`` ("captions", "boxes") are not used.
+
+    Args:
+        path: the file, for the message.
+        image_ids: the annotations' image ids.
+        images: the file's ``images`` entries (json objects with ``id``).
+        what: what the annotations hold.
+    """
+    unlisted = set(image_ids) - {image.get("id") for image in images}
+    if unlisted:
+        logger.warning(
+            "%s: %s of %d image id(s) that 'images' does not list are not used (first: %r)",
+            path,
+            what,
+            len(unlisted),
+            sorted(unlisted, key=repr)[0],
+        )
 
 
 def check_unique_image_ids(images: Iterable[dict], source: str) -> None:

@@ -31,7 +31,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .common import RecordFilter, box_problem, json_object_list, span_problem
+from .common import (
+    RecordFilter,
+    box_problem,
+    json_object_list,
+    span_problem,
+    warn_unlisted_image_ids,
+)
 
 __all__ = ["MDETR_TASKS", "load_mdetr_json", "register_mdetr_grounding"]
 
@@ -190,14 +196,7 @@ def load_mdetr_json(
     anns_by_entry: Dict[object, List[dict]] = defaultdict(list)
     for a in json_object_list(data.get("annotations", []), "annotations", json_file):
         anns_by_entry[a["image_id"]].append(a)
-    orphans = set(anns_by_entry) - {entry.get("id") for entry in data["images"]}
-    if orphans:
-        logger.warning(
-            "%s: boxes of %d image id(s) that 'images' does not list are not used (first: %r)",
-            json_file,
-            len(orphans),
-            sorted(orphans, key=repr)[0],
-        )
+    warn_unlisted_image_ids(json_file, anns_by_entry, data["images"], "boxes")
     bad = RecordFilter(dataset_name, json_file)
     ids = set()
     records = []

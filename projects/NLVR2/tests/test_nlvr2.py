@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from arrow_tables import arrow_file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
@@ -262,33 +263,6 @@ def test_official_train_split_images_sit_in_their_directory(tmp_path):
     assert r["file_name_1"] == str(tmp_path / "train" / "46" / "train-10171-0-img1.png")
 
 
-def _arrow_file(path, columns: dict, monkeypatch) -> str:
-    """``path`` as an Arrow file of ``columns`` (name -> one value per row): written with pyarrow
-    when it is installed, else read back through a stand-in for its table (pyarrow is optional)."""
-    from types import SimpleNamespace
-
-    from fiber_d2.data.datasets import common
-
-    try:
-        import pyarrow as pa
-    except ImportError:
-        path.write_bytes(b"ARROW1")  # read by the stand-in
-        names = list(columns)
-
-        def to_pylist(selected):
-            return [dict(zip(selected, values)) for values in zip(*(columns[c] for c in selected))]
-
-        table = SimpleNamespace(
-            column_names=names, select=lambda c: SimpleNamespace(to_pylist=lambda: to_pylist(c))
-        )
-        monkeypatch.setattr(common, "_open_arrow", lambda p: table)
-        return str(path)
-    table = pa.table(columns)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return str(path)
-
-
 def _nlvr2_arrow_columns(**changes) -> dict:
     """Two image pairs of the original's nlvr2 Arrow layout: 2 statements, then 1."""
     columns = {
@@ -304,7 +278,7 @@ def _nlvr2_arrow_columns(**changes) -> dict:
 
 
 def test_arrow_rows_become_one_record_per_statement(tmp_path, monkeypatch):
-    path = _arrow_file(tmp_path / "nlvr2_dev.arrow", _nlvr2_arrow_columns(), monkeypatch)
+    path = arrow_file(tmp_path / "nlvr2_dev.arrow", _nlvr2_arrow_columns(), monkeypatch)
     records = load_nlvr2_arrow(path)
     assert [(r["identifier"], r["label"], r["arrow_row"]) for r in records] == [
         ("dev-850-0#0", 1, 0),
@@ -317,7 +291,7 @@ def test_arrow_rows_become_one_record_per_statement(tmp_path, monkeypatch):
 def test_arrow_answers_shorter_than_questions_is_one_line_naming_the_row(tmp_path, monkeypatch):
     """zip() cut the statements without answers: they were dropped without a word."""
     columns = _nlvr2_arrow_columns(answers=[["True", "False"], []])
-    path = _arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
+    path = arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_nlvr2_arrow(path)
     assert str(err.value) == f"{path} row 1: 1 question(s) but 0 answer(s)"
@@ -328,7 +302,7 @@ def test_arrow_file_without_statements_is_one_line(rows, tmp_path, monkeypatch):
     """It loaded as 0 records; the run then stopped at detectron2's "Dataset is empty"."""
     columns = _nlvr2_arrow_columns(questions=[[], []], answers=[[], []])
     columns = {k: v[:rows] for k, v in columns.items()}
-    path = _arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
+    path = arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_nlvr2_arrow(path)
     assert str(err.value) == f"{path}: the NLVR2 arrow file holds no records ({rows} rows)"
@@ -339,33 +313,12 @@ def test_arrow_file_without_a_column_is_one_line_naming_it(column, tmp_path, mon
     """It was pyarrow's KeyError naming the column only (or, for an image, the mapper's at the
     first batch)."""
     columns = _nlvr2_arrow_columns(**{column: None})
-    path = _arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
+    path = arrow_file(tmp_path / "nlvr2_dev.arrow", columns, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_nlvr2_arrow(path)
     assert str(err.value) == (
         f"{path}: the NLVR2 arrow file has no column {column} (it has {', '.join(columns)})"
     )
-
-
-@pytest.mark.parametrize("problem", ["empty", "folder", "truncated"])
-def test_unreadable_arrow_file_is_one_line_naming_it(problem, tmp_path, monkeypatch):
-    """A truncated or empty file was pyarrow's "Not an Arrow file" / "File is too small: 0",
-    naming no file; a folder read as "file not found"."""
-    path = tmp_path / "nlvr2_dev.arrow"
-    if problem == "empty":
-        path.write_bytes(b"")
-        expected = (ValueError, f"{path}: the NLVR2 arrow file is empty")
-    elif problem == "folder":
-        path.mkdir()
-        expected = (IsADirectoryError, f"NLVR2 arrow file {path} is a directory, not a file")
-    else:
-        pytest.importorskip("pyarrow")
-        data = open(_arrow_file(path, _nlvr2_arrow_columns(), monkeypatch), "rb").read()
-        path.write_bytes(data[: len(data) // 2])
-        expected = (ValueError, f"{path}: not a readable NLVR2 arrow file (Not an Arrow file)")
-    with pytest.raises(expected[0]) as err:
-        load_nlvr2_arrow(str(path))
-    assert str(err.value) == expected[1]
 
 
 @pytest.mark.parametrize("name", ["shapes.yaml", "nlvr2.yaml"])

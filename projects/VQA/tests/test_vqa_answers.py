@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from arrow_tables import arrow_file
 from vqa import (
     VQAEvaluator,
     answer_score,
@@ -413,33 +414,6 @@ def test_question_type_prior_against_hand_counts():
     assert question_type_baseline(train, test) == pytest.approx(100 * (1 + 2 + 1) / 6)
 
 
-def _arrow_file(path, columns: dict, monkeypatch) -> str:
-    """``path`` as an Arrow file of ``columns`` (name -> one value per row): written with pyarrow
-    when it is installed, else read back through a stand-in for its table (pyarrow is optional)."""
-    from types import SimpleNamespace
-
-    from fiber_d2.data.datasets import common
-
-    try:
-        import pyarrow as pa
-    except ImportError:
-        path.write_bytes(b"ARROW1")  # read by the stand-in
-        names = list(columns)
-
-        def to_pylist(selected):
-            return [dict(zip(selected, values)) for values in zip(*(columns[c] for c in selected))]
-
-        table = SimpleNamespace(
-            column_names=names, select=lambda c: SimpleNamespace(to_pylist=lambda: to_pylist(c))
-        )
-        monkeypatch.setattr(common, "_open_arrow", lambda p: table)
-        return str(path)
-    table = pa.table(columns)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return str(path)
-
-
 def _vqa_arrow_columns(**changes) -> dict:
     """Two images of the original's vqav2 Arrow layout: 2 questions, then 1 (with answers)."""
     columns = {
@@ -459,7 +433,7 @@ def _vqa_arrow_columns(**changes) -> dict:
 def test_arrow_rows_become_one_record_per_question(tmp_path, monkeypatch):
     from vqa import load_vqa_arrow
 
-    path = _arrow_file(tmp_path / "vqav2_val.arrow", _vqa_arrow_columns(), monkeypatch)
+    path = arrow_file(tmp_path / "vqav2_val.arrow", _vqa_arrow_columns(), monkeypatch)
     records = load_vqa_arrow(path)
     assert [(r["question_id"], r["image_id"], r["arrow_row"]) for r in records] == [
         (420, 42, 0),
@@ -473,7 +447,7 @@ def test_arrow_rows_become_one_record_per_question(tmp_path, monkeypatch):
     # a test file: empty answer lists, records without answers
     empty = [[], []]
     test = _vqa_arrow_columns(answers=empty, answer_labels=empty, answer_scores=empty)
-    path = _arrow_file(tmp_path / "vqav2_test.arrow", test, monkeypatch)
+    path = arrow_file(tmp_path / "vqav2_test.arrow", test, monkeypatch)
     unanswered = load_vqa_arrow(path)
     assert [r["question_id"] for r in unanswered] == [420, 421, 430]
     assert not any("answer_scores" in r or "multiple_choice_answer" in r for r in unanswered)
@@ -496,7 +470,7 @@ def test_arrow_lists_of_unequal_length_are_one_line_naming_the_row(
     """zip() cut the longer list: questions or answers were dropped without a word."""
     from vqa import load_vqa_arrow
 
-    path = _arrow_file(tmp_path / "vqav2_val.arrow", _vqa_arrow_columns(**changes), monkeypatch)
+    path = arrow_file(tmp_path / "vqav2_val.arrow", _vqa_arrow_columns(**changes), monkeypatch)
     with pytest.raises(ValueError) as err:
         load_vqa_arrow(path)
     assert str(err.value) == f"{path} {message}"
@@ -510,7 +484,7 @@ def test_arrow_file_without_questions_is_one_line(rows, tmp_path, monkeypatch):
     columns = _vqa_arrow_columns(questions=[[], []], question_id=[[], []], answers=[[], []],
                                  answer_labels=[[], []], answer_scores=[[], []])  # fmt: skip
     columns = {k: v[:rows] for k, v in columns.items()}
-    path = _arrow_file(tmp_path / "vqav2_val.arrow", columns, monkeypatch)
+    path = arrow_file(tmp_path / "vqav2_val.arrow", columns, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_vqa_arrow(path)
     assert str(err.value) == f"{path}: the VQA arrow file holds no records ({rows} rows)"
@@ -523,32 +497,9 @@ def test_arrow_file_without_a_column_is_one_line_naming_it(column, tmp_path, mon
     from vqa import load_vqa_arrow
 
     columns = _vqa_arrow_columns(**{column: None})
-    path = _arrow_file(tmp_path / "vqav2_val.arrow", columns, monkeypatch)
+    path = arrow_file(tmp_path / "vqav2_val.arrow", columns, monkeypatch)
     with pytest.raises(ValueError) as err:
         load_vqa_arrow(path)
     assert str(err.value) == (
         f"{path}: the VQA arrow file has no column {column} (it has {', '.join(columns)})"
     )
-
-
-@pytest.mark.parametrize("problem", ["empty", "folder", "truncated"])
-def test_unreadable_arrow_file_is_one_line_naming_it(problem, tmp_path, monkeypatch):
-    """A truncated or empty file was pyarrow's "Not an Arrow file" / "File is too small: 0",
-    naming no file; a folder read as "file not found"."""
-    from vqa import load_vqa_arrow
-
-    path = tmp_path / "vqav2_val.arrow"
-    if problem == "empty":
-        path.write_bytes(b"")
-        expected = (ValueError, f"{path}: the VQA arrow file is empty")
-    elif problem == "folder":
-        path.mkdir()
-        expected = (IsADirectoryError, f"VQA arrow file {path} is a directory, not a file")
-    else:
-        pytest.importorskip("pyarrow")
-        data = open(_arrow_file(path, _vqa_arrow_columns(), monkeypatch), "rb").read()
-        path.write_bytes(data[: len(data) // 2])
-        expected = (ValueError, f"{path}: not a readable VQA arrow file (Not an Arrow file)")
-    with pytest.raises(expected[0]) as err:
-        load_vqa_arrow(str(path))
-    assert str(err.value) == expected[1]
