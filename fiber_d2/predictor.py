@@ -380,6 +380,11 @@ class FIBERPredictor:
                 prompts = [prompts] * count
             if not isinstance(prompts, (list, tuple)) or len(prompts) != count:
                 raise ValueError(f"{count} images need {count} prompts (one per image)")
+            if phrases is not None and not isinstance(phrases, (list, tuple)):
+                raise ValueError(
+                    f"phrases of a batch must be a list of {count} phrase lists (or None), got "
+                    f"{phrases!r:.60}"
+                )
             phrases = [None] * count if phrases is None else list(phrases)
             if len(phrases) != count:
                 raise ValueError(f"{count} images need {count} phrase lists, got {len(phrases)}")

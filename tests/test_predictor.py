@@ -152,6 +152,8 @@ def test_long_category_list_is_chunked_by_token_budget(predictor):
         ("   ", None, "empty prompt"),
         ([], None, "empty prompt"),
         (["red circle", " "], None, "entry 1"),
+        ([1, 2], None, r"prompt entry 0 is not a name \(str\): 1"),  # was "empty prompt entry"
+        ([["red circle", "blue square"]], None, "prompt entry 0 is not a name"),  # a TypeError
         (NAMES, ["red circle"], "only accepted with a caption"),
         (" ".join(["circle"] * 70), None, "MAX_QUERY_LEN 64"),
     ],
@@ -170,6 +172,11 @@ def test_bad_images_and_batches_raise(predictor, tmp_path):
         predictor(str(tmp_path / "nope.png"), NAMES)
     with pytest.raises(ValueError, match="2 images need 2 prompts"):
         predictor([_image(8, 8, 0), _image(8, 8, 1)], [NAMES])
+    two = [_image(8, 8, 0), _image(8, 8, 1)]
+    # a batch's phrases: a TypeError for 5, and "ca" was split into phrase lists "c" and "a"
+    for phrases in (5, "ca"):
+        with pytest.raises(ValueError, match="phrases of a batch must be a list of 2 phrase lists"):
+            predictor(two, CAPTION, phrases=phrases)
 
 
 def test_coarse_config_and_missing_weights_raise(tmp_path):

@@ -10,6 +10,7 @@ caption; label p is phrase p; without phrases the whole caption is the only labe
 from __future__ import annotations
 
 import logging
+import re
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -68,6 +69,12 @@ def prompt_key(prompt: Prompt, phrases: Optional[Sequence[Phrase]] = None) -> tu
     if isinstance(prompt, Sequence):
         if phrases is not None:
             raise ValueError("phrases are only accepted with a caption str, not a name list")
+        for i, name in enumerate(prompt):
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"prompt entry {i} is not a name (str): {name!r:.60}; one image takes a "
+                    "caption str or a list of names (a batch: one such prompt per image)"
+                )
         return ("names", tuple(prompt))
     raise ValueError(f"prompt must be a caption str or a list of names, got {prompt!r}")
 
@@ -81,13 +88,21 @@ def _phrase_key(phrase) -> Union[str, tuple]:
         raise ValueError(f"phrase {phrase!r} is neither a str nor a (start, end) pair") from None
 
 
+def _find_phrase(caption: str, phrase: str, start: int) -> int:
+    """The first occurrence of ``phrase`` in ``caption`` from ``start`` that is not part of a longer
+    word ("cat" in "a concatenated cat" is the last word), else the first occurrence at all; -1."""
+    whole = re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", caption[start:])
+    return start + whole.start() if whole else caption.find(phrase, start)
+
+
 def phrase_spans(caption: str, phrases: Optional[Sequence[Phrase]]) -> List[List[int]]:
     """The ``[start, end)`` char span of every phrase of a caption.
 
     Args:
         caption: the caption.
         phrases: ``[start, end)`` char spans or substrings of the caption, one per label (a
-            repeated substring takes its next occurrence); None: the whole caption.
+            substring is found as a whole word where it occurs as one; a repeated substring takes
+            its next occurrence); None: the whole caption.
 
     Returns:
         list of ``[start, end]`` pairs, one per phrase (one for None).
@@ -109,7 +124,7 @@ def phrase_spans(caption: str, phrases: Optional[Sequence[Phrase]]) -> List[List
         if isinstance(phrase, str):
             if not phrase.strip():
                 raise ValueError(f"phrase {i} is empty")
-            start = caption.find(phrase, next_start.get(phrase, 0))
+            start = _find_phrase(caption, phrase, next_start.get(phrase, 0))
             if start < 0:
                 raise ValueError(f"phrase {i} {phrase!r} is not in the caption {caption!r}")
             next_start[phrase] = start + len(phrase)  # a repeated phrase takes the next match
@@ -157,7 +172,9 @@ def encode_names(
     if not names:
         raise ValueError("empty prompt: the category list has no names")
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(name, str):
+            raise ValueError(f"prompt entry {i} is not a name (str): {name!r:.60}")
+        if not name.strip():
             raise ValueError(f"empty prompt entry {i}: {name!r}")
     # Budget-driven chunking when TEST.CHUNKED_EVALUATION is off: one prompt if it fits.
     chunk_size = chunk_size if chunk_size > 0 else len(names)

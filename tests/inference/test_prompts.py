@@ -37,6 +37,10 @@ def test_phrase_spans_substrings_spans_and_repeats():
     spans = phrase_spans(CAPTION, ["red circle", "red circle", (b, b + 3), np.array([e, e + 4])])
     assert [CAPTION[b:e] for b, e in spans] == ["red circle", "red circle", "and", "blue"]
     assert spans[0] != spans[1]  # a repeated substring takes its next occurrence
+    # a phrase is the word where it occurs as one, not the letters inside a longer word before it
+    caption = "a concatenated cat near a cat"
+    assert phrase_spans(caption, ["cat", "cat"]) == [[15, 18], [26, 29]]
+    assert phrase_spans("concatenated", ["cat"]) == [[3, 6]]  # no whole word: the letters
 
 
 @pytest.mark.parametrize(
@@ -70,6 +74,9 @@ def test_prompt_key():
         prompt_key(42)
     with pytest.raises(ValueError, match="neither a str nor a"):
         prompt_key(CAPTION, [3])
+    # a batch's prompts given for one image: unhashable lists, a TypeError before
+    with pytest.raises(ValueError, match=r"prompt entry 0 is not a name \(str\): \['a'\]"):
+        prompt_key([["a"], ["b"]])
 
 
 def test_encode_caption_matches_text_functions(tok):
