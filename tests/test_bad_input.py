@@ -962,6 +962,56 @@ def test_2000_token_prompt(tmp_path, tiny_cfg, predictor, caplog):
     assert predictor.encode(names)["input_ids"].shape[0] > 1
 
 
+def test_categories_past_the_prompt_are_counted(tmp_path, tiny_cfg, caplog):
+    """A category list longer than the text tower takes, as one prompt: in training with
+    FULL_PROMPT_TRAIN its boxes of cut categories had empty target rows, and at test time without
+    chunks its cut categories were never predicted, with only a generic truncation warning."""
+    name = "bad_input_sixty_categories"
+    names = [f"thing number {i}" for i in range(60)]
+    MetadataCatalog.get(name).set(thing_classes=names)
+    Image.new("RGB", (60, 50)).save(tmp_path / "d.jpg")
+    annos = [{"bbox": [5, 5, 20, 20], "bbox_mode": 1, "category_id": c, "iscrowd": 0}
+             for c in (0, 30, 59)]  # fmt: skip
+    record = {"file_name": str(tmp_path / "d.jpg"), "image_id": 5, "height": 50, "width": 60,
+              "task": "detection", "dataset_name": name, "annotations": annos}  # fmt: skip
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.FULL_PROMPT_TRAIN, cfg.DATASETS.DISABLE_SHUFFLE = True, True
+    mapper = GroundingDatasetMapper(cfg, is_train=True)
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        out = mapper(dict(record))
+    assert out["instances"].gt_positive_map.any(dim=1).tolist() == [True, False, False]
+    assert mapper.bad.cut_boxes == 2
+    assert "d.jpg): 2 box(es) of categories past the 64-token prompt" in caplog.text
+    caplog.clear()
+    mapper = GroundingDatasetMapper(cfg, is_train=False)  # TEST.CHUNKED_EVALUATION -1: one prompt
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        out = mapper(dict(record))
+    lost = int((~out["label_token_map"].any(dim=1)).sum())
+    assert lost > 0
+    assert f"{name}: {lost} of 60 category names lie past the 64-token prompt" in caplog.text
+    assert "(first: 'thing number " in caplog.text
+
+
+def test_a_phrase_without_a_token_is_not_blamed_on_the_prompt_length(tmp_path, tiny_cfg, caplog):
+    """Empty target rows were all reported as "beyond the 64-token prompt", also a span of spaces
+    in a 10-token caption."""
+    caption = "a red  cat"
+    phrases = [
+        {"text": " ", "tokens_positive": [[5, 7]]},
+        {"text": "cat", "tokens_positive": [[7, 10]]},
+    ]
+    record = {"file_name": str(tmp_path / "g.jpg"), "image_id": 6, "height": 50, "width": 60,
+              "task": "grounding", "caption": caption, "phrases": phrases, "annotations": []}  # fmt: skip
+    Image.new("RGB", (60, 50)).save(tmp_path / "g.jpg")
+    mapper = GroundingDatasetMapper(tiny_cfg, is_train=False)
+    with caplog.at_level(logging.WARNING, logger="fiber_d2.data.mapper"):
+        mapper(record)
+    assert mapper.bad.cut_phrases == 0 and mapper.bad.tokenless_phrases == 1
+    assert "g.jpg): 1 phrase(s) inside the prompt cover no token" in caplog.text
+    assert "beyond" not in caplog.text
+
+
 # ----------------------------------------------------------------------------- whole runs
 def _register_images(tmp_path, name, files):
     """A COCO-format test set of the given image files (all 64x64, one box each)."""

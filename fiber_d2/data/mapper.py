@@ -175,6 +175,8 @@ class _BadRecordCounter:
         self.skipped = 0
         self.dropped_boxes = 0
         self.cut_phrases = 0
+        self.tokenless_phrases = 0
+        self.cut_boxes = 0
 
     def skip(self, record: dict, reason: str) -> None:
         self.skipped += 1
@@ -194,6 +196,27 @@ class _BadRecordCounter:
             count,
             max_len,
             self.cut_phrases,
+        )
+
+    def tokenless(self, record: dict, count: int) -> None:
+        self.tokenless_phrases += count
+        logger.warning(
+            "%s: %d phrase(s) inside the prompt cover no token (only whitespace, or no span) and "
+            "cannot be predicted (%d so far)",
+            _record_name(record),
+            count,
+            self.tokenless_phrases,
+        )
+
+    def cut_off_boxes(self, record: dict, count: int, max_len: int) -> None:
+        self.cut_boxes += count
+        logger.warning(
+            "%s: %d box(es) of categories past the %d-token prompt (MAX_QUERY_LEN) have no token "
+            "to learn (%d so far)",
+            _record_name(record),
+            count,
+            max_len,
+            self.cut_boxes,
         )
 
     def drop_boxes(self, record: dict, count: int) -> None:
@@ -442,6 +465,20 @@ class GroundingDatasetMapper:
                 squeeze=self.chunk_size <= 0,  # chunked evaluation keeps (K, T) even for K = 1
             )
             enc.pop("chunks")
+            names = self.prompt_entries(key)
+            reached = enc["label_token_map"].reshape(-1, len(names), self.max_query_len)
+            lost = [i for i, hit in enumerate(reached.any(dim=2).any(dim=0).tolist()) if not hit]
+            if lost:  # one prompt (TEST.CHUNKED_EVALUATION <= 0) longer than the text tower takes
+                logger.warning(
+                    "%s: %d of %d category names lie past the %d-token prompt (MAX_QUERY_LEN) and "
+                    "are never predicted (first: %r); TEST.CHUNKED_EVALUATION (e.g. 40) splits "
+                    "the names into prompts that fit",
+                    key,
+                    len(lost),
+                    len(names),
+                    self.max_query_len,
+                    names[lost[0]],
+                )
             self._test_inputs[key] = enc
         out.update(self._test_inputs[key])
 
@@ -481,6 +518,9 @@ class GroundingDatasetMapper:
             label_map[ids] = rows
         present = [i for i, c in enumerate(classes) if c in spans_by_id]  # overflow guard drops
         gt_classes = torch.tensor([classes[i] for i in present], dtype=torch.long)
+        cut = int((~label_map[gt_classes].any(dim=1)).sum()) if len(present) else 0
+        if cut:  # the full prompt (FULL_PROMPT_TRAIN) longer than the text tower takes
+            self.bad.cut_off_boxes(record, cut, self.max_query_len)
         instances = Instances(image_hw)
         instances.gt_boxes = Boxes(torch.as_tensor(boxes[present]).reshape(-1, 4))
         instances.gt_classes = gt_classes
@@ -502,9 +542,17 @@ class GroundingDatasetMapper:
         label_map = char_spans_to_positive_map(
             enc, [p["tokens_positive"] for p in phrases], self.max_query_len
         )
-        cut = int((~label_map.any(dim=1)).sum()) if len(phrases) else 0
-        if cut:  # spans inside the caption but past the truncated prompt (spec 3.4 skips them)
-            self.bad.cut_off(record, cut, self.max_query_len)
+        empty = (~label_map.any(dim=1)).nonzero().flatten().tolist() if len(phrases) else []
+        if empty:
+            # spans inside the caption but past the truncated prompt (spec 3.4 skips them), or
+            # spans that cover no token inside it
+            kept_end = int(enc["offset_mapping"][0, :, 1].max())
+            starts = [min((s[0] for s in phrases[i]["tokens_positive"]), default=-1) for i in empty]
+            cut = sum(1 for start in starts if start >= kept_end)
+            if cut:
+                self.bad.cut_off(record, cut, self.max_query_len)
+            if len(empty) > cut:
+                self.bad.tokenless(record, len(empty) - cut)
         out.update(
             caption=caption,
             input_ids=enc["input_ids"][0],
