@@ -238,7 +238,19 @@ def run(
         # whole or not at all: the pipelines take model_final.pth + results.json as "stage done"
         with write_whole(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
             json.dump(json_safe(results), f, indent=2, allow_nan=False)
+    end_processes_together()
     return results
+
+
+def end_processes_together() -> None:
+    """In a multi-process run, let every process leave only when all are done, then close the
+    process group. Without it the other ranks returned while the main process still scored and
+    wrote ``results.json``, and gloo could abort a rank that exited with its threads alive
+    ("terminate called without an active exception"); ``launch`` then killed the main process
+    before it had written anything."""
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
 
 
 def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:

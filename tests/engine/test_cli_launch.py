@@ -36,3 +36,38 @@ def test_cpu_workers_do_not_see_the_gpus(monkeypatch, device, num_gpus, hidden):
     monkeypatch.setattr(sys, "argv", ["train_net.py", "--num-gpus", str(num_gpus)])
     cli.launch_cli(lambda args: None, load=lambda path, opts: _cfg(device))
     assert seen == {"env": "" if hidden else "0", "num_gpus": num_gpus}
+
+
+def _end_together(rank, init_file, folder):
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    from fiber_d2.engine.cli import end_processes_together
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(1.0)  # the main process still scoring and writing results.json
+    done = time.time()
+    end_processes_together()
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump({"done": done, "left": time.time(), "open": dist.is_initialized()}, f)
+
+
+def test_processes_end_together_and_close_their_group(tmp_path):
+    """A rank returned from run() while the main process still wrote results.json; its exit could
+    abort in gloo's teardown and launch then killed the main process before it had written."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(
+        _end_together, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
+    )
+    for p in ctx.processes:  # a gloo abort at exit, after the files are written, is not the code's
+        p.join(120)
+        assert not p.is_alive(), "a rank did not finish (left in a collective)"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["left"] >= ranks[0]["done"]  # rank 1 waited for the main process
+    assert not ranks[0]["open"] and not ranks[1]["open"]
