@@ -18,7 +18,9 @@ coarse-to-fine hand-off.
   training stage is expected to add (everything outside the two towers when a coarse checkpoint
   feeds the detector; a task model's ``STAGE_HEADS`` when the file has none of them) are not
   counted, except when the model is loaded to be used as it is (``inference``: evaluation,
-  prediction), where an untrained head would make every output meaningless.
+  prediction), where an untrained head would make every output meaningless. Nor are a coarse
+  model's pre-training heads that its losses never read (``heads_not_read``) when the file has none
+  of them: the original builds them only for its losses.
 * Relative-position bias tables of another window (a coarse checkpoint fine-tuned at another
   resolution, coarse spec §5.1) are resized bicubically to the model's window; the index buffers are
   recomputed by the model.
@@ -378,6 +380,13 @@ class FIBERCheckpointer(DetectionCheckpointer):
                     stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
                 else:
                     counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
+        # a pre-training head the model's losses never read, absent as a whole: the original
+        # builds it only for its losses (an ITC retrieval checkpoint has no itm_score, mlm_score)
+        heads_not_read = getattr(self.model, "heads_not_read", lambda: ())()
+        for head in heads_not_read:
+            keys = [k for k in counted if k == head or (head.endswith(".") and k.startswith(head))]
+            if keys and all(k in missing_set for k in keys):
+                counted = {k: p for k, p in counted.items() if k not in keys}
         missing = sorted(k for k in missing_set if k in counted)
         if not missing or not counted:
             return

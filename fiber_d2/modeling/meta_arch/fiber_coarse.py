@@ -187,6 +187,15 @@ class FIBERCoarse(nn.Module):
         self.itc_text_bn = nn.BatchNorm1d(text_dim, affine=False) if itc_batch_norm else None
         self.queue = FeatureQueue(text_dim, queue_size)
 
+    def heads_not_read(self) -> tuple[str, ...]:
+        """Names (``"prefix."`` or a parameter's full name) of the pre-training heads that none of
+        ``losses`` reads. The original builds ``mlm_score``, ``itm_score`` and ``temp`` for its
+        losses only, so its task checkpoints lack the others (ITC retrieval: ``itm_score`` and
+        ``mlm_score``); :class:`~fiber_d2.checkpoint.checkpointer.FIBERCheckpointer` counts a file
+        without one of them, as a whole, as a complete load."""
+        reads = {"mlm": "mlm_score.", "itm": "itm_score.", "itc": "temp"}
+        return tuple(head for loss, head in reads.items() if loss not in self.losses)
+
     def _init_new_modules(self):
         for name, child in self.named_children():
             if name != "backbone":

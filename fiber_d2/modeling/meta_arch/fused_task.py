@@ -130,6 +130,10 @@ class FIBERFusedTask(FIBERCoarse):
         self.cache_bytes = 0  # held by both caches
         self._cache_full_warned = False
 
+    def heads_not_read(self) -> tuple[str, ...]:
+        """None: the pre-training heads are dropped, and a head a subclass builds is read."""
+        return ()
+
     def _check_cacheable(self) -> None:
         """The cache holds outputs of :attr:`CACHED_MODULE`: it must be a function of its input."""
         name, module = self.CACHED_MODULE, self.get_submodule(self.CACHED_MODULE)
