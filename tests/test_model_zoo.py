@@ -30,8 +30,13 @@ def test_every_entry_has_a_loadable_config_and_a_tokenizer():
     for e in model_zoo.ENTRIES:
         assert e.stage in ("fine", "coarse") and e.tokenizer and e.task
         cfg = model_zoo.get_config(e.name)
-        archs = ("FIBER",) if e.stage == "fine" else ("FIBERCoarse", "FIBERRetrievalITM")
+        coarse = ("FIBERCoarse", "FIBERRetrievalITM", "FIBERVQA", "FIBERNLVR2", "FIBERCaption")
+        archs = ("FIBER",) if e.stage == "fine" else coarse
         assert cfg.MODEL.META_ARCHITECTURE in archs, e.name
+        # the task checkpoints load into their project's model (not only its backbone)
+        task = {"fiber_vqa.ckpt": "FIBERVQA", "fiber_nlvr2.ckpt": "FIBERNLVR2"}
+        task["fiber_coco_caption.ckpt"] = "FIBERCaption"
+        assert cfg.MODEL.META_ARCHITECTURE == task.get(e.file_name, cfg.MODEL.META_ARCHITECTURE)
         assert cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER == e.tokenizer, e.name
         assert e.released == bool(e.file_name)
         assert e.url or e.how_to_get, e.name

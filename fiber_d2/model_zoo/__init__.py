@@ -68,11 +68,12 @@ def _extra_defaults(e: ZooEntry):
     if not e.extra_defaults:
         return ()
     project_dir, target = e.extra_defaults.split(":")
-    package, func = target.rsplit(".", 1)
+    package, _, func = target.partition(".")
     path = str(repo_root() / project_dir)
     if path not in sys.path:  # the project's own package, as its train_net.py does
         sys.path.insert(0, path)
-    return (getattr(importlib.import_module(package), func),)
+    module = importlib.import_module(package)
+    return (getattr(module, func),) if func else ()
 
 
 def get_config(name: str, opts: Optional[list] = None):

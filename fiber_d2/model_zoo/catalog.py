@@ -36,7 +36,8 @@ class ZooEntry:
         reported: metric -> number as the original reports it (the README's wording).
         url: where the original publishes the file ("" when not released or built locally).
         extra_defaults: ``project_dir:package.function``: a project (imported, which registers
-            its models) and its function adding config keys, or "".
+            its models) and its function adding config keys; ``project_dir:package`` for a project
+            without config keys of its own; or "".
         local_copies: repository-relative paths where the file may already be (e.g. written by
             ``make demo``), searched after ``FIBER_D2_HOME``.
         how_to_get: a hint for files that are not downloaded (e.g. "run `make demo`").
@@ -212,31 +213,35 @@ ENTRIES: Tuple[ZooEntry, ...] = (
         name="fiber-b/vqa",
         stage="coarse",
         file_name="fiber_vqa.ckpt",
-        config="configs/FIBER-B/coarse_pretrain.yaml",
+        config="projects/VQA/configs/vqav2.yaml",
         tokenizer="roberta-base",
-        task="VQAv2 (fiber_d2 loads the backbone; the VQA head is not built)",
+        task="VQAv2 (projects/VQA; its answer vocabulary comes from the VQAv2 annotations or "
+        "VQA.ANSWER_VOCAB)",
         reported={"VQAv2 test-std": "78.46"},
         url=_COARSE_URL + "fiber_vqa.ckpt",
+        extra_defaults="projects/VQA:vqa.add_vqa_config",
     ),
     ZooEntry(
         name="fiber-b/nlvr2",
         stage="coarse",
         file_name="fiber_nlvr2.ckpt",
-        config="configs/FIBER-B/coarse_pretrain.yaml",
+        config="projects/NLVR2/configs/nlvr2.yaml",
         tokenizer="roberta-base",
-        task="NLVR2 (fiber_d2 loads the backbone; the NLVR2 head is not built)",
+        task="NLVR2 (projects/NLVR2)",
         reported={"NLVR2 test-P acc": "85.52"},
         url=_COARSE_URL + "fiber_nlvr2.ckpt",
+        extra_defaults="projects/NLVR2:nlvr2",
     ),
     ZooEntry(
         name="fiber-b/coco-caption",
         stage="coarse",
         file_name="fiber_coco_caption.ckpt",
-        config="configs/FIBER-B/coarse_pretrain.yaml",
+        config="projects/Captioning/configs/coco_cider.yaml",
         tokenizer="roberta-base",
-        task="COCO captioning (fiber_d2 loads the backbone; no caption decoder)",
+        task="COCO captioning (projects/Captioning), after the CIDEr-D stage",
         reported={"CIDEr (Karpathy test)": "144.4"},
         url=_COARSE_URL + "fiber_coco_caption.ckpt",
+        extra_defaults="projects/Captioning:captioning.add_captioning_config",
     ),
 )
 
