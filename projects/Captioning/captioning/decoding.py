@@ -190,7 +190,10 @@ def original_beam_search(
     * place j carries on the length computed for the hypothesis that held place j before the
       step, not for the one it now continues (the original does not reorder the lengths with the
       hypotheses);
-    * the answer is place 0 after the last step (the best-ranked candidate of that step).
+    * the answer is place 0 after the last step (the best-ranked candidate of that step);
+    * the search stops when every hypothesis of the whole batch has ended, so an image whose
+      hypotheses ended early takes further steps (and re-rankings) while the others decode: its
+      answer can depend on the images decoded with it.
 
     Arguments and returns as :func:`beam_search` (the score: the ranking value of the answer).
     """
