@@ -380,6 +380,13 @@ class FIBERCheckpointer(DetectionCheckpointer):
                     stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
                 else:
                     counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
+        # a head the model's evaluation reads (``INFERENCE_HEADS``, e.g. the ITM head of ITM
+        # retrieval), absent as a whole: refused when the model is used as loaded, however small
+        if self.inference:
+            for prefix in getattr(self.model, "INFERENCE_HEADS", ()):
+                head = [k for k in counted if k.startswith(prefix)]
+                if head and all(k in missing_set for k in head):
+                    stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
         # a pre-training head the model's losses never read, absent as a whole: the original
         # builds it only for its losses (an ITC retrieval checkpoint has no itm_score, mlm_score)
         heads_not_read = getattr(self.model, "heads_not_read", lambda: ())()

@@ -222,3 +222,17 @@ def test_released_retrieval_layouts_without_the_heads_their_losses_never_read_lo
     mlm = ["MODEL.COARSE.LOSSES", '["itc", "itm", "mlm"]', "MODEL.COARSE.LOSS_WEIGHTS", "[1, 1, 1]"]
     with pytest.raises(CheckpointError, match="mlm_score"):
         FIBERCheckpointer(_retrieval_model("shapes_itc.yaml", *mlm), inference=True).load(str(path))
+
+
+def test_an_itm_model_is_not_evaluated_without_its_itm_head(tmp_path):
+    """ITM retrieval scores pairs with itm_score, a small share of the weights (2 x 2D + 2): a file
+    without it loaded within the 1 % tolerance and re-ranked with a random head."""
+    from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
+    from fiber_d2.checkpoint.safe_io import CheckpointError
+
+    state = _retrieval_model("shapes_itm.yaml").state_dict()
+    path = tmp_path / "no_itm.pth"
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("itm_score.")}}, path)
+    FIBERCheckpointer(_retrieval_model("shapes_itm.yaml")).load(str(path))  # to train: its init
+    with pytest.raises(CheckpointError, match="The checkpoint has no itm_score head"):
+        FIBERCheckpointer(_retrieval_model("shapes_itm.yaml"), inference=True).load(str(path))

@@ -49,6 +49,9 @@ class FIBERRetrievalITM(FIBERCoarse):
     """FIBERCoarse whose training objective is random-negative ITM only (see module docstring)."""
 
     HARD_NEGATIVE_ITM = False  # random negatives: no raw-input queue
+    # its evaluation scores pairs with this head: a file without it is refused for evaluation
+    # (FIBERCheckpointer), though it is a small share of the weights
+    INFERENCE_HEADS = ("itm_score.",)
 
     @configurable
     def __init__(self, **kwargs):
