@@ -238,19 +238,27 @@ def run(
         # whole or not at all: the pipelines take model_final.pth + results.json as "stage done"
         with write_whole(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
             json.dump(json_safe(results), f, indent=2, allow_nan=False)
-    end_processes_together()
+    end_processes_together(getattr(args, "finished_ranks", None))
     return results
 
 
-def end_processes_together() -> None:
+def end_processes_together(finished=None) -> None:
     """In a multi-process run, let every process leave only when all are done, then close the
     process group. Without it the other ranks returned while the main process still scored and
     wrote ``results.json``, and gloo could abort a rank that exited with its threads alive
     ("terminate called without an active exception"); ``launch`` then killed the main process
-    before it had written anything."""
+    before it had written anything.
+
+    Args:
+        finished: optional shared array of this machine's processes (:func:`launch_cli`); this
+            process's slot (its local rank) is set to 1 once all processes have met.
+    """
+    rank = comm.get_rank()
     if comm.get_world_size() > 1:
         comm.synchronize()
         torch.distributed.destroy_process_group()
+    if finished is not None:
+        finished[rank % len(finished)] = 1  # global rank = machine rank x processes + local rank
 
 
 def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:
@@ -272,6 +280,10 @@ def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     hide_gpus_from_cpu_workers(cfg, args.num_gpus * args.num_machines)
+    if args.num_gpus * args.num_machines > 1:
+        # each worker of this machine marks itself once run() is done (results written, processes
+        # met at the end): a worker that then dies at exit has lost nothing
+        args.finished_ranks = torch.multiprocessing.get_context("spawn").Array("b", args.num_gpus)
     try:
         launch(
             main,
@@ -281,5 +293,17 @@ def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except ProcessExitedException as e:  # a worker ended with its own "error:" line above
+    except ProcessExitedException as e:
+        finished = getattr(args, "finished_ranks", None)
+        if finished is not None and all(finished):
+            # gloo can abort a process while it tears its threads down ("terminate called without
+            # an active exception"), after all the work is done
+            logger.warning(
+                "worker process %d ended with code %s at exit, after every process had finished "
+                "its run; the results are complete",
+                e.error_index,
+                e.exit_code,
+            )
+            return
+        # a worker ended with its own "error:" line above
         sys.exit(f"error: worker process {e.error_index} exited with code {e.exit_code}")

@@ -38,7 +38,7 @@ def test_cpu_workers_do_not_see_the_gpus(monkeypatch, device, num_gpus, hidden):
     assert seen == {"env": "" if hidden else "0", "num_gpus": num_gpus}
 
 
-def _end_together(rank, init_file, folder):
+def _end_together(rank, init_file, folder, finished):
     import json
     import time
 
@@ -50,7 +50,7 @@ def _end_together(rank, init_file, folder):
     if rank == 0:
         time.sleep(1.0)  # the main process still scoring and writing results.json
     done = time.time()
-    end_processes_together()
+    end_processes_together(finished)
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump({"done": done, "left": time.time(), "open": dist.is_initialized()}, f)
 
@@ -62,8 +62,12 @@ def test_processes_end_together_and_close_their_group(tmp_path):
 
     import torch.multiprocessing as mp
 
+    finished = mp.get_context("spawn").Array("b", 2)
     ctx = mp.spawn(
-        _end_together, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
+        _end_together,
+        args=(str(tmp_path / "init"), str(tmp_path), finished),
+        nprocs=2,
+        join=False,
     )
     for p in ctx.processes:  # a gloo abort at exit, after the files are written, is not the code's
         p.join(120)
@@ -71,3 +75,26 @@ def test_processes_end_together_and_close_their_group(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[1]["left"] >= ranks[0]["done"]  # rank 1 waited for the main process
     assert not ranks[0]["open"] and not ranks[1]["open"]
+    assert list(finished) == [1, 1]  # each marked itself for launch_cli
+
+
+@pytest.mark.parametrize("finished", [(1, 1), (1, 0)])
+def test_a_worker_dying_at_exit_after_every_run_finished_is_not_a_failure(monkeypatch, finished):
+    """Gloo may abort a worker while it tears down, after run() returned everywhere: the run's
+    results are complete, but the launcher reported "error: worker process 1 exited with code -6"
+    and exited with status 1. A worker that died before finishing is still an error."""
+    from torch.multiprocessing import ProcessExitedException
+
+    def fake_launch(main, num_gpus_per_machine, *, args, **kwargs):
+        for rank, done in enumerate(finished):
+            args[0].finished_ranks[rank] = done
+        raise ProcessExitedException("died", error_index=1, error_pid=0, exit_code=-6)
+
+    monkeypatch.setattr(cli, "launch", fake_launch)
+    monkeypatch.setattr(cli, "validate_config", lambda cfg, training: None)
+    monkeypatch.setattr(sys, "argv", ["train_net.py", "--num-gpus", "2"])
+    if all(finished):
+        cli.launch_cli(lambda args: None, load=lambda path, opts: _cfg("cpu"))
+    else:
+        with pytest.raises(SystemExit, match="error: worker process 1 exited with code -6"):
+            cli.launch_cli(lambda args: None, load=lambda path, opts: _cfg("cpu"))
