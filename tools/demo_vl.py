@@ -239,7 +239,12 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--tasks", default=",".join(n for n, _, _ in RUNNERS), help="comma-separated task names"
     )
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every task")
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help=f"KEY VALUE overrides for every task; of them, only {', '.join(RUN_KEYS)} also reach "
+        "the image tower's and the coarse stage's training",
+    )
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     unknown = set(args.tasks) - {name for name, _, _ in RUNNERS}

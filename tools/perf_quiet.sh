@@ -3,8 +3,8 @@
 # QUIET machine (nothing else running), and print their JSON lines (three per row with --reference:
 # features off, features on, their ratio). FIBER-B, random init, fp32, batch 1, 1 thread.
 #
-#   tools/perf_quiet.sh              # all rows, about 25 min on a quiet 2-core CPU (README)
-#   tools/perf_quiet.sh > perf.jsonl # keep the records
+#   bash tools/perf_quiet.sh              # all rows, about 22 min on a quiet 2-core CPU (README)
+#   bash tools/perf_quiet.sh > perf.jsonl # keep the records
 #
 # Rows: training forward + backward (--task train-fwd-bwd, the setting of the original comparison;
 # glibc mmap threshold at CPU_MMAP_THRESHOLD_MB, as train_net) at 800x1333 and 512x512;
