@@ -187,46 +187,40 @@ class _BadRecordCounter:
             self.skipped,
         )
 
+    def _tally(self, counter: str, record: dict, count: int, what: str) -> None:
+        """Add ``count`` to the counter ``counter`` and warn about ``record``."""
+        setattr(self, counter, getattr(self, counter) + count)
+        logger.warning("%s: %s (%d so far)", _record_name(record), what, getattr(self, counter))
+
     def cut_off(self, record: dict, count: int, max_len: int) -> None:
-        self.cut_phrases += count
-        logger.warning(
-            "%s: %d phrase(s) lie beyond the %d-token prompt (MAX_QUERY_LEN) and have no token; "
-            "they cannot be predicted (%d so far)",
-            _record_name(record),
+        self._tally(
+            "cut_phrases",
+            record,
             count,
-            max_len,
-            self.cut_phrases,
+            f"{count} phrase(s) lie beyond the {max_len}-token prompt (MAX_QUERY_LEN) and have no "
+            "token; they cannot be predicted",
         )
 
     def tokenless(self, record: dict, count: int) -> None:
-        self.tokenless_phrases += count
-        logger.warning(
-            "%s: %d phrase(s) inside the prompt cover no token (only whitespace, or no span) and "
-            "cannot be predicted (%d so far)",
-            _record_name(record),
+        self._tally(
+            "tokenless_phrases",
+            record,
             count,
-            self.tokenless_phrases,
+            f"{count} phrase(s) inside the prompt cover no token (only whitespace, or no span) and "
+            "cannot be predicted",
         )
 
     def cut_off_boxes(self, record: dict, count: int, max_len: int) -> None:
-        self.cut_boxes += count
-        logger.warning(
-            "%s: %d box(es) of categories past the %d-token prompt (MAX_QUERY_LEN) have no token "
-            "to learn (%d so far)",
-            _record_name(record),
+        self._tally(
+            "cut_boxes",
+            record,
             count,
-            max_len,
-            self.cut_boxes,
+            f"{count} box(es) of categories past the {max_len}-token prompt (MAX_QUERY_LEN) have "
+            "no token to learn",
         )
 
     def drop_boxes(self, record: dict, count: int) -> None:
-        self.dropped_boxes += count
-        logger.warning(
-            "%s: dropped %d empty box(es) (%d so far)",
-            _record_name(record),
-            count,
-            self.dropped_boxes,
-        )
+        self._tally("dropped_boxes", record, count, f"dropped {count} empty box(es)")
 
 
 class GroundingDatasetMapper:
