@@ -70,13 +70,19 @@ def prompt_key(prompt: Prompt, phrases: Optional[Sequence[Phrase]] = None) -> tu
         if phrases is not None:
             raise ValueError("phrases are only accepted with a caption str, not a name list")
         for i, name in enumerate(prompt):
-            if not isinstance(name, str):
-                raise ValueError(
-                    f"prompt entry {i} is not a name (str): {name!r:.60}; one image takes a "
-                    "caption str or a list of names (a batch: one such prompt per image)"
-                )
+            _check_is_name(i, name)
         return ("names", tuple(prompt))
     raise ValueError(f"prompt must be a caption str or a list of names, got {prompt!r}")
+
+
+def _check_is_name(i: int, name) -> None:
+    """A ValueError when entry ``i`` of a name list is not a str (e.g. a batch's prompts given for
+    one image: a list of lists)."""
+    if not isinstance(name, str):
+        raise ValueError(
+            f"prompt entry {i} is not a name (str): {name!r:.60}; one image takes a caption str "
+            "or a list of names (a batch: one such prompt per image)"
+        )
 
 
 def _phrase_key(phrase) -> Union[str, tuple]:
@@ -172,8 +178,7 @@ def encode_names(
     if not names:
         raise ValueError("empty prompt: the category list has no names")
     for i, name in enumerate(names):
-        if not isinstance(name, str):
-            raise ValueError(f"prompt entry {i} is not a name (str): {name!r:.60}")
+        _check_is_name(i, name)
         if not name.strip():
             raise ValueError(f"empty prompt entry {i}: {name!r}")
     # Budget-driven chunking when TEST.CHUNKED_EVALUATION is off: one prompt if it fits.
