@@ -370,30 +370,29 @@ class FIBERCheckpointer(DetectionCheckpointer):
                 for k, p in params.items()
                 if k.startswith(_DETECTOR_TOWERS) and not _DETECTOR_OUT_NORM.match(k)
             }
-        # a task model's own head (``STAGE_HEADS``), absent as a whole from the file: the head this
-        # stage adds on a pre-trained backbone (e.g. VQA on a coarse checkpoint), not a partial load
         missing_set = set(incompatible.missing_keys)
-        for prefix in getattr(self.model, "STAGE_HEADS", ()):
-            head = [k for k in counted if k.startswith(prefix)]
-            if head and all(k in missing_set for k in head):
-                if self.inference:
-                    stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
-                else:
-                    counted = {k: p for k, p in counted.items() if not k.startswith(prefix)}
-        # a head the model's evaluation reads (``INFERENCE_HEADS``, e.g. the ITM head of ITM
-        # retrieval), absent as a whole: refused when the model is used as loaded, however small
-        if self.inference:
-            for prefix in getattr(self.model, "INFERENCE_HEADS", ()):
-                head = [k for k in counted if k.startswith(prefix)]
-                if head and all(k in missing_set for k in head):
-                    stage_adds = stage_adds or f"the checkpoint has no {prefix.rstrip('.')} head"
+
+        def absent(head: str) -> set:
+            """The counted parameters of ``head`` ("prefix." or a full name) if the file has none."""
+            keys = {k for k in counted if k == head or (head.endswith(".") and k.startswith(head))}
+            return keys if keys and keys <= missing_set else set()
+
+        # a task model's own head (``STAGE_HEADS``), absent as a whole from the file: the head this
+        # stage adds on a pre-trained backbone (e.g. VQA on a coarse checkpoint), not a partial
+        # load; and a head its evaluation reads (``INFERENCE_HEADS``, e.g. the ITM head of ITM
+        # retrieval). Either is refused when the model is used as loaded, however small.
+        read_heads = getattr(self.model, "INFERENCE_HEADS", ()) if self.inference else ()
+        for head in (*getattr(self.model, "STAGE_HEADS", ()), *read_heads):
+            keys = absent(head)
+            if keys and self.inference:
+                stage_adds = stage_adds or f"the checkpoint has no {head.rstrip('.')} head"
+            elif keys:
+                counted = {k: p for k, p in counted.items() if k not in keys}
         # a pre-training head the model's losses never read, absent as a whole: the original
         # builds it only for its losses (an ITC retrieval checkpoint has no itm_score, mlm_score)
-        heads_not_read = getattr(self.model, "heads_not_read", lambda: ())()
-        for head in heads_not_read:
-            keys = [k for k in counted if k == head or (head.endswith(".") and k.startswith(head))]
-            if keys and all(k in missing_set for k in keys):
-                counted = {k: p for k, p in counted.items() if k not in keys}
+        for head in getattr(self.model, "heads_not_read", lambda: ())():
+            keys = absent(head)
+            counted = {k: p for k, p in counted.items() if k not in keys}
         missing = sorted(k for k in missing_set if k in counted)
         if not missing or not counted:
             return
