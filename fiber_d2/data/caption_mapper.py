@@ -17,7 +17,8 @@ from detectron2.data import transforms as T
 from PIL import Image
 
 from ..text import build_tokenizer, mask_tokens_for_mlm, tokenize
-from .mapper import _BadRecordCounter, _read_image, _SkipRecord, _test_error, _to_chw, memoized
+from .mapper import _BadRecordCounter, _to_chw, memoized
+from .reading import _read_image, _SkipRecord, _test_error
 from .vl_transforms import build_vl_image_transform
 
 __all__ = ["CaptionDatasetMapper"]

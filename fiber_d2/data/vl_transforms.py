@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from .mapper import read_image_file
+from .reading import read_image_file
 
 __all__ = ["AlbefRandAugment", "build_vl_image_transform", "read_vl_image", "VL_TRANSFORMS"]
 

@@ -17,7 +17,8 @@ from fiber_d2.config import add_fiber_config
 from fiber_d2.data import vl_transforms
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.datasets.common import BadRecordError
-from fiber_d2.data.mapper import GroundingDatasetMapper, read_image_file
+from fiber_d2.data.mapper import GroundingDatasetMapper
+from fiber_d2.data.reading import read_image_file
 from fiber_d2.data.vl_mapper import FusedTaskMapper
 from fiber_d2.data.vl_transforms import read_vl_image
 

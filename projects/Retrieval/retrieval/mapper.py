@@ -18,7 +18,7 @@ from detectron2.config import configurable
 
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.datasets.common import IMAGE_READ_ERRORS
-from fiber_d2.data.mapper import read_image_file
+from fiber_d2.data.reading import read_image_file
 
 __all__ = ["FalseImageCaptionMapper"]
 
