@@ -113,7 +113,7 @@ def project_config_keys(project: str) -> tuple:
     ``add_*_config`` functions."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects")
     if not os.path.isdir(os.path.join(root, project)):
-        raise ValueError(f"--project {project}: no folder projects/{project}")
+        raise ConfigError(f"--project {project}: no folder projects/{project}")
     sys.path.insert(0, os.path.join(root, project))
     package = importlib.import_module(project.lower())
     return tuple(
@@ -180,7 +180,9 @@ def main(argv=None) -> None:
         sys.exit(f"error: {e}")
     try:
         report = convert(args)
-    except (ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    except ConfigError as e:  # the command line or the target config: not the checkpoint's fault
+        sys.exit(f"error: {e}")
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         sys.exit(f"error: {args.input}: {msg}" if args.input not in str(msg) else f"error: {msg}")
     except OSError as e:  # e.g. a full disk while writing (the output appears whole or not at all)
@@ -215,15 +217,15 @@ def check_report(report, path: str) -> None:
 def convert(args):
     """Run one conversion from parsed arguments; returns the ConversionReport."""
     if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ValueError(f"--output must differ from --input ({args.input})")
+        raise ConfigError(f"--output must differ from --input ({args.input})")
     if args.opts and not args.config_file:
-        raise ValueError(f"config overrides {args.opts} given without --config-file")
+        raise ConfigError(f"config overrides {args.opts} given without --config-file")
     if args.stage == "fine" and args.target in ("coarse", "caption"):
-        raise ValueError(
+        raise ConfigError(
             f"--target {args.target} applies to a coarse-stage checkpoint, not --stage fine"
         )
     if args.target == "caption" and args.config_file:
-        raise ValueError(
+        raise ConfigError(
             "--target caption takes no --config-file (FIBERCaption is a project model)"
         )
     model_state, meta_arch = None, None
@@ -231,7 +233,7 @@ def convert(args):
         extra = project_config_keys(args.project) if args.project else ()
         model_state, meta_arch = build_model_state(args.config_file, args.opts, extra)
         if target_of(meta_arch) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{args.config_file}: MODEL.META_ARCHITECTURE {meta_arch} is not FIBER(Coarse) or a"
                 " task model built on FIBERCoarse (pass --project for a projects/ config)"
             )
@@ -249,7 +251,7 @@ def convert(args):
             f"{args.input} is a fine-grained checkpoint; it converts to the FIBER detector only"
         )
     if meta_arch is not None and target_of(meta_arch) != target:
-        raise ValueError(f"--target {target} does not match {args.config_file} ({meta_arch})")
+        raise ConfigError(f"--target {target} does not match {args.config_file} ({meta_arch})")
     if target == "caption":
         converted, report = convert_caption_state_dict(original, use_ema=args.use_ema)
     else:

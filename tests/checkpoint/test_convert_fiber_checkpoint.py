@@ -151,6 +151,38 @@ def test_errors_are_one_line_and_name_the_file(coarse_model, originals, tmp_path
     assert not Path(out).exists()
 
 
+def test_command_line_and_config_errors_do_not_blame_the_checkpoint(
+    coarse_model, originals, tmp_path
+):
+    """An error of the command line or of the target config names that, not the input file."""
+    src = tmp_path / "coarse.ckpt"
+    torch.save({"state_dict": originals.make_coarse(coarse_model.state_dict())[0]}, src)
+    out = str(tmp_path / "out.pth")
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("MODEL:\n  NOT_A_KEY: 1\n")
+    cases = {
+        "config overrides ['MODEL.X', '1'] given without --config-file": ["MODEL.X", "1"],
+        f"{bad_cfg}: Non-existent config key: MODEL.NOT_A_KEY": ["--config-file", str(bad_cfg)],
+        "--project Nope: no folder projects/Nope": [
+            "--config-file",
+            COARSE_CFG,
+            "--project",
+            "Nope",
+        ],
+        f"--target fine does not match {COARSE_CFG}": [
+            "--config-file",
+            COARSE_CFG,
+            "--target",
+            "fine",
+        ],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(SystemExit) as err:
+            tool.main(["--input", str(src), "--output", out, *extra])
+        assert err.value.code.startswith(f"error: {message}"), err.value.code
+    assert not Path(out).exists()
+
+
 def test_caption_checkpoint_end_to_end(coarse_model, originals, tmp_path):
     original, expected, _ = originals.make_coarse(coarse_model.state_dict(), seed=17)
     original["cross_modal_att_layers.0.weight"] = torch.randn(128, 256)
