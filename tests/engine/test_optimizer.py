@@ -192,3 +192,99 @@ def test_fused_optimizer_takes_the_same_steps(optimizer):
     for a, b, start in zip(models[0].parameters(), models[1].parameters(), initial):
         assert (a - start).abs().max() > 1e-3  # the five steps moved every tensor
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_rule_decays_norms_at_their_factor():
+    """Spec fine §6.2: names containing ``norm`` / ``Norm`` (and the head's ``.bn.``) decay at
+    ``WEIGHT_DECAY x WEIGHT_DECAY_NORM_FACTOR``; other weights at ``WEIGHT_DECAY``, biases at 0."""
+    got = _lr_wd(
+        fiber_param_groups(
+            _named(**NAMES),
+            base_lr=1e-4,
+            lang_lr=1e-5,
+            weight_decay=0.01,
+            weight_decay_norm_factor=0.5,
+        )
+    )
+    img, txt = "backbone.bottom_up.image_tower.", "backbone.bottom_up.text_tower."
+    assert got[img + "layers.0.blocks.0.norm1.weight"][1] == pytest.approx(0.005)
+    assert got[txt + "encoder.layer.0.attention.output.LayerNorm.weight"][1] == pytest.approx(0.005)
+    assert got["head.dyhead_tower.0.DyConv.0.bn.weight"][1] == pytest.approx(0.005)
+    assert got[img + "layers.0.blocks.0.attn.qkv.weight"][1] == 0.01
+    assert got[img + "layers.0.blocks.0.attn.alpha_i2t"][1] == 0.01  # a gate, not a norm
+    assert got[img + "layers.0.blocks.0.attn.qkv.bias"][1] == 0.0
+
+
+def test_coarse_rule_no_decay_substrings_and_text_side_fusion():
+    """Spec coarse §4: ``LayerNorm.weight``, ``norm.weight``, ``norm1.*`` and ``norm2.*`` are not
+    decayed; the text-side fusion (``t2i``) takes the cross-modal multiplier like the image side."""
+    txt = "backbone.text_tower.encoder.layer.0."
+    img = "backbone.image_tower.layers.0.blocks.0."
+    m = _named(
+        **{
+            txt + "attention.output.LayerNorm.weight": (2,),
+            txt + "crossattention_t2i.self.query.weight": (2, 2),
+            txt + "alpha_t2i": (1,),
+            img + "norm2.weight": (2,),
+            img + "mlp.fc1.weight": (2, 2),
+            "image_norm.weight": (2,),
+        }
+    )
+    got = _lr_wd(coarse_param_groups(m, base_lr=1e-5, weight_decay=0.01, lr_mult_cross_modal=3.0))
+    assert got[txt + "attention.output.LayerNorm.weight"] == (1e-5, 0.0)
+    assert got[img + "norm2.weight"] == (1e-5, 0.0)
+    assert got["image_norm.weight"] == (1e-5, 0.0)
+    assert got[img + "mlp.fc1.weight"] == (1e-5, 0.01)
+    assert got[txt + "crossattention_t2i.self.query.weight"] == pytest.approx((3e-5, 0.01))
+    assert got[txt + "alpha_t2i"] == pytest.approx((3e-5, 0.01))
+
+
+def _built(rule, opts):
+    cfg = load_config(None, ["SOLVER.PARAM_GROUP_RULE", rule, *opts])
+    return {
+        n: (g["lr"], g["weight_decay"], g["initial_weight_decay"])
+        for g in build_fiber_optimizer(cfg, _named(**NAMES, **COARSE_NAMES)).param_groups
+        for n in g["names"]
+    }
+
+
+COARSE_NAMES = {"cross_modal_image_pooler.dense.weight": (2, 2), "itm_score.fc.weight": (2, 2)}
+
+
+def test_optimizer_reads_every_solver_key_of_the_fine_rule():
+    got = _built(
+        "fine",
+        ["SOLVER.BASE_LR", "0.001", "SOLVER.LANG_LR", "0.0001"]
+        + ["SOLVER.BACKBONE_BODY_LR_FACTOR", "0.5", "SOLVER.WEIGHT_DECAY", "0.1"]
+        + ["SOLVER.BIAS_LR_FACTOR", "3.0", "SOLVER.WEIGHT_DECAY_BIAS", "0.02"]
+        + ["SOLVER.WEIGHT_DECAY_NORM_FACTOR", "0.5"],
+    )
+    img, txt = "backbone.bottom_up.image_tower.", "backbone.bottom_up.text_tower."
+    assert got[img + "layers.0.blocks.0.attn.qkv.weight"][:2] == pytest.approx((5e-4, 0.1))
+    assert got[img + "layers.0.blocks.0.attn.qkv.bias"][:2] == pytest.approx((1.5e-3, 0.02))
+    assert got[img + "layers.0.blocks.0.norm1.weight"][:2] == pytest.approx((5e-4, 0.05))
+    assert got[txt + "encoder.layer.0.alpha_t2i"][:2] == pytest.approx((1e-4, 0.1))
+    assert got["head.bias0"][:2] == pytest.approx((3e-3, 0.02))
+    assert got["backbone.fpn_lateral3.weight"][:2] == pytest.approx((1e-3, 0.1))
+
+
+def test_optimizer_reads_the_two_multipliers_of_the_coarse_rule():
+    """The NLVR2 recipe's multipliers differ (cross-modal x5, head x50): each goes to its names."""
+    got = _built(
+        "coarse",
+        ["SOLVER.BASE_LR", "0.0001", "SOLVER.WEIGHT_DECAY", "0.01"]
+        + ["SOLVER.LR_MULT_CROSS_MODAL", "5.0", "SOLVER.LR_MULT_HEAD", "50.0"],
+    )
+    assert got["cross_modal_image_pooler.dense.weight"][:2] == pytest.approx((5e-4, 0.01))
+    assert got["itm_score.fc.weight"][:2] == pytest.approx((5e-3, 0.01))
+    assert got["backbone.fpn_lateral3.weight"][:2] == pytest.approx((1e-4, 0.01))
+
+
+@pytest.mark.parametrize("rule", ["fine", "coarse"])
+def test_each_group_remembers_its_own_initial_weight_decay(rule):
+    """The weight-decay schedule scales each group's own decay: groups without decay stay at 0."""
+    got = _built(rule, ["SOLVER.WEIGHT_DECAY", "0.01", "SOLVER.WEIGHT_DECAY_BIAS", "0.0"])
+    for name, (_, wd, initial) in got.items():
+        assert initial == wd, name
+    assert got["head.bias0"][2] == 0.0
+    assert got["backbone.fpn_lateral3.weight"][2] == 0.01
