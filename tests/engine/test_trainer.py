@@ -397,3 +397,40 @@ def test_a_plain_detectron2_config_registers_its_datasets(tmp_path):
     cfg.DATASETS.TEST = ("own_registered",)
     (batch,) = list(FIBERTrainer.build_test_loader(cfg, "own_registered"))
     assert batch[0]["caption"].startswith("cone")
+
+
+def test_saved_average_includes_the_step_of_its_iteration(tmp_path, monkeypatch):
+    """The EMA hook runs before the checkpointer: model_final.pth holds the average after the last
+    step, the one a resumed or evaluated run continues from."""
+    _, trainer, _ = _ema_run(tmp_path, monkeypatch, "SOLVER.EMA.DECAY", "0.5")
+    final = torch.load(tmp_path / "run" / "model_final.pth", map_location="cpu", weights_only=True)
+    saved = final["model_ema"]["state"]
+    assert saved.keys() == trainer.ema.state.keys()
+    for k, v in trainer.ema.state.items():
+        assert torch.equal(saved[k], v), k
+
+
+def _lrs(max_iter, warmup_iters, warmup_factor):
+    cfg = load_config(
+        None,
+        ["SOLVER.LR_SCHEDULER_NAME", "WarmupLinearDecayLR", "SOLVER.BASE_LR", "1.0"]
+        + ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.WARMUP_ITERS", str(warmup_iters)]
+        + ["SOLVER.WARMUP_FACTOR", str(warmup_factor), "SOLVER.WARMUP_METHOD", "linear"],
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = FIBERTrainer.build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(max_iter):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_linear_decay_is_the_original_polynomial_schedule():
+    """Coarse spec §5: linear warmup from 0 over WARMUP_ITERS, then linear decay to 0 at MAX_ITER
+    (transformers' polynomial schedule, power 1, lr_end 0): step / W, then (T - step) / (T - W)."""
+    expected = [0.0, 0.5] + [(10 - t) / 8 for t in range(2, 10)]
+    assert _lrs(10, 2, 0.0) == pytest.approx(expected, abs=1e-9)
+    # a run that is all warmup ramps linearly over all of it
+    assert _lrs(4, 4, 0.0) == pytest.approx([0.0, 0.25, 0.5, 0.75], abs=1e-9)
