@@ -316,13 +316,17 @@ if NO_BOXES not in DatasetCatalog.list():
 
 def test_fiber_trainer_skips_batches_without_boxes_entirely(tmp_path):
     """The Demo detector on images without boxes (every batch skipped, as FIBER skips it): the
-    iterations run, but no optimiser, LR-scheduler or EMA step is taken."""
+    iterations run, but no optimiser, LR-scheduler or EMA step is taken, and the weight-decay
+    schedule, which counts the LR scheduler's steps, does not move either."""
     opts = [
         "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.EMA.ENABLED", "True", "DATASETS.TRAIN", f"('{NO_BOXES}',)",
         "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "DATASETS.TEST", "()",
         "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path),
+        # x0.1 weight decay from step 0.5 x 1: iteration 1 passes it, the scheduler's count (0) not
+        "SOLVER.WEIGHT_DECAY_SCHEDULE", "True", "SOLVER.STEPS", "(1,)",
+        "SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO", "0.5",
     ]  # fmt: skip
     cfg = load_config("configs/Demo/fine_tiny.yaml", opts)
     cfg.freeze()
@@ -340,5 +344,8 @@ def test_fiber_trainer_skips_batches_without_boxes_entirely(tmp_path):
     assert all(torch.equal(v, start[k]) for k, v in trainer.model.state_dict().items())
     assert all(torch.equal(v, ema_start[k]) for k, v in trainer.ema.state.items())
     assert trainer.scheduler.last_epoch == 0  # the LR schedule waits, as FIBER's
+    groups = trainer.optimizer.param_groups
+    assert any(g["initial_weight_decay"] > 0 for g in groups)
+    assert all(g["weight_decay"] == g["initial_weight_decay"] for g in groups)
     # the scheduler's state is saved under detectron2's hook name (resumes of earlier runs)
     assert "LRScheduler" in trainer.state_dict()["hooks"]
