@@ -263,12 +263,13 @@ def _flagged(n, skip_at=(), seed=1):
     return [(x, y, i in skip_at) for i, (x, y) in enumerate(_samples(n, seed))]
 
 
-def test_a_skipped_batch_takes_no_optimiser_step():
+@pytest.mark.parametrize("skip_at", [1, 3], ids=["first_pass", "last_pass"])
+def test_a_skipped_batch_takes_no_optimiser_step(skip_at):
     model = _SkipToy()
     start = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
-    # passes of 2: the first step's second pass holds a skipped sample, the second step none
-    trainer = StepTrainer(model, _Loader(_flagged(8, skip_at=(3,)), 2), optimizer, 2)
+    # passes of 2: one of the first step's passes holds a skipped sample, the second step none
+    trainer = StepTrainer(model, _Loader(_flagged(8, skip_at=(skip_at,)), 2), optimizer, 2)
     got, logged = _one_step(trainer)
     assert trainer.step_skipped and trainer.skipped_steps == 1
     assert all(torch.equal(g, s) for g, s in zip(got, start))  # no momentum, no weight decay
