@@ -258,3 +258,20 @@ def test_a_blocked_module_is_named_as_refused(tmp_path):
     message = str(err.value)
     assert message.startswith(f"refusing to load {path}: it holds ") and ".system" in message
     assert "weights_only set to False" not in message and "damaged" not in message
+
+
+def test_strict_weights_count_elements_as_well_as_tensors(tmp_path):
+    """One tensor of 151 is under the 1 % tolerance by count; missing, the large one is most of the
+    weights and is refused, where a missing small one is tolerated."""
+    model = torch.nn.Module()
+    model.small = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(1)) for _ in range(150)])
+    model.large = torch.nn.Parameter(torch.ones(100, 100))
+    state = model.state_dict()
+    path = tmp_path / "without_large.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k != "large"}}, path)
+    with pytest.raises(CheckpointError, match="large"):
+        FIBERCheckpointer(model).load(str(path))
+    path = tmp_path / "without_one_small.pth"
+    torch.save({"model": {k: v for k, v in state.items() if k != "small.0"}}, path)
+    incompatible = FIBERCheckpointer(model).load_weights_file(str(path))
+    assert incompatible.missing_keys == ["small.0"]
