@@ -392,3 +392,13 @@ def test_caption_layout_keeps_the_adapters_and_maps_the_rest_as_coarse(coarse_mo
         assert torch.equal(caption[key], coarse[key])
     assert C.TASK_HEAD in {r for _, r in report.skipped}  # VQA / NLVR2 heads are still dropped
     assert not any(k.startswith("cross_modal_att_layers.") for k, _ in report.skipped)
+
+
+def test_half_precision_tables_are_resized_in_float32():
+    """A float16 table (a checkpoint saved in half precision) is resized in float32 and cast back
+    once: the same values as resizing its float32 copy."""
+    table = torch.randn(25, 3, generator=torch.Generator().manual_seed(0)).half()
+    resized = C.resize_relative_position_table(table, 49)
+    assert resized.dtype == torch.float16
+    expected = C.resize_relative_position_table(table.float(), 49).half()
+    torch.testing.assert_close(resized, expected, rtol=0, atol=0)
