@@ -110,3 +110,15 @@ def test_add_fiber_config_twice_keeps_what_was_merged():
         cfg.MODEL.FIBER.NUM_FUSION_LAYERS
         != add_fiber_config(get_cfg()).MODEL.FIBER.NUM_FUSION_LAYERS
     )
+
+
+def test_fine_pretraining_decays_weight_decay_where_the_spec_says():
+    """Spec fine §6.2: x0.1 weight decay at 0.667 of each LR milestone, i.e. from iterations
+    357,512 and 474,904 of the pre-training (LR steps at 536,000 and 712,000)."""
+    from fiber_d2.engine.hooks import weight_decay_multiplier
+
+    pre = load_config(str(CONFIG_DIR / "FIBER-B/fine_pretrain.yaml"))
+    assert pre.SOLVER.WEIGHT_DECAY_SCHEDULE
+    steps, ratio = tuple(pre.SOLVER.STEPS), pre.SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO
+    got = [weight_decay_multiplier(i, steps, ratio) for i in (357511, 357512, 474903, 474904)]
+    assert got == pytest.approx([1.0, 0.1, 0.1, 0.01])
