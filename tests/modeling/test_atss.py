@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 
+from fiber_d2.engine.setup import load_config
 from fiber_d2.modeling.head.atss import (
     ATSSLossComputation,
     LegacyBoxCoder,
@@ -231,7 +232,7 @@ def _setup(seed, gts_per_image, text_mask):
     return anchors, outputs, targets
 
 
-def _ref_losses(anchors, outputs, targets, text_mask, topk):
+def _ref_losses(anchors, outputs, targets, text_mask, topk, alpha=0.25, gamma=2.0):
     flat_anchors = [a for lvl in anchors for a in lvl.tolist()]
     batch = len(targets)
     tok = [torch.cat([t[b] for t in outputs["token_logits"]]).tolist() for b in range(batch)]
@@ -254,7 +255,7 @@ def _ref_losses(anchors, outputs, targets, text_mask, topk):
             row = [float(v) for v in pm[m]] if m >= 0 else [0.0] * (len(text_mask[b]) - 1) + [1.0]
             for t, real in enumerate(text_mask[b].tolist()):
                 if real:
-                    focal += _ref_focal(tok[b][a][t], row[t])
+                    focal += _ref_focal(tok[b][a][t], row[t], alpha, gamma)
             if m >= 0:
                 npos += 1
                 w = _ref_ctr(gts[m], flat_anchors[a])
@@ -363,3 +364,31 @@ def test_loss_rejects_bad_targets():
         loss_fn(anchors, outputs, bad, text_mask)
     with pytest.raises(KeyError, match="positive_map"):
         loss_fn(anchors, outputs, [{"gt_boxes": targets[0]["gt_boxes"]}], text_mask)
+
+
+def test_loss_constants_come_from_the_config():
+    """TOKEN_ALPHA / TOKEN_GAMMA (focal loss), the three loss weights and ATSS.TOPK of the config
+    are the ones the losses use (checked against the loop reference at non-default values)."""
+    text_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    gts = [[[3.2, 5.1, 20.7, 17.9], [14.3, 12.2, 30.1, 29.6]], [[2.0, 3.0, 40.0, 25.0]]]
+    anchors, outputs, targets = _setup(4, gts, text_mask)
+    opts = {
+        "MODEL.DYHEAD.TOKEN_ALPHA": 0.4,
+        "MODEL.DYHEAD.TOKEN_GAMMA": 1.5,
+        "MODEL.DYHEAD.TOKEN_LOSS_WEIGHT": 3.0,
+        "MODEL.ATSS.REG_LOSS_WEIGHT": 0.5,
+        "MODEL.ATSS.CENTERNESS_LOSS_WEIGHT": 4.0,
+        "MODEL.ATSS.TOPK": 3,
+        "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN": text_mask.shape[1],
+    }
+    cfg = load_config("configs/Demo/fine_tiny.yaml", [str(x) for kv in opts.items() for x in kv])
+    losses = ATSSLossComputation(cfg)(anchors, outputs, targets, text_mask)
+    ref = _ref_losses(anchors, outputs, targets, text_mask, topk=3, alpha=0.4, gamma=1.5)
+    assert ref["npos"] >= 2
+    want = {
+        "loss_dot_product_token": 3.0 * ref["loss_dot_product_token"],
+        "loss_reg": 0.5 * ref["loss_reg"] / 2.0,  # the reference applies the default weight 2
+        "loss_centerness": 4.0 * ref["loss_centerness"],
+    }
+    for k, v in want.items():
+        assert abs(losses[k].item() - v) < 1e-4 * max(1.0, abs(v)), k
