@@ -120,3 +120,25 @@ def test_shared_prefix_is_off_by_default():
     cfg = load_config("configs/Demo/coarse_tiny.yaml", SMALL)
     assert cfg.MODEL.COARSE.SHARE_PREFIX is False
     assert FIBERCoarse(cfg).share_prefix is False
+
+
+def test_pair_prefix_runs_the_image_prefix_of_every_queued_image():
+    """ITM pairs whose image is a queued sample (pool row >= B, the first queued slot B included)
+    get that image's own prefix; pairs of the batch's images take the shared prefix's rows."""
+    model = _model(True, negatives="queue")
+    records, ids, mask = caption_batch()
+    raw = torch.stack([r["image"] for r in records])
+    b = raw.shape[0]
+    image_rows = torch.tensor([2, b, b + 1, 0])  # batch, first queued slot, second, batch
+    text_rows = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        shared = model.backbone.forward_prefix(model._normalize(raw), ids, mask)
+        pairs = model.queue.take_inputs(image_rows, text_rows, raw, ids, mask)
+        images, pair_ids, pair_mask = model._pair_inputs(*pairs)
+        assert not torch.equal(pairs[0][1], raw[b - 1])  # the first queued image is another one
+        prefix = model._pair_prefix(shared, image_rows, images, pair_ids, pair_mask)
+        want_x, want_outputs = model.backbone.forward_image_prefix(images)
+    torch.testing.assert_close(prefix.image, want_x, rtol=1e-5, atol=1e-5)
+    assert prefix.image_outputs.keys() == want_outputs.keys()
+    for k, v in want_outputs.items():
+        torch.testing.assert_close(prefix.image_outputs[k], v, rtol=1e-5, atol=1e-5, msg=k)

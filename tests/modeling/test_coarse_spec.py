@@ -116,3 +116,32 @@ def test_zero_gates_fused_forward_is_the_unimodal_one_without_the_last_text_norm
     assert torch.equal(fused_image["res5"], image["res5"])
     assert torch.allclose(normed, text["hidden"], atol=1e-6)
     assert not torch.allclose(fused_text["hidden"], text["hidden"], atol=1e-3)
+
+
+def test_each_objective_is_scaled_by_its_own_loss_weight():
+    """MODEL.COARSE.LOSS_WEIGHTS: each objective's loss is multiplied by its own entry (the same
+    step with weights 1 and with other weights differs by exactly those factors)."""
+    records, _, _ = caption_batch()
+    for r in records:  # one masked word per caption
+        r["mlm_input_ids"] = r["input_ids"].clone()
+        r["mlm_input_ids"][2] = 3
+        r["mlm_labels"] = torch.full_like(r["input_ids"], -100)
+        r["mlm_labels"][2] = r["input_ids"][2]
+    weights = {"itc": 2.0, "itm": 3.0, "mlm": 0.5}
+    losses = {}
+    for name, w in (("unit", [1.0, 1.0, 1.0]), ("weighted", list(weights.values()))):
+        model = tiny_coarse(
+            *ORIGINAL,
+            "MODEL.COARSE.LOSSES",
+            str(list(weights)),
+            "MODEL.COARSE.LOSS_WEIGHTS",
+            str(w),
+        ).train()
+        torch.manual_seed(5)  # the same dropout and ITM hard negatives in both steps
+        with torch.no_grad():
+            losses[name] = model(records)
+    assert set(losses["weighted"]) == {f"loss_{k}" for k in weights}
+    for k, w in weights.items():
+        unit = losses["unit"][f"loss_{k}"]
+        assert unit.item() > 0
+        torch.testing.assert_close(losses["weighted"][f"loss_{k}"], w * unit)
