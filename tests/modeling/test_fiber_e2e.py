@@ -152,3 +152,51 @@ def test_the_fpn_may_start_at_res2():
     with torch.no_grad():
         (result,) = model([_sample(64, 96, [], [])])
     assert result["instances"].image_size == (128, 192)  # the original size, twice the input
+
+
+def test_training_targets_are_the_legacy_boxes_of_the_instances(model, monkeypatch):
+    """The loss gets the ground truth in the legacy "+1" convention (spec 3.3): detectron2's
+    x2 = x + w becomes x2 = x + w - 1 (y2 likewise), and the positive maps have the
+    batch's text length."""
+    model.train()
+    seen = []
+    loss = model.loss
+
+    def spy(anchors, outputs, targets, mask):
+        seen.append((targets, mask.shape[1]))
+        return loss(anchors, outputs, targets, mask)
+
+    monkeypatch.setattr(model, "loss", spy)
+    boxes = [[10.0, 12.0, 40.0, 50.0], [60.0, 20.0, 90.0, 70.0]]
+    sample = _sample(97, 131, boxes, [[1, 2], [4]])
+    with torch.no_grad():
+        model([sample])
+    ((targets, length),) = seen
+    want = torch.tensor(boxes) - torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert torch.equal(targets[0]["gt_boxes"].cpu(), want)
+    assert torch.equal(
+        targets[0]["positive_map"].cpu(), sample["instances"].gt_positive_map[:, :length]
+    )
+
+
+def test_a_batch_is_skipped_only_when_more_than_the_allowed_share_of_images_is_empty(model):
+    """SOLVER.MAX_NEG_PER_BATCH (spec 3.5): a batch is skipped when more than that share of its
+    images have no boxes, or all of them; exactly that share is kept."""
+    model.train()
+    full = _sample(64, 64, [[5, 5, 30, 30]], [[3]])
+    empty = _sample(64, 64, [], [])
+    limit = model.max_neg_per_batch
+    model.max_neg_per_batch = 0.5
+    try:
+        for batch, skipped in (
+            ([full, full], False),
+            ([full, empty], False),  # 1 of 2: the limit itself
+            ([full, empty, empty], True),  # 2 of 3
+            ([empty, empty], True),
+        ):
+            with torch.no_grad():
+                losses = model(batch)
+            assert model.batch_skipped is skipped, len(batch)
+            assert all((v == 0).item() for v in losses.values()) is skipped
+    finally:
+        model.max_neg_per_batch = limit
