@@ -318,3 +318,44 @@ def test_mask_tokens_for_mlm(tok):
 def test_build_tokenizer_errors(tmp_path):
     with pytest.raises(OSError, match="cannot load tokenizer"):
         build_tokenizer(str(tmp_path / "missing"))
+
+
+def test_positive_map_retries_up_to_two_characters_inside_the_span(tok):
+    """Spec 3.4: the first token is looked up at begin, begin+1, begin+2 and the last at end-1,
+    end-2, end-3, so a span with two spaces before or after its word still maps to the word."""
+    caption = "a  red  circle"  # the spaces around "red" map to no token
+    enc = tokenize(tok, caption, 16)
+    b, e = caption.index("red"), caption.index("red") + len("red")
+    assert enc.char_to_token(0, b - 1) is None and enc.char_to_token(0, b - 2) is None
+    assert enc.char_to_token(0, e) is None and enc.char_to_token(0, e + 1) is None
+    pm = char_spans_to_positive_map(enc, [[[b - 2, e]], [[b, e + 2]], [[b - 2, e + 2]]], 16)
+    want = overlap_reference(enc, (b, e))
+    assert len(want) == 1
+    for r in range(3):
+        assert row_tokens(pm[r]) == want, r
+
+
+class _TinyVocab:
+    """The tokenizer interface of mask_tokens_for_mlm: 6 ids, 0-3 special, 3 is <mask>."""
+
+    mask_token_id = 3
+    all_special_ids = [0, 1, 2, 3]
+
+    def __len__(self):
+        return 6
+
+
+def test_mlm_random_replacements_are_uniform_over_the_whole_vocabulary():
+    """Coarse spec 3.2: 10 % of the selected tokens become a uniformly random id in
+    [0, len(tokenizer)), the last id included."""
+    ids = torch.full((200, 50), 4)
+    gen = torch.Generator().manual_seed(0)
+    masked, labels = mask_tokens_for_mlm(ids, _TinyVocab(), 1.0, generator=gen)
+    assert (labels == 4).all()
+    n = ids.numel()
+    counts = torch.bincount(masked.flatten(), minlength=6).double() / n
+    # ids 0, 1, 2 and 5 only come from the random replacements: 0.1 / 6 each
+    for i in (0, 1, 2, 5):
+        assert abs(counts[i].item() - 0.1 / 6) < 0.005, (i, counts[i].item())
+    assert abs(counts[3].item() - (0.8 + 0.1 / 6)) < 0.02  # <mask>
+    assert abs(counts[4].item() - (0.1 + 0.1 / 6)) < 0.02  # kept, or drawn again
