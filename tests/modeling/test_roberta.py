@@ -1,5 +1,6 @@
 """Tests of fiber_d2.modeling.backbone.roberta (FIBER's RoBERTa text tower)."""
 
+import copy
 import logging
 import math
 
@@ -223,3 +224,39 @@ def test_initializer_range_scales_every_random_matrix_and_the_cross_attention():
 def test_initializer_range_with_pretrained_weights_is_an_error():
     with pytest.raises(ValueError, match="initializer_range 0.1 applies to a random init only"):
         _tower(weights="some/roberta", initializer_range=0.1)
+
+
+def test_causal_forward_equals_hf_roberta_as_a_decoder():
+    """Without image tokens the causal forward is stock HF RoBERTa with ``is_decoder`` (causal
+    mask, padding masked, positions counting from pad + 1 over the real tokens), whether the
+    tokens come at once or one by one through the cache, also after a padded prompt."""
+    tower = _tower()
+    config = copy.deepcopy(tower.model.config)
+    config.is_decoder = True
+    stock = RobertaModel(config, add_pooling_layer=False).eval()
+    fusion = ("crossattention_t2i", "alpha_t2i")
+    stock.load_state_dict(
+        {k: v for k, v in tower.model.state_dict().items() if not any(f in k for f in fusion)},
+        strict=True,
+    )
+    ids, mask = _text()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        whole, _ = tower.forward_causal(ids, mask)
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            step, cache = tower.forward_causal(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)
+            steps.append(step[:, 0])
+    torch.testing.assert_close(whole[real], ref[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1)[real], ref[real], rtol=1e-5, atol=1e-5)
+    # tokens appended after a padded prompt see its real tokens only, at the next positions: the
+    # outputs of the row's real tokens run alone
+    extra = torch.randint(3, 100, (ids.shape[0], 2), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, cache = tower.forward_causal(ids, mask)
+        after, _ = tower.forward_causal(extra, torch.ones_like(extra), cache=cache)
+        for b in range(ids.shape[0]):
+            alone = torch.cat([ids[b][real[b]], extra[b]])[None]
+            want = stock(input_ids=alone).last_hidden_state[0, -2:]
+            torch.testing.assert_close(after[b], want, rtol=1e-5, atol=1e-5, msg=str(b))
