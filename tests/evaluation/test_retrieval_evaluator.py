@@ -193,3 +193,26 @@ def test_two_process_gather(tmp_path):
     single.process(*_outputs([0, 1, 2, 3], swap=(0, 1)))
     assert rank0 == json.loads(json.dumps(single.evaluate()))
     assert rank0["retrieval"]["TR@1"] == 50.0 and rank0["retrieval"]["IR@1"] == 75.0
+
+
+def test_evaluator_scores_are_cosine_similarities():
+    """Spec 5.5: the score is the cosine of the embeddings, so their lengths do not count. Raw dot
+    products would rank image 0 (length 10) first for caption 1 and caption 1 (length 5) first
+    for image 0; as cosines each image and caption find their own partner."""
+    ev = RetrievalEvaluator("toy", distributed=False)
+    ev.process(
+        [{"image_id": 0}, {"image_id": 1}],
+        [
+            {
+                "image_embedding": torch.tensor([10.0, 0.0]),
+                "text_embeddings": torch.tensor([[1.0, 0.0]]),
+            },
+            {
+                "image_embedding": torch.tensor([0.6, 0.8]),
+                "text_embeddings": torch.tensor([[3.0, 4.0]]),
+            },
+        ],
+    )
+    # cosines: [[1, 0.6], [0.6, 1]]: every pair is its row's and its column's best
+    res = ev.evaluate()["retrieval"]
+    assert res["TR@1"] == 100.0 and res["IR@1"] == 100.0
