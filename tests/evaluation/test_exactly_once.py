@@ -272,3 +272,19 @@ def test_boxes_of_an_unlisted_image_are_named_as_such(caplog):
         caplog.text
     )
     assert "outside the image" not in caplog.text
+
+
+def test_ground_truth_boxes_are_read_as_coco_xywh():
+    """A json box is [x, y, width, height] (COCO format): [50, 50, 10, 10] is the 10-pixel square at
+    (50, 50) and is kept, though read as corners it would be empty; a zero width or a box right of
+    the 100-pixel image is dropped."""
+    from fiber_d2.evaluation.coco import drop_bad_gt_boxes
+
+    images = {1: {"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}}
+    small = {"image_id": 1, "bbox": [50, 50, 10, 10]}
+    corner = {"image_id": 1, "bbox": [0, 0, 100, 100]}  # the whole image
+    flat = {"image_id": 1, "bbox": [50, 50, 0, 10]}
+    outside = {"image_id": 1, "bbox": [100, 10, 5, 5]}
+    dataset = {"annotations": [small, flat, corner, outside]}
+    assert drop_bad_gt_boxes(dataset, images, "d")
+    assert dataset["annotations"] == [small, corner]
