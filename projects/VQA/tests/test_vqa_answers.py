@@ -503,3 +503,11 @@ def test_arrow_file_without_a_column_is_one_line_naming_it(column, tmp_path, mon
     assert str(err.value) == (
         f"{path}: the VQA arrow file has no column {column} (it has {', '.join(columns)})"
     )
+
+
+def test_accuracy_averages_over_as_many_subsets_as_humans():
+    """The official accuracy averages the leave-one-out accuracies over the humans given, also when
+    there are not 10 of them: against 2 x "yes", 2 x "no" the subsets without one "yes" hold one
+    match (1/3), those without one "no" two (2/3): mean 1/2."""
+    assert vqa_accuracy("yes", ["yes", "yes", "no", "no"]) == pytest.approx(0.5)
+    assert vqa_accuracy("a", ["a"]) == 0.0  # the one subset is empty
