@@ -142,3 +142,20 @@ def test_category_agreement_by_hand():
     # chance: caption 1 against image 2 (0 hits), caption 2 against image 1 (green triangle)
     assert scores["category_precision_chance"] == pytest.approx(100 * 1 / 3)
     assert scores["category_recall_chance"] == pytest.approx(100 * 1 / 3)  # held: 1 + 2
+
+
+def test_references_are_deduplicated_per_image_in_order():
+    """Coarse spec: captions are de-duplicated per image (a repeated reference would weigh twice in
+    CIDEr-D), first occurrence kept, whether the records hold one caption or a list."""
+    records = [
+        {"dataset_name": "d", "image_id": 1, "caption": "a red circle"},
+        {"dataset_name": "d", "image_id": 1, "caption": "a blue square"},
+        {"dataset_name": "d", "image_id": 1, "caption": "a red circle"},
+        {"dataset_name": "d", "image_id": 2, "captions": ["x", "y", "x", "y", "z"]},
+        {"dataset_name": "e", "image_id": 1, "caption": "a red circle"},  # another dataset
+    ]
+    assert references_by_image(records) == {
+        ("d", 1): ["a red circle", "a blue square"],
+        ("d", 2): ["x", "y", "z"],
+        ("e", 1): ["a red circle"],
+    }
