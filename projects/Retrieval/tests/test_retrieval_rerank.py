@@ -181,3 +181,14 @@ def test_itm_pair_scorer_rejects_mismatched_inputs():
     )
     with pytest.raises(ValueError, match="same shape"):
         scorer(torch.tensor([0]), torch.tensor([0, 1]))
+
+
+def test_k_is_clamped_per_direction_when_images_outnumber_texts():
+    """With 3 images and 2 texts, k = 3 re-scores every image of each text (IR) and both texts of
+    each image (TR): all 6 pairs, so both matrices are the ITM table itself."""
+    sim = SIM[:, :2]
+    itm = ITM[:, :2]
+    scorer = _TableScorer(itm)
+    sim_tr, sim_ir = topk_rerank(sim, 3, scorer)
+    assert sorted(scorer.pairs) == [(i, t) for i in range(3) for t in range(2)]
+    assert torch.equal(sim_tr, itm) and torch.equal(sim_ir, itm)
