@@ -416,3 +416,41 @@ def test_caption_prompt_spans_cover_the_names_only(shapes_tokenizer, det_image):
         mapper(tok, caption_prompt=entries, full_prompt_train=True, shuffle_prompt=True)
     with pytest.raises(ValueError, match="has 2 entries, dataset 'toy' has 5 categories"):
         mapper(tok, is_train=False, flip=0, caption_prompt=entries[:2])(det_record(det_image))
+
+
+def test_chunked_prompts_keep_the_chunk_axis_when_one_chunk_holds_every_name(
+    shapes_tokenizer, det_image
+):
+    """With TEST.CHUNKED_EVALUATION the model reads (K, T) inputs, also when K is 1."""
+    m = mapper(shapes_tokenizer, is_train=False, flip=0, chunk_size=len(NAMES))
+    out = m(det_record(det_image))
+    assert out["input_ids"].shape == (1, T_LEN) and out["attention_mask"].shape == (1, T_LEN)
+    assert out["label_token_map"].shape == (1, len(NAMES), T_LEN)
+    assert out["caption"] == [". ".join(NAMES)]
+
+
+def test_unreadable_test_image_becomes_a_black_image_of_the_record_size(shapes_tokenizer, tmp_path):
+    """The placeholder has the record's height and width (40 x 60), so it is resized as the real
+    image would be: shortest edge 80 -> 80 x 120."""
+    record = det_record(str(tmp_path / "missing.png"))
+    out = mapper(shapes_tokenizer, is_train=False, flip=0, unreadable_as_empty=True)(record)
+    assert out["unreadable"] is True
+    assert out["image"].shape == (3, 80, 120) and int(out["image"].max()) == 0
+    assert (out["height"], out["width"]) == (40, 60)
+
+
+def test_a_phrase_starting_where_the_prompt_is_cut_is_counted_as_cut_off(
+    shapes_tokenizer, det_image
+):
+    """With 5 tokens the prompt keeps <s> "a" " red" " bo" </s>: the kept text ends at character 8,
+    inside "box". A phrase starting there ("x", 8..9) has all its tokens past the prompt: it is
+    cut off, not a phrase that covers no token."""
+    record = grounding_record(det_image)
+    record["phrases"] = [
+        {"text": "a red", "tokens_positive": [[0, 5]], "boxes": [[35, 20, 50, 30]]},
+        {"text": "x", "tokens_positive": [[8, 9]], "boxes": [[35, 20, 50, 30]]},
+    ]
+    m = mapper(shapes_tokenizer, is_train=False, flip=0, max_query_len=5)
+    out = m(record)
+    assert out["label_token_map"].any(dim=1).tolist() == [True, False]
+    assert m.bad.cut_phrases == 1 and m.bad.tokenless_phrases == 0
