@@ -28,6 +28,7 @@ from vqa import (
         ("an apple or one pear", "apple or 1 pear"),
         ("a dog.", "dog"),  # sentence period dropped
         ("3.5", "3.5"),  # a period inside a number stays
+        ("2.", "2"),  # after a digit too: the official "(?!<=\d)" is no lookbehind
         ("." * 40 + "x", "." * 8 + "x"),  # at most 32 periods go (the official tool's count slip)
         ("dont know", "don't know"),  # contractions get their apostrophe back
         ("isnt", "isn't"),
