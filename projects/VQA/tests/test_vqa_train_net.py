@@ -251,3 +251,51 @@ def test_max_epochs_counts_the_questions_left_after_the_drop():
     assert 0 < len(kept) < len(questions)
     resolve_epoch_schedule(cfg, VQATrainer, 1)
     assert cfg.SOLVER.MAX_ITER == 2 * len(kept) // 8
+
+
+def test_a_question_of_exactly_max_query_len_tokens_is_not_counted_as_truncated(caplog):
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    limit = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    mapper = VQADatasetMapper(cfg, False, answers=["yes"])
+    record = dict(DatasetCatalog.get("shapes_val_vqa")[0])
+    question = "red"
+    while len(mapper.tokenizer(question)["input_ids"]) < limit:
+        question += " red"  # one more token
+    assert len(mapper.tokenizer(question)["input_ids"]) == limit  # <s>, the words, </s>
+    record["question"] = question
+    with caplog.at_level("WARNING"):
+        out = mapper(record)
+    assert (
+        out["attention_mask"].sum() == limit
+        and out["input_ids"][-1] == mapper.tokenizer.sep_token_id
+    )
+    assert mapper.truncated == 0 and "truncated" not in caplog.text
+    record["question"] += " red"  # one token too many
+    mapper(record)
+    assert mapper.truncated == 1
+
+
+def test_vqa_head_is_linear_layernorm_gelu_linear_and_predicts_the_argmax():
+    """Coarse spec §5.3: vqa_classifier = Linear, LayerNorm, GELU, Linear on cls_feats; the
+    prediction is the argmax over every answer (the last one included)."""
+    import torch.nn.functional as F
+    from detectron2.modeling import build_model
+
+    cfg = train_net.load_vqa_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    vocab = answer_vocab(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    mapper = VQADatasetMapper(cfg, False, answers=vocab)
+    batch = [mapper(r) for r in DatasetCatalog.get("shapes_val_vqa")[:3]]
+    head = model.vqa_classifier
+    with torch.no_grad():
+        head[3].bias[-1] = 50.0  # the last answer wins for every question
+        head[3].bias[0] = 49.0
+        outputs = model(batch)
+        x = model.cls_feats_of(batch)
+        h = F.linear(x, head[0].weight, head[0].bias)
+        h = F.layer_norm(h, (h.shape[-1],), head[1].weight, head[1].bias, head[1].eps)
+        expected = F.linear(F.gelu(h), head[3].weight, head[3].bias)
+    got = torch.stack([o["vqa_logits"] for o in outputs])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert [o["answer_index"] for o in outputs] == [len(vocab) - 1] * 3
