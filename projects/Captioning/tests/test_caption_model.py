@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from captioning import add_captioning_config
+from captioning import add_captioning_config, mle_loss, next_token_labels, sequence_logprob
+from captioning import model as caption_module
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.convert import convert_caption_state_dict
 from fiber_d2.engine.setup import load_config
@@ -248,3 +250,89 @@ def test_cider_sampling_reencodes_the_prefix_at_every_step(monkeypatch):
     with pytest.raises(Stop):
         model._cider([{"references": ["a red circle"]}], torch.randn(1, 3, 128, 128), *[None] * 3)
     assert asked == [False]
+
+
+class _RecordingCider:
+    """A CIDEr-D stand-in: the rewards it is given, and the references it was asked with."""
+
+    def __init__(self, rewards):
+        self.rewards, self.asked = rewards, None
+
+    def scores(self, candidates, references):
+        self.asked = (list(candidates), [list(r) for r in references])
+        return list(self.rewards)
+
+
+def test_cider_stage_mixes_mle_and_reinforce_against_each_samples_own_image(monkeypatch):
+    """CIDEr stage (coarse spec §5.6): samples of image b are scored against the references of
+    image b and re-scored on image b; total = alpha * L_mle + (1 - alpha) * L_rl with
+    L_rl = sum_i r_i * (100 - 100 * s_i) / B_images."""
+    torch.manual_seed(0)
+    opts = ["CAPTION.STAGE", "cider", "CAPTION.CIDER_SAMPLES", "2", "CAPTION.CIDER_ALPHA", "0.25"]
+    model = build_model(caption_cfg(*opts)).eval()
+    with torch.no_grad():  # non-zero gates and sharper cross-attention: the image matters
+        for name, p in model.named_parameters():
+            if name.endswith("alpha_t2i"):
+                p.fill_(0.7)
+            if "crossattention_t2i.output.dense.weight" in name:
+                p.mul_(30)
+    bos, eos, pad = model.bos, model.eos, model.pad
+    # two images, two samples each: rows 0-1 belong to image 0, rows 2-3 to image 1
+    samples = torch.tensor(
+        [[bos, 11, 12, eos, pad], [bos, 13, eos, pad, pad], [bos, 14, 15, 16, eos],
+         [bos, 17, eos, pad, pad]]
+    )  # fmt: skip
+    monkeypatch.setattr(caption_module, "sample_captions", lambda *a, **k: samples.clone())
+    rewards = [1.5, 0.25, 1.0, 0.0]
+    model.cider = _RecordingCider(rewards)
+    refs = [["a red circle", "one red circle"], ["two blue squares"]]
+    images = torch.randn(2, 3, 128, 128)
+    ids = torch.tensor([[bos, 21, 22, eos, pad], [bos, 23, eos, pad, pad]])
+    mask = (ids != pad).long()
+    labels = next_token_labels(ids, pad)
+    with EventStorage(0), torch.no_grad():
+        out = model._cider([{"references": r} for r in refs], images, ids, mask, labels)
+        mle = mle_loss(model.forward_caption(images, ids, mask), labels)
+        rl = 0.0
+        for i, reward in enumerate(rewards):
+            row = samples[i : i + 1]
+            own_image = images[i // 2 : i // 2 + 1]
+            logits = model.forward_caption(own_image, row, (row != pad).long())
+            r_i = sequence_logprob(logits, next_token_labels(row, pad))[0]
+            rl += r_i * (100.0 - 100.0 * reward)
+        rl /= 2  # images, not samples
+    assert model.cider.asked[1] == [refs[0], refs[0], refs[1], refs[1]]
+    assert out["loss_caption_mle"].item() == pytest.approx(0.25 * mle.item(), rel=1e-5)
+    assert out["loss_caption_rl"].item() == pytest.approx(0.75 * float(rl), rel=1e-4)
+
+
+def test_gold_snapshot_is_a_frozen_eval_copy_renewed_every_update_period():
+    """GOLD (coarse spec §5.6): a frozen eval-mode copy of the model, taken at the first step and
+    then every CAPTION.GOLD_UPDATE_PERIOD iterations, not at the iterations in between."""
+    torch.manual_seed(0)
+    model = build_model(
+        caption_cfg("CAPTION.STAGE", "gold", "CAPTION.GOLD_UPDATE_PERIOD", "3")
+    ).train()
+    bos, eos, pad = model.bos, model.eos, model.pad
+    images = torch.randn(1, 3, 128, 128)
+    ids = torch.tensor([[bos, 21, 22, eos, pad]])
+    mask = (ids != pad).long()
+    labels = next_token_labels(ids, pad)
+    taken = []
+    with EventStorage(0) as storage:
+        for it in range(7):
+            storage.iter = it
+            model._gold(images, ids, mask, labels)
+            taken.append(model._snapshot_iter)
+            frozen = model._snapshot[0]
+            assert not frozen.training
+            assert not any(p.requires_grad for p in frozen.parameters())
+    assert taken == [0, 0, 0, 3, 3, 3, 6]
+
+
+def test_decoded_captions_drop_special_tokens(caption_model):
+    tok = caption_model.tokenizer
+    words = tok("a red circle", add_special_tokens=False)["input_ids"]
+    bos, eos, pad = caption_model.bos, caption_model.eos, caption_model.pad
+    ids = torch.tensor([[bos, *words, eos, pad, pad], [bos, *words, words[-1], eos, pad]])
+    assert caption_model.decode_text(ids) == ["a red circle", "a red circle circle"]
