@@ -264,3 +264,40 @@ def test_the_original_carries_lengths_by_place():
     assert original[0, 1].item() == EOS and score.item() == pytest.approx(math.log(0.55) / 2)
     assert complete[0, 1:].tolist() == [A, A, EOS]
     assert best.item() == pytest.approx((math.log(0.45) + math.log(0.8)) / 3, abs=1e-4)
+
+
+def test_beam_complete_ranks_candidates_by_their_length_normalised_score():
+    """Every step keeps the K best candidates by cumulative log-probability / generated tokens,
+    so a longer hypothesis with a lower total can displace a finished shorter one."""
+    words = list(range(4, 30))  # 26 words (4 = a, 5 = b), the other 24 share the leftover mass
+    a, b = 4, 5
+
+    def dist(given):
+        p = torch.zeros(30)
+        p[list(given)] = torch.tensor(list(given.values()))
+        rest = [w for w in words if w not in given]
+        p[rest] = (1.0 - sum(given.values())) / len(rest)
+        return p.clamp(min=1e-12).log()
+
+    table = {
+        (): dist({a: 0.5, EOS: 0.3}),  # beams: "a" (log 0.5), "</s>" (log 0.3)
+        (a,): dist({a: 0.27, b: 0.25}),  # "a a": total -2.00, /2 = -1.00; "a b": -2.08, /2 = -1.04
+        (a, a): dist({EOS: 0.05}),
+        (a, b): dist({EOS: 0.95}),
+    }
+
+    def step(state, prefix):
+        rows = [
+            table.get(tuple(t for t in row[1:].tolist() if t != PAD), dist({})) for row in prefix
+        ]
+        return torch.stack(rows), state
+
+    select = lambda state, index: state  # noqa: E731
+    ids, score = beam_search(
+        step, select, None, 1, bos=BOS, eos=EOS, pad=PAD, banned=[MASK], beam_size=2, max_length=4
+    )
+    # by normalised score "a a" (-1.00) and "a b" (-1.04) beat "</s>" (-1.20) at step 2, though
+    # "</s>" has the higher total; "a b </s>" then wins with (log .5 + log .25 + log .95) / 3
+    assert ids[0].tolist() == [BOS, a, b, EOS]
+    expected = (math.log(0.5) + math.log(0.25) + math.log(0.95)) / 3
+    assert score[0].item() == pytest.approx(expected, abs=1e-4)
