@@ -127,3 +127,19 @@ def test_bad_configurations_raise(model):
     )
     with pytest.raises(ValueError, match="LOSSES must be"):
         build_model(cfg)
+
+
+def test_itm_loss_is_scaled_by_its_loss_weight(model):
+    batch = _batch(4, seed=2)
+    weights = model.loss_weights
+    try:
+        losses = {}
+        for w in (1.0, 0.25):
+            model.loss_weights = {**weights, "itm": w}
+            model.generator = torch.Generator().manual_seed(5)
+            torch.manual_seed(3)  # the same dropout draws for both weights
+            losses[w] = model(batch)["loss_itm"]
+    finally:
+        model.loss_weights, model.generator = weights, None
+    assert losses[1.0].item() > 0
+    assert losses[0.25].item() == pytest.approx(0.25 * losses[1.0].item(), rel=1e-5)
