@@ -246,3 +246,30 @@ def test_swin_weights_of_other_sizes_are_a_one_line_error(tmp_path):
     with pytest.raises(CheckpointError, match="swin_weights.pth") as e:
         build_model(load_config(str(ROOT / "configs/Demo/coarse_tiny_vl.yaml"), other))
     assert "\n" not in str(e.value)
+
+
+def test_presence_classifier_reads_the_mean_of_the_last_levels_tokens():
+    opts = TINY + ["IMAGE_TOWER.PRESENCE_WEIGHT", "0.5"]
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        _, presence = model.logits(images)
+        x = (images.float() - model.pixel_mean) / model.pixel_std
+        last = model.backbone.image_tower(x)["res5"]  # the deepest of res3, res4, res5
+        expected = model.presence_classifier(last.mean(dim=(2, 3)))
+    torch.testing.assert_close(presence, expected)
+
+
+def test_crowd_annotations_label_no_token_and_no_category():
+    cfg = train_net.load_image_tower_config(str(PROJECT / "configs/shapes.yaml"), TINY)
+    record = DatasetCatalog.get("shapes_train_det")[0]
+    plain = TokenLabelMapper(cfg, is_train=True)(record)
+    absent = next(c for c in range(12) if plain["presence"][c] == 0)
+    crowd = dict(record["annotations"][0], category_id=absent, iscrowd=1)
+    with_crowd = dict(record, annotations=[*record["annotations"], crowd])
+    out = TokenLabelMapper(cfg, is_train=True)(with_crowd)
+    assert torch.equal(out["presence"], plain["presence"])
+    for level, labels in plain["token_labels"].items():
+        assert torch.equal(out["token_labels"][level], labels), level
