@@ -14,6 +14,7 @@ SMALL += ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
 FROZEN = ["MODEL.SWIN.FREEZE_AT", "4", "MODEL.LANGUAGE_BACKBONE.FREEZE", "True"]
 CACHE = ["MODEL.COARSE.FEATURE_CACHE", "True"]
 PREFIX = ["MODEL.COARSE.IMAGE_PREFIX_CACHE", "True"]
+BN = ["MODEL.COARSE.CLS_BATCH_NORM", "True"]
 
 
 def _task(*opts):
@@ -79,6 +80,22 @@ def test_cached_cls_feats_and_gradients_equal_the_uncached_ones(extra):
         # two identical steps accumulated in the cached model; at 1e-5 of the largest entry
         scale = float(reached[name].abs().max())
         torch.testing.assert_close(p.grad / 2, reached[name], rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("extra", [[], PREFIX], ids=["cls", "cls+image_prefix"])
+def test_cached_cls_feats_are_batch_standardised_as_the_uncached_ones(extra):
+    """MODEL.COARSE.CLS_BATCH_NORM applies to the cached cls_feats too: with the cache or without,
+    each dimension has mean 0 over the training batch."""
+    plain, cached = _task(*FROZEN, *BN).train(), _task(*FROZEN, *BN, *CACHE, *extra).train()
+    assert plain.cls_bn is not None and cached.cls_bn is not None
+    records, keys = _records(), ("image_0", "image_1")
+    with torch.no_grad():
+        expected = plain.cls_feats_of(records, keys)
+        for _ in range(2):  # filling the cache, then reading it only
+            out = cached.cls_feats_of(records, keys)
+            # the batch standardisation scales the rounding of the cached path up
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+            torch.testing.assert_close(out.mean(0), torch.zeros(out.shape[1]), rtol=0, atol=1e-4)
 
 
 def test_the_backbone_runs_only_for_inputs_not_seen_before():
