@@ -58,11 +58,28 @@ def _scene(root, split, file_name):
     return shapes
 
 
+def _where(a, b) -> str:
+    """Where shape ``a`` (colour, kind, centre x, centre y) lies relative to ``b``: along the axis of
+    the larger centre offset, image y pointing down ("left", "right", "above", "below")."""
+    dx, dy = a[2] - b[2], a[3] - b[3]
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
 def test_vqa_answers_match_the_pictures(world):
     questions = json.load(open(shapes_vl_files(world, "train")["vqa"]))["questions"]
     assert len({q["question_id"] for q in questions}) == len(questions)
     types = Counter(q["question_type"] for q in questions)
-    assert {"count_kind", "exists", "colour_of_kind", "relation"} <= set(types)
+    assert set(types) == {
+        "count_kind",
+        "count_colour",
+        "exists",
+        "colour_of_kind",
+        "kind_of_colour",
+        "colour_relative",
+        "relation",
+    }
     for q in questions:
         assert len(q["answers"]) == 10
         answer, shapes = q["answers"][0], _scene(world, "train", q["file_name"])
@@ -77,23 +94,31 @@ def test_vqa_answers_match_the_pictures(world):
         elif q["question_type"] == "relation":  # "is the red circle left of the blue square"
             a = next(s for s in shapes if s[:2] == (words[2], words[3]))
             b = next(s for s in shapes if s[:2] == tuple(words[-2:]))
-            dx, dy = a[2] - b[2], a[3] - b[3]
-            truth = (
-                ("left" if dx < 0 else "right")
-                if abs(dx) >= abs(dy)
-                else ("above" if dy < 0 else "below")
-            )
-            assert (answer == "yes") == (words[4] == truth)
+            assert (answer == "yes") == (words[4] == _where(a, b))
+        elif q["question_type"] == "count_colour":  # "how many red shapes are there"
+            assert int(answer) == sum(c == words[2] for c, _, _, _ in shapes)
+        elif q["question_type"] == "kind_of_colour":  # "what shape is the red one"
+            (kind,) = [k for c, k, _, _ in shapes if c == words[4]]
+            assert answer == kind
+        elif q["question_type"] == "colour_relative":
+            # "what color is the circle left of the red square": the one circle in that place
+            kind, place, ref_name = words[4], words[5], tuple(words[-2:])
+            (ref,) = [s for s in shapes if s[:2] == ref_name]
+            (hit,) = [
+                s for s in shapes if s is not ref and s[1] == kind and _where(s, ref) == place
+            ]
+            assert answer == hit[0]
     yes_no = Counter(q["answers"][0] for q in questions if q["answer_type"] == "yes/no")
     assert abs(yes_no["yes"] - yes_no["no"]) <= 0.3 * sum(yes_no.values())
 
 
-def test_nlvr2_labels_match_the_pictures_and_are_balanced(world):
-    pairs = json.load(open(shapes_vl_files(world, "val")["nlvr2"]))
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nlvr2_labels_match_the_pictures_and_are_balanced(world, split):
+    pairs = json.load(open(shapes_vl_files(world, split)["nlvr2"]))
     labels = Counter(p["label"] for p in pairs)
     assert labels["True"] == labels["False"] and len(pairs) >= 20
     for p in pairs:
-        left, right = (_scene(world, "val", p[f"file_name_{k}"]) for k in (0, 1))
+        left, right = (_scene(world, split, p[f"file_name_{k}"]) for k in (0, 1))
         words = p["sentence"].split()
         truth = None
         if words[0] == "both":  # both images contain a red circle
