@@ -156,3 +156,95 @@ def test_bad_arguments(tmp_path):
         generate_shapes(tmp_path, image_size=(40, 50))
     with pytest.raises(KeyError, match="test"):
         shapes_files(tmp_path, "test")
+
+
+def _shapes_by_image(det):
+    """{image id: [(size, colour, kind, (cx, cy))]}; size read from the side (small shapes are
+    12-18 px, large ones 26-36 px)."""
+    out = defaultdict(list)
+    for a in det["annotations"]:
+        colour, kind = CATEGORY_NAMES[a["category_id"] - 1].split()
+        x, y, w, h = a["bbox"]
+        out[a["image_id"]].append(
+            ("small" if w <= 18 else "large", colour, kind, (x + w / 2, y + h / 2))
+        )
+    return out
+
+
+def _where(a, b) -> str:
+    """Where centre ``a`` lies relative to centre ``b`` (along the larger offset, y down)."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _named(phrase, shapes):
+    """The shapes a phrase "the [size] colour kind" fits."""
+    words = phrase.split()[1:]
+    return [s for s in shapes if tuple(words) in (s[:3], s[1:3])]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_refexps_name_one_shape_and_their_relation_holds(world, split):
+    """A referring expression "the [size] colour kind REL the [size] colour kind" names exactly
+    one shape on each side (the size is added when two shapes share colour and kind), the first
+    is the annotated box, and REL is where its centre lies relative to the second's."""
+    files = shapes_files(world, split)
+    shapes = _shapes_by_image(json.load(open(files["det"])))
+    refexp = json.load(open(files["refexp"]))
+    boxes = {a["image_id"]: a["bbox"] for a in refexp["annotations"]}
+    relations = ("left of", "right of", "above", "below")
+    for entry in refexp["images"]:
+        caption, scene = entry["caption"], shapes[entry["original_id"]]
+        relation = next(r for r in relations if f" {r} the " in caption)
+        first, second = caption.split(f" {relation} ")
+        (target,), (other,) = _named(first, scene), _named(second, scene)
+        x, y, w, h = boxes[entry["id"]]
+        assert target[3] == (x + w / 2, y + h / 2), caption
+        assert _where(target[3], other[3]) == relation, caption
+
+
+def test_grounding_relations_hold(world):
+    """A grounding caption "a ... REL a ..." puts the first phrase's box REL the second's."""
+    files = shapes_files(world, "train")
+    ground = json.load(open(files["grounding"]))
+    centre = {}
+    for a in ground["annotations"]:
+        x, y, w, h = a["bbox"]
+        centre[(a["image_id"], tuple(a["tokens_positive"][0]))] = (x + w / 2, y + h / 2)
+    checked = 0
+    for entry in ground["images"]:
+        spans = [tuple(p[0]) for p in entry["tokens_positive_eval"]]
+        if len(spans) != 2:
+            continue
+        between = entry["caption"][spans[0][1] : spans[1][0]].strip()
+        if between == "and":
+            continue
+        first, second = (centre[(entry["id"], s)] for s in spans)
+        assert _where(first, second) == between, entry["caption"]
+        checked += 1
+    assert checked >= 2
+
+
+def test_scene_caption_lists_every_shape_left_to_right(world):
+    files = shapes_files(world, "val")
+    shapes = _shapes_by_image(json.load(open(files["det"])))
+    for line in open(files["captions"]).read().splitlines():
+        item = json.loads(line)
+        text = item["captions"][0][len("a picture of ") :]
+        head, last = text.rsplit(" and ", 1)
+        named = [tuple(n.split()[1:]) for n in head.split(", ") + [last]]
+        ordered = sorted(shapes[item["image_id"]], key=lambda s: s[3])
+        assert named == [s[:3] for s in ordered], item
+
+
+def test_splits_hold_different_scenes(world):
+    def scenes(split):
+        det = json.load(open(shapes_files(world, split)["det"]))
+        by_image = defaultdict(list)
+        for a in det["annotations"]:
+            by_image[a["image_id"]].append((a["category_id"], tuple(a["bbox"])))
+        return {tuple(v) for v in by_image.values()}
+
+    assert not scenes("train") & scenes("val")
