@@ -190,3 +190,29 @@ def test_evaluation_transform_is_the_bicubic_square_resize():
     bicubic = np.asarray(Image.fromarray(image).resize((16, 16), Image.BICUBIC))
     bilinear = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
     assert np.array_equal(out, bicubic) and not np.array_equal(out, bilinear)
+
+
+def test_geometric_ops_draw_both_directions():
+    """Rotate, shear and translate draw their sign with probability 1/2 (coarse spec §5.2: +-30 M /
+    10 degrees, +-0.3 M / 10, +-10 M / 10 px): over 40 draws a white block above the centre lands
+    on both sides of where it was (its centroid; the grey fill of the borders stays below 200)."""
+    block = np.zeros((41, 41), np.uint8)
+    block[8:13, 18:23] = 255  # centred on (x 20, y 10): rotations move it left or right
+    aug = AlbefRandAugment(2, 7, random.Random(0))
+    for op, axis in (("Rotate", 1), ("TranslateX", 1), ("TranslateY", 0), ("ShearX", 1)):
+        sides = set()
+        for _ in range(40):
+            out = aug.apply(_grey(block), op)[..., 0]
+            centroid = np.argwhere(out > 200).mean(axis=0)[axis]
+            sides.add(int(np.sign(centroid - (20 if axis == 1 else 10))))
+        assert sides == {-1, 1}, op
+
+
+def test_shear_y_moves_columns_along_y():
+    """ShearY at M = 7 (0.21) about the top-left corner: column 0 of a horizontal line stays, column
+    30 moves by 0.21 * 30 = 6.3 rows (ShearX would leave a horizontal line in place)."""
+    line = np.zeros((41, 41), np.uint8)
+    line[20, :] = 255
+    sheared = AlbefRandAugment(2, 7, random.Random(0)).apply(_grey(line), "ShearY")[..., 0]
+    assert int(sheared[:, 0].argmax()) == 20
+    assert abs(int(sheared[:, 30].argmax()) - 20) == 6
