@@ -168,6 +168,29 @@ def test_draw_and_coco_json(predictor, bgr):
         to_coco_json([out, out], [1])
 
 
+def test_draw_shows_a_bgr_image_in_rgb(predictor):
+    """draw returns RGB: a pure blue BGR image (255, 0, 0) is drawn as RGB (0, 0, 255)."""
+    blue = np.zeros((20, 30, 3), np.uint8)
+    blue[..., 0] = 255
+    inst = Instances((20, 30))
+    inst.pred_boxes = Boxes(torch.zeros(0, 4))
+    inst.scores = torch.zeros(0)
+    inst.pred_classes = torch.zeros(0, dtype=torch.long)
+    result = {"instances": inst, "label_names": NAMES, "pred_labels": [], "caption": ""}
+    picture = predictor.draw(blue, result)
+    assert picture[10, 10].tolist() == [0, 0, 255]
+
+
+def test_class_agnostic_nms_uses_the_configs_iou(predictor, bgr):
+    """class_agnostic_nms=True runs NMS at the config's MODEL.ATSS.NMS_TH."""
+    torch.manual_seed(0)
+    loose = FIBERPredictor(load_config(CFG, TINY + ["MODEL.ATSS.NMS_TH", "0.1"]))
+    assert loose.nms_threshold == 0.1
+    _same(loose(bgr, NAMES, class_agnostic_nms=True), loose(bgr, NAMES, class_agnostic_nms=0.1))
+    agnostic = loose(bgr, NAMES, class_agnostic_nms=True)["instances"]
+    assert len(agnostic) < len(predictor(bgr, NAMES, class_agnostic_nms=True)["instances"])
+
+
 def test_detectron2_default_predictor_points_to_fiber_predictor(bgr):
     from detectron2.engine import DefaultPredictor
 

@@ -94,6 +94,16 @@ def test_encode_caption_matches_text_functions(tok):
         encode_caption(tok, "  ", None, max_query_len=32)
 
 
+def test_caption_must_fit_with_its_special_tokens(tok):
+    """A caption fits when its tokens plus <s> and </s> fit MAX_QUERY_LEN; one token less is
+    refused rather than cut (a cut would drop the end of the caption and the phrases there)."""
+    full = tok(CAPTION)["input_ids"]  # <s> caption </s>
+    enc = encode_caption(tok, CAPTION, ["blue square"], max_query_len=len(full))
+    assert enc["input_ids"].tolist() == full and enc["label_token_map"][0, -2]
+    with pytest.raises(ValueError, match="caption needs"):
+        encode_caption(tok, CAPTION, None, max_query_len=len(full) - 1)
+
+
 def test_encode_names_one_prompt_and_chunks(tok):
     enc = encode_names(tok, NAMES, max_query_len=32)
     ref = encode_category_prompts(tok, NAMES, max_query_len=32, chunk_size=3, squeeze=True)
