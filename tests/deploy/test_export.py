@@ -177,6 +177,59 @@ def test_image_outside_export_range(eager, stub_runner):
         stub_runner.detect(records)
 
 
+def test_text_of_the_exported_length_is_accepted(stub_runner):
+    """max_text_len (64) is the longest text the export takes: 64 tokens pass, 65 are refused."""
+    images = torch.zeros(1, 3, 128, 160)
+    stub_runner.check_inputs(images, torch.zeros(1, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="65 tokens is longer than the exported maximum"):
+        stub_runner.check_inputs(images, torch.zeros(1, 65, dtype=torch.long))
+
+
+class _FixedRunner(ExportedPredictor):
+    """A runner whose graph returns, per run, two boxes of IoU 1000 / 2200 = 0.45 for the label of
+    the prompt chunk's first name (the first row of its label map with tokens)."""
+
+    artifact_key = "onnx"
+    runs = 0
+
+    def run_graph(self, images, sizes, ids, mask, label_map):
+        _FixedRunner.runs += 1
+        label = int(label_map[0].any(dim=1).nonzero()[0])
+        boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [25.0, 10.0, 65.0, 50.0]])
+        return (
+            torch.zeros(2, dtype=torch.long),
+            boxes,
+            torch.tensor([0.9, 0.8]),
+            torch.full((2,), label),
+        )
+
+
+def _fixed_runner(stub_runner, tmp_path, **changes):
+    meta = json.loads((stub_runner.export_dir / METADATA_FILE).read_text())
+    (tmp_path / "fixed").mkdir()
+    (tmp_path / "fixed" / METADATA_FILE).write_text(json.dumps({**meta, **changes}))
+    return _FixedRunner(tmp_path / "fixed")
+
+
+def test_chunked_prompt_runs_every_chunk(stub_runner, tmp_path):
+    """With one name per chunk (TEST.CHUNKED_EVALUATION 1), each of the 3 names runs the graph
+    once and the detections of all chunks are returned."""
+    runner = _fixed_runner(stub_runner, tmp_path, chunk_size=1)
+    _FixedRunner.runs = 0
+    out = runner(_image(128, 160, 0), NAMES)
+    assert _FixedRunner.runs == 3
+    assert sorted(out["pred_labels"]) == sorted(NAMES * 2)
+
+
+def test_class_agnostic_nms_uses_the_exported_iou(stub_runner, tmp_path):
+    """class_agnostic_nms=True runs NMS at the export's nms_threshold: at 0.3 the two boxes of IoU
+    0.45 are one, at the default 0.6 they stay two."""
+    image = _image(128, 160, 0)
+    strict = _fixed_runner(stub_runner, tmp_path, nms_threshold=0.3)
+    assert len(strict(image, NAMES[:1], class_agnostic_nms=True)["instances"]) == 1
+    assert len(strict(image, NAMES[:1], class_agnostic_nms=0.6)["instances"]) == 2
+
+
 def test_runner_resizes_as_the_original(stub_runner):
     """Exported runners size images as FIBERPredictor and the original do (100 x 130 at short side
     128, long side at most 160: 123 x 159, where detectron2's ResizeShortestEdge gives 123 x 160).
