@@ -218,6 +218,30 @@ def test_refcoco_loader(tmp_path):
     assert records[1]["image_id"] == 1
 
 
+def test_an_annotation_overlapping_an_eval_phrase_joins_it(tmp_path):
+    """An annotation whose span ("lady", 4..8) overlaps an eval phrase ("the lady", 0..8) without
+    being equal to it is that phrase's box: no new phrase is added."""
+    data = refcoco_json()
+    data["images"][0]["tokens_positive_eval"] = [[[0, 8]]]
+    data["annotations"][0]["tokens_positive"] = [[4, 8]]
+    record, _ = load_mdetr_json(write(tmp_path / "o.json", data), "/img", "o", "grounding")
+    assert [p["text"] for p in record["phrases"]] == ["the lady"]
+    assert record["phrases"][0]["boxes"] == [[103.9, 300.0, 103.9 + 130.5, 300.0 + 260.0]]
+    assert record["annotations"][0]["phrase_index"] == 0
+
+
+def test_an_annotation_with_an_empty_span_is_dropped(tmp_path, caplog):
+    """A span [4, 4) names no character: its annotation is dropped, the entry (with its other,
+    valid annotation) kept."""
+    data = refcoco_json()
+    data["annotations"].append(dict(data["annotations"][0], id=9, tokens_positive=[[4, 4]]))
+    with caplog.at_level(logging.WARNING):
+        records = load_mdetr_json(write(tmp_path / "e.json", data), "/img", "e", "grounding")
+    assert len(records) == 2 and len(records[0]["annotations"]) == 1
+    assert [p["text"] for p in records[0]["phrases"]] == ["the lady"]
+    assert "annotation 9" in caplog.text
+
+
 def test_goldg_image_roots_and_new_phrases(tmp_path):
     data = refcoco_json()
     data["images"][0]["dataset_name"] = "gqa"
