@@ -132,3 +132,15 @@ def test_nlvr2_labels_match_the_pictures_and_are_balanced(world, split):
             more, less = (left, right) if words[1] == "left" else (right, left)
             truth = sum(s[1] == kind for s in more) > sum(s[1] == kind for s in less)
         assert truth == (p["label"] == "True"), p
+
+
+def test_yes_no_answers_are_balanced_per_question_type(tmp_path):
+    """Existence ("is there a ...?") and relation ("is the ... left of the ...?") questions are
+    each answered yes about half of the time (0.35..0.65 over some 90 of each on 100 images), so
+    that neither type can be answered from its wording alone."""
+    root = generate_shapes_vl(generate_shapes(tmp_path, seed=3, num_train=100, num_val=1))
+    questions = json.load(open(shapes_vl_files(root, "train")["vqa"]))["questions"]
+    for qtype in ("exists", "relation"):
+        answers = [q["answers"][0] for q in questions if q["question_type"] == qtype]
+        assert len(answers) >= 80, qtype
+        assert 0.35 <= answers.count("yes") / len(answers) <= 0.65, qtype
