@@ -59,3 +59,16 @@ def test_a_random_training_transform_cannot_be_cached(shapes_tokenizer, tmp_path
     for _ in range(2):  # a failed read is not cached: it fails again, naming the file
         with pytest.raises(BadRecordError, match="cannot read image .*missing.png"):
             mapper(missing)
+
+
+@pytest.mark.parametrize("image_format, expected", [("RGB", [200, 30, 10]), ("BGR", [10, 30, 200])])
+def test_images_come_out_in_the_configured_channel_order(
+    shapes_tokenizer, tmp_path, image_format, expected
+):
+    """An RGB (200, 30, 10) image file is (3, S, S) in INPUT.FORMAT order: RGB keeps the channels,
+    BGR reverses them."""
+    path = tmp_path / "orange.png"
+    Image.fromarray(np.full((20, 30, 3), (200, 30, 10), np.uint8)).save(path)
+    mapper = _mapper(shapes_tokenizer, is_train=False, image_format=image_format)
+    image = mapper({"file_name": str(path), "text": "x"})["image"]
+    assert image[:, 5, 5].tolist() == expected
