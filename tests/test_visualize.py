@@ -48,6 +48,14 @@ def test_threshold_decides_what_is_drawn(image):
     assert not changed[65:80, 55:85].any()  # box interior: outline only, no fill
 
 
+def test_a_box_scoring_exactly_the_threshold_is_drawn(image):
+    """The threshold is the lowest drawn score ("at least"), as FIBERPredictor's threshold keeps
+    scores >= it."""
+    inst = _instances([[40, 50, 100, 90]], [0.5], [0])
+    drawn = draw_grounding(image, inst, ["red circle"], threshold=0.5, min_size=0)
+    assert (drawn != image).any(axis=2)[60:85, 38:43].all()  # the box's left edge
+
+
 def test_boxes_of_one_label_share_a_colour(image):
     inst = _instances(
         [[10, 60, 50, 110], [100, 60, 150, 110], [60, 5, 90, 40]], [0.9, 0.8, 0.7], [1, 1, 0]
