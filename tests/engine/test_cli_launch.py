@@ -98,3 +98,124 @@ def test_a_worker_dying_at_exit_after_every_run_finished_is_not_a_failure(monkey
     else:
         with pytest.raises(SystemExit, match="error: worker process 1 exited with code -6"):
             cli.launch_cli(lambda args: None, load=lambda path, opts: _cfg("cpu"))
+
+
+FINE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "Demo", "fine_tiny.yaml")
+
+
+def _args(tmp_path, *, eval_only=False, resume=False):
+    import argparse
+
+    return argparse.Namespace(
+        config_file=FINE,
+        opts=["OUTPUT_DIR", str(tmp_path)],
+        eval_only=eval_only,
+        resume=resume,
+        num_gpus=1,
+        machine_rank=0,
+        num_machines=1,
+        dist_url="auto",
+    )
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_passes_resume_to_the_weights_it_loads(monkeypatch, tmp_path, eval_only, resume):
+    """``--resume`` continues from OUTPUT_DIR's last checkpoint, in training and in --eval-only;
+    only a training run without it warns that it starts over an earlier run."""
+    seen = {}
+
+    class Checkpointer:
+        def __init__(self, model, **kwargs):
+            pass
+
+        def resume_or_load(self, path, *, resume):
+            seen["eval_resume"] = resume
+
+    class Trainer:
+        def __init__(self, cfg):
+            pass
+
+        def resume_or_load(self, *, resume):
+            seen["train_resume"] = resume
+
+        def train(self):
+            pass
+
+        @classmethod
+        def build_model(cls, cfg):
+            return None
+
+        @classmethod
+        def test(cls, cfg, model):
+            return {}
+
+    monkeypatch.setattr(cli, "check_before_run", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "FIBERCheckpointer", Checkpointer)
+    monkeypatch.setattr(cli, "warn_if_starting_over", lambda d: seen.setdefault("warned", True))
+    cli.run(_args(tmp_path, eval_only=eval_only, resume=resume), Trainer)
+    expected = {"eval_resume" if eval_only else "train_resume": resume}
+    if not eval_only and not resume:
+        expected["warned"] = True
+    assert seen == expected
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_a_user_error_inside_the_run_is_one_line(monkeypatch, tmp_path, eval_only):
+    """A dataset record or an evaluation found wrong once the run has started ends in one
+    ``error:`` line, like the pre-run checks, not in a traceback."""
+    from fiber_d2.data.datasets.common import BadRecordError
+    from fiber_d2.evaluation.integrity import EvaluationCoverageError
+
+    class Checkpointer:
+        def __init__(self, model, **kwargs):
+            pass
+
+        def resume_or_load(self, path, *, resume):
+            pass
+
+    class Trainer:
+        def __init__(self, cfg):
+            pass
+
+        def resume_or_load(self, *, resume):
+            pass
+
+        def train(self):
+            raise BadRecordError("dataset 'x': record 3 has no image\n(details)")
+
+        @classmethod
+        def build_model(cls, cfg):
+            return None
+
+        @classmethod
+        def test(cls, cfg, model):
+            raise EvaluationCoverageError("2 records were evaluated twice")
+
+    monkeypatch.setattr(cli, "check_before_run", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "FIBERCheckpointer", Checkpointer)
+    with pytest.raises(SystemExit) as exc:
+        cli.run(_args(tmp_path, eval_only=eval_only), Trainer)
+    message = exc.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    assert ("evaluated twice" if eval_only else "record 3 has no image") in message
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_launch_checks_training_keys_only_for_training(monkeypatch, eval_only):
+    """An evaluation does not read the training batch: --eval-only with one the training run
+    refuses starts, a training run stops with one line before any worker starts."""
+    from fiber_d2.engine.setup import load_config
+
+    launched = []
+    monkeypatch.setattr(cli, "launch", lambda main, n, **kwargs: launched.append(n))
+    flags = ["--eval-only"] if eval_only else []
+    monkeypatch.setattr(sys, "argv", ["train_net.py", *flags, "--config-file", FINE])
+    cfg = load_config(FINE, ["SOLVER.IMS_PER_BATCH", "0"])
+    if eval_only:
+        cli.launch_cli(lambda args: None, load=lambda path, opts: cfg)
+        assert launched == [1]
+    else:
+        with pytest.raises(SystemExit, match="^error: SOLVER.IMS_PER_BATCH 0 must be"):
+            cli.launch_cli(lambda args: None, load=lambda path, opts: cfg)
+        assert launched == []
