@@ -31,7 +31,8 @@ from fiber_d2.checkpoint import CheckpointError
 from fiber_d2.data.datasets import register_grounding_coco, register_mdetr_grounding
 from fiber_d2.data.datasets.common import IMAGE_READ_ERRORS, BadRecordError
 from fiber_d2.data.mapper import GroundingDatasetMapper
-from fiber_d2.engine.setup import ConfigError, load_config
+from fiber_d2.engine.cli import check_before_run
+from fiber_d2.engine.setup import ConfigError, load_config, validate_config
 from fiber_d2.predictor import FIBERPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,12 +386,15 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH 0 must be a positive multiple"),
         (["INPUT.MIN_SIZE_TRAIN", "()"], "INPUT.MIN_SIZE_TRAIN is empty"),
         (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "0"], "MAX_QUERY_LEN 0 must be between 3"),
+        (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "2"], "MAX_QUERY_LEN 2 must be between 3"),
         (["MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "100"], "MAX_POSITION_EMBEDDINGS - 2 = 64"),
         (["MODEL.FIBER.NUM_FUSION_LAYERS", "9"], "NUM_FUSION_LAYERS 9 is more than the text"),
         (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE cuda: no CUDA device is available here"),
+        (["MODEL.DEVICE", "cuda:0"], "MODEL.DEVICE cuda:0: no CUDA device is available here"),
         # settings that failed in detectron2, torch or transformers once the run had started
         (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD 0 must be at least 1"),
         (["SOLVER.STEPS", "(4, 2)"], "SOLVER.STEPS (4, 2) must be increasing iterations"),
+        (["SOLVER.STEPS", "(2, 2)"], "SOLVER.STEPS (2, 2) must be increasing iterations"),
         (["SOLVER.BASE_LR", "-1.0"], "SOLVER.BASE_LR -1.0 must be >= 0"),
         (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS -1 must be >= 0"),
         (["CPU_MMAP_THRESHOLD_MB", "64"], "CPU_MMAP_THRESHOLD_MB must be between 0"),
@@ -408,6 +412,7 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.WARMUP_METHOD", "cosine"], "SOLVER.WARMUP_METHOD must be one of linear"),
         (["INPUT.FORMAT", "rgb"], "INPUT.FORMAT must be one of BGR, RGB; got 'rgb'"),
         (["SOLVER.BETAS", "(0.9,)"], "SOLVER.BETAS must be two values in [0, 1)"),
+        (["SOLVER.BETAS", "(0.9, 1.0)"], "SOLVER.BETAS must be two values in [0, 1)"),
         (["SOLVER.EMA.DECAY", "1.5"], "SOLVER.EMA.DECAY must be between 0 and 1, got 1.5"),
         (["INPUT.FLIP_PROB", "1.5"], "INPUT.FLIP_PROB must be between 0 and 1"),
         (["MODEL.ATSS.NMS_TH", "1.5"], "MODEL.ATSS.NMS_TH must be between 0 and 1"),
@@ -416,6 +421,15 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["INPUT.MAX_SIZE_TEST", "0"], "INPUT.MAX_SIZE_TEST 0 must be a positive size"),
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5)"], "CONTROL_PROB must be 4 probabilities"),
         (["DATASETS.CONTROL_PROB", "(0.5, 0.5, 0.5, 0.0)"], "summing to at most 1"),
+        (
+            ["DATASETS.CONTROL_PROB", "(-0.5, 0.5, 0.5, 0.0)"],
+            "CONTROL_PROB must be 4 probabilities",
+        ),
+        # one image per pass: the batch standardisation of cls_feats divides by a zero spread
+        (
+            ["MODEL.COARSE.CLS_BATCH_NORM", "True", "SOLVER.IMS_PER_BATCH", "1"],
+            "it needs at least 2 per pass",
+        ),
         (["DATASETS.RANDOM_SAMPLE_NEG", "-1"], "DATASETS.RANDOM_SAMPLE_NEG -1 must be >= 0"),
         (["TEST.AMP_DTYPE", "fp16"], "TEST.AMP_DTYPE must be one of bfloat16, float16"),
         (["TEST.FLICKR_GT_TYPE", "merge"], "TEST.FLICKR_GT_TYPE must be one of separate, merged"),
@@ -445,12 +459,99 @@ def test_malformed_config_file(text, message, out, tmp_path):
 def test_sizes_and_devices_the_run_cannot_have(override, message, out):
     """Each was an assertion, a shape error, a driver error from deep inside the first step, or a
     traceback after config.yaml and log.txt were written; now one line naming the key."""
-    if override == ["MODEL.DEVICE", "cuda"] and torch.cuda.is_available():
+    if (
+        override[0] == "MODEL.DEVICE"
+        and override[1].startswith("cuda")
+        and torch.cuda.is_available()
+    ):
         pytest.skip("a CUDA device is available here")
     before = snapshot(out)
     line = run_train_net(["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *override])
     assert message in line
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.FIBER.NUM_FUSION_LAYERS", "{text_layers}"],
+        ["SOLVER.OPTIMIZER", "adamw"],  # any case
+        ["MODEL.DYHEAD.TOKEN_ALPHA", "-1.0"],  # torchvision's focal loss without the weighting
+        ["INPUT.MIN_SIZE_TEST", "0"],  # test images at their own size
+    ],
+)
+def test_values_the_run_can_have_are_accepted(override):
+    """The edges of the pre-run checks: values the towers, the optimizer, the loss and the test
+    resize take must not be refused."""
+    text_layers = load_config(FINE, TINY).MODEL.LANGUAGE_BACKBONE.NUM_LAYERS
+    override = [v.format(text_layers=text_layers) for v in override]
+    validate_config(load_config(FINE, [*TINY, *override]), training=True)
+
+
+def test_a_batch_the_processes_cannot_share(monkeypatch):
+    """SOLVER.IMS_PER_BATCH is the batch of all processes together: each takes an equal share."""
+    from detectron2.utils import comm
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    cfg = load_config(FINE, [*TINY, "SOLVER.IMS_PER_BATCH", "3"])
+    with pytest.raises(ConfigError, match=r"IMS_PER_BATCH 3 must be a positive multiple .* \(2\)"):
+        validate_config(cfg, training=True)
+    validate_config(load_config(FINE, [*TINY, "SOLVER.IMS_PER_BATCH", "4"]), training=True)
+
+
+def test_amp_on_the_cpu_is_switched_off():
+    """detectron2's AMPTrainer needs CUDA: a CPU run trains in fp32, and the config stays frozen."""
+    cfg = load_config(FINE, [*TINY, "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True"])
+    cfg.freeze()
+    validate_config(cfg, training=True)
+    assert not cfg.SOLVER.AMP.ENABLED and cfg.is_frozen()
+
+
+def test_a_refused_run_creates_no_output_dir(tmp_path):
+    """OUTPUT_DIR is created by the last pre-run check: a run refused earlier leaves no folder."""
+    missing = tmp_path / "new" / "out"
+    line = run_train_net(
+        ["--config-file", FINE, *TINY, "SOLVER.IMS_PER_BATCH", "0", "OUTPUT_DIR", str(missing)]
+    )
+    assert "SOLVER.IMS_PER_BATCH 0" in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_output_dir_where_no_file_can_be_created(tmp_path, monkeypatch):
+    """A folder that exists but takes no file (permissions, a read-only mount) is refused before
+    the run, not when the first log line or checkpoint is written."""
+    import errno
+    import tempfile
+
+    from fiber_d2.engine.cli import check_output_dir
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ConfigError, match=r"^OUTPUT_DIR .* cannot be written: Permission denied$"):
+        check_output_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["DATASETS.TRAIN", "('no_such_set',)"], "no_such_set"),
+        (["DATASETS.TRAIN", "('bad_input_eval_skips_train',)"], "gone.jpg"),
+        (["INPUT.FLIP_PROB", "1.5"], "INPUT.FLIP_PROB"),
+        (["INPUT.MAX_SIZE_TRAIN", "0"], "INPUT.MAX_SIZE_TRAIN"),
+    ],
+)
+def test_evaluation_does_not_check_what_only_training_reads(override, needle, tmp_path):
+    """--eval-only reads neither the training sets nor the training-only keys: a problem there
+    stops a training run before it starts, never an evaluation."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.jpg")
+    _register_images(tmp_path, "bad_input_eval_skips_train", ["ok.jpg", "gone.jpg"])
+    untrained = ["MODEL.WEIGHTS_PARTIAL_OK", "True"]  # the model's weights do not matter here
+    opts = [*TINY, *untrained, "OUTPUT_DIR", str(tmp_path / "out"), *override]
+    check_before_run(load_config(FINE, opts), training=False, resume=False)
+    with pytest.raises((ConfigError, BadRecordError), match=needle):
+        check_before_run(load_config(FINE, opts), training=True, resume=False)
 
 
 @pytest.mark.parametrize(
