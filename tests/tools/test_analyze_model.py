@@ -95,6 +95,9 @@ def test_a_zero_size_is_refused_not_replaced_by_the_default():
     assert tool_image_size(cfg, 64) == (64, cfg.INPUT.MAX_SIZE_TEST)
     with pytest.raises(ValueError, match="image size must be positive, got --height 0"):
         tool_image_size(cfg, 0)
+    assert tool_image_size(cfg, width=64) == (cfg.INPUT.MIN_SIZE_TEST, 64)
+    with pytest.raises(ValueError, match="image size must be positive, got --height .* --width 0"):
+        tool_image_size(cfg, None, 0)
 
 
 def test_a_size_that_cannot_be_allocated_is_one_line(capsys):

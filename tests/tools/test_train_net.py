@@ -65,6 +65,12 @@ def test_cpu_processes_share_the_cores():
     assert cpu_threads_per_process(_cfg(), 2, environ={"OMP_NUM_THREADS": "3"}) is None
 
 
+def test_the_cores_are_shared_by_the_process_count(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    shares = {n: cpu_threads_per_process(_cfg(), n, environ={}) for n in (2, 3, 5, 24)}
+    assert shares == {2: 6, 3: 4, 5: 2, 24: 1}
+
+
 @pytest.mark.long(1)
 def test_two_cpu_processes_train_and_evaluate(tmp_path):
     out = tmp_path / "ddp"
