@@ -183,6 +183,42 @@ def test_mmap_threshold_is_set_and_recorded(capsys, monkeypatch):
     assert _run(capsys, [*argv, "CPU_MMAP_THRESHOLD_MB", "1"])["mmap_threshold_mb"] == 1.0
 
 
+def test_an_mmap_threshold_from_the_environment_is_kept(monkeypatch):
+    """glibc read MALLOC_MMAP_THRESHOLD_ at process start: the user's setting wins over the config."""
+    from fiber_d2.engine import memory
+
+    seen = []
+    monkeypatch.setattr(memory, "set_mmap_threshold", seen.append)
+    monkeypatch.setattr(memory, "_current_mb", None)
+    monkeypatch.setenv(memory.MMAP_ENV, str(3 * 2**20))
+    assert memory.apply_mmap_threshold(4) == 3.0
+    monkeypatch.delenv(memory.MMAP_ENV)
+    memory.apply_mmap_threshold(4)
+    assert seen == [4]
+
+
+def test_timed_runs_the_warmup_untimed():
+    from fiber_d2.benchmark.probes import timed
+
+    calls = []
+
+    def fn():
+        calls.append(len(calls))
+        return {"phase": float(calls[-1])}
+
+    times = timed(fn, torch.device("cpu"), iters=3, warmup=2)
+    assert len(calls) == 5
+    assert len(times["total"]) == 3
+    assert times["phase"] == [2.0, 3.0, 4.0]  # the timed calls' own phases, not the warmup's
+
+
+def test_median_is_robust_to_one_slow_iteration():
+    from fiber_d2.benchmark.probes import median
+
+    assert median([10.0, 11.0, 500.0]) == 11.0
+    assert median([10.0, 12.0]) == 11.0
+
+
 def test_train_net_applies_the_mmap_threshold(tmp_path, monkeypatch):
     from fiber_d2.engine import memory
     from fiber_d2.engine.cli import run
