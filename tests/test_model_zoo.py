@@ -85,6 +85,34 @@ def test_demo_weights_under_fiber_d2_home_load(home):
     assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
 
 
+def test_fiber_d2_home_comes_before_a_local_copy(home, tmp_path, monkeypatch):
+    from fiber_d2.model_zoo import weights
+
+    e = model_zoo.entry("demo")
+    checkout = tmp_path / "checkout"
+    for path in [checkout / e.local_copies[0], home / e.folder / e.file_name]:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"weights")
+    monkeypatch.setattr(weights, "source_checkout", lambda: checkout)
+    assert model_zoo.get_weights_path("demo") == home / e.folder / e.file_name
+    (home / e.folder / e.file_name).unlink()
+    assert model_zoo.get_weights_path("demo") == checkout / e.local_copies[0]
+
+
+def test_a_coarse_stage_file_is_not_loaded_as_the_detector(tmp_path, home):
+    """get() returns a model to predict with: a file without the detector head (a coarse-stage
+    checkpoint, which training takes as the coarse-to-fine hand-off) is refused."""
+    from fiber_d2.checkpoint import CheckpointError
+    from fiber_d2.engine.setup import load_config
+
+    torch.manual_seed(0)
+    coarse = build_model(load_config(str(ROOT / "configs/Demo/coarse_tiny.yaml")))
+    path = tmp_path / "coarse_final.pth"
+    torch.save({"model": coarse.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="no detector head"):
+        model_zoo.get("demo", weights=path, device="cpu")
+
+
 # ------------------------------------------------------------------ original layout (parity fixture)
 needs_fixture = pytest.mark.skipif(
     not (FIX / "state_original.safetensors").exists(), reason=f"fixture not found at {FIX}"
