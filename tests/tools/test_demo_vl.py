@@ -299,3 +299,32 @@ def test_the_retrieval_row_from_scratch_does_not_depend_on_what_ran_before(tmp_p
         row = runner.run(None, tmp_path / str(i), tuple(TINY + SMALL_INPUT))
         metrics.append(row["metrics"])
     assert metrics[0] == metrics[1]
+
+
+def test_summary_table_lists_every_baseline_and_minutes():
+    """Each row names the headline baseline and the others after it; seconds print as minutes."""
+    row = {"task": "toy", "metric": "score", "value": 70.0, "baseline": 10.0, "seconds": 90.0}
+    row.update(baseline_name="majority", other_baselines={"prior": 25.5, "chance": 5.0})
+    table = demo_vl.summary_table([row], ablation=False)
+    # 90 s = 1.5 minutes
+    assert table.splitlines()[-1] == (
+        "| toy | score | 70.00 | 10.00 (majority); 25.50 (prior); 5.00 (chance) | 1.5 |"
+    )
+
+
+def test_summary_keeps_each_stage_seconds_apart(tmp_path, monkeypatch):
+    """summary.json and the footer name the image tower's and the coarse stage's own seconds."""
+    seconds = {"the image tower": 120.0, "the coarse stage": 30.0}
+
+    def fake_train(cmd, what, resume=False):
+        _write_stage_output(cmd)
+        return seconds[what]
+
+    monkeypatch.setattr(demo_vl, "_train", fake_train)
+    monkeypatch.setattr(demo_vl, "RUNNERS", [])
+    out = tmp_path / "out"
+    summary = demo_vl.main(["--output-dir", str(out), "--tasks", ""])
+    assert (summary["image_tower_seconds"], summary["coarse_seconds"]) == (120.0, 30.0)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert (on_disk["image_tower_seconds"], on_disk["coarse_seconds"]) == (120.0, 30.0)
+    assert "image tower: 2.0 min; coarse stage: 0.5 min" in (out / "summary.md").read_text()
