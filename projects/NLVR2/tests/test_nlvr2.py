@@ -367,6 +367,11 @@ def test_accuracy_by_statement_kind_against_hand_counts():
         "the left / right image contains ...": {"value": 100.0, "baseline": 0.0},
         "the left / right image has more ...s": {"value": 50.0, "baseline": 50.0},
     }
+    # a kind unseen in training is judged True by the baseline
+    unseen = [{"identifier": "4", "sentence": sentences["m"], "label": 1}]
+    assert accuracy_by_statement_kind(train, unseen, predictions) == {
+        "the left / right image has more ...s": {"value": 0.0, "baseline": 100.0}
+    }
 
 
 def test_real_recipe_trains_on_plain_batches():

@@ -512,3 +512,18 @@ def test_accuracy_averages_over_as_many_subsets_as_humans():
     match (1/3), those without one "no" two (2/3): mean 1/2."""
     assert vqa_accuracy("yes", ["yes", "yes", "no", "no"]) == pytest.approx(0.5)
     assert vqa_accuracy("a", ["a"]) == 0.0  # the one subset is empty
+
+
+def test_majority_baseline_takes_the_training_answer():
+    from vqa.shapes_demo import majority_baseline
+
+    def q(answer, answers):
+        return {"multiple_choice_answer": answer, "answers": answers}
+
+    train = [q("yes", ["yes"] * 10), q("yes", ["yes"] * 10), q("2", ["2"] * 10)]
+    # the test set's own commonest answer is "2"; the baseline must still answer "yes"
+    test = [q("2", ["2"] * 10), q("2", ["2"] * 10), q("yes", ["yes"] * 4 + ["no"] * 6)]
+    answer, accuracy = majority_baseline(train, test)
+    assert answer == "yes"
+    # official accuracy: 0, 0, then 1 (every 9 of the 10 humans hold at least 3 "yes") -> 1 / 3
+    assert accuracy == pytest.approx(100 / 3)
