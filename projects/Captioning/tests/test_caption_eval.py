@@ -159,3 +159,25 @@ def test_references_are_deduplicated_per_image_in_order():
         ("d", 2): ["x", "y", "z"],
         ("e", 1): ["a red circle"],
     }
+
+
+def test_most_frequent_caption_baseline_emits_the_commonest_training_caption():
+    from captioning.shapes_demo import most_frequent_caption_baseline
+    from detectron2.data import DatasetCatalog
+
+    train = [{"caption": c} for c in ["a red circle", "a blue square", "a blue square"]]
+    test = [
+        {"image_id": 1, "captions": ["a blue square"]},
+        {"image_id": 2, "captions": ["a red circle"]},
+    ]
+    for name, records in (("_mfc_train", train), ("_mfc_test", test)):
+        DatasetCatalog.register(name, lambda r=records: r)
+    try:
+        caption, scores = most_frequent_caption_baseline("_mfc_train", "_mfc_test", ["BLEU"])
+        refs = {r["image_id"]: r["captions"] for r in test}
+        expected, _ = caption_metrics(refs, {1: "a blue square", 2: "a blue square"}, ["BLEU"])
+    finally:
+        for name in ("_mfc_train", "_mfc_test"):
+            DatasetCatalog.remove(name)
+    assert caption == "a blue square"  # twice in training, "a red circle" once
+    assert scores == expected
