@@ -99,3 +99,48 @@ def test_resume_repeats_a_stage_whose_files_are_an_earlier_runs(monkeypatch, tmp
     os.utime(out / "results.json", (0, 0))
     pipeline.run_stage("c.yaml", str(out), [], resume=True, num_gpus=1)
     assert len(launched) == 2
+
+
+def test_fine_stage_starts_from_the_coarse_final_unless_skipped(monkeypatch, tmp_path):
+    """The fine stage gets MODEL.WEIGHTS <output-dir>/coarse/model_final.pth; --skip-coarse runs
+    no coarse stage and starts the fine one from scratch; summary.json holds each stage's metrics
+    with the test-set level flattened."""
+    import json
+
+    pipeline = load_tool("pretrain_pipeline")
+    calls = []
+    per_dataset = {
+        "coarse": {"shapes_val_captions": {"retrieval": {"TR@1": 40.0, "IR@1": 30.0}}},
+        "fine": {"shapes_val": {"bbox": {"AP": 50.0}}, "shapes_val_g": {"grounding": {"R@1": 9.0}}},
+    }
+
+    def fake_stage(config, output_dir, opts, *, resume, num_gpus):
+        calls.append((os.path.basename(output_dir), list(opts)))
+        return per_dataset[os.path.basename(output_dir)]
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    out = tmp_path / "out"
+    results = pipeline.main(["--output-dir", str(out), "SEED", "3"])
+    coarse_final = os.path.join(str(out), "coarse", "model_final.pth")
+    assert calls == [
+        ("coarse", ["SEED", "3"]),
+        ("fine", ["SEED", "3", "MODEL.WEIGHTS", coarse_final]),
+    ]
+    assert results["fine"] == {"bbox": {"AP": 50.0}, "grounding": {"R@1": 9.0}}
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["coarse"] == {"retrieval": {"TR@1": 40.0, "IR@1": 30.0}}
+    calls.clear()
+    results = pipeline.main(["--output-dir", str(out), "--skip-coarse", "SEED", "3"])
+    assert calls == [("fine", ["SEED", "3"])] and "coarse" not in results
+
+
+def test_without_resume_a_finished_stage_runs_again(monkeypatch, tmp_path):
+    pipeline = load_tool("pretrain_pipeline")
+    launched = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    pipeline.run_stage("c.yaml", str(tmp_path), [], resume=False, num_gpus=2)
+    assert len(launched) == 1 and "--resume" not in launched[0]
+    assert launched[0][launched[0].index("--num-gpus") + 1] == "2"
