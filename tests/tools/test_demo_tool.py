@@ -258,3 +258,16 @@ def test_without_the_environment_it_names_the_missing_module(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: fiber_d2 is not importable (No module named 'fiber_d2')")
     assert ".venv/bin/python" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_json_keeps_only_detections_over_the_threshold(inputs, weights, tmp_path, capsys):
+    js = tmp_path / "r.json"
+    argv = ["--config-file", CFG, "--input", str(inputs / "a.png"), "--prompt", "red circle"]
+    opts = ["--json", str(js), "--opts", *OPTS, "MODEL.WEIGHTS", weights]  # --opts takes the rest
+    demo.main(argv + ["--threshold", "0.0"] + opts)
+    scores = sorted(r["score"] for r in json.loads(js.read_text()))
+    assert len(scores) == 5  # DETECTIONS_PER_IMG
+    cut = (scores[1] + scores[2]) / 2  # between the 2nd and 3rd lowest: 3 detections above it
+    demo.main(argv + ["--threshold", str(cut)] + opts)
+    kept = json.loads(js.read_text())
+    assert sorted(r["score"] for r in kept) == pytest.approx(scores[2:], abs=1e-6)
