@@ -97,6 +97,8 @@ def test_uploaded_files_are_read_by_fiber_d2(predictor, tmp_path):
     assert web_demo.predict(predictor, str(path), "categories", four, "", 0.0, 4)[1] != []
     with pytest.raises(SystemExit, match="--max-categories must be at least 1"):
         web_demo.main(["--max-categories", "0"])
+    with pytest.raises(SystemExit, match="--max-upload-mb must be at least 1, got 0"):
+        web_demo.main(["--max-upload-mb", "0"])
 
 
 def _free_port() -> int:
