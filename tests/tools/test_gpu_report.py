@@ -147,3 +147,34 @@ def test_failed_flop_count_leaves_the_mfu_out(monkeypatch, tmp_path, capsys):
     assert train_row.endswith("|  |")  # the MFU column is there (the peak is known), empty
     assert "forward multiply-adds" not in result["table"]
     assert "# flops failed (exit status 2)" in capsys.readouterr().err
+
+
+def test_bench_commands_inference_batches_and_flop_parsing(monkeypatch):
+    """Autocast flags only when a dtype is asked for; evaluation at batch 1 and --batch; the
+    multiply-adds read from analyze_model's 'total_flops: N' line."""
+    import subprocess
+
+    cmds = []
+
+    def fake_run(cmd, **kwargs):
+        cmds.append(cmd)
+        out = "noise\ntotal_flops: 123456789.0\n" if str(gpu_report.ANALYZE) in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(gpu_report.subprocess, "run", fake_run)
+    args = gpu_report._parser().parse_args(["--device", "cpu", "--amp-dtype", "none"])
+    gpu_report._bench(args, "train", 2, 1)
+    assert "--amp" not in cmds[-1] and "--amp-dtype" not in cmds[-1]
+    args.amp_dtype = "bf16"
+    gpu_report._bench(args, "train", 2, 1)
+    assert cmds[-1][cmds[-1].index("--amp-dtype") - 1 :][:2] == ["--amp", "--amp-dtype"]
+    assert gpu_report.forward_macs(args) == 123456789
+
+    batches = []
+    monkeypatch.setattr(
+        gpu_report,
+        "_bench",
+        lambda args, task, batch, *rest: batches.append((task, batch)) or [_record(task, batch)],
+    )
+    gpu_report.main(["--device", "cpu", "--batch", "4", "--skip", "train,flops,lvis,parity"])
+    assert batches == [("inference", 1), ("inference", 4)]
