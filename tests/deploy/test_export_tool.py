@@ -105,3 +105,43 @@ def test_a_refused_export_leaves_no_folder(tool, tmp_path, extra, needle):
     message = str(exc.value.code)
     assert message.startswith("error:") and needle in message
     assert not (tmp_path / "export").exists()
+
+
+def test_verify_fails_on_any_difference_and_marks_the_samples_own_sizes(
+    tool, tmp_path, capsys, monkeypatch
+):
+    """--verify exits with an error when one comparison of several differs from eager, and marks a
+    comparison at the sample's own padded size and text length as not unseen (the export's
+    comparisons themselves are stood in for: no graph is traced here)."""
+    from test_export import TINY
+
+    import fiber_d2.deploy as deploy
+    import fiber_d2.deploy.verify as deploy_verify
+
+    monkeypatch.setattr(tool, "export_detector", lambda *a, **k: Path(a[3]) / "model.ts")
+    monkeypatch.setattr(deploy, "TorchScriptPredictor", lambda export_dir: None)
+    results = []
+    monkeypatch.setattr(deploy_verify, "verify_export", lambda *a: [dict(r) for r in results])
+
+    def run(out):
+        argv = ["--config-file", str(ROOT / "configs/Demo/fine_tiny.yaml"), "--format"]
+        argv += ["torchscript", "--output", str(out), "--prompt", "red circle", "--verify"]
+        try:
+            return tool.main(argv + ["--opts", *TINY])
+        finally:
+            printed = capsys.readouterr().out.splitlines()
+            run.lines = [json.loads(x) for x in printed if x.startswith("{")]
+
+    results[:] = [{"ok": True, "padded_size": [0, 0], "text_len": 0}]
+    assert run(tmp_path / "a") == str(tmp_path / "a" / "model.ts")
+    ((line,),) = [run.lines]
+    assert line["unseen_size"] and line["unseen_text_len"]
+    sample = line["sample"]
+    own = {"padded_size": sample["padded_size"], "text_len": sample["text_len"]}
+    results[:] = [{"ok": True, **own}, {"ok": False, "padded_size": [0, 0], "text_len": 0}]
+    with pytest.raises(SystemExit, match="^error: the torchscript export differs from eager"):
+        run(tmp_path / "b")
+    assert [(x["unseen_size"], x["unseen_text_len"]) for x in run.lines] == [
+        (False, False),
+        (True, True),
+    ]
