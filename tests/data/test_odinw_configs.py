@@ -64,6 +64,9 @@ def test_odinw_configs_load_prepare_odinw_output(tmp_path, monkeypatch, name, tr
     assert (
         prepare_odinw.main([str(tmp_path / "datasets/odinw"), "--shots", "3", "--seed", "0"]) == 0
     )
+    # the K-shot subsets are of the training split only: valid/ and test/ keep their full files
+    subsets = sorted((tmp_path / "datasets/odinw").rglob("*_3shot_seed0.json"))
+    assert [p.parent.name for p in subsets] == ["train"]
     cfg = load_config(str(ROOT / "configs/ODinW" / f"{name}.yaml"))
     validate_config(cfg, training=True)  # every registered file exists
     from detectron2.data import DatasetCatalog, MetadataCatalog
