@@ -65,6 +65,17 @@ def test_predict_returns_drawing_table_and_clear_errors(predictor):
     assert web_demo.predict(predictor, None, "categories", "x", "", 0.3)[2].startswith("Upload")
 
 
+def test_an_rgba_array_is_read_as_its_rgb_channels(predictor):
+    """An array with an alpha channel (H, W, 4) gives the rows of its RGB channels alone."""
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (60, 80, 4), dtype=np.uint8)
+    _, rows, _ = web_demo.predict(predictor, rgba, "categories", "red circle", "", 0.0)
+    _, want, _ = web_demo.predict(
+        predictor, rgba[..., :3].copy(), "categories", "red circle", "", 0.0
+    )
+    assert rows and rows == want
+
+
 def test_uploaded_files_are_read_by_fiber_d2(predictor, tmp_path):
     """The page decoded uploads with Gradio: a 16-bit PNG came out white (no detections, no word)
     and an unreadable file was an empty error with the traceback in the server log. Now the file is
