@@ -243,3 +243,72 @@ def test_imagenet_layout_export_round_trips_through_the_weights_argument(tmp_pat
     with torch.no_grad():
         for name, value in source(images).items():
             assert torch.equal(loaded(images)[name], value), name
+
+
+def test_shift_single_window_false_leaves_a_map_that_fits_one_window_unshifted():
+    """The coarse stage's classification Swin does not shift a map no larger than its window."""
+    torch.manual_seed(2)
+    kwargs = dict(dim=16, num_heads=2, window_size=4)
+    shifted = FIBERSwinBlock(**kwargs, shift_size=2).eval()
+    coarse = FIBERSwinBlock(**kwargs, shift_size=2, shift_single_window=False).eval()
+    unshifted = FIBERSwinBlock(**kwargs, shift_size=0).eval()
+    coarse.load_state_dict(shifted.state_dict())
+    unshifted.load_state_dict(shifted.state_dict())
+    fits, larger = torch.randn(2, 4, 4, 16), torch.randn(2, 8, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(coarse(fits), unshifted(fits), atol=0, rtol=0)
+        assert (shifted(fits) - unshifted(fits)).abs().max() > 1e-3  # the shift matters here
+        torch.testing.assert_close(coarse(larger), shifted(larger), atol=0, rtol=0)
+
+
+def test_freeze_at_the_top_stages_freezes_their_patch_merging():
+    depths = len(TINY["depths"])
+    for freeze_at in (depths - 1, depths):
+        tower = SwinImageTower(**TINY, window_size=4, freeze_at=freeze_at)
+        trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+        # stage freeze_at - 1 ends with the merging timm puts in front of stage freeze_at
+        assert not any(n.startswith(f"layers.{depths - 1}.downsample.") for n in trainable)
+        blocks = {n.split(".")[1] for n in trainable if n.startswith("layers.")}
+        assert blocks == ({str(depths - 1)} if freeze_at < depths else set())
+
+
+def test_drop_path_covers_the_gated_fusion_term():
+    """Stochastic depth drops the whole attention branch, SA + alpha * CA (coarse spec §1.1)."""
+    torch.manual_seed(3)
+    block = FIBERSwinBlock(
+        dim=16, num_heads=2, window_size=4, shift_size=0, text_dim=12, drop_path=1.0
+    ).train()
+    with torch.no_grad():
+        block.attn.alpha_i2t.fill_(0.5)
+    x, text = torch.randn(2, 4, 4, 16), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        out = block(x, text, torch.ones(2, 3))
+    # both residual branches dropped with probability 1: the block is the identity
+    torch.testing.assert_close(out, x, atol=0, rtol=0)
+
+
+def test_size_divisibility_strides_and_norms_follow_the_tower_layout():
+    tower = SwinImageTower(**TINY, window_size=4)
+    assert tower.size_divisibility == 4 * 2**3
+    with pytest.raises(ValueError, match="48x64"):
+        tower(torch.zeros(1, 3, 48, 64))  # multiples of 16, not of 32: the last merging is odd
+    three = SwinImageTower(
+        patch_size=2,
+        embed_dim=8,
+        depths=(2, 2, 2),
+        num_heads=(1, 1, 2),
+        window_size=4,
+        out_norm=(True, True, True),
+        out_features=("res2", "res4"),
+    )
+    assert three.size_divisibility == 2 * 2**2
+    shapes = three.output_shape()
+    assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
+        "res2": (8, 2),
+        "res4": (32, 8),
+    }
+    out = three(torch.zeros(1, 3, 24, 32))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {"res2": (12, 16), "res4": (3, 4)}
+    # a stage that is not returned gets no output norm (no unused parameters)
+    assert isinstance(three.norm1, torch.nn.Identity)
+    assert isinstance(three.norm2, torch.nn.LayerNorm)
