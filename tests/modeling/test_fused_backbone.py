@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fiber_d2.modeling.backbone.fused import FusedSwinRoberta, FusionStep
+from fiber_d2.modeling.backbone.fused import FusedSwinRoberta, FusionPrefix, FusionStep
 from fiber_d2.modeling.backbone.roberta import RobertaTextTower
 from fiber_d2.modeling.backbone.swin import SwinImageTower
 
@@ -250,3 +250,57 @@ def test_mismatched_batch_sizes_raise():
         model(images[:1], ids, mask)
     with pytest.raises(ValueError, match="batch sizes differ"):
         model(images, ids, mask[:1])
+
+
+def test_fused_last_image_norm_off_skips_only_the_last_output_norm():
+    model = _backbone().eval()  # zero gates: the fused outputs are the unfused ones
+    model.fused_last_image_norm = False
+    images, ids, mask = _inputs()
+    with torch.no_grad():
+        fused, _ = model(images, ids, mask, fuse=True)
+        normed = model.forward_image(images)
+        tower = model.image_tower
+        last_norm, tower.norm3 = tower.norm3, torch.nn.Identity()
+        try:
+            raw = model.forward_image(images)
+        finally:
+            tower.norm3 = last_norm
+    assert isinstance(last_norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(fused["res5"], raw["res5"])
+    assert (fused["res5"] - normed["res5"]).abs().max() > 1e-2
+    for name in ("res2", "res3", "res4"):
+        torch.testing.assert_close(fused[name], normed[name])
+
+
+def test_fusion_enabled_false_makes_forward_unfused_by_default():
+    model = _backbone().eval()
+    _set_gates(model, i2t=0.5, t2i=0.5)
+    model.fusion_enabled = False
+    images, ids, mask = _inputs()
+    with torch.no_grad():
+        default_image, default_text = model(images, ids, mask)
+        plain_image, plain_text = model(images, ids, mask, fuse=False)
+        fused_image, _ = model(images, ids, mask, fuse=True)
+    _assert_same(default_image, plain_image)
+    _assert_same(default_text, plain_text)
+    assert (default_image["res5"] - fused_image["res5"]).abs().max() > 1e-3
+
+
+def test_prefix_select_takes_image_rows_for_the_image_and_text_rows_for_the_text():
+    images, texts, t = 3, 2, 4
+    prefix = FusionPrefix(
+        image=torch.arange(images, dtype=torch.float).view(images, 1, 1, 1),
+        text=torch.arange(texts, dtype=torch.float).view(texts, 1, 1),
+        text_layer_mask=torch.arange(texts, dtype=torch.float)
+        .view(texts, 1, 1, 1)
+        .expand(texts, 1, t, t),
+        attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        image_outputs={"res3": torch.arange(images, dtype=torch.float).view(images, 1, 1, 1)},
+    )
+    image_rows, text_rows = torch.tensor([2, 0, 1]), torch.tensor([1, 1, 0])
+    picked = prefix.select(image_rows, text_rows)
+    assert picked.image.flatten().tolist() == [2, 0, 1]
+    assert picked.image_outputs["res3"].flatten().tolist() == [2, 0, 1]
+    assert picked.text.flatten().tolist() == [1, 1, 0]
+    assert picked.text_layer_mask[:, 0, 0, 0].tolist() == [1, 1, 0]
+    assert picked.attention_mask.sum(dim=1).tolist() == [2, 2, 4]
