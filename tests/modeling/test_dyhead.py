@@ -394,3 +394,28 @@ def test_dyhead_recompute_switch_keeps_outputs_and_grads():
         results.append(out + [f.grad for f in feats] + [p.grad for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_from_config_reads_every_dyhead_key():
+    from detectron2.config import get_cfg
+
+    from fiber_d2 import add_fiber_config
+
+    cfg = get_cfg()
+    add_fiber_config(cfg)
+    cfg.merge_from_list(
+        ["MODEL.DYHEAD.CHANNELS", 32, "MODEL.DYHEAD.NUM_CONVS", 2, "MODEL.DYHEAD.NUM_GROUPS", 8]
+        + ["MODEL.DYHEAD.USE_DYRELU", False, "MODEL.DYHEAD.USE_DFCONV", False]
+        + ["MODEL.DYHEAD.USE_CHECKPOINT", True]
+    )
+    head = DyHead(cfg)
+    assert len(head) == 2 and head.channels == 32 and head.use_checkpoint
+    block = head[0]
+    assert block.offset is None and isinstance(block.relu, torch.nn.ReLU)
+    assert all(isinstance(c.conv, torch.nn.Conv2d) for c in block.DyConv)
+    assert {c.bn.num_groups for c in block.DyConv} == {8}
+    cfg.merge_from_list(["MODEL.DYHEAD.USE_DFCONV", True, "MODEL.DYHEAD.DFCONV_RECOMPUTE", False])
+    cfg.merge_from_list(["MODEL.DYHEAD.USE_DYRELU", True])
+    head = DyHead(cfg)
+    assert head[0].offset is not None and not isinstance(head[0].relu, torch.nn.ReLU)
+    assert not any(c.conv.recompute for c in head[0].DyConv)
