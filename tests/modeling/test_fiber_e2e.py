@@ -200,3 +200,23 @@ def test_a_batch_is_skipped_only_when_more_than_the_allowed_share_of_images_is_e
             assert all((v == 0).item() for v in losses.values()) is skipped
     finally:
         model.max_neg_per_batch = limit
+
+
+def test_detections_are_clipped_to_the_image_not_to_its_padding(model):
+    """Boxes live in the frame of the unpadded network input (75 x 61 here, padded to 96 x 64)."""
+    model.eval()
+    x = _sample(75, 61, [], [])
+    images = model.preprocess_image([x])
+    assert tuple(images.tensor.shape[-2:]) == (96, 64)
+    ids, mask = x["input_ids"][None], x["attention_mask"][None]
+    threshold, model.score_threshold = model.score_threshold, 0.0  # keep every candidate
+    try:
+        with torch.no_grad():
+            (result,) = model._detect(images, ids, mask, [x["label_token_map"]])
+            (chunk,) = model.detect_chunks(images, ids, mask, x["label_token_map"][None])
+    finally:
+        model.score_threshold = threshold
+    for inst in (result, chunk):
+        assert inst.image_size == (75, 61)
+        b = inst.pred_boxes.tensor
+        assert len(b) and (b[:, 2] <= 61 - 1).all() and (b[:, 3] <= 75 - 1).all()
