@@ -126,3 +126,35 @@ def test_prefix_reuse_under_bf16_autocast_stays_close(model):
     assert len(bf16) > 0
     # the strongest detection survives bf16 with a close score
     assert abs(float(bf16.scores.max()) - float(fp32.scores.max())) < 0.05
+
+
+def test_text_prefix_cache_keys_on_ids_and_mask_and_drops_the_least_recently_used(monkeypatch):
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from fiber_d2.modeling.meta_arch import fiber as fiber_module
+
+    calls = []
+
+    def text_prefix(ids, mask):
+        calls.append((ids.clone(), mask.clone()))
+        return ids, None, mask
+
+    stub = SimpleNamespace(
+        _text_prefixes=OrderedDict(),
+        backbone=SimpleNamespace(bottom_up=SimpleNamespace(forward_text_prefix=text_prefix)),
+    )
+    monkeypatch.setattr(fiber_module, "_TEXT_PREFIX_CACHE_SIZE", 2)
+    get = fiber_module.FIBER._text_prefix.__get__(stub)
+    ids = torch.tensor([[0, 5, 6, 2]])
+    full, short = torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0]])
+    assert torch.equal(get(ids, full)[2], full)
+    assert torch.equal(get(ids, short)[2], short)  # same ids, another mask: another prefix
+    assert len(calls) == 2
+    get(ids, full)  # a hit makes it the most recent entry
+    get(ids + 1, full)  # third entry: the least recently used one (ids, short) goes
+    assert len(calls) == 3 and len(stub._text_prefixes) == 2
+    get(ids, full)
+    assert len(calls) == 3
+    get(ids, short)
+    assert len(calls) == 4
