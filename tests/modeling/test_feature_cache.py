@@ -187,3 +187,16 @@ def test_a_full_cache_stops_growing_and_keeps_the_outputs(caplog):
     assert caplog.text.count("the feature caches are full") == 1
     with pytest.raises(ConfigError, match="FEATURE_CACHE_MAX_MB must be > 0"):
         _task(*FROZEN, *CACHE, "MODEL.COARSE.FEATURE_CACHE_MAX_MB", "0")
+
+
+def test_inputs_differing_only_in_their_attention_mask_are_cached_apart():
+    model = _task(*FROZEN, *CACHE).eval()
+    rows = _count_backbone_rows(model)
+    record = _records()[0]
+    shorter = dict(record, attention_mask=record["attention_mask"].clone())
+    shorter["attention_mask"][3:] = 0  # same ids, fewer visible tokens
+    with torch.no_grad():
+        a = model.cls_feats_of([record], ("image_0",))
+        b = model.cls_feats_of([shorter], ("image_0",))
+    assert rows == [1, 1] and len(model.feature_cache) == 2
+    assert (a - b).abs().max() > 1e-6
