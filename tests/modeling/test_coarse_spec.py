@@ -145,3 +145,21 @@ def test_each_objective_is_scaled_by_its_own_loss_weight():
         unit = losses["unit"][f"loss_{k}"]
         assert unit.item() > 0
         torch.testing.assert_close(losses["weighted"][f"loss_{k}"], w * unit)
+
+
+def test_init_head_normal_002_weights_zero_biases_unit_layer_norms():
+    """Coarse spec §1.1, "Other new heads": N(0, 0.02) weights, zero biases, LayerNorm 1 / 0."""
+    from fiber_d2.modeling.meta_arch import init_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(400, 500), torch.nn.LayerNorm(500))
+    with torch.no_grad():
+        head[1].weight.fill_(3.0)
+        head[1].bias.fill_(-1.0)
+    init_head(head)
+    w = head[0].weight
+    # 200k draws: the sample std of N(0, 0.02) lies within 1e-4 of 0.02 (about 3 standard errors)
+    assert abs(w.std().item() - 0.02) < 1e-4 and abs(w.mean().item()) < 2e-4
+    assert torch.equal(head[0].bias, torch.zeros(500))
+    assert torch.equal(head[1].weight, torch.ones(500))
+    assert torch.equal(head[1].bias, torch.zeros(500))
