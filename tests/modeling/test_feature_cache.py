@@ -200,3 +200,24 @@ def test_inputs_differing_only_in_their_attention_mask_are_cached_apart():
         b = model.cls_feats_of([shorter], ("image_0",))
     assert rows == [1, 1] and len(model.feature_cache) == 2
     assert (a - b).abs().max() > 1e-6
+
+
+def test_loading_weights_drops_the_cached_outputs():
+    """New backbone weights make every cached output stale: after ``load_state_dict`` the features
+    are those of the new weights, as a model without a cache gives them."""
+    cached = _task(*FROZEN, *CACHE, "MODEL.COARSE.IMAGE_PREFIX_CACHE", "True").eval()
+    plain = _task(*FROZEN).eval()
+    records = _records()[:2]
+    state = cached.state_dict()
+    for k, v in state.items():
+        if k.startswith("backbone.") and v.is_floating_point():
+            state[k] = v + 0.1
+    with torch.no_grad():
+        before = cached.cls_feats_of(records, ("image_0",))
+        assert cached.cache_bytes > 0 and cached.image_prefix_cache
+        cached.load_state_dict(state)
+        plain.load_state_dict(state)
+        after = cached.cls_feats_of(records, ("image_0",))
+        want = plain.cls_feats_of(records, ("image_0",))
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)

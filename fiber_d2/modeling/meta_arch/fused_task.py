@@ -129,6 +129,16 @@ class FIBERFusedTask(FIBERCoarse):
         self.cache_max_bytes = int(cache_max_mb * 2**20)
         self.cache_bytes = 0  # held by both caches
         self._cache_full_warned = False
+        # new weights make every cached output stale (as the detector's text-prefix cache)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_feature_cache())
+
+    def clear_feature_cache(self) -> None:
+        """Forget every cached backbone output and image prefix."""
+        for cache in (self.feature_cache, self.image_prefix_cache):
+            if cache is not None:
+                cache.clear()
+        self.cache_bytes = 0
+        self._cache_full_warned = False
 
     def heads_not_read(self) -> tuple[str, ...]:
         """None: the pre-training heads are dropped, and a head a subclass builds is read."""
