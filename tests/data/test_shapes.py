@@ -171,7 +171,7 @@ def _shapes_by_image(det):
     return out
 
 
-def _where(a, b) -> str:
+def where(a, b) -> str:
     """Where centre ``a`` lies relative to centre ``b`` (along the larger offset, y down)."""
     dx, dy = a[0] - b[0], a[1] - b[1]
     if abs(dx) >= abs(dy):
@@ -202,7 +202,7 @@ def test_refexps_name_one_shape_and_their_relation_holds(world, split):
         (target,), (other,) = _named(first, scene), _named(second, scene)
         x, y, w, h = boxes[entry["id"]]
         assert target[3] == (x + w / 2, y + h / 2), caption
-        assert _where(target[3], other[3]) == relation, caption
+        assert where(target[3], other[3]) == relation, caption
 
 
 def test_grounding_relations_hold(world):
@@ -222,7 +222,7 @@ def test_grounding_relations_hold(world):
         if between == "and":
             continue
         first, second = (centre[(entry["id"], s)] for s in spans)
-        assert _where(first, second) == between, entry["caption"]
+        assert where(first, second) == between, entry["caption"]
         checked += 1
     assert checked >= 2
 

@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+from test_shapes import where  # the same reading of a relation
 
 from fiber_d2.data.shapes import CATEGORY_NAMES, generate_shapes, shapes_files
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, generate_shapes_vl, shapes_vl_files
@@ -58,13 +59,10 @@ def _scene(root, split, file_name):
     return shapes
 
 
-def _where(a, b) -> str:
-    """Where shape ``a`` (colour, kind, centre x, centre y) lies relative to ``b``: along the axis of
-    the larger centre offset, image y pointing down ("left", "right", "above", "below")."""
-    dx, dy = a[2] - b[2], a[3] - b[3]
-    if abs(dx) >= abs(dy):
-        return "left" if dx < 0 else "right"
-    return "above" if dy < 0 else "below"
+def _place(a, b) -> str:
+    """Where shape ``a`` (colour, kind, centre x, centre y) lies relative to ``b``, as the questions
+    word it ("left", "right", "above", "below")."""
+    return where(a[2:], b[2:]).removesuffix(" of")
 
 
 def test_vqa_answers_match_the_pictures(world):
@@ -94,7 +92,7 @@ def test_vqa_answers_match_the_pictures(world):
         elif q["question_type"] == "relation":  # "is the red circle left of the blue square"
             a = next(s for s in shapes if s[:2] == (words[2], words[3]))
             b = next(s for s in shapes if s[:2] == tuple(words[-2:]))
-            assert (answer == "yes") == (words[4] == _where(a, b))
+            assert (answer == "yes") == (words[4] == _place(a, b))
         elif q["question_type"] == "count_colour":  # "how many red shapes are there"
             assert int(answer) == sum(c == words[2] for c, _, _, _ in shapes)
         elif q["question_type"] == "kind_of_colour":  # "what shape is the red one"
@@ -105,7 +103,7 @@ def test_vqa_answers_match_the_pictures(world):
             kind, place, ref_name = words[4], words[5], tuple(words[-2:])
             (ref,) = [s for s in shapes if s[:2] == ref_name]
             (hit,) = [
-                s for s in shapes if s is not ref and s[1] == kind and _where(s, ref) == place
+                s for s in shapes if s is not ref and s[1] == kind and _place(s, ref) == place
             ]
             assert answer == hit[0]
     yes_no = Counter(q["answers"][0] for q in questions if q["answer_type"] == "yes/no")
