@@ -104,18 +104,12 @@ FINE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "Demo", "f
 
 
 def _args(tmp_path, *, eval_only=False, resume=False):
-    import argparse
+    """The command line ``launch_cli`` parses, with detectron2's parser."""
+    from detectron2.engine import default_argument_parser
 
-    return argparse.Namespace(
-        config_file=FINE,
-        opts=["OUTPUT_DIR", str(tmp_path)],
-        eval_only=eval_only,
-        resume=resume,
-        num_gpus=1,
-        machine_rank=0,
-        num_machines=1,
-        dist_url="auto",
-    )
+    flags = ["--eval-only"] * eval_only + ["--resume"] * resume
+    argv = ["--config-file", FINE, *flags, "OUTPUT_DIR", str(tmp_path)]
+    return default_argument_parser().parse_args(argv)
 
 
 @pytest.mark.parametrize("eval_only", [False, True])

@@ -4,7 +4,6 @@ peak-memory and saved-activation measurement.
 
 No speed is asserted here (targets live in benchmark.SPEED_TARGETS_MS)."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
+from detectron2.engine import default_argument_parser
 from detectron2.structures import BoxMode
 from PIL import Image
 from tool_scripts import load_tool
@@ -236,15 +236,8 @@ def test_train_net_applies_the_mmap_threshold(tmp_path, monkeypatch):
         def __init__(self, cfg):
             raise Stop
 
-    args = argparse.Namespace(
-        config_file=FINE,
-        opts=["OUTPUT_DIR", str(tmp_path), "CPU_MMAP_THRESHOLD_MB", "4"],
-        eval_only=False,
-        resume=False,
-        num_gpus=1,
-        machine_rank=0,
-        num_machines=1,
-        dist_url="auto",
+    args = default_argument_parser().parse_args(
+        ["--config-file", FINE, "OUTPUT_DIR", str(tmp_path), "CPU_MMAP_THRESHOLD_MB", "4"]
     )
     with pytest.raises(Stop):
         run(args, Trainer)
