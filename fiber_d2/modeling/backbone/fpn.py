@@ -149,8 +149,9 @@ class FIBERFPN(FPN):
             prefix: a precomputed fusion prefix, see :meth:`FusedSwinRoberta.forward`.
 
         Returns:
-            features {"p3".."p7": (B, 256, H / 2**l, W / 2**l)} and text {"hidden": (B, T, D),
-            "mask": (B, T), "embedded": (B, T, D) hidden with padded rows zeroed}.
+            features {"p3".."p7": (B, out_channels, ceil(H / 2**l), ceil(W / 2**l))} and text
+            {"hidden": (B, T', D), "mask": (B, T'), "embedded": (B, T', D) hidden with padded rows
+            zeroed}, T' = T truncated to the text tower's maximum length.
         """
         bottom_up, text = self.bottom_up(x, input_ids, attention_mask, fuse=fuse, prefix=prefix)
         prev = self.lateral_convs[0](bottom_up[self.in_features[-1]])
