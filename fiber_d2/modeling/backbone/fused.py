@@ -295,7 +295,8 @@ class FusedSwinRoberta(Backbone):
             prefix: output of :meth:`forward_prefix` (not modified).
 
         Returns:
-            (image features {"res2".."res5"}, text {"hidden": (B, T, D), "mask": (B, T)}).
+            (image features {"res2".."res5"}, text {"hidden": (B, T', D), "mask": (B, T')}), T'
+            the prefix's (truncated) text length.
         """
         image, text = self.image_tower, self.text_tower
         outputs = dict(prefix.image_outputs)
@@ -340,7 +341,10 @@ class FusedSwinRoberta(Backbone):
 
         Returns:
             (image features {"res2".."res5": (B, C_s, H_s, W_s)} after the per-output norms,
-            text {"hidden": (B, T, D) last text hidden states, "mask": (B, T) attention mask}).
+            text {"hidden": (B, T', D) last text hidden states, "mask": (B, T') attention mask}),
+            T' = T truncated to the text tower's maximum length. On the fused path the last image
+            output's norm and the last text layer's output LayerNorm apply only with
+            ``fused_last_image_norm`` / ``fused_last_text_norm``.
         """
         fuse = self.fusion_enabled if fuse is None else fuse
         self._check_batch(images, input_ids, attention_mask)
