@@ -306,7 +306,8 @@ class FIBERCaption(FIBERFusedTask):
 
     # ------------------------------------------------------------------ training
     def forward(self, batched_inputs: list[dict]):
-        """Training: ``{"loss_caption_*": ...}``. Inference: per record ``{"caption": str}``."""
+        """Training: ``{"loss_caption_*": ...}``. Inference: per record ``{"caption": str,
+        "caption_ids": (L,) long}``, the decoded ids (``<s>`` first, L <= ``max_length``)."""
         if not self.training:
             ids = self.generate(self.images(batched_inputs))
             return [{"caption": c, "caption_ids": i} for c, i in zip(self.decode_text(ids), ids)]
