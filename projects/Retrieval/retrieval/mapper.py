@@ -29,7 +29,8 @@ _MAX_DRAWS = 5  # unreadable false images tolerated per sample before the sample
 
 class FalseImageCaptionMapper(CaptionDatasetMapper):
     """:class:`fiber_d2.data.caption_mapper.CaptionDatasetMapper` that adds ``false_image`` (3, S, S)
-    uint8 (same resize / flip as ``image``) and ``false_file_name`` to every training record."""
+    uint8 (the transform of ``image``, its random flip / augmentation drawn anew) and
+    ``false_file_name`` to every training record."""
 
     @configurable
     def __init__(self, *, image_files: Sequence[str], **kwargs):
