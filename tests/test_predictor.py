@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_detector import tiny_detector_opts
 
 import fiber_d2  # noqa: F401
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
@@ -20,16 +21,7 @@ from fiber_d2.text import build_prompt, char_spans_to_positive_map, tokenize
 ROOT = Path(__file__).resolve().parents[1]
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
-TINY = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.ATSS.INFERENCE_TH", "0.0",
-    "MODEL.ATSS.PRE_NMS_TOP_N", "50",
-    "MODEL.ATSS.DETECTIONS_PER_IMG", "20",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
-]  # fmt: skip
+TINY = tiny_detector_opts()
 CAPTION = "a red circle left of a blue square"
 NAMES = ["red circle", "blue square", "green triangle"]
 

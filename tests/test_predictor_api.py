@@ -9,6 +9,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 from PIL import Image
+from tiny_detector import tiny_detector_opts
 
 import fiber_d2
 from fiber_d2 import FIBERPredictor, to_coco_json
@@ -17,16 +18,7 @@ from fiber_d2.predictor import resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
-TINY = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.ATSS.INFERENCE_TH", "0.0",
-    "MODEL.ATSS.PRE_NMS_TOP_N", "50",
-    "MODEL.ATSS.DETECTIONS_PER_IMG", "20",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
-]  # fmt: skip
+TINY = tiny_detector_opts()
 NAMES = ["red circle", "blue square", "green triangle"]
 
 

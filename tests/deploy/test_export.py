@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime  # noqa: F401  (the deploy extra is part of the test environment)
 import pytest
 import torch
+from tiny_detector import tiny_detector_opts
 
 import fiber_d2  # noqa: F401
 from fiber_d2.data.resize import FIBERResizeShortestEdge
@@ -33,16 +34,7 @@ from fiber_d2.modeling.head.postprocess import label_scores
 ROOT = Path(__file__).resolve().parents[2]
 FINE_CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
-TINY = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.ATSS.INFERENCE_TH", "0.0",
-    "MODEL.ATSS.PRE_NMS_TOP_N", "50",
-    "MODEL.ATSS.DETECTIONS_PER_IMG", "20",
-    "INPUT.MIN_SIZE_TEST", "128",
-    "INPUT.MAX_SIZE_TEST", "160",
-    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
-]  # fmt: skip
+TINY = tiny_detector_opts(min_size=128, max_size=160)
 NAMES = ["red circle", "blue square", "green triangle"]
 MAX_SIDE = 256
 # (height, width) and text lengths never seen by the export (sample: 128 x 160, 30 tokens); the

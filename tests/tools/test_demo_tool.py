@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_detector import tiny_detector_opts
 from tool_scripts import load_tool
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
@@ -17,16 +18,7 @@ CFG = str(ROOT / "configs/Demo/fine_tiny.yaml")
 COARSE_CFG = str(ROOT / "configs/Demo/coarse_tiny.yaml")
 demo = load_tool("demo")
 
-OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.ATSS.INFERENCE_TH", "0.0",
-    "MODEL.ATSS.PRE_NMS_TOP_N", "20",
-    "MODEL.ATSS.DETECTIONS_PER_IMG", "5",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
-    "MODEL.FIBER.NUM_FUSION_LAYERS", "2",
-]  # fmt: skip
+OPTS = tiny_detector_opts(pre_nms=20, detections=5)
 
 
 @pytest.fixture(scope="module")
