@@ -172,7 +172,9 @@ def without_predictions(inp: dict, out: dict) -> dict:
 
 
 def json_safe(value: Any) -> Any:
-    """A copy of ``value`` that strict JSON accepts: NaN / inf floats become None (``null``)."""
+    """A copy of ``value`` for strict JSON: NaN / inf floats become None (``null``), dict keys
+    strings, tuples lists, and 0-d numpy / torch scalars Python numbers; any other value (e.g. a
+    numpy array or a tensor with dimensions) is returned as it is."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
