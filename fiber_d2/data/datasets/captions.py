@@ -14,7 +14,8 @@ included) and exact duplicates per image are dropped (coarse spec 4); empty or b
 skipped and counted (one warning with the total). Records::
 
     {"file_name", "image_id", "height"?, "width"?, "task": "caption", "dataset_name",
-     "caption": str}             # one_per_caption=True (training: one sample per caption)
+     "caption": str,             # one_per_caption=True (training: one sample per caption)
+     "caption_index": int}       # the caption's position among its image's kept captions
      "captions": [str, ...]}     # one_per_caption=False (evaluation: one record per image)
 
 ``height``/``width`` are present when the file gives them; the mapper reads them from the
