@@ -14,6 +14,9 @@ Records (the contract with the mapper, model and evaluators)::
                       "tokens_positive", "iscrowd"}],
      "phrases": [{"text", "tokens_positive", "boxes" (absolute xyxy), "phrase_type"}]}
 
+plus ``sentence_id`` and ``source`` (the entry's own ``dataset_name``, GoldG) when the entry has
+them.
+
 Phrases are the entries of ``tokens_positive_eval`` when present; annotations whose spans
 match none of them (GoldG, RefCOCO without the eval field) add a phrase per distinct span set.
 An annotation's ``phrase_index`` is the first phrase it matches (the label); its box is listed
