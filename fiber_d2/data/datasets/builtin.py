@@ -132,7 +132,9 @@ def register_shapes(
     val: one per image), for split in train/val.
 
     Args:
-        root: world directory (default ``$DETECTRON2_DATASETS/shapes``, resolved now).
+        root: world directory (default :func:`~fiber_d2.data.shapes.shapes_root`:
+            ``$DETECTRON2_DATASETS/shapes`` when that variable is set, else
+            ``$FIBER_D2_HOME/shapes``; resolved now).
         prefix: name prefix.
         num_train: training images of the world generated there (None: the default, 256).
     """
