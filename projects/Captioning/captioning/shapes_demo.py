@@ -112,7 +112,8 @@ def run(coarse_weights: str | None, output_dir: Path, opts: tuple = ()) -> dict:
     Args:
         coarse_weights: a coarse-stage checkpoint (``FIBERCoarse``'s ``model_final.pth``) or None
             (from scratch).
-        output_dir: where the run, ``caption.json`` and the pictures go.
+        output_dir: where the run, ``caption.json``, the pictures and ``summary.json`` (the
+            returned dict) go.
         opts: config overrides (``make demo-vl``'s trailing ``KEY VALUE`` pairs).
 
     Returns:
