@@ -462,7 +462,8 @@ def ensure_shapes_world(root: Union[str, os.PathLike, None] = None, **kwargs) ->
     file lock into a temporary directory whose contents are renamed into place.
 
     Args:
-        root: world directory (default ``$DETECTRON2_DATASETS/shapes``).
+        root: world directory (default :func:`shapes_root`: ``$DETECTRON2_DATASETS/shapes``
+            when that variable is set, else ``$FIBER_D2_HOME/shapes``).
         kwargs: forwarded to :func:`generate_shapes` (seed, sizes).
 
     Returns:
@@ -545,8 +546,9 @@ def ensure_shapes_tokenizer(root: Union[str, os.PathLike, None] = None) -> Path:
     """Build the shapes tokenizer under ``<root>/tokenizer`` unless it exists.
 
     Args:
-        root: world directory (default ``$DETECTRON2_DATASETS/shapes``); only the tokenizer
-            is written, not the images.
+        root: world directory (default :func:`shapes_root`: ``$DETECTRON2_DATASETS/shapes``
+            when that variable is set, else ``$FIBER_D2_HOME/shapes``); only the tokenizer is
+            written, not the images.
 
     Returns:
         the tokenizer directory.

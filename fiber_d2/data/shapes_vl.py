@@ -272,7 +272,9 @@ def ensure_shapes_vl(root: Union[str, os.PathLike, None] = None) -> Path:
     older version of this module); process-safe.
 
     Args:
-        root: world directory (default ``$DETECTRON2_DATASETS/shapes``).
+        root: world directory (default :func:`~fiber_d2.data.shapes.shapes_root`:
+            ``$DETECTRON2_DATASETS/shapes`` when that variable is set, else
+            ``$FIBER_D2_HOME/shapes``).
 
     Returns:
         the root path.
