@@ -6,8 +6,8 @@ Normalisation (the VQA evaluation tools' ``processPunctuation`` + ``processDigit
   text has a digit-comma-digit group), otherwise replaced by a space; a period not inside a number is
   deleted;
 * lower case; number words ``none``/``zero``..``ten`` become digits; the articles ``a``, ``an``, ``the``
-  are dropped; contractions written without their apostrophe (``dont``, ``isnt``, ``shouldntve``...) get
-  it back.
+  are dropped; contractions written without one of their apostrophes (``dont``, ``isnt``,
+  ``shouldnt've``...) get it back (``shouldntve``, two missing, stays as it is).
 
 The official table lists contractions one by one; here the table is derived from the contracted forms
 below: every form with exactly one of its apostrophes missing maps to the full form, except that
