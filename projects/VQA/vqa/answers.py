@@ -3,8 +3,8 @@
 Normalisation (the VQA evaluation tools' ``processPunctuation`` + ``processDigitArticle``):
 
 * punctuation ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted when it touches a space (or the
-  text has a digit-comma-digit group), otherwise replaced by a space; a period not inside a number is
-  deleted;
+  text has a digit-comma-digit group), otherwise replaced by a space; a period not followed by a digit
+  is deleted ("3.x" -> "3x", "x.5" kept: the official pattern's look-behind is a typo), at most 32;
 * lower case; number words ``none``/``zero``..``ten`` become digits; the articles ``a``, ``an``, ``the``
   are dropped; contractions written without one of their apostrophes (``dont``, ``isnt``,
   ``shouldnt've``...) get it back (``shouldntve``, two missing, stays as it is).
