@@ -46,7 +46,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# name -> (questions file, annotations file or None, COCO image folder, COCO file-name split)
+# name -> (questions file's split, annotations file's split or None, COCO image split: the image
+# folder and the file names' split)
 VQA_JSON_SPLITS = {
     "vqav2_train": ("train2014", "train2014", "train2014"),
     "vqav2_val": ("val2014", "val2014", "val2014"),
