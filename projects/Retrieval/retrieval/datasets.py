@@ -1,4 +1,6 @@
-"""Flickr30k Karpathy caption splits (fiber_d2 registers COCO's; coarse spec §5.2, §7.2).
+"""Flickr30k Karpathy caption splits (coarse spec §5.2, §7.2). fiber_d2's built-in registrations
+(:mod:`fiber_d2.data.datasets.builtin`) already hold these names, with the same files and splits;
+:func:`register_f30k_karpathy` registers only those that are missing.
 
 ==============================  ==================================================  ===============
 name                            annotation file (under ``$DETECTRON2_DATASETS``)    records
