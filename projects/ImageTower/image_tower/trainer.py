@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 def export_swin_weights(model, path: str) -> str:
     """Write the image tower of ``model`` (an :class:`ImageTowerPretrain`, possibly DDP-wrapped) to
-    ``path`` in the Swin ImageNet layout (``{"model": state_dict}``), for ``MODEL.SWIN.WEIGHTS``."""
+    ``path`` in the Swin ImageNet layout (``{"model": state_dict}``; a ``.safetensors`` path holds
+    the bare tensors), for ``MODEL.SWIN.WEIGHTS``."""
     model = getattr(model, "module", model)
     tower = model.backbone.image_tower
     save_checkpoint_file(
