@@ -63,7 +63,8 @@ def fiber_param_groups(
     weight_decay_bias: float = 0.0,
     weight_decay_norm_factor: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Split trainable parameters into one group per parameter with FIBER's fine-grained rule.
+    """Split trainable parameters into param groups with FIBER's fine-grained rule (parameters of
+    equal lr and weight decay share a group).
 
     Args:
         model: the model (DDP-unwrapped).
