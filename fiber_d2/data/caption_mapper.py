@@ -69,7 +69,7 @@ class CaptionDatasetMapper:
                 with ``flip_prob``) or "albef_randaug" (the original's retrieval and captioning
                 fine-tuning: random crop, flip and RandAugment; ``flip_prob`` unused) in training.
             exif_orientation: turn images upright by their EXIF tag (``INPUT.EXIF_ORIENTATION``;
-                see :func:`~fiber_d2.data.mapper.read_image_file`).
+                see :func:`~fiber_d2.data.reading.read_image_file`).
 
         Raises:
             ValueError: ``cache_images`` with a random training transform; an unknown transform.

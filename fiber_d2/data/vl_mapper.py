@@ -56,7 +56,7 @@ class FusedTaskMapper:
                 S x S x 3 bytes per distinct image: 48 KB at 128 px, 1 MB at 576 px); needs the
                 deterministic "resize" transform in training.
             exif_orientation: turn images upright by their EXIF tag (``INPUT.EXIF_ORIENTATION``;
-                see :func:`~fiber_d2.data.mapper.read_image_file`).
+                see :func:`~fiber_d2.data.reading.read_image_file`).
 
         Raises:
             ValueError: ``cache_images`` with a random training transform.

@@ -250,7 +250,7 @@ def read_vl_image(
     """An RGB HWC uint8 image of ``record``: from ``record[file_key]``, or, when the record has
     ``arrow_file`` / ``arrow_row``, the encoded bytes in ``column`` of that Arrow row. As stored,
     or turned upright by its EXIF tag with ``exif_orientation`` (``INPUT.EXIF_ORIENTATION``; see
-    :func:`fiber_d2.data.mapper.read_image_file`).
+    :func:`fiber_d2.data.reading.read_image_file`).
 
     Raises:
         OSError / ValueError: a missing or unreadable image (the message names the file).
