@@ -1,4 +1,5 @@
-"""Evaluators: LVIS chunked / Fixed AP, Flickr30k recall, RefCOCO accuracy, retrieval recall."""
+"""Evaluators: COCO box AP, LVIS chunked / Fixed AP, Flickr30k recall, RefCOCO accuracy, retrieval
+recall."""
 
 from .build import EVALUATOR_BUILDERS, build_evaluator
 from .coco import FIBERCOCOEvaluator
