@@ -275,8 +275,10 @@ def add_fiber_config(cfg: CN) -> CN:
     # not read: each test dataset's evaluator_type chooses its evaluator; kept so that the configs
     # that runs wrote before its removal from the shipped configs still load
     _C.TEST.EVAL_TASK = "detection"
-    # categories per prompt chunk (LVIS: 40); 0 or less: as many names as fit in MAX_QUERY_LEN
-    # (one prompt for a short vocabulary, several chunks for a long one)
+    # categories per prompt chunk (LVIS: 40); 0 or less: the predictor (FIBERPredictor) puts as many
+    # names as fit in MAX_QUERY_LEN in each chunk (one prompt for a short vocabulary, several for a
+    # long one), the evaluation's mapper writes one prompt (names past MAX_QUERY_LEN are never
+    # predicted, with a warning)
     _C.TEST.CHUNKED_EVALUATION = -1
     # chunked prompts: image prefix once per image, text prefix once per chunk (cached until the
     # model next changes mode), fused top + FPN + head per chunk; False: whole model per chunk
