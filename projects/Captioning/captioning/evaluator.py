@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
@@ -131,11 +132,11 @@ def caption_metrics(
 
 
 def _json_id(image_id):
-    """Integer ids stay integers (COCO); others are written as strings."""
-    try:
+    """Integer ids stay integers (COCO); any other id is written as its string, as it is ("007"
+    stays "007": converting it would merge it with 7 and lose the record's own id)."""
+    if isinstance(image_id, numbers.Integral) and not isinstance(image_id, bool):
         return int(image_id)
-    except (TypeError, ValueError):
-        return str(image_id)
+    return str(image_id)
 
 
 class CaptionEvaluator(DatasetEvaluator):

@@ -122,6 +122,18 @@ def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_p
         ev.process([{"image_id": 9, "file_name": "x.png", "captions": ["  "]}], [{"caption": "a"}])
 
 
+def test_evaluator_keeps_each_image_id_in_caption_json(tmp_path):
+    """Integer ids (numpy ones too) are written as integers, others as they are: "007" and 7 stay
+    two images, a float id is not truncated."""
+    ev = CaptionEvaluator("toy_captions", str(tmp_path), ["BLEU"], distributed=False)
+    ev.reset()
+    ids = [np.int64(7), "007", "a/b.jpg", 1.5]
+    ev.process([{"image_id": i, "captions": ["a cat"]} for i in ids], [{"caption": "a cat"}] * 4)
+    ev.evaluate()
+    written = json.loads((tmp_path / "caption.json").read_text())
+    assert [c["image_id"] for c in written] == [7, "007", "a/b.jpg", "1.5"]
+
+
 def test_category_agreement_by_hand():
     from captioning.shapes_demo import category_agreement, named_categories
 
