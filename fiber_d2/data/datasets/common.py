@@ -315,7 +315,8 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
     """The first image file (in dataset order) that is missing, does not decode in full, or, for a
     detector record (:data:`FINE_TASKS`), whose size (after the EXIF turn with
     ``exif_orientation``, as the mapper reads it) is not the record's ``width`` x ``height``: the
-    evaluation would stop at it after the whole run.
+    evaluation would stop at it after the whole run. "<file>: <reason> (<record>)", the record
+    named as in :func:`_record_label` (the first one that reads the file); "" when all are fine.
 
     Truncated files are found too (PIL refuses a truncated image on ``load``). The images are decoded
     in threads (PIL releases the GIL while decoding): a cost of one extra decode per test image,
@@ -344,15 +345,17 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
         return ""
 
     sizes: dict = {}
+    labels: dict = {}  # path -> the first record that reads it, as messages name records
     for r in records:
         # the detector's records are checked against their size (its mapper refuses another)
         fine = r.get("task") in FINE_TASKS and r.get("width") and r.get("height")
         for path in record_files(r):
             sizes.setdefault(path, (int(r["width"]), int(r["height"])) if fine else None)
+            labels.setdefault(path, _record_label(r))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for found in pool.map(problem, sizes.items()):
+        for path, found in zip(sizes, pool.map(problem, sizes.items())):
             if found:
-                return found
+                return f"{found} ({labels[path]})"
     return ""
 
 
