@@ -401,6 +401,7 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["MODEL.META_ARCHITECTURE", "Foo"], "MODEL.META_ARCHITECTURE 'Foo' is not registered"),
         (["MODEL.DEVICE", "foo"], "MODEL.DEVICE foo: not a torch device"),
         (["INPUT.MIN_SIZE_TRAIN", "(-10,)"], "INPUT.MIN_SIZE_TRAIN (-10,)"),
+        (["INPUT.MIN_SIZE_TEST", "-1"], "INPUT.MIN_SIZE_TEST -1: training sizes must be >= 1, the"),
         (["MODEL.LANGUAGE_BACKBONE.TOKENIZER", "/nonexistent/tokenizer"], "TOKENIZER: cannot load"),
         # choices and ranges, refused by the build of the model, the optimizer or a batch (a
         # traceback, some after a whole training run), or silently accepted
@@ -446,7 +447,7 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["MODEL.LANGUAGE_BACKBONE.NUM_HEADS", "5"], "must be a positive multiple of NUM_HEADS 5"),
         (["MODEL.DYHEAD.CHANNELS", "0"], "MODEL.DYHEAD.CHANNELS 0 must be a positive multiple"),
         (["MODEL.DYHEAD.NUM_GROUPS", "7"], "multiple of NUM_GROUPS 7 (GroupNorm)"),
-        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "MODEL.PIXEL_MEAN must have 3 values"),
+        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "PIXEL_MEAN must have 3 values, one per channel of"),
         (["MODEL.ATSS.ANCHOR_SIZES", "[64]"], "need one value per FPN level: 5"),
         # anchors at other strides than the FPN levels' were placed off the features, silently
         (

@@ -70,7 +70,8 @@ def check_model_sizes(cfg: CfgNode) -> None:
     for key in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"):
         if len(config_value(cfg, key)) != 3:
             raise ConfigError(
-                f"{key} must have 3 values (B, G, R), got {list(config_value(cfg, key))}"
+                f"{key} must have 3 values, one per channel of INPUT.FORMAT "
+                f"{cfg.INPUT.FORMAT}, got {list(config_value(cfg, key))}"
             )
     _check_swin_sizes(cfg.MODEL.SWIN)
     if is_coarse_stage(cfg):
@@ -231,7 +232,8 @@ def check_run_settings(cfg: CfgNode, *, training: bool) -> None:
     if min(cfg.INPUT.MIN_SIZE_TRAIN, default=1) < 1 or cfg.INPUT.MIN_SIZE_TEST < 0:
         raise ConfigError(
             f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)} and INPUT.MIN_SIZE_TEST "
-            f"{cfg.INPUT.MIN_SIZE_TEST} must be positive sizes"
+            f"{cfg.INPUT.MIN_SIZE_TEST}: training sizes must be >= 1, the test size >= 0 (0: test "
+            "images at their own size)"
         )
     check_values(cfg, training=training)
     if not training:
