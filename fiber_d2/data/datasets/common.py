@@ -315,7 +315,7 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
     """The first image file (in dataset order) that is missing, does not decode in full, or, for a
     detector record (:data:`FINE_TASKS`), whose size (after the EXIF turn with
     ``exif_orientation``, as the mapper reads it) is not the record's ``width`` x ``height``: the
-    evaluation would stop at it after the whole run. "<file>: <reason> (<record>)", the record
+    evaluation would stop at it after the whole run. "<file> (<record>): <reason>", the record
     named as in :func:`_record_label` (the first one that reads the file); "" when all are fine.
 
     Truncated files are found too (PIL refuses a truncated image on ``load``). The images are decoded
@@ -354,8 +354,8 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
             labels.setdefault(path, _record_label(r))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for path, found in zip(sizes, pool.map(problem, sizes.items())):
-            if found:
-                return f"{found} ({labels[path]})"
+            if found:  # "<file> (<record>): <reason>"
+                return f"{path} ({labels[path]}){found[len(path):]}"
     return ""
 
 

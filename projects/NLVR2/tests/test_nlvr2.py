@@ -171,7 +171,7 @@ def test_missing_image_in_a_run_is_one_error_line(where, tmp_path):
     assert not (tmp_path / "out").exists()  # found before the run starts
     record = DatasetCatalog.get(source)[3]["identifier"]
     if where == "test":
-        assert f"test dataset '{name}'" in line and f"(NLVR2 record {record})" in line
+        assert f"test dataset '{name}'" in line and f"{gone} (NLVR2 record {record}): " in line
     else:
         assert f"training dataset '{name}': 1 image file(s) not found" in line
         assert f"NLVR2 record {record}" in line
