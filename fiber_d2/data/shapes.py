@@ -46,6 +46,7 @@ __all__ = [
     "SHAPES_VOCAB_SIZE",
     "SPLITS",
     "shapes_root",
+    "shapes_root_in",
     "shapes_files",
     "generate_shapes",
     "ensure_shapes_world",
@@ -146,6 +147,19 @@ def shapes_root(root: Union[str, os.PathLike, None] = None) -> Path:
     from ..model_zoo.weights import fiber_d2_home  # local import: model_zoo is above data
 
     return fiber_d2_home() / "shapes"
+
+
+def shapes_root_in(datasets_root: Optional[str]) -> Path:
+    """The shapes world directory of a datasets root, as every ``register_all_*(root)`` uses it:
+    ``<datasets_root>/shapes`` when a root is given, else :func:`shapes_root`'s default.
+
+    Args:
+        datasets_root: the root passed to a registration function, or None.
+
+    Returns:
+        the directory path (not created).
+    """
+    return shapes_root(None if datasets_root is None else os.path.join(datasets_root, "shapes"))
 
 
 def shapes_files(root: Union[str, os.PathLike], split: str) -> Dict[str, str]:

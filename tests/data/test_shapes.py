@@ -17,6 +17,7 @@ from fiber_d2.data.shapes import (
     ensure_shapes_world,
     generate_shapes,
     shapes_files,
+    shapes_root_in,
 )
 from fiber_d2.text import SHAPES_TOKENIZER, build_tokenizer
 
@@ -149,6 +150,13 @@ def test_builtin_tokenizer_name_builds_under_the_datasets_root(tmp_path, monkeyp
         assert ensure_shapes_tokenizer(tmp_path / "shapes") == tmp_path / "shapes" / "tokenizer"
     finally:
         build_tokenizer.cache_clear()
+
+
+def test_shapes_folder_of_a_datasets_root(tmp_path, monkeypatch):
+    """A given datasets root holds the world in ``shapes/``; without one, the variable decides."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "env"))
+    assert shapes_root_in(str(tmp_path / "given")) == tmp_path / "given" / "shapes"
+    assert shapes_root_in(None) == tmp_path / "env" / "shapes"
 
 
 def test_bad_arguments(tmp_path):

@@ -40,7 +40,14 @@ import os
 from typing import Optional
 
 from ...text import clean_name
-from ..shapes import CATEGORY_NAMES, SPLITS, ensure_shapes_world, shapes_files, shapes_root
+from ..shapes import (
+    CATEGORY_NAMES,
+    SPLITS,
+    ensure_shapes_world,
+    shapes_files,
+    shapes_root,
+    shapes_root_in,
+)
 from .captions import register_captions
 from .detection import mark_detection_dataset, register_grounding_coco
 from .flickr_entities import entities_ground_truth, has_entities
@@ -176,7 +183,7 @@ def register_all_builtin(root: Optional[str] = None) -> None:
     Args:
         root: datasets root (default ``$DETECTRON2_DATASETS`` or ``datasets``).
     """
-    explicit_root = root is not None
+    shapes_dir = str(shapes_root_in(root))
     root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
 
     def p(*parts: str) -> str:
@@ -241,7 +248,6 @@ def register_all_builtin(root: Optional[str] = None) -> None:
         )
 
     # generated data: $FIBER_D2_HOME/shapes unless a datasets root is given or set
-    shapes_dir = os.path.join(root, "shapes") if explicit_root else str(shapes_root())
     register_shapes(shapes_dir)
     # the same world with 2,048 training images (its first 256 and its val split are the default
     # world's): the image tower's supervised pre-training in projects/ImageTower

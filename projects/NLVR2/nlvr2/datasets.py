@@ -29,7 +29,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from fiber_d2.data.datasets.common import read_arrow_rows
-from fiber_d2.data.shapes import SPLITS, shapes_root
+from fiber_d2.data.shapes import SPLITS, shapes_root_in
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
 
 __all__ = ["load_nlvr2_json", "load_nlvr2_arrow", "load_shapes_nlvr2", "register_all_nlvr2"]
@@ -184,6 +184,7 @@ def _register(name: str, loader) -> None:
 
 def register_all_nlvr2(root: str | None = None) -> None:
     """Register every NLVR2 dataset of the module table (nothing is read now)."""
+    shapes = str(shapes_root_in(root))
     root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
     for split in NLVR2_SPLITS:
         ann = os.path.join(root, "nlvr2", "data", f"{split}.json")
@@ -195,6 +196,5 @@ def register_all_nlvr2(root: str | None = None) -> None:
         _register(f"nlvr2_{split}", lambda a=ann, i=images, s=split: load_nlvr2_json(a, i, s))
         arrow = os.path.join(root, "arrow", f"nlvr2_{split}.arrow")
         _register(f"nlvr2_arrow_{split}", lambda p=arrow: load_nlvr2_arrow(p))
-    shapes = str(shapes_root())
     for split in SPLITS:
         _register(f"shapes_{split}_nlvr2", lambda s=split: load_shapes_nlvr2(s, shapes))

@@ -386,3 +386,19 @@ def test_real_recipe_trains_on_plain_batches():
     assert cfg.DATALOADER.ASPECT_RATIO_GROUPING
     batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
     assert len(batch) == 2 and all(d["image_0"].shape == (3, 64, 64) for d in batch)
+
+
+def test_an_explicit_datasets_root_holds_the_shapes_sets(tmp_path, monkeypatch):
+    """``register_all_nlvr2(root)`` reads the shapes sets from ``root/shapes``, as
+    ``register_all_builtin(root)`` does, not from the default shapes folder."""
+    import nlvr2.datasets as datasets
+
+    names = [f"shapes_{split}_nlvr2" for split in ("train", "val")]
+    for name in names:
+        monkeypatch.delitem(DatasetCatalog.data, name)  # restored afterwards
+    read = []
+    monkeypatch.setattr(datasets, "load_shapes_nlvr2", lambda split, root: read.append(root) or [])
+    datasets.register_all_nlvr2(str(tmp_path))
+    for name in names:
+        DatasetCatalog.get(name)
+    assert read == [str(tmp_path / "shapes")] * 2

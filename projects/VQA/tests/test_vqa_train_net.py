@@ -299,3 +299,19 @@ def test_vqa_head_is_linear_layernorm_gelu_linear_and_predicts_the_argmax():
     got = torch.stack([o["vqa_logits"] for o in outputs])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert [o["answer_index"] for o in outputs] == [len(vocab) - 1] * 3
+
+
+def test_an_explicit_datasets_root_holds_the_shapes_sets(tmp_path, monkeypatch):
+    """``register_all_vqa(root)`` reads the shapes sets from ``root/shapes``, as
+    ``register_all_builtin(root)`` does, not from the default shapes folder."""
+    import vqa.datasets as datasets
+
+    names = [f"shapes_{split}_vqa" for split in ("train", "val")]
+    for name in names:
+        monkeypatch.delitem(DatasetCatalog.data, name)  # restored afterwards
+    read = []
+    monkeypatch.setattr(datasets, "load_shapes_vqa", lambda split, root: read.append(root) or [])
+    datasets.register_all_vqa(str(tmp_path))
+    for name in names:
+        DatasetCatalog.get(name)
+    assert read == [str(tmp_path / "shapes")] * 2

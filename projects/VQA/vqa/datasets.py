@@ -29,7 +29,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from fiber_d2.data.datasets.common import read_arrow_rows
-from fiber_d2.data.shapes import SPLITS, shapes_root
+from fiber_d2.data.shapes import SPLITS, shapes_root_in
 from fiber_d2.data.shapes_vl import ensure_shapes_vl, shapes_vl_files
 
 from .answers import answer_scores
@@ -322,9 +322,9 @@ def register_vqa_arrow(root: str) -> None:
 
 def register_all_vqa(root: str | None = None) -> None:
     """Register every VQA dataset of the module table (nothing is read now)."""
+    shapes = str(shapes_root_in(root))
     root = root or os.getenv("DETECTRON2_DATASETS", "datasets")
     register_vqa_json(root)
     register_vqa_arrow(root)
-    shapes = str(shapes_root())
     for split in SPLITS:
         _register(f"shapes_{split}_vqa", lambda s=split: load_shapes_vqa(s, shapes))
