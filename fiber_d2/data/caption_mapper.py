@@ -17,8 +17,8 @@ from detectron2.data import transforms as T
 from PIL import Image
 
 from ..text import build_tokenizer, mask_tokens_for_mlm, tokenize
-from .mapper import _BadRecordCounter, _to_chw, memoized
-from .reading import _read_image, _SkipRecord, _test_error
+from .mapper import BadRecordCounter, memoized, to_chw
+from .reading import SkipRecord, evaluation_error, read_record_image
 from .vl_transforms import build_vl_image_transform
 
 __all__ = ["CaptionDatasetMapper"]
@@ -96,7 +96,7 @@ class CaptionDatasetMapper:
         self.max_query_len = max_query_len
         self.mlm_probability = mlm_probability
         self.generator: Optional[torch.Generator] = None  # torch's global RNG by default
-        self.bad = _BadRecordCounter()
+        self.bad = BadRecordCounter()
         # (file name, height, width) of a record -> (its (3, S, S) uint8 input, original height, width)
         self._image_cache: Optional[dict] = {} if cache_images else None
 
@@ -136,12 +136,12 @@ class CaptionDatasetMapper:
             single = isinstance(texts, str)
             texts = [texts] if single else list(texts or [])
             if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise _SkipRecord("empty caption")
+                raise SkipRecord("empty caption")
             image, height, width = self._image(record)
             enc = tokenize(self.tokenizer, texts, self.max_query_len)
-        except (_SkipRecord, ValueError, KeyError) as e:
+        except (SkipRecord, ValueError, KeyError) as e:
             if not self.is_train:
-                raise _test_error(record, e, as_empty_hint=False) from None
+                raise evaluation_error(record, e, as_empty_hint=False) from None
             self.bad.skip(record, str(e))
             return None
         out = dict(record)
@@ -175,8 +175,8 @@ class CaptionDatasetMapper:
         image cache, read and resized once per (file, height, width)."""
 
         def read() -> tuple:
-            raw = _read_image(record, self.image_format, self.exif_orientation)
-            return _to_chw(self.augment(raw)), raw.shape[0], raw.shape[1]
+            raw = read_record_image(record, self.image_format, self.exif_orientation)
+            return to_chw(self.augment(raw)), raw.shape[0], raw.shape[1]
 
         key = (record.get("file_name"), record.get("height"), record.get("width"))
         image, height, width = memoized(self._image_cache, key, read)

@@ -54,11 +54,11 @@ from ..text import (
 )
 from .prompts import encode_category_prompts, parse_caption_prompt
 from .reading import (
-    _read_image,
-    _read_test_image,
-    _record_name,
-    _SkipRecord,
-    _test_error,
+    SkipRecord,
+    evaluation_error,
+    read_record_image,
+    read_test_record_image,
+    record_name,
 )
 from .resize import FIBERResizeShortestEdge
 
@@ -83,11 +83,12 @@ def memoized(cache: Optional[dict], key, compute: Callable[[], Any]) -> Any:
     return cache[key]
 
 
-def _to_chw(image: np.ndarray) -> torch.Tensor:
+def to_chw(image: np.ndarray) -> torch.Tensor:
+    """An HWC uint8 array as the CHW tensor a model's ``"image"`` input holds."""
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-class _BadRecordCounter:
+class BadRecordCounter:
     """Counts skipped records / dropped boxes of one mapper (per worker process)."""
 
     def __init__(self) -> None:
@@ -101,7 +102,7 @@ class _BadRecordCounter:
         self.skipped += 1
         logger.warning(
             "skipping %s: %s (%d records skipped so far)",
-            _record_name(record),
+            record_name(record),
             reason,
             self.skipped,
         )
@@ -109,7 +110,7 @@ class _BadRecordCounter:
     def _tally(self, counter: str, record: dict, count: int, what: str) -> None:
         """Add ``count`` to the counter ``counter`` and warn about ``record``."""
         setattr(self, counter, getattr(self, counter) + count)
-        logger.warning("%s: %s (%d so far)", _record_name(record), what, getattr(self, counter))
+        logger.warning("%s: %s (%d so far)", record_name(record), what, getattr(self, counter))
 
     def cut_off(self, record: dict, count: int, max_len: int) -> None:
         self._tally(
@@ -235,7 +236,7 @@ class GroundingDatasetMapper:
         self._names: Dict[str, List[str]] = {k: list(v) for k, v in (category_names or {}).items()}
         self._lengths: Dict[str, List[int]] = {}
         self._test_inputs: Dict[str, dict] = {}
-        self.bad = _BadRecordCounter()
+        self.bad = BadRecordCounter()
         mode = "training" if is_train else "inference"
         logger.info("GroundingDatasetMapper (%s): %s", mode, self.augmentations)
 
@@ -400,7 +401,7 @@ class GroundingDatasetMapper:
         annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
         for a in annos:
             if not 0 <= a["category_id"] < len(names):
-                raise _SkipRecord(f"category_id {a['category_id']} outside [0, {len(names)})")
+                raise SkipRecord(f"category_id {a['category_id']} outside [0, {len(names)})")
         boxes, keep = self._boxes(record, annos, image_hw, transforms)
         classes = [annos[i]["category_id"] for i in keep]
         if self.full_prompt_train:
@@ -449,7 +450,7 @@ class GroundingDatasetMapper:
     def _grounding(self, record: dict, out: dict, image_hw, transforms) -> None:
         caption = record.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            raise _SkipRecord("empty caption")
+            raise SkipRecord("empty caption")
         phrases = record.get("phrases") or []
         enc = tokenize(self.tokenizer, caption, self.max_query_len)
         label_map = char_spans_to_positive_map(
@@ -477,7 +478,7 @@ class GroundingDatasetMapper:
         annos = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
         for a in annos:
             if not 0 <= a["phrase_index"] < len(phrases):
-                raise _SkipRecord(f"phrase_index {a['phrase_index']} outside [0, {len(phrases)})")
+                raise SkipRecord(f"phrase_index {a['phrase_index']} outside [0, {len(phrases)})")
         positive = char_spans_to_positive_map(
             enc, [a["tokens_positive"] for a in annos], self.max_query_len
         )
@@ -506,11 +507,11 @@ class GroundingDatasetMapper:
         task = record.get("task", "detection")
         try:
             if task != "detection" and task not in _GROUNDING_TASKS:
-                raise _SkipRecord(f"task {task!r} is not handled by GroundingDatasetMapper")
+                raise SkipRecord(f"task {task!r} is not handled by GroundingDatasetMapper")
             if self.is_train:
-                image = _read_image(record, self.image_format, self.exif_orientation)
+                image = read_record_image(record, self.image_format, self.exif_orientation)
             else:
-                image = _read_test_image(
+                image = read_test_record_image(
                     record, self.image_format, self.unreadable_as_empty, self.exif_orientation
                 )
             record.setdefault("height", image.shape[0])
@@ -520,7 +521,7 @@ class GroundingDatasetMapper:
             transforms = augs(aug_input)
             image_hw = aug_input.image.shape[:2]
             out = {k: v for k, v in record.items() if k != "annotations"}
-            out.update(image=_to_chw(aug_input.image), task=task)
+            out.update(image=to_chw(aug_input.image), task=task)
             if task == "detection":
                 if self.is_train:
                     self._detection_train(record, out, image_hw, transforms)
@@ -528,9 +529,9 @@ class GroundingDatasetMapper:
                     self._detection_test(record, out)
             else:
                 self._grounding(record, out, image_hw, transforms)
-        except (_SkipRecord, ValueError, KeyError, IndexError) as e:
+        except (SkipRecord, ValueError, KeyError, IndexError) as e:
             if not self.is_train:
-                raise _test_error(record, e) from None
+                raise evaluation_error(record, e) from None
             self.bad.skip(record, str(e))
             return None
         return out

@@ -14,20 +14,29 @@ from PIL import Image, ImageOps
 
 from .datasets.common import IMAGE_READ_ERRORS, BadRecordError
 
-__all__ = ["read_image_file"]
+__all__ = [
+    "read_image_file",
+    "read_record_image",
+    "read_test_record_image",
+    "record_name",
+    "evaluation_error",
+    "SkipRecord",
+    "UnreadableImage",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def _record_name(record: dict) -> str:
+def record_name(record: dict) -> str:
+    """How a log line or an error names a detection-style record: its image id and file."""
     return f"record {record.get('image_id')} ({record.get('file_name')})"
 
 
-class _SkipRecord(Exception):
+class SkipRecord(Exception):
     """Raised inside a mapper when a record cannot be used."""
 
 
-class _UnreadableImage(_SkipRecord):
+class UnreadableImage(SkipRecord):
     """The record's image file is missing, truncated or not an image."""
 
 
@@ -60,43 +69,47 @@ def read_image_file(
         return utils.convert_PIL_to_numpy(image, image_format)
 
 
-def _read_image(record: dict, image_format: str, exif_orientation: bool = False) -> np.ndarray:
+def read_record_image(
+    record: dict, image_format: str, exif_orientation: bool = False
+) -> np.ndarray:
+    """The HWC uint8 image of ``record["file_name"]``; raises :class:`UnreadableImage` when the file
+    cannot be decoded and :class:`SkipRecord` when its size is not the record's height x width."""
     try:
         image = read_image_file(record["file_name"], image_format, exif_orientation)
     except IMAGE_READ_ERRORS as e:  # missing, truncated, corrupt or too large
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise _UnreadableImage(f"cannot read image: {first}") from e
+        raise UnreadableImage(f"cannot read image: {first}") from e
     h, w = image.shape[:2]
     expected = (record.get("height") or h, record.get("width") or w)
     if (h, w) != tuple(expected):
-        raise _SkipRecord(f"image is {h}x{w}, the record says {expected[0]}x{expected[1]}")
+        raise SkipRecord(f"image is {h}x{w}, the record says {expected[0]}x{expected[1]}")
     return image
 
 
-def _read_test_image(
+def read_test_record_image(
     record: dict, image_format: str, as_empty: bool, exif_orientation: bool = False
 ) -> np.ndarray:
     """The image of a test record; with ``as_empty`` an unreadable one becomes a black image of
     the record's size and the record is flagged ``"unreadable"`` (no predictions are scored)."""
     try:
-        return _read_image(record, image_format, exif_orientation)
-    except _UnreadableImage as e:
+        return read_record_image(record, image_format, exif_orientation)
+    except UnreadableImage as e:
         if not as_empty:
             raise
-        logger.warning("%s: %s; evaluated as an image without predictions", _record_name(record), e)
+        logger.warning("%s: %s; evaluated as an image without predictions", record_name(record), e)
         record["unreadable"] = True
         h, w = int(record.get("height") or 32), int(record.get("width") or 32)
         return np.zeros((h, w, 3), dtype=np.uint8)
 
 
-def _test_error(record: dict, error: Exception, as_empty_hint: bool = True) -> BadRecordError:
+def evaluation_error(record: dict, error: Exception, as_empty_hint: bool = True) -> BadRecordError:
     """The one-line error of a test record that cannot be evaluated (``as_empty_hint``: for an
     unreadable image, name ``TEST.UNREADABLE_IMAGE_AS_EMPTY``, which only the detection and
     grounding evaluators support)."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
     hint = (
         " (TEST.UNREADABLE_IMAGE_AS_EMPTY True evaluates it as an image without predictions)"
-        if as_empty_hint and isinstance(error, _UnreadableImage)
+        if as_empty_hint and isinstance(error, UnreadableImage)
         else ""
     )
-    return BadRecordError(f"cannot evaluate {_record_name(record)}: {text}{hint}")
+    return BadRecordError(f"cannot evaluate {record_name(record)}: {text}{hint}")

@@ -345,9 +345,9 @@ def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monke
     """INPUT.VL_CACHE_IMAGES: each (file, height, width) is read once; the output is the uncached one."""
     from fiber_d2.data import caption_mapper
 
-    reads, read = [], caption_mapper._read_image
+    reads, read = [], caption_mapper.read_record_image
     monkeypatch.setattr(
-        caption_mapper, "_read_image", lambda record, *a: reads.append(1) or read(record, *a)
+        caption_mapper, "read_record_image", lambda record, *a: reads.append(1) or read(record, *a)
     )
     kwargs = {
         "is_train": True,
