@@ -101,6 +101,38 @@ def test_caption_metrics_and_skips():
     assert "BLEU" in run and ("SPICE" in run) != ("SPICE" in skipped)
 
 
+def test_caption_metrics_by_hand():
+    """BLEU-4 and CIDEr (x100) of small corpora, computed by hand from their definitions.
+
+    BLEU-4: "the cat sat on a mat" against "the cat sat on the mat" (same length: no brevity
+    penalty): clipped n-gram precisions 5/6, 3/5, 2/4, 1/3, geometric mean (1/12)^(1/4); the
+    reference "zebra" adds no match and is not the closest length. CIDEr (coco-caption's, CIDEr-D:
+    document frequencies over the scored references, x10 per image, averaged over images): an
+    image captioned exactly as its only reference, with no n-gram in common with the other image,
+    scores cosine 1 for every order and no length penalty, 10; a caption sharing nothing, 0.
+    """
+    refs = {1: ["zebra", "the cat sat on the mat"]}
+    scores, _ = caption_metrics(refs, {1: "the cat sat on a mat"}, ["BLEU"])
+    assert scores["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+    refs = {1: ["the cat sat on the mat"], 2: ["a dog runs in a park"]}
+    scores, _ = caption_metrics(refs, {1: "the cat sat on the mat", 2: "zebra"}, ["CIDEr"])
+    assert scores["CIDEr"] == pytest.approx(100 * (10 + 0) / 2, rel=1e-6)
+
+
+def test_evaluator_scores_against_every_reference():
+    """The evaluator scores each caption against all the references of its image, not the first
+    only: against "zebra" alone BLEU-4 would be about 0 (hand value as in
+    test_caption_metrics_by_hand)."""
+    ev = CaptionEvaluator("toy_captions", None, ["BLEU"], distributed=False)
+    ev.reset()
+    ev.process(
+        [{"image_id": 7, "captions": ["zebra", "the cat sat on the mat"]}],
+        [{"caption": "the cat sat on a mat"}],
+    )
+    res = ev.evaluate()["caption"]
+    assert res["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+
+
 def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path, caplog):
     ev = CaptionEvaluator("toy_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False)
     ev.reset()
