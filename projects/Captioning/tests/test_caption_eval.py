@@ -119,6 +119,19 @@ def test_caption_metrics_by_hand():
     assert scores["CIDEr"] == pytest.approx(100 * (10 + 0) / 2, rel=1e-6)
 
 
+def test_caption_metrics_without_java_fold_case_and_punctuation(monkeypatch, caplog):
+    """Without Java the fallback tokenizer, as coco-caption's PTB tokenizer, lower-cases and drops
+    punctuation: "The Cat sat on the mat." scores as "the cat sat on the mat" (hand value as in
+    test_caption_metrics_by_hand)."""
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    refs = {1: ["Zebra!", "The Cat sat on the mat."]}
+    with caplog.at_level(logging.WARNING):
+        scores, skipped = caption_metrics(refs, {1: "the cat, sat on a MAT"}, ["BLEU", "METEOR"])
+    assert "simple Python fallback" in caplog.text
+    assert skipped == {"METEOR": "no Java runtime"}
+    assert scores["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+
+
 def test_evaluator_scores_against_every_reference():
     """The evaluator scores each caption against all the references of its image, not the first
     only: against "zebra" alone BLEU-4 would be about 0 (hand value as in
