@@ -374,6 +374,28 @@ def test_accuracy_by_statement_kind_against_hand_counts():
     }
 
 
+def test_statement_kind_baseline_is_the_majority_training_label():
+    """The baseline judges each statement by its kind's commonest training label: "both" is False
+    in 3 of 4 training statements, "contains" True in 2 of 3, so on test statements whose labels
+    are those majorities the baseline scores 100, whatever the model predicts."""
+    from nlvr2.shapes_demo import accuracy_by_statement_kind
+
+    both = "both images contain a red circle"
+    contains = "the left image contains a blue square"
+    train = [{"sentence": both, "label": y} for y in (0, 1, 0, 0)]
+    train += [{"sentence": contains, "label": y} for y in (1, 0, 1)]
+    test = [
+        {"identifier": "1", "sentence": both, "label": 0},
+        {"identifier": "2", "sentence": both, "label": 0},
+        {"identifier": "3", "sentence": contains, "label": 1},
+    ]
+    rows = accuracy_by_statement_kind(train, test, {"1": 1, "2": 0, "3": 0})
+    assert rows == {
+        "both images contain ...": {"value": 50.0, "baseline": 100.0},
+        "the left / right image contains ...": {"value": 0.0, "baseline": 100.0},
+    }
+
+
 def test_real_recipe_trains_on_plain_batches():
     """nlvr2.yaml inherits DATALOADER.ASPECT_RATIO_GROUPING True from the detector's base config;
     NLVR2 pairs carry no height / width (square inputs), so the loader must not group them."""
