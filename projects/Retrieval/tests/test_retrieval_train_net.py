@@ -75,6 +75,15 @@ def test_evaluator_follows_the_mode():
         train_net.Trainer.build_evaluator(itm, "shapes_val_det", model=stub)
 
 
+def test_itm_evaluator_takes_rerank_k_and_itm_batch_from_the_config():
+    """RETRIEVAL.RERANK_K is the number of pairs re-scored per image and text, RETRIEVAL.ITM_BATCH
+    the pairs per fused forward: distinct values reach their own evaluator settings."""
+    opts = [*TINY, "RETRIEVAL.RERANK_K", "3", "RETRIEVAL.ITM_BATCH", "5"]
+    cfg = train_net.load_retrieval_config(str(PROJECT / "configs" / "shapes_itm.yaml"), opts)
+    evaluator = train_net.Trainer.build_evaluator(cfg, VAL_SUBSET, model=torch.nn.Linear(1, 1))
+    assert evaluator._rerank_k == 3 and evaluator._itm_batch == 5
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (PROJECT / "configs").glob("*.yaml")))
 def test_project_configs_load_and_name_registered_datasets(name):
     cfg = train_net.load_retrieval_config(str(PROJECT / "configs" / name), [])
