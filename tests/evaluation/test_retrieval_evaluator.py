@@ -57,6 +57,17 @@ def test_hand_computed_ranks():
     assert out["mean"] == pytest.approx((out["TR_mean"] + out["IR_mean"]) / 2)
 
 
+def test_means_average_over_the_given_ks():
+    """TR_mean / IR_mean average the recalls of the K values given (here two), "mean" is their
+    mean; hand values from the ranks of test_hand_computed_ranks."""
+    out = retrieval_recall(SIM, TEXT_TO_IMAGE, topk=(1, 4))
+    tr_mean, ir_mean = (100 / 3 + 100) / 2, (20 + 100) / 2
+    assert out["TR_mean"] == pytest.approx(tr_mean)
+    assert out["IR_mean"] == pytest.approx(ir_mean)
+    assert out["mean"] == pytest.approx((tr_mean + ir_mean) / 2)
+    assert out["RSUM"] == pytest.approx(100 / 3 + 100 + 20 + 100)
+
+
 def test_ties_go_to_the_lower_index():
     # Image 1's caption (column 1) ties with column 0 in row 1: column 0 ranks first.
     sim = torch.tensor([[1.0, 1.0], [0.5, 0.5]])
