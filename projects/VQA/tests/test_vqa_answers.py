@@ -44,6 +44,11 @@ from vqa import (
         ("yes !", "yes"),  # punctuation next to a space -> deleted
         # "-" has a space before it, so every "-" is deleted, also the one inside "t-shirt"
         ("t-shirt -", "tshirt"),
+        # a tab counts as a space (the official tool replaces tabs and newlines first)
+        ("t-shirt\t-", "tshirt"),
+        # whether a mark touches a space is read off the answer as given, not after the marks
+        # before it in the list became spaces: "/" -> " " makes " -", yet every "-" -> " "
+        ("black/-white t-shirt", "black white t shirt"),
         ("1,000", "1000"),  # digit-comma-digit: commas deleted
         ("  ten\tdogs ", "10 dogs"),
     ],
