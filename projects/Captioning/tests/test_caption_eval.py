@@ -201,6 +201,23 @@ def test_category_agreement_by_hand():
     assert scores["category_recall_chance"] == pytest.approx(100 * 1 / 3)  # held: 1 + 2
 
 
+def test_category_precision_and_recall_are_not_swapped():
+    """Precision divides the hits by the categories the captions name, recall by those the images
+    hold; counts chosen so that the two differ (by hand)."""
+    from captioning.shapes_demo import category_agreement
+
+    generated = {1: "a red circle and a blue square and a green triangle", 2: "a red circle"}
+    refs = {1: ["a red circle"], 2: ["a red circle and a blue square"]}
+    scores = category_agreement(generated, refs)
+    # own: caption 1 names 3, image 1 holds 1, 1 hit; caption 2 names 1, image 2 holds 2, 1 hit
+    assert scores["category_precision"] == pytest.approx(100 * 2 / 4)
+    assert scores["category_recall"] == pytest.approx(100 * 2 / 3)
+    # chance: caption 1 against image 2 (2 hits of 3 named, 2 held), caption 2 against image 1
+    # (1 hit of 1 named, 1 held)
+    assert scores["category_precision_chance"] == pytest.approx(100 * 3 / 4)
+    assert scores["category_recall_chance"] == pytest.approx(100 * 3 / 3)
+
+
 def test_references_are_deduplicated_per_image_in_order():
     """Coarse spec: captions are de-duplicated per image (a repeated reference would weigh twice in
     CIDEr-D), first occurrence kept, whether the records hold one caption or a list."""
