@@ -501,6 +501,19 @@ def test_arrow_rows_become_one_record_per_question(tmp_path, monkeypatch):
     assert not any("answer_scores" in r or "multiple_choice_answer" in r for r in unanswered)
 
 
+def test_arrow_multiple_choice_answer_is_the_highest_scoring_label(tmp_path, monkeypatch):
+    """As documented: the Arrow record's ``multiple_choice_answer`` is its best-scored answer, not
+    the first one listed."""
+    from vqa import load_vqa_arrow
+
+    scores = [[[0.3, 1.0], [0.9]], [[1.0]]]  # question 420: "3" (1.0) beats "2" (0.3)
+    path = arrow_file(
+        tmp_path / "vqav2_val.arrow", _vqa_arrow_columns(answer_scores=scores), monkeypatch
+    )
+    records = load_vqa_arrow(path)
+    assert [r["multiple_choice_answer"] for r in records] == ["3", "red", "yes"]
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
