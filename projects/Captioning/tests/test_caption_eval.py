@@ -146,6 +146,19 @@ def test_evaluator_scores_against_every_reference():
     assert res["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
 
 
+def test_evaluator_takes_a_single_reference_string_as_one_caption():
+    """A record whose ``captions`` is one string is scored against that caption, not against its
+    characters (hand value as in test_caption_metrics_by_hand)."""
+    ev = CaptionEvaluator("toy_captions", None, ["BLEU"], distributed=False)
+    ev.reset()
+    ev.process(
+        [{"image_id": 7, "captions": "the cat sat on the mat"}],
+        [{"caption": "the cat sat on a mat"}],
+    )
+    res = ev.evaluate()["caption"]
+    assert res["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+
+
 def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path, caplog):
     ev = CaptionEvaluator("toy_captions", str(tmp_path), ["BLEU", "CIDEr"], distributed=False)
     ev.reset()
