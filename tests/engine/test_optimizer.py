@@ -288,3 +288,38 @@ def test_each_group_remembers_its_own_initial_weight_decay(rule):
         assert initial == wd, name
     assert got["head.bias0"][2] == 0.0
     assert got["backbone.fpn_lateral3.weight"][2] == 0.01
+
+
+def test_optimizer_reads_the_betas_eps_and_momentum():
+    """SOLVER.BETAS and SOLVER.EPS reach AdamW (the coarse recipes' beta2 is 0.98, spec coarse §4,
+    not torch's default 0.999), and SOLVER.MOMENTUM reaches SGD."""
+    adamw = build_fiber_optimizer(
+        load_config(None, ["SOLVER.BETAS", "(0.8, 0.98)", "SOLVER.EPS", "1e-6"]), _named(**NAMES)
+    )
+    assert isinstance(adamw, torch.optim.AdamW)
+    for g in adamw.param_groups:
+        assert tuple(g["betas"]) == (0.8, 0.98) and g["eps"] == 1e-6
+    sgd = build_fiber_optimizer(
+        load_config(None, ["SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.7"]), _named(**NAMES)
+    )
+    assert isinstance(sgd, torch.optim.SGD)
+    assert all(g["momentum"] == 0.7 for g in sgd.param_groups)
+
+
+def test_full_model_clipping_is_off_unless_enabled():
+    """CLIP_TYPE "full_model" with CLIP_GRADIENTS.ENABLED False clips nothing: an SGD step of lr 1
+    on gradients (3, 4) moves the weights by the whole gradient, not by (0.6, 0.8)."""
+    cfg = load_config(
+        None,
+        ["SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"]
+        + ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0", "SOLVER.OPTIMIZER", "SGD"]
+        + ["SOLVER.MOMENTUM", "0.0", "SOLVER.BASE_LR", "1.0", "SOLVER.WEIGHT_DECAY", "0.0"],
+    )
+    m = nn.Module()
+    m.a = nn.Parameter(torch.zeros(1))
+    m.b = nn.Parameter(torch.zeros(1))
+    opt = build_fiber_optimizer(cfg, m)
+    m.a.grad = torch.tensor([3.0])
+    m.b.grad = torch.tensor([4.0])
+    opt.step()
+    assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor([-3.0, -4.0]))
