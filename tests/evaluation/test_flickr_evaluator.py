@@ -235,3 +235,22 @@ def test_boxes_are_compared_as_the_original_reads_them():
     dets = [(0.9, 0, [0, 0, 11, 21]), (0.8, 1, MISS)]
     ev.process([{"image_id": 1}], [{"instances": _instances(dets)}])
     assert ev.evaluate()["grounding"]["R@1-people"] == 100.0
+
+
+def test_the_evaluator_counts_a_hit_from_iou_half():
+    """Spec fine 5.1: a hit needs IoU >= 0.5 (the evaluator's default). The model box
+    (0, 0, 11, 6) is read as (0, 0, 10, 5): IoU 50 / 100 with the GT (0, 0, 10, 10), a hit;
+    (0, 0, 11, 5.9) is read as (0, 0, 10, 4.9): IoU 49 / 100, a miss."""
+    for box, expected in (([0, 0, 11, 6], 100.0), ([0, 0, 11, 5.9], 0.0)):
+        ev = FlickrRecallEvaluator(ONE, distributed=False)
+        ev.process([{"image_id": 1}], [{"instances": _instances([(0.9, 0, box)])}])
+        assert ev.evaluate()["grounding"]["R@1-people"] == expected, box
+
+
+def test_the_evaluator_uses_its_iou_threshold():
+    """With iou_threshold 0.6 the box read as (0, 0, 10, 5) (IoU 0.5 with the GT (0, 0, 10, 10))
+    misses, and the one read as (0, 0, 10, 6) (IoU 0.6) hits."""
+    for box, expected in (([0, 0, 11, 6], 0.0), ([0, 0, 11, 7], 100.0)):
+        ev = FlickrRecallEvaluator(ONE, distributed=False, iou_threshold=0.6)
+        ev.process([{"image_id": 1}], [{"instances": _instances([(0.9, 0, box)])}])
+        assert ev.evaluate()["grounding"]["R@1-people"] == expected, box
