@@ -157,3 +157,13 @@ def test_boxes_are_compared_as_the_original_reads_them():
     ev = RefExpEvaluator(ONE, distributed=False)
     ev.process([{"image_id": 1}], [{"instances": _instances([(0.9, [0.0, 0.0, 10.0, 20.0])])}])
     assert ev.evaluate()["refexp"]["P@1"] == 100.0
+
+
+def test_the_evaluator_uses_its_threshold():
+    """With threshold 0.6 the GT's upper half (GIoU 0.5, a hit at the default 0.5) misses, and the
+    box (0, 0, 10, 6) (IoU 60 / 100, the GT as its hull: GIoU 0.6) hits."""
+    assert _iou_giou([0.0, 0.0, 10.0, 6.0], GT) == pytest.approx((0.6, 0.6))
+    for box, expected in (([0.0, 0.0, 10.0, 5.0], 0.0), ([0.0, 0.0, 10.0, 6.0], 100.0)):
+        ev = RefExpEvaluator(ONE, distributed=False, threshold=0.6)
+        ev.process([{"image_id": 1}], [{"instances": _instances([(0.9, box)])}])
+        assert ev.evaluate()["refexp"]["P@1"] == expected, box
