@@ -288,3 +288,22 @@ def test_ground_truth_boxes_are_read_as_coco_xywh():
     dataset = {"annotations": [small, flat, corner, outside]}
     assert drop_bad_gt_boxes(dataset, images, "d")
     assert dataset["annotations"] == [small, corner]
+
+
+def test_metrics_files_are_strict_json_for_infinities_and_scalars(tmp_path):
+    """NaN and +/- infinity are written as null, and 0-d numpy / torch scalars (COCO's and LVIS's
+    metrics are numpy floats) as plain numbers, so the file is strict JSON."""
+    import numpy as np
+
+    import fiber_d2.evaluation.integrity as integrity
+
+    metrics = {
+        "bbox": {"AP": np.float32(0.5), "AR": torch.tensor(0.25), "n": np.int64(3)},
+        "odd": {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")},
+    }
+    result = integrity.write_metrics(metrics, str(tmp_path), "m.json")
+    assert result["bbox"]["n"] == 3
+    assert json.loads((tmp_path / "m.json").read_text()) == {
+        "bbox": {"AP": 0.5, "AR": 0.25, "n": 3},
+        "odd": {"nan": None, "inf": None, "-inf": None},
+    }
