@@ -134,25 +134,22 @@ def test_coarse_rule_for_task_heads_and_the_query_norm():
     assert got["rank_output.weight"] == (1e-5, 0.01)
 
 
-def test_full_model_clipping_clips_joint_norm():
+@pytest.mark.parametrize(
+    "enabled, expected",
+    [
+        # joint norm 5 -> scaled to 1: steps of 0.6 and 0.8 (per-parameter clipping: 1 and 1)
+        ("True", [-0.6, -0.8]),
+        # CLIP_TYPE "full_model" with ENABLED False clips nothing: the whole gradient
+        ("False", [-3.0, -4.0]),
+    ],
+)
+def test_full_model_clipping_clips_joint_norm_only_when_enabled(enabled, expected):
+    """An SGD step of lr 1 on the gradients (3, 4) with CLIP_VALUE 1."""
     cfg = load_config(
         None,
-        [
-            "SOLVER.CLIP_GRADIENTS.ENABLED",
-            "True",
-            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
-            "full_model",
-            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
-            "1.0",
-            "SOLVER.OPTIMIZER",
-            "SGD",
-            "SOLVER.MOMENTUM",
-            "0.0",
-            "SOLVER.BASE_LR",
-            "1.0",
-            "SOLVER.WEIGHT_DECAY",
-            "0.0",
-        ],
+        ["SOLVER.CLIP_GRADIENTS.ENABLED", enabled, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"]
+        + ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0", "SOLVER.OPTIMIZER", "SGD"]
+        + ["SOLVER.MOMENTUM", "0.0", "SOLVER.BASE_LR", "1.0", "SOLVER.WEIGHT_DECAY", "0.0"],
     )
     m = nn.Module()
     m.a = nn.Parameter(torch.zeros(1))
@@ -161,8 +158,7 @@ def test_full_model_clipping_clips_joint_norm():
     m.a.grad = torch.tensor([3.0])
     m.b.grad = torch.tensor([4.0])
     opt.step()
-    # joint norm 5 -> scaled to 1: steps of 0.6 and 0.8 (per-parameter clipping would give 1 and 1)
-    assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor([-0.6, -0.8]), atol=1e-5)
+    assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
@@ -304,22 +300,3 @@ def test_optimizer_reads_the_betas_eps_and_momentum():
     )
     assert isinstance(sgd, torch.optim.SGD)
     assert all(g["momentum"] == 0.7 for g in sgd.param_groups)
-
-
-def test_full_model_clipping_is_off_unless_enabled():
-    """CLIP_TYPE "full_model" with CLIP_GRADIENTS.ENABLED False clips nothing: an SGD step of lr 1
-    on gradients (3, 4) moves the weights by the whole gradient, not by (0.6, 0.8)."""
-    cfg = load_config(
-        None,
-        ["SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"]
-        + ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0", "SOLVER.OPTIMIZER", "SGD"]
-        + ["SOLVER.MOMENTUM", "0.0", "SOLVER.BASE_LR", "1.0", "SOLVER.WEIGHT_DECAY", "0.0"],
-    )
-    m = nn.Module()
-    m.a = nn.Parameter(torch.zeros(1))
-    m.b = nn.Parameter(torch.zeros(1))
-    opt = build_fiber_optimizer(cfg, m)
-    m.a.grad = torch.tensor([3.0])
-    m.b.grad = torch.tensor([4.0])
-    opt.step()
-    assert torch.allclose(torch.cat([m.a.data, m.b.data]), torch.tensor([-3.0, -4.0]))

@@ -414,13 +414,6 @@ def test_an_explicit_datasets_root_holds_the_shapes_sets(tmp_path, monkeypatch):
     """``register_all_nlvr2(root)`` reads the shapes sets from ``root/shapes``, as
     ``register_all_builtin(root)`` does, not from the default shapes folder."""
     import nlvr2.datasets as datasets
+    from shapes_registration import assert_shapes_sets_under_root
 
-    names = [f"shapes_{split}_nlvr2" for split in ("train", "val")]
-    for name in names:
-        monkeypatch.delitem(DatasetCatalog.data, name)  # restored afterwards
-    read = []
-    monkeypatch.setattr(datasets, "load_shapes_nlvr2", lambda split, root: read.append(root) or [])
-    datasets.register_all_nlvr2(str(tmp_path))
-    for name in names:
-        DatasetCatalog.get(name)
-    assert read == [str(tmp_path / "shapes")] * 2
+    assert_shapes_sets_under_root(datasets, "nlvr2", tmp_path, monkeypatch)

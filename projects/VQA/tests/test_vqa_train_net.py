@@ -305,13 +305,6 @@ def test_an_explicit_datasets_root_holds_the_shapes_sets(tmp_path, monkeypatch):
     """``register_all_vqa(root)`` reads the shapes sets from ``root/shapes``, as
     ``register_all_builtin(root)`` does, not from the default shapes folder."""
     import vqa.datasets as datasets
+    from shapes_registration import assert_shapes_sets_under_root
 
-    names = [f"shapes_{split}_vqa" for split in ("train", "val")]
-    for name in names:
-        monkeypatch.delitem(DatasetCatalog.data, name)  # restored afterwards
-    read = []
-    monkeypatch.setattr(datasets, "load_shapes_vqa", lambda split, root: read.append(root) or [])
-    datasets.register_all_vqa(str(tmp_path))
-    for name in names:
-        DatasetCatalog.get(name)
-    assert read == [str(tmp_path / "shapes")] * 2
+    assert_shapes_sets_under_root(datasets, "vqa", tmp_path, monkeypatch)
