@@ -359,3 +359,37 @@ def test_mlm_random_replacements_are_uniform_over_the_whole_vocabulary():
         assert abs(counts[i].item() - 0.1 / 6) < 0.005, (i, counts[i].item())
     assert abs(counts[3].item() - (0.8 + 0.1 / 6)) < 0.02  # <mask>
     assert abs(counts[4].item() - (0.1 + 0.1 / 6)) < 0.02  # kept, or drawn again
+
+
+def test_positive_map_span_may_end_at_the_caption_end_but_not_past_it(tok):
+    """Half-open spans: ``[b, len(caption))`` is the last word, ``[b, len(caption) + 1)`` is one
+    character past the caption and is refused (not silently mapped to the last word)."""
+    caption = "a red circle"  # 12 characters, "circle" is [6, 12)
+    enc = tokenize(tok, caption, 16)
+    pm = char_spans_to_positive_map(enc, [[[6, 12]]], 16)
+    assert row_tokens(pm[0]) == {enc.char_to_token(0, 6)}
+    with pytest.raises(ValueError, match=r"\[6, 13\) is outside the caption \(length 12\)"):
+        char_spans_to_positive_map(enc, [[[6, 13]]], 16)
+
+
+def test_mlm_never_selects_any_special_token(tok):
+    """Coarse spec 3.2: no special token is ever selected, <unk> and <mask> included (not only
+    <s>, </s> and <pad>), even at probability 1."""
+    specials = [tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id]
+    specials.append(tok.mask_token_id)
+    assert len(set(specials)) == 5
+    ids = torch.tensor([specials * 4 + [20, 21]])
+    gen = torch.Generator().manual_seed(0)
+    masked, labels = mask_tokens_for_mlm(ids, tok, 1.0, generator=gen)
+    assert labels[0, :20].eq(-100).all()
+    assert torch.equal(masked[0, :20], ids[0, :20])
+    assert labels[0, 20:].tolist() == [20, 21]
+
+
+def test_mlm_special_ids_argument_replaces_the_tokenizer_specials():
+    """``special_ids`` given: exactly those ids are never selected; the tokenizer's own special
+    ids (here 3, the mask id) become selectable."""
+    ids = torch.tensor([[4, 5, 3, 4, 5, 3]])
+    masked, labels = mask_tokens_for_mlm(ids, _TinyVocab(), 1.0, special_ids=[4])
+    assert labels.tolist() == [[-100, 5, 3, -100, 5, 3]]
+    assert masked[0, 0] == 4 and masked[0, 3] == 4
