@@ -121,3 +121,41 @@ def test_encode_names_one_prompt_and_chunks(tok):
         encode_names(tok, [], max_query_len=32)
     with pytest.raises(ValueError, match="empty prompt entry 1"):
         encode_names(tok, ["red circle", " "], max_query_len=32)
+
+
+def test_phrase_spans_whole_word_on_both_sides():
+    """A substring phrase skips occurrences that end a longer word ("bobcat") as well as those
+    that start one ("catalog") and takes the whole word."""
+    assert phrase_spans("a bobcat and a cat", ["cat"]) == [[15, 18]]
+    assert phrase_spans("a catalog and a cat", ["cat"]) == [[16, 19]]
+
+
+def test_phrase_spans_regex_characters_are_literal():
+    """A phrase is matched as plain text: "." is not any character, "+" is not a repetition."""
+    assert phrase_spans("a 3x5 card and a 3.5 disk", ["3.5"]) == [[17, 20]]
+    assert phrase_spans("a c++ book", ["c++"]) == [[2, 5]]
+
+
+def test_phrase_spans_repeated_phrase_takes_the_next_non_overlapping_occurrence():
+    """The second "red red" starts after the end of the first, not inside it."""
+    assert phrase_spans("red red red red", ["red red", "red red"]) == [[0, 7], [8, 15]]
+
+
+def test_phrase_spans_span_bounds():
+    """A ``[start, end)`` span may end at the caption's end, not one past it, and not start
+    before 0."""
+    n = len(CAPTION)  # the caption ends with "square"
+    assert phrase_spans(CAPTION, [(n - 6, n)]) == [[n - 6, n]]
+    for bad in [(n - 6, n + 1), (-1, 3)]:
+        with pytest.raises(ValueError, match="outside the caption"):
+            phrase_spans(CAPTION, [bad])
+
+
+def test_encode_names_custom_separator(tok):
+    """The separator joins the names and each label maps to its own name's tokens only."""
+    enc = encode_names(tok, NAMES, max_query_len=16, separator=" and ")
+    assert enc["caption"] == "red circle and blue square and green triangle"
+    words = ["re", "d", "Ġcircle", "Ġand", "Ġblue", "Ġsquare", "Ġand", "Ġgreen", "Ġtriangle"]
+    assert tok.tokenize(enc["caption"]) == words  # token t + 1 is word t (after <s>)
+    rows = [set(torch.nonzero(r).flatten().tolist()) for r in enc["label_token_map"]]
+    assert rows == [{1, 2, 3}, {5, 6}, {8, 9}]
