@@ -159,3 +159,13 @@ def test_encode_names_custom_separator(tok):
     assert tok.tokenize(enc["caption"]) == words  # token t + 1 is word t (after <s>)
     rows = [set(torch.nonzero(r).flatten().tolist()) for r in enc["label_token_map"]]
     assert rows == [{1, 2, 3}, {5, 6}, {8, 9}]
+
+
+def test_encode_names_chunks_by_the_custom_separator_length(tok):
+    """The token budget counts the separator actually used: the three names fit 10 tokens joined
+    by ". " but not joined by " and a ", so they are split rather than the last name cut off."""
+    assert len(tok.tokenize("red circle. blue square. green triangle")) <= 10
+    assert len(tok.tokenize("red circle and a blue square and a green triangle")) == 11
+    enc = encode_names(tok, NAMES, max_query_len=12, separator=" and a ")
+    assert enc["caption"] == ["red circle and a blue square", "green triangle"]
+    assert enc["label_token_map"].any(dim=2).sum(dim=0).tolist() == [1, 1, 1]
