@@ -327,9 +327,10 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
     from PIL import ExifTags
 
     def problem(item) -> str:
+        """What is wrong with one file ("" when nothing is)."""
         path, size = item
         if not os.path.isfile(path):
-            return f"{path}: no such file"
+            return "no such file"
         try:
             with Image.open(path) as im:
                 im.load()
@@ -338,10 +339,10 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
                 if exif_orientation and im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
                     stored = stored[::-1]
         except IMAGE_READ_ERRORS as e:
-            return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+            return (str(e).strip().splitlines() or [type(e).__name__])[0]
         if size is not None and size != stored:
             (w, h), (rw, rh) = stored, size
-            return f"{path}: the image is {h}x{w} (height x width), the record says {rh}x{rw}"
+            return f"the image is {h}x{w} (height x width), the record says {rh}x{rw}"
         return ""
 
     sizes: dict = {}
@@ -354,8 +355,8 @@ def _undecodable(records: Iterable[dict], exif_orientation: bool = False) -> str
             labels.setdefault(path, _record_label(r))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for path, found in zip(sizes, pool.map(problem, sizes.items())):
-            if found:  # "<file> (<record>): <reason>"
-                return f"{path} ({labels[path]}){found[len(path):]}"
+            if found:
+                return f"{path} ({labels[path]}): {found}"
     return ""
 
 
