@@ -275,3 +275,54 @@ def test_strict_weights_count_elements_as_well_as_tensors(tmp_path):
     torch.save({"model": {k: v for k, v in state.items() if k != "small.0"}}, path)
     incompatible = FIBERCheckpointer(model).load_weights_file(str(path))
     assert incompatible.missing_keys == ["small.0"]
+
+
+def test_protocol_2_pkl_with_numpy_arrays_loads(tmp_path):
+    """A protocol-2 pickle (the newest that Python 2 wrote) stores array bytes as latin-1 text
+    rebuilt by ``_codecs.encode``, which the restricted unpickler allows for text only."""
+    arrays = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
+        "n": np.array([3, -1], dtype=np.int64),
+        "s": np.float32(0.25),
+    }
+    path = tmp_path / "zoo2.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "someone"}, f, protocol=2)
+    assert b"_codecs" in path.read_bytes()  # the path under test is taken
+    loaded = load_checkpoint_file(str(path))
+    assert loaded["__author__"] == "someone"
+    for key, value in arrays.items():
+        got = loaded["model"][key]
+        assert np.asarray(got).dtype == np.asarray(value).dtype
+        np.testing.assert_array_equal(got, value)
+
+    # _codecs.encode of anything but text is refused, not called
+    bad = tmp_path / "encode.pkl"
+    bad.write_bytes(b"\x80\x02c_codecs\nencode\nK\x01X\x06\x00\x00\x00latin1\x86R.")
+    with pytest.raises(
+        CheckpointError,
+        match="refusing to load .*encode.pkl: it holds _codecs.encode with non-text",
+    ):
+        load_checkpoint_file(str(bad))
+
+
+def test_missing_or_corrupt_safetensors_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {missing}$"):
+        load_checkpoint_file(str(missing))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(str(corrupt))
+    message = str(err.value)
+    assert message.startswith(f"cannot read {corrupt} as safetensors: ") and "\n" not in message
+
+
+def test_safetensors_provenance_that_is_not_json_is_kept_as_text(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"__fiber_d2__": "written by hand"})
+    loaded = load_checkpoint_file(str(path))
+    assert loaded["__fiber_d2__"] == "written by hand"
+    assert torch.equal(loaded["model"]["w"], torch.ones(2))
