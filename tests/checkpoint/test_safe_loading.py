@@ -326,3 +326,57 @@ def test_safetensors_provenance_that_is_not_json_is_kept_as_text(tmp_path):
     loaded = load_checkpoint_file(str(path))
     assert loaded["__fiber_d2__"] == "written by hand"
     assert torch.equal(loaded["model"]["w"], torch.ones(2))
+
+
+def test_checkpoint_shapes_the_loader_accepts_and_refuses(tmp_path, caplog):
+    """A bare state dict and a Caffe2 ``blobs`` .pkl (momentum blobs dropped) load; a file that holds
+    no dict, a 'model' entry that is no dict and a .pkl without either are one line naming the file;
+    a tensor of another shape refuses the file when it is most of the weights, and is named in the
+    log and kept as it was under ``partial_ok``."""
+    model = torch.nn.Linear(2, 2)
+    bare = tmp_path / "bare.pth"
+    torch.save({"weight": torch.full((2, 2), 3.0), "bias": torch.zeros(2)}, bare)
+    FIBERCheckpointer(model).load(str(bare))
+    assert torch.equal(model.weight.detach(), torch.full((2, 2), 3.0))
+
+    blobs = tmp_path / "caffe2.pkl"
+    with open(blobs, "wb") as f:
+        pickle.dump(
+            {
+                "blobs": {
+                    "weight": np.full((2, 2), 2.0, dtype=np.float32),
+                    "bias": np.ones(2, dtype=np.float32),
+                    "weight_momentum": np.zeros((3, 3), dtype=np.float32),
+                }
+            },
+            f,
+        )
+    with caplog.at_level(logging.INFO):
+        FIBERCheckpointer(model).load(str(blobs))
+    assert "momentum" not in caplog.text  # dropped before matching, so not reported as unused
+    caplog.clear()
+    assert torch.equal(model.weight.detach(), torch.full((2, 2), 2.0))
+    assert torch.equal(model.bias.detach(), torch.ones(2))
+
+    refusals = {
+        "list.pth": ([1, 2], "list.pth holds a list, not a checkpoint dict"),
+        "entry.pth": ({"model": [1]}, "entry.pth: its 'model' entry is not a state dict"),
+    }
+    for name, (content, expected) in refusals.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=expected):
+            FIBERCheckpointer(model).load(str(tmp_path / name))
+    no_blobs = tmp_path / "noblobs.pkl"
+    with open(no_blobs, "wb") as f:
+        pickle.dump({"blobs": [1]}, f)
+    with pytest.raises(CheckpointError, match="noblobs.pkl: no 'model' or 'blobs' dict"):
+        FIBERCheckpointer(model).load(str(no_blobs))
+
+    reshaped = tmp_path / "reshaped.pth"
+    torch.save({"model": {"weight": torch.ones(3, 2), "bias": torch.zeros(2)}}, reshaped)
+    with pytest.raises(CheckpointError, match="weight\\(1\\)"):
+        FIBERCheckpointer(model).load(str(reshaped))
+    with caplog.at_level(logging.WARNING):
+        FIBERCheckpointer(model, partial_ok=True).load(str(reshaped))
+    assert "Skipped weight: checkpoint shape (3, 2), model shape (2, 2)" in caplog.text
+    assert torch.equal(model.weight.detach(), torch.full((2, 2), 2.0))  # kept, not overwritten
