@@ -2,6 +2,7 @@
 and across two gloo processes (duplicates on one rank or on two, gaps, ids not in the dataset)."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,40 @@ def test_metrics_files_are_strict_json_for_infinities_and_scalars(tmp_path):
         "bbox": {"AP": 0.5, "AR": 0.25, "n": 3},
         "odd": {"nan": None, "inf": None, "-inf": None},
     }
+
+
+def test_seen_records_of_unregistered_or_keyless_datasets(caplog):
+    """Ids of mixed types are listed in a stable order, at most five and then the count; a dataset
+    that is not registered checks duplicates only (with a warning); a registered one whose records
+    lack the key is named."""
+    from fiber_d2.evaluation.integrity import SeenRecords, check_exactly_once, dataset_record_ids
+
+    with pytest.raises(EvaluationCoverageError) as err:
+        check_exactly_once("d", [], [3, "b", 1, "a", 2, 7], "X")
+    assert str(err.value) == (
+        "X on 'd' (6 records): 6 never evaluated (image_id 1, 2, 3, 7, a, ... (6 in all))"
+    )
+
+    seen = SeenRecords("never_registered_xyz", "X", distributed=False)
+    seen.add(1)
+    seen.add(2)
+    with caplog.at_level(logging.WARNING):
+        seen.check()  # nothing to compare with: no gap can be found, and no duplicate is there
+    assert "dataset 'never_registered_xyz' is not registered; only duplicates are checked" in (
+        caplog.text
+    )
+    seen.add(2)
+    with pytest.raises(
+        EvaluationCoverageError, match="1 evaluated more than once \\(image_id 2\\)"
+    ):
+        seen.check()
+    with pytest.raises(KeyError, match="'never_registered_xyz' is not registered"):
+        dataset_record_ids("never_registered_xyz")
+
+    name = "exactly_once_keyless"
+    DatasetCatalog.register(name, lambda: [{"image_id": 1}, {"file_name": "x.jpg"}])
+    try:
+        with pytest.raises(KeyError, match=f"dataset '{name}': a record has no 'image_id'"):
+            dataset_record_ids(name)
+    finally:
+        DatasetCatalog.remove(name)
