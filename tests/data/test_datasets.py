@@ -562,3 +562,44 @@ def test_a_box_of_three_numbers_is_dropped_with_its_image_kept(caplog):
         kept = finish_detection_records([dict(record, annotations=[good, bad])], "three", "a.json")
     assert len(kept) == 1 and kept[0]["annotations"] == [good]
     assert "unusable bbox [1, 1, 4]" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "xyxy, reason",
+    [
+        ([1, 1, 4, 4], None),
+        ([-5, -5, 0.5, 0.5], None),  # partly inside: kept, the mapper clips it
+        ([1, 1, 4], "box [1, 1, 4] is not 4 finite numbers"),
+        ([1, float("nan"), 4, 4], "box [1, nan, 4, 4] is not 4 finite numbers"),
+        ([1, 1, float("inf"), 4], "box [1, 1, inf, 4] is not 4 finite numbers"),
+        ([4, 1, 4, 5], "box [4.0, 1.0, 4.0, 5.0] has a non-positive width or height"),
+        ([1, 5, 4, 2], "box [1.0, 5.0, 4.0, 2.0] has a non-positive width or height"),
+        ([-3, 1, 0, 4], "box [-3.0, 1.0, 0.0, 4.0] lies outside the 10x8 image"),
+        ([10, 1, 12, 4], "box [10.0, 1.0, 12.0, 4.0] lies outside the 10x8 image"),
+        ([1, 8, 4, 9], "box [1.0, 8.0, 4.0, 9.0] lies outside the 10x8 image"),
+    ],
+)
+def test_box_problem(xyxy, reason):
+    from fiber_d2.data.datasets.common import box_problem
+
+    assert box_problem(xyxy, 10, 8) == reason
+
+
+@pytest.mark.parametrize(
+    "spans, reason",
+    [
+        ([[0, 3], [4, 9]], None),
+        ([], "no char span ([])"),
+        (None, "no char span (None)"),
+        ([[0, 3, 5]], "span [0, 3, 5] is not a [start, end) pair"),
+        ([3], "span 3 is not a [start, end) pair"),
+        ([[3, 3]], "span [3, 3] is outside the caption (length 9)"),
+        ([[-1, 2]], "span [-1, 2] is outside the caption (length 9)"),
+        ([[4, 10]], "span [4, 10] is outside the caption (length 9)"),
+        ([[0.0, 2]], "span [0.0, 2] is outside the caption (length 9)"),
+    ],
+)
+def test_span_problem(spans, reason):
+    from fiber_d2.data.datasets.common import span_problem
+
+    assert span_problem(spans, "a red box") == reason
