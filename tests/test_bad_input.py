@@ -437,6 +437,15 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.MAX_NEG_PER_BATCH", "2.0"], "SOLVER.MAX_NEG_PER_BATCH must be between 0 and 1"),
         (["SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO", "2.0"], "SCHEDULE_RATIO must be between 0 and 1"),
         (["DATASETS.SEPARATION_TOKENS", "''"], "DATASETS.SEPARATION_TOKENS is empty"),
+        (["TEST.CHUNK_BATCH_SIZE", "0"], "TEST.CHUNK_BATCH_SIZE must be >= 1, got 0"),
+        (["MODEL.COARSE.QUEUE_INIT", "zero"], "QUEUE_INIT must be one of random, empty; got"),
+        (["MODEL.COARSE.ITM_NEGATIVES", "pool"], "ITM_NEGATIVES must be one of queue, batch; got"),
+        (["INPUT.VL_TRAIN_TRANSFORM", "crop"], "VL_TRAIN_TRANSFORM must be one of resize, albef_"),
+        (
+            ["MODEL.COARSE.LOSSES", '["itc", "itn"]', "MODEL.COARSE.LOSS_WEIGHTS", "[1.0, 1.0]"],
+            "MODEL.COARSE.LOSSES has unknown objectives ['itn']; known: itc, itm, mlm",
+        ),
+        (["MODEL.COARSE.LOSS_WEIGHTS", "[1.0]"], "LOSS_WEIGHTS [1.0] must give one weight per"),
         # sizes the model's build refused with a traceback (some without naming the key)
         (["MODEL.FIBER.NUM_FUSION_LAYERS", "-1"], "MODEL.FIBER.NUM_FUSION_LAYERS -1 must be >= 0"),
         (["MODEL.SWIN.WINDOW_SIZE", "0"], "MODEL.SWIN.WINDOW_SIZE 0 must be at least 1"),

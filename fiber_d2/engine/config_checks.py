@@ -8,7 +8,9 @@ from __future__ import annotations
 from detectron2.config import CfgNode
 
 from ..config import ConfigError
+from ..data.vl_transforms import VL_TRANSFORMS
 from ..modeling.head.postprocess import SCORE_AGGREGATIONS
+from ..modeling.meta_arch.fiber_coarse import COARSE_LOSSES
 from .memory import check_mmap_threshold
 from .optimizer import OPTIMIZERS, PARAM_GROUP_RULES
 from .trainer import is_coarse_stage
@@ -19,6 +21,7 @@ __all__ = [
     "PROBABILITIES",
     "TRAINING_CHOICES",
     "TRAINING_PROBABILITIES",
+    "check_coarse_losses",
     "check_model_sizes",
     "check_run_settings",
     "check_values",
@@ -144,6 +147,8 @@ CHOICES = {
     "INPUT.FORMAT": ("BGR", "RGB"),
     "TEST.AMP_DTYPE": ("bfloat16", "float16"),
     "TEST.FLICKR_GT_TYPE": ("separate", "merged"),
+    "MODEL.COARSE.QUEUE_INIT": ("random", "empty"),
+    "MODEL.COARSE.ITM_NEGATIVES": ("queue", "batch"),
 }
 TRAINING_CHOICES = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
@@ -156,6 +161,7 @@ TRAINING_CHOICES = {
         "WarmupLinearDecayLR",
     ),
     "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+    "INPUT.VL_TRAIN_TRANSFORM": VL_TRANSFORMS,
 }
 PROBABILITIES = ("MODEL.ATSS.INFERENCE_TH", "MODEL.ATSS.NMS_TH")
 TRAINING_PROBABILITIES = (
@@ -167,6 +173,20 @@ TRAINING_PROBABILITIES = (
     "SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO",
     "SOLVER.MAX_NEG_PER_BATCH",
 )
+
+
+def check_coarse_losses(coarse: CfgNode) -> None:
+    """``MODEL.COARSE.LOSSES`` names known objectives, each with one ``LOSS_WEIGHTS`` entry."""
+    unknown = sorted(set(coarse.LOSSES) - set(COARSE_LOSSES))
+    if unknown:
+        raise ConfigError(
+            f"MODEL.COARSE.LOSSES has unknown objectives {unknown}; known: {', '.join(COARSE_LOSSES)}"
+        )
+    if len(coarse.LOSS_WEIGHTS) != len(coarse.LOSSES):
+        raise ConfigError(
+            f"MODEL.COARSE.LOSS_WEIGHTS {list(coarse.LOSS_WEIGHTS)} must give one weight per "
+            f"MODEL.COARSE.LOSSES entry {list(coarse.LOSSES)}"
+        )
 
 
 def check_values(cfg: CfgNode, *, training: bool) -> None:
@@ -195,6 +215,9 @@ def check_values(cfg: CfgNode, *, training: bool) -> None:
         raise ConfigError("DATASETS.SEPARATION_TOKENS is empty: category names would run together")
     if cfg.INPUT.MAX_SIZE_TEST < 1:
         raise ConfigError(f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} must be a positive size")
+    if cfg.TEST.CHUNK_BATCH_SIZE < 1:
+        raise ConfigError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {cfg.TEST.CHUNK_BATCH_SIZE}")
+    check_coarse_losses(cfg.MODEL.COARSE)
     if not training:
         return
     if cfg.INPUT.MAX_SIZE_TRAIN < 1:

@@ -30,6 +30,7 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
+from ...config import ConfigError
 from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusionPrefix
 from ..head import ATSSLossComputation, GroundingHead, generate_anchors, ground_inference
@@ -110,10 +111,10 @@ class FIBER(nn.Module):
         self.pad_to_max_query_len = pad_to_max_query_len
         self.prefix_reuse = prefix_reuse
         if chunk_batch_size < 1:
-            raise ValueError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {chunk_batch_size}")
+            raise ConfigError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {chunk_batch_size}")
         self.chunk_batch_size = chunk_batch_size
         if amp_dtype not in ("", "bfloat16", "float16"):
-            raise ValueError(f"TEST.AMP_DTYPE must be bfloat16 or float16, got {amp_dtype!r}")
+            raise ConfigError(f"TEST.AMP_DTYPE must be bfloat16 or float16, got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
         self._text_prefixes: OrderedDict[tuple, tuple] = OrderedDict()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_text_cache())

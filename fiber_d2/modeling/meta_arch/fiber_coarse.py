@@ -27,12 +27,15 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from torch import nn
 
+from ...config import ConfigError
 from ...text import padded_text_length, trim_text
 from ..backbone.fused import FusedSwinRoberta, FusionPrefix
 from .coarse_heads import ITMHead, MLMHead, Pooler, init_head
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
-__all__ = ["FIBERCoarse"]
+__all__ = ["COARSE_LOSSES", "FIBERCoarse"]
+
+COARSE_LOSSES = ("itc", "itm", "mlm")  # the objectives MODEL.COARSE.LOSSES may name
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +124,9 @@ class FIBERCoarse(nn.Module):
                 T and pad id (``itm_negatives`` "queue").
         """
         super().__init__()
-        unknown = set(losses) - {"itc", "itm", "mlm"}
+        unknown = set(losses) - set(COARSE_LOSSES)
         if unknown:
-            raise ValueError(f"MODEL.COARSE.LOSSES has unknown objectives: {sorted(unknown)}")
+            raise ConfigError(f"MODEL.COARSE.LOSSES has unknown objectives: {sorted(unknown)}")
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
@@ -140,12 +143,12 @@ class FIBERCoarse(nn.Module):
         self.cross_modal_text_pooler_itc = Pooler(text_dim, itc_text_pool)
         self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
         if queue_init not in ("random", "empty"):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
             )
         self.queue_init = queue_init
         if itm_negatives not in ("queue", "batch"):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.COARSE.ITM_NEGATIVES must be 'queue' or 'batch', got {itm_negatives!r}"
             )
         self._build_heads(
@@ -208,7 +211,7 @@ class FIBERCoarse(nn.Module):
             dict(zip(c.LOSSES, c.LOSS_WEIGHTS)) if len(c.LOSS_WEIGHTS) == len(c.LOSSES) else {}
         )
         if not weights:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.COARSE.LOSS_WEIGHTS {list(c.LOSS_WEIGHTS)} must give one weight per "
                 f"MODEL.COARSE.LOSSES entry {list(c.LOSSES)}"
             )
