@@ -328,6 +328,24 @@ def test_a_coarse_image_size_the_image_tower_cannot_take(out):
     assert snapshot(out) == before
 
 
+def test_prompt_and_image_cache_settings_are_one_line(out):
+    """A malformed DATASETS.CAPTION_PROMPT (refused before anything is written) and
+    INPUT.VL_CACHE_IMAGES with a random training transform (refused by the data loader's build)
+    were tracebacks."""
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, "DATASETS.CAPTION_PROMPT", "[{"]
+    )
+    assert line.startswith("error: DATASETS.CAPTION_PROMPT is not a list literal")
+    assert snapshot(out) == before
+    coarse = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
+    line = run_train_net(
+        ["--config-file", coarse, "OUTPUT_DIR", str(out), "INPUT.VL_CACHE_IMAGES", "True",
+         "INPUT.VL_TRAIN_TRANSFORM", "albef_randaug"]
+    )  # fmt: skip
+    assert line.startswith("error: INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0")
+
+
 def test_a_repository_base_resolves_at_every_level(tmp_path):
     """``_BASE_: "configs/Demo/fine_tiny.yaml"`` worked only in the file given; a yaml based on that
     yaml failed with "cannot read configs/Demo/fine_tiny.yaml", naming neither file that asked."""

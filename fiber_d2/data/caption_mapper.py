@@ -16,6 +16,7 @@ from detectron2.config import configurable
 from detectron2.data import transforms as T
 from PIL import Image
 
+from ..config import ConfigError
 from ..text import build_tokenizer, mask_tokens_for_mlm, tokenize
 from .mapper import BadRecordCounter, memoized, to_chw
 from .reading import SkipRecord, evaluation_error, read_record_image
@@ -72,11 +73,12 @@ class CaptionDatasetMapper:
                 see :func:`~fiber_d2.data.reading.read_image_file`).
 
         Raises:
-            ValueError: ``cache_images`` with a random training transform; an unknown transform.
+            ConfigError: ``cache_images`` with a random training transform.
+            ValueError: an unknown transform.
         """
         random_transform = flip_prob > 0 or train_transform != "resize"
         if cache_images and is_train and random_transform:
-            raise ValueError(
+            raise ConfigError(
                 "INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0 and INPUT.VL_TRAIN_TRANSFORM "
                 "'resize' in training (a random transform is drawn anew for every use), got "
                 f"{flip_prob} and {train_transform!r}"

@@ -42,6 +42,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from ..config import ConfigError
 from ..text import (
     PromptEntry,
     build_detection_prompt,
@@ -221,9 +222,9 @@ class GroundingDatasetMapper:
         self.test_prompt = list(test_prompt)
         self.caption_prompt = [tuple(e) for e in caption_prompt]
         if self.caption_prompt and self.test_prompt:
-            raise ValueError("set DATASETS.CAPTION_PROMPT or DATASETS.TEST_PROMPT, not both")
+            raise ConfigError("set DATASETS.CAPTION_PROMPT or DATASETS.TEST_PROMPT, not both")
         if self.caption_prompt and is_train and (shuffle_prompt or not full_prompt_train):
-            raise ValueError(
+            raise ConfigError(
                 "DATASETS.CAPTION_PROMPT in training needs DATASETS.FULL_PROMPT_TRAIN True and "
                 "DATASETS.DISABLE_SHUFFLE True (every category, in label order, as the original)"
             )
@@ -285,7 +286,7 @@ class GroundingDatasetMapper:
         if not self.caption_prompt:
             return names
         if len(self.caption_prompt) != len(names):
-            raise ValueError(
+            raise ConfigError(
                 f"DATASETS.CAPTION_PROMPT has {len(self.caption_prompt)} entries, dataset "
                 f"{dataset_name or self.default_dataset!r} has {len(names)} categories"
             )
@@ -316,7 +317,7 @@ class GroundingDatasetMapper:
         names = self._names[name]
         if not self.is_train and self.test_prompt:
             if len(self.test_prompt) != len(names):
-                raise ValueError(
+                raise ConfigError(
                     f"DATASETS.TEST_PROMPT has {len(self.test_prompt)} entries, dataset {name!r} "
                     f"has {len(names)} categories"
                 )

@@ -10,6 +10,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from ..config import ConfigError
 from ..text import (
     PromptEntry,
     build_prompt,
@@ -26,16 +27,16 @@ def parse_caption_prompt(text: str) -> List[Tuple[str, str, str]]:
     ..., "suffix": ...}`` per category in label order, as a Python / JSON literal ("" for none).
 
     Raises:
-        ValueError: not such a list (one line naming the key and the entry).
+        ConfigError: not such a list (one line naming the key and the entry).
     """
     if not text or not text.strip():
         return []
     try:
         entries = ast.literal_eval(text)
     except (ValueError, SyntaxError) as e:
-        raise ValueError(f"DATASETS.CAPTION_PROMPT is not a list literal: {e}") from None
+        raise ConfigError(f"DATASETS.CAPTION_PROMPT is not a list literal: {e}") from None
     if not isinstance(entries, (list, tuple)):
-        raise ValueError("DATASETS.CAPTION_PROMPT must be a list of {prefix, name, suffix} dicts")
+        raise ConfigError("DATASETS.CAPTION_PROMPT must be a list of {prefix, name, suffix} dicts")
     out = []
     for i, entry in enumerate(entries):
         parts = (
@@ -44,7 +45,7 @@ def parse_caption_prompt(text: str) -> List[Tuple[str, str, str]]:
             else ()
         )
         if len(parts) != 3 or not all(isinstance(p, str) for p in parts):
-            raise ValueError(
+            raise ConfigError(
                 f"DATASETS.CAPTION_PROMPT entry {i} ({entry!r}) needs string prefix, name, suffix"
             )
         out.append(parts)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from detectron2.config import configurable
 
+from ..config import ConfigError
 from ..text import build_tokenizer
 from .datasets.common import IMAGE_READ_ERRORS, BadRecordError
 from .mapper import memoized
@@ -59,10 +60,10 @@ class FusedTaskMapper:
                 see :func:`~fiber_d2.data.reading.read_image_file`).
 
         Raises:
-            ValueError: ``cache_images`` with a random training transform.
+            ConfigError: ``cache_images`` with a random training transform.
         """
         if cache_images and is_train and train_transform != "resize":
-            raise ValueError(
+            raise ConfigError(
                 "INPUT.VL_CACHE_IMAGES needs INPUT.VL_TRAIN_TRANSFORM 'resize' in training (a random "
                 f"transform is drawn anew for every use), got {train_transform!r}"
             )

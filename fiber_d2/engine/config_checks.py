@@ -8,6 +8,7 @@ from __future__ import annotations
 from detectron2.config import CfgNode
 
 from ..config import ConfigError
+from ..data.prompts import parse_caption_prompt
 from ..data.vl_transforms import VL_TRANSFORMS
 from ..modeling.head.postprocess import SCORE_AGGREGATIONS
 from ..modeling.meta_arch.fiber_coarse import COARSE_LOSSES
@@ -218,6 +219,7 @@ def check_values(cfg: CfgNode, *, training: bool) -> None:
     if cfg.TEST.CHUNK_BATCH_SIZE < 1:
         raise ConfigError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {cfg.TEST.CHUNK_BATCH_SIZE}")
     check_coarse_losses(cfg.MODEL.COARSE)
+    parse_caption_prompt(cfg.DATASETS.CAPTION_PROMPT)  # ConfigError on a malformed literal
     if not training:
         return
     if cfg.INPUT.MAX_SIZE_TRAIN < 1:

@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from fiber_d2.config import add_fiber_config
+from fiber_d2.config import ConfigError, add_fiber_config
 from fiber_d2.data.caption_mapper import CaptionDatasetMapper
 from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.mapper import GroundingDatasetMapper
@@ -333,7 +333,7 @@ def test_caption_mapper_albef_randaug_in_training_only(shapes_tokenizer, det_ima
     assert not all(torch.equal(i, plain) for i in images)
     evaluation = CaptionDatasetMapper(is_train=False, train_transform="albef_randaug", **kwargs)
     assert torch.equal(evaluation(record)["image"], plain)
-    with pytest.raises(ValueError, match="VL_CACHE_IMAGES needs"):
+    with pytest.raises(ConfigError, match="VL_CACHE_IMAGES needs"):
         CaptionDatasetMapper(
             is_train=True, train_transform="albef_randaug", cache_images=True, **kwargs
         )
@@ -368,7 +368,7 @@ def test_caption_mapper_image_cache(shapes_tokenizer, det_image, tmp_path, monke
     assert (again["height"], again["width"]) == (expected["height"], expected["width"]) == (40, 60)
     # the record's size claim is part of the key: a wrong one is still caught
     assert cached(dict(record, height=41)) is None and cached.bad.skipped == 1
-    with pytest.raises(ValueError, match="INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0"):
+    with pytest.raises(ConfigError, match="INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0"):
         CaptionDatasetMapper(**kwargs, flip_prob=0.5, cache_images=True)
 
 
@@ -385,9 +385,9 @@ def test_caption_prompt_parsing_and_errors():
     entries = parse_caption_prompt(CAPTION_PROMPT)
     assert entries[1] == ("", "blue box", " , which is blue") and len(entries) == 5
     assert parse_caption_prompt("") == []
-    with pytest.raises(ValueError, match="DATASETS.CAPTION_PROMPT entry 0"):
+    with pytest.raises(ConfigError, match="DATASETS.CAPTION_PROMPT entry 0"):
         parse_caption_prompt('[{"prefix": "", "name": "x"}]')
-    with pytest.raises(ValueError, match="DATASETS.CAPTION_PROMPT is not a list literal"):
+    with pytest.raises(ConfigError, match="DATASETS.CAPTION_PROMPT is not a list literal"):
         parse_caption_prompt("[{")
     cfg = add_fiber_config(get_cfg())
     assert cfg.DATASETS.CAPTION_PROMPT == ""  # off by default

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fiber_d2.config import ConfigError
 from fiber_d2.data import vl_mapper
 from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.data.vl_mapper import FusedTaskMapper
@@ -49,7 +50,7 @@ def test_cached_images_are_read_once_and_equal_the_uncached(
 
 
 def test_a_random_training_transform_cannot_be_cached(shapes_tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="INPUT.VL_CACHE_IMAGES needs INPUT.VL_TRAIN_TRANSFORM"):
+    with pytest.raises(ConfigError, match="INPUT.VL_CACHE_IMAGES needs INPUT.VL_TRAIN_TRANSFORM"):
         _mapper(shapes_tokenizer, train_transform="albef_randaug", cache_images=True)
     # evaluation always resizes: the evaluation mapper of the same config may cache
     mapper = _mapper(
