@@ -4,6 +4,7 @@ The original-layout weights are the parity fixture's (``../shared/fixtures/origi
 FIBER in the released key layout); FIBER_D2_HOME points at a temporary folder; nothing is downloaded.
 """
 
+import logging
 import re
 from pathlib import Path
 
@@ -50,6 +51,28 @@ def test_readme_model_zoo_table_is_generated_from_the_catalog():
     match = re.search(r"<!-- model-zoo:begin -->\n(.*?)\n<!-- model-zoo:end -->", readme, re.S)
     assert match, "README lacks the generated model-zoo table markers"
     assert match.group(1).strip() == model_zoo.markdown_table().strip()
+
+
+def test_update_readme_rewrites_only_the_generated_block(tmp_path, caplog):
+    """``python -m fiber_d2.model_zoo``: the table on stdout; ``--update-readme`` replaces the block
+    between the markers (stale or empty) and keeps the rest; a file without it is one line."""
+    from fiber_d2.model_zoo.__main__ import main
+
+    table = model_zoo.markdown_table()
+    with caplog.at_level(logging.INFO, logger="fiber_d2.model_zoo"):
+        main([])
+    assert [r.getMessage() for r in caplog.records] == [table]
+    for block in ("| stale | row |\n", ""):
+        readme = tmp_path / "README.md"
+        readme.write_text(f"intro\n<!-- model-zoo:begin -->\n{block}<!-- model-zoo:end -->\nrest\n")
+        main(["--update-readme", str(readme)])
+        expected = f"intro\n<!-- model-zoo:begin -->\n{table}\n<!-- model-zoo:end -->\nrest\n"
+        assert readme.read_text() == expected
+    bare = tmp_path / "bare.md"
+    bare.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="bare.md has no '<!-- model-zoo:begin -->'"):
+        main(["--update-readme", str(bare)])
+    assert bare.read_text() == "no block here\n"
 
 
 def test_unknown_name_lists_the_known_names():
