@@ -140,6 +140,19 @@ def test_ensure_world_is_lazy_and_once(tmp_path, monkeypatch):
     assert json.load(open(meta))["num_images"] == {"train": 6, "val": 3}
 
 
+def test_ensure_world_replaces_what_an_interrupted_generation_left(tmp_path):
+    """A world without meta.json (a run killed while moving it into place) is generated again;
+    the folders it left are replaced, not merged into."""
+    root = tmp_path / "shapes"
+    for name in ("images", "annotations"):
+        (root / name).mkdir(parents=True)
+        (root / name / "stale.txt").write_text("from the killed run")
+    ensure_shapes_world(root, seed=0, **SMALL)
+    assert (root / "meta.json").exists()
+    assert not list(root.rglob("stale.txt"))
+    assert len(list((root / "images").rglob("*.png")) + list((root / "images").rglob("*.jpg"))) == 9
+
+
 def test_builtin_tokenizer_name_builds_under_the_datasets_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     build_tokenizer.cache_clear()
