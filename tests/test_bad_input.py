@@ -455,6 +455,16 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.MAX_NEG_PER_BATCH", "2.0"], "SOLVER.MAX_NEG_PER_BATCH must be between 0 and 1"),
         (["SOLVER.WEIGHT_DECAY_SCHEDULE_RATIO", "2.0"], "SCHEDULE_RATIO must be between 0 and 1"),
         (["DATASETS.SEPARATION_TOKENS", "''"], "DATASETS.SEPARATION_TOKENS is empty"),
+        (["MODEL.WEIGHTS", "/nonexistent/w.pth"], "MODEL.WEIGHTS file not found: /nonexistent/w"),
+        (["MODEL.SWIN.WEIGHTS", "/no/swin.pth"], "MODEL.SWIN.WEIGHTS file not found: /no/swin.pth"),
+        (
+            ["MODEL.LANGUAGE_BACKBONE.WEIGHTS", "/no/roberta",
+             "MODEL.LANGUAGE_BACKBONE.POSITION_INIT_SCALE", "1.0",
+             "MODEL.LANGUAGE_BACKBONE.INITIALIZER_RANGE", "0.02"],
+            "MODEL.LANGUAGE_BACKBONE.WEIGHTS '/no/roberta': no such directory",
+        ),  # fmt: skip
+        (["SOLVER.MAX_ITER", "ten"], "command-line override: "),
+        (["SOLVER.NO_SUCH_KEY", "1"], "command-line override: "),
         (["TEST.CHUNK_BATCH_SIZE", "0"], "TEST.CHUNK_BATCH_SIZE must be >= 1, got 0"),
         (["MODEL.COARSE.QUEUE_INIT", "zero"], "QUEUE_INIT must be one of random, empty; got"),
         (["MODEL.COARSE.ITM_NEGATIVES", "pool"], "ITM_NEGATIVES must be one of queue, batch; got"),
