@@ -466,6 +466,19 @@ def test_malformed_config_file(text, message, out, tmp_path):
         (["SOLVER.MAX_ITER", "ten"], "command-line override: "),
         (["SOLVER.NO_SUCH_KEY", "1"], "command-line override: "),
         (["TEST.CHUNK_BATCH_SIZE", "0"], "TEST.CHUNK_BATCH_SIZE must be >= 1, got 0"),
+        (["MODEL.DYHEAD.NUM_CONVS", "-1"], "MODEL.DYHEAD.NUM_CONVS -1 must be at least 0"),
+        (["MODEL.DYHEAD.NUM_CLASSES", "1"], "MODEL.DYHEAD.NUM_CLASSES 1 must be at least 2"),
+        (["MODEL.FPN.OUT_CHANNELS", "0"], "MODEL.FPN.OUT_CHANNELS 0 must be at least 1"),
+        (["MODEL.ATSS.TOPK", "0"], "MODEL.ATSS.TOPK 0 must be at least 1"),
+        (["TEST.DETECTIONS_PER_IMAGE", "0"], "TEST.DETECTIONS_PER_IMAGE 0 must be at least 1"),
+        (
+            ["MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res9']"],
+            "MODEL.FPN.IN_FEATURES ['res9'] are not outputs of the image tower",
+        ),
+        (
+            ["MODEL.SWIN.OUT_FEATURES", "['res4', 'res5']"],
+            "MODEL.FPN.IN_FEATURES ['res3'] are not outputs of the image tower (MODEL.SWIN.OUT_",
+        ),
         (["MODEL.COARSE.QUEUE_INIT", "zero"], "QUEUE_INIT must be one of random, empty; got"),
         (["MODEL.COARSE.ITM_NEGATIVES", "pool"], "ITM_NEGATIVES must be one of queue, batch; got"),
         (["INPUT.VL_TRAIN_TRANSFORM", "crop"], "VL_TRAIN_TRANSFORM must be one of resize, albef_"),
@@ -516,6 +529,7 @@ def test_sizes_and_devices_the_run_cannot_have(override, message, out):
         ["SOLVER.OPTIMIZER", "adamw"],  # any case
         ["MODEL.DYHEAD.TOKEN_ALPHA", "-1.0"],  # torchvision's focal loss without the weighting
         ["INPUT.MIN_SIZE_TEST", "0"],  # test images at their own size
+        ["MODEL.DYHEAD.NUM_CONVS", "0"],  # a head without DyHead blocks
     ],
 )
 def test_values_the_run_can_have_are_accepted(override):

@@ -86,6 +86,23 @@ def check_model_sizes(cfg: CfgNode) -> None:
             f"MODEL.DYHEAD.CHANNELS {head.CHANNELS} must be a positive multiple of NUM_GROUPS "
             f"{head.NUM_GROUPS} (GroupNorm)"
         )
+    for key, least in (
+        ("MODEL.DYHEAD.NUM_CONVS", 0),
+        ("MODEL.DYHEAD.NUM_CLASSES", 2),  # sizes the frozen cls_logits conv: NUM_CLASSES - 1
+        ("MODEL.FPN.OUT_CHANNELS", 1),
+        ("MODEL.ATSS.TOPK", 1),
+        ("TEST.DETECTIONS_PER_IMAGE", 1),
+    ):
+        if config_value(cfg, key) < least:
+            raise ConfigError(f"{key} {config_value(cfg, key)} must be at least {least}")
+    ours = cfg.MODEL.BACKBONE.NAME == "build_fiber_swin_roberta_fpn_backbone"
+    produced = list(cfg.MODEL.SWIN.OUT_FEATURES)  # stage names (checked above)
+    unknown = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in produced]
+    if ours and unknown:
+        raise ConfigError(
+            f"MODEL.FPN.IN_FEATURES {unknown} are not outputs of the image tower "
+            f"(MODEL.SWIN.OUT_FEATURES {produced})"
+        )
     levels = len(cfg.MODEL.FPN.IN_FEATURES) + 2  # the FPN's inputs, then P6 and P7
     atss = cfg.MODEL.ATSS
     if not len(atss.ANCHOR_SIZES) == len(atss.ANCHOR_STRIDES) == levels:
@@ -94,11 +111,8 @@ def check_model_sizes(cfg: CfgNode) -> None:
             f"{list(atss.ANCHOR_STRIDES)} need one value per FPN level: {levels} "
             f"(MODEL.FPN.IN_FEATURES, then P6 and P7)"
         )
-    swin_outputs = [f"res{i + 2}" for i in range(len(cfg.MODEL.SWIN.DEPTHS))]
-    if cfg.MODEL.BACKBONE.NAME != "build_fiber_swin_roberta_fpn_backbone" or not set(
-        cfg.MODEL.FPN.IN_FEATURES
-    ) <= set(swin_outputs):
-        return  # another backbone, or unknown inputs (the FPN names them when it is built)
+    if not ours:
+        return  # another backbone: its own strides
     # res_k has stride PATCH_SIZE * 2**(k - 2); P6 and P7 halve the last input twice
     strides = [cfg.MODEL.SWIN.PATCH_SIZE * 2 ** (int(f[3:]) - 2) for f in cfg.MODEL.FPN.IN_FEATURES]
     strides += [strides[-1] * 2, strides[-1] * 4]

@@ -32,6 +32,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from fiber_d2.config import ConfigError
 from fiber_d2.modeling.backbone.causal_text import TextKVCache
 from fiber_d2.modeling.meta_arch import FIBERFusedTask
 from fiber_d2.modeling.meta_arch.coarse_heads import MLMHead
@@ -106,14 +107,14 @@ class FIBERCaption(FIBERFusedTask):
                 queue and ITC switches are not).
         """
         if stage not in STAGES:
-            raise ValueError(f"CAPTION.STAGE must be one of {STAGES}, got {stage!r}")
+            raise ConfigError(f"CAPTION.STAGE must be one of {STAGES}, got {stage!r}")
         if decoding not in DECODINGS:
-            raise ValueError(f"CAPTION.DECODING must be one of {DECODINGS}, got {decoding!r}")
+            raise ConfigError(f"CAPTION.DECODING must be one of {DECODINGS}, got {decoding!r}")
         if stage == "cider" and cider is None:
-            raise ValueError("CAPTION.STAGE 'cider' needs a CIDEr-D scorer (training captions)")
+            raise ConfigError("CAPTION.STAGE 'cider' needs a CIDEr-D scorer (training captions)")
         text_positions = kwargs["backbone"].text_tower.max_len
         if max_length > text_positions:
-            raise ValueError(
+            raise ConfigError(
                 f"CAPTION.MAX_LENGTH {max_length} exceeds the text tower's {text_positions} positions"
             )
         super().__init__(**kwargs)

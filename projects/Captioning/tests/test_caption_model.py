@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.convert import convert_caption_state_dict
-from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.setup import ConfigError, load_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHAPES_CFG = str(PROJECT / "configs" / "shapes_mle.yaml")
@@ -37,6 +37,17 @@ def caption_model():
                 p.mul_(30)
         model.mlm_score.decoder.weight.mul_(20)
     return model
+
+
+def test_a_caption_longer_than_the_text_tower_is_a_config_error():
+    """One line from the CLI (ConfigError), naming the key, not a traceback."""
+    positions = caption_cfg().MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    with pytest.raises(ConfigError, match=f"CAPTION.MAX_LENGTH {positions + 1} exceeds the text"):
+        build_model(caption_cfg("CAPTION.MAX_LENGTH", str(positions + 1)))
+    with pytest.raises(ConfigError, match="CAPTION.DECODING must be one of"):
+        caption_module.FIBERCaption(
+            **{**caption_module.FIBERCaption.from_config(caption_cfg()), "decoding": "nope"}
+        )
 
 
 def test_causal_forward_ignores_later_tokens(caption_model):

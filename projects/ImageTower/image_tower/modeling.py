@@ -17,6 +17,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from fiber_d2.config import ConfigError
 from fiber_d2.modeling.backbone.swin import SwinImageTower
 
 __all__ = ["ImageTowerPretrain", "category_names", "presence_loss", "token_loss"]
@@ -85,7 +86,7 @@ class ImageTowerPretrain(nn.Module):
         widths = {k: v.channels for k, v in image_tower.output_shape().items()}
         missing = [k for k in levels if k not in widths]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"IMAGE_TOWER.LEVELS {missing} are not outputs of the tower "
                 f"(MODEL.SWIN.OUT_FEATURES {sorted(widths)})"
             )

@@ -67,7 +67,8 @@ def load_image_tower_config(config_file: str | None, opts: list | None = None) -
 
     Raises:
         ConfigError: missing file, unknown key, malformed overrides, an ``IMAGE_TOWER.EXPORT_NAME``
-            that is not a file name, a negative ``IMAGE_TOWER.PRESENCE_WEIGHT``.
+            that is not a file name, a negative ``IMAGE_TOWER.PRESENCE_WEIGHT``, no
+            ``IMAGE_TOWER.LEVELS`` or one the tower does not output.
     """
     cfg = load_config(config_file, opts, extra_defaults=(add_image_tower_config,))
     name = cfg.IMAGE_TOWER.EXPORT_NAME
@@ -78,5 +79,11 @@ def load_image_tower_config(config_file: str | None, opts: list | None = None) -
     if cfg.IMAGE_TOWER.PRESENCE_WEIGHT < 0:
         raise ConfigError(
             f"IMAGE_TOWER.PRESENCE_WEIGHT {cfg.IMAGE_TOWER.PRESENCE_WEIGHT} must be >= 0"
+        )
+    missing = [k for k in cfg.IMAGE_TOWER.LEVELS if k not in cfg.MODEL.SWIN.OUT_FEATURES]
+    if missing or not cfg.IMAGE_TOWER.LEVELS:
+        raise ConfigError(
+            f"IMAGE_TOWER.LEVELS {list(cfg.IMAGE_TOWER.LEVELS)} must be outputs of the tower "
+            f"(MODEL.SWIN.OUT_FEATURES {list(cfg.MODEL.SWIN.OUT_FEATURES)})"
         )
     return cfg

@@ -109,6 +109,13 @@ def test_export_name_and_presence_weight_are_checked_before_training():
             train_net.load_image_tower_config(cfg_file, ["IMAGE_TOWER.EXPORT_NAME", bad])
     with pytest.raises(ConfigError, match="IMAGE_TOWER.PRESENCE_WEIGHT -1.0 must be >= 0"):
         train_net.load_image_tower_config(cfg_file, ["IMAGE_TOWER.PRESENCE_WEIGHT", "-1.0"])
+    for levels in ("['res9']", "['res4', 'res6']", "[]"):
+        with pytest.raises(ConfigError, match=r"IMAGE_TOWER.LEVELS \[.*\] must be outputs"):
+            train_net.load_image_tower_config(cfg_file, ["IMAGE_TOWER.LEVELS", levels])
+    cfg = train_net.load_image_tower_config(
+        cfg_file, ["MODEL.SWIN.OUT_FEATURES", "['res4', 'res5']", "IMAGE_TOWER.LEVELS", "['res5']"]
+    )
+    assert list(cfg.IMAGE_TOWER.LEVELS) == ["res5"]
 
 
 def test_mapper_scales_boxes_to_the_square_image():

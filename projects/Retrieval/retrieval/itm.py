@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from fiber_d2.config import ConfigError
 from fiber_d2.modeling.meta_arch.fiber_coarse import FIBERCoarse
 
 __all__ = ["FIBERRetrievalITM", "random_negative_labels"]
@@ -62,7 +63,7 @@ class FIBERRetrievalITM(FIBERCoarse):
         """
         super().__init__(**kwargs)
         if self.losses != ["itm"]:
-            raise ValueError(
+            raise ConfigError(
                 f"FIBERRetrievalITM trains random-negative ITM only: MODEL.COARSE.LOSSES must be"
                 f" ['itm'], got {self.losses}"
             )

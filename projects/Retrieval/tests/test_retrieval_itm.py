@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 from retrieval.itm import FIBERRetrievalITM, random_negative_labels
 
-from fiber_d2.engine.setup import load_config
+from fiber_d2.engine.setup import ConfigError, load_config
 
 TINY_MODEL = [
     "MODEL.META_ARCHITECTURE", "FIBERRetrievalITM",
@@ -125,7 +125,7 @@ def test_bad_configurations_raise(model):
         TINY_MODEL
         + ["MODEL.COARSE.LOSSES", "['itc', 'itm']", "MODEL.COARSE.LOSS_WEIGHTS", "[1, 1]"],
     )
-    with pytest.raises(ValueError, match="LOSSES must be"):
+    with pytest.raises(ConfigError, match="LOSSES must be"):
         build_model(cfg)
 
 
