@@ -22,7 +22,7 @@ __all__ = [
     "PROBABILITIES",
     "TRAINING_CHOICES",
     "TRAINING_PROBABILITIES",
-    "check_coarse_losses",
+    "check_coarse_settings",
     "check_model_sizes",
     "check_run_settings",
     "check_values",
@@ -164,6 +164,7 @@ CHOICES = {
     "TEST.FLICKR_GT_TYPE": ("separate", "merged"),
     "MODEL.COARSE.QUEUE_INIT": ("random", "empty"),
     "MODEL.COARSE.ITM_NEGATIVES": ("queue", "batch"),
+    "MODEL.COARSE.ITC_TEXT_POOL": ("first", "mean"),
 }
 TRAINING_CHOICES = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
@@ -190,8 +191,16 @@ TRAINING_PROBABILITIES = (
 )
 
 
-def check_coarse_losses(coarse: CfgNode) -> None:
-    """``MODEL.COARSE.LOSSES`` names known objectives, each with one ``LOSS_WEIGHTS`` entry."""
+def check_coarse_settings(coarse: CfgNode) -> None:
+    """``MODEL.COARSE.LOSSES`` names known objectives, each with one ``LOSS_WEIGHTS`` entry; the
+    ITC queue holds at least one sample and the temperature starts inside its clamp."""
+    if coarse.QUEUE_SIZE < 1:
+        raise ConfigError(f"MODEL.COARSE.QUEUE_SIZE {coarse.QUEUE_SIZE} must be at least 1")
+    if not 0.0 < coarse.TEMPERATURE <= 1.0:
+        raise ConfigError(
+            f"MODEL.COARSE.TEMPERATURE {coarse.TEMPERATURE} must be in (0, 1] (the learnt "
+            "temperature is clamped to [0.001, 1])"
+        )
     unknown = sorted(set(coarse.LOSSES) - set(COARSE_LOSSES))
     if unknown:
         raise ConfigError(
@@ -232,7 +241,7 @@ def check_values(cfg: CfgNode, *, training: bool) -> None:
         raise ConfigError(f"INPUT.MAX_SIZE_TEST {cfg.INPUT.MAX_SIZE_TEST} must be a positive size")
     if cfg.TEST.CHUNK_BATCH_SIZE < 1:
         raise ConfigError(f"TEST.CHUNK_BATCH_SIZE must be >= 1, got {cfg.TEST.CHUNK_BATCH_SIZE}")
-    check_coarse_losses(cfg.MODEL.COARSE)
+    check_coarse_settings(cfg.MODEL.COARSE)
     parse_caption_prompt(cfg.DATASETS.CAPTION_PROMPT)  # ConfigError on a malformed literal
     if not training:
         return
