@@ -328,6 +328,24 @@ def test_a_coarse_image_size_the_image_tower_cannot_take(out):
     assert snapshot(out) == before
 
 
+def test_a_coarse_stage_whose_mlm_masks_nothing(out):
+    """MODEL.COARSE.MLM_PROBABILITY 0 with the 'mlm' objective on was a KeyError
+    ('mlm_input_ids') at the first step; without that objective it trains."""
+    coarse = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
+    before = snapshot(out)
+    line = run_train_net(
+        ["--config-file", coarse, "OUTPUT_DIR", str(out), "MODEL.COARSE.MLM_PROBABILITY", "0.0"]
+    )
+    assert line.startswith("error: MODEL.COARSE.MLM_PROBABILITY 0.0 masks no token for the 'mlm'")
+    assert snapshot(out) == before
+    without_mlm = [
+        "MODEL.COARSE.MLM_PROBABILITY", "0.0",
+        "MODEL.COARSE.LOSSES", "['itc', 'itm']",
+        "MODEL.COARSE.LOSS_WEIGHTS", "[1.0, 1.0]",
+    ]  # fmt: skip
+    validate_config(load_config(coarse, without_mlm), training=True)
+
+
 def test_prompt_and_image_cache_settings_are_one_line(out):
     """A malformed DATASETS.CAPTION_PROMPT (refused before anything is written) and
     INPUT.VL_CACHE_IMAGES with a random training transform (refused by the data loader's build)

@@ -245,6 +245,12 @@ def check_values(cfg: CfgNode, *, training: bool) -> None:
     parse_caption_prompt(cfg.DATASETS.CAPTION_PROMPT)  # ConfigError on a malformed literal
     if not training:
         return
+    coarse = cfg.MODEL.COARSE
+    if is_coarse_stage(cfg) and "mlm" in coarse.LOSSES and coarse.MLM_PROBABILITY <= 0:
+        raise ConfigError(
+            f"MODEL.COARSE.MLM_PROBABILITY {coarse.MLM_PROBABILITY} masks no token for the 'mlm' "
+            "objective of MODEL.COARSE.LOSSES: raise it, or drop 'mlm' from LOSSES and LOSS_WEIGHTS"
+        )
     if cfg.INPUT.MAX_SIZE_TRAIN < 1:
         raise ConfigError(
             f"INPUT.MAX_SIZE_TRAIN {cfg.INPUT.MAX_SIZE_TRAIN} must be a positive size"
