@@ -561,6 +561,24 @@ def test_values_the_run_can_have_are_accepted(override):
     validate_config(load_config(FINE, [*TINY, *override]), training=True)
 
 
+def test_image_text_models_skip_the_detector_checks():
+    """A model built on the coarse one (as VQA, NLVR2 and captioning are) has no FPN, head or
+    anchors: a tower with only res5 and a head setting it never reads are not refused for it, but
+    are for the detector."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from fiber_d2.modeling.meta_arch import FIBERCoarse
+
+    name = "ImageTextTaskForChecks"
+    if name not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(type(name, (FIBERCoarse,), {}))
+    coarse = str(ROOT / "configs" / "Demo" / "coarse_tiny.yaml")
+    unused = ["MODEL.SWIN.OUT_FEATURES", "['res5']", "MODEL.ATSS.TOPK", "0"]
+    validate_config(load_config(coarse, ["MODEL.META_ARCHITECTURE", name, *unused]), training=False)
+    with pytest.raises(ConfigError, match="MODEL.ATSS.TOPK 0 must be at least 1"):
+        validate_config(load_config(FINE, [*TINY, *unused]), training=False)
+
+
 def test_a_batch_the_processes_cannot_share(monkeypatch):
     """SOLVER.IMS_PER_BATCH is the batch of all processes together: each takes an equal share."""
     from detectron2.utils import comm

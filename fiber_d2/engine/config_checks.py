@@ -11,7 +11,7 @@ from ..config import ConfigError
 from ..data.prompts import parse_caption_prompt
 from ..data.vl_transforms import VL_TRANSFORMS
 from ..modeling.head.postprocess import SCORE_AGGREGATIONS
-from ..modeling.meta_arch.fiber_coarse import COARSE_LOSSES
+from ..modeling.meta_arch.fiber_coarse import COARSE_LOSSES, FIBERCoarse
 from .memory import check_mmap_threshold
 from .optimizer import OPTIMIZERS, PARAM_GROUP_RULES
 from .trainer import is_coarse_stage
@@ -78,8 +78,8 @@ def check_model_sizes(cfg: CfgNode) -> None:
                 f"{cfg.INPUT.FORMAT}, got {list(config_value(cfg, key))}"
             )
     _check_swin_sizes(cfg.MODEL.SWIN)
-    if is_coarse_stage(cfg):
-        return
+    if _is_image_text_model(cfg):
+        return  # no FPN, head or anchors
     head = cfg.MODEL.DYHEAD
     if head.CHANNELS < 1 or head.NUM_GROUPS < 1 or head.CHANNELS % head.NUM_GROUPS:
         raise ConfigError(
@@ -123,6 +123,18 @@ def check_model_sizes(cfg: CfgNode) -> None:
             f"{list(cfg.MODEL.FPN.IN_FEATURES)} with MODEL.SWIN.PATCH_SIZE {cfg.MODEL.SWIN.PATCH_SIZE}, "
             "then P6 and P7)"
         )
+
+
+def _is_image_text_model(cfg: CfgNode) -> bool:
+    """Whether the meta architecture is the coarse model or built on it (VQA, NLVR2, captioning,
+    retrieval): those read no FPN, head or anchor settings."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in META_ARCH_REGISTRY:
+        return is_coarse_stage(cfg)
+    model_class = META_ARCH_REGISTRY.get(arch)
+    return isinstance(model_class, type) and issubclass(model_class, FIBERCoarse)
 
 
 def _check_swin_sizes(swin: CfgNode) -> None:
