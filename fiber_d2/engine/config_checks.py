@@ -11,7 +11,13 @@ from ..config import ConfigError
 from ..data.prompts import parse_caption_prompt
 from ..data.vl_transforms import VL_TRANSFORMS
 from ..modeling.head.postprocess import SCORE_AGGREGATIONS
-from ..modeling.meta_arch.fiber_coarse import COARSE_LOSSES, FIBERCoarse
+from ..modeling.meta_arch.coarse_heads import POOLINGS
+from ..modeling.meta_arch.fiber_coarse import (
+    ITM_NEGATIVE_SOURCES,
+    QUEUE_INITS,
+    FIBERCoarse,
+    check_losses,
+)
 from .memory import check_mmap_threshold
 from .optimizer import OPTIMIZERS, PARAM_GROUP_RULES
 from .trainer import is_coarse_stage
@@ -174,9 +180,9 @@ CHOICES = {
     "INPUT.FORMAT": ("BGR", "RGB"),
     "TEST.AMP_DTYPE": ("bfloat16", "float16"),
     "TEST.FLICKR_GT_TYPE": ("separate", "merged"),
-    "MODEL.COARSE.QUEUE_INIT": ("random", "empty"),
-    "MODEL.COARSE.ITM_NEGATIVES": ("queue", "batch"),
-    "MODEL.COARSE.ITC_TEXT_POOL": ("first", "mean"),
+    "MODEL.COARSE.QUEUE_INIT": QUEUE_INITS,
+    "MODEL.COARSE.ITM_NEGATIVES": ITM_NEGATIVE_SOURCES,
+    "MODEL.COARSE.ITC_TEXT_POOL": POOLINGS,
 }
 TRAINING_CHOICES = {
     "INPUT.MIN_SIZE_TRAIN_SAMPLING": ("choice", "range"),
@@ -213,16 +219,7 @@ def check_coarse_settings(coarse: CfgNode) -> None:
             f"MODEL.COARSE.TEMPERATURE {coarse.TEMPERATURE} must be in (0, 1] (the learnt "
             "temperature is clamped to [0.001, 1])"
         )
-    unknown = sorted(set(coarse.LOSSES) - set(COARSE_LOSSES))
-    if unknown:
-        raise ConfigError(
-            f"MODEL.COARSE.LOSSES has unknown objectives {unknown}; known: {', '.join(COARSE_LOSSES)}"
-        )
-    if len(coarse.LOSS_WEIGHTS) != len(coarse.LOSSES):
-        raise ConfigError(
-            f"MODEL.COARSE.LOSS_WEIGHTS {list(coarse.LOSS_WEIGHTS)} must give one weight per "
-            f"MODEL.COARSE.LOSSES entry {list(coarse.LOSSES)}"
-        )
+    check_losses(coarse.LOSSES, coarse.LOSS_WEIGHTS)
 
 
 def check_values(cfg: CfgNode, *, training: bool) -> None:

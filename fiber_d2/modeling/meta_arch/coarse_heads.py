@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["init_head", "Pooler", "MLMHead", "ITMHead"]
+__all__ = ["init_head", "Pooler", "POOLINGS", "MLMHead", "ITMHead"]
+
+POOLINGS = ("first", "mean")  # Pooler: the first token (<s>) or the token mean
 
 
 def init_head(module: nn.Module) -> None:
@@ -29,8 +31,8 @@ class Pooler(nn.Module):
 
     def __init__(self, dim: int, pool: str):
         super().__init__()
-        if pool not in ("first", "mean"):
-            raise ValueError(f"pooling must be 'first' or 'mean', got {pool!r}")
+        if pool not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pool!r}")
         self.dense = nn.Linear(dim, dim)
         self.pool = pool
 

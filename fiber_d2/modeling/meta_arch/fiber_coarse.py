@@ -33,9 +33,31 @@ from ..backbone.fused import FusedSwinRoberta, FusionPrefix
 from .coarse_heads import ITMHead, MLMHead, Pooler, init_head
 from .coarse_losses import FeatureQueue, itc_logits, itc_loss, mlm_loss, sample_hard_negatives
 
-__all__ = ["COARSE_LOSSES", "FIBERCoarse"]
+__all__ = ["COARSE_LOSSES", "FIBERCoarse", "ITM_NEGATIVE_SOURCES", "QUEUE_INITS", "check_losses"]
 
 COARSE_LOSSES = ("itc", "itm", "mlm")  # the objectives MODEL.COARSE.LOSSES may name
+QUEUE_INITS = ("random", "empty")  # MODEL.COARSE.QUEUE_INIT
+ITM_NEGATIVE_SOURCES = ("queue", "batch")  # MODEL.COARSE.ITM_NEGATIVES
+
+
+def check_losses(losses, loss_weights=None) -> None:
+    """``MODEL.COARSE.LOSSES`` names known objectives and, when ``loss_weights`` is given,
+    ``MODEL.COARSE.LOSS_WEIGHTS`` has one weight per objective.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    unknown = sorted(set(losses) - set(COARSE_LOSSES))
+    if unknown:
+        raise ConfigError(
+            f"MODEL.COARSE.LOSSES has unknown objectives {unknown}; known: {', '.join(COARSE_LOSSES)}"
+        )
+    if loss_weights is not None and len(loss_weights) != len(losses):
+        raise ConfigError(
+            f"MODEL.COARSE.LOSS_WEIGHTS {list(loss_weights)} must give one weight per "
+            f"MODEL.COARSE.LOSSES entry {list(losses)}"
+        )
+
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +146,7 @@ class FIBERCoarse(nn.Module):
                 T and pad id (``itm_negatives`` "queue").
         """
         super().__init__()
-        unknown = set(losses) - set(COARSE_LOSSES)
-        if unknown:
-            raise ConfigError(f"MODEL.COARSE.LOSSES has unknown objectives: {sorted(unknown)}")
+        check_losses(losses)
         self.backbone = backbone
         self.losses = list(losses)
         self.loss_weights = dict(loss_weights)
@@ -142,14 +162,15 @@ class FIBERCoarse(nn.Module):
         self.cross_modal_image_transform_itc = nn.Linear(image_dim, text_dim)
         self.cross_modal_text_pooler_itc = Pooler(text_dim, itc_text_pool)
         self.cross_modal_image_pooler_itc = Pooler(text_dim, "mean")
-        if queue_init not in ("random", "empty"):
+        if queue_init not in QUEUE_INITS:
             raise ConfigError(
-                f"MODEL.COARSE.QUEUE_INIT must be 'random' or 'empty', got {queue_init!r}"
+                f"MODEL.COARSE.QUEUE_INIT must be one of {QUEUE_INITS}, got {queue_init!r}"
             )
         self.queue_init = queue_init
-        if itm_negatives not in ("queue", "batch"):
+        if itm_negatives not in ITM_NEGATIVE_SOURCES:
             raise ConfigError(
-                f"MODEL.COARSE.ITM_NEGATIVES must be 'queue' or 'batch', got {itm_negatives!r}"
+                f"MODEL.COARSE.ITM_NEGATIVES must be one of {ITM_NEGATIVE_SOURCES}, "
+                f"got {itm_negatives!r}"
             )
         self._build_heads(
             image_dim=image_dim,
@@ -207,14 +228,8 @@ class FIBERCoarse(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.COARSE
-        weights = (
-            dict(zip(c.LOSSES, c.LOSS_WEIGHTS)) if len(c.LOSS_WEIGHTS) == len(c.LOSSES) else {}
-        )
-        if not weights:
-            raise ConfigError(
-                f"MODEL.COARSE.LOSS_WEIGHTS {list(c.LOSS_WEIGHTS)} must give one weight per "
-                f"MODEL.COARSE.LOSSES entry {list(c.LOSSES)}"
-            )
+        check_losses(c.LOSSES, c.LOSS_WEIGHTS)
+        weights = dict(zip(c.LOSSES, c.LOSS_WEIGHTS))
         return {
             "backbone": FusedSwinRoberta(cfg),
             "image_dim": cfg.MODEL.SWIN.EMBED_DIM * 2 ** (len(cfg.MODEL.SWIN.DEPTHS) - 1),
