@@ -101,6 +101,10 @@ def test_caption_metrics_and_skips():
     assert "BLEU" in run and ("SPICE" in run) != ("SPICE" in skipped)
 
 
+# BLEU-4 of "the cat sat on a mat" against "the cat sat on the mat" (test_caption_metrics_by_hand)
+HAND_BLEU4 = 100 * (1 / 12) ** 0.25
+
+
 def test_caption_metrics_by_hand():
     """BLEU-4 and CIDEr (x100) of small corpora, computed by hand from their definitions.
 
@@ -113,7 +117,7 @@ def test_caption_metrics_by_hand():
     """
     refs = {1: ["zebra", "the cat sat on the mat"]}
     scores, _ = caption_metrics(refs, {1: "the cat sat on a mat"}, ["BLEU"])
-    assert scores["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+    assert scores["BLEU-4"] == pytest.approx(HAND_BLEU4, rel=1e-6)
     refs = {1: ["the cat sat on the mat"], 2: ["a dog runs in a park"]}
     scores, _ = caption_metrics(refs, {1: "the cat sat on the mat", 2: "zebra"}, ["CIDEr"])
     assert scores["CIDEr"] == pytest.approx(100 * (10 + 0) / 2, rel=1e-6)
@@ -129,34 +133,26 @@ def test_caption_metrics_without_java_fold_case_and_punctuation(monkeypatch, cap
         scores, skipped = caption_metrics(refs, {1: "the cat, sat on a MAT"}, ["BLEU", "METEOR"])
     assert "simple Python fallback" in caplog.text
     assert skipped == {"METEOR": "no Java runtime"}
-    assert scores["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+    assert scores["BLEU-4"] == pytest.approx(HAND_BLEU4, rel=1e-6)
 
 
-def test_evaluator_scores_against_every_reference():
-    """The evaluator scores each caption against all the references of its image, not the first
-    only: against "zebra" alone BLEU-4 would be about 0 (hand value as in
+@pytest.mark.parametrize(
+    "captions",
+    [
+        # every reference of the image, not the first only: against "zebra" alone BLEU-4 is ~0
+        ["zebra", "the cat sat on the mat"],
+        # one string is one caption, not a list of its characters
+        "the cat sat on the mat",
+    ],
+)
+def test_evaluator_scores_against_the_record_references(captions):
+    """The evaluator scores each caption against its record's references (hand value as in
     test_caption_metrics_by_hand)."""
     ev = CaptionEvaluator("toy_captions", None, ["BLEU"], distributed=False)
     ev.reset()
-    ev.process(
-        [{"image_id": 7, "captions": ["zebra", "the cat sat on the mat"]}],
-        [{"caption": "the cat sat on a mat"}],
-    )
+    ev.process([{"image_id": 7, "captions": captions}], [{"caption": "the cat sat on a mat"}])
     res = ev.evaluate()["caption"]
-    assert res["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
-
-
-def test_evaluator_takes_a_single_reference_string_as_one_caption():
-    """A record whose ``captions`` is one string is scored against that caption, not against its
-    characters (hand value as in test_caption_metrics_by_hand)."""
-    ev = CaptionEvaluator("toy_captions", None, ["BLEU"], distributed=False)
-    ev.reset()
-    ev.process(
-        [{"image_id": 7, "captions": "the cat sat on the mat"}],
-        [{"caption": "the cat sat on a mat"}],
-    )
-    res = ev.evaluate()["caption"]
-    assert res["BLEU-4"] == pytest.approx(100 * (1 / 12) ** 0.25, rel=1e-6)
+    assert res["BLEU-4"] == pytest.approx(HAND_BLEU4, rel=1e-6)
 
 
 def test_evaluator_writes_caption_json_and_names_images_without_references(tmp_path, caplog):
