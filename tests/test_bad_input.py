@@ -347,9 +347,10 @@ def test_a_coarse_stage_whose_mlm_masks_nothing(out):
 
 
 def test_prompt_and_image_cache_settings_are_one_line(out):
-    """A malformed DATASETS.CAPTION_PROMPT (refused before anything is written) and
-    INPUT.VL_CACHE_IMAGES with a random training transform (refused by the data loader's build)
-    were tracebacks."""
+    """A malformed DATASETS.CAPTION_PROMPT, INPUT.VL_CACHE_IMAGES with a random training transform,
+    and DATASETS.CAPTION_PROMPT with a shuffled training prompt or beside DATASETS.TEST_PROMPT: the
+    mappers find the last three, which were one line only after the run had written config.yaml and
+    its log. All are refused before anything is written."""
     before = snapshot(out)
     line = run_train_net(
         ["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, "DATASETS.CAPTION_PROMPT", "[{"]
@@ -362,6 +363,20 @@ def test_prompt_and_image_cache_settings_are_one_line(out):
          "INPUT.VL_TRAIN_TRANSFORM", "albef_randaug"]
     )  # fmt: skip
     assert line.startswith("error: INPUT.VL_CACHE_IMAGES needs INPUT.CAPTION_FLIP_PROB 0")
+    assert snapshot(out) == before
+    both_prompts = [
+        "DATASETS.CAPTION_PROMPT", repr(str([{"prefix": "", "name": "a", "suffix": ""}])),
+        "DATASETS.TEST_PROMPT", "['a']",
+    ]  # fmt: skip
+    line = run_train_net(["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *both_prompts])
+    assert line.startswith("error: DATASETS.CAPTION_PROMPT in training needs DATASETS.FULL_PROMPT")
+    assert snapshot(out) == before
+    in_label_order = ["DATASETS.FULL_PROMPT_TRAIN", "True", "DATASETS.DISABLE_SHUFFLE", "True"]
+    line = run_train_net(
+        ["--config-file", FINE, "OUTPUT_DIR", str(out), *TINY, *both_prompts, *in_label_order]
+    )  # the test sets' mapper
+    assert line == "error: set DATASETS.CAPTION_PROMPT or DATASETS.TEST_PROMPT, not both"
+    assert snapshot(out) == before
 
 
 def test_a_repository_base_resolves_at_every_level(tmp_path):

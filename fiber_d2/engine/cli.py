@@ -52,6 +52,7 @@ from .setup import (
 __all__ = [
     "USER_ERRORS",
     "check_before_run",
+    "check_mappers",
     "cpu_threads_per_process",
     "setup_cfg",
     "run",
@@ -67,13 +68,13 @@ USER_ERRORS = (ConfigError, CheckpointError, BadRecordError, EvaluationCoverageE
 logger = logging.getLogger(__name__)
 
 
-def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
+def check_before_run(cfg: CfgNode, *, training: bool, resume: bool, trainer_cls=None) -> None:
     """Everything that can be checked before a run writes to ``OUTPUT_DIR``: the config's names,
     sizes and paths, a CUDA device when the config asks for one, the datasets' annotations, the
     training sets (one readable image), the test images (present, decode in full), the tokenizer, the
     towers' own pretrained weights (MODEL.SWIN.WEIGHTS, MODEL.LANGUAGE_BACKBONE.WEIGHTS), the
-    checkpoint that will be loaded (safe format, fits the model) and, last, ``OUTPUT_DIR`` (created
-    when missing, writable).
+    checkpoint that will be loaded (safe format, fits the model), ``trainer_cls``'s dataset mappers
+    (:func:`check_mappers`) and, last, ``OUTPUT_DIR`` (created when missing, writable).
 
     Raises:
         ConfigError, BadRecordError, CheckpointError: one line naming the culprit.
@@ -90,7 +91,24 @@ def check_before_run(cfg: CfgNode, *, training: bool, resume: bool) -> None:
     check_tokenizer_available(cfg)
     check_tower_weights_available(cfg)
     check_weights_before_run(cfg, resume=resume, inference=not training)
+    if trainer_cls is not None:
+        check_mappers(cfg, trainer_cls, training=training)
     check_output_dir(cfg.OUTPUT_DIR)
+
+
+def check_mappers(cfg: CfgNode, trainer_cls, *, training: bool) -> None:
+    """Build the trainer's dataset mappers (``trainer_cls.build_mapper``) once before the run writes
+    anything, so a setting the data path refuses (e.g. ``INPUT.VL_CACHE_IMAGES`` with a random
+    transform, ``DATASETS.CAPTION_PROMPT`` with ``DATASETS.TEST_PROMPT``) stops it there, checked by
+    the mapper's own code. Cheap: a mapper reads no image when built.
+
+    Raises:
+        ConfigError: the mapper's one line.
+    """
+    if training:
+        trainer_cls.build_mapper(cfg, True)
+    if cfg.DATASETS.TEST:
+        trainer_cls.build_mapper(cfg, False)
 
 
 def check_output_dir(path: str, name: str = "OUTPUT_DIR") -> None:
@@ -193,7 +211,9 @@ def run(
     """
     try:
         cfg = load(args.config_file, args.opts)
-        check_before_run(cfg, training=not args.eval_only, resume=args.resume)
+        check_before_run(
+            cfg, training=not args.eval_only, resume=args.resume, trainer_cls=trainer_cls
+        )
         if not args.eval_only:  # SOLVER.MAX_EPOCHS -> MAX_ITER, before config.yaml is written
             resolve_epoch_schedule(cfg, trainer_cls, comm.get_world_size())
     except USER_ERRORS as e:
