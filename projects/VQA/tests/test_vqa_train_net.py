@@ -151,6 +151,22 @@ def test_unusable_answer_vocabulary_is_one_line_before_anything_is_written(conte
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cached_random_transform_is_one_line_before_anything_is_written(tmp_path):
+    """INPUT.VL_CACHE_IMAGES with a random training transform, which the VQA mapper refuses, stopped
+    the run only after it had written config.yaml and its log."""
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(PROJECT / "configs/shapes.yaml"), *TINY,
+         "INPUT.VL_CACHE_IMAGES", "True", "INPUT.VL_TRAIN_TRANSFORM", "albef_randaug",
+         "OUTPUT_DIR", str(tmp_path / "out")]
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as err:
+        train_net.main(args)
+    assert str(err.value.code).startswith(
+        "error: INPUT.VL_CACHE_IMAGES needs INPUT.VL_TRAIN_TRANSFORM 'resize' in training"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_unregistered_vocabulary_dataset_is_a_config_error():
     with pytest.raises(
         ConfigError, match=r"VQA.VOCAB_DATASETS: dataset\(s\) \['nope'\] not registered"
