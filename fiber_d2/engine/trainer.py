@@ -8,6 +8,7 @@ pre-training) run through it; the stage is chosen by ``MODEL.META_ARCHITECTURE``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import weakref
@@ -23,8 +24,11 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter
+from detectron2.utils.file_io import PathManager
 
 from ..checkpoint.checkpointer import FIBERCheckpointer, final_is_current
+from ..checkpoint.safe_io import write_whole
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
 from .train_step import accumulation_steps, step_was_skipped, with_fiber_step
@@ -77,6 +81,61 @@ class _LRSchedulerUnlessSkipped(hooks.LRScheduler):
 # checkpoints key each hook's state by its class's qualified name: keep detectron2's, so that
 # --resume of a run saved by detectron2's hook (or this one) restores the scheduler
 _LRSchedulerUnlessSkipped.__qualname__ = hooks.LRScheduler.__qualname__
+
+
+class _ResumedJSONWriter(JSONWriter):
+    """detectron2's ``metrics.json`` writer, which appends to the file of an earlier run: on a run
+    resumed at iteration N (``start_iter()`` > 0), the lines of iterations >= N come from the
+    interrupted run after its last checkpoint and are written again by this one, so they are dropped
+    before the first write, with any line a kill cut short. The file then holds each iteration once,
+    as an uninterrupted run writes it. A run that starts over (N = 0) appends, as detectron2 does.
+    """
+
+    def __init__(self, json_file: str, start_iter: Callable[[], int], window_size: int = 20):
+        super().__init__(json_file, window_size)
+        self._path = json_file
+        self._start_iter = start_iter
+        self._trimmed = False
+
+    def write(self):
+        if not self._trimmed:
+            self._trimmed = True
+            start = self._start_iter()
+            if start > 0:
+                self._file_handle.close()
+                _drop_metrics_from(self._path, start)
+                self._file_handle = PathManager.open(self._path, "a")
+        super().write()
+
+
+def _drop_metrics_from(path: str, start: int) -> None:
+    """Rewrite the ``metrics.json`` at ``path`` (whole or not at all) without its lines of
+    iterations >= ``start`` and its lines that are not a JSON object with an ``iteration``."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept, dropped, unreadable = [], 0, 0
+    for line in lines:
+        try:
+            later = json.loads(line)["iteration"] >= start
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if not dropped and not unreadable:
+        return
+    with write_whole(path, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    logger.info(
+        "%s: resuming at iteration %d, dropped %d line(s) of the interrupted run's later iterations"
+        " and %d unreadable line(s)",
+        path,
+        start,
+        dropped,
+        unreadable,
+    )
 
 
 class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
@@ -273,6 +332,18 @@ class FIBERTrainer(DefaultTrainer):
             )
         # EMA must be updated before the checkpointer saves it in after_step.
         return extra + ret
+
+    def build_writers(self):
+        """detectron2's writers, with ``metrics.json`` written by :class:`_ResumedJSONWriter` (a
+        resumed run's file holds each iteration once)."""
+        trainer = weakref.proxy(self)
+        writers = super().build_writers()
+        for i, w in enumerate(writers):
+            if type(w) is JSONWriter:
+                w.close()
+                path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
+                writers[i] = _ResumedJSONWriter(path, lambda: trainer.start_iter)
+        return writers
 
     def _wrap_with_ema(self, func):
         def run():

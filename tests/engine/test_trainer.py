@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
 from fiber_d2.engine.setup import load_config
-from fiber_d2.engine.trainer import FIBERTrainer, _EvalHookCatchingUp
+from fiber_d2.engine.trainer import FIBERTrainer, _EvalHookCatchingUp, _ResumedJSONWriter
 
 TINY = [
     "SOLVER.IMS_PER_BATCH",
@@ -87,6 +88,31 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert (tmp_path / "model_final.pth").is_file()
     final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 5
+    # the interrupted run's line of iteration 4 (after its checkpoint) is replaced by this run's
+    lines = (tmp_path / "metrics.json").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [5]
+
+
+def _write_metrics(path, start_iter: int, at: int) -> list[int]:
+    """One write of a loss at iteration ``at`` by the writer of a run started at ``start_iter``;
+    the iterations of metrics.json after it."""
+    writer = _ResumedJSONWriter(str(path), lambda: start_iter)
+    with EventStorage(start_iter=at) as storage:
+        storage.put_scalar("loss", 0.5, smoothing_hint=False)
+        writer.write()
+    writer.close()
+    return [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+
+
+def test_a_resumed_runs_metrics_hold_each_iteration_once(tmp_path):
+    """Resumed at iteration 40: the interrupted run's lines of iterations >= 40 and the line its
+    kill cut short go before the first write (detectron2 appended after them); earlier lines stay.
+    A run that starts over appends, as detectron2 does."""
+    path = tmp_path / "metrics.json"
+    earlier = [json.dumps({"iteration": i, "loss": 1.0}) for i in (19, 39, 59)]
+    path.write_text("\n".join(earlier) + '\n{"iteration": 7')
+    assert _write_metrics(path, start_iter=40, at=44) == [19, 39, 44]
+    assert _write_metrics(path, start_iter=0, at=3) == [19, 39, 44, 3]
 
 
 def test_resume_after_a_kill_before_model_final_writes_it(tmp_path):
