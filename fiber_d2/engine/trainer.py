@@ -24,7 +24,7 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.file_io import PathManager
 
 from ..checkpoint.checkpointer import FIBERCheckpointer, final_is_current
@@ -84,58 +84,94 @@ _LRSchedulerUnlessSkipped.__qualname__ = hooks.LRScheduler.__qualname__
 
 
 class _ResumedJSONWriter(JSONWriter):
-    """detectron2's ``metrics.json`` writer, which appends to the file of an earlier run: on a run
-    resumed at iteration N (``start_iter()`` > 0), the lines of iterations >= N come from the
-    interrupted run after its last checkpoint and are written again by this one, so they are dropped
-    before the first write, with any line a kill cut short. The file then holds each iteration once,
-    as an uninterrupted run writes it. A run that starts over (N = 0) appends, as detectron2 does.
+    """detectron2's ``metrics.json`` writer, which appends to the file of an earlier run. On a run
+    resumed at iteration N (``start_iter()`` > 0), the file is rewritten once, whole, at the first
+    write: the lines of iterations >= N come from the interrupted run after its last checkpoint and
+    are written again by this one, so they are dropped, with any line a kill cut short; a line this
+    run writes for an earlier iteration (the evaluation a kill interrupted, rerun by
+    :class:`_EvalHookCatchingUp`) is merged into that iteration's line. The file then holds each
+    iteration once, as an uninterrupted run writes it. A run that starts over (N = 0) appends, as
+    detectron2 does.
     """
 
     def __init__(self, json_file: str, start_iter: Callable[[], int], window_size: int = 20):
         super().__init__(json_file, window_size)
         self._path = json_file
         self._start_iter = start_iter
-        self._trimmed = False
+        self._tidied = False
 
     def write(self):
-        if not self._trimmed:
-            self._trimmed = True
-            start = self._start_iter()
-            if start > 0:
-                self._file_handle.close()
-                _drop_metrics_from(self._path, start)
-                self._file_handle = PathManager.open(self._path, "a")
-        super().write()
+        start = self._start_iter()
+        if self._tidied or start <= 0:
+            super().write()
+            return
+        self._tidied = True
+        handle, self._file_handle = self._file_handle, _Captured()
+        try:
+            super().write()
+        finally:
+            captured, self._file_handle = self._file_handle, handle
+        handle.close()
+        _rewrite_metrics(self._path, start, "".join(captured.parts).splitlines())
+        self._file_handle = PathManager.open(self._path, "a")
 
 
-def _drop_metrics_from(path: str, start: int) -> None:
+class _Captured:
+    """What :meth:`JSONWriter.write` writes, kept in memory (it has no ``fileno``, so the writer
+    skips its fsync)."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _rewrite_metrics(path: str, start: int, new_lines: list[str]) -> None:
     """Rewrite the ``metrics.json`` at ``path`` (whole or not at all) without its lines of
-    iterations >= ``start`` and its lines that are not a JSON object with an ``iteration``."""
+    iterations >= ``start`` and its lines that are not a JSON object with an ``iteration``, then
+    with ``new_lines``: each merged into the kept line of its iteration, or appended."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    kept, dropped, unreadable = [], 0, 0
+    kept: list[str] = []
+    row_of: dict[int, int] = {}  # iteration -> index in kept of its first line
+    dropped, unreadable = 0, 0
     for line in lines:
         try:
-            later = json.loads(line)["iteration"] >= start
+            iteration = json.loads(line)["iteration"]
+            later = iteration >= start
         except (ValueError, TypeError, KeyError):
             unreadable += 1
             continue
         if later:
             dropped += 1
-        else:
+            continue
+        row_of.setdefault(iteration, len(kept))
+        kept.append(line)
+    merged = 0
+    for line in new_lines:
+        scalars = json.loads(line)
+        row = row_of.get(scalars["iteration"])
+        if row is None:
             kept.append(line)
-    if not dropped and not unreadable:
-        return
+            continue
+        kept[row] = json.dumps({**json.loads(kept[row]), **scalars}, sort_keys=True)
+        merged += 1
     with write_whole(path, "w") as f:
         f.writelines(line + "\n" for line in kept)
-    logger.info(
-        "%s: resuming at iteration %d, dropped %d line(s) of the interrupted run's later iterations"
-        " and %d unreadable line(s)",
-        path,
-        start,
-        dropped,
-        unreadable,
-    )
+    if dropped or unreadable or merged:
+        logger.info(
+            "%s: resuming at iteration %d, dropped %d line(s) of the interrupted run's later"
+            " iterations and %d unreadable line(s), merged %d line(s) of earlier iterations",
+            path,
+            start,
+            dropped,
+            unreadable,
+            merged,
+        )
 
 
 class _PeriodicCheckpointerWithFinal(hooks.PeriodicCheckpointer):
@@ -178,7 +214,8 @@ class _EvalHookCatchingUp(hooks.EvalHook):
     a run killed during it resumes after it and would never evaluate that iteration. Each finished
     evaluation writes the iteration of the weights it evaluated to ``OUTPUT_DIR/last_evaluation``
     (main process, whole or not at all); a run resumed from an evaluation iteration's checkpoint
-    that the file does not name evaluates those weights first, logged at that iteration.
+    that the file does not name evaluates those weights first, logged at that iteration, and writes
+    the results at once (``metrics.json`` merges them into that iteration's line).
     """
 
     FILE = "last_evaluation"
@@ -198,8 +235,6 @@ class _EvalHookCatchingUp(hooks.EvalHook):
     def _do_eval(self):
         super()._do_eval()
         if comm.is_main_process():
-            from ..checkpoint.safe_io import write_whole
-
             with write_whole(self.path, "w") as f:
                 f.write(f"{self._weights_iteration}\n")
 
@@ -218,8 +253,18 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         storage.iter = self._weights_iteration = resumed_after
         try:
             self._do_eval()
+            self._write_results()
         finally:
             storage.iter = self.trainer.start_iter
+
+    def _write_results(self):
+        """Write the catch-up evaluation's scalars now, at their iteration: the periodic writers
+        would first write after the next evaluation has replaced them in the storage."""
+        for h in self.trainer._hooks:
+            if isinstance(h, hooks.PeriodicWriter):
+                for writer in h._writers:
+                    if not isinstance(writer, CommonMetricPrinter):  # it reports training progress
+                        writer.write()
 
     def after_step(self):
         self._weights_iteration = self.trainer.iter

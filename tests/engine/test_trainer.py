@@ -106,12 +106,25 @@ def _write_metrics(path, start_iter: int, at: int) -> list[int]:
 
 def test_a_resumed_runs_metrics_hold_each_iteration_once(tmp_path):
     """Resumed at iteration 40: the interrupted run's lines of iterations >= 40 and the line its
-    kill cut short go before the first write (detectron2 appended after them); earlier lines stay.
-    A run that starts over appends, as detectron2 does."""
+    kill cut short go at the first write (detectron2 appended after them); earlier lines stay, and
+    a scalar this run writes for one of their iterations (a rerun evaluation) joins its line. A run
+    that starts over appends, as detectron2 does."""
     path = tmp_path / "metrics.json"
     earlier = [json.dumps({"iteration": i, "loss": 1.0}) for i in (19, 39, 59)]
     path.write_text("\n".join(earlier) + '\n{"iteration": 7')
-    assert _write_metrics(path, start_iter=40, at=44) == [19, 39, 44]
+    writer = _ResumedJSONWriter(str(path), lambda: 40)
+    with EventStorage(start_iter=39) as storage:
+        storage.put_scalar("bbox/AP", 50.0, smoothing_hint=False)
+        storage.iter = 44
+        storage.put_scalar("loss", 0.5, smoothing_hint=False)
+        writer.write()
+    writer.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [
+        {"iteration": 19, "loss": 1.0},
+        {"bbox/AP": 50.0, "iteration": 39, "loss": 1.0},
+        {"iteration": 44, "loss": 0.5},
+    ]
     assert _write_metrics(path, start_iter=0, at=3) == [19, 39, 44, 3]
 
 
@@ -237,6 +250,12 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
         resumed.train()
     assert second == [3, 5]  # the interrupted evaluation first, at its own iteration
     assert (tmp_path / "last_evaluation").read_text() == "5\n"
+    # its result joins the line the killed run wrote for iteration 3 (before evaluation 5 could
+    # replace it in the storage), as an uninterrupted run writes an evaluation's iteration
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert sorted(row["iteration"] for row in rows) == [1, 3, 5, 6]
+    (third_row,) = [row for row in rows if row["iteration"] == 3]
+    assert "probe/weights_sum" in third_row and "total_loss" in third_row
 
     third = []
     again = FIBERTrainer(cfg)
