@@ -32,6 +32,8 @@ from typing import List, Tuple
 
 from tqdm import tqdm
 
+from fiber_d2.checkpoint.safe_io import write_whole
+
 __all__ = [
     "remove_background_categories",
     "sample_few_shot",
@@ -145,7 +147,7 @@ def convert_file(src: Path, output_name: str = OUTPUT_NAME, overwrite: bool = Fa
         data = json.load(f)
     converted, removed = remove_background_categories(data)
     logger.info("%s: removed %s", src, [c.get("name") for c in removed])
-    with open(dst, "w", encoding="utf-8") as f:
+    with write_whole(str(dst), "w", encoding="utf-8") as f:  # a killed run leaves no partial file
         json.dump(converted, f, ensure_ascii=False)
     return dst
 
@@ -201,7 +203,7 @@ def main(argv: List[str] | None = None) -> int:
                 with open(dst, encoding="utf-8") as f:
                     subset = sample_few_shot(json.load(f), args.shots, args.seed)
                 out = dst.with_name(few_shot_name(args.output_name, args.shots, args.seed))
-                with open(out, "w", encoding="utf-8") as f:
+                with write_whole(str(out), "w", encoding="utf-8") as f:
                     json.dump(subset, f, ensure_ascii=False)
                 n_images = len(subset["images"])
                 logger.info("%s: %d-shot subset, %d images", out, args.shots, n_images)

@@ -58,6 +58,29 @@ def test_main_converts_a_tree(tmp_path):
         prepare_odinw.main([str(tmp_path / "missing")])
 
 
+def test_a_run_killed_while_writing_leaves_no_file_that_a_rerun_would_skip(tmp_path, monkeypatch):
+    """The outputs appear whole or not at all: an existing output is skipped on the next run, so a
+    half-written one would stay."""
+    d = tmp_path / "Aquarium" / "train"
+    d.mkdir(parents=True)
+    (d / "_annotations.coco.json").write_text(json.dumps(roboflow_json()))
+    dump = json.dump
+
+    def killed_midway(obj, f, **kwargs):
+        f.write('{"images": [')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_odinw.json, "dump", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_odinw.main([str(tmp_path)])
+    assert sorted(p.name for p in d.iterdir()) == ["_annotations.coco.json"]
+    monkeypatch.setattr(prepare_odinw.json, "dump", dump)
+    assert prepare_odinw.main([str(tmp_path), "--shots", "1"]) == 0
+    written = {p.name: json.loads(p.read_text()) for p in d.iterdir()}
+    assert len(written["annotations_without_background.json"]["categories"]) == 3
+    assert len(written["annotations_without_background_1shot_seed0.json"]["images"]) == 1
+
+
 @pytest.mark.parametrize(
     "content, needle",
     [
