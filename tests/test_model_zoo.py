@@ -75,6 +75,21 @@ def test_update_readme_rewrites_only_the_generated_block(tmp_path, caplog):
     assert bare.read_text() == "no block here\n"
 
 
+def test_update_readme_that_fails_while_writing_keeps_the_readme(tmp_path, monkeypatch):
+    """The README is rewritten whole or not at all: a write that fails part-way (here a table the
+    encoding cannot hold) leaves it as it was, not truncated."""
+    from fiber_d2.model_zoo import __main__ as cli
+
+    text = "intro\n<!-- model-zoo:begin -->\n<!-- model-zoo:end -->\nrest\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    monkeypatch.setattr(cli, "markdown_table", lambda: "| bad \udc80 |")
+    with pytest.raises(UnicodeEncodeError):
+        cli.main(["--update-readme", str(readme)])
+    assert readme.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+
+
 def test_unknown_name_lists_the_known_names():
     with pytest.raises(KeyError, match="known names: demo, fiber-b/fine-pretrain"):
         model_zoo.get_config("fiber-b/cocoo")

@@ -242,7 +242,10 @@ def report(args: argparse.Namespace) -> dict:
     table = "\n".join(lines)
     print(table, flush=True)
     if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
+        from fiber_d2.checkpoint.safe_io import write_whole  # a kill mid-write leaves no half file
+
+        with write_whole(args.out, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
     out.update(table=table, peak_tflops=peak, device_name=device_name)
     return out
 

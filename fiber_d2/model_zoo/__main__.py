@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..checkpoint.safe_io import write_whole
 from .catalog import markdown_table
 
 logger = logging.getLogger("fiber_d2.model_zoo")
@@ -26,11 +27,12 @@ def main(argv=None) -> None:
         logger.info("%s", table)
         return
     path = Path(args.update_readme)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(BEGIN) + r"\n(?:.*?\n)?" + re.escape(END), re.S)
     if not pattern.search(text):
         sys.exit(f"error: {path} has no '{BEGIN}' ... '{END}' block")
-    path.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+    with write_whole(str(path), "w", encoding="utf-8") as f:  # a kill mid-write keeps the old file
+        f.write(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
     logger.info("updated %s", path)
 
 

@@ -136,6 +136,23 @@ def test_records_are_printed_as_they_come(monkeypatch, capsys):
     assert lines == [_record("train", 2)]
 
 
+def test_a_report_that_fails_while_written_keeps_the_previous_one(monkeypatch, tmp_path, capfd):
+    """``--out`` is written whole or not at all: a write that fails part-way (here a device name
+    the file's encoding cannot hold) leaves the previous report, not a truncated one."""
+    out = tmp_path / "report.md"
+    out.write_text("previous report\n")
+
+    def fake_bench(args, task, batch, *rest):
+        return [dict(_record(task, batch), device_name="NVIDIA H200 \udc80")]
+
+    monkeypatch.setattr(gpu_report, "_bench", fake_bench)
+    argv = ["--device", "cpu", "--batch", "2", "--max-batch", "2", "--out", str(out)]
+    with pytest.raises(UnicodeEncodeError):
+        gpu_report.main([*argv, "--skip", "flops,parity,lvis,inference"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    assert out.read_text() == "previous report\n"
+
+
 def test_failed_flop_count_leaves_the_mfu_out(monkeypatch, tmp_path, capsys):
     """tools/analyze_model.py failing costs the MFU values, not the report."""
     monkeypatch.setattr(gpu_report, "_bench", lambda args, task, batch, *rest: [_record(task, 2)])
