@@ -216,6 +216,11 @@ class _EvalHookCatchingUp(hooks.EvalHook):
     (main process, whole or not at all); a run resumed from an evaluation iteration's checkpoint
     that the file does not name evaluates those weights first, logged at that iteration, and writes
     the results at once (``metrics.json`` merges them into that iteration's line).
+
+    The periodic writers write an iteration's training scalars after its evaluation, so a process
+    killed during the evaluation loses them too. The checkpoint of an evaluation iteration therefore
+    carries them, as the writers would have written them (:meth:`state_dict`), and the rerun
+    evaluation writes them with its results.
     """
 
     FILE = "last_evaluation"
@@ -224,6 +229,7 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         super().__init__(eval_period, eval_function, **kwargs)
         self.path = os.path.join(output_dir, self.FILE)
         self._weights_iteration = -1  # the iteration whose weights the next evaluation reads
+        self._unwritten: dict = {}  # from the checkpoint resumed (load_state_dict)
 
     def _evaluated_iteration(self) -> int | None:
         try:
@@ -252,6 +258,10 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         storage = self.trainer.storage
         storage.iter = self._weights_iteration = resumed_after
         try:
+            if self._unwritten.get("iteration") == resumed_after:
+                for name, (value, smoothed) in self._unwritten["scalars"].items():
+                    # one value in the history: a smoothed scalar is written as saved
+                    storage.put_scalar(name, value, smoothing_hint=smoothed)
             self._do_eval()
             self._write_results()
         finally:
@@ -265,6 +275,28 @@ class _EvalHookCatchingUp(hooks.EvalHook):
                 for writer in h._writers:
                     if not isinstance(writer, CommonMetricPrinter):  # it reports training progress
                         writer.write()
+
+    def _writer_hook(self) -> hooks.PeriodicWriter | None:
+        return next((h for h in self.trainer._hooks if isinstance(h, hooks.PeriodicWriter)), None)
+
+    def state_dict(self) -> dict:
+        """Saved with each checkpoint. At an iteration whose periodic evaluation follows its
+        checkpoint and whose scalars the periodic writers write, ``{"iteration": N, "scalars":
+        {name: (value, smoothing_hint)}}``: the values as ``metrics.json`` would hold them (smoothed
+        over its writer's window); else empty."""
+        it, writer = self.trainer.iter, self._writer_hook()
+        due = self._period > 0 and (it + 1) % self._period == 0 and it + 1 < self.trainer.max_iter
+        if not due or writer is None or (it + 1) % writer._period != 0:
+            return {}
+        window = next((w._window_size for w in writer._writers if isinstance(w, JSONWriter)), 20)
+        storage = self.trainer.storage
+        hints = storage.smoothing_hints()
+        latest = storage.latest_with_smoothing_hint(window)
+        scalars = {k: (float(v), bool(hints[k])) for k, (v, i) in latest.items() if i == it}
+        return {"iteration": it, "scalars": scalars}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._unwritten = state_dict
 
     def after_step(self):
         self._weights_iteration = self.trainer.iter

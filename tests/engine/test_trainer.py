@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
@@ -209,12 +209,18 @@ def test_an_earlier_runs_final_is_replaced_and_temporaries_go_on_any_start(tmp_p
 
 def _recording_evaluation(trainer, calls, interrupt_at=None):
     """Replace the trainer's evaluation with one that records the iteration it is logged at (and
-    raises _Interrupt when called at ``interrupt_at``, like a SIGKILL during it)."""
+    stops the run when called at ``interrupt_at``, like a SIGKILL during it: no hook runs after
+    it, so the writers do not flush). The periodic writers write every 2 iterations, as they write
+    every evaluation iteration when its period is a multiple of theirs."""
     (hook,) = [h for h in trainer._hooks if isinstance(h, _EvalHookCatchingUp)]
+    (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+    writer._period = 2
 
     def evaluate():
         at = trainer.storage.iter
         if at == interrupt_at:
+            for h in trainer._hooks:
+                h.after_train = lambda: None
             raise _Interrupt
         calls.append(at)
         return {"probe": {"weights_sum": float(sum(p.sum() for p in trainer.model.parameters()))}}
@@ -250,12 +256,17 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
         resumed.train()
     assert second == [3, 5]  # the interrupted evaluation first, at its own iteration
     assert (tmp_path / "last_evaluation").read_text() == "5\n"
-    # its result joins the line the killed run wrote for iteration 3 (before evaluation 5 could
-    # replace it in the storage), as an uninterrupted run writes an evaluation's iteration
+    # its result is written at once (before evaluation 5 could replace it in the storage), with
+    # the training scalars of iteration 3 that the killed run did not write (its checkpoint carries
+    # them): one line, as an uninterrupted run writes an evaluation's iteration
     rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     assert sorted(row["iteration"] for row in rows) == [1, 3, 5, 6]
     (third_row,) = [row for row in rows if row["iteration"] == 3]
-    assert "probe/weights_sum" in third_row and "total_loss" in third_row
+    assert {"probe/weights_sum", "total_loss", "lr", "time"} <= set(third_row)
+    saved = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
+    unwritten = saved["trainer"]["hooks"]["_EvalHookCatchingUp"]
+    assert unwritten["iteration"] == 3
+    assert third_row["total_loss"] == unwritten["scalars"]["total_loss"][0]
 
     third = []
     again = FIBERTrainer(cfg)
