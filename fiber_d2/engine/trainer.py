@@ -285,11 +285,11 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         {name: (value, smoothing_hint)}}``: the values as ``metrics.json`` would hold them (smoothed
         over its writer's window); else empty."""
         it, writer = self.trainer.iter, self._writer_hook()
+        storage = getattr(self.trainer, "storage", None)  # none before train()
         due = self._period > 0 and (it + 1) % self._period == 0 and it + 1 < self.trainer.max_iter
-        if not due or writer is None or (it + 1) % writer._period != 0:
+        if not due or writer is None or storage is None or (it + 1) % writer._period != 0:
             return {}
         window = next((w._window_size for w in writer._writers if isinstance(w, JSONWriter)), 20)
-        storage = self.trainer.storage
         hints = storage.smoothing_hints()
         latest = storage.latest_with_smoothing_hint(window)
         scalars = {k: (float(v), bool(hints[k])) for k, (v, i) in latest.items() if i == it}

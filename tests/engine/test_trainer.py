@@ -286,6 +286,21 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     assert fourth == [8] and (tmp_path / "last_evaluation").read_text() == "7\n"
 
 
+def test_a_checkpoint_saved_before_training_starts(tmp_path):
+    """The evaluation hook's checkpoint state reads the event storage, which exists only while
+    train() runs: a checkpoint saved before it (an evaluation every iteration is due at once) holds
+    no hook state rather than failing."""
+    cfg = _cfg("configs/Demo/coarse_tiny.yaml", tmp_path, "TEST.EVAL_PERIOD", "1")
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+    writer._period = 1  # the writers write every iteration too
+    trainer.checkpointer.save("before")
+    saved = torch.load(tmp_path / "before.pth", weights_only=True)
+    assert saved["trainer"]["iteration"] == 0
+    assert "_EvalHookCatchingUp" not in saved["trainer"]["hooks"]
+
+
 def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
     coarse_dir, fine_dir = tmp_path / "coarse", tmp_path / "fine"
     coarse_cfg = _cfg("configs/Demo/coarse_tiny.yaml", coarse_dir, "SOLVER.MAX_ITER", "2")
