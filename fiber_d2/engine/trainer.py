@@ -85,24 +85,32 @@ _LRSchedulerUnlessSkipped.__qualname__ = hooks.LRScheduler.__qualname__
 
 class _ResumedJSONWriter(JSONWriter):
     """detectron2's ``metrics.json`` writer, which appends to the file of an earlier run. On a run
-    resumed at iteration N (``start_iter()`` > 0), the file is rewritten once, whole, at the first
+    resumed at iteration N (``--resume``: ``resuming()``; ``start_iter()`` is N, or 0 when the
+    interrupted run had written no checkpoint), the file is rewritten once, whole, at the first
     write: the lines of iterations >= N come from the interrupted run after its last checkpoint and
     are written again by this one, so they are dropped, with any line a kill cut short; a line this
     run writes for an earlier iteration (the evaluation a kill interrupted, rerun by
     :class:`_EvalHookCatchingUp`) is merged into that iteration's line. The file then holds each
-    iteration once, as an uninterrupted run writes it. A run that starts over (N = 0) appends, as
-    detectron2 does.
+    iteration once, as an uninterrupted run writes it. A run started without ``--resume`` appends,
+    as detectron2 does.
     """
 
-    def __init__(self, json_file: str, start_iter: Callable[[], int], window_size: int = 20):
+    def __init__(
+        self,
+        json_file: str,
+        start_iter: Callable[[], int],
+        resuming: Callable[[], bool] = lambda: False,
+        window_size: int = 20,
+    ):
         super().__init__(json_file, window_size)
         self._path = json_file
         self._start_iter = start_iter
+        self._resuming = resuming
         self._tidied = False
 
     def write(self):
         start = self._start_iter()
-        if self._tidied or start <= 0:
+        if self._tidied or (start <= 0 and not self._resuming()):
             super().write()
             return
         self._tidied = True
@@ -352,6 +360,8 @@ class FIBERTrainer(DefaultTrainer):
     # records per test batch: one image for the detector (detectron2's default); the fused-task
     # projects batch their (image, text) records
     test_batch_size: int = 1
+    # whether resume_or_load was asked to resume (--resume), whatever it found
+    resuming: bool = False
 
     def __init__(self, cfg: CfgNode):
         from .setup import register_config_datasets  # setup imports this module
@@ -419,8 +429,16 @@ class FIBERTrainer(DefaultTrainer):
             if type(w) is JSONWriter:
                 w.close()
                 path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
-                writers[i] = _ResumedJSONWriter(path, lambda: trainer.start_iter)
+                writers[i] = _ResumedJSONWriter(
+                    path, lambda: trainer.start_iter, lambda: trainer.resuming
+                )
         return writers
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's; ``resuming`` records ``resume`` (a run resumed before its first checkpoint
+        starts at iteration 0, yet its ``metrics.json`` holds the interrupted run's lines)."""
+        self.resuming = resume
+        super().resume_or_load(resume=resume)
 
     def _wrap_with_ema(self, func):
         def run():

@@ -93,10 +93,39 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [5]
 
 
-def _write_metrics(path, start_iter: int, at: int) -> list[int]:
-    """One write of a loss at iteration ``at`` by the writer of a run started at ``start_iter``;
-    the iterations of metrics.json after it."""
-    writer = _ResumedJSONWriter(str(path), lambda: start_iter)
+def test_resume_before_the_first_checkpoint_starts_metrics_over(tmp_path):
+    """A run killed before its first checkpoint resumes at iteration 0: it trains again from the
+    start, so the lines the killed run wrote go (detectron2 would append after them)."""
+    cfg = _cfg("configs/Demo/coarse_tiny.yaml", tmp_path, "SOLVER.MAX_ITER", "4")
+
+    def run(resume, *extra):
+        trainer = FIBERTrainer(cfg)
+        trainer.register_hooks(list(extra))
+        trainer.resume_or_load(resume=resume)
+        (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+        writer._period = 1
+        return trainer
+
+    with pytest.raises(_Interrupt):
+        run(False, _KillAt(2)).train()
+    assert not list(tmp_path.glob("model_*.pth"))
+    metrics = tmp_path / "metrics.json"
+    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
+    resumed = run(True)
+    assert resumed.start_iter == 0
+    resumed.train()
+    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+def _write_metrics(path, start_iter: int, at: int, resuming: bool = False) -> list[int]:
+    """One write of a loss at iteration ``at`` by the writer of a run started at ``start_iter``
+    (with --resume or not); the iterations of metrics.json after it."""
+    writer = _ResumedJSONWriter(str(path), lambda: start_iter, lambda: resuming)
     with EventStorage(start_iter=at) as storage:
         storage.put_scalar("loss", 0.5, smoothing_hint=False)
         writer.write()
@@ -108,7 +137,8 @@ def test_a_resumed_runs_metrics_hold_each_iteration_once(tmp_path):
     """Resumed at iteration 40: the interrupted run's lines of iterations >= 40 and the line its
     kill cut short go at the first write (detectron2 appended after them); earlier lines stay, and
     a scalar this run writes for one of their iterations (a rerun evaluation) joins its line. A run
-    that starts over appends, as detectron2 does."""
+    started without --resume appends, as detectron2 does; one resumed before the interrupted run's
+    first checkpoint (at iteration 0) drops all its lines."""
     path = tmp_path / "metrics.json"
     earlier = [json.dumps({"iteration": i, "loss": 1.0}) for i in (19, 39, 59)]
     path.write_text("\n".join(earlier) + '\n{"iteration": 7')
@@ -126,6 +156,7 @@ def test_a_resumed_runs_metrics_hold_each_iteration_once(tmp_path):
         {"iteration": 44, "loss": 0.5},
     ]
     assert _write_metrics(path, start_iter=0, at=3) == [19, 39, 44, 3]
+    assert _write_metrics(path, start_iter=0, at=1, resuming=True) == [1]
 
 
 def test_resume_after_a_kill_before_model_final_writes_it(tmp_path):
