@@ -221,7 +221,8 @@ class _EvalHookCatchingUp(hooks.EvalHook):
     The periodic checkpoint of an evaluation iteration is written just before that evaluation, so
     a run killed during it resumes after it and would never evaluate that iteration. Each finished
     evaluation writes the iteration of the weights it evaluated to ``OUTPUT_DIR/last_evaluation``
-    (main process, whole or not at all); a run resumed from an evaluation iteration's checkpoint
+    (main process, whole or not at all; a run that starts at iteration 0 removes an earlier run's);
+    a run resumed from an evaluation iteration's checkpoint
     that the file does not name evaluates those weights first, logged at that iteration, and writes
     the results at once (``metrics.json`` merges them into that iteration's line).
 
@@ -253,6 +254,11 @@ class _EvalHookCatchingUp(hooks.EvalHook):
                 f.write(f"{self._weights_iteration}\n")
 
     def before_train(self):
+        if self.trainer.start_iter == 0 and comm.is_main_process():
+            # a run that starts over: the file is an earlier run's, and would pass this run's
+            # checkpoint of that iteration as evaluated
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
         resumed_after = self.trainer.start_iter - 1  # the iteration of the checkpoint resumed
         due = self._period > 0 and resumed_after >= 0 and (resumed_after + 1) % self._period == 0
         if not due or resumed_after + 1 >= self.trainer.max_iter:  # the final evaluation follows

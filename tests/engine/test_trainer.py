@@ -317,6 +317,30 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     assert fourth == [8] and (tmp_path / "last_evaluation").read_text() == "7\n"
 
 
+def test_an_earlier_runs_evaluation_record_does_not_skip_this_runs(tmp_path):
+    """A run started over in the folder of an earlier one and killed during an evaluation reruns it
+    on --resume, although the earlier run had recorded an evaluation of the same iteration."""
+    cfg = _cfg(
+        "configs/Demo/coarse_tiny.yaml",
+        tmp_path,
+        *("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"),
+    )
+    (tmp_path / "last_evaluation").write_text("1\n")  # the earlier run's
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    _recording_evaluation(trainer, [], interrupt_at=1)
+    with pytest.raises(_Interrupt):
+        trainer.train()
+    assert not (tmp_path / "last_evaluation").exists()
+    calls = []
+    resumed = FIBERTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    _recording_evaluation(resumed, calls)
+    resumed.train()
+    assert calls == [1, 3, 6]
+
+
 def test_a_checkpoint_saved_before_training_starts(tmp_path):
     """The evaluation hook's checkpoint state reads the event storage, which exists only while
     train() runs: a checkpoint saved before it (an evaluation every iteration is due at once) holds
