@@ -19,6 +19,7 @@ strict JSON (NaN metrics become ``null``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -290,6 +291,44 @@ def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def end_with_the_launcher(launcher_pid: int) -> None:
+    """In a worker of a multi-process run: end (SIGKILL) when the launcher that spawned it ends.
+
+    detectron2's ``launch`` ends the other workers when one dies. torch's spawn asks the kernel for
+    SIGINT when the launcher dies, but a worker ignores SIGINT when its launcher was started in the
+    background by a shell script (``train_net.py ... &`` starts with SIGINT ignored, inherited), and
+    a worker blocked in a collective would not act on it. So a launcher killed with SIGKILL (``kill
+    -9``, the OOM killer) left its workers training on, writing checkpoints into ``OUTPUT_DIR``
+    beside the run that ``--resume`` then started. Linux: ``PR_SET_PDEATHSIG`` with SIGKILL, in place
+    of torch's SIGINT; elsewhere a daemon thread that polls the parent's pid.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == launcher_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="end-with-the-launcher", daemon=True).start()
+    if os.getppid() != launcher_pid:  # the launcher died before the signal was asked for
+        os._exit(1)
+
+
+def _worker(main: Callable, launcher_pid: int, *args):
+    end_with_the_launcher(launcher_pid)
+    return main(*args)
+
+
 def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
     """Parse detectron2's standard arguments, reject a bad config with one ``error:`` line before
     any worker starts, then ``launch`` ``main(args)`` on ``--num-gpus`` processes."""
@@ -300,13 +339,17 @@ def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
     except ConfigError as e:
         sys.exit(f"error: {e}")
     hide_gpus_from_cpu_workers(cfg, args.num_gpus * args.num_machines)
+    entry = main
     if args.num_gpus * args.num_machines > 1:
         # each worker of this machine marks itself once run() is done (results written, processes
-        # met at the end): a worker that then dies at exit has lost nothing
-        args.finished_ranks = torch.multiprocessing.get_context("spawn").Array("b", args.num_gpus)
+        # met at the end): a worker that then dies at exit has lost nothing. One byte per worker,
+        # written by that worker only: no lock (whose semaphore a killed launcher would leak)
+        spawn = torch.multiprocessing.get_context("spawn")
+        args.finished_ranks = spawn.Array("b", args.num_gpus, lock=False)
+        entry = functools.partial(_worker, main, os.getpid())  # spawned: each ends with this one
     try:
         launch(
-            main,
+            entry,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,

@@ -213,3 +213,76 @@ def test_launch_checks_training_keys_only_for_training(monkeypatch, eval_only):
         with pytest.raises(SystemExit, match="^error: SOLVER.IMS_PER_BATCH 0 must be"):
             cli.launch_cli(lambda args: None, load=lambda path, opts: cfg)
         assert launched == []
+
+
+_SLEEPING_RUN = """
+import os, sys, time
+
+from detectron2.config import get_cfg
+
+from fiber_d2 import add_fiber_config
+from fiber_d2.engine import cli
+
+
+def main(args):
+    open(os.path.join(os.environ["WORKERS_FOLDER"], str(os.getpid())), "w").close()
+    time.sleep(300)
+
+
+if __name__ == "__main__":
+    cfg = get_cfg()
+    add_fiber_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cli.validate_config = lambda cfg, training: None
+    sys.argv = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto"]
+    cli.launch_cli(main, load=lambda path, opts: cfg)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_launcher_is_killed(tmp_path):
+    """A launcher killed with SIGKILL left its workers training on, writing into OUTPUT_DIR beside
+    the run that --resume started next; now each worker ends with it. The launcher starts with
+    SIGINT ignored, as a shell script's ``train_net.py ... &`` does: torch's spawn has the workers
+    sent SIGINT when the launcher dies, which they then ignore."""
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "sleeping_run.py"
+    script.write_text(_SLEEPING_RUN)
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    env = dict(os.environ, WORKERS_FOLDER=str(folder))
+    launcher = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2 and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+            workers = [int(p.name) for p in folder.iterdir()]
+        assert len(workers) == 2, f"the workers did not start (launcher exit {launcher.poll()})"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
+    finally:
+        launcher.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
