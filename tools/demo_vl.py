@@ -46,7 +46,7 @@ from pathlib import Path
 
 from fiber_d2.checkpoint import run_finished
 from fiber_d2.checkpoint.safe_io import write_whole
-from fiber_d2.engine.cli import check_output_dir
+from fiber_d2.engine.cli import check_output_dir, run_child
 from fiber_d2.engine.setup import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _train(cmd: list[str], what: str, resume: bool = False) -> float:
     start = time.perf_counter()
     logger.info("Training %s: %s", what, " ".join(cmd))
     try:
-        subprocess.run(cmd, check=True)
+        run_child(cmd)  # it ends with this process
     except subprocess.CalledProcessError as e:
         log = Path(cmd[cmd.index("OUTPUT_DIR") + 1]) / "log.txt"
         sys.exit(

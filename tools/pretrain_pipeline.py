@@ -28,7 +28,7 @@ import time
 
 from fiber_d2.checkpoint import run_finished
 from fiber_d2.checkpoint.safe_io import write_whole
-from fiber_d2.engine.cli import check_output_dir
+from fiber_d2.engine.cli import check_output_dir, run_child
 from fiber_d2.engine.setup import ConfigError, load_config
 
 logger = logging.getLogger("fiber_d2.pretrain_pipeline")
@@ -61,7 +61,7 @@ def run_stage(
         cmd += list(opts) + ["OUTPUT_DIR", output_dir]
         logger.info("Running: %s", " ".join(cmd))
         try:
-            subprocess.run(cmd, check=True)
+            run_child(cmd)  # it ends with this process
         except subprocess.CalledProcessError as e:  # the stage printed its own error above
             log = os.path.join(output_dir, "log.txt")
             seen = f"; its log: {log}" if os.path.isfile(log) else ""

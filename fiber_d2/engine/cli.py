@@ -59,6 +59,8 @@ __all__ = [
     "run",
     "launch_cli",
     "hide_gpus_from_cpu_workers",
+    "end_with_parent",
+    "run_child",
 ]
 
 ConfigLoader = Callable[[str, list], CfgNode]
@@ -291,16 +293,21 @@ def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
-def end_with_the_launcher(launcher_pid: int) -> None:
-    """In a worker of a multi-process run: end (SIGKILL) when the launcher that spawned it ends.
+# Set by :func:`run_child` for the process it starts: the pid that process should end with.
+END_WITH_PARENT_ENV = "FIBER_D2_END_WITH_PARENT"
 
+
+def end_with_parent(parent_pid: int) -> None:
+    """End this process (SIGKILL) when its parent ``parent_pid`` ends.
+
+    For the workers of a multi-process run and the stages a pipeline runs (:func:`run_child`).
     detectron2's ``launch`` ends the other workers when one dies. torch's spawn asks the kernel for
     SIGINT when the launcher dies, but a worker ignores SIGINT when its launcher was started in the
     background by a shell script (``train_net.py ... &`` starts with SIGINT ignored, inherited), and
-    a worker blocked in a collective would not act on it. So a launcher killed with SIGKILL (``kill
-    -9``, the OOM killer) left its workers training on, writing checkpoints into ``OUTPUT_DIR``
-    beside the run that ``--resume`` then started. Linux: ``PR_SET_PDEATHSIG`` with SIGKILL, in place
-    of torch's SIGINT; elsewhere a daemon thread that polls the parent's pid.
+    a worker blocked in a collective would not act on it. So a launcher or pipeline killed with
+    SIGKILL (``kill -9``, the OOM killer) left its children training on, writing checkpoints into
+    ``OUTPUT_DIR`` beside the run that ``--resume`` then started. Linux: ``PR_SET_PDEATHSIG`` with
+    SIGKILL, in place of torch's SIGINT; elsewhere a daemon thread that polls the parent's pid.
     """
     if sys.platform.startswith("linux"):
         import ctypes
@@ -315,23 +322,52 @@ def end_with_the_launcher(launcher_pid: int) -> None:
         import time
 
         def watch() -> None:
-            while os.getppid() == launcher_pid:
+            while os.getppid() == parent_pid:
                 time.sleep(1.0)
             os._exit(1)
 
-        threading.Thread(target=watch, name="end-with-the-launcher", daemon=True).start()
-    if os.getppid() != launcher_pid:  # the launcher died before the signal was asked for
+        threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was asked for
         os._exit(1)
 
 
+def _end_with_the_process_that_ran_this_one() -> None:
+    """In a process that :func:`run_child` started: end with that parent. Not when something
+    stands between them (the parent pid is alive, but not this process's parent)."""
+    parent = os.environ.pop(END_WITH_PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+    pid = int(parent)
+    if os.getppid() != pid:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)  # the parent already died
+        except PermissionError:
+            pass
+        return
+    end_with_parent(pid)
+
+
+def run_child(cmd: Sequence[str]) -> None:
+    """``subprocess.run(cmd, check=True)`` for a ``train_net.py`` stage of a pipeline, which ends
+    with this process: a pipeline killed with SIGKILL left its stage training on, beside the stage
+    that the pipeline's rerun started (the stage reads :data:`END_WITH_PARENT_ENV` in
+    :func:`launch_cli`)."""
+    import subprocess
+
+    subprocess.run(list(cmd), check=True, env={**os.environ, END_WITH_PARENT_ENV: str(os.getpid())})
+
+
 def _worker(main: Callable, launcher_pid: int, *args):
-    end_with_the_launcher(launcher_pid)
+    end_with_parent(launcher_pid)
     return main(*args)
 
 
 def launch_cli(main: Callable, *, load: ConfigLoader = load_config) -> None:
     """Parse detectron2's standard arguments, reject a bad config with one ``error:`` line before
     any worker starts, then ``launch`` ``main(args)`` on ``--num-gpus`` processes."""
+    _end_with_the_process_that_ran_this_one()
     args = default_argument_parser().parse_args()
     try:
         cfg = load(args.config_file, args.opts)

@@ -234,9 +234,42 @@ if __name__ == "__main__":
     add_fiber_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cli.validate_config = lambda cfg, training: None
-    sys.argv = ["train_net.py", "--num-gpus", "2", "--dist-url", "auto"]
+    sys.argv = ["train_net.py", "--num-gpus", os.environ.get("NUM_GPUS", "2"), "--dist-url", "auto"]
     cli.launch_cli(main, load=lambda path, opts: cfg)
 """
+
+
+def _kill_and_watch(tmp_path, cmd, num_gpus: int) -> list:
+    """Start ``cmd`` (SIGINT ignored, as a shell script's ``... &`` does), wait for the
+    ``num_gpus`` sleeping runs it leads to, SIGKILL it; the runs' pids still alive 30 s later."""
+    import signal
+    import subprocess
+    import time
+
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    env = dict(os.environ, WORKERS_FOLDER=str(folder), NUM_GPUS=str(num_gpus))
+    top = subprocess.Popen(
+        cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < num_gpus and time.time() < deadline and top.poll() is None:
+            time.sleep(0.2)
+            workers = [int(p.name) for p in folder.iterdir()]
+        assert len(workers) == num_gpus, f"the runs did not start (exit status {top.poll()})"
+        top.send_signal(signal.SIGKILL)
+        top.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        return [pid for pid in workers if _alive(pid)]
+    finally:
+        top.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -245,38 +278,45 @@ def test_workers_end_when_the_launcher_is_killed(tmp_path):
     the run that --resume started next; now each worker ends with it. The launcher starts with
     SIGINT ignored, as a shell script's ``train_net.py ... &`` does: torch's spawn has the workers
     sent SIGINT when the launcher dies, which they then ignore."""
-    import signal
-    import subprocess
-    import time
-
     script = tmp_path / "sleeping_run.py"
     script.write_text(_SLEEPING_RUN)
-    folder = tmp_path / "workers"
-    folder.mkdir()
-    env = dict(os.environ, WORKERS_FOLDER=str(folder))
-    launcher = subprocess.Popen(
-        [sys.executable, str(script)],
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    assert _kill_and_watch(tmp_path, [sys.executable, str(script)], 2) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_pipelines_stage_ends_when_the_pipeline_is_killed(tmp_path):
+    """tools/pretrain_pipeline.py and tools/demo_vl.py run each train_net.py stage with
+    ``run_child``: a pipeline killed with SIGKILL left the stage training on beside the one its
+    rerun started."""
+    script = tmp_path / "sleeping_run.py"
+    script.write_text(_SLEEPING_RUN)
+    pipeline = tmp_path / "pipeline.py"
+    pipeline.write_text(
+        "import sys\nfrom fiber_d2.engine.cli import run_child\n"
+        f"run_child([sys.executable, {str(script)!r}])\n"
     )
-    workers = []
-    try:
-        deadline = time.time() + 120
-        while len(workers) < 2 and time.time() < deadline and launcher.poll() is None:
-            time.sleep(0.2)
-            workers = [int(p.name) for p in folder.iterdir()]
-        assert len(workers) == 2, f"the workers did not start (launcher exit {launcher.poll()})"
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait()
-        deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(pid) for pid in workers):
-            time.sleep(0.2)
-        assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
-    finally:
-        launcher.kill()
-        for pid in workers:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    assert _kill_and_watch(tmp_path, [sys.executable, str(pipeline)], 1) == []
+
+
+@pytest.mark.parametrize("parent", ["alive, not the parent", "dead"])
+def test_a_stage_whose_named_parent_is_not_its_parent(parent):
+    """A process between the pipeline and its stage (a wrapper command): the stage runs on, since
+    its own parent is not the one to end with; a named parent that already died ends the stage."""
+    import subprocess
+
+    if parent == "dead":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        pid = gone.pid
+    else:
+        pid = 1
+    code = "from fiber_d2.engine import cli; cli._end_with_the_process_that_ran_this_one(); print('on')"
+    env = dict(os.environ, **{cli.END_WITH_PARENT_ENV: str(pid)})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if parent == "dead":
+        assert (done.returncode, done.stdout) == (1, "")
+    else:
+        assert (done.returncode, done.stdout) == (0, "on\n"), done.stderr
 
 
 def _alive(pid: int) -> bool:

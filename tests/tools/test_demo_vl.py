@@ -205,16 +205,16 @@ def test_resume_continues_the_training_stage_and_skips_finished_tasks(tmp_path, 
     from fiber_d2.engine.shapes_demo import task_result
 
     launched = []
-    monkeypatch.setattr(demo_vl.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    monkeypatch.setattr(demo_vl, "run_child", launched.append)
     cmd = ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", "o"]
     demo_vl._train(cmd, "x", True)
     args = default_argument_parser().parse_args(launched[0][2:])
     assert args.resume and args.config_file == "c.yaml" and args.opts == ["OUTPUT_DIR", "o"]
 
-    def fail(cmd, check):  # a stage killed or failing: one line naming its log, not a traceback
+    def fail(cmd):  # a stage killed or failing: one line naming its log, not a traceback
         raise demo_vl.subprocess.CalledProcessError(-9, cmd)
 
-    monkeypatch.setattr(demo_vl.subprocess, "run", fail)
+    monkeypatch.setattr(demo_vl, "run_child", fail)
     with pytest.raises(SystemExit, match=r"training the coarse stage failed .*o/log.txt.*--resume"):
         demo_vl._train(cmd, "the coarse stage")
 

@@ -83,7 +83,7 @@ def test_resume_repeats_a_stage_whose_files_are_an_earlier_runs(monkeypatch, tmp
 
     pipeline = load_tool("pretrain_pipeline")
     launched = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    monkeypatch.setattr(pipeline, "run_child", launched.append)
     out = tmp_path / "coarse"
     out.mkdir()
     (out / "model_final.pth").write_bytes(b"")
@@ -137,7 +137,7 @@ def test_fine_stage_starts_from_the_coarse_final_unless_skipped(monkeypatch, tmp
 def test_without_resume_a_finished_stage_runs_again(monkeypatch, tmp_path):
     pipeline = load_tool("pretrain_pipeline")
     launched = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    monkeypatch.setattr(pipeline, "run_child", launched.append)
     (tmp_path / "model_final.pth").write_bytes(b"")
     (tmp_path / "results.json").write_text("{}")
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
