@@ -238,11 +238,13 @@ def test_an_earlier_runs_final_is_replaced_and_temporaries_go_on_any_start(tmp_p
     assert final_is_current(str(tmp_path))
 
 
-def _recording_evaluation(trainer, calls, interrupt_at=None):
-    """Replace the trainer's evaluation with one that records the iteration it is logged at (and
-    stops the run when called at ``interrupt_at``, like a SIGKILL during it: no hook runs after
-    it, so the writers do not flush). The periodic writers write every 2 iterations, as they write
-    every evaluation iteration when its period is a multiple of theirs."""
+def _recording_trainer(cfg, resume: bool, calls: list, interrupt_at=None) -> FIBERTrainer:
+    """A trainer (resumed or not) whose evaluation records the iteration it is logged at in
+    ``calls`` (and stops the run when called at ``interrupt_at``, like a SIGKILL during it: no hook
+    runs after it, so the writers do not flush). The periodic writers write every 2 iterations, as
+    they write every evaluation iteration when its period is a multiple of theirs."""
+    trainer = FIBERTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
     (hook,) = [h for h in trainer._hooks if isinstance(h, _EvalHookCatchingUp)]
     (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
     writer._period = 2
@@ -257,6 +259,7 @@ def _recording_evaluation(trainer, calls, interrupt_at=None):
         return {"probe": {"weights_sum": float(sum(p.sum() for p in trainer.model.parameters()))}}
 
     hook._func = evaluate
+    return trainer
 
 
 def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
@@ -269,20 +272,16 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
         *("SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"),
     )
     first = []
-    trainer = FIBERTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    _recording_evaluation(trainer, first, interrupt_at=3)
+    trainer = _recording_trainer(cfg, False, first, interrupt_at=3)
     with pytest.raises(_Interrupt):
         trainer.train()
     assert first == [1] and (tmp_path / "model_0000003.pth").is_file()
     assert (tmp_path / "last_evaluation").read_text() == "1\n"
 
     second = []
-    resumed = FIBERTrainer(cfg)
-    resumed.resume_or_load(resume=True)
+    resumed = _recording_trainer(cfg, True, second)
     assert resumed.start_iter == 4
     resumed.register_hooks([_KillAt(6)])  # killed after the evaluation of 5, before checkpoint 7
-    _recording_evaluation(resumed, second)
     with pytest.raises(_Interrupt):
         resumed.train()
     assert second == [3, 5]  # the interrupted evaluation first, at its own iteration
@@ -300,19 +299,15 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     assert third_row["total_loss"] == unwritten["scalars"]["total_loss"][0]
 
     third = []
-    again = FIBERTrainer(cfg)
-    again.resume_or_load(resume=True)
+    again = _recording_trainer(cfg, True, third)
     assert again.start_iter == 6
-    _recording_evaluation(again, third)
     again.train()
     assert third == [8]  # 5 finished before the kill: only the final evaluation (of weights 7)
     assert (tmp_path / "last_evaluation").read_text() == "7\n"
 
     fourth = []  # resumed with no step left: the final evaluation again, at MAX_ITER (not 9)
-    last = FIBERTrainer(cfg)
-    last.resume_or_load(resume=True)
+    last = _recording_trainer(cfg, True, fourth)
     assert last.start_iter == 8
-    _recording_evaluation(last, fourth)
     last.train()
     assert fourth == [8] and (tmp_path / "last_evaluation").read_text() == "7\n"
 
@@ -326,17 +321,13 @@ def test_an_earlier_runs_evaluation_record_does_not_skip_this_runs(tmp_path):
         *("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"),
     )
     (tmp_path / "last_evaluation").write_text("1\n")  # the earlier run's
-    trainer = FIBERTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    _recording_evaluation(trainer, [], interrupt_at=1)
+    trainer = _recording_trainer(cfg, False, [], interrupt_at=1)
     with pytest.raises(_Interrupt):
         trainer.train()
     assert not (tmp_path / "last_evaluation").exists()
     calls = []
-    resumed = FIBERTrainer(cfg)
-    resumed.resume_or_load(resume=True)
+    resumed = _recording_trainer(cfg, True, calls)
     assert resumed.start_iter == 2
-    _recording_evaluation(resumed, calls)
     resumed.train()
     assert calls == [1, 3, 6]
 
