@@ -13,6 +13,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator
+from functools import cached_property
 
 import detectron2.engine.defaults as d2_defaults
 import torch
@@ -24,7 +25,7 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 
 from ..checkpoint.checkpointer import FIBERCheckpointer, final_is_current
@@ -122,6 +123,29 @@ class _ResumedJSONWriter(JSONWriter):
         handle.close()
         _rewrite_metrics(self._path, start, "".join(captured.parts).splitlines())
         self._file_handle = PathManager.open(self._path, "a")
+
+
+class _ResumedTensorboardWriter(TensorboardXWriter):
+    """detectron2's TensorBoard writer. On a run resumed at iteration N (``--resume``), its event
+    file starts with ``purge_step`` N, so TensorBoard hides the interrupted run's events of
+    iterations >= N, which this run writes again (the counterpart of :class:`_ResumedJSONWriter`;
+    a rerun evaluation of iteration N - 1 is kept)."""
+
+    def __init__(
+        self, log_dir: str, start_iter: Callable[[], int], resuming: Callable[[], bool], **kwargs
+    ):
+        super().__init__(log_dir, **kwargs)
+        self._start_iter = start_iter
+        self._resuming = resuming
+
+    @cached_property
+    def _writer(self):  # detectron2 opens the file at the first write, after resume_or_load
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = self._start_iter()
+        if self._resuming() or start > 0:
+            return SummaryWriter(**self._writer_args, purge_step=start)
+        return SummaryWriter(**self._writer_args)
 
 
 class _Captured:
@@ -428,7 +452,8 @@ class FIBERTrainer(DefaultTrainer):
 
     def build_writers(self):
         """detectron2's writers, with ``metrics.json`` written by :class:`_ResumedJSONWriter` (a
-        resumed run's file holds each iteration once)."""
+        resumed run's file holds each iteration once) and TensorBoard's events by
+        :class:`_ResumedTensorboardWriter` (TensorBoard shows each iteration once)."""
         trainer = weakref.proxy(self)
         writers = super().build_writers()
         for i, w in enumerate(writers):
@@ -437,6 +462,10 @@ class FIBERTrainer(DefaultTrainer):
                 path = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
                 writers[i] = _ResumedJSONWriter(
                     path, lambda: trainer.start_iter, lambda: trainer.resuming
+                )
+            elif type(w) is TensorboardXWriter:
+                writers[i] = _ResumedTensorboardWriter(
+                    w._writer_args["log_dir"], lambda: trainer.start_iter, lambda: trainer.resuming
                 )
         return writers
 

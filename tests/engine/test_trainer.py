@@ -122,6 +122,45 @@ def test_resume_before_the_first_checkpoint_starts_metrics_over(tmp_path):
     ]
 
 
+def test_tensorboard_shows_a_resumed_runs_iterations_once(tmp_path):
+    """The resumed run's event file purges the killed run's events from its first iteration on, as
+    metrics.json drops their lines: TensorBoard shows one curve, not the killed run's points beside
+    the resumed run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(
+        "configs/Demo/coarse_tiny.yaml",
+        tmp_path,
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "3",
+    )
+
+    def run(resume, *extra):
+        trainer = FIBERTrainer(cfg)
+        trainer.register_hooks(list(extra))
+        trainer.resume_or_load(resume=resume)
+        (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+        writer._period = 1
+        return trainer
+
+    with pytest.raises(_Interrupt):
+        run(False, _KillAt(4)).train()
+    resumed = run(True)
+    assert resumed.start_iter == 3
+    resumed.train()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("total_loss")]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    lines = (tmp_path / "metrics.json").read_text().splitlines()
+    json_losses = {json.loads(line)["iteration"]: json.loads(line)["total_loss"] for line in lines}
+    for e in events.Scalars("total_loss"):  # the resumed run's values from iteration 3 on
+        assert e.value == pytest.approx(json_losses[e.step], rel=1e-6)
+
+
 def _write_metrics(path, start_iter: int, at: int, resuming: bool = False) -> list[int]:
     """One write of a loss at iteration ``at`` by the writer of a run started at ``start_iter``
     (with --resume or not); the iterations of metrics.json after it."""
