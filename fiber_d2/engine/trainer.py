@@ -245,10 +245,11 @@ class _EvalHookCatchingUp(hooks.EvalHook):
     The periodic checkpoint of an evaluation iteration is written just before that evaluation, so
     a run killed during it resumes after it and would never evaluate that iteration. Each finished
     evaluation writes the iteration of the weights it evaluated to ``OUTPUT_DIR/last_evaluation``
-    (main process, whole or not at all; a run that starts at iteration 0 removes an earlier run's);
-    a run resumed from an evaluation iteration's checkpoint
-    that the file does not name evaluates those weights first, logged at that iteration, and writes
-    the results at once (``metrics.json`` merges them into that iteration's line).
+    (main process, whole or not at all; a run that starts at iteration 0 removes an earlier run's)
+    once the periodic writers have written its results (at the next step); a run resumed from an
+    evaluation iteration's checkpoint that the file does not name evaluates those weights first,
+    logged at that iteration, and writes the results at once (``metrics.json`` merges them into
+    that iteration's line).
 
     The periodic writers write an iteration's training scalars after its evaluation, so a process
     killed during the evaluation loses them too. The checkpoint of an evaluation iteration therefore
@@ -263,6 +264,7 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         self.path = os.path.join(output_dir, self.FILE)
         self._weights_iteration = -1  # the iteration whose weights the next evaluation reads
         self._unwritten: dict = {}  # from the checkpoint resumed (load_state_dict)
+        self._unrecorded: int | None = None  # an evaluation not yet in the file
 
     def _evaluated_iteration(self) -> int | None:
         try:
@@ -273,9 +275,17 @@ class _EvalHookCatchingUp(hooks.EvalHook):
 
     def _do_eval(self):
         super()._do_eval()
-        if comm.is_main_process():
+        # recorded once the periodic writers, which follow this hook, have written its results
+        self._unrecorded = self._weights_iteration
+
+    def _record(self) -> None:
+        if self._unrecorded is not None and comm.is_main_process():
             with write_whole(self.path, "w") as f:
-                f.write(f"{self._weights_iteration}\n")
+                f.write(f"{self._unrecorded}\n")
+        self._unrecorded = None
+
+    def before_step(self):
+        self._record()
 
     def before_train(self):
         if self.trainer.start_iter == 0 and comm.is_main_process():
@@ -302,6 +312,7 @@ class _EvalHookCatchingUp(hooks.EvalHook):
                     storage.put_scalar(name, value, smoothing_hint=smoothed)
             self._do_eval()
             self._write_results()
+            self._record()
         finally:
             storage.iter = self.trainer.start_iter
 
@@ -347,6 +358,7 @@ class _EvalHookCatchingUp(hooks.EvalHook):
         storage.iter = min(storage.iter, self.trainer.max_iter)
         self._weights_iteration = storage.iter - 1
         super().after_train()
+        self._record()
 
 
 class _StopWhenEverySkipped:

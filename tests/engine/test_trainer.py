@@ -351,6 +351,40 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     assert fourth == [8] and (tmp_path / "last_evaluation").read_text() == "7\n"
 
 
+def test_a_kill_after_an_evaluation_before_its_write_reruns_it(tmp_path):
+    """Killed after an evaluation finished but before the periodic writers (the next hook) wrote
+    it: the evaluation is not yet recorded as done, so the resumed run reruns it, and metrics.json
+    gets that iteration's line, with its training scalars, as an uninterrupted run writes it."""
+    cfg = _cfg(
+        "configs/Demo/coarse_tiny.yaml",
+        tmp_path,
+        *("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "2"),
+    )
+    first = []
+    trainer = _recording_trainer(cfg, False, first)
+    (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+    write = writer.after_step
+
+    def killed_before_writing_3():
+        if trainer.iter == 3:
+            for h in trainer._hooks:
+                h.after_train = lambda: None
+            raise _Interrupt
+        write()
+
+    writer.after_step = killed_before_writing_3
+    with pytest.raises(_Interrupt):
+        trainer.train()
+    assert first == [1, 3] and (tmp_path / "last_evaluation").read_text() == "1\n"
+    second = []
+    resumed = _recording_trainer(cfg, True, second)
+    resumed.train()
+    assert second == [3, 6]  # the rerun, then the final evaluation (of weights 5)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [1, 3, 5, 6]
+    assert {"probe/weights_sum", "total_loss"} <= set(rows[1])
+
+
 def test_an_earlier_runs_evaluation_record_does_not_skip_this_runs(tmp_path):
     """A run started over in the folder of an earlier one and killed during an evaluation reruns it
     on --resume, although the earlier run had recorded an evaluation of the same iteration."""
