@@ -93,33 +93,31 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     assert [json.loads(line)["iteration"] for line in lines] == [5]
 
 
+def _writing_every_step(cfg, resume: bool, *extra_hooks) -> FIBERTrainer:
+    """A trainer (resumed or not) with ``extra_hooks`` whose periodic writers write every step."""
+    trainer = FIBERTrainer(cfg)
+    trainer.register_hooks(list(extra_hooks))
+    trainer.resume_or_load(resume=resume)
+    (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
+    writer._period = 1
+    return trainer
+
+
 def test_resume_before_the_first_checkpoint_starts_metrics_over(tmp_path):
     """A run killed before its first checkpoint resumes at iteration 0: it trains again from the
     start, so the lines the killed run wrote go (detectron2 would append after them)."""
     cfg = _cfg("configs/Demo/coarse_tiny.yaml", tmp_path, "SOLVER.MAX_ITER", "4")
 
-    def run(resume, *extra):
-        trainer = FIBERTrainer(cfg)
-        trainer.register_hooks(list(extra))
-        trainer.resume_or_load(resume=resume)
-        (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
-        writer._period = 1
-        return trainer
-
     with pytest.raises(_Interrupt):
-        run(False, _KillAt(2)).train()
+        _writing_every_step(cfg, False, _KillAt(2)).train()
     assert not list(tmp_path.glob("model_*.pth"))
     metrics = tmp_path / "metrics.json"
     assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
-    resumed = run(True)
+    resumed = _writing_every_step(cfg, True)
     assert resumed.start_iter == 0
     resumed.train()
-    assert [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
 
 
 def test_tensorboard_shows_a_resumed_runs_iterations_once(tmp_path):
@@ -137,17 +135,9 @@ def test_tensorboard_shows_a_resumed_runs_iterations_once(tmp_path):
         "3",
     )
 
-    def run(resume, *extra):
-        trainer = FIBERTrainer(cfg)
-        trainer.register_hooks(list(extra))
-        trainer.resume_or_load(resume=resume)
-        (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
-        writer._period = 1
-        return trainer
-
     with pytest.raises(_Interrupt):
-        run(False, _KillAt(4)).train()
-    resumed = run(True)
+        _writing_every_step(cfg, False, _KillAt(4)).train()
+    resumed = _writing_every_step(cfg, True)
     assert resumed.start_iter == 3
     resumed.train()
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
