@@ -11,8 +11,9 @@ from detectron2.engine import HookBase, hooks
 from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
+from fiber_d2.engine.resume import EvalHookCatchingUp, ResumedJSONWriter
 from fiber_d2.engine.setup import load_config
-from fiber_d2.engine.trainer import FIBERTrainer, _EvalHookCatchingUp, _ResumedJSONWriter
+from fiber_d2.engine.trainer import FIBERTrainer
 
 TINY = [
     "SOLVER.IMS_PER_BATCH",
@@ -154,7 +155,7 @@ def test_tensorboard_shows_a_resumed_runs_iterations_once(tmp_path):
 def _write_metrics(path, start_iter: int, at: int, resuming: bool = False) -> list[int]:
     """One write of a loss at iteration ``at`` by the writer of a run started at ``start_iter``
     (with --resume or not); the iterations of metrics.json after it."""
-    writer = _ResumedJSONWriter(str(path), lambda: start_iter, lambda: resuming)
+    writer = ResumedJSONWriter(str(path), lambda: start_iter if resuming or start_iter else None)
     with EventStorage(start_iter=at) as storage:
         storage.put_scalar("loss", 0.5, smoothing_hint=False)
         writer.write()
@@ -171,7 +172,7 @@ def test_a_resumed_runs_metrics_hold_each_iteration_once(tmp_path):
     path = tmp_path / "metrics.json"
     earlier = [json.dumps({"iteration": i, "loss": 1.0}) for i in (19, 39, 59)]
     path.write_text("\n".join(earlier) + '\n{"iteration": 7')
-    writer = _ResumedJSONWriter(str(path), lambda: 40)
+    writer = ResumedJSONWriter(str(path), lambda: 40)
     with EventStorage(start_iter=39) as storage:
         storage.put_scalar("bbox/AP", 50.0, smoothing_hint=False)
         storage.iter = 44
@@ -274,7 +275,7 @@ def _recording_trainer(cfg, resume: bool, calls: list, interrupt_at=None) -> FIB
     they write every evaluation iteration when its period is a multiple of theirs."""
     trainer = FIBERTrainer(cfg)
     trainer.resume_or_load(resume=resume)
-    (hook,) = [h for h in trainer._hooks if isinstance(h, _EvalHookCatchingUp)]
+    (hook,) = [h for h in trainer._hooks if isinstance(h, EvalHookCatchingUp)]
     (writer,) = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicWriter)]
     writer._period = 2
 
@@ -323,7 +324,7 @@ def test_resume_reruns_an_evaluation_the_kill_interrupted(tmp_path):
     (third_row,) = [row for row in rows if row["iteration"] == 3]
     assert {"probe/weights_sum", "total_loss", "lr", "time"} <= set(third_row)
     saved = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
-    unwritten = saved["trainer"]["hooks"]["_EvalHookCatchingUp"]
+    unwritten = saved["trainer"]["hooks"]["EvalHookCatchingUp"]
     assert unwritten["iteration"] == 3
     assert third_row["total_loss"] == unwritten["scalars"]["total_loss"][0]
 
@@ -407,7 +408,7 @@ def test_a_checkpoint_saved_before_training_starts(tmp_path):
     trainer.checkpointer.save("before")
     saved = torch.load(tmp_path / "before.pth", weights_only=True)
     assert saved["trainer"]["iteration"] == 0
-    assert "_EvalHookCatchingUp" not in saved["trainer"]["hooks"]
+    assert "EvalHookCatchingUp" not in saved["trainer"]["hooks"]
 
 
 def test_coarse_checkpoint_initialises_the_detector_backbone(tmp_path):
