@@ -6,7 +6,10 @@ detectron2's checkpoints: its writers and the hooks around its checkpoints and e
 * :class:`PeriodicCheckpointerWithFinal`: ``model_final`` is written even when a kill left the run
   with no step to do.
 * :class:`EvalHookCatchingUp`: a periodic evaluation that a kill interrupted runs on resume, with
-  the training scalars of its iteration, which its checkpoint carries.
+  the training scalars of its iteration, which its checkpoint carries; evaluations leave the
+  random number generators as they found them.
+* :mod:`fiber_d2.engine.random_stream`: the resumed run reads the batches and draws the random
+  numbers that the interrupted run would have read and drawn next.
 
 :class:`~fiber_d2.engine.trainer.FIBERTrainer` puts them in place of detectron2's.
 """
@@ -27,6 +30,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..checkpoint.checkpointer import final_is_current
 from ..checkpoint.safe_io import write_whole
+from .random_stream import preserved_rng
 
 __all__ = [
     "EvalHookCatchingUp",
@@ -218,7 +222,8 @@ class EvalHookCatchingUp(hooks.EvalHook):
             return None
 
     def _do_eval(self):
-        super()._do_eval()
+        with preserved_rng():  # training draws the same numbers whether or not it evaluates
+            super()._do_eval()
         # recorded once the periodic writers, which follow this hook, have written its results
         self._unrecorded = self._weights_iteration
 

@@ -28,6 +28,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter
 from ..checkpoint.checkpointer import FIBERCheckpointer
 from .hooks import EMAHook, ModelEMA, WeightDecayScheduleHook
 from .optimizer import build_fiber_optimizer
+from .random_stream import ResumableSampler, ResumedStream
 from .resume import (
     EvalHookCatchingUp,
     PeriodicCheckpointerWithFinal,
@@ -165,7 +166,10 @@ class FIBERTrainer(DefaultTrainer):
                     h._period, h._func, cfg.OUTPUT_DIR, eval_after_train=h._eval_after_train
                 )
         model = self._trainer.model
-        extra = []
+        passes = accumulation_steps(cfg, comm.get_world_size())
+        per_pass = cfg.SOLVER.IMS_PER_BATCH // passes // comm.get_world_size()
+        sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
+        extra = [ResumedStream(sampler, passes * per_pass)]
         self.ema = None
         if cfg.SOLVER.EMA.ENABLED:
             self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY)
@@ -297,7 +301,14 @@ class FIBERTrainer(DefaultTrainer):
             kwargs["aspect_ratio_grouping"] = False
         with contextlib.suppress(TypeError):  # a dataset without a length keeps the bare mapper
             mapper = _StopWhenEverySkipped(mapper, len(kwargs["dataset"]))
-        return build_detection_train_loader(cfg, mapper=mapper, **kwargs)
+        args = build_detection_train_loader.from_config(cfg, mapper, dataset=kwargs["dataset"])
+        args.update(kwargs)
+        sampler = None
+        if args["sampler"] is not None:  # None: an iterable dataset, read as it comes
+            args["sampler"] = sampler = ResumableSampler(args["sampler"])
+        loader = build_detection_train_loader(**args)
+        loader.resumable_sampler = sampler  # where ResumedStream finds it
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

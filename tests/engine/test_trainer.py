@@ -2,12 +2,15 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase, hooks
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
@@ -615,3 +618,39 @@ def test_warmup_linear_decay_is_the_original_polynomial_schedule():
     assert _lrs(10, 2, 0.0) == pytest.approx(expected, abs=1e-9)
     # a run that is all warmup ramps linearly over all of it
     assert _lrs(4, 4, 0.0) == pytest.approx([0.0, 0.25, 0.5, 0.75], abs=1e-9)
+
+
+def _drawing_evaluation(cfg, model, evaluators=None):
+    torch.rand(3), np.random.rand(3), random.random()
+    return {}
+
+
+@pytest.mark.parametrize("config", ["configs/Demo/fine_tiny.yaml", "configs/Demo/coarse_tiny.yaml"])
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path, config):
+    """Killed after iteration 4 and resumed from the checkpoint of 2, a run reads the batches and
+    draws the random numbers (augmentations, masks, negatives) that the uninterrupted run read and
+    drew: its final weights are the uninterrupted run's, bit for bit. The resumed process starts
+    from another seed, and the periodic evaluation in between changes nothing either."""
+    extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "3"]
+
+    def run(out, seed, resume=False, kill_at=None):
+        seed_all_rng(seed)
+        cfg = _cfg(config, out, *extra)
+        trainer = FIBERTrainer(cfg)
+        trainer.test = _drawing_evaluation  # draws random numbers, as a test loader does
+        if kill_at is not None:
+            trainer.register_hooks([_KillAt(kill_at)])
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+
+    run(tmp_path / "whole", 0)
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "killed", 0, kill_at=4)
+    run(tmp_path / "killed", 1, resume=True)
+    whole, resumed = (
+        torch.load(tmp_path / d / "model_final.pth", map_location="cpu", weights_only=True)
+        for d in ("whole", "killed")
+    )
+    assert whole["model"].keys() == resumed["model"].keys()
+    differ = [k for k, v in whole["model"].items() if not torch.equal(v, resumed["model"][k])]
+    assert not differ, differ[:5]
