@@ -108,6 +108,22 @@ class _StepMixin:
     def _tolerates_nonfinite(self) -> bool:
         return False
 
+    def state_dict(self) -> dict:
+        """detectron2's (the optimiser, the gradient scaler) and the counts of the steps taken
+        without an update, which the ``skipped_steps`` / ``nonfinite_steps`` metrics continue."""
+        ret = super().state_dict()
+        ret["steps_without_update"] = {
+            "skipped": self.skipped_steps,
+            "nonfinite": self.nonfinite_steps,
+        }
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        counts = state_dict.get("steps_without_update", {})  # none in detectron2's checkpoints
+        self.skipped_steps = counts.get("skipped", 0)
+        self.nonfinite_steps = counts.get("nonfinite", 0)
+
     def _forward_context(self):
         return contextlib.nullcontext()
 

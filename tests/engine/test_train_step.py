@@ -281,6 +281,24 @@ def test_a_skipped_batch_takes_no_optimiser_step(skip_at):
     assert "loss_mse" in logged
 
 
+def test_the_count_of_skipped_steps_is_resumed():
+    """The checkpoint carries the ``skipped_steps`` count, so the metric of a resumed run goes on
+    from it; a checkpoint of detectron2's trainer (no count) resumes at 0."""
+    model = _SkipToy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    trainer = StepTrainer(model, _Loader(_flagged(8, skip_at=(1,)), 2), optimizer, 2)
+    _one_step(trainer)
+    saved = trainer.state_dict()
+    resumed = StepTrainer(model, _Loader(_flagged(8, skip_at=(1,)), 2), optimizer, 2)
+    resumed.load_state_dict(saved)
+    assert resumed.skipped_steps == 1
+    _, logged = _one_step(resumed)
+    assert logged == {"skipped_steps": 2}
+    del saved["steps_without_update"]
+    resumed.load_state_dict(saved)
+    assert resumed.skipped_steps == 0
+
+
 def _ddp_skip(rank):
     """Rank 0's batch is skipped, rank 1's is not: neither process steps."""
     from torch.nn.parallel import DistributedDataParallel
