@@ -625,13 +625,22 @@ def _drawing_evaluation(cfg, model, evaluators=None):
     return {}
 
 
-@pytest.mark.parametrize("config", ["configs/Demo/fine_tiny.yaml", "configs/Demo/coarse_tiny.yaml"])
-def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path, config):
+@pytest.mark.parametrize(
+    "config, passes",
+    [
+        ("configs/Demo/fine_tiny.yaml", []),
+        ("configs/Demo/coarse_tiny.yaml", []),
+        ("configs/Demo/fine_tiny.yaml", ["SOLVER.IMS_PER_DEVICE", "1"]),  # 2 passes per step
+    ],
+    ids=["detector", "coarse", "detector_2_passes"],
+)
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path, config, passes):
     """Killed after iteration 4 and resumed from the checkpoint of 2, a run reads the batches and
     draws the random numbers (augmentations, masks, negatives) that the uninterrupted run read and
     drew: its final weights are the uninterrupted run's, bit for bit. The resumed process starts
     from another seed, and the periodic evaluation in between changes nothing either."""
     extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "3"]
+    extra += passes
 
     def run(out, seed, resume=False, kill_at=None):
         seed_all_rng(seed)
