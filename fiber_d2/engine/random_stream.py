@@ -113,10 +113,11 @@ class ResumableSampler(Sampler):
 
 
 class ResumedStream(HookBase):
-    """Saves, with each checkpoint, the training sampler's seed and (on one process) the random
-    number generators; a run resumed from that checkpoint at iteration N starts the sampler's stream
-    at the indices of iteration N (``N x indices_per_step``) and restores the generators just before
-    its first step (module docstring).
+    """Saves, with each checkpoint, the training sampler's seed, the number of indices read and (on
+    one process) the random number generators; a run resumed from that checkpoint at iteration N
+    starts the sampler's stream after those indices (``N x indices_per_step`` when neither the batch
+    nor the number of processes changed; detectron2's samplers deal the stream out to the
+    processes in turn) and restores the generators just before its first step (module docstring).
 
     Args:
         sampler: the training loader's :class:`ResumableSampler` (None: a loader without one, whose
@@ -131,7 +132,12 @@ class ResumedStream(HookBase):
         self._loaded: dict = {}
 
     def state_dict(self) -> dict:
-        state = {"world_size": comm.get_world_size()}
+        world = comm.get_world_size()
+        # indices all processes have read once this iteration's step is done (the checkpoint
+        # resumed at the next): the global stream's position, whatever batch or process count
+        # the resumed run has
+        read = (self.trainer.iter + 1) * self.indices_per_step * world
+        state = {"world_size": world, "indices_read": read}
         if self.sampler is not None and self.sampler.seed is not None:
             state["sampler_seed"] = self.sampler.seed
         if comm.get_world_size() == 1:
@@ -156,7 +162,8 @@ class ResumedStream(HookBase):
         elif self.sampler is not None:
             if "sampler_seed" in state:
                 self.sampler.seed = state["sampler_seed"]
-            self.sampler.start = start * self.indices_per_step
+            # each process reads its share
+            self.sampler.start = state["indices_read"] // comm.get_world_size()
             logger.info(
                 "Resuming the training data at iteration %d: the sampler's stream from index %d",
                 start,
@@ -165,5 +172,5 @@ class ResumedStream(HookBase):
         # The interrupted run created its loader's iterator (which draws a seed from torch's
         # generator) before the state saved; this run creates it before restoring that state.
         _ = loop._data_loader_iter
-        if "rng" in state and state.get("world_size") == comm.get_world_size() == 1:
+        if "rng" in state and state["world_size"] == comm.get_world_size() == 1:
             set_rng_state(state["rng"])

@@ -663,3 +663,22 @@ def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path, config, passes)
     assert whole["model"].keys() == resumed["model"].keys()
     differ = [k for k, v in whole["model"].items() if not torch.equal(v, resumed["model"][k])]
     assert not differ, differ[:5]
+
+
+def test_a_run_resumed_with_a_larger_batch_reads_on_from_where_the_stream_stopped(tmp_path):
+    """The checkpoint counts the indices read (3 steps of 2), not the steps: resumed with
+    ``SOLVER.IMS_PER_BATCH 4``, the run reads the sampler's stream from index 6, not 3 x 4."""
+    extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
+    trainer = FIBERTrainer(_cfg("configs/Demo/fine_tiny.yaml", tmp_path, *extra))
+    trainer.register_hooks([_KillAt(4)])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(_Interrupt):
+        trainer.train()
+    cfg = _cfg("configs/Demo/fine_tiny.yaml", tmp_path, *extra, "SOLVER.IMS_PER_BATCH", "4")
+    resumed = FIBERTrainer(cfg)
+    resumed.register_hooks([_KillAt(3)])
+    resumed.resume_or_load(resume=True)
+    with pytest.raises(_Interrupt):
+        resumed.train()
+    sampler = resumed._trainer.data_loader.resumable_sampler
+    assert (resumed.start_iter, sampler.start) == (3, 6)
