@@ -112,6 +112,7 @@ from fiber_d2.benchmark import (
     reference_cfg,
 )
 from fiber_d2.checkpoint.safe_io import one_line
+from fiber_d2.engine.cli import run_tied
 from fiber_d2.engine.memory import apply_mmap_threshold, check_mmap_threshold, mmap_threshold_mb
 from fiber_d2.engine.setup import ConfigError, is_out_of_memory, load_config
 from fiber_d2.engine.trainer import is_coarse_stage
@@ -286,7 +287,7 @@ def _run_variant(argv: list[str], variant: str) -> dict:
     process's first-call costs and the second inherits the first's heap.
     """
     cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = run_tied(cmd, stdout=subprocess.PIPE, text=True)  # ends if this run is killed
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"error: the {variant} run failed (exit status {proc.returncode})")

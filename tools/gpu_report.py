@@ -62,6 +62,14 @@ STEPS = ("train", "search", "flops", "inference", "lvis", "parity")
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of one measuring step, which ends with this report: a report killed
+    mid-step left its child on the device, beside the steps of its rerun."""
+    from fiber_d2.engine.cli import run_tied
+
+    return run_tied(cmd, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config-file", default="configs/FIBER-B/coco.yaml")
@@ -109,7 +117,7 @@ def _bench(args: argparse.Namespace, task: str, batch: int, iters: int, *extra: 
         cmd += ["--amp", "--amp-dtype", args.amp_dtype]
     cmd += [*extra, *args.opts]
     print("# " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = _run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         print(f"# failed (exit status {proc.returncode}): {tail}", file=sys.stderr, flush=True)
@@ -123,7 +131,7 @@ def forward_macs(args: argparse.Namespace) -> int | None:
     cmd = [sys.executable, str(ANALYZE), "--config-file", args.config_file, "--tasks", "flop"]
     cmd += [*_size_flags(args), *args.opts]
     print("# " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = _run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     match = re.search(r"^total_flops: ([0-9.]+)$", proc.stdout, re.M)
     if proc.returncode != 0 or match is None:
         tail = (proc.stderr.strip().splitlines() or ["printed no 'total_flops: N' line"])[-1]
@@ -161,7 +169,7 @@ def run_parity(args: argparse.Namespace) -> str:
     env = dict(os.environ, FIBER_D2_TEST_DEVICE=args.device)
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(PARITY_TEST)]
     print("# FIBER_D2_TEST_DEVICE=" + args.device + " " + " ".join(cmd[1:]), file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = _run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     if proc.returncode == 0 and " passed" in summary:
         return f"passed ({summary.strip('= ')})"

@@ -61,6 +61,7 @@ __all__ = [
     "hide_gpus_from_cpu_workers",
     "end_with_parent",
     "run_child",
+    "run_tied",
 ]
 
 ConfigLoader = Callable[[str, list], CfgNode]
@@ -357,6 +358,35 @@ def run_child(cmd: Sequence[str]) -> None:
     import subprocess
 
     subprocess.run(list(cmd), check=True, env={**os.environ, END_WITH_PARENT_ENV: str(os.getpid())})
+
+
+# Run in a fresh interpreter between a tool and its child: asks the kernel for SIGKILL when the tool
+# dies (Linux; kept across exec), leaves if it already has, then becomes the child (argv: the tool's
+# pid, the child's program and arguments). It imports no fiber_d2 (detectron2, torch): it costs
+# tens of milliseconds, not seconds.
+_TIED_CHILD = """\
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def run_tied(cmd: Sequence[str], **kwargs):
+    """``subprocess.run(cmd, **kwargs)`` for a child that measures (``tools/benchmark.py``'s
+    reference and variant runs, ``tools/gpu_report.py``'s benchmarks), which ends (SIGKILL) when
+    this process dies on Linux, as :func:`end_with_parent` does for a run's workers: a tool killed
+    while it waited left its child running on the device, beside the measurements of its rerun.
+    Elsewhere the child runs on, as with ``subprocess.run``. ``cmd[0]`` is a program's path or a
+    name on ``PATH``."""
+    import shutil
+    import subprocess
+
+    program = shutil.which(cmd[0]) or cmd[0]
+    tied = [sys.executable, "-c", _TIED_CHILD, str(os.getpid()), program, *cmd[1:]]
+    return subprocess.run(tied, **kwargs)
 
 
 def _worker(main: Callable, launcher_pid: int, *args):

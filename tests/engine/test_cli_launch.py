@@ -298,6 +298,35 @@ def test_a_pipelines_stage_ends_when_the_pipeline_is_killed(tmp_path):
     assert _kill_and_watch(tmp_path, [sys.executable, str(pipeline)], 1) == []
 
 
+_SLEEPING_CHILD = """
+import os, time
+open(os.path.join(os.environ["WORKERS_FOLDER"], str(os.getpid())), "w").close()
+time.sleep(300)
+"""
+
+
+def test_a_tools_measuring_child_ends_when_the_tool_is_killed(tmp_path):
+    """tools/benchmark.py and tools/gpu_report.py run their measuring children with ``run_tied``:
+    a tool killed with SIGKILL left its child running (on the device) beside its rerun's."""
+    child = tmp_path / "child.py"
+    child.write_text(_SLEEPING_CHILD)
+    tool = tmp_path / "tool.py"
+    tool.write_text(
+        "import sys\nfrom fiber_d2.engine.cli import run_tied\n"
+        f"run_tied([sys.executable, {str(child)!r}])\n"
+    )
+    assert _kill_and_watch(tmp_path, [sys.executable, str(tool)], 1) == []
+
+
+def test_run_tied_runs_the_child_as_subprocess_run_does(tmp_path):
+    code = "import os, sys; print(os.getcwd(), os.environ['TIED']); sys.exit(3)"
+    env = dict(os.environ, TIED="yes")
+    done = cli.run_tied(
+        ["python3", "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert (done.returncode, done.stdout) == (3, f"{tmp_path} yes\n"), done.stderr
+
+
 @pytest.mark.parametrize("parent", ["alive, not the parent", "dead"])
 def test_a_stage_whose_named_parent_is_not_its_parent(parent):
     """A process between the pipeline and its stage (a wrapper command): the stage runs on, since
