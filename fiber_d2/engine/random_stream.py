@@ -153,7 +153,9 @@ class ResumedStream(HookBase):
         if not state or self.trainer.iter != start:
             return
         loop = self.trainer._trainer
-        if self.sampler is not None and loop._data_loader_iter_obj is not None:
+        # detectron2 creates the loader's iterator at the first step (older releases: in __init__)
+        read_already = getattr(loop, "_data_loader_iter_obj", "created") is not None
+        if self.sampler is not None and read_already:
             logger.warning(
                 "The training data was read before the resumed run's first step: it "
                 "starts from the sampler's first index, not at iteration %d",
