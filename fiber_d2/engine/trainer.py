@@ -1,7 +1,8 @@
 """``FIBERTrainer``: detectron2's DefaultTrainer with FIBER's builders, EMA and CPU-friendly DDP.
 
 It overrides only the builders that differ (model wrapping, optimizer, data loaders, evaluator) and adds
-the EMA / weight-decay-schedule hooks. Both stages (``FIBER`` fine-grained detector and ``FIBERCoarse``
+the EMA / weight-decay-schedule hooks and those that let a killed run resume as if uninterrupted
+(:mod:`fiber_d2.engine.resume`, :mod:`fiber_d2.engine.random_stream`). Both stages (``FIBER`` fine-grained detector and ``FIBERCoarse``
 pre-training) run through it; the stage is chosen by ``MODEL.META_ARCHITECTURE``.
 """
 
@@ -290,7 +291,10 @@ class FIBERTrainer(DefaultTrainer):
         outputs carry no ``height`` / ``width`` to group by.
 
         Each batch is one pass: ``SOLVER.IMS_PER_BATCH`` over the gradient-accumulation passes
-        (``SOLVER.IMS_PER_DEVICE``; :mod:`fiber_d2.engine.train_step`).
+        (``SOLVER.IMS_PER_DEVICE``; :mod:`fiber_d2.engine.train_step`). detectron2's sampler
+        (``DATALOADER.SAMPLER_TRAIN``) is wrapped in a :class:`ResumableSampler`, which the loader
+        carries as ``resumable_sampler``: a resumed run reads on where the interrupted one stopped
+        (:mod:`fiber_d2.engine.random_stream`).
         """
         if mapper is None:
             mapper = cls.build_mapper(cfg, True)
