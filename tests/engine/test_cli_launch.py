@@ -283,19 +283,25 @@ def test_workers_end_when_the_launcher_is_killed(tmp_path):
     assert _kill_and_watch(tmp_path, [sys.executable, str(script)], 2) == []
 
 
+def _left_by_a_killed_parent(tmp_path, runner: str, child_code: str) -> list:
+    """A parent script runs ``child_code`` with ``fiber_d2.engine.cli.<runner>`` and is killed
+    (:func:`_kill_and_watch`): the child's pid if it still runs 30 s later."""
+    child = tmp_path / "child.py"
+    child.write_text(child_code)
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        f"import sys\nfrom fiber_d2.engine.cli import {runner}\n"
+        f"{runner}([sys.executable, {str(child)!r}])\n"
+    )
+    return _kill_and_watch(tmp_path, [sys.executable, str(parent)], 1)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_pipelines_stage_ends_when_the_pipeline_is_killed(tmp_path):
     """tools/pretrain_pipeline.py and tools/demo_vl.py run each train_net.py stage with
     ``run_child``: a pipeline killed with SIGKILL left the stage training on beside the one its
     rerun started."""
-    script = tmp_path / "sleeping_run.py"
-    script.write_text(_SLEEPING_RUN)
-    pipeline = tmp_path / "pipeline.py"
-    pipeline.write_text(
-        "import sys\nfrom fiber_d2.engine.cli import run_child\n"
-        f"run_child([sys.executable, {str(script)!r}])\n"
-    )
-    assert _kill_and_watch(tmp_path, [sys.executable, str(pipeline)], 1) == []
+    assert _left_by_a_killed_parent(tmp_path, "run_child", _SLEEPING_RUN) == []
 
 
 _SLEEPING_CHILD = """
@@ -305,17 +311,11 @@ time.sleep(300)
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG")
 def test_a_tools_measuring_child_ends_when_the_tool_is_killed(tmp_path):
     """tools/benchmark.py and tools/gpu_report.py run their measuring children with ``run_tied``:
     a tool killed with SIGKILL left its child running (on the device) beside its rerun's."""
-    child = tmp_path / "child.py"
-    child.write_text(_SLEEPING_CHILD)
-    tool = tmp_path / "tool.py"
-    tool.write_text(
-        "import sys\nfrom fiber_d2.engine.cli import run_tied\n"
-        f"run_tied([sys.executable, {str(child)!r}])\n"
-    )
-    assert _kill_and_watch(tmp_path, [sys.executable, str(tool)], 1) == []
+    assert _left_by_a_killed_parent(tmp_path, "run_tied", _SLEEPING_CHILD) == []
 
 
 def test_run_tied_runs_the_child_as_subprocess_run_does(tmp_path):
