@@ -8,18 +8,18 @@ trains on other batches, with other augmentations, masks and negatives, than the
 
 * :class:`ResumableSampler` wraps the training sampler: its stream can start at a position, and
   its shuffling seed is saved.
-* :class:`ResumedStream`, a hook, saves that seed and the process's random number generators
+* :class:`ResumedStream`, a hook, saves that seed and every process's random number generators
   (torch, CUDA, numpy, Python's ``random``) with each checkpoint; on resume at iteration N it
   starts the stream at the N-th batch and restores the generators before the step of N.
 * :func:`preserved_rng`: what runs inside (a periodic evaluation) leaves the generators as it found
   them, so training draws the same numbers whether or not (and whenever) it evaluates.
 
-On one process with ``DATALOADER.NUM_WORKERS 0`` (the Demo's) and without aspect-ratio grouping,
-a resumed run therefore computes what the uninterrupted run computes, step for step. Where the
-loader has workers, each worker's generators (augmentations) start again from their seeds; where
-the loader groups by aspect ratio, the images held in its groups when the run stopped are not
-read; on several processes only the sampler's stream continues (a checkpoint holds the generators
-of the main process only). Those runs read the batches in order from where they stopped.
+With ``DATALOADER.NUM_WORKERS 0`` (the Demo's) and without aspect-ratio grouping, a resumed run
+therefore computes what the uninterrupted run computes, step for step, on one process or several
+(resumed on as many). Where the loader has workers, each worker's generators (augmentations) start
+again from their seeds; where the loader groups by aspect ratio, the images held in its groups
+when the run stopped are not read; a run resumed on another number of processes keeps its own
+generators. Those runs read the batches in order from where they stopped.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class ResumableSampler(Sampler):
 
 
 class ResumedStream(HookBase):
-    """Saves, with each checkpoint, the training sampler's seed, the number of indices read and (on
-    one process) the random number generators; a run resumed from that checkpoint at iteration N
+    """Saves, with each checkpoint, the training sampler's seed, the number of indices read and the
+    random number generators of every process; a run resumed from that checkpoint at iteration N
     starts the sampler's stream after those indices (``N x indices_per_step`` when neither the batch
     nor the number of processes changed; detectron2's samplers deal the stream out to the
     processes in turn) and restores the generators just before its first step (module docstring).
@@ -124,12 +124,26 @@ class ResumedStream(HookBase):
             data order is not continued).
         indices_per_step: the indices one process reads in one iteration (``SOLVER.IMS_PER_BATCH``
             over the processes, all gradient-accumulation passes together).
+        checkpoint_period: ``SOLVER.CHECKPOINT_PERIOD``: on several processes, the iterations
+            whose generators are gathered for the checkpoint that follows (and the last one).
     """
 
-    def __init__(self, sampler: ResumableSampler | None, indices_per_step: int):
+    def __init__(
+        self, sampler: ResumableSampler | None, indices_per_step: int, checkpoint_period: int = 0
+    ):
         self.sampler = sampler
         self.indices_per_step = indices_per_step
+        self.checkpoint_period = checkpoint_period
         self._loaded: dict = {}
+        self._gathered: tuple[int, list] | None = None  # (iteration, each process's RNG states)
+
+    def after_step(self):
+        # Only the main process saves checkpoints: on several processes, each one's generators
+        # go to it (a collective, on every process) after the steps whose checkpoint follows.
+        it, period = self.trainer.iter, self.checkpoint_period
+        final = it + 1 >= self.trainer.max_iter
+        if comm.get_world_size() > 1 and ((period > 0 and (it + 1) % period == 0) or final):
+            self._gathered = (it, comm.all_gather(rng_state()))
 
     def state_dict(self) -> dict:
         world = comm.get_world_size()
@@ -140,8 +154,10 @@ class ResumedStream(HookBase):
         state = {"world_size": world, "indices_read": read}
         if self.sampler is not None and self.sampler.seed is not None:
             state["sampler_seed"] = self.sampler.seed
-        if comm.get_world_size() == 1:
-            state["rng"] = rng_state()
+        if world == 1:
+            state["rng"] = [rng_state()]  # by rank
+        elif self._gathered is not None and self._gathered[0] == self.trainer.iter:
+            state["rng"] = self._gathered[1]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -174,5 +190,5 @@ class ResumedStream(HookBase):
         # The interrupted run created its loader's iterator (which draws a seed from torch's
         # generator) before the state saved; this run creates it before restoring that state.
         _ = loop._data_loader_iter
-        if "rng" in state and state["world_size"] == comm.get_world_size() == 1:
-            set_rng_state(state["rng"])
+        if "rng" in state and state["world_size"] == comm.get_world_size():
+            set_rng_state(state["rng"][comm.get_rank()])

@@ -170,7 +170,7 @@ class FIBERTrainer(DefaultTrainer):
         passes = accumulation_steps(cfg, comm.get_world_size())
         per_pass = cfg.SOLVER.IMS_PER_BATCH // passes // comm.get_world_size()
         sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
-        extra = [ResumedStream(sampler, passes * per_pass)]
+        extra = [ResumedStream(sampler, passes * per_pass, cfg.SOLVER.CHECKPOINT_PERIOD)]
         self.ema = None
         if cfg.SOLVER.EMA.ENABLED:
             self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY)

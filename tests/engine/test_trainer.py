@@ -12,6 +12,7 @@ import torch
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
+from two_ranks import run_two_ranks
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
 from fiber_d2.engine.resume import EvalHookCatchingUp, ResumedJSONWriter
@@ -682,3 +683,42 @@ def test_a_run_resumed_with_a_larger_batch_reads_on_from_where_the_stream_stoppe
         resumed.train()
     sampler = resumed._trainer.data_loader.resumable_sampler
     assert (resumed.start_iter, sampler.start) == (3, 6)
+
+
+def _two_rank_runs(rank, folder):
+    """On each of two gloo processes: the coarse stage uninterrupted, then killed after iteration 4
+    and resumed from its checkpoint of 2 with other seeds; whether rank 0's two finals are equal."""
+    from detectron2.utils import comm
+
+    extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.IMS_PER_BATCH", "4"]
+    extra += ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
+
+    def run(out, seed, resume=False, kill_at=None):
+        seed_all_rng(seed + rank)  # as detectron2's default_setup seeds each process
+        trainer = FIBERTrainer(_cfg("configs/Demo/coarse_tiny.yaml", f"{folder}/{out}", *extra))
+        if kill_at is not None:
+            trainer.register_hooks([_KillAt(kill_at)])
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        comm.synchronize()
+
+    run("whole", 0)
+    with pytest.raises(_Interrupt):
+        run("killed", 0, kill_at=4)
+    comm.synchronize()
+    run("killed", 10, resume=True)
+    if rank != 0:
+        return []
+    whole, resumed = (
+        torch.load(f"{folder}/{d}/model_final.pth", map_location="cpu", weights_only=True)["model"]
+        for d in ("whole", "killed")
+    )
+    return [k for k, v in whole.items() if not torch.equal(v, resumed[k])]
+
+
+@pytest.mark.long(0.5)
+def test_a_two_process_run_resumes_as_the_uninterrupted_one(tmp_path):
+    """Each process's generators travel to the checkpoint (only rank 0 saves), so a run on two
+    processes resumes as it would have gone on too."""
+    differ, _ = run_two_ranks(_two_rank_runs, tmp_path, str(tmp_path))
+    assert differ == []
