@@ -126,6 +126,44 @@ def test_three_iterations_then_evaluation(tmp_path):
     assert state["nlvr2_classifier.3.weight"].shape == (2, 128)
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_resumed_stage_trains_as_the_uninterrupted_one(tmp_path):
+    """With the feature and image-prefix caches (filled again by the resumed process), a stage
+    killed after iteration 4 and resumed from its checkpoint of 2, in a process seeded otherwise,
+    ends with the uninterrupted stage's weights, bit for bit."""
+    from detectron2.engine import HookBase
+    from detectron2.utils.env import seed_all_rng
+
+    class KillAfter4(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 4:
+                raise _Killed
+
+    def run(out, seed, resume=False, kill=False):
+        seed_all_rng(seed)
+        opts = [*TINY, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
+        cfg = load_config(SHAPES, [*opts, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / out)])
+        cfg.freeze()
+        trainer = train_net.Trainer(cfg)
+        if kill:
+            trainer.register_hooks([KillAfter4()])
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+
+    run("whole", 0)
+    with pytest.raises(_Killed):
+        run("killed", 0, kill=True)
+    run("killed", 5, resume=True)
+    whole, resumed = (
+        torch.load(tmp_path / d / "model_final.pth", weights_only=True)["model"]
+        for d in ("whole", "killed")
+    )
+    assert [k for k, v in whole.items() if not torch.equal(v, resumed[k])] == []
+
+
 def test_missing_image_is_one_line_error_naming_the_record(tmp_path):
     mapper = NLVR2DatasetMapper(load_config(SHAPES, TINY), True)
     record = dict(DatasetCatalog.get("shapes_train_nlvr2")[0])
