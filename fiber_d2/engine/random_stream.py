@@ -74,7 +74,10 @@ def set_rng_state(state: dict) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # each device saved that this process still sees (a run resumed with fewer visible
+        # devices would otherwise fail on the first one missing)
+        for i, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, i)
 
 
 @contextlib.contextmanager
