@@ -40,6 +40,7 @@ from ..checkpoint.safe_io import CheckpointError, one_line, write_whole
 from ..data.datasets.common import BadRecordError, check_datasets_before_run
 from ..evaluation.integrity import EvaluationCoverageError, json_safe
 from .memory import apply_mmap_threshold
+from .parent_death import end_with_parent
 from .schedule import resolve_epoch_schedule
 from .setup import (
     ConfigError,
@@ -298,40 +299,6 @@ def hide_gpus_from_cpu_workers(cfg: CfgNode, world_size: int) -> None:
 END_WITH_PARENT_ENV = "FIBER_D2_END_WITH_PARENT"
 
 
-def end_with_parent(parent_pid: int) -> None:
-    """End this process (SIGKILL) when its parent ``parent_pid`` ends.
-
-    For the workers of a multi-process run and the stages a pipeline runs (:func:`run_child`).
-    detectron2's ``launch`` ends the other workers when one dies. torch's spawn asks the kernel for
-    SIGINT when the launcher dies, but a worker ignores SIGINT when its launcher was started in the
-    background by a shell script (``train_net.py ... &`` starts with SIGINT ignored, inherited), and
-    a worker blocked in a collective would not act on it. So a launcher or pipeline killed with
-    SIGKILL (``kill -9``, the OOM killer) left its children training on, writing checkpoints into
-    ``OUTPUT_DIR`` beside the run that ``--resume`` then started. Linux: ``PR_SET_PDEATHSIG`` with
-    SIGKILL, in place of torch's SIGINT; elsewhere a daemon thread that polls the parent's pid.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:
-        import threading
-        import time
-
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the signal was asked for
-        os._exit(1)
-
-
 def _end_with_the_process_that_ran_this_one() -> None:
     """In a process that :func:`run_child` started: end with that parent. Not when something
     stands between them (the parent pid is alive, but not this process's parent)."""
@@ -360,32 +327,21 @@ def run_child(cmd: Sequence[str]) -> None:
     subprocess.run(list(cmd), check=True, env={**os.environ, END_WITH_PARENT_ENV: str(os.getpid())})
 
 
-# Run in a fresh interpreter between a tool and its child: asks the kernel for SIGKILL when the tool
-# dies (Linux; kept across exec), leaves if it already has, then becomes the child (argv: the tool's
-# pid, the child's program and arguments). It imports no fiber_d2 (detectron2, torch): it costs
-# tens of milliseconds, not seconds.
-_TIED_CHILD = """\
-import ctypes, os, signal, sys
-if sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
-    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
-if os.getppid() != int(sys.argv[1]):
-    os._exit(1)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
 def run_tied(cmd: Sequence[str], **kwargs):
     """``subprocess.run(cmd, **kwargs)`` for a child that measures (``tools/benchmark.py``'s
     reference and variant runs, ``tools/gpu_report.py``'s benchmarks), which ends (SIGKILL) when
     this process dies on Linux, as :func:`end_with_parent` does for a run's workers: a tool killed
     while it waited left its child running on the device, beside the measurements of its rerun.
     Elsewhere the child runs on, as with ``subprocess.run``. ``cmd[0]`` is a program's path or a
-    name on ``PATH``."""
+    name on ``PATH``. Unlike :func:`run_child`, the child need not cooperate (a pytest run)."""
     import shutil
     import subprocess
 
+    from . import parent_death
+
     program = shutil.which(cmd[0]) or cmd[0]
-    tied = [sys.executable, "-c", _TIED_CHILD, str(os.getpid()), program, *cmd[1:]]
+    # the module run as a script: it imports no fiber_d2 (detectron2, torch), milliseconds
+    tied = [sys.executable, parent_death.__file__, str(os.getpid()), program, *cmd[1:]]
     return subprocess.run(tied, **kwargs)
 
 
