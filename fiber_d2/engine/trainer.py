@@ -1,9 +1,10 @@
 """``FIBERTrainer``: detectron2's DefaultTrainer with FIBER's builders, EMA and CPU-friendly DDP.
 
-It overrides only the builders that differ (model wrapping, optimizer, data loaders, evaluator) and adds
-the EMA / weight-decay-schedule hooks and those that let a killed run resume as if uninterrupted
-(:mod:`fiber_d2.engine.resume`, :mod:`fiber_d2.engine.random_stream`). Both stages (``FIBER`` fine-grained detector and ``FIBERCoarse``
-pre-training) run through it; the stage is chosen by ``MODEL.META_ARCHITECTURE``.
+It overrides only the builders that differ (model wrapping, optimizer, data loaders, evaluator) and
+adds the EMA / weight-decay-schedule hooks and those that let a killed run resume as if
+uninterrupted (:mod:`fiber_d2.engine.resume`, :mod:`fiber_d2.engine.random_stream`). Both stages
+(``FIBER`` fine-grained detector and ``FIBERCoarse`` pre-training) run through it; the stage is
+chosen by ``MODEL.META_ARCHITECTURE``.
 """
 
 from __future__ import annotations
@@ -167,10 +168,9 @@ class FIBERTrainer(DefaultTrainer):
                     h._period, h._func, cfg.OUTPUT_DIR, eval_after_train=h._eval_after_train
                 )
         model = self._trainer.model
-        passes = accumulation_steps(cfg, comm.get_world_size())
-        per_pass = cfg.SOLVER.IMS_PER_BATCH // passes // comm.get_world_size()
         sampler = getattr(self._trainer.data_loader, "resumable_sampler", None)
-        extra = [ResumedStream(sampler, passes * per_pass, cfg.SOLVER.CHECKPOINT_PERIOD)]
+        per_step = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()  # all passes of a step
+        extra = [ResumedStream(sampler, per_step, cfg.SOLVER.CHECKPOINT_PERIOD)]
         self.ema = None
         if cfg.SOLVER.EMA.ENABLED:
             self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY)
