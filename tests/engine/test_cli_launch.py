@@ -339,7 +339,11 @@ def test_a_stage_whose_named_parent_is_not_its_parent(parent):
         pid = gone.pid
     else:
         pid = 1
-    code = "from fiber_d2.engine import cli; cli._end_with_the_process_that_ran_this_one(); print('on')"
+    code = (
+        "from fiber_d2.engine import cli\n"
+        "cli._end_with_the_process_that_ran_this_one()\n"
+        "print('on')"
+    )
     env = dict(os.environ, **{cli.END_WITH_PARENT_ENV: str(pid)})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if parent == "dead":
