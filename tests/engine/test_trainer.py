@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from detectron2.engine import HookBase, hooks
-from detectron2.utils.env import seed_all_rng
+from detectron2.engine import hooks
 from detectron2.utils.events import EventStorage
+from resumed_runs import Interrupt as _Interrupt
+from resumed_runs import KillAt as _KillAt
+from resumed_runs import finals_that_differ
 from two_ranks import run_two_ranks
 
 from fiber_d2.checkpoint.checkpointer import FIBERCheckpointer
@@ -33,21 +35,6 @@ TINY = [
     "MODEL.FIBER.NUM_FUSION_LAYERS",
     "2",
 ]
-
-
-class _Interrupt(Exception):
-    pass
-
-
-class _KillAt(HookBase):
-    """Stop the run right after iteration ``at`` (like a SIGKILL between two iterations)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def after_step(self):
-        if self.trainer.iter == self.at:
-            raise _Interrupt
 
 
 def _cfg(path, out, *extra):
@@ -641,28 +628,13 @@ def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path, config, passes)
     drew: its final weights are the uninterrupted run's, bit for bit. The resumed process starts
     from another seed, and the periodic evaluation in between changes nothing either."""
     extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "3"]
-    extra += passes
 
-    def run(out, seed, resume=False, kill_at=None):
-        seed_all_rng(seed)
-        cfg = _cfg(config, out, *extra)
-        trainer = FIBERTrainer(cfg)
+    def build(out):
+        trainer = FIBERTrainer(_cfg(config, out, *extra, *passes))
         trainer.test = _drawing_evaluation  # draws random numbers, as a test loader does
-        if kill_at is not None:
-            trainer.register_hooks([_KillAt(kill_at)])
-        trainer.resume_or_load(resume=resume)
-        trainer.train()
+        return trainer
 
-    run(tmp_path / "whole", 0)
-    with pytest.raises(_Interrupt):
-        run(tmp_path / "killed", 0, kill_at=4)
-    run(tmp_path / "killed", 1, resume=True)
-    whole, resumed = (
-        torch.load(tmp_path / d / "model_final.pth", map_location="cpu", weights_only=True)
-        for d in ("whole", "killed")
-    )
-    assert whole["model"].keys() == resumed["model"].keys()
-    differ = [k for k, v in whole["model"].items() if not torch.equal(v, resumed["model"][k])]
+    differ = finals_that_differ(build, tmp_path)
     assert not differ, differ[:5]
 
 
@@ -686,34 +658,12 @@ def test_a_run_resumed_with_a_larger_batch_reads_on_from_where_the_stream_stoppe
 
 
 def _two_rank_runs(rank, folder):
-    """On each of two gloo processes: the coarse stage uninterrupted, then killed after iteration 4
-    and resumed from its checkpoint of 2 with other seeds; whether rank 0's two finals are equal."""
-    from detectron2.utils import comm
-
-    extra = ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.IMS_PER_BATCH", "4"]
-    extra += ["INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
-
-    def run(out, seed, resume=False, kill_at=None):
-        seed_all_rng(seed + rank)  # as detectron2's default_setup seeds each process
-        trainer = FIBERTrainer(_cfg("configs/Demo/coarse_tiny.yaml", f"{folder}/{out}", *extra))
-        if kill_at is not None:
-            trainer.register_hooks([_KillAt(kill_at)])
-        trainer.resume_or_load(resume=resume)
-        trainer.train()
-        comm.synchronize()
-
-    run("whole", 0)
-    with pytest.raises(_Interrupt):
-        run("killed", 0, kill_at=4)
-    comm.synchronize()
-    run("killed", 10, resume=True)
-    if rank != 0:
-        return []
-    whole, resumed = (
-        torch.load(f"{folder}/{d}/model_final.pth", map_location="cpu", weights_only=True)["model"]
-        for d in ("whole", "killed")
+    """On each of two gloo processes: the coarse stage uninterrupted, then killed and resumed."""
+    extra = ["SOLVER.IMS_PER_BATCH", "4", "INPUT.IMAGE_SIZE", "64", "MODEL.SWIN.WINDOW_SIZE", "2"]
+    extra += ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
+    return finals_that_differ(
+        lambda out: FIBERTrainer(_cfg("configs/Demo/coarse_tiny.yaml", out, *extra)), folder
     )
-    return [k for k, v in whole.items() if not torch.equal(v, resumed[k])]
 
 
 @pytest.mark.long(0.5)

@@ -19,6 +19,7 @@ from nlvr2 import (
     load_nlvr2_json,
     nlvr2_loss,
 )
+from resumed_runs import finals_that_differ
 
 from fiber_d2.data.datasets.common import BadRecordError
 from fiber_d2.engine.setup import load_config, validate_config
@@ -126,42 +127,18 @@ def test_three_iterations_then_evaluation(tmp_path):
     assert state["nlvr2_classifier.3.weight"].shape == (2, 128)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_a_resumed_stage_trains_as_the_uninterrupted_one(tmp_path):
     """With the feature and image-prefix caches (filled again by the resumed process), a stage
     killed after iteration 4 and resumed from its checkpoint of 2, in a process seeded otherwise,
     ends with the uninterrupted stage's weights, bit for bit."""
-    from detectron2.engine import HookBase
-    from detectron2.utils.env import seed_all_rng
+    opts = [*TINY, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "DATASETS.TEST", "()"]
 
-    class KillAfter4(HookBase):
-        def after_step(self):
-            if self.trainer.iter == 4:
-                raise _Killed
-
-    def run(out, seed, resume=False, kill=False):
-        seed_all_rng(seed)
-        opts = [*TINY, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3"]
-        cfg = load_config(SHAPES, [*opts, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / out)])
+    def build(out):
+        cfg = load_config(SHAPES, [*opts, "OUTPUT_DIR", out])
         cfg.freeze()
-        trainer = train_net.Trainer(cfg)
-        if kill:
-            trainer.register_hooks([KillAfter4()])
-        trainer.resume_or_load(resume=resume)
-        trainer.train()
+        return train_net.Trainer(cfg)
 
-    run("whole", 0)
-    with pytest.raises(_Killed):
-        run("killed", 0, kill=True)
-    run("killed", 5, resume=True)
-    whole, resumed = (
-        torch.load(tmp_path / d / "model_final.pth", weights_only=True)["model"]
-        for d in ("whole", "killed")
-    )
-    assert [k for k, v in whole.items() if not torch.equal(v, resumed[k])] == []
+    assert finals_that_differ(build, tmp_path) == []
 
 
 def test_missing_image_is_one_line_error_naming_the_record(tmp_path):
